@@ -1,0 +1,25 @@
+//! Palisade's protection algorithms: pure, clock-injected, bounded.
+//!
+//! - [`rate`]: F1 per-client limiter (token bucket + 100 ms-slot window).
+//! - [`reputation`]: F4 scores, penalties, recovery and explanations.
+//! - [`table`]: the bounded client table both use.
+//! - [`shield`]: the decision pipeline the proxy runs per request.
+//!
+//! ```
+//! use palisade_core::{ClientKey, ManualClock, Clock};
+//! use palisade_limits::rate::{Quota, RateLimiter};
+//! use std::num::NonZeroU32;
+//!
+//! let limiter = RateLimiter::new(Quota::per_second(NonZeroU32::new(2).unwrap()), 1000);
+//! let clock = ManualClock::new();
+//! let client = ClientKey::V4(0x7f00_0001);
+//! assert!(limiter.check(&client, clock.now()).is_ok());
+//! assert!(limiter.check(&client, clock.now()).is_ok());
+//! let refused = limiter.check(&client, clock.now()).unwrap_err();
+//! assert_eq!(refused.retry_after_secs(), 1);
+//! ```
+
+pub mod rate;
+pub mod reputation;
+pub mod shield;
+pub mod table;

@@ -1,0 +1,373 @@
+//! F1: the per-client rate limiter.
+//!
+//! Two checks, both must pass, both lock-free:
+//! - a token bucket (as GCRA: one atomic "theoretical arrival time") that
+//!   refills at `rate` per second and holds up to `burst` requests;
+//! - a sliding window of ten 100 ms slots that caps how many requests were
+//!   admitted in the last second at `window_limit`, whatever the bucket says.
+//!
+//! The window reserves first and gives its reservation back when the bucket
+//! refuses, so concurrent callers can only make it stricter, never looser.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use palisade_core::{ClientKey, NANOS_PER_SEC, Nanos};
+
+use crate::table::{ClientTable, Slot};
+
+/// Width of one window slot.
+pub const SLOT_NANOS: Nanos = 100 * palisade_core::NANOS_PER_MS;
+/// Slots per window (10 × 100 ms = 1 s).
+pub const SLOTS: usize = 10;
+
+/// A validated limit: it cannot be zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Sustained requests per second.
+    pub rate: NonZeroU32,
+    /// Requests admitted at once after a quiet period.
+    pub burst: NonZeroU32,
+    /// Most requests admitted in any 1 s window.
+    pub window_limit: NonZeroU32,
+}
+
+impl Quota {
+    /// `rate` per second with burst and window limit equal to the rate.
+    pub fn per_second(rate: NonZeroU32) -> Self {
+        Self {
+            rate,
+            burst: rate,
+            window_limit: rate,
+        }
+    }
+
+    fn emission_interval(&self) -> Nanos {
+        (NANOS_PER_SEC / u64::from(self.rate.get())).max(1)
+    }
+
+    fn tolerance(&self) -> Nanos {
+        self.emission_interval() * u64::from(self.burst.get() - 1)
+    }
+}
+
+/// A rejection: when trying again can succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    /// Time until a request would be admitted.
+    pub retry_after: Nanos,
+}
+
+impl RateLimited {
+    /// `retry_after` in whole seconds, rounded up, at least 1 (for `Retry-After`).
+    pub fn retry_after_secs(&self) -> u64 {
+        self.retry_after.div_ceil(NANOS_PER_SEC).max(1)
+    }
+}
+
+/// One client's limiter state: 88 bytes of atomics.
+#[derive(Default)]
+pub struct RateState {
+    /// GCRA theoretical arrival time of the next request.
+    tat: AtomicU64,
+    /// `(slot_number << 32) | count`, slot_number = now / 100 ms.
+    slots: [AtomicU64; SLOTS],
+}
+
+impl RateState {
+    /// Admits or rejects one request at `now`.
+    pub fn check(&self, quota: &Quota, now: Nanos) -> Result<(), RateLimited> {
+        let cur = slot_number(now);
+        let slot = &self.slots[cur as usize % SLOTS];
+        // Reserve a place in the current slot (restarting it if stale).
+        let mut packed = slot.load(Ordering::Acquire);
+        loop {
+            let next = if packed >> 32 == cur {
+                packed + 1
+            } else {
+                (cur << 32) | 1
+            };
+            match slot.compare_exchange_weak(packed, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(seen) => packed = seen,
+            }
+        }
+        let in_window = self.window_count(cur);
+        if in_window > u64::from(quota.window_limit.get()) {
+            self.release(cur);
+            return Err(RateLimited {
+                retry_after: self.window_retry_after(quota, cur, now),
+            });
+        }
+        // GCRA: admit while the theoretical arrival time is within the burst
+        // tolerance of now.
+        let t = quota.emission_interval();
+        let tau = quota.tolerance();
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let base = tat.max(now);
+            if base - now > tau {
+                self.release(cur);
+                return Err(RateLimited {
+                    retry_after: base - tau - now,
+                });
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, base + t, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(seen) => tat = seen,
+            }
+        }
+    }
+
+    /// Requests admitted (or reserved) in the window ending in slot `cur`.
+    fn window_count(&self, cur: u64) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .filter(|p| in_window(p >> 32, cur))
+            .map(|p| p & u64::from(u32::MAX))
+            .sum()
+    }
+
+    /// Gives back a reservation made in slot `cur`, if the slot still is `cur`.
+    fn release(&self, cur: u64) {
+        let slot = &self.slots[cur as usize % SLOTS];
+        let mut packed = slot.load(Ordering::Acquire);
+        while packed >> 32 == cur && packed & u64::from(u32::MAX) > 0 {
+            match slot.compare_exchange_weak(
+                packed,
+                packed - 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(seen) => packed = seen,
+            }
+        }
+    }
+
+    /// When enough of the oldest slots will have left the window for one more
+    /// request to fit.
+    fn window_retry_after(&self, quota: &Quota, cur: u64, now: Nanos) -> Nanos {
+        let limit = u64::from(quota.window_limit.get());
+        let mut count = self.window_count(cur);
+        for n in cur.saturating_sub(SLOTS as u64 - 1)..=cur {
+            let p = self.slots[n as usize % SLOTS].load(Ordering::Acquire);
+            if p >> 32 == n {
+                count -= (p & u64::from(u32::MAX)).min(count);
+            }
+            if count < limit {
+                return ((n + SLOTS as u64) * SLOT_NANOS).saturating_sub(now);
+            }
+        }
+        SLOTS as u64 * SLOT_NANOS
+    }
+}
+
+impl Slot for RateState {
+    fn is_idle(&self, now: Nanos) -> bool {
+        let cur = slot_number(now);
+        self.tat.load(Ordering::Acquire) <= now
+            && self.slots.iter().all(|s| {
+                let p = s.load(Ordering::Acquire);
+                p & u64::from(u32::MAX) == 0 || !in_window(p >> 32, cur)
+            })
+    }
+
+    fn reset(&self) {
+        self.tat.store(0, Ordering::Release);
+        for s in &self.slots {
+            s.store(0, Ordering::Release);
+        }
+    }
+}
+
+fn slot_number(now: Nanos) -> u64 {
+    now / SLOT_NANOS
+}
+
+fn in_window(slot: u64, cur: u64) -> bool {
+    slot <= cur && cur - slot < SLOTS as u64
+}
+
+/// A keyed limiter: one [`Quota`] applied to every client separately, over a
+/// bounded [`ClientTable`].
+pub struct RateLimiter {
+    quota: Quota,
+    table: ClientTable<RateState>,
+}
+
+impl RateLimiter {
+    /// A limiter tracking at most `max_clients` clients.
+    pub fn new(quota: Quota, max_clients: usize) -> Self {
+        Self {
+            quota,
+            table: ClientTable::new(max_clients),
+        }
+    }
+
+    /// Admits or rejects one request from `key` at `now`.
+    pub fn check(&self, key: &ClientKey, now: Nanos) -> Result<(), RateLimited> {
+        self.table.entry(key, now).check(&self.quota, now)
+    }
+
+    /// The quota applied to each client.
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
+    /// The client table (for gauges).
+    pub fn table(&self) -> &ClientTable<RateState> {
+        &self.table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_core::NANOS_PER_MS;
+    use proptest::prelude::*;
+
+    fn quota(rate: u32, burst: u32, window: u32) -> Quota {
+        Quota {
+            rate: NonZeroU32::new(rate).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+            window_limit: NonZeroU32::new(window).unwrap(),
+        }
+    }
+
+    fn admitted(s: &RateState, q: &Quota, now: Nanos, n: u32) -> u32 {
+        (0..n).filter(|_| s.check(q, now).is_ok()).count() as u32
+    }
+
+    #[test]
+    fn burst_then_refill() {
+        let q = quota(100, 100, 100);
+        let s = RateState::default();
+        assert_eq!(admitted(&s, &q, 0, 150), 100);
+        // 10 ms later exactly one token is back, but the window is full.
+        let err = s.check(&q, 10 * NANOS_PER_MS).unwrap_err();
+        // The window frees up when slot 0 leaves it, at t = 1 s.
+        assert_eq!(err.retry_after, NANOS_PER_SEC - 10 * NANOS_PER_MS);
+        assert_eq!(err.retry_after_secs(), 1);
+        assert_eq!(admitted(&s, &q, NANOS_PER_SEC, 150), 100);
+    }
+
+    #[test]
+    fn window_caps_what_the_bucket_would_allow() {
+        // Bucket alone would admit 100 now and 100 more over the next second.
+        let q = quota(100, 100, 100);
+        let s = RateState::default();
+        let mut total = 0;
+        for ms in (0..1000).step_by(10) {
+            total += admitted(&s, &q, ms * NANOS_PER_MS, 200);
+        }
+        assert_eq!(total, 100);
+    }
+
+    #[test]
+    fn bucket_smooths_after_burst() {
+        // Window is generous; the bucket paces at 10/s after a burst of 5.
+        let q = quota(10, 5, 1000);
+        let s = RateState::default();
+        assert_eq!(admitted(&s, &q, 0, 20), 5);
+        let err = s.check(&q, 0).unwrap_err();
+        assert_eq!(err.retry_after, 100 * NANOS_PER_MS);
+        assert_eq!(admitted(&s, &q, 100 * NANOS_PER_MS, 20), 1);
+        assert_eq!(admitted(&s, &q, 150 * NANOS_PER_MS, 20), 0);
+        assert_eq!(admitted(&s, &q, 200 * NANOS_PER_MS, 20), 1);
+    }
+
+    #[test]
+    fn rejections_do_not_consume() {
+        let q = quota(10, 1, 1000);
+        let s = RateState::default();
+        assert!(s.check(&q, 0).is_ok());
+        for _ in 0..1000 {
+            assert!(s.check(&q, 50 * NANOS_PER_MS).is_err());
+        }
+        assert!(s.check(&q, 100 * NANOS_PER_MS).is_ok());
+    }
+
+    #[test]
+    fn idle_only_when_fresh() {
+        let q = quota(100, 100, 100);
+        let s = RateState::default();
+        assert!(s.is_idle(0));
+        s.check(&q, 0).unwrap();
+        assert!(!s.is_idle(5 * NANOS_PER_MS));
+        // Bucket refilled at 10 ms, but the window still holds the request.
+        assert!(!s.is_idle(500 * NANOS_PER_MS));
+        assert!(s.is_idle(NANOS_PER_SEC));
+        s.reset();
+        assert!(s.is_idle(0));
+    }
+
+    #[test]
+    fn limiter_keys_are_independent() {
+        let l = RateLimiter::new(quota(2, 2, 2), 100);
+        let (a, b) = (ClientKey::V4(1), ClientKey::V4(2));
+        assert!(l.check(&a, 0).is_ok());
+        assert!(l.check(&a, 0).is_ok());
+        assert!(l.check(&a, 0).is_err());
+        assert!(l.check(&b, 0).is_ok());
+        assert_eq!(l.table().len(), 2);
+    }
+
+    #[test]
+    fn concurrent_callers_never_exceed_window() {
+        let q = quota(1000, 1000, 300);
+        let s = std::sync::Arc::new(RateState::default());
+        let ok: u32 = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| admitted(&s, &q, 0, 500)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert!(ok <= 300, "admitted {ok}");
+        assert!(ok >= 290, "window is too pessimistic: {ok}");
+    }
+
+    proptest! {
+        /// Over any interval [a, b], admitted ≤ rate·(b−a) + burst, and in any
+        /// 1 s window admitted ≤ window_limit.
+        #[test]
+        fn never_more_than_rate_times_time_plus_burst(
+            rate in 1u32..500,
+            burst in 1u32..200,
+            window in 1u32..800,
+            gaps in proptest::collection::vec((0u64..300, 1u32..30), 1..200),
+        ) {
+            let q = quota(rate, burst, window);
+            let s = RateState::default();
+            let mut now = 0;
+            let mut log: Vec<Nanos> = Vec::new();
+            for (gap_ms, n) in gaps {
+                now += gap_ms * NANOS_PER_MS / 3;
+                for _ in 0..n {
+                    if s.check(&q, now).is_ok() {
+                        log.push(now);
+                    }
+                }
+            }
+            let t = q.emission_interval();
+            for (i, &start) in log.iter().enumerate() {
+                let mut count_1s = 0u64;
+                for (j, &at) in log[i..].iter().enumerate() {
+                    // Bucket bound over [start, at].
+                    let bound = (at - start) / t + u64::from(burst);
+                    prop_assert!((j as u64 + 1) <= bound, "{} admitted in {} ns", j + 1, at - start);
+                    // Window bound: slots are 100 ms aligned, so any span
+                    // shorter than 900 ms lies inside one window of 10 slots.
+                    if at - start < 900 * NANOS_PER_MS {
+                        count_1s += 1;
+                    }
+                }
+                prop_assert!(count_1s <= u64::from(window));
+            }
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The decision pipeline: who is this client, and may this request pass?
+//!
+//! Cheapest and most certain checks first: allow list, deny list, reputation,
+//! then the rate limit of the matching route. Each control in shadow mode
+//! records what it would have done and lets the request through.
+//!
+//! Nothing here allocates per request once a client is tracked (F9).
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, Method};
+use ipnet::IpNet;
+use palisade_core::{ClientKey, Clock, Mode, Nanos, RejectReason, TrustedProxies};
+
+use crate::rate::{Quota, RateLimiter};
+use crate::reputation::{Reputation, ReputationConfig};
+
+/// How a client is identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyBy {
+    /// Source address (IPv6 by prefix).
+    #[default]
+    Ip,
+    /// Hash of source address and User-Agent.
+    IpUserAgent,
+}
+
+/// A rate limit and whether it is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitPolicy {
+    /// The per-client quota.
+    pub quota: Quota,
+    /// Enforce or shadow.
+    pub mode: Mode,
+}
+
+/// Which requests a route covers. Empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteMatch {
+    /// Path prefix, matched on segment boundaries (`/api` covers `/api` and
+    /// `/api/x`, not `/apix`).
+    pub path_prefix: Option<String>,
+    /// Methods covered.
+    pub methods: Vec<Method>,
+    /// Host (without port), compared case-insensitively.
+    pub host: Option<String>,
+}
+
+/// A named route with its own limit (or the default one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Label in metrics and logs.
+    pub name: String,
+    /// What it covers.
+    pub matcher: RouteMatch,
+    /// Its own limit; `None` shares the default limiter.
+    pub limit: Option<LimitPolicy>,
+}
+
+/// Everything the shield needs, already validated.
+#[derive(Debug, Clone)]
+pub struct ShieldConfig {
+    /// Client identity.
+    pub key_by: KeyBy,
+    /// IPv6 prefix length that makes one client.
+    pub ipv6_prefix: u8,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: TrustedProxies,
+    /// Sources that skip every control.
+    pub allow: Vec<IpNet>,
+    /// Sources always refused with 403.
+    pub deny: Vec<IpNet>,
+    /// Bound on tracked clients, per table.
+    pub max_tracked_clients: usize,
+    /// Default per-client limit; `None` disables rate limiting.
+    pub limit: Option<LimitPolicy>,
+    /// Routes, first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Reputation rules; `None` disables reputation.
+    pub reputation: Option<(ReputationConfig, Mode)>,
+}
+
+impl Default for ShieldConfig {
+    fn default() -> Self {
+        let rate = std::num::NonZeroU32::new(100).unwrap_or(std::num::NonZeroU32::MIN);
+        Self {
+            key_by: KeyBy::Ip,
+            ipv6_prefix: 64,
+            trusted_proxies: TrustedProxies::default(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_tracked_clients: 100_000,
+            limit: Some(LimitPolicy {
+                quota: Quota::per_second(rate),
+                mode: Mode::Enforce,
+            }),
+            routes: Vec::new(),
+            reputation: Some((ReputationConfig::default(), Mode::Enforce)),
+        }
+    }
+}
+
+/// The facts about a request that decisions use.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// TCP peer address.
+    pub peer: IpAddr,
+    /// Request method.
+    pub method: &'a Method,
+    /// Host header or URI authority, port included or not.
+    pub host: Option<&'a str>,
+    /// Request path.
+    pub path: &'a str,
+    /// Request headers (forwarding headers, User-Agent).
+    pub headers: &'a HeaderMap,
+}
+
+/// Index of the route a request matched; 0 is the default route.
+pub type RouteId = usize;
+
+/// A refusal to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    /// Why.
+    pub reason: RejectReason,
+    /// Seconds until a retry can succeed (rate limits only).
+    pub retry_after_secs: Option<u64>,
+    /// The quota that refused (rate limits only), for `RateLimit-Policy`.
+    pub quota: Option<Quota>,
+}
+
+/// The outcome for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// The resolved client address.
+    pub client_ip: IpAddr,
+    /// The key the client is charged to.
+    pub key: ClientKey,
+    /// The route matched.
+    pub route: RouteId,
+    /// `Some` when the request must be refused.
+    pub rejection: Option<Rejection>,
+    /// What a control in shadow mode would have refused.
+    pub would_block: Option<RejectReason>,
+}
+
+struct Route {
+    config: RouteConfig,
+    limiter: Option<(RateLimiter, Mode)>,
+}
+
+/// The decision pipeline, shared by every connection.
+pub struct Shield<C> {
+    clock: C,
+    cfg: ShieldConfig,
+    fingerprint_hasher: foldhash::fast::RandomState,
+    default_limiter: Option<(RateLimiter, Mode)>,
+    routes: Vec<Route>,
+    reputation: Option<(Reputation, Mode)>,
+}
+
+impl<C: Clock> Shield<C> {
+    /// Builds the pipeline. Cannot fail: the config is already validated.
+    pub fn new(cfg: ShieldConfig, clock: C) -> Self {
+        let limiter =
+            |p: &LimitPolicy| (RateLimiter::new(p.quota, cfg.max_tracked_clients), p.mode);
+        Self {
+            default_limiter: cfg.limit.as_ref().map(limiter),
+            routes: cfg
+                .routes
+                .iter()
+                .map(|r| Route {
+                    config: r.clone(),
+                    limiter: r.limit.as_ref().map(limiter),
+                })
+                .collect(),
+            reputation: cfg
+                .reputation
+                .as_ref()
+                .map(|(rc, mode)| (Reputation::new(rc.clone(), cfg.max_tracked_clients), *mode)),
+            fingerprint_hasher: foldhash::fast::RandomState::default(),
+            clock,
+            cfg,
+        }
+    }
+
+    /// The clock decisions are made with.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    /// The config this shield was built from.
+    pub fn config(&self) -> &ShieldConfig {
+        &self.cfg
+    }
+
+    /// Route names, indexed by [`RouteId`]; 0 is `"default"`.
+    pub fn route_name(&self, id: RouteId) -> &str {
+        match id {
+            0 => "default",
+            n => self
+                .routes
+                .get(n - 1)
+                .map_or("default", |r| r.config.name.as_str()),
+        }
+    }
+
+    /// Number of routes, the default one included.
+    pub fn route_count(&self) -> usize {
+        self.routes.len() + 1
+    }
+
+    /// The reputation engine, when enabled.
+    pub fn reputation(&self) -> Option<&Reputation> {
+        self.reputation.as_ref().map(|(r, _)| r)
+    }
+
+    /// Every limiter: the default one, then one per route with its own limit.
+    pub fn limiters(&self) -> impl Iterator<Item = (&str, &RateLimiter)> {
+        let default = self.default_limiter.as_ref().map(|(l, _)| ("default", l));
+        default.into_iter().chain(
+            self.routes
+                .iter()
+                .filter_map(|r| r.limiter.as_ref().map(|(l, _)| (r.config.name.as_str(), l))),
+        )
+    }
+
+    /// The client key for an address (admin lookups).
+    pub fn key_for_ip(&self, ip: IpAddr) -> ClientKey {
+        ClientKey::from_ip(ip, self.cfg.ipv6_prefix)
+    }
+
+    /// Decides one request.
+    pub fn decide(&self, req: &RequestFacts<'_>) -> Decision {
+        let now = self.clock.now();
+        let client_ip = self.cfg.trusted_proxies.client_ip(req.peer, req.headers);
+        let key = match self.cfg.key_by {
+            KeyBy::Ip => ClientKey::from_ip(client_ip, self.cfg.ipv6_prefix),
+            KeyBy::IpUserAgent => {
+                let ua = req
+                    .headers
+                    .get(http::header::USER_AGENT)
+                    .map_or(&[][..], |v| v.as_bytes());
+                ClientKey::fingerprint(
+                    client_ip,
+                    self.cfg.ipv6_prefix,
+                    ua,
+                    &self.fingerprint_hasher,
+                )
+            }
+        };
+        let route = self.route_for(req);
+        let mut decision = Decision {
+            client_ip,
+            key,
+            route,
+            rejection: None,
+            would_block: None,
+        };
+        if self.cfg.allow.iter().any(|n| n.contains(&client_ip)) {
+            return decision;
+        }
+        if self.cfg.deny.iter().any(|n| n.contains(&client_ip)) {
+            decision.rejection = Some(Rejection {
+                reason: RejectReason::Denylisted,
+                retry_after_secs: None,
+                quota: None,
+            });
+            return decision;
+        }
+        if let Some((rep, mode)) = &self.reputation {
+            if rep.observe_request(&key, now).blocked {
+                let rejection = Rejection {
+                    reason: RejectReason::Reputation,
+                    retry_after_secs: None,
+                    quota: None,
+                };
+                if decision.apply(rejection, *mode) {
+                    return decision;
+                }
+            }
+        }
+        if let Some((limiter, mode)) = self.limiter_for(route) {
+            if let Err(limited) = limiter.check(&key, now) {
+                let rejection = Rejection {
+                    reason: RejectReason::RateLimited,
+                    retry_after_secs: Some(limited.retry_after_secs()),
+                    quota: Some(*limiter.quota()),
+                };
+                decision.apply(rejection, *mode);
+            }
+        }
+        decision
+    }
+
+    /// Feeds the response status back to reputation. Returns whether a
+    /// penalty was applied.
+    pub fn observe_response(&self, decision: &Decision, status: u16) -> bool {
+        match &self.reputation {
+            // Denied and allow-listed clients are outside reputation.
+            Some((rep, _))
+                if !self
+                    .cfg
+                    .allow
+                    .iter()
+                    .any(|n| n.contains(&decision.client_ip)) =>
+            {
+                rep.observe_response(&decision.key, status, self.clock.now())
+            }
+            _ => false,
+        }
+    }
+
+    /// Current time on the shield's clock.
+    pub fn now(&self) -> Nanos {
+        self.clock.now()
+    }
+
+    fn route_for(&self, req: &RequestFacts<'_>) -> RouteId {
+        self.routes
+            .iter()
+            .position(|r| r.config.matcher.matches(req))
+            .map_or(0, |i| i + 1)
+    }
+
+    fn limiter_for(&self, route: RouteId) -> Option<&(RateLimiter, Mode)> {
+        match route {
+            0 => self.default_limiter.as_ref(),
+            n => self
+                .routes
+                .get(n - 1)
+                .and_then(|r| r.limiter.as_ref())
+                .or(self.default_limiter.as_ref()),
+        }
+    }
+}
+
+impl Decision {
+    /// Records a rejection under `mode`; returns true when it is enforced.
+    fn apply(&mut self, rejection: Rejection, mode: Mode) -> bool {
+        match mode {
+            Mode::Enforce => {
+                self.rejection = Some(rejection);
+                true
+            }
+            Mode::Shadow => {
+                self.would_block.get_or_insert(rejection.reason);
+                false
+            }
+        }
+    }
+}
+
+impl RouteMatch {
+    fn matches(&self, req: &RequestFacts<'_>) -> bool {
+        if !self.methods.is_empty() && !self.methods.contains(req.method) {
+            return false;
+        }
+        if let Some(host) = &self.host {
+            let Some(req_host) = req.host else {
+                return false;
+            };
+            let req_host = strip_port(req_host);
+            if !req_host.eq_ignore_ascii_case(host) {
+                return false;
+            }
+        }
+        match &self.path_prefix {
+            None => true,
+            Some(prefix) => match req.path.strip_prefix(prefix.as_str()) {
+                Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+                None => false,
+            },
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_core::{ClientIpHeader, ManualClock};
+    use std::num::NonZeroU32;
+
+    fn quota(rate: u32) -> Quota {
+        Quota::per_second(NonZeroU32::new(rate).unwrap())
+    }
+
+    fn facts<'a>(
+        peer: &str,
+        path: &'a str,
+        method: &'a Method,
+        headers: &'a HeaderMap,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            peer: peer.parse().unwrap(),
+            method,
+            host: Some("example.com:8080"),
+            path,
+            headers,
+        }
+    }
+
+    fn run(
+        shield: &Shield<ManualClock>,
+        peer: &str,
+        path: &str,
+        n: usize,
+    ) -> (usize, Vec<Decision>) {
+        let h = HeaderMap::new();
+        let m = Method::GET;
+        let ds: Vec<_> = (0..n)
+            .map(|_| shield.decide(&facts(peer, path, &m, &h)))
+            .collect();
+        (ds.iter().filter(|d| d.rejection.is_none()).count(), ds)
+    }
+
+    #[test]
+    fn default_limit_is_100_per_client() {
+        let s = Shield::new(ShieldConfig::default(), ManualClock::new());
+        let (ok, ds) = run(&s, "127.0.0.2", "/", 150);
+        assert_eq!(ok, 100);
+        let r = ds[149].rejection.unwrap();
+        assert_eq!(r.reason, RejectReason::RateLimited);
+        assert_eq!(r.retry_after_secs, Some(1));
+        // Another client is untouched.
+        assert_eq!(run(&s, "127.0.0.3", "/", 10).0, 10);
+    }
+
+    #[test]
+    fn shadow_mode_counts_but_passes() {
+        let mut cfg = ShieldConfig::default();
+        cfg.limit = Some(LimitPolicy {
+            quota: quota(5),
+            mode: Mode::Shadow,
+        });
+        let s = Shield::new(cfg, ManualClock::new());
+        let (ok, ds) = run(&s, "127.0.0.2", "/", 10);
+        assert_eq!(ok, 10);
+        assert_eq!(
+            ds.iter()
+                .filter(|d| d.would_block == Some(RejectReason::RateLimited))
+                .count(),
+            5
+        );
+    }
+
+    #[test]
+    fn routes_have_their_own_limits() {
+        let mut cfg = ShieldConfig::default();
+        cfg.routes = vec![
+            RouteConfig {
+                name: "login".into(),
+                matcher: RouteMatch {
+                    path_prefix: Some("/login".into()),
+                    methods: vec![Method::GET],
+                    host: Some("EXAMPLE.com".into()),
+                },
+                limit: Some(LimitPolicy {
+                    quota: quota(2),
+                    mode: Mode::Enforce,
+                }),
+            },
+            RouteConfig {
+                name: "static".into(),
+                matcher: RouteMatch {
+                    path_prefix: Some("/static/".into()),
+                    ..Default::default()
+                },
+                limit: None,
+            },
+        ];
+        let s = Shield::new(cfg, ManualClock::new());
+        let (ok, ds) = run(&s, "10.0.0.1", "/login/x", 5);
+        assert_eq!(ok, 2);
+        assert_eq!(s.route_name(ds[0].route), "login");
+        assert_eq!(run(&s, "10.0.0.1", "/loginx", 1).1[0].route, 0);
+        // The default limiter is separate from the login one.
+        assert_eq!(run(&s, "10.0.0.1", "/", 5).0, 5);
+        // A route without its own limit shares the default limiter.
+        let (_, ds) = run(&s, "10.0.0.1", "/static/a.css", 1);
+        assert_eq!(s.route_name(ds[0].route), "static");
+        assert_eq!(s.limiters().count(), 2);
+    }
+
+    #[test]
+    fn allow_and_deny_lists_win() {
+        let mut cfg = ShieldConfig::default();
+        cfg.allow = vec!["10.1.0.0/16".parse().unwrap()];
+        cfg.deny = vec!["10.0.0.0/8".parse().unwrap()];
+        cfg.limit = Some(LimitPolicy {
+            quota: quota(1),
+            mode: Mode::Enforce,
+        });
+        let s = Shield::new(cfg, ManualClock::new());
+        assert_eq!(run(&s, "10.1.2.3", "/", 50).0, 50);
+        let (ok, ds) = run(&s, "10.2.0.1", "/", 1);
+        assert_eq!(ok, 0);
+        assert_eq!(ds[0].rejection.unwrap().reason, RejectReason::Denylisted);
+        // Allow-listed clients are not scored either.
+        let rep = s.reputation().unwrap();
+        rep.set(&ClientKey::from_ip("10.1.2.3".parse().unwrap(), 64), 0, 0);
+        assert_eq!(run(&s, "10.1.2.3", "/", 1).0, 1);
+    }
+
+    #[test]
+    fn flooding_client_ends_in_403() {
+        let clock = ManualClock::new();
+        let s = Shield::new(ShieldConfig::default(), clock.clone());
+        for _ in 0..3 {
+            run(&s, "127.0.0.9", "/", 250);
+            clock.advance(std::time::Duration::from_secs(1));
+        }
+        let (_, ds) = run(&s, "127.0.0.9", "/", 1);
+        assert_eq!(ds[0].rejection.unwrap().reason, RejectReason::Reputation);
+    }
+
+    #[test]
+    fn spoofed_forwarded_for_changes_nothing() {
+        let mut cfg = ShieldConfig::default();
+        cfg.trusted_proxies = TrustedProxies::new(
+            vec!["127.0.0.1/32".parse().unwrap()],
+            ClientIpHeader::XForwardedFor,
+        );
+        let s = Shield::new(cfg, ManualClock::new());
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "198.51.100.1".parse().unwrap());
+        let m = Method::GET;
+        let untrusted = s.decide(&facts("127.0.0.2", "/", &m, &h));
+        assert_eq!(untrusted.client_ip, "127.0.0.2".parse::<IpAddr>().unwrap());
+        let trusted = s.decide(&facts("127.0.0.1", "/", &m, &h));
+        assert_eq!(trusted.client_ip, "198.51.100.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn error_streak_feedback_penalises() {
+        let s = Shield::new(ShieldConfig::default(), ManualClock::new());
+        let (_, ds) = run(&s, "127.0.0.5", "/", 1);
+        assert!(!s.observe_response(&ds[0], 401));
+        assert!(!s.observe_response(&ds[0], 401));
+        assert!(s.observe_response(&ds[0], 401));
+        let e = s.reputation().unwrap().explain(&ds[0].key, 0);
+        assert_eq!(e.score, 60.0);
+    }
+
+    #[test]
+    fn host_ports_are_ignored() {
+        assert_eq!(strip_port("example.com:80"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("::1"), "::1");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+}
