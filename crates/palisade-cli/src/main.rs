@@ -1,1 +1,236 @@
-fn main() {}
+//! `palisade`: parse flags, load config, run, exit code.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use palisade_proxy::config::{Config, Overrides, QUICKSTART};
+
+/// Anti-DDoS reverse proxy: per-client rate limits, IP reputation,
+/// slow-client defense, Prometheus metrics.
+#[derive(Parser)]
+#[command(name = "palisade", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy. Without --config: the built-in quickstart (proxy on
+    /// 127.0.0.1:8080, demo upstream on 127.0.0.1:8081, admin on 127.0.0.1:9090).
+    Run(RunArgs),
+    /// Run only the demo upstream (`/`, `/status/{code}`, `/delay/{ms}`, `/bytes/{n}`).
+    DemoUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+    },
+    /// Config file helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Validate a config file: exit 0, or print FILE:LINE:COL: key: problem.
+    CheckConfig {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the quickstart config: every key, its default and meaning.
+    Default,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Proxy listen address (wins over the file).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin listen address (wins over the file).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Upstream URL; repeat for several (replaces the file's list).
+    #[arg(long = "upstream", value_name = "URL")]
+    upstreams: Vec<String>,
+    /// Per-client requests per second (moves burst, window and flood
+    /// threshold defaults with it).
+    #[arg(long, value_name = "RPS")]
+    rate_limit: Option<NonZeroU32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
+            print!("{QUICKSTART}");
+            Ok(())
+        }
+        Command::CheckConfig { file } => match Config::load(&file, &Overrides::default()) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        },
+        Command::DemoUpstream { listen } => runtime().and_then(|rt| rt.block_on(demo(listen))),
+        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("palisade: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
+    let (addr, serve) = palisade_proxy::demo::bind(listen).await?;
+    tracing::info!("demo upstream on http://{addr}");
+    tokio::select! {
+        _ = serve => {}
+        _ = shutdown_signal() => {}
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        listen: args.listen,
+        admin: args.admin,
+        upstreams: args.upstreams,
+        rate_limit: args.rate_limit,
+    };
+    let quickstart = args.config.is_none();
+    let mut config = match &args.config {
+        Some(path) => Config::load(path, &overrides)?,
+        None => Config::quickstart(&overrides)?,
+    };
+    if let Some(token) = std::env::var("PALISADE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        config.admin.token = Some(token);
+    }
+    let mut made_up_token = false;
+    if quickstart && config.admin.token.is_none() {
+        config.admin.token = Some(random_token()?);
+        made_up_token = true;
+    }
+    // The demo upstream runs only in the quickstart, where it is the upstream.
+    let demo = if quickstart && overrides.upstreams.is_empty() {
+        let target = config.server.upstreams[0]
+            .authority()
+            .and_then(|a| {
+                format!("{}:{}", a.host(), a.port_u16().unwrap_or(80))
+                    .parse()
+                    .ok()
+            })
+            .context("quickstart upstream is not an address")?;
+        let (addr, serve) = palisade_proxy::demo::bind(target).await?;
+        Some((addr, tokio::spawn(serve)))
+    } else {
+        None
+    };
+    let upstreams: Vec<String> = config
+        .server
+        .upstreams
+        .iter()
+        .map(|u| u.to_string())
+        .collect();
+    let token = config.admin.token.clone();
+    let metrics_path = config.admin.metrics_path.clone();
+    let running = palisade_proxy::start(config).await?;
+    let proxy = running.proxy_addr;
+    let admin = running.admin_addr;
+    tracing::info!(%proxy, %admin, upstreams = ?upstreams, "palisade running");
+    if quickstart {
+        println!("Palisade quickstart (built-in config: `palisade config default` prints it)");
+        println!(
+            "  proxy        http://{proxy}  ->  {}",
+            upstreams.join(", ")
+        );
+        if let Some((addr, _)) = &demo {
+            println!(
+                "  demo         http://{addr}  (/, /status/{{code}}, /delay/{{ms}}, /bytes/{{n}})"
+            );
+        }
+        println!("  metrics      http://{admin}{metrics_path}");
+        println!("  reputation   curl http://{admin}/api/v1/reputation/127.0.0.1");
+        if let (true, Some(t)) = (made_up_token, &token) {
+            println!("  admin token  {t}  (PALISADE_ADMIN_TOKEN chooses your own)");
+        }
+        println!();
+        println!("Try it: 150 requests at once from one client; about 50 get 429 (limit 100/s):");
+        println!(
+            "  curl -s -o /dev/null -w '%{{http_code}}\\n' 'http://{proxy}/?[1-150]' | sort | uniq -c"
+        );
+        println!("Stop with Ctrl-C.");
+    }
+    running.run_until(shutdown_signal()).await;
+    if let Some((_, task)) = demo {
+        task.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown requested: draining");
+}
+
+fn random_token() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for an admin token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

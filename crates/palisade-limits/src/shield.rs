@@ -142,6 +142,8 @@ pub struct Decision {
     pub rejection: Option<Rejection>,
     /// What a control in shadow mode would have refused.
     pub would_block: Option<RejectReason>,
+    /// This request crossed the flood threshold: a reputation penalty was applied.
+    pub flooded: bool,
 }
 
 struct Route {
@@ -256,6 +258,7 @@ impl<C: Clock> Shield<C> {
             route,
             rejection: None,
             would_block: None,
+            flooded: false,
         };
         if self.cfg.allow.iter().any(|n| n.contains(&client_ip)) {
             return decision;
@@ -269,7 +272,9 @@ impl<C: Clock> Shield<C> {
             return decision;
         }
         if let Some((rep, mode)) = &self.reputation {
-            if rep.observe_request(&key, now).blocked {
+            let standing = rep.observe_request(&key, now);
+            decision.flooded = standing.flooded;
+            if standing.blocked {
                 let rejection = Rejection {
                     reason: RejectReason::Reputation,
                     retry_after_secs: None,
@@ -280,15 +285,15 @@ impl<C: Clock> Shield<C> {
                 }
             }
         }
-        if let Some((limiter, mode)) = self.limiter_for(route) {
-            if let Err(limited) = limiter.check(&key, now) {
-                let rejection = Rejection {
-                    reason: RejectReason::RateLimited,
-                    retry_after_secs: Some(limited.retry_after_secs()),
-                    quota: Some(*limiter.quota()),
-                };
-                decision.apply(rejection, *mode);
-            }
+        if let Some((limiter, mode)) = self.limiter_for(route)
+            && let Err(limited) = limiter.check(&key, now)
+        {
+            let rejection = Rejection {
+                reason: RejectReason::RateLimited,
+                retry_after_secs: Some(limited.retry_after_secs()),
+                quota: Some(*limiter.quota()),
+            };
+            decision.apply(rejection, *mode);
         }
         decision
     }
@@ -387,6 +392,7 @@ fn strip_port(host: &str) -> &str {
 }
 
 #[cfg(test)]
+#[allow(clippy::field_reassign_with_default)] // tests read better as "default, but ..."
 mod tests {
     use super::*;
     use palisade_core::{ClientIpHeader, ManualClock};

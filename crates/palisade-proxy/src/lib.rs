@@ -1,1 +1,26 @@
-//! wip
+//! The Palisade daemon as a library: config, listeners, the reverse proxy
+//! with its protection pipeline, the admin API and metrics.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use palisade_proxy::config::{Config, Overrides};
+//!
+//! let config = Config::quickstart(&Overrides::default())?;
+//! let running = palisade_proxy::start(config).await?;
+//! println!("proxy on {}", running.proxy_addr);
+//! running.run_until(async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod forward;
+pub mod io;
+pub mod metrics;
+pub mod proxy;
+pub mod respond;
+pub mod server;
+
+pub use server::{Running, start};

@@ -1,0 +1,202 @@
+//! The admin API: metrics, health, and reputation inspection and control.
+//!
+//! Reads on a loopback listener need no token; everything else needs
+//! `Authorization: Bearer <token>`. With no token configured, changes are
+//! refused outright.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use palisade_core::NANOS_PER_MS;
+use palisade_limits::reputation::Explanation;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::proxy::App;
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves the admin API until `stop` flips.
+pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let loopback = listener
+        .local_addr()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false);
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                let app = app.clone();
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let app = app.clone();
+                        async move { Ok::<_, std::convert::Infallible>(route(&app, loopback, req).await) }
+                    });
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        }
+    }
+}
+
+async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let reading = method == Method::GET || method == Method::HEAD;
+    if !(reading && loopback)
+        && let Some(refusal) = refuse_unauthorized(app, &req)
+    {
+        return refusal;
+    }
+    if path == app.config.admin.metrics_path && reading {
+        app.refresh_gauges();
+        let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        return r;
+    }
+    match (path.as_str(), reading) {
+        ("/healthz", true) => return text(StatusCode::OK, "ok\n"),
+        ("/readyz", true) => {
+            return if app.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            };
+        }
+        _ => {}
+    }
+    if let Some(ip) = path.strip_prefix("/api/v1/reputation/") {
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            return error(StatusCode::BAD_REQUEST, "not an IP address");
+        };
+        return reputation(app, &method, ip, req).await;
+    }
+    error(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// The refusal for a request without the right bearer token, if any.
+fn refuse_unauthorized(app: &App, req: &Request<Incoming>) -> Option<Resp> {
+    let Some(token) = app.config.admin.token.as_deref() else {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "no admin token configured: set PALISADE_ADMIN_TOKEN or admin.token",
+        ));
+    };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        None
+    } else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        Some(r)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetScore {
+    score: u8,
+}
+
+async fn reputation(app: &App, method: &Method, ip: IpAddr, req: Request<Incoming>) -> Resp {
+    let Some(rep) = app.shield.reputation() else {
+        return error(StatusCode::NOT_FOUND, "reputation is disabled");
+    };
+    let key = app.shield.key_for_ip(ip);
+    let now = app.shield.now();
+    match *method {
+        Method::GET | Method::HEAD => {}
+        Method::PUT => {
+            let body = match Limited::new(req.into_body(), 4096).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "body unreadable or over 4096 bytes",
+                    );
+                }
+            };
+            let set: SetScore = match serde_json::from_slice(&body) {
+                Ok(s) => s,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("expected {{\"score\": 0-100}}: {e}"),
+                    );
+                }
+            };
+            if set.score > 100 {
+                return error(StatusCode::BAD_REQUEST, "score must be 0-100");
+            }
+            rep.set(&key, set.score, now);
+            tracing::info!(%ip, score = set.score, "reputation set by admin");
+        }
+        Method::DELETE => {
+            rep.reset(&key);
+            tracing::info!(%ip, "reputation reset by admin");
+        }
+        _ => return error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
+    }
+    json(
+        StatusCode::OK,
+        &explain_json(ip, &rep.explain(&key, now), now, rep.config().block_below),
+    )
+}
+
+fn explain_json(ip: IpAddr, e: &Explanation, now: u64, block_below: u8) -> serde_json::Value {
+    serde_json::json!({
+        "ip": ip.to_string(),
+        "score": (e.score * 1000.0).round() / 1000.0,
+        "blocked": e.score < f64::from(block_below),
+        "events": e.events.iter().map(|ev| serde_json::json!({
+            "kind": ev.kind.as_str(),
+            "delta": ev.delta,
+            "score_after": ev.score_after,
+            "age_ms": now.saturating_sub(ev.at) / NANOS_PER_MS,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Resp {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Resp {
+    crate::respond::text(status, body)
+}

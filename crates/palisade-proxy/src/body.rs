@@ -1,0 +1,130 @@
+//! Request body deadlines: a bounded pause between chunks and a minimum
+//! average rate, so a client cannot hold an upstream connection open by
+//! sending a body one byte at a time. Bodies still stream: nothing is
+//! buffered here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+/// Limits for [`TimedBody`].
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Longest pause between chunks.
+    pub gap: Duration,
+    /// Minimum average bytes/s once `grace` has passed (0 = off).
+    pub min_rate: u64,
+    /// When the rate starts to count.
+    pub grace: Duration,
+}
+
+/// Why a body was cut off.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client paused too long or sent too slowly.
+    #[error("request body too slow")]
+    TooSlow,
+    /// The client's connection failed.
+    #[error("request body: {0}")]
+    Client(#[from] hyper::Error),
+}
+
+/// Set when a body was cut off for being slow, so the response can say 408.
+pub type SlowFlag = Arc<AtomicBool>;
+
+/// A request body with read deadlines.
+pub struct TimedBody<B> {
+    inner: B,
+    limits: BodyLimits,
+    started: Instant,
+    received: u64,
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    slow: SlowFlag,
+}
+
+impl<B> TimedBody<B> {
+    /// Wraps `inner`; the clock starts now.
+    pub fn new(inner: B, limits: BodyLimits, slow: SlowFlag) -> Self {
+        Self {
+            inner,
+            limits,
+            started: Instant::now(),
+            received: 0,
+            timer: None,
+            armed: false,
+            slow,
+        }
+    }
+
+    fn too_slow(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.slow.store(true, Ordering::Release);
+        Poll::Ready(Some(Err(BodyError::TooSlow)))
+    }
+}
+
+impl<B> Body for TimedBody<B>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                }
+                let now = Instant::now();
+                let elapsed = now - this.started;
+                if this.limits.min_rate > 0 && elapsed > this.limits.grace {
+                    let floor = this.limits.min_rate as f64 * elapsed.as_secs_f64();
+                    if (this.received as f64) < floor {
+                        return this.too_slow();
+                    }
+                }
+                this.armed = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let deadline = Instant::now() + this.limits.gap;
+                let timer = match &mut this.timer {
+                    Some(t) if this.armed => t,
+                    Some(t) => {
+                        t.as_mut().reset(deadline);
+                        t
+                    }
+                    None => this
+                        .timer
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                this.armed = true;
+                if timer.as_mut().poll(cx).is_ready() {
+                    return this.too_slow();
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,1003 @@
+//! Configuration: one TOML file, parsed into raw serde structs, then checked
+//! into typed values. Every error names the file, line, column and key.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{Method, Uri};
+use ipnet::IpNet;
+use palisade_core::{ClientIpHeader, Mode, TrustedProxies};
+use palisade_limits::rate::Quota;
+use palisade_limits::reputation::ReputationConfig;
+use palisade_limits::shield::{KeyBy, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+
+/// The quickstart config, which is also the reference of every key.
+pub const QUICKSTART: &str = include_str!("quickstart.toml");
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A command-line override is wrong.
+    #[error("{flag}: {message}")]
+    Override {
+        /// The flag, e.g. `--upstream`.
+        flag: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file was read but a key is wrong.
+    #[error("{file}:{line}:{column}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// Dotted key path (`rate_limit.rate`, `routes[1].name`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The daemon's whole configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Client-facing listener and its limits.
+    pub server: ServerConfig,
+    /// How upstreams are reached.
+    pub upstream: UpstreamConfig,
+    /// Admin API.
+    pub admin: AdminConfig,
+    /// Protection rules.
+    pub shield: ShieldConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// Client listener.
+    pub listen: SocketAddr,
+    /// Upstream base URIs.
+    pub upstreams: Vec<Uri>,
+    /// Whole-header deadline.
+    pub header_read_timeout: Duration,
+    /// Write progress deadline.
+    pub write_timeout: Duration,
+    /// Keep-alive idle limit.
+    pub idle_timeout: Duration,
+    /// Longest gap between request body chunks.
+    pub body_read_timeout: Duration,
+    /// Minimum average request body rate, bytes/s (0 = off).
+    pub body_min_rate: u64,
+    /// When the body rate starts to be checked.
+    pub body_rate_grace: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Most header fields.
+    pub max_headers: usize,
+    /// HTTP/2 concurrent streams.
+    pub h2_max_concurrent_streams: u32,
+    /// Drain limit on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Response head timeout.
+    pub response_timeout: Duration,
+    /// Pool idle timeout.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per upstream.
+    pub pool_max_idle: usize,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Admin listener.
+    pub listen: SocketAddr,
+    /// Bearer token for changes; `None` refuses changes.
+    pub token: Option<String>,
+    /// Prometheus endpoint path.
+    pub metrics_path: String,
+}
+
+/// Command-line values that win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--admin`.
+    pub admin: Option<SocketAddr>,
+    /// `--upstream` (repeatable); replaces the file's list.
+    pub upstreams: Vec<String>,
+    /// `--rate-limit`: per-client requests/s (moves burst, window and flood
+    /// threshold defaults along with it).
+    pub rate_limit: Option<NonZeroU32>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&src, &path.display().to_string(), overrides)
+    }
+
+    /// The built-in quickstart config.
+    pub fn quickstart(overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::parse(QUICKSTART, "<quickstart>", overrides)
+    }
+
+    /// Validates config text; `file` names it in errors.
+    pub fn parse(src: &str, file: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let fail = |span: Option<Range<usize>>, key: String, message: String| {
+            let (line, column) = line_col(src, span.map_or(0, |s| s.start));
+            ConfigError::Invalid {
+                file: file.to_string(),
+                line,
+                column,
+                key,
+                message,
+            }
+        };
+        let mut raw: RawConfig = match toml::from_str(src) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let key = e
+                    .span()
+                    .and_then(|s| key_at(src, s.start))
+                    .unwrap_or_default();
+                return Err(fail(e.span(), key, e.message().trim().to_string()));
+            }
+        };
+        for u in &overrides.upstreams {
+            upstream_uri(u).map_err(|message| ConfigError::Override {
+                flag: "--upstream",
+                message,
+            })?;
+        }
+        raw.apply(overrides);
+        raw.validate()
+            .map_err(|(path, message)| fail(span_of(src, &path), path_string(&path), message))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw serde structs: exactly the file's shape.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    admin: RawAdmin,
+    clients: RawClients,
+    rate_limit: RawRateLimit,
+    reputation: RawReputation,
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    upstreams: Vec<String>,
+    header_read_timeout: String,
+    write_timeout: String,
+    idle_timeout: String,
+    body_read_timeout: String,
+    body_min_rate: u64,
+    body_rate_grace: String,
+    max_header_bytes: usize,
+    max_headers: usize,
+    h2_max_concurrent_streams: u32,
+    shutdown_grace: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            upstreams: Vec::new(),
+            header_read_timeout: "5s".into(),
+            write_timeout: "10s".into(),
+            idle_timeout: "30s".into(),
+            body_read_timeout: "10s".into(),
+            body_min_rate: 1024,
+            body_rate_grace: "5s".into(),
+            max_header_bytes: 65536,
+            max_headers: 100,
+            h2_max_concurrent_streams: 128,
+            shutdown_grace: "10s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawUpstream {
+    connect_timeout: String,
+    response_timeout: String,
+    pool_idle_timeout: String,
+    pool_max_idle: usize,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout: "2s".into(),
+            response_timeout: "30s".into(),
+            pool_idle_timeout: "90s".into(),
+            pool_max_idle: 256,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+    token: String,
+    metrics_path: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+            token: String::new(),
+            metrics_path: "/metrics".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawClients {
+    key: String,
+    ipv6_prefix: u8,
+    trusted_proxies: Vec<String>,
+    client_ip_header: String,
+    max_tracked: usize,
+    allow: Vec<String>,
+    deny: Vec<String>,
+}
+
+impl Default for RawClients {
+    fn default() -> Self {
+        Self {
+            key: "ip".into(),
+            ipv6_prefix: 64,
+            trusted_proxies: Vec::new(),
+            client_ip_header: "x-forwarded-for".into(),
+            max_tracked: 100_000,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawRateLimit {
+    enabled: bool,
+    mode: String,
+    rate: u32,
+    burst: Option<u32>,
+    window_limit: Option<u32>,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mode: "enforce".into(),
+            rate: 100,
+            burst: None,
+            window_limit: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawReputation {
+    enabled: bool,
+    mode: String,
+    initial: u8,
+    block_below: u8,
+    flood_threshold: Option<u32>,
+    flood_penalty: u8,
+    error_streak: u8,
+    error_penalty: u8,
+    recovery_per_minute: f64,
+}
+
+impl Default for RawReputation {
+    fn default() -> Self {
+        let d = ReputationConfig::default();
+        Self {
+            enabled: true,
+            mode: "enforce".into(),
+            initial: d.initial,
+            block_below: d.block_below,
+            flood_threshold: None,
+            flood_penalty: d.flood_penalty,
+            error_streak: d.error_streak,
+            error_penalty: d.error_penalty,
+            recovery_per_minute: d.recovery_per_minute,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    path_prefix: Option<String>,
+    methods: Vec<String>,
+    host: Option<String>,
+    rate: Option<u32>,
+    burst: Option<u32>,
+    window_limit: Option<u32>,
+    mode: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Raw → typed.
+
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+type Invalid = (Vec<Seg>, String);
+
+fn at(path: &[Seg], message: impl Into<String>) -> Invalid {
+    (path.to_vec(), message.into())
+}
+
+macro_rules! p {
+    ($($seg:expr),*) => { &[$(Seg::from($seg)),*][..] };
+}
+
+impl From<&'static str> for Seg {
+    fn from(k: &'static str) -> Self {
+        Seg::Key(k)
+    }
+}
+
+impl From<usize> for Seg {
+    fn from(i: usize) -> Self {
+        Seg::Index(i)
+    }
+}
+
+impl RawConfig {
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(listen) = o.listen {
+            self.server.listen = listen.to_string();
+        }
+        if let Some(admin) = o.admin {
+            self.admin.listen = admin.to_string();
+        }
+        if !o.upstreams.is_empty() {
+            self.server.upstreams = o.upstreams.clone();
+        }
+        if let Some(rate) = o.rate_limit {
+            self.rate_limit.rate = rate.get();
+        }
+    }
+
+    fn validate(self) -> Result<Config, Invalid> {
+        let s = &self.server;
+        let server = ServerConfig {
+            listen: addr(&s.listen, p!("server", "listen"))?,
+            upstreams: {
+                if s.upstreams.is_empty() {
+                    return Err(at(
+                        p!("server", "upstreams"),
+                        "at least one upstream is required",
+                    ));
+                }
+                s.upstreams
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| upstream_uri(u).map_err(|m| at(p!("server", "upstreams", i), m)))
+                    .collect::<Result<_, _>>()?
+            },
+            header_read_timeout: duration(
+                &s.header_read_timeout,
+                p!("server", "header_read_timeout"),
+            )?,
+            write_timeout: duration(&s.write_timeout, p!("server", "write_timeout"))?,
+            idle_timeout: duration(&s.idle_timeout, p!("server", "idle_timeout"))?,
+            body_read_timeout: duration(&s.body_read_timeout, p!("server", "body_read_timeout"))?,
+            body_min_rate: s.body_min_rate,
+            body_rate_grace: duration(&s.body_rate_grace, p!("server", "body_rate_grace"))?,
+            max_header_bytes: match s.max_header_bytes {
+                n @ 8192..=1_048_576 => n,
+                _ => {
+                    return Err(at(
+                        p!("server", "max_header_bytes"),
+                        "must be between 8192 and 1048576",
+                    ));
+                }
+            },
+            max_headers: match s.max_headers {
+                n @ 1..=1000 => n,
+                _ => {
+                    return Err(at(
+                        p!("server", "max_headers"),
+                        "must be between 1 and 1000",
+                    ));
+                }
+            },
+            h2_max_concurrent_streams: match s.h2_max_concurrent_streams {
+                0 => return Err(at(p!("server", "h2_max_concurrent_streams"), "must be > 0")),
+                n => n,
+            },
+            shutdown_grace: duration(&s.shutdown_grace, p!("server", "shutdown_grace"))?,
+        };
+        let u = &self.upstream;
+        let upstream = UpstreamConfig {
+            connect_timeout: duration(&u.connect_timeout, p!("upstream", "connect_timeout"))?,
+            response_timeout: duration(&u.response_timeout, p!("upstream", "response_timeout"))?,
+            pool_idle_timeout: duration(&u.pool_idle_timeout, p!("upstream", "pool_idle_timeout"))?,
+            pool_max_idle: u.pool_max_idle,
+        };
+        let a = &self.admin;
+        let admin = AdminConfig {
+            listen: addr(&a.listen, p!("admin", "listen"))?,
+            token: (!a.token.is_empty()).then(|| a.token.clone()),
+            metrics_path: if a.metrics_path.starts_with('/') {
+                a.metrics_path.clone()
+            } else {
+                return Err(at(p!("admin", "metrics_path"), "must start with '/'"));
+            },
+        };
+        let shield = self.shield()?;
+        Ok(Config {
+            server,
+            upstream,
+            admin,
+            shield,
+        })
+    }
+
+    fn shield(&self) -> Result<ShieldConfig, Invalid> {
+        let c = &self.clients;
+        let nets = |list: &[String], key: &'static str| -> Result<Vec<IpNet>, Invalid> {
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| cidr(s).map_err(|m| at(p!("clients", key, i), m)))
+                .collect()
+        };
+        let key_by = match c.key.as_str() {
+            "ip" => KeyBy::Ip,
+            "ip_user_agent" => KeyBy::IpUserAgent,
+            other => {
+                return Err(at(
+                    p!("clients", "key"),
+                    format!("unknown key kind {other:?}; expected \"ip\" or \"ip_user_agent\""),
+                ));
+            }
+        };
+        if c.ipv6_prefix > 128 {
+            return Err(at(
+                p!("clients", "ipv6_prefix"),
+                "must be between 0 and 128",
+            ));
+        }
+        let header = match c.client_ip_header.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => ClientIpHeader::XForwardedFor,
+            "forwarded" => ClientIpHeader::Forwarded,
+            other => {
+                return Err(at(
+                    p!("clients", "client_ip_header"),
+                    format!(
+                        "unknown header {other:?}; expected \"x-forwarded-for\" or \"forwarded\""
+                    ),
+                ));
+            }
+        };
+        if c.max_tracked == 0 {
+            return Err(at(p!("clients", "max_tracked"), "must be > 0"));
+        }
+        let rl = &self.rate_limit;
+        let rate = nonzero(rl.rate, p!("rate_limit", "rate"))?;
+        let default_quota = Quota {
+            rate,
+            burst: nonzero(rl.burst.unwrap_or(rate.get()), p!("rate_limit", "burst"))?,
+            window_limit: nonzero(
+                rl.window_limit.unwrap_or(rate.get()),
+                p!("rate_limit", "window_limit"),
+            )?,
+        };
+        let limit = rl.enabled.then_some(LimitPolicy {
+            quota: default_quota,
+            mode: mode(&rl.mode, p!("rate_limit", "mode"))?,
+        });
+        let r = &self.reputation;
+        let rep_cfg = ReputationConfig {
+            initial: percent(r.initial, p!("reputation", "initial"))?,
+            block_below: percent(r.block_below, p!("reputation", "block_below"))?,
+            flood_threshold: match r.flood_threshold {
+                Some(0) => return Err(at(p!("reputation", "flood_threshold"), "must be > 0")),
+                Some(n) => n,
+                None => rate.get().saturating_mul(2),
+            },
+            flood_penalty: percent(r.flood_penalty, p!("reputation", "flood_penalty"))?,
+            error_streak: match r.error_streak {
+                0 => return Err(at(p!("reputation", "error_streak"), "must be > 0")),
+                n => n,
+            },
+            error_penalty: percent(r.error_penalty, p!("reputation", "error_penalty"))?,
+            recovery_per_minute: if r.recovery_per_minute.is_finite()
+                && r.recovery_per_minute >= 0.0
+            {
+                r.recovery_per_minute
+            } else {
+                return Err(at(
+                    p!("reputation", "recovery_per_minute"),
+                    "must be a number >= 0",
+                ));
+            },
+        };
+        if rep_cfg.block_below > rep_cfg.initial {
+            return Err(at(
+                p!("reputation", "block_below"),
+                format!("must not exceed reputation.initial ({})", rep_cfg.initial),
+            ));
+        }
+        let reputation = if r.enabled {
+            Some((rep_cfg, mode(&r.mode, p!("reputation", "mode"))?))
+        } else {
+            None
+        };
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (i, route) in self.routes.iter().enumerate() {
+            routes.push(route.validate(i, &routes, default_quota, rl)?);
+        }
+        Ok(ShieldConfig {
+            key_by,
+            ipv6_prefix: c.ipv6_prefix,
+            trusted_proxies: TrustedProxies::new(
+                nets(&c.trusted_proxies, "trusted_proxies")?,
+                header,
+            ),
+            allow: nets(&c.allow, "allow")?,
+            deny: nets(&c.deny, "deny")?,
+            max_tracked_clients: c.max_tracked,
+            limit,
+            routes,
+            reputation,
+        })
+    }
+}
+
+impl RawRoute {
+    fn validate(
+        &self,
+        i: usize,
+        earlier: &[RouteConfig],
+        default: Quota,
+        rl: &RawRateLimit,
+    ) -> Result<RouteConfig, Invalid> {
+        let name = self.name.trim();
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !valid_name {
+            return Err(at(
+                p!("routes", i, "name"),
+                "required: 1-64 characters from [A-Za-z0-9_.-]",
+            ));
+        }
+        if name == "default" || earlier.iter().any(|r| r.name == name) {
+            return Err(at(
+                p!("routes", i, "name"),
+                format!("route name {name:?} is already used"),
+            ));
+        }
+        if let Some(prefix) = &self.path_prefix
+            && !prefix.starts_with('/')
+        {
+            return Err(at(p!("routes", i, "path_prefix"), "must start with '/'"));
+        }
+        let methods = self
+            .methods
+            .iter()
+            .enumerate()
+            .map(|(j, m)| {
+                Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    at(
+                        p!("routes", i, "methods", j),
+                        format!("{m:?} is not an HTTP method"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let own = self.rate.is_some()
+            || self.burst.is_some()
+            || self.window_limit.is_some()
+            || self.mode.is_some();
+        let limit = if own {
+            let rate = nonzero(
+                self.rate.unwrap_or(default.rate.get()),
+                p!("routes", i, "rate"),
+            )?;
+            Some(LimitPolicy {
+                quota: Quota {
+                    rate,
+                    burst: nonzero(self.burst.unwrap_or(rate.get()), p!("routes", i, "burst"))?,
+                    window_limit: nonzero(
+                        self.window_limit.unwrap_or(rate.get()),
+                        p!("routes", i, "window_limit"),
+                    )?,
+                },
+                mode: mode(
+                    self.mode.as_deref().unwrap_or(&rl.mode),
+                    p!("routes", i, "mode"),
+                )?,
+            })
+        } else {
+            None
+        };
+        Ok(RouteConfig {
+            name: name.to_string(),
+            matcher: RouteMatch {
+                path_prefix: self.path_prefix.clone(),
+                methods,
+                host: self.host.clone(),
+            },
+            limit,
+        })
+    }
+}
+
+fn addr(s: &str, path: &[Seg]) -> Result<SocketAddr, Invalid> {
+    s.parse().map_err(|_| {
+        at(
+            path,
+            format!("{s:?} is not an address:port (e.g. \"127.0.0.1:8080\" or \"[::]:8080\")"),
+        )
+    })
+}
+
+fn upstream_uri(s: &str) -> Result<Uri, String> {
+    let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{s:?}: https upstreams are not supported yet; use http"
+            ));
+        }
+        _ => return Err(format!("{s:?}: expected http://host:port")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{s:?}: missing host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{s:?}: a path or query on an upstream is not supported"
+        ));
+    }
+    Ok(uri)
+}
+
+fn cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))
+}
+
+fn nonzero(n: u32, path: &[Seg]) -> Result<NonZeroU32, Invalid> {
+    NonZeroU32::new(n).ok_or_else(|| at(path, "must be > 0"))
+}
+
+fn percent(n: u8, path: &[Seg]) -> Result<u8, Invalid> {
+    if n <= 100 {
+        Ok(n)
+    } else {
+        Err(at(path, "must be between 0 and 100"))
+    }
+}
+
+fn mode(s: &str, path: &[Seg]) -> Result<Mode, Invalid> {
+    match s {
+        "enforce" => Ok(Mode::Enforce),
+        "shadow" => Ok(Mode::Shadow),
+        other => Err(at(
+            path,
+            format!("unknown mode {other:?}; expected \"enforce\" or \"shadow\""),
+        )),
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. \"250ms\", \"5s\", \"2m\")"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+fn duration(s: &str, path: &[Seg]) -> Result<Duration, Invalid> {
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(at(path, "must be > 0")),
+        Ok(d) => Ok(d),
+        Err(m) => Err(at(path, m)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Finding keys in the source text.
+
+fn path_string(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The span of the deepest part of `path` present in the document.
+fn span_of(src: &str, path: &[Seg]) -> Option<Range<usize>> {
+    let doc = DeTable::parse(src).ok()?;
+    let mut best = None;
+    let mut value: &DeValue<'_> = &DeValue::Table(doc.get_ref().clone());
+    for seg in path {
+        let next = match (seg, value) {
+            (Seg::Key(k), DeValue::Table(t)) => t
+                .iter()
+                .find(|(key, _)| key.get_ref().as_ref() == *k)
+                .map(|(key, v)| {
+                    // Point at the key itself for scalars, where the eye looks.
+                    best = Some(key.span());
+                    v
+                }),
+            (Seg::Index(i), DeValue::Array(a)) => a.get(*i).inspect(|v| best = Some(v.span())),
+            _ => None,
+        };
+        match next {
+            Some(v) => value = v.get_ref(),
+            None => break,
+        }
+    }
+    best
+}
+
+/// The dotted key whose key or value contains byte `offset`.
+fn key_at(src: &str, offset: usize) -> Option<String> {
+    let (doc, _) = DeTable::parse_recoverable(src);
+    key_in_table(doc.get_ref(), offset)
+}
+
+fn key_in_table(table: &DeTable<'_>, offset: usize) -> Option<String> {
+    for (key, value) in table.iter() {
+        let name = key.get_ref().as_ref();
+        if key.span().contains(&offset) {
+            return Some(name.to_string());
+        }
+        // A `[table]`'s span covers only its header, so look inside anyway.
+        let inner = match value.get_ref() {
+            DeValue::Table(t) => key_in_table(t, offset).map(|k| format!("{name}.{k}")),
+            DeValue::Array(a) => a
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| match item.get_ref() {
+                    DeValue::Table(t) => {
+                        key_in_table(t, offset).map(|k| format!("{name}[{i}].{k}"))
+                    }
+                    _ => item
+                        .span()
+                        .contains(&offset)
+                        .then(|| format!("{name}[{i}]")),
+                }),
+            _ => None,
+        };
+        if inner.is_some() {
+            return inner;
+        }
+        if value.span().contains(&offset) {
+            return Some(name.to_string());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(src, "test.toml", &Overrides::default())
+    }
+
+    fn err(src: &str) -> String {
+        parse(src).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = "[server]\nupstreams = [\"http://127.0.0.1:8081\"]\n";
+
+    #[test]
+    fn quickstart_documents_the_defaults() {
+        // Every value written in the reference file is the code default.
+        let q = Config::quickstart(&Overrides::default()).unwrap();
+        let d = parse(MINIMAL).unwrap();
+        assert_eq!(q.server, d.server);
+        assert_eq!(q.upstream, d.upstream);
+        assert_eq!(q.admin, d.admin);
+        assert_eq!(format!("{:?}", q.shield), format!("{:?}", d.shield));
+        assert_eq!(q.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(q.admin.listen.to_string(), "127.0.0.1:9090");
+        let limit = q.shield.limit.unwrap();
+        assert_eq!(limit.quota.rate.get(), 100);
+        assert_eq!(limit.quota.burst.get(), 100);
+        assert_eq!(q.shield.reputation.unwrap().0.flood_threshold, 200);
+    }
+
+    #[test]
+    fn rate_override_moves_derived_defaults() {
+        let o = Overrides {
+            rate_limit: NonZeroU32::new(10),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            upstreams: vec!["http://10.0.0.1:80".into()],
+            ..Default::default()
+        };
+        let c = Config::parse(MINIMAL, "t", &o).unwrap();
+        let q = c.shield.limit.unwrap().quota;
+        assert_eq!(
+            (q.rate.get(), q.burst.get(), q.window_limit.get()),
+            (10, 10, 10)
+        );
+        assert_eq!(c.shield.reputation.unwrap().0.flood_threshold, 20);
+        assert_eq!(c.server.listen.port(), 1);
+        let bad = Overrides {
+            upstreams: vec!["https://x".into()],
+            ..Default::default()
+        };
+        let e = Config::parse(MINIMAL, "t", &bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--upstream: \"https://x\": https upstreams"),
+            "{e}"
+        );
+        assert_eq!(c.server.upstreams[0].to_string(), "http://10.0.0.1:80/");
+    }
+
+    #[test]
+    fn type_errors_name_line_column_and_key() {
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n\n[rate_limit]\nrate = \"fast\"\n");
+        assert!(e.starts_with("test.toml:5:8: rate_limit.rate: "), "{e}");
+        let e = err("[rate_limit]\nrat = 5\n");
+        assert!(
+            e.starts_with("test.toml:2:1: rate_limit.rat: unknown field `rat`"),
+            "{e}"
+        );
+        let e = err("[server\n");
+        assert!(e.starts_with("test.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_line_column_and_key() {
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\n  rate = 0\n");
+        assert_eq!(e, "test.toml:4:3: rate_limit.rate: must be > 0");
+        let e = err("[server]\nupstreams = [\"http://a:1\", \"ftp://b\"]\n");
+        assert_eq!(
+            e,
+            "test.toml:2:28: server.upstreams[1]: \"ftp://b\": expected http://host:port"
+        );
+        let e = err("[server]\nupstreams = []\n");
+        assert_eq!(
+            e,
+            "test.toml:2:1: server.upstreams: at least one upstream is required"
+        );
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\nidle_timeout = \"soon\"\n");
+        assert!(
+            e.starts_with("test.toml:3:1: server.idle_timeout: \"soon\" is not a duration"),
+            "{e}"
+        );
+        let e = err(
+            "[server]\nupstreams = [\"http://a:1\"]\n[clients]\ntrusted_proxies = [\"10.0.0.0/8\", \"nope\"]\n",
+        );
+        assert_eq!(
+            e,
+            "test.toml:4:34: clients.trusted_proxies[1]: \"nope\" is not an IP address or CIDR"
+        );
+        let e = err(
+            "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"a\"\n[[routes]]\nname = \"a\"\n",
+        );
+        assert_eq!(
+            e,
+            "test.toml:6:1: routes[1].name: route name \"a\" is already used"
+        );
+        let e = err(
+            "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"a\"\nmode = \"loud\"\n",
+        );
+        assert!(
+            e.starts_with("test.toml:5:1: routes[0].mode: unknown mode"),
+            "{e}"
+        );
+        // A missing key points at what encloses it.
+        let e = err("[admin]\nlisten = \"x\"\n");
+        assert!(e.starts_with("test.toml:"), "{e}");
+    }
+
+    #[test]
+    fn routes_parse() {
+        let c = parse(
+            "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"login\"\npath_prefix = \"/login\"\nmethods = [\"post\"]\nrate = 5\n[[routes]]\nname = \"static\"\npath_prefix = \"/s/\"\n",
+        )
+        .unwrap();
+        let r = &c.shield.routes;
+        assert_eq!(r[0].matcher.methods, vec![Method::POST]);
+        assert_eq!(r[0].limit.unwrap().quota.burst.get(), 5);
+        assert!(r[1].limit.is_none());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn cidrs_accept_bare_addresses() {
+        assert_eq!(cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
+        assert_eq!(cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+    }
+}

@@ -1,0 +1,243 @@
+//! Prometheus metrics (F12). Label values come from fixed sets (route names
+//! from the config, known methods, status codes), so cardinality is bounded
+//! whatever clients send.
+
+use std::sync::atomic::AtomicU64;
+
+use http::Method;
+use palisade_core::RejectReason;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route name (`default` or a configured route).
+    pub endpoint: &'static str,
+    /// Method, or `OTHER`.
+    pub method: &'static str,
+    /// Response status code.
+    pub status: u16,
+}
+
+/// Labels of the latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// Route name.
+    pub endpoint: &'static str,
+    /// Method, or `OTHER`.
+    pub method: &'static str,
+}
+
+/// A single `reason`/`kind`/`table` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// The value.
+    pub kind: &'static str,
+}
+
+/// Decision labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// `allowed`, `rate_limited`, `reputation_blocked` or `denylisted`.
+    pub decision: &'static str,
+}
+
+/// Table labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    /// `reputation` or `limiter:<route>`.
+    pub table: String,
+}
+
+/// Score bucket labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScoreLabel {
+    /// `0-9` … `90-100`.
+    pub bucket: &'static str,
+}
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by endpoint, method and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to response head, by endpoint and method.
+    pub latency: Family<LatencyLabels, Histogram>,
+    /// Protection outcomes.
+    pub decisions: Family<DecisionLabel, Counter>,
+    /// What shadow-mode controls would have refused.
+    pub would_block: Family<KindLabel, Counter>,
+    /// Reputation penalties by reason.
+    pub penalties: Family<KindLabel, Counter>,
+    /// Upstream failures by kind (`connect`, `timeout`, `other`).
+    pub upstream_errors: Family<KindLabel, Counter>,
+    /// Connections closed by a timeout, by kind.
+    pub conn_timeouts: Family<KindLabel, Counter>,
+    /// Client connections accepted.
+    pub connections: Counter,
+    /// Client connections open now.
+    pub connections_open: Gauge,
+    /// Clients tracked, by table (refreshed at scrape).
+    pub tracked_clients: Family<TableLabel, Gauge>,
+    /// New clients that had to share an overflow slot, by table.
+    pub table_overflows: Family<TableLabel, Counter<u64, AtomicU64>>,
+    /// Tracked clients by reputation score bucket (refreshed at scrape).
+    pub reputation_scores: Family<ScoreLabel, Gauge>,
+}
+
+/// Score buckets, matching `Reputation::distribution`.
+pub const SCORE_BUCKETS: [&str; 10] = [
+    "0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70-79", "80-89", "90-100",
+];
+
+impl Metrics {
+    /// Registers every metric under the `palisade_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("palisade");
+        let requests = Family::default();
+        registry.register("requests", "Requests answered", requests.clone());
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ])
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            latency.clone(),
+        );
+        let decisions = Family::default();
+        registry.register("decisions", "Protection decisions", decisions.clone());
+        let would_block = Family::default();
+        registry.register(
+            "would_block",
+            "Requests a shadow-mode control would have refused",
+            would_block.clone(),
+        );
+        let penalties = Family::default();
+        registry.register(
+            "reputation_penalties",
+            "Reputation penalties applied",
+            penalties.clone(),
+        );
+        let upstream_errors = Family::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream request failures",
+            upstream_errors.clone(),
+        );
+        let conn_timeouts = Family::default();
+        registry.register(
+            "connection_timeouts",
+            "Client connections closed by a timeout",
+            conn_timeouts.clone(),
+        );
+        let connections = Counter::default();
+        registry.register(
+            "connections",
+            "Client connections accepted",
+            connections.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            connections_open.clone(),
+        );
+        let tracked_clients = Family::default();
+        registry.register(
+            "tracked_clients",
+            "Clients tracked per table",
+            tracked_clients.clone(),
+        );
+        let table_overflows = Family::default();
+        registry.register(
+            "client_table_overflows",
+            "New clients charged to a shared overflow slot because the table was full",
+            table_overflows.clone(),
+        );
+        let reputation_scores = Family::default();
+        registry.register(
+            "reputation_scores",
+            "Tracked clients by reputation score bucket",
+            reputation_scores.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            decisions,
+            would_block,
+            penalties,
+            upstream_errors,
+            conn_timeouts,
+            connections,
+            connections_open,
+            tracked_clients,
+            table_overflows,
+            reputation_scores,
+        }
+    }
+
+    /// Counts a protection outcome.
+    pub fn decision(&self, rejected: Option<RejectReason>) {
+        let decision = rejected.map_or("allowed", RejectReason::as_str);
+        self.decisions
+            .get_or_create(&DecisionLabel { decision })
+            .inc();
+    }
+
+    /// Counts a kind-labelled event.
+    pub fn inc(family: &Family<KindLabel, Counter>, kind: &'static str) {
+        family.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The method as a bounded label value.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// A route name as a `'static` label value. Names come from the config, so
+/// the set is small; interning keeps reloads from growing it.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.push(leaked);
+    leaked
+}

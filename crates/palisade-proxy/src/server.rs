@@ -1,0 +1,157 @@
+//! Listeners, connection tasks and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin;
+use crate::config::Config;
+use crate::io::{ConnActivity, Deadlines, TimedIo};
+use crate::metrics::Metrics;
+use crate::proxy::{App, ProxyService};
+
+/// A running daemon.
+pub struct Running {
+    /// Where the proxy listens (port resolved).
+    pub proxy_addr: SocketAddr,
+    /// Where the admin API listens (port resolved).
+    pub admin_addr: SocketAddr,
+    /// Shared state (for tests and the admin API).
+    pub app: Arc<App>,
+    stop: watch::Sender<bool>,
+    proxy: tokio::task::JoinHandle<()>,
+    admin: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests (bounded by
+    /// `server.shutdown_grace`), then returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.proxy.await;
+        let _ = self.admin.await;
+    }
+
+    /// Runs until `signal` completes, then shuts down.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+}
+
+/// Binds the proxy and admin listeners and starts serving.
+pub async fn start(config: Config) -> std::io::Result<Running> {
+    let proxy_listener = bind(config.server.listen, "proxy").await?;
+    let admin_listener = bind(config.admin.listen, "admin").await?;
+    let app = Arc::new(App::new(config));
+    let (stop, stopped) = watch::channel(false);
+    let running = Running {
+        proxy_addr: proxy_listener.local_addr()?,
+        admin_addr: admin_listener.local_addr()?,
+        proxy: tokio::spawn(serve_proxy(proxy_listener, app.clone(), stopped.clone())),
+        admin: tokio::spawn(admin::serve(admin_listener, app.clone(), stopped)),
+        app,
+        stop,
+    };
+    Ok(running)
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
+    })
+}
+
+fn builder(app: &App) -> auto::Builder<TokioExecutor> {
+    let s = &app.config.server;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // Header deadline is enforced by TimedIo (see io.rs).
+        .header_read_timeout(None)
+        .max_buf_size(s.max_header_bytes)
+        .max_headers(s.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(s.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(s.write_timeout);
+    b
+}
+
+/// Accepts until told to stop, then drains.
+async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let builder = Arc::new(builder(&app));
+    let graceful = GracefulShutdown::new();
+    let deadlines = Deadlines {
+        header: app.config.server.header_read_timeout,
+        idle: app.config.server.idle_timeout,
+        write: app.config.server.write_timeout,
+    };
+    let mut tasks = JoinSet::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    let _ = stream.set_nodelay(true);
+                    let activity = Arc::new(ConnActivity::default());
+                    let io = TokioIo::new(TimedIo::new(stream, activity.clone(), deadlines));
+                    let service = ProxyService { app: app.clone(), peer, activity: activity.clone() };
+                    let conn = builder.serve_connection(io, service);
+                    let conn = graceful.watch(conn.into_owned());
+                    let app = app.clone();
+                    tasks.spawn(async move {
+                        let m: &Metrics = &app.metrics;
+                        m.connections.inc();
+                        m.connections_open.inc();
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        if let Some(what) = activity.expired() {
+                            Metrics::inc(&m.conn_timeouts, what.as_str());
+                        }
+                        m.connections_open.dec();
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    drop(listener);
+    app.ready.store(false, Ordering::Release);
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(connections = open, "draining");
+    }
+    let grace = app.config.server.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = tasks.len(),
+            "shutdown grace of {grace:?} over; closing remaining connections"
+        );
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
