@@ -1,7 +1,9 @@
 //! The built-in demo upstream, so a new user can see limits, penalties and
 //! breakers work without writing a backend:
 //! `/` → 200 `ok`; `/status/{code}`; `/delay/{ms}` (≤ 60 000);
-//! `/bytes/{n}` (≤ 100 MiB, streamed in 64 KiB chunks).
+//! `/bytes/{n}` (≤ 100 MiB, streamed in 64 KiB chunks); `/headers` (the
+//! request head as received, to see what the proxy forwards); any `POST`
+//! echoes its body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use tokio::net::TcpListener;
 const MAX_DELAY_MS: u64 = 60_000;
 const MAX_BYTES: u64 = 100 << 20;
 const CHUNK: usize = 64 << 10;
+const MAX_ECHO: usize = 10 << 20;
 
 /// Binds the demo upstream; returns its address and the serving future.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
@@ -63,8 +66,27 @@ async fn answer(req: Request<Incoming>) -> Response<DemoBody> {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (head, arg) = (parts.next().unwrap_or(""), parts.next());
     let number = arg.and_then(|a| a.parse::<u64>().ok());
+    if req.method() == http::Method::POST {
+        return match http_body_util::Limited::new(req.into_body(), MAX_ECHO)
+            .collect()
+            .await
+        {
+            Ok(body) => full(StatusCode::OK, body.to_bytes()),
+            Err(_) => full(StatusCode::BAD_REQUEST, "body unreadable or over 10 MiB\n"),
+        };
+    }
     match (head, number) {
         ("", _) => full(StatusCode::OK, "ok\n"),
+        ("headers", _) => {
+            let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+            for (name, value) in req.headers() {
+                out.push_str(&format!(
+                    "{name}: {}\n",
+                    String::from_utf8_lossy(value.as_bytes())
+                ));
+            }
+            full(StatusCode::OK, out)
+        }
         ("status", Some(code)) => match u16::try_from(code)
             .ok()
             .and_then(|c| StatusCode::from_u16(c).ok())

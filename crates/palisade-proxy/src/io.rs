@@ -12,9 +12,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,6 +26,9 @@ pub struct ConnActivity {
     in_flight: AtomicUsize,
     started: AtomicU64,
     expired: AtomicU8,
+    /// The reader parked while a request was in flight: it must wake up when
+    /// the last one ends, to start the idle deadline.
+    reader: Mutex<Option<Waker>>,
 }
 
 impl ConnActivity {
@@ -62,7 +65,17 @@ pub struct InFlight(Arc<ConnActivity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let waker = self
+                .0
+                .reader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
     }
 }
 
@@ -160,6 +173,19 @@ impl<T: AsyncRead> AsyncRead for TimedIo<T> {
         let started = this.activity.started.load(Ordering::Acquire);
         if this.activity.in_flight.load(Ordering::Acquire) > 0 {
             *this.phase = Phase::Busy;
+            let mut reader = this
+                .activity
+                .reader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *reader = Some(cx.waker().clone());
+            }
+            drop(reader);
+            // The last request may have ended in between: look again.
+            if this.activity.in_flight.load(Ordering::Acquire) == 0 {
+                cx.waker().wake_by_ref();
+            }
         } else {
             let head_done = matches!(*this.phase, Phase::Head { seen } if seen != started);
             if *this.phase == Phase::Busy || head_done {

@@ -1,0 +1,148 @@
+//! Shared plumbing for the real-socket tests: a demo upstream, the proxy on
+//! ephemeral loopback ports, and HTTP clients bound to chosen loopback
+//! source addresses (127.0.0.2, 127.0.0.3, ...) so each test client is a
+//! distinct client to the proxy.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use palisade_proxy::Running;
+use palisade_proxy::config::{Config, Overrides};
+use tokio::net::{TcpSocket, TcpStream};
+
+pub struct Harness {
+    pub running: Running,
+    pub upstream: SocketAddr,
+}
+
+impl Harness {
+    /// Demo upstream + proxy. `server` is extra `[server]` keys, `rest`
+    /// any other tables.
+    pub async fn start(server: &str, rest: &str) -> Self {
+        let (upstream, serve) = palisade_proxy::demo::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        tokio::spawn(serve);
+        Self::start_with_upstream(&format!("http://{upstream}"), server, rest, upstream).await
+    }
+
+    pub async fn start_with_upstream(
+        url: &str,
+        server: &str,
+        rest: &str,
+        upstream: SocketAddr,
+    ) -> Self {
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{url}\"]\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n{rest}\n"
+        );
+        let config = Config::parse(&toml, "test.toml", &Overrides::default()).unwrap();
+        let running = palisade_proxy::start(config).await.unwrap();
+        Self { running, upstream }
+    }
+
+    pub fn proxy(&self) -> SocketAddr {
+        self.running.proxy_addr
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.running.admin_addr
+    }
+
+    /// A keep-alive HTTP/1.1 client to the proxy from `source`.
+    pub async fn client(&self, source: &str) -> Client {
+        Client::connect(source, self.proxy()).await
+    }
+
+    /// A client to the admin API.
+    pub async fn admin_client(&self) -> Client {
+        Client::connect("127.0.0.1", self.admin()).await
+    }
+
+    /// The admin API's metrics text.
+    pub async fn metrics(&self) -> String {
+        self.admin_client().await.get("/metrics").await.2
+    }
+}
+
+/// Connects from `source` (any port) to `to`.
+pub async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+pub struct Client {
+    sender: http1::SendRequest<Full<Bytes>>,
+}
+
+pub struct Reply(pub StatusCode, pub HeaderMap, pub String);
+
+impl Client {
+    pub async fn connect(source: &str, to: SocketAddr) -> Self {
+        let stream = connect_from(source, to).await;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        Self { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, String) {
+        self.sender.ready().await.unwrap();
+        let resp = self.sender.send_request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    pub async fn get(&mut self, path: &str) -> (StatusCode, HeaderMap, String) {
+        self.get_with(path, &[]).await
+    }
+
+    pub async fn get_with(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, String) {
+        let mut req = Request::get(path).header("host", "test.local");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Full::new(Bytes::new())).unwrap()).await
+    }
+
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, HeaderMap, String) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "test.local");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+            .await
+    }
+}
+
+/// The value of a metric line (exact label set), or 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}

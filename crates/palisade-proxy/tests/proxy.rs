@@ -1,0 +1,470 @@
+//! The daemon over real sockets: a real HTTP client, the real proxy and the
+//! demo upstream on loopback, several loopback source addresses.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Harness, connect_from, metric};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+#[tokio::test]
+async fn about_100_of_150_rapid_requests_pass_and_the_rest_get_429() {
+    let h = Harness::start("", "").await;
+    let mut c = h.client("127.0.0.2").await;
+    let started = Instant::now();
+    let mut ok = 0u32;
+    let mut limited = Vec::new();
+    for _ in 0..150 {
+        let (status, headers, body) = c.get("/").await;
+        match status {
+            StatusCode::OK => {
+                assert_eq!(body, "ok\n");
+                ok += 1;
+            }
+            StatusCode::TOO_MANY_REQUESTS => limited.push(headers),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst (100) passes; beyond it only what the 100/s refill and the
+    // sliding window allow in the time the loop took.
+    assert!(ok >= 100, "only {ok} passed");
+    assert!(
+        f64::from(ok) <= 100.0 + 100.0 * elapsed,
+        "{ok} passed in {elapsed:.3}s"
+    );
+    assert_eq!(ok as usize + limited.len(), 150);
+    let h429 = &limited[0];
+    let retry: u64 = h429["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=1).contains(&retry), "retry-after {retry}");
+    assert_eq!(h429["ratelimit-policy"], "\"default\";q=100;w=1");
+    assert!(
+        h429["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"default\";r=0;t=")
+    );
+
+    // Another client is untouched.
+    let mut other = h.client("127.0.0.3").await;
+    assert_eq!(other.get("/").await.0, StatusCode::OK);
+
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_decisions_total{decision=\"rate_limited\"}"),
+        limited.len() as f64
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_requests_total{endpoint=\"default\",method=\"GET\",status=\"429\"}"
+        ),
+        limited.len() as f64
+    );
+    assert!(m.contains("palisade_request_duration_seconds_bucket{le=\"0.0005\",endpoint=\"default\",method=\"GET\"}"));
+    assert_eq!(
+        metric(&m, "palisade_tracked_clients{table=\"limiter:default\"}"),
+        2.0
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn spoofed_forwarded_for_from_untrusted_peer_changes_nothing() {
+    let h = Harness::start(
+        "",
+        "[clients]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[rate_limit]\nrate = 5\n",
+    )
+    .await;
+    let mut c = h.client("127.0.0.4").await;
+    let mut ok = 0;
+    for i in 0..20 {
+        let fake = format!("203.0.113.{i}");
+        if c.get_with("/", &[("x-forwarded-for", &fake)]).await.0 == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert!(
+        (5..=6).contains(&ok),
+        "rotating a spoofed XFF bought {ok} requests"
+    );
+    // The spoofed addresses were never tracked as clients.
+    let mut admin = h.admin_client().await;
+    let (_, _, body) = admin.get("/api/v1/reputation/203.0.113.1").await;
+    assert!(body.contains("\"score\":70.0"), "{body}");
+
+    // From the trusted proxy, the right-most untrusted address is the client,
+    // and the upstream sees the chain with our hop appended.
+    let mut trusted = h.client("127.0.0.1").await;
+    let (status, _, body) = trusted
+        .get_with("/headers", &[("x-forwarded-for", "6.6.6.6, 198.51.100.7")])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains("x-forwarded-for: 6.6.6.6, 198.51.100.7, 127.0.0.1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("forwarded: for=127.0.0.1;proto=http;host=\"test.local\"\n"),
+        "{body}"
+    );
+    let (_, _, body) = admin.get("/api/v1/reputation/198.51.100.7").await;
+    assert!(body.contains("\"ip\":\"198.51.100.7\""), "{body}");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let h = Harness::start("", "").await;
+    let mut c = h.client("127.0.0.2").await;
+    let (_, _, body) = c
+        .get_with(
+            "/headers",
+            &[
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "secret"),
+                ("x-end", "kept"),
+                ("te", "trailers"),
+            ],
+        )
+        .await;
+    assert!(body.contains("x-end: kept\n"), "{body}");
+    assert!(!body.contains("x-hop"), "{body}");
+    assert!(!body.contains("\nte:"), "{body}");
+    assert!(body.contains("host: test.local\n"), "{body}");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn three_401_responses_cost_ten_points() {
+    let h = Harness::start("", "").await;
+    let mut c = h.client("127.0.0.5").await;
+    for _ in 0..3 {
+        assert_eq!(c.get("/status/401").await.0, StatusCode::UNAUTHORIZED);
+    }
+    let mut admin = h.admin_client().await;
+    let (status, _, body) = admin.get("/api/v1/reputation/127.0.0.5").await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let score = v["score"].as_f64().unwrap();
+    assert!((60.0..60.1).contains(&score), "{body}");
+    assert_eq!(v["events"][0]["kind"], "error_streak");
+    assert_eq!(v["events"][0]["delta"], -10);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_reputation_penalties_total{kind=\"error_streak\"}"
+        ),
+        1.0
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flooding_client_ends_in_403_access_denied() {
+    // One flooded second costs 45 points: 70 → 25, under the block line.
+    let h = Harness::start(
+        "",
+        "[rate_limit]\nrate = 10\n[reputation]\nflood_threshold = 20\nflood_penalty = 45\n",
+    )
+    .await;
+    let mut c = h.client("127.0.0.6").await;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(c.get("/").await.0);
+    }
+    // Throttled first, then refused outright once the flood was scored.
+    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS));
+    let (status, _, body) = c.get("/").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body, "Access denied");
+    // A well-behaved neighbour is still served.
+    assert_eq!(h.client("127.0.0.7").await.get("/").await.0, StatusCode::OK);
+    let m = h.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "palisade_decisions_total{decision=\"reputation_blocked\"}"
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(&m, "palisade_reputation_penalties_total{kind=\"flood\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn shadow_mode_counts_would_block_but_serves() {
+    let h = Harness::start("", "[rate_limit]\nrate = 5\nmode = \"shadow\"\n").await;
+    let mut c = h.client("127.0.0.8").await;
+    for _ in 0..20 {
+        assert_eq!(c.get("/").await.0, StatusCode::OK);
+    }
+    let m = h.metrics().await;
+    let would = metric(&m, "palisade_would_block_total{kind=\"rate_limited\"}");
+    assert!((14.0..=15.0).contains(&would), "would_block = {would}");
+    assert_eq!(
+        metric(&m, "palisade_decisions_total{decision=\"allowed\"}"),
+        20.0
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_route_policy_applies_to_its_route_only() {
+    let h = Harness::start(
+        "",
+        "[[routes]]\nname = \"status\"\npath_prefix = \"/status\"\nrate = 3\n",
+    )
+    .await;
+    let mut c = h.client("127.0.0.9").await;
+    let mut ok = 0;
+    for _ in 0..10 {
+        if c.get("/status/204").await.0 == StatusCode::NO_CONTENT {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3);
+    assert_eq!(c.get("/").await.0, StatusCode::OK);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_requests_total{endpoint=\"status\",method=\"GET\",status=\"429\"}"
+        ),
+        7.0
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_at_the_header_deadline_while_others_are_served() {
+    let h = Harness::start("header_read_timeout = \"1s\"", "").await;
+    let mut slow = connect_from("127.0.0.10", h.proxy()).await;
+    let started = Instant::now();
+    let drip = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed_after = None;
+    for b in drip {
+        if slow.write_all(&[*b]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        // Meanwhile, a normal client is served.
+        let mut c = h.client("127.0.0.11").await;
+        assert_eq!(c.get("/").await.0, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut probe = [0u8; 64];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut probe)).await {
+            // EOF, reset, or a 408: the connection is over.
+            let _ = r;
+            closed_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("slow connection was never closed");
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "closed too early: {closed_after:?}"
+    );
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_connection_timeouts_total{kind=\"header\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let h = Harness::start("max_header_bytes = 8192", "").await;
+    let mut c = h.client("127.0.0.12").await;
+    let big = "a".repeat(10_000);
+    let (status, _, _) = c.get_with("/", &[("x-big", &big)]).await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_timeout_is_504_and_refused_upstream_is_502() {
+    let h = Harness::start("", "[upstream]\nresponse_timeout = \"300ms\"\n").await;
+    let mut c = h.client("127.0.0.13").await;
+    assert_eq!(c.get("/delay/3000").await.0, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(c.get("/delay/10").await.0, StatusCode::OK);
+    h.running.shutdown().await;
+
+    // A port nobody listens on: bind one, note it, close it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let h = Harness::start_with_upstream(&format!("http://{dead}"), "", "", dead).await;
+    let mut c = h.client("127.0.0.13").await;
+    assert_eq!(c.get("/").await.0, StatusCode::BAD_GATEWAY);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_upstream_errors_total{kind=\"connect\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways() {
+    let h = Harness::start("", "").await;
+    let mut c = h.client("127.0.0.14").await;
+    let (status, _, body) = c.get("/bytes/3000000").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), 3_000_000);
+    let payload = "p".repeat(500_000);
+    let (status, _, echoed) = c.request("POST", "/echo", &[], &payload).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(echoed.len(), payload.len());
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let h = Harness::start("body_read_timeout = \"500ms\"", "").await;
+    let mut s = connect_from("127.0.0.15", h.proxy()).await;
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-a-little")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("no answer to a stalled body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served() {
+    let h = Harness::start("", "").await;
+    let stream = connect_from("127.0.0.16", h.proxy()).await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/headers", h.proxy()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    // Forwarded upstream as HTTP/1.1 with a Host taken from :authority.
+    assert!(body.contains("HTTP/1.1"), "{body}");
+    assert!(body.contains(&format!("host: {}\n", h.proxy())), "{body}");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests() {
+    let h = Harness::start("shutdown_grace = \"5s\"", "").await;
+    let proxy = h.proxy();
+    let mut c = h.client("127.0.0.17").await;
+    let in_flight = tokio::spawn(async move { c.get("/delay/700").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let admin = h.admin();
+    let shutdown = tokio::spawn(h.running.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No longer accepting.
+    assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
+    let _ = admin;
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "delayed 700 ms\n");
+    shutdown.await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_changes_need_the_token() {
+    let h = Harness::start("", "").await;
+    let mut admin = h.admin_client().await;
+    let put = |token: Option<&'static str>| {
+        let mut r = Request::put("/api/v1/reputation/127.0.0.18").header("host", "admin");
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.body(Full::new(Bytes::from_static(b"{\"score\": 5}")))
+            .unwrap()
+    };
+    assert_eq!(admin.send(put(None)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        admin.send(put(Some("wrong"))).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, _, body) = admin.send(put(Some("test-token"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"blocked\":true"), "{body}");
+    // The proxy enforces it at once.
+    let mut c = h.client("127.0.0.18").await;
+    let (status, _, body) = c.get("/").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "Access denied")
+    );
+    // DELETE resets; bad input is a clear 400.
+    let del = Request::delete("/api/v1/reputation/127.0.0.18")
+        .header("host", "admin")
+        .header("authorization", "Bearer test-token")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = admin.send(del).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("\"score\":70.0"), "{body}");
+    assert_eq!(c.get("/").await.0, StatusCode::OK);
+    let (status, _, body) = admin.get("/api/v1/reputation/not-an-ip").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("not an IP address"));
+    let bad = Request::put("/api/v1/reputation/127.0.0.18")
+        .header("host", "admin")
+        .header("authorization", "Bearer test-token")
+        .body(Full::new(Bytes::from_static(b"{\"score\": 900}")))
+        .unwrap();
+    assert_eq!(admin.send(bad).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(admin.get("/healthz").await.0, StatusCode::OK);
+    assert_eq!(admin.get("/readyz").await.0, StatusCode::OK);
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_keepalive_connections_are_closed_after_idle_timeout() {
+    let h = Harness::start("idle_timeout = \"500ms\"\nheader_read_timeout = \"5s\"", "").await;
+    let mut s = connect_from("127.0.0.19", h.proxy()).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("idle connection never closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    // Closed by the idle deadline, not the (longer) header deadline.
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_connection_timeouts_total{kind=\"idle\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "palisade_connection_timeouts_total{kind=\"header\"}"),
+        0.0
+    );
+    h.running.shutdown().await;
+}
