@@ -99,7 +99,10 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -159,12 +162,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let upstreams: Vec<String> = config
-        .server
-        .upstreams
-        .iter()
-        .map(|u| u.to_string())
-        .collect();
+    let upstreams: Vec<String> = config.server.upstreams.iter().map(|u| u.to_string()).collect();
     let token = config.admin.token.clone();
     let metrics_path = config.admin.metrics_path.clone();
     let running = palisade_proxy::start(config).await?;
@@ -173,14 +171,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(%proxy, %admin, upstreams = ?upstreams, "palisade running");
     if quickstart {
         println!("Palisade quickstart (built-in config: `palisade config default` prints it)");
-        println!(
-            "  proxy        http://{proxy}  ->  {}",
-            upstreams.join(", ")
-        );
+        println!("  proxy        http://{proxy}  ->  {}", upstreams.join(", "));
         if let Some((addr, _)) = &demo {
-            println!(
-                "  demo         http://{addr}  (/, /status/{{code}}, /delay/{{ms}}, /bytes/{{n}})"
-            );
+            println!("  demo         http://{addr}  (/, /status/{{code}}, /delay/{{ms}}, /bytes/{{n}})");
         }
         println!("  metrics      http://{admin}{metrics_path}");
         println!("  reputation   curl http://{admin}/api/v1/reputation/127.0.0.1");
@@ -189,9 +182,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         println!();
         println!("Try it: 150 requests at once from one client; about 50 get 429 (limit 100/s):");
-        println!(
-            "  curl -s -o /dev/null -w '%{{http_code}}\\n' 'http://{proxy}/?[1-150]' | sort | uniq -c"
-        );
+        println!("  curl -s -o /dev/null -w '%{{http_code}}\\n' 'http://{proxy}/?[1-150]' | sort | uniq -c");
         println!("Stop with Ctrl-C.");
     }
     running.run_until(shutdown_signal()).await;

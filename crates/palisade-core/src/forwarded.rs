@@ -167,10 +167,7 @@ mod tests {
     #[test]
     fn multiple_header_lines_are_one_list() {
         let t = trusted(ClientIpHeader::XForwardedFor);
-        let h = headers(
-            "x-forwarded-for",
-            &["6.6.6.6", "198.51.100.7:5555", "10.2.2.2"],
-        );
+        let h = headers("x-forwarded-for", &["6.6.6.6", "198.51.100.7:5555", "10.2.2.2"]);
         assert_eq!(t.client_ip(ip("10.0.0.1"), &h), ip("198.51.100.7"));
     }
 
@@ -195,9 +192,7 @@ mod tests {
         let t = trusted(ClientIpHeader::Forwarded);
         let h = headers(
             "forwarded",
-            &[
-                r#"for=6.6.6.6, For="[2001:db8:cafe::17]:4711";proto=https, for=10.0.0.5;by=10.0.0.1"#,
-            ],
+            &[r#"for=6.6.6.6, For="[2001:db8:cafe::17]:4711";proto=https, for=10.0.0.5;by=10.0.0.1"#],
         );
         assert_eq!(t.client_ip(ip("::1"), &h), ip("2001:db8:cafe::17"));
         let h = headers("forwarded", &["for=unknown"]);

@@ -37,12 +37,7 @@ impl ClientKey {
     /// A fingerprint key: the address key combined with the User-Agent.
     /// `hasher` must be seeded once per process so that clients cannot aim
     /// collisions at each other.
-    pub fn fingerprint(
-        ip: IpAddr,
-        v6_prefix: u8,
-        user_agent: &[u8],
-        hasher: &impl BuildHasher,
-    ) -> Self {
+    pub fn fingerprint(ip: IpAddr, v6_prefix: u8, user_agent: &[u8], hasher: &impl BuildHasher) -> Self {
         let mut h = hasher.build_hasher();
         match Self::from_ip(ip, v6_prefix) {
             Self::V4(v) => h.write_u32(v),

@@ -77,9 +77,7 @@ fn bench(c: &mut Criterion) {
         });
         drop(limiter);
 
-        let gov = governor::RateLimiter::keyed(governor::Quota::per_second(
-            NonZeroU32::new(HIGH).unwrap(),
-        ));
+        let gov = governor::RateLimiter::keyed(governor::Quota::per_second(NonZeroU32::new(HIGH).unwrap()));
         for i in 0..clients {
             let _ = gov.check_key(&ip(i));
         }

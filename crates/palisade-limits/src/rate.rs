@@ -137,12 +137,7 @@ impl RateState {
         let slot = &self.slots[cur as usize % SLOTS];
         let mut packed = slot.load(Ordering::Acquire);
         while packed >> 32 == cur && packed & u64::from(u32::MAX) > 0 {
-            match slot.compare_exchange_weak(
-                packed,
-                packed - 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match slot.compare_exchange_weak(packed, packed - 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(seen) => packed = seen,
             }
@@ -322,9 +317,7 @@ mod tests {
         let q = quota(1000, 1000, 300);
         let s = std::sync::Arc::new(RateState::default());
         let ok: u32 = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| admitted(&s, &q, 0, 500)))
-                .collect();
+            let handles: Vec<_> = (0..4).map(|_| scope.spawn(|| admitted(&s, &q, 0, 500))).collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
         assert!(ok <= 300, "admitted {ok}");

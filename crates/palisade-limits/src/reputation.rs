@@ -168,10 +168,8 @@ impl RepState {
         self.settles_at
             .store(now.saturating_add(settle), Ordering::Release);
         let at_ms = now / NANOS_PER_MS;
-        self.score.store(
-            SET | (at_ms << SCORE_BITS) | milli as u64,
-            Ordering::Release,
-        );
+        self.score
+            .store(SET | (at_ms << SCORE_BITS) | milli as u64, Ordering::Release);
     }
 
     /// Adds `delta` points; returns the new score.

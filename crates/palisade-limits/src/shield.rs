@@ -164,8 +164,7 @@ pub struct Shield<C> {
 impl<C: Clock> Shield<C> {
     /// Builds the pipeline. Cannot fail: the config is already validated.
     pub fn new(cfg: ShieldConfig, clock: C) -> Self {
-        let limiter =
-            |p: &LimitPolicy| (RateLimiter::new(p.quota, cfg.max_tracked_clients), p.mode);
+        let limiter = |p: &LimitPolicy| (RateLimiter::new(p.quota, cfg.max_tracked_clients), p.mode);
         Self {
             default_limiter: cfg.limit.as_ref().map(limiter),
             routes: cfg
@@ -243,12 +242,7 @@ impl<C: Clock> Shield<C> {
                     .headers
                     .get(http::header::USER_AGENT)
                     .map_or(&[][..], |v| v.as_bytes());
-                ClientKey::fingerprint(
-                    client_ip,
-                    self.cfg.ipv6_prefix,
-                    ua,
-                    &self.fingerprint_hasher,
-                )
+                ClientKey::fingerprint(client_ip, self.cfg.ipv6_prefix, ua, &self.fingerprint_hasher)
             }
         };
         let route = self.route_for(req);
@@ -303,13 +297,7 @@ impl<C: Clock> Shield<C> {
     pub fn observe_response(&self, decision: &Decision, status: u16) -> bool {
         match &self.reputation {
             // Denied and allow-listed clients are outside reputation.
-            Some((rep, _))
-                if !self
-                    .cfg
-                    .allow
-                    .iter()
-                    .any(|n| n.contains(&decision.client_ip)) =>
-            {
+            Some((rep, _)) if !self.cfg.allow.iter().any(|n| n.contains(&decision.client_ip)) => {
                 rep.observe_response(&decision.key, status, self.clock.now())
             }
             _ => false,
@@ -402,12 +390,7 @@ mod tests {
         Quota::per_second(NonZeroU32::new(rate).unwrap())
     }
 
-    fn facts<'a>(
-        peer: &str,
-        path: &'a str,
-        method: &'a Method,
-        headers: &'a HeaderMap,
-    ) -> RequestFacts<'a> {
+    fn facts<'a>(peer: &str, path: &'a str, method: &'a Method, headers: &'a HeaderMap) -> RequestFacts<'a> {
         RequestFacts {
             peer: peer.parse().unwrap(),
             method,
@@ -417,12 +400,7 @@ mod tests {
         }
     }
 
-    fn run(
-        shield: &Shield<ManualClock>,
-        peer: &str,
-        path: &str,
-        n: usize,
-    ) -> (usize, Vec<Decision>) {
+    fn run(shield: &Shield<ManualClock>, peer: &str, path: &str, n: usize) -> (usize, Vec<Decision>) {
         let h = HeaderMap::new();
         let m = Method::GET;
         let ds: Vec<_> = (0..n)

@@ -302,10 +302,7 @@ mod tests {
         assert_eq!(t.get(&key(2), |_| ()), None);
         assert_eq!(t.get(&key(7), |s| s.hits.load(Ordering::Relaxed)), Some(1));
         for k in [0, 1, 3] {
-            assert!(
-                t.get(&key(k), |_| ()).is_some(),
-                "live client {k} was evicted"
-            );
+            assert!(t.get(&key(k), |_| ()).is_some(), "live client {k} was evicted");
         }
     }
 

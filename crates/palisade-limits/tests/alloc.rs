@@ -60,7 +60,10 @@ fn ip(i: u32) -> IpAddr {
 fn config(key_by: KeyBy) -> ShieldConfig {
     let mut cfg = ShieldConfig::default();
     cfg.key_by = key_by;
-    cfg.trusted_proxies = TrustedProxies::new(vec!["192.0.2.0/24".parse().unwrap()], ClientIpHeader::XForwardedFor);
+    cfg.trusted_proxies = TrustedProxies::new(
+        vec!["192.0.2.0/24".parse().unwrap()],
+        ClientIpHeader::XForwardedFor,
+    );
     cfg.deny = vec!["203.0.113.0/24".parse().unwrap()];
     cfg.routes = vec![RouteConfig {
         name: "api".into(),
@@ -87,15 +90,19 @@ fn steady_state_decisions_allocate_nothing() {
             let mut proxied = direct.clone();
             proxied.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 10.0.0.7"));
             let facts = |i: u32, headers: &'static HeaderMap| RequestFacts {
-                peer: if i % 2 == 0 { ip(i % 1000) } else { "192.0.2.1".parse().unwrap() },
+                peer: if i.is_multiple_of(2) {
+                    ip(i % 1000)
+                } else {
+                    "192.0.2.1".parse().unwrap()
+                },
                 method: &method,
                 host: Some("example.com:443"),
-                path: if i % 3 == 0 { "/api/items" } else { "/" },
+                path: if i.is_multiple_of(3) { "/api/items" } else { "/" },
                 headers,
             };
             let direct: &'static HeaderMap = Box::leak(Box::new(direct));
             let proxied: &'static HeaderMap = Box::leak(Box::new(proxied));
-            let pick = |i: u32| if i % 2 == 0 { direct } else { proxied };
+            let pick = |i: u32| if i.is_multiple_of(2) { direct } else { proxied };
             // Warm up: every client gets its table slots.
             for i in 0..2000 {
                 let d = shield.decide(&facts(i, pick(i)));
@@ -106,7 +113,7 @@ fn steady_state_decisions_allocate_nothing() {
             for i in 0..20_000u32 {
                 clock.advance(Duration::from_micros(50));
                 let d = shield.decide(&facts(i, pick(i)));
-                shield.observe_response(&d, if i % 7 == 0 { 401 } else { 200 });
+                shield.observe_response(&d, if i.is_multiple_of(7) { 401 } else { 200 });
                 allowed += usize::from(d.rejection.is_none());
             }
             let during = allocs() - before;

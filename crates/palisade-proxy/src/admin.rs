@@ -138,10 +138,7 @@ async fn reputation(app: &App, method: &Method, ip: IpAddr, req: Request<Incomin
             let body = match Limited::new(req.into_body(), 4096).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "body unreadable or over 4096 bytes",
-                    );
+                    return error(StatusCode::BAD_REQUEST, "body unreadable or over 4096 bytes");
                 }
             };
             let set: SetScore = match serde_json::from_slice(&body) {

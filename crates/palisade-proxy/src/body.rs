@@ -107,9 +107,7 @@ where
                         t.as_mut().reset(deadline);
                         t
                     }
-                    None => this
-                        .timer
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    None => this.timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
                 this.armed = true;
                 if timer.as_mut().poll(cx).is_ready() {

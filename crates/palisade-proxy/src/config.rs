@@ -164,10 +164,7 @@ impl Config {
         let mut raw: RawConfig = match toml::from_str(src) {
             Ok(raw) => raw,
             Err(e) => {
-                let key = e
-                    .span()
-                    .and_then(|s| key_at(src, s.start))
-                    .unwrap_or_default();
+                let key = e.span().and_then(|s| key_at(src, s.start)).unwrap_or_default();
                 return Err(fail(e.span(), key, e.message().trim().to_string()));
             }
         };
@@ -417,10 +414,7 @@ impl RawConfig {
             listen: addr(&s.listen, p!("server", "listen"))?,
             upstreams: {
                 if s.upstreams.is_empty() {
-                    return Err(at(
-                        p!("server", "upstreams"),
-                        "at least one upstream is required",
-                    ));
+                    return Err(at(p!("server", "upstreams"), "at least one upstream is required"));
                 }
                 s.upstreams
                     .iter()
@@ -428,10 +422,7 @@ impl RawConfig {
                     .map(|(i, u)| upstream_uri(u).map_err(|m| at(p!("server", "upstreams", i), m)))
                     .collect::<Result<_, _>>()?
             },
-            header_read_timeout: duration(
-                &s.header_read_timeout,
-                p!("server", "header_read_timeout"),
-            )?,
+            header_read_timeout: duration(&s.header_read_timeout, p!("server", "header_read_timeout"))?,
             write_timeout: duration(&s.write_timeout, p!("server", "write_timeout"))?,
             idle_timeout: duration(&s.idle_timeout, p!("server", "idle_timeout"))?,
             body_read_timeout: duration(&s.body_read_timeout, p!("server", "body_read_timeout"))?,
@@ -449,10 +440,7 @@ impl RawConfig {
             max_headers: match s.max_headers {
                 n @ 1..=1000 => n,
                 _ => {
-                    return Err(at(
-                        p!("server", "max_headers"),
-                        "must be between 1 and 1000",
-                    ));
+                    return Err(at(p!("server", "max_headers"), "must be between 1 and 1000"));
                 }
             },
             h2_max_concurrent_streams: match s.h2_max_concurrent_streams {
@@ -506,10 +494,7 @@ impl RawConfig {
             }
         };
         if c.ipv6_prefix > 128 {
-            return Err(at(
-                p!("clients", "ipv6_prefix"),
-                "must be between 0 and 128",
-            ));
+            return Err(at(p!("clients", "ipv6_prefix"), "must be between 0 and 128"));
         }
         let header = match c.client_ip_header.to_ascii_lowercase().as_str() {
             "x-forwarded-for" => ClientIpHeader::XForwardedFor,
@@ -517,9 +502,7 @@ impl RawConfig {
             other => {
                 return Err(at(
                     p!("clients", "client_ip_header"),
-                    format!(
-                        "unknown header {other:?}; expected \"x-forwarded-for\" or \"forwarded\""
-                    ),
+                    format!("unknown header {other:?}; expected \"x-forwarded-for\" or \"forwarded\""),
                 ));
             }
         };
@@ -555,9 +538,7 @@ impl RawConfig {
                 n => n,
             },
             error_penalty: percent(r.error_penalty, p!("reputation", "error_penalty"))?,
-            recovery_per_minute: if r.recovery_per_minute.is_finite()
-                && r.recovery_per_minute >= 0.0
-            {
+            recovery_per_minute: if r.recovery_per_minute.is_finite() && r.recovery_per_minute >= 0.0 {
                 r.recovery_per_minute
             } else {
                 return Err(at(
@@ -584,10 +565,7 @@ impl RawConfig {
         Ok(ShieldConfig {
             key_by,
             ipv6_prefix: c.ipv6_prefix,
-            trusted_proxies: TrustedProxies::new(
-                nets(&c.trusted_proxies, "trusted_proxies")?,
-                header,
-            ),
+            trusted_proxies: TrustedProxies::new(nets(&c.trusted_proxies, "trusted_proxies")?, header),
             allow: nets(&c.allow, "allow")?,
             deny: nets(&c.deny, "deny")?,
             max_tracked_clients: c.max_tracked,
@@ -642,15 +620,10 @@ impl RawRoute {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let own = self.rate.is_some()
-            || self.burst.is_some()
-            || self.window_limit.is_some()
-            || self.mode.is_some();
+        let own =
+            self.rate.is_some() || self.burst.is_some() || self.window_limit.is_some() || self.mode.is_some();
         let limit = if own {
-            let rate = nonzero(
-                self.rate.unwrap_or(default.rate.get()),
-                p!("routes", i, "rate"),
-            )?;
+            let rate = nonzero(self.rate.unwrap_or(default.rate.get()), p!("routes", i, "rate"))?;
             Some(LimitPolicy {
                 quota: Quota {
                     rate,
@@ -660,10 +633,7 @@ impl RawRoute {
                         p!("routes", i, "window_limit"),
                     )?,
                 },
-                mode: mode(
-                    self.mode.as_deref().unwrap_or(&rl.mode),
-                    p!("routes", i, "mode"),
-                )?,
+                mode: mode(self.mode.as_deref().unwrap_or(&rl.mode), p!("routes", i, "mode"))?,
             })
         } else {
             None
@@ -694,9 +664,7 @@ fn upstream_uri(s: &str) -> Result<Uri, String> {
     match uri.scheme_str() {
         Some("http") => {}
         Some("https") => {
-            return Err(format!(
-                "{s:?}: https upstreams are not supported yet; use http"
-            ));
+            return Err(format!("{s:?}: https upstreams are not supported yet; use http"));
         }
         _ => return Err(format!("{s:?}: expected http://host:port")),
     }
@@ -704,9 +672,7 @@ fn upstream_uri(s: &str) -> Result<Uri, String> {
         return Err(format!("{s:?}: missing host"));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!(
-            "{s:?}: a path or query on an upstream is not supported"
-        ));
+        return Err(format!("{s:?}: a path or query on an upstream is not supported"));
     }
     Ok(uri)
 }
@@ -800,14 +766,15 @@ fn span_of(src: &str, path: &[Seg]) -> Option<Range<usize>> {
     let mut value: &DeValue<'_> = &DeValue::Table(doc.get_ref().clone());
     for seg in path {
         let next = match (seg, value) {
-            (Seg::Key(k), DeValue::Table(t)) => t
-                .iter()
-                .find(|(key, _)| key.get_ref().as_ref() == *k)
-                .map(|(key, v)| {
-                    // Point at the key itself for scalars, where the eye looks.
-                    best = Some(key.span());
-                    v
-                }),
+            (Seg::Key(k), DeValue::Table(t)) => {
+                t.iter()
+                    .find(|(key, _)| key.get_ref().as_ref() == *k)
+                    .map(|(key, v)| {
+                        // Point at the key itself for scalars, where the eye looks.
+                        best = Some(key.span());
+                        v
+                    })
+            }
             (Seg::Index(i), DeValue::Array(a)) => a.get(*i).inspect(|v| best = Some(v.span())),
             _ => None,
         };
@@ -834,18 +801,10 @@ fn key_in_table(table: &DeTable<'_>, offset: usize) -> Option<String> {
         // A `[table]`'s span covers only its header, so look inside anyway.
         let inner = match value.get_ref() {
             DeValue::Table(t) => key_in_table(t, offset).map(|k| format!("{name}.{k}")),
-            DeValue::Array(a) => a
-                .iter()
-                .enumerate()
-                .find_map(|(i, item)| match item.get_ref() {
-                    DeValue::Table(t) => {
-                        key_in_table(t, offset).map(|k| format!("{name}[{i}].{k}"))
-                    }
-                    _ => item
-                        .span()
-                        .contains(&offset)
-                        .then(|| format!("{name}[{i}]")),
-                }),
+            DeValue::Array(a) => a.iter().enumerate().find_map(|(i, item)| match item.get_ref() {
+                DeValue::Table(t) => key_in_table(t, offset).map(|k| format!("{name}[{i}].{k}")),
+                _ => item.span().contains(&offset).then(|| format!("{name}[{i}]")),
+            }),
             _ => None,
         };
         if inner.is_some() {
@@ -899,10 +858,7 @@ mod tests {
         };
         let c = Config::parse(MINIMAL, "t", &o).unwrap();
         let q = c.shield.limit.unwrap().quota;
-        assert_eq!(
-            (q.rate.get(), q.burst.get(), q.window_limit.get()),
-            (10, 10, 10)
-        );
+        assert_eq!((q.rate.get(), q.burst.get(), q.window_limit.get()), (10, 10, 10));
         assert_eq!(c.shield.reputation.unwrap().0.flood_threshold, 20);
         assert_eq!(c.server.listen.port(), 1);
         let bad = Overrides {
@@ -910,10 +866,7 @@ mod tests {
             ..Default::default()
         };
         let e = Config::parse(MINIMAL, "t", &bad).unwrap_err().to_string();
-        assert!(
-            e.starts_with("--upstream: \"https://x\": https upstreams"),
-            "{e}"
-        );
+        assert!(e.starts_with("--upstream: \"https://x\": https upstreams"), "{e}");
         assert_eq!(c.server.upstreams[0].to_string(), "http://10.0.0.1:80/");
     }
 
@@ -963,9 +916,7 @@ mod tests {
             e,
             "test.toml:6:1: routes[1].name: route name \"a\" is already used"
         );
-        let e = err(
-            "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"a\"\nmode = \"loud\"\n",
-        );
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"a\"\nmode = \"loud\"\n");
         assert!(
             e.starts_with("test.toml:5:1: routes[0].mode: unknown mode"),
             "{e}"

@@ -25,10 +25,7 @@ const MAX_ECHO: usize = 10 << 20;
 /// Binds the demo upstream; returns its address and the serving future.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot listen on {addr} (demo upstream): {e}"),
-        )
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} (demo upstream): {e}"))
     })?;
     let local = listener.local_addr()?;
     Ok((local, serve(listener)))
@@ -44,10 +41,7 @@ async fn serve(listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(
-                    |req| async move { Ok::<_, Infallible>(answer(req).await) },
-                );
+            let svc = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(answer(req).await) });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
@@ -91,9 +85,7 @@ async fn answer(req: Request<Incoming>) -> Response<DemoBody> {
             .ok()
             .and_then(|c| StatusCode::from_u16(c).ok())
         {
-            Some(status) if status.as_u16() >= 200 => {
-                full(status, format!("{}\n", status.as_u16()))
-            }
+            Some(status) if status.as_u16() >= 200 => full(status, format!("{}\n", status.as_u16())),
             _ => full(StatusCode::BAD_REQUEST, "status must be 200-999\n"),
         },
         ("delay", Some(ms)) if ms <= MAX_DELAY_MS => {

@@ -103,11 +103,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
-        append_forwarded(
-            &mut h,
-            "127.0.0.2".parse().unwrap(),
-            Some("example.com:8080"),
-        );
+        append_forwarded(&mut h, "127.0.0.2".parse().unwrap(), Some("example.com:8080"));
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.2");
         assert_eq!(
             h["forwarded"],

@@ -66,12 +66,7 @@ pub struct InFlight(Arc<ConnActivity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let waker = self
-                .0
-                .reader
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            let waker = self.0.reader.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(w) = waker {
                 w.wake();
             }
@@ -156,28 +151,17 @@ impl<T> TimedIo<T> {
 }
 
 fn timed_out(what: Expired) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!("{} timeout", what.as_str()),
-    )
+    io::Error::new(io::ErrorKind::TimedOut, format!("{} timeout", what.as_str()))
 }
 
 impl<T: AsyncRead> AsyncRead for TimedIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let now = Instant::now();
         let started = this.activity.started.load(Ordering::Acquire);
         if this.activity.in_flight.load(Ordering::Acquire) > 0 {
             *this.phase = Phase::Busy;
-            let mut reader = this
-                .activity
-                .reader
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut reader = this.activity.reader.lock().unwrap_or_else(|p| p.into_inner());
             if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *reader = Some(cx.waker().clone());
             }
@@ -254,11 +238,7 @@ impl<T: AsyncWrite> TimedIo<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.poll_write_with(cx, |io, cx| io.poll_write(cx, buf))
     }
 

@@ -103,8 +103,7 @@ impl Metrics {
         registry.register("requests", "Requests answered", requests.clone());
         let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ])
         });
         registry.register(
@@ -139,11 +138,7 @@ impl Metrics {
             conn_timeouts.clone(),
         );
         let connections = Counter::default();
-        registry.register(
-            "connections",
-            "Client connections accepted",
-            connections.clone(),
-        );
+        registry.register("connections", "Client connections accepted", connections.clone());
         let connections_open = Gauge::default();
         registry.register(
             "connections_open",
@@ -188,9 +183,7 @@ impl Metrics {
     /// Counts a protection outcome.
     pub fn decision(&self, rejected: Option<RejectReason>) {
         let decision = rejected.map_or("allowed", RejectReason::as_str);
-        self.decisions
-            .get_or_create(&DecisionLabel { decision })
-            .inc();
+        self.decisions.get_or_create(&DecisionLabel { decision }).inc();
     }
 
     /// Counts a kind-labelled event.

@@ -124,11 +124,7 @@ impl App {
     }
 
     /// Decides and answers one request.
-    pub async fn handle(
-        self: Arc<Self>,
-        peer: SocketAddr,
-        req: Request<Incoming>,
-    ) -> Response<ResponseBody> {
+    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResponseBody> {
         let start = self.shield.now();
         let method = metrics::method_label(req.method());
         let decision = {
@@ -241,8 +237,7 @@ impl App {
             Either::Left(TimedBody::new(body, self.body_limits, slow.clone()))
         };
         let sent = self.client.request(Request::from_parts(parts, body));
-        let failure = match tokio::time::timeout(self.config.upstream.response_timeout, sent).await
-        {
+        let failure = match tokio::time::timeout(self.config.upstream.response_timeout, sent).await {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
                 return resp.map(Either::Left);

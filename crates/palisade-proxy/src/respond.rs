@@ -55,27 +55,21 @@ pub fn rejection(rej: &Rejection, policy_name: &str) -> Response<Full<Bytes>> {
             if let Some(q) = rej.quota {
                 let policy = format!("\"{policy_name}\";q={};w=1", q.window_limit);
                 let state = format!("\"{policy_name}\";r=0;t={retry}");
-                if let (Ok(p), Ok(s)) =
-                    (HeaderValue::try_from(policy), HeaderValue::try_from(state))
-                {
+                if let (Ok(p), Ok(s)) = (HeaderValue::try_from(policy), HeaderValue::try_from(state)) {
                     h.insert("ratelimit-policy", p);
                     h.insert("ratelimit", s);
                 }
             }
             r
         }
-        RejectReason::Reputation | RejectReason::Denylisted => {
-            text(StatusCode::FORBIDDEN, "Access denied")
-        }
+        RejectReason::Reputation | RejectReason::Denylisted => text(StatusCode::FORBIDDEN, "Access denied"),
     }
 }
 
 /// The answer when upstream failed.
 pub fn upstream_failure(f: UpstreamFailure) -> Response<Full<Bytes>> {
     match f {
-        UpstreamFailure::Connect | UpstreamFailure::Other => {
-            text(StatusCode::BAD_GATEWAY, "Bad Gateway\n")
-        }
+        UpstreamFailure::Connect | UpstreamFailure::Other => text(StatusCode::BAD_GATEWAY, "Bad Gateway\n"),
         UpstreamFailure::Timeout => text(StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout\n"),
         UpstreamFailure::SlowBody => {
             let mut r = text(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");

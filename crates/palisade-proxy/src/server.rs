@@ -66,9 +66,9 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
 }
 
 fn builder(app: &App) -> auto::Builder<TokioExecutor> {
@@ -143,10 +143,7 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
         tracing::info!(connections = open, "draining");
     }
     let grace = app.config.server.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             remaining = tasks.len(),
             "shutdown grace of {grace:?} over; closing remaining connections"

@@ -67,7 +67,9 @@ async fn about_100_of_150_rapid_requests_pass_and_the_rest_get_429() {
         ),
         limited.len() as f64
     );
-    assert!(m.contains("palisade_request_duration_seconds_bucket{le=\"0.0005\",endpoint=\"default\",method=\"GET\"}"));
+    assert!(m.contains(
+        "palisade_request_duration_seconds_bucket{le=\"0.0005\",endpoint=\"default\",method=\"GET\"}"
+    ));
     assert_eq!(
         metric(&m, "palisade_tracked_clients{table=\"limiter:default\"}"),
         2.0
@@ -158,10 +160,7 @@ async fn three_401_responses_cost_ten_points() {
     assert_eq!(v["events"][0]["delta"], -10);
     let m = h.metrics().await;
     assert_eq!(
-        metric(
-            &m,
-            "palisade_reputation_penalties_total{kind=\"error_streak\"}"
-        ),
+        metric(&m, "palisade_reputation_penalties_total{kind=\"error_streak\"}"),
         1.0
     );
     h.running.shutdown().await;
@@ -188,12 +187,7 @@ async fn a_flooding_client_ends_in_403_access_denied() {
     // A well-behaved neighbour is still served.
     assert_eq!(h.client("127.0.0.7").await.get("/").await.0, StatusCode::OK);
     let m = h.metrics().await;
-    assert!(
-        metric(
-            &m,
-            "palisade_decisions_total{decision=\"reputation_blocked\"}"
-        ) >= 1.0
-    );
+    assert!(metric(&m, "palisade_decisions_total{decision=\"reputation_blocked\"}") >= 1.0);
     assert_eq!(
         metric(&m, "palisade_reputation_penalties_total{kind=\"flood\"}"),
         1.0
@@ -211,10 +205,7 @@ async fn shadow_mode_counts_would_block_but_serves() {
     let m = h.metrics().await;
     let would = metric(&m, "palisade_would_block_total{kind=\"rate_limited\"}");
     assert!((14.0..=15.0).contains(&would), "would_block = {would}");
-    assert_eq!(
-        metric(&m, "palisade_decisions_total{decision=\"allowed\"}"),
-        20.0
-    );
+    assert_eq!(metric(&m, "palisade_decisions_total{decision=\"allowed\"}"), 20.0);
     h.running.shutdown().await;
 }
 
@@ -400,24 +391,17 @@ async fn admin_changes_need_the_token() {
         if let Some(t) = token {
             r = r.header("authorization", format!("Bearer {t}"));
         }
-        r.body(Full::new(Bytes::from_static(b"{\"score\": 5}")))
-            .unwrap()
+        r.body(Full::new(Bytes::from_static(b"{\"score\": 5}"))).unwrap()
     };
     assert_eq!(admin.send(put(None)).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        admin.send(put(Some("wrong"))).await.0,
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(admin.send(put(Some("wrong"))).await.0, StatusCode::UNAUTHORIZED);
     let (status, _, body) = admin.send(put(Some("test-token"))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("\"blocked\":true"), "{body}");
     // The proxy enforces it at once.
     let mut c = h.client("127.0.0.18").await;
     let (status, _, body) = c.get("/").await;
-    assert_eq!(
-        (status, body.as_str()),
-        (StatusCode::FORBIDDEN, "Access denied")
-    );
+    assert_eq!((status, body.as_str()), (StatusCode::FORBIDDEN, "Access denied"));
     // DELETE resets; bad input is a clear 400.
     let del = Request::delete("/api/v1/reputation/127.0.0.18")
         .header("host", "admin")
@@ -446,9 +430,7 @@ async fn admin_changes_need_the_token() {
 async fn idle_keepalive_connections_are_closed_after_idle_timeout() {
     let h = Harness::start("idle_timeout = \"500ms\"\nheader_read_timeout = \"5s\"", "").await;
     let mut s = connect_from("127.0.0.19", h.proxy()).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
         .await

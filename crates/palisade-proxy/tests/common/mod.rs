@@ -31,12 +31,7 @@ impl Harness {
         Self::start_with_upstream(&format!("http://{upstream}"), server, rest, upstream).await
     }
 
-    pub async fn start_with_upstream(
-        url: &str,
-        server: &str,
-        rest: &str,
-        upstream: SocketAddr,
-    ) -> Self {
+    pub async fn start_with_upstream(url: &str, server: &str, rest: &str, upstream: SocketAddr) -> Self {
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{url}\"]\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n{rest}\n"
         );
@@ -140,9 +135,6 @@ impl Client {
 /// The value of a metric line (exact label set), or 0 when absent.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or(0.0)
 }

@@ -1,0 +1,155 @@
+//! The `palisade` binary as a user runs it.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Kills the child if a test fails before it would have.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn palisade() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_palisade"))
+}
+
+fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+#[test]
+fn config_default_is_a_valid_config() {
+    let out = palisade().args(["config", "default"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("rate = 100"));
+    let path = temp_file("default.toml", &text);
+    let out = palisade().arg("check-config").arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{}: ok\n", path.display())
+    );
+}
+
+#[test]
+fn check_config_names_file_line_column_and_key() {
+    let path = temp_file(
+        "bad.toml",
+        "[server]\nupstreams = [\"http://127.0.0.1:1\"]\n\n[rate_limit]\nburst = 0\n",
+    );
+    let out = palisade().arg("check-config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        format!("{}:5:1: rate_limit.burst: must be > 0\n", path.display())
+    );
+    let out = palisade()
+        .args(["check-config", "/nonexistent/palisade.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("/nonexistent/palisade.toml: "));
+}
+
+/// Reads the child's log until the "palisade running" line; returns the proxy address.
+fn proxy_addr(stderr: &mut impl BufRead) -> SocketAddr {
+    let mut line = String::new();
+    for _ in 0..50 {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if let Some(rest) = line.split("proxy=").nth(1) {
+            return rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    }
+    panic!("no 'palisade running' line; last: {line}");
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn run_serves_then_exits_cleanly_on_sigterm() {
+    let (demo_addr, _demo) = {
+        let mut child = palisade()
+            .args(["demo-upstream", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        let addr: SocketAddr = line.rsplit("http://").next().unwrap().trim().parse().unwrap();
+        (addr, Reaped(child))
+    };
+    let config = temp_file("run.toml", "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n");
+    let mut child = Reaped(
+        palisade()
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--rate-limit",
+                "3",
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--upstream")
+            .arg(format!("http://{demo_addr}"))
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(child.0.stderr.take().unwrap());
+    let proxy = proxy_addr(&mut err);
+    let statuses: Vec<String> = (0..5)
+        .map(|_| get(proxy, "/").lines().next().unwrap_or_default().to_string())
+        .collect();
+    // --rate-limit 3 wins over the file's default of 100.
+    assert_eq!(
+        statuses.iter().filter(|s| s.contains(" 200 ")).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| s.contains(" 429 ")).count(),
+        2,
+        "{statuses:?}"
+    );
+    let pid = child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("stopped"), "{rest}");
+}
