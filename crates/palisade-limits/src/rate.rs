@@ -10,7 +10,7 @@
 //! refuses, so concurrent callers can only make it stricter, never looser.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use palisade_core::{ClientKey, NANOS_PER_SEC, Nanos};
 
@@ -65,36 +65,78 @@ impl RateLimited {
     }
 }
 
-/// One client's limiter state: 88 bytes of atomics.
+/// One client's limiter state: 52 bytes of atomics, one cache line with its
+/// table tag.
 #[derive(Default)]
+#[repr(C)]
 pub struct RateState {
     /// GCRA theoretical arrival time of the next request.
     tat: AtomicU64,
-    /// `(slot_number << 32) | count`, slot_number = now / 100 ms.
-    slots: [AtomicU64; SLOTS],
+    /// Slot number (100 ms units, wrapping) of the last check. Every check
+    /// clears slots that left the window, so while checks come less than a
+    /// second apart every non-zero slot is under two seconds old and its
+    /// 8-bit tag is unambiguous; after a longer pause all slots are stale.
+    last: AtomicU32,
+    /// `(slot_number & 0xff) << 24 | admitted`.
+    slots: [AtomicU32; SLOTS],
+}
+
+const COUNT_BITS: u32 = 24;
+const COUNT_MASK: u32 = (1 << COUNT_BITS) - 1;
+
+#[inline]
+fn tag_of(packed: u32) -> u32 {
+    packed >> COUNT_BITS
+}
+
+#[inline]
+fn count_of(packed: u32) -> u32 {
+    packed & COUNT_MASK
+}
+
+/// Slots between `slot` (an 8-bit tag) and the current slot's tag.
+#[inline]
+fn age(tag: u32, cur_tag: u32) -> u32 {
+    cur_tag.wrapping_sub(tag) & 0xff
 }
 
 impl RateState {
     /// Admits or rejects one request at `now`.
+    #[inline]
     pub fn check(&self, quota: &Quota, now: Nanos) -> Result<(), RateLimited> {
         let cur = slot_number(now);
+        let cur_tag = (cur & 0xff) as u32;
+        let last = self.last.load(Ordering::Acquire);
+        if last != cur as u32 {
+            if (cur as u32).wrapping_sub(last) >= SLOTS as u32 {
+                // Quiet for a second or more: everything but the current
+                // slot (where a concurrent check may be reserving) is stale.
+                self.clear_stale(|p| tag_of(p) != cur_tag);
+            }
+            self.last.store(cur as u32, Ordering::Release);
+        }
         let slot = &self.slots[cur as usize % SLOTS];
         // Reserve a place in the current slot (restarting it if stale).
         let mut packed = slot.load(Ordering::Acquire);
         loop {
-            let next = if packed >> 32 == cur {
+            let next = if packed != 0 && tag_of(packed) == cur_tag {
+                if count_of(packed) == COUNT_MASK {
+                    return Err(RateLimited {
+                        retry_after: SLOT_NANOS - now % SLOT_NANOS,
+                    });
+                }
                 packed + 1
             } else {
-                (cur << 32) | 1
+                (cur_tag << COUNT_BITS) | 1
             };
             match slot.compare_exchange_weak(packed, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(seen) => packed = seen,
             }
         }
-        let in_window = self.window_count(cur);
+        let in_window = self.window_count(cur_tag);
         if in_window > u64::from(quota.window_limit.get()) {
-            self.release(cur);
+            self.release(cur_tag, cur);
             return Err(RateLimited {
                 retry_after: self.window_retry_after(quota, cur, now),
             });
@@ -107,7 +149,7 @@ impl RateState {
         loop {
             let base = tat.max(now);
             if base - now > tau {
-                self.release(cur);
+                self.release(cur_tag, cur);
                 return Err(RateLimited {
                     retry_after: base - tau - now,
                 });
@@ -122,21 +164,40 @@ impl RateState {
         }
     }
 
-    /// Requests admitted (or reserved) in the window ending in slot `cur`.
-    fn window_count(&self, cur: u64) -> u64 {
-        self.slots
-            .iter()
-            .map(|s| s.load(Ordering::Acquire))
-            .filter(|p| in_window(p >> 32, cur))
-            .map(|p| p & u64::from(u32::MAX))
-            .sum()
+    /// Zeroes slots matching `stale`; a slot that changed meanwhile is left.
+    fn clear_stale(&self, stale: impl Fn(u32) -> bool) {
+        for s in &self.slots {
+            let p = s.load(Ordering::Acquire);
+            if p != 0 && stale(p) {
+                let _ = s.compare_exchange(p, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Requests admitted (or reserved) in the window ending at `cur_tag`;
+    /// clears slots that left it.
+    #[inline]
+    fn window_count(&self, cur_tag: u32) -> u64 {
+        let mut sum = 0;
+        for s in &self.slots {
+            let p = s.load(Ordering::Acquire);
+            if p == 0 {
+                continue;
+            }
+            if age(tag_of(p), cur_tag) < SLOTS as u32 {
+                sum += u64::from(count_of(p));
+            } else {
+                let _ = s.compare_exchange(p, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+        sum
     }
 
     /// Gives back a reservation made in slot `cur`, if the slot still is `cur`.
-    fn release(&self, cur: u64) {
+    fn release(&self, cur_tag: u32, cur: u64) {
         let slot = &self.slots[cur as usize % SLOTS];
         let mut packed = slot.load(Ordering::Acquire);
-        while packed >> 32 == cur && packed & u64::from(u32::MAX) > 0 {
+        while tag_of(packed) == cur_tag && count_of(packed) > 0 {
             match slot.compare_exchange_weak(packed, packed - 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(seen) => packed = seen,
@@ -148,11 +209,12 @@ impl RateState {
     /// request to fit.
     fn window_retry_after(&self, quota: &Quota, cur: u64, now: Nanos) -> Nanos {
         let limit = u64::from(quota.window_limit.get());
-        let mut count = self.window_count(cur);
+        let cur_tag = (cur & 0xff) as u32;
+        let mut count = self.window_count(cur_tag);
         for n in cur.saturating_sub(SLOTS as u64 - 1)..=cur {
             let p = self.slots[n as usize % SLOTS].load(Ordering::Acquire);
-            if p >> 32 == n {
-                count -= (p & u64::from(u32::MAX)).min(count);
+            if p != 0 && tag_of(p) == (n & 0xff) as u32 {
+                count -= u64::from(count_of(p)).min(count);
             }
             if count < limit {
                 return ((n + SLOTS as u64) * SLOT_NANOS).saturating_sub(now);
@@ -165,15 +227,19 @@ impl RateState {
 impl Slot for RateState {
     fn is_idle(&self, now: Nanos) -> bool {
         let cur = slot_number(now);
+        let cur_tag = (cur & 0xff) as u32;
+        let quiet = (cur as u32).wrapping_sub(self.last.load(Ordering::Acquire)) >= SLOTS as u32;
         self.tat.load(Ordering::Acquire) <= now
-            && self.slots.iter().all(|s| {
-                let p = s.load(Ordering::Acquire);
-                p & u64::from(u32::MAX) == 0 || !in_window(p >> 32, cur)
-            })
+            && (quiet
+                || self.slots.iter().all(|s| {
+                    let p = s.load(Ordering::Acquire);
+                    p == 0 || age(tag_of(p), cur_tag) >= SLOTS as u32
+                }))
     }
 
     fn reset(&self) {
         self.tat.store(0, Ordering::Release);
+        self.last.store(0, Ordering::Release);
         for s in &self.slots {
             s.store(0, Ordering::Release);
         }
@@ -182,10 +248,6 @@ impl Slot for RateState {
 
 fn slot_number(now: Nanos) -> u64 {
     now / SLOT_NANOS
-}
-
-fn in_window(slot: u64, cur: u64) -> bool {
-    slot <= cur && cur - slot < SLOTS as u64
 }
 
 /// A keyed limiter: one [`Quota`] applied to every client separately, over a
@@ -206,7 +268,7 @@ impl RateLimiter {
 
     /// Admits or rejects one request from `key` at `now`.
     pub fn check(&self, key: &ClientKey, now: Nanos) -> Result<(), RateLimited> {
-        self.table.entry(key, now).check(&self.quota, now)
+        self.table.with(key, now, |s| s.check(&self.quota, now))
     }
 
     /// The quota applied to each client.

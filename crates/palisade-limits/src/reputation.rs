@@ -119,8 +119,10 @@ pub struct Explanation {
     pub events: Vec<Event>,
 }
 
-/// One client's reputation state.
+/// One client's reputation state. The fields every request touches come
+/// first, in the cache line shared with the table tag.
 #[derive(Default)]
+#[repr(C)]
 pub struct RepState {
     /// `SET | (updated_at_ms << 20) | milli_score`; 0 means "never scored".
     score: AtomicU64,
@@ -130,9 +132,10 @@ pub struct RepState {
     flood: AtomicU64,
     /// Consecutive 400/401 responses.
     streak: AtomicU32,
+    /// Where the next event goes in `events`.
+    next_event: AtomicU32,
     /// Ring of packed events: `at_ms:40 | kind:8 | delta+128:8 | score:8`.
     events: [AtomicU64; EVENTS],
-    next_event: AtomicU32,
 }
 
 impl RepState {
@@ -280,73 +283,78 @@ impl Reputation {
 
     /// Counts one request (allowed or not) and reports the client's standing.
     pub fn observe_request(&self, key: &ClientKey, now: Nanos) -> Standing {
-        let slot = self.table.entry(key, now);
-        let second = now / NANOS_PER_SEC;
-        let prev = slot.flood.load(Ordering::Acquire);
-        let count = if prev >> 32 == second {
-            (slot.flood.fetch_add(1, Ordering::AcqRel) & u64::from(u32::MAX)) + 1
-        } else {
-            // New second: a racing reset may drop one count, which only
-            // delays a penalty by a request.
-            slot.flood.store((second << 32) | 1, Ordering::Release);
-            1
-        };
-        // Penalise once per second, on the request that crosses the line.
-        let flooded = count == u64::from(self.cfg.flood_threshold) + 1;
-        let score = if flooded {
-            slot.adjust(
-                &self.rules,
-                -i64::from(self.cfg.flood_penalty),
-                EventKind::Flood,
-                now,
-            )
-        } else {
-            slot.score_milli(&self.rules, now)
-        };
-        Standing {
-            score: (score / MILLI) as u8,
-            blocked: score < self.rules.block_below,
-            flooded,
-        }
+        self.table.with(key, now, |slot| {
+            let second = now / NANOS_PER_SEC;
+            let prev = slot.flood.load(Ordering::Acquire);
+            let count = if prev >> 32 == second {
+                (slot.flood.fetch_add(1, Ordering::AcqRel) & u64::from(u32::MAX)) + 1
+            } else {
+                // New second: a racing reset may drop one count, which only
+                // delays a penalty by a request.
+                slot.flood.store((second << 32) | 1, Ordering::Release);
+                1
+            };
+            // Penalise once per second, on the request that crosses the line.
+            let flooded = count == u64::from(self.cfg.flood_threshold) + 1;
+            let score = if flooded {
+                slot.adjust(
+                    &self.rules,
+                    -i64::from(self.cfg.flood_penalty),
+                    EventKind::Flood,
+                    now,
+                )
+            } else {
+                slot.score_milli(&self.rules, now)
+            };
+            Standing {
+                score: (score / MILLI) as u8,
+                blocked: score < self.rules.block_below,
+                flooded,
+            }
+        })
     }
 
     /// Feeds a response status back: `error_streak` consecutive 400/401 cost
     /// `error_penalty`; any other status ends the streak. Returns whether a
     /// penalty was applied.
     pub fn observe_response(&self, key: &ClientKey, status: u16, now: Nanos) -> bool {
-        let slot = self.table.entry(key, now);
-        if matches!(status, 400 | 401) {
-            let streak = slot.streak.fetch_add(1, Ordering::AcqRel) + 1;
-            if streak >= u32::from(self.cfg.error_streak.max(1)) {
+        self.table.with(key, now, |slot| {
+            if matches!(status, 400 | 401) {
+                let streak = slot.streak.fetch_add(1, Ordering::AcqRel) + 1;
+                if streak >= u32::from(self.cfg.error_streak.max(1)) {
+                    slot.streak.store(0, Ordering::Release);
+                    slot.adjust(
+                        &self.rules,
+                        -i64::from(self.cfg.error_penalty),
+                        EventKind::ErrorStreak,
+                        now,
+                    );
+                    return true;
+                }
+            } else if slot.streak.load(Ordering::Relaxed) != 0 {
                 slot.streak.store(0, Ordering::Release);
-                slot.adjust(
-                    &self.rules,
-                    -i64::from(self.cfg.error_penalty),
-                    EventKind::ErrorStreak,
-                    now,
-                );
-                return true;
             }
-        } else if slot.streak.load(Ordering::Relaxed) != 0 {
-            slot.streak.store(0, Ordering::Release);
-        }
-        false
+            false
+        })
     }
 
     /// Applies a penalty (positive `points` are subtracted) from another
     /// component, e.g. the SYN-flood detector's −30. Returns the new score.
     pub fn penalize(&self, key: &ClientKey, points: u8, kind: EventKind, now: Nanos) -> f64 {
-        let slot = self.table.entry(key, now);
-        slot.adjust(&self.rules, -i64::from(points), kind, now) as f64 / MILLI as f64
+        self.table.with(key, now, |slot| {
+            slot.adjust(&self.rules, -i64::from(points), kind, now)
+        }) as f64
+            / MILLI as f64
     }
 
     /// Sets a score outright (admin). Returns the new score.
     pub fn set(&self, key: &ClientKey, score: u8, now: Nanos) -> f64 {
-        let slot = self.table.entry(key, now);
         let target = i64::from(score.min(100)) * MILLI;
-        let delta = (target - slot.score_milli(&self.rules, now)) / MILLI;
-        slot.store_score(&self.rules, target, now);
-        slot.record(EventKind::AdminSet, delta, target, now);
+        self.table.with(key, now, |slot| {
+            let delta = (target - slot.score_milli(&self.rules, now)) / MILLI;
+            slot.store_score(&self.rules, target, now);
+            slot.record(EventKind::AdminSet, delta, target, now);
+        });
         target as f64 / MILLI as f64
     }
 
@@ -372,7 +380,7 @@ impl Reputation {
     /// …, 90–100) for the distribution metric.
     pub fn distribution(&self, now: Nanos) -> [u64; 10] {
         let mut buckets = [0u64; 10];
-        self.table.for_each(|_, s| {
+        self.table.for_each(|s| {
             let score = s.score_milli(&self.rules, now) / MILLI;
             buckets[(score / 10).clamp(0, 9) as usize] += 1;
         });
