@@ -38,8 +38,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// The file was read but a key is wrong.
-    #[error("{file}:{line}:{column}: {key}: {message}")]
+    /// The file was read but a key is wrong (or, with an empty `key`, the
+    /// TOML itself is).
+    #[error("{file}:{line}:{column}: {}{message}", if key.is_empty() { String::new() } else { format!("{key}: ") })]
     Invalid {
         /// The file.
         file: String,
@@ -880,7 +881,7 @@ mod tests {
             "{e}"
         );
         let e = err("[server\n");
-        assert!(e.starts_with("test.toml:1:"), "{e}");
+        assert_eq!(e, "test.toml:1:8: unclosed table, expected `]`");
     }
 
     #[test]

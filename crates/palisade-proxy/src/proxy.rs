@@ -214,7 +214,7 @@ impl App {
             .get(HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned);
-        append_forwarded(&mut parts.headers, peer.ip(), host.as_deref());
+        append_forwarded(&mut parts.headers, peer.ip().to_canonical(), host.as_deref());
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(self.pick_upstream().clone());

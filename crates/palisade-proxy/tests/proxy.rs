@@ -274,6 +274,31 @@ async fn slowloris_is_cut_at_the_header_deadline_while_others_are_served() {
 }
 
 #[tokio::test]
+async fn malformed_requests_get_400() {
+    let h = Harness::start("", "").await;
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+    ] {
+        let mut s = connect_from("127.0.0.20", h.proxy()).await;
+        s.write_all(garbage).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .expect("no answer to a malformed request")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.starts_with("HTTP/1.1 400 ") || text.starts_with("HTTP/1.1 505 "),
+            "{:?} -> {text}",
+            String::from_utf8_lossy(garbage)
+        );
+    }
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
 async fn oversized_headers_get_431() {
     let h = Harness::start("max_header_bytes = 8192", "").await;
     let mut c = h.client("127.0.0.12").await;
