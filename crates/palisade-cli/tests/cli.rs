@@ -54,7 +54,10 @@ fn check_config_names_file_line_column_and_key() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8(out.stderr).unwrap(),
-        format!("{}:5:1: rate_limit.burst: must be > 0\n", path.display())
+        format!(
+            "{}:5:1: rate_limit.burst: must be between 1 and 10000000\n",
+            path.display()
+        )
     );
     let out = palisade()
         .args(["check-config", "/nonexistent/palisade.toml"])

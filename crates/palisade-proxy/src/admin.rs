@@ -1,8 +1,8 @@
 //! The admin API: metrics, health, and reputation inspection and control.
 //!
 //! Reads on a loopback listener need no token; everything else needs
-//! `Authorization: Bearer <token>`. With no token configured, changes are
-//! refused outright.
+//! `Authorization: Bearer <token>`, except the `/healthz` and `/readyz`
+//! probes. With no token configured, changes are refused outright.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -58,7 +58,9 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let reading = method == Method::GET || method == Method::HEAD;
-    if !(reading && loopback)
+    // Probes reveal nothing and must work from a kubelet or load balancer.
+    let probe = reading && matches!(path.as_str(), "/healthz" | "/readyz");
+    if !(reading && loopback || probe)
         && let Some(refusal) = refuse_unauthorized(app, &req)
     {
         return refusal;

@@ -507,8 +507,10 @@ impl RawConfig {
                 ));
             }
         };
-        if c.max_tracked == 0 {
-            return Err(at(p!("clients", "max_tracked"), "must be > 0"));
+        // Tables are allocated up front (~300 bytes per client for limiter
+        // and reputation): a typo must not ask for terabytes.
+        if !(1..=20_000_000).contains(&c.max_tracked) {
+            return Err(at(p!("clients", "max_tracked"), "must be between 1 and 20000000"));
         }
         let rl = &self.rate_limit;
         let rate = nonzero(rl.rate, p!("rate_limit", "rate"))?;
@@ -685,8 +687,14 @@ fn cidr(s: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{s:?} is not an IP address or CIDR"))
 }
 
+/// Largest rate, burst or window limit: a window slot counts up to 2^24.
+const MAX_RATE: u32 = 10_000_000;
+
 fn nonzero(n: u32, path: &[Seg]) -> Result<NonZeroU32, Invalid> {
-    NonZeroU32::new(n).ok_or_else(|| at(path, "must be > 0"))
+    match NonZeroU32::new(n) {
+        Some(n) if n.get() <= MAX_RATE => Ok(n),
+        _ => Err(at(path, format!("must be between 1 and {MAX_RATE}"))),
+    }
 }
 
 fn percent(n: u8, path: &[Seg]) -> Result<u8, Invalid> {
@@ -887,7 +895,10 @@ mod tests {
     #[test]
     fn semantic_errors_name_line_column_and_key() {
         let e = err("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\n  rate = 0\n");
-        assert_eq!(e, "test.toml:4:3: rate_limit.rate: must be > 0");
+        assert_eq!(
+            e,
+            "test.toml:4:3: rate_limit.rate: must be between 1 and 10000000"
+        );
         let e = err("[server]\nupstreams = [\"http://a:1\", \"ftp://b\"]\n");
         assert_eq!(
             e,

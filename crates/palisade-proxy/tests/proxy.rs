@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Harness, connect_from, metric};
+use common::{Harness, connect_from, metric, raw_exchange};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -281,14 +281,7 @@ async fn malformed_requests_get_400() {
         b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
         b"GET / HTTP/9.9\r\n\r\n",
     ] {
-        let mut s = connect_from("127.0.0.20", h.proxy()).await;
-        s.write_all(garbage).await.unwrap();
-        let mut buf = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-            .await
-            .expect("no answer to a malformed request")
-            .unwrap();
-        let text = String::from_utf8_lossy(&buf);
+        let text = raw_exchange("127.0.0.20", h.proxy(), garbage).await;
         assert!(
             text.starts_with("HTTP/1.1 400 ") || text.starts_with("HTTP/1.1 505 "),
             "{:?} -> {text}",
@@ -349,16 +342,12 @@ async fn bodies_stream_both_ways() {
 #[tokio::test]
 async fn a_stalled_request_body_gets_408() {
     let h = Harness::start("body_read_timeout = \"500ms\"", "").await;
-    let mut s = connect_from("127.0.0.15", h.proxy()).await;
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-a-little")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .expect("no answer to a stalled body")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf);
+    let text = raw_exchange(
+        "127.0.0.15",
+        h.proxy(),
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-a-little",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
     h.running.shutdown().await;
 }
@@ -454,14 +443,7 @@ async fn admin_changes_need_the_token() {
 #[tokio::test]
 async fn idle_keepalive_connections_are_closed_after_idle_timeout() {
     let h = Harness::start("idle_timeout = \"500ms\"\nheader_read_timeout = \"5s\"", "").await;
-    let mut s = connect_from("127.0.0.19", h.proxy()).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .expect("idle connection never closed")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf);
+    let text = raw_exchange("127.0.0.19", h.proxy(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     // Closed by the idle deadline, not the (longer) header deadline.
     let m = h.metrics().await;

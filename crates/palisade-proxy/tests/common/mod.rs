@@ -71,6 +71,20 @@ pub async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
     socket.connect(to).await.unwrap()
 }
 
+/// Writes `bytes` on a fresh connection from `source` and reads until the
+/// server closes it (bounded: a server that never closes fails the test).
+pub async fn raw_exchange(source: &str, to: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect_from(source, to).await;
+    s.write_all(bytes).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("the server never closed the connection")
+        .unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 pub struct Client {
     sender: http1::SendRequest<Full<Bytes>>,
 }
