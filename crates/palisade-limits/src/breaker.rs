@@ -294,14 +294,27 @@ mod tests {
         let (_, ts) = run(&b, Outcome::Failure, 0);
         assert_eq!(ts.len(), 1);
         assert_eq!((ts[0].from, ts[0].to), (BreakerState::Closed, BreakerState::Open));
-        assert_eq!(ts[0].counts, Counts { requests: 5, successes: 0, failures: 5 });
+        assert_eq!(
+            ts[0].counts,
+            Counts {
+                requests: 5,
+                successes: 0,
+                failures: 5
+            }
+        );
     }
 
     #[test]
     fn ratio_below_sixty_percent_does_not_trip() {
         let b = Breaker::new(BreakerConfig::default(), 0);
         // 2 failures of 5 (40 %), then 3 of 6 (50 %): stays closed.
-        for o in [Outcome::Success, Outcome::Success, Outcome::Success, Outcome::Failure, Outcome::Failure] {
+        for o in [
+            Outcome::Success,
+            Outcome::Success,
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::Failure,
+        ] {
             run(&b, o, 0);
         }
         assert!(run(&b, Outcome::Failure, 0).1.is_empty());
@@ -329,7 +342,12 @@ mod tests {
             run(&b, Outcome::Failure, 0);
         }
         let (r, _) = run(&b, Outcome::Success, 10 * SEC);
-        assert_eq!(r, Err(Refused { retry_after: 20 * SEC }));
+        assert_eq!(
+            r,
+            Err(Refused {
+                retry_after: 20 * SEC
+            })
+        );
         // At 30 s: half-open, three probes pass at once, a fourth waits.
         let (t1, timed) = b.before(30 * SEC);
         assert_eq!(timed.map(|t| t.to), Some(BreakerState::HalfOpen));
@@ -339,7 +357,10 @@ mod tests {
         assert!(b.after(t1.unwrap(), Outcome::Success, 31 * SEC).is_none());
         assert!(b.after(t2.unwrap(), Outcome::Success, 31 * SEC).is_none());
         let closed = b.after(t3.unwrap(), Outcome::Success, 31 * SEC).unwrap();
-        assert_eq!((closed.from, closed.to), (BreakerState::HalfOpen, BreakerState::Closed));
+        assert_eq!(
+            (closed.from, closed.to),
+            (BreakerState::HalfOpen, BreakerState::Closed)
+        );
         assert_eq!(closed.counts.successes, 3);
         assert!(run(&b, Outcome::Success, 31 * SEC).0.is_ok());
     }
@@ -352,13 +373,22 @@ mod tests {
         }
         let (ok, ts) = run(&b, Outcome::Failure, 30 * SEC);
         assert!(ok.is_ok());
-        assert_eq!(ts.iter().map(|t| t.to).collect::<Vec<_>>(), [BreakerState::HalfOpen, BreakerState::Open]);
+        assert_eq!(
+            ts.iter().map(|t| t.to).collect::<Vec<_>>(),
+            [BreakerState::HalfOpen, BreakerState::Open]
+        );
         assert_eq!(b.before(59 * SEC).0, Err(Refused { retry_after: SEC }));
     }
 
     #[test]
     fn ignored_probe_gives_its_slot_back() {
-        let b = Breaker::new(BreakerConfig { probes: 1, ..Default::default() }, 0);
+        let b = Breaker::new(
+            BreakerConfig {
+                probes: 1,
+                ..Default::default()
+            },
+            0,
+        );
         for _ in 0..5 {
             run(&b, Outcome::Failure, 0);
         }

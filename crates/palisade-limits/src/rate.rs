@@ -10,6 +10,7 @@
 //! refuses, so concurrent callers can only make it stricter, never looser.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use palisade_core::{ClientKey, NANOS_PER_SEC, Nanos};
@@ -254,7 +255,7 @@ fn slot_number(now: Nanos) -> u64 {
 /// bounded [`ClientTable`].
 pub struct RateLimiter {
     quota: Quota,
-    table: ClientTable<RateState>,
+    table: Arc<ClientTable<RateState>>,
 }
 
 impl RateLimiter {
@@ -262,8 +263,14 @@ impl RateLimiter {
     pub fn new(quota: Quota, max_clients: usize) -> Self {
         Self {
             quota,
-            table: ClientTable::new(max_clients),
+            table: Arc::new(ClientTable::new(max_clients)),
         }
+    }
+
+    /// A limiter applying `quota` to an existing table (live reload: a new
+    /// quota applies to the clients' current state).
+    pub fn with_table(quota: Quota, table: Arc<ClientTable<RateState>>) -> Self {
+        Self { quota, table }
     }
 
     /// Admits or rejects one request from `key` at `now`.
@@ -277,7 +284,7 @@ impl RateLimiter {
     }
 
     /// The client table (for gauges).
-    pub fn table(&self) -> &ClientTable<RateState> {
+    pub fn table(&self) -> &Arc<ClientTable<RateState>> {
         &self.table
     }
 }

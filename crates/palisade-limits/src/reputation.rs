@@ -9,6 +9,7 @@
 //! All state is atomics; the per-request path reads one word and bumps one
 //! counter.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use palisade_core::{ClientKey, NANOS_PER_MS, NANOS_PER_SEC, Nanos};
@@ -247,7 +248,7 @@ struct Rules {
 pub struct Reputation {
     cfg: ReputationConfig,
     rules: Rules,
-    table: ClientTable<RepState>,
+    table: Arc<ClientTable<RepState>>,
 }
 
 /// What [`Reputation::observe_request`] found.
@@ -264,16 +265,18 @@ pub struct Standing {
 impl Reputation {
     /// An engine tracking at most `max_clients` clients.
     pub fn new(cfg: ReputationConfig, max_clients: usize) -> Self {
+        Self::with_table(cfg, Arc::new(ClientTable::new(max_clients)))
+    }
+
+    /// An engine applying `cfg` to an existing table (live reload: scores
+    /// are kept, new rules apply to them).
+    pub fn with_table(cfg: ReputationConfig, table: Arc<ClientTable<RepState>>) -> Self {
         let rules = Rules {
             initial: i64::from(cfg.initial.min(100)) * MILLI,
             block_below: i64::from(cfg.block_below.min(100)) * MILLI,
             recovery_milli_per_min: (cfg.recovery_per_minute.max(0.0) * MILLI as f64) as u64,
         };
-        Self {
-            cfg,
-            rules,
-            table: ClientTable::new(max_clients),
-        }
+        Self { cfg, rules, table }
     }
 
     /// The rules in force.
@@ -388,7 +391,7 @@ impl Reputation {
     }
 
     /// The client table (for gauges).
-    pub fn table(&self) -> &ClientTable<RepState> {
+    pub fn table(&self) -> &Arc<ClientTable<RepState>> {
         &self.table
     }
 }

@@ -164,22 +164,42 @@ pub struct Shield<C> {
 impl<C: Clock> Shield<C> {
     /// Builds the pipeline. Cannot fail: the config is already validated.
     pub fn new(cfg: ShieldConfig, clock: C) -> Self {
-        let limiter = |p: &LimitPolicy| (RateLimiter::new(p.quota, cfg.max_tracked_clients), p.mode);
+        Self::carrying_over(cfg, clock, None)
+    }
+
+    /// Builds the pipeline for a reloaded config, keeping the state of
+    /// `previous`: scores, and the limiter state of every route that keeps
+    /// its name (new limits apply to it). Tables are sized at start, so a
+    /// changed `max_tracked_clients` starts them afresh.
+    pub fn carrying_over(cfg: ShieldConfig, clock: C, previous: Option<&Shield<C>>) -> Self {
+        let previous = previous.filter(|p| p.cfg.max_tracked_clients == cfg.max_tracked_clients);
+        let limiter = |name: &str, p: &LimitPolicy| {
+            let old = previous.and_then(|prev| prev.limiters().find(|(n, _)| *n == name));
+            let limiter = match old {
+                Some((_, l)) => RateLimiter::with_table(p.quota, l.table().clone()),
+                None => RateLimiter::new(p.quota, cfg.max_tracked_clients),
+            };
+            (limiter, p.mode)
+        };
         Self {
-            default_limiter: cfg.limit.as_ref().map(limiter),
+            default_limiter: cfg.limit.as_ref().map(|p| limiter("default", p)),
             routes: cfg
                 .routes
                 .iter()
                 .map(|r| Route {
                     config: r.clone(),
-                    limiter: r.limit.as_ref().map(limiter),
+                    limiter: r.limit.as_ref().map(|p| limiter(&r.name, p)),
                 })
                 .collect(),
-            reputation: cfg
-                .reputation
-                .as_ref()
-                .map(|(rc, mode)| (Reputation::new(rc.clone(), cfg.max_tracked_clients), *mode)),
-            fingerprint_hasher: foldhash::fast::RandomState::default(),
+            reputation: cfg.reputation.as_ref().map(|(rc, mode)| {
+                let rep = match previous.and_then(Shield::reputation) {
+                    Some(old) => Reputation::with_table(rc.clone(), old.table().clone()),
+                    None => Reputation::new(rc.clone(), cfg.max_tracked_clients),
+                };
+                (rep, *mode)
+            }),
+            // Fingerprint keys must not change under a reload.
+            fingerprint_hasher: previous.map_or_else(Default::default, |p| p.fingerprint_hasher.clone()),
             clock,
             cfg,
         }
@@ -535,6 +555,31 @@ mod tests {
         assert!(s.observe_response(&ds[0], 401));
         let e = s.reputation().unwrap().explain(&ds[0].key, 0);
         assert_eq!(e.score, 60.0);
+    }
+
+    #[test]
+    fn reload_keeps_state_and_applies_new_limits() {
+        let clock = ManualClock::new();
+        let s = Shield::new(ShieldConfig::default(), clock.clone());
+        assert_eq!(run(&s, "10.0.0.1", "/", 60).0, 60);
+        s.reputation().unwrap().set(&ClientKey::V4(0x0a00_0002), 40, 0);
+        let mut cfg = ShieldConfig::default();
+        cfg.limit = Some(LimitPolicy {
+            quota: quota(50),
+            mode: Mode::Enforce,
+        });
+        let reloaded = Shield::carrying_over(cfg.clone(), clock.clone(), Some(&s));
+        // 60 already spent this second; the new window limit is 50.
+        assert_eq!(run(&reloaded, "10.0.0.1", "/", 10).0, 0);
+        let e = reloaded
+            .reputation()
+            .unwrap()
+            .explain(&ClientKey::V4(0x0a00_0002), 0);
+        assert_eq!(e.score, 40.0);
+        // A resized table starts afresh.
+        cfg.max_tracked_clients = 10;
+        let resized = Shield::carrying_over(cfg, clock, Some(&reloaded));
+        assert_eq!(run(&resized, "10.0.0.1", "/", 10).0, 10);
     }
 
     #[test]
