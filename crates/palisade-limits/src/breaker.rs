@@ -315,7 +315,7 @@ mod tests {
             Outcome::Failure,
             Outcome::Failure,
         ] {
-            run(&b, o, 0);
+            let _ = run(&b, o, 0);
         }
         assert!(run(&b, Outcome::Failure, 0).1.is_empty());
         assert_eq!(b.state(0).0, BreakerState::Closed);
@@ -328,7 +328,7 @@ mod tests {
     fn windows_reset_counts_while_closed() {
         let b = Breaker::new(BreakerConfig::default(), 0);
         for _ in 0..4 {
-            run(&b, Outcome::Failure, 0);
+            let _ = run(&b, Outcome::Failure, 0);
         }
         // A new 10 s window forgets them.
         assert!(run(&b, Outcome::Failure, 10 * SEC).1.is_empty());
@@ -339,7 +339,7 @@ mod tests {
     fn open_refuses_for_thirty_seconds_then_probes_close_it() {
         let b = Breaker::new(BreakerConfig::default(), 0);
         for _ in 0..5 {
-            run(&b, Outcome::Failure, 0);
+            let _ = run(&b, Outcome::Failure, 0);
         }
         let (r, _) = run(&b, Outcome::Success, 10 * SEC);
         assert_eq!(
@@ -369,7 +369,7 @@ mod tests {
     fn a_failed_probe_reopens() {
         let b = Breaker::new(BreakerConfig::default(), 0);
         for _ in 0..5 {
-            run(&b, Outcome::Failure, 0);
+            let _ = run(&b, Outcome::Failure, 0);
         }
         let (ok, ts) = run(&b, Outcome::Failure, 30 * SEC);
         assert!(ok.is_ok());
@@ -390,9 +390,9 @@ mod tests {
             0,
         );
         for _ in 0..5 {
-            run(&b, Outcome::Failure, 0);
+            let _ = run(&b, Outcome::Failure, 0);
         }
-        run(&b, Outcome::Ignored, 30 * SEC);
+        let _ = run(&b, Outcome::Ignored, 30 * SEC);
         assert_eq!(b.state(30 * SEC).0, BreakerState::HalfOpen);
         let (_, ts) = run(&b, Outcome::Success, 30 * SEC);
         assert_eq!(ts[0].to, BreakerState::Closed);
@@ -403,7 +403,7 @@ mod tests {
         let b = Breaker::new(BreakerConfig::default(), 0);
         let (old, _) = b.before(0);
         for _ in 0..5 {
-            run(&b, Outcome::Failure, 0);
+            let _ = run(&b, Outcome::Failure, 0);
         }
         // The breaker opened meanwhile; the old ticket's success is stale.
         assert!(b.after(old.unwrap(), Outcome::Success, 1).is_none());
