@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use palisade_proxy::config::{Config, Overrides, QUICKSTART};
+use palisade_proxy::proxy::ConfigSource;
 
 /// Anti-DDoS reverse proxy: per-client rate limits, IP reputation,
 /// slow-client defense, Prometheus metrics.
@@ -136,11 +137,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Config::load(path, &overrides)?,
         None => Config::quickstart(&overrides)?,
     };
-    if let Some(token) = std::env::var("PALISADE_ADMIN_TOKEN")
+    let env_token = std::env::var("PALISADE_ADMIN_TOKEN")
         .ok()
-        .filter(|t| !t.is_empty())
-    {
-        config.admin.token = Some(token);
+        .filter(|t| !t.is_empty());
+    if env_token.is_some() {
+        config.admin.token.clone_from(&env_token);
     }
     let mut made_up_token = false;
     if quickstart && config.admin.token.is_none() {
@@ -165,7 +166,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let upstreams: Vec<String> = config.server.upstreams.iter().map(|u| u.to_string()).collect();
     let token = config.admin.token.clone();
     let metrics_path = config.admin.metrics_path.clone();
-    let running = palisade_proxy::start(config).await?;
+    let source = args.config.map(|path| ConfigSource {
+        path,
+        overrides: overrides.clone(),
+        token: env_token,
+    });
+    let reloadable = source.is_some();
+    let running = palisade_proxy::start_reloadable(config, source).await?;
+    if reloadable {
+        reload_on_sighup(running.app.clone());
+    }
     let proxy = running.proxy_addr;
     let admin = running.admin_addr;
     tracing::info!(%proxy, %admin, upstreams = ?upstreams, "palisade running");
@@ -191,6 +201,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP reloads the config file (errors are logged by the reload).
+fn reload_on_sighup(app: std::sync::Arc<palisade_proxy::proxy::App>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading config");
+                        let _ = app.reload().await;
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("cannot listen for SIGHUP ({e}); reload with POST /api/v1/reload"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = app;
 }
 
 /// SIGTERM or SIGINT.

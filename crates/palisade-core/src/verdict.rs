@@ -30,6 +30,8 @@ pub enum RejectReason {
     Reputation,
     /// Source matches the deny list: 403.
     Denylisted,
+    /// Every upstream's circuit breaker is open: 503, no upstream call.
+    BreakerOpen,
 }
 
 impl RejectReason {
@@ -39,6 +41,7 @@ impl RejectReason {
             Self::RateLimited => "rate_limited",
             Self::Reputation => "reputation_blocked",
             Self::Denylisted => "denylisted",
+            Self::BreakerOpen => "breaker_open",
         }
     }
 }

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::proxy::App;
+use crate::proxy::{App, ReloadError, Runtime};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -65,7 +65,8 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
     {
         return refusal;
     }
-    if path == app.config.admin.metrics_path && reading {
+    let rt = app.runtime();
+    if path == rt.config.admin.metrics_path && reading {
         app.refresh_gauges();
         let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())));
         r.headers_mut().insert(
@@ -89,14 +90,32 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
         let Ok(ip) = ip.parse::<IpAddr>() else {
             return error(StatusCode::BAD_REQUEST, "not an IP address");
         };
-        return reputation(app, &method, ip, req).await;
+        return reputation(app, &rt, &method, ip, req).await;
+    }
+    match (path.as_str(), &method) {
+        ("/api/v1/breakers", &Method::GET) => return json(StatusCode::OK, &breakers(app, &rt)),
+        ("/api/v1/reload", &Method::POST) => {
+            return match app.reload().await {
+                Ok(report) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "reloaded": true, "needs_restart": report.needs_restart }),
+                ),
+                Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
+                Err(e) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &serde_json::json!({ "reloaded": false, "error": e.to_string() }),
+                ),
+            };
+        }
+        _ => {}
     }
     error(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
 /// The refusal for a request without the right bearer token, if any.
 fn refuse_unauthorized(app: &App, req: &Request<Incoming>) -> Option<Resp> {
-    let Some(token) = app.config.admin.token.as_deref() else {
+    let rt = app.runtime();
+    let Some(token) = rt.config.admin.token.as_deref() else {
         return Some(error(
             StatusCode::FORBIDDEN,
             "no admin token configured: set PALISADE_ADMIN_TOKEN or admin.token",
@@ -128,12 +147,34 @@ struct SetScore {
     score: u8,
 }
 
-async fn reputation(app: &App, method: &Method, ip: IpAddr, req: Request<Incoming>) -> Resp {
-    let Some(rep) = app.shield.reputation() else {
+fn breakers(app: &App, rt: &Runtime) -> serde_json::Value {
+    let now = app.now();
+    let upstreams: Vec<_> = rt
+        .upstreams
+        .iter()
+        .map(|u| match &u.breaker {
+            Some(b) => {
+                let (state, counts, _) = b.state(now);
+                serde_json::json!({
+                    "upstream": u.label,
+                    "state": state.as_str(),
+                    "requests": counts.requests,
+                    "successes": counts.successes,
+                    "failures": counts.failures,
+                })
+            }
+            None => serde_json::json!({ "upstream": u.label, "state": "disabled" }),
+        })
+        .collect();
+    serde_json::json!({ "upstreams": upstreams })
+}
+
+async fn reputation(app: &App, rt: &Runtime, method: &Method, ip: IpAddr, req: Request<Incoming>) -> Resp {
+    let Some(rep) = rt.shield.reputation() else {
         return error(StatusCode::NOT_FOUND, "reputation is disabled");
     };
-    let key = app.shield.key_for_ip(ip);
-    let now = app.shield.now();
+    let key = rt.shield.key_for_ip(ip);
+    let now = app.now();
     match *method {
         Method::GET | Method::HEAD => {}
         Method::PUT => {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::{Method, Uri};
 use ipnet::IpNet;
 use palisade_core::{ClientIpHeader, Mode, TrustedProxies};
+use palisade_limits::breaker::BreakerConfig;
 use palisade_limits::rate::Quota;
 use palisade_limits::reputation::ReputationConfig;
 use palisade_limits::shield::{KeyBy, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
@@ -66,6 +67,29 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Protection rules.
     pub shield: ShieldConfig,
+    /// Per-upstream circuit breaker; `None` when disabled.
+    pub breaker: Option<UpstreamBreaker>,
+}
+
+/// `[breaker]`: rules and what counts as a failure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamBreaker {
+    /// Trip, open and probe rules.
+    pub rules: BreakerConfig,
+    /// Response statuses that count as failures (connect errors and
+    /// timeouts always do).
+    pub failure_statuses: StatusSet,
+}
+
+/// A set of HTTP status codes, written as codes (`503`) or classes (`5xx`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSet([bool; 600]);
+
+impl StatusSet {
+    /// Whether `status` is in the set.
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.get(usize::from(status)).copied().unwrap_or(false)
+    }
 }
 
 /// `[server]`.
@@ -193,6 +217,7 @@ struct RawConfig {
     clients: RawClients,
     rate_limit: RawRateLimit,
     reputation: RawReputation,
+    breaker: RawBreaker,
     routes: Vec<RawRoute>,
 }
 
@@ -349,6 +374,32 @@ impl Default for RawReputation {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawBreaker {
+    enabled: bool,
+    min_requests: u32,
+    failure_ratio: f64,
+    interval: String,
+    open_for: String,
+    probes: u32,
+    failure_statuses: Vec<String>,
+}
+
+impl Default for RawBreaker {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_requests: 5,
+            failure_ratio: 0.6,
+            interval: "10s".into(),
+            open_for: "30s".into(),
+            probes: 3,
+            failure_statuses: vec!["5xx".into()],
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawRoute {
@@ -468,12 +519,62 @@ impl RawConfig {
             },
         };
         let shield = self.shield()?;
+        let breaker = self.breaker()?;
         Ok(Config {
             server,
             upstream,
             admin,
             shield,
+            breaker,
         })
+    }
+
+    fn breaker(&self) -> Result<Option<UpstreamBreaker>, Invalid> {
+        let b = &self.breaker;
+        if !b.enabled {
+            return Ok(None);
+        }
+        if b.min_requests == 0 {
+            return Err(at(p!("breaker", "min_requests"), "must be > 0"));
+        }
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            return Err(at(p!("breaker", "failure_ratio"), "must be in (0, 1]"));
+        }
+        if b.probes == 0 {
+            return Err(at(p!("breaker", "probes"), "must be > 0"));
+        }
+        let mut set = [false; 600];
+        for (i, entry) in b.failure_statuses.iter().enumerate() {
+            let range = match entry.as_bytes() {
+                [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                    let base = usize::from(c - b'0') * 100;
+                    base..=base + 99
+                }
+                _ => match entry.parse::<usize>() {
+                    Ok(code @ 100..=599) => code..=code,
+                    _ => {
+                        return Err(at(
+                            p!("breaker", "failure_statuses", i),
+                            format!("{entry:?} is not a status (e.g. 503) or class (e.g. \"5xx\")"),
+                        ));
+                    }
+                },
+            };
+            for code in range {
+                set[code] = true;
+            }
+        }
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Ok(Some(UpstreamBreaker {
+            rules: BreakerConfig {
+                min_requests: b.min_requests,
+                failure_ratio: b.failure_ratio,
+                interval: nanos(duration(&b.interval, p!("breaker", "interval"))?),
+                open_for: nanos(duration(&b.open_for, p!("breaker", "open_for"))?),
+                probes: b.probes,
+            },
+            failure_statuses: StatusSet(set),
+        }))
     }
 
     fn shield(&self) -> Result<ShieldConfig, Invalid> {
@@ -848,6 +949,11 @@ mod tests {
         assert_eq!(q.server, d.server);
         assert_eq!(q.upstream, d.upstream);
         assert_eq!(q.admin, d.admin);
+        assert_eq!(q.breaker, d.breaker);
+        let b = q.breaker.unwrap();
+        assert_eq!(b.rules, BreakerConfig::default());
+        assert!(b.failure_statuses.contains(500) && b.failure_statuses.contains(599));
+        assert!(!b.failure_statuses.contains(404));
         assert_eq!(format!("{:?}", q.shield), format!("{:?}", d.shield));
         assert_eq!(q.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(q.admin.listen.to_string(), "127.0.0.1:9090");
@@ -936,6 +1042,27 @@ mod tests {
         // A missing key points at what encloses it.
         let e = err("[admin]\nlisten = \"x\"\n");
         assert!(e.starts_with("test.toml:"), "{e}");
+    }
+
+    #[test]
+    fn breaker_statuses() {
+        let c = parse(
+            "[server]\nupstreams = [\"http://a:1\"]\n[breaker]\nfailure_statuses = [\"502\", \"4xx\"]\n",
+        )
+        .unwrap();
+        let set = c.breaker.unwrap().failure_statuses;
+        assert!(set.contains(502) && set.contains(429) && !set.contains(500));
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[breaker]\nfailure_statuses = [\"5xy\"]\n");
+        assert!(
+            e.starts_with("test.toml:4:21: breaker.failure_statuses[0]: \"5xy\" is not a status"),
+            "{e}"
+        );
+        assert!(
+            parse("[server]\nupstreams = [\"http://a:1\"]\n[breaker]\nenabled = false\n")
+                .unwrap()
+                .breaker
+                .is_none()
+        );
     }
 
     #[test]

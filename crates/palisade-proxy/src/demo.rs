@@ -7,6 +7,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,15 +26,25 @@ const MAX_ECHO: usize = 10 << 20;
 
 /// Binds the demo upstream; returns its address and the serving future.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
+    let (local, _, serve) = bind_counted(addr).await?;
+    Ok((local, serve))
+}
+
+/// Like [`bind`], also returning a count of requests answered (tests use it
+/// to prove a request never reached the upstream).
+pub async fn bind_counted(
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, Arc<AtomicU64>, impl Future<Output = ()>)> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen on {addr} (demo upstream): {e}"))
     })?;
     let local = listener.local_addr()?;
-    Ok((local, serve(listener)))
+    let hits = Arc::new(AtomicU64::new(0));
+    Ok((local, hits.clone(), serve(listener, hits)))
 }
 
-async fn serve(listener: TcpListener) {
-    let builder = std::sync::Arc::new(auto::Builder::new(TokioExecutor::new()));
+async fn serve(listener: TcpListener, hits: Arc<AtomicU64>) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -40,8 +52,12 @@ async fn serve(listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
+        let hits = hits.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(answer(req).await) });
+            let svc = hyper::service::service_fn(move |req| {
+                hits.fetch_add(1, Ordering::Relaxed);
+                async move { Ok::<_, Infallible>(answer(req).await) }
+            });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }

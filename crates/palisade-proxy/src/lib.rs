@@ -20,7 +20,8 @@ pub mod forward;
 pub mod io;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod respond;
 pub mod server;
 
-pub use server::{Running, start};
+pub use server::{Running, start, start_reloadable};

@@ -54,6 +54,24 @@ pub struct TableLabel {
     pub table: String,
 }
 
+/// An upstream label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    /// The upstream's `host:port`.
+    pub upstream: &'static str,
+}
+
+/// A breaker transition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// The upstream's `host:port`.
+    pub upstream: &'static str,
+    /// State before.
+    pub from: &'static str,
+    /// State after.
+    pub to: &'static str,
+}
+
 /// Score bucket labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScoreLabel {
@@ -88,6 +106,14 @@ pub struct Metrics {
     pub table_overflows: Family<TableLabel, Counter<u64, AtomicU64>>,
     /// Tracked clients by reputation score bucket (refreshed at scrape).
     pub reputation_scores: Family<ScoreLabel, Gauge>,
+    /// Upstream breaker state: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: Family<UpstreamLabel, Gauge>,
+    /// Upstream breaker transitions.
+    pub breaker_transitions: Family<TransitionLabels, Counter>,
+    /// 1 if the last config reload applied, 0 if it was rejected.
+    pub config_last_reload_success: Gauge,
+    /// Reload attempts by result (`ok`, `error`).
+    pub config_reloads: Family<KindLabel, Counter>,
 }
 
 /// Score buckets, matching `Reputation::distribution`.
@@ -163,7 +189,35 @@ impl Metrics {
             "Tracked clients by reputation score bucket",
             reputation_scores.clone(),
         );
+        let breaker_state = Family::default();
+        registry.register(
+            "breaker_state",
+            "Upstream circuit breaker state: 0 closed, 1 open, 2 half-open",
+            breaker_state.clone(),
+        );
+        let breaker_transitions = Family::default();
+        registry.register(
+            "breaker_transitions",
+            "Upstream circuit breaker state changes",
+            breaker_transitions.clone(),
+        );
+        let config_last_reload_success = Gauge::default();
+        registry.register(
+            "config_last_reload_success",
+            "1 if the last config reload applied, 0 if it was rejected",
+            config_last_reload_success.clone(),
+        );
+        let config_reloads = Family::default();
+        registry.register(
+            "config_reloads",
+            "Config reload attempts by result",
+            config_reloads.clone(),
+        );
         Self {
+            breaker_state,
+            breaker_transitions,
+            config_last_reload_success,
+            config_reloads,
             registry,
             requests,
             latency,

@@ -3,11 +3,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -18,11 +21,13 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use palisade_core::{MonotonicClock, NANOS_PER_SEC};
+use hyper_util::server::conn::auto;
+use palisade_core::{Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
+use palisade_limits::breaker::{Breaker, Outcome, Ticket, Transition};
 use palisade_limits::shield::{Decision, RequestFacts, Shield};
 
-use crate::body::{BodyLimits, TimedBody};
-use crate::config::Config;
+use crate::body::{BodyError, BodyLimits, TimedBody};
+use crate::config::{Config, ConfigError, Overrides};
 use crate::forward::{append_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
@@ -31,68 +36,224 @@ use crate::respond::{self, UpstreamFailure};
 /// Body sent upstream: the client's body with deadlines, or nothing.
 pub type UpstreamBody = Either<TimedBody<Incoming>, Empty<Bytes>>;
 
-/// State shared by every connection.
-pub struct App {
-    /// The protection pipeline.
-    pub shield: Shield<MonotonicClock>,
-    /// Exported metrics.
-    pub metrics: Metrics,
-    /// The config in force.
-    pub config: Config,
-    /// False while draining, for `/readyz`.
-    pub ready: AtomicBool,
-    client: Client<HttpConnector, UpstreamBody>,
-    upstreams: Vec<Authority>,
-    next_upstream: AtomicUsize,
-    route_labels: Vec<&'static str>,
-    body_limits: BodyLimits,
-    log_budget: LogBudget,
+/// Where the config came from, so it can be read again.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The config file.
+    pub path: PathBuf,
+    /// Command-line values that win over the file.
+    pub overrides: Overrides,
+    /// An admin token from the environment, which wins over the file.
+    pub token: Option<String>,
 }
 
-impl App {
-    /// Builds the shared state from a validated config.
-    pub fn new(config: Config) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.upstream.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.upstream.pool_idle_timeout)
-            .pool_max_idle_per_host(config.upstream.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        let shield = Shield::new(config.shield.clone(), MonotonicClock::new());
+/// One upstream and its breaker.
+pub struct Upstream {
+    /// Where requests go.
+    pub authority: Authority,
+    /// The `upstream` metrics label.
+    pub label: &'static str,
+    /// Its circuit breaker, when enabled.
+    pub breaker: Option<Arc<Breaker>>,
+}
+
+/// Everything a config decides, swapped as a whole on reload.
+pub struct Runtime {
+    /// The config in force.
+    pub config: Config,
+    /// The protection pipeline.
+    pub shield: Shield<MonotonicClock>,
+    /// Upstreams, round-robin.
+    pub upstreams: Vec<Upstream>,
+    /// Connection settings for new client connections.
+    pub builder: Arc<auto::Builder<TokioExecutor>>,
+    client: Client<HttpConnector, UpstreamBody>,
+    route_labels: Vec<&'static str>,
+    body_limits: BodyLimits,
+}
+
+impl Runtime {
+    /// Builds the runtime for `config`, carrying over what `previous` knew:
+    /// client scores and limiter state, breaker state of upstreams that
+    /// stay, and the upstream connection pool when its settings are equal.
+    pub fn build(config: Config, clock: MonotonicClock, previous: Option<&Runtime>) -> Self {
+        let now = clock.now();
+        let shield = Shield::carrying_over(config.shield.clone(), clock, previous.map(|p| &p.shield));
         let route_labels = (0..shield.route_count())
             .map(|i| intern(shield.route_name(i)))
             .collect();
+        let upstreams = config
+            .server
+            .upstreams
+            .iter()
+            .filter_map(|u| u.authority().cloned())
+            .map(|authority| {
+                let old = previous.and_then(|p| p.upstreams.iter().find(|u| u.authority == authority));
+                let breaker = config
+                    .breaker
+                    .as_ref()
+                    .map(|b| match old.and_then(|o| o.breaker.clone()) {
+                        Some(kept) => {
+                            kept.reconfigure(b.rules.clone());
+                            kept
+                        }
+                        None => Arc::new(Breaker::new(b.rules.clone(), now)),
+                    });
+                Upstream {
+                    label: intern(authority.as_str()),
+                    authority,
+                    breaker,
+                }
+            })
+            .collect();
+        let client = match previous {
+            Some(p) if p.config.upstream == config.upstream => p.client.clone(),
+            _ => upstream_client(&config),
+        };
         Self {
-            upstreams: config
-                .server
-                .upstreams
-                .iter()
-                .filter_map(|u| u.authority().cloned())
-                .collect(),
-            next_upstream: AtomicUsize::new(0),
+            builder: Arc::new(connection_builder(&config)),
             body_limits: BodyLimits {
                 gap: config.server.body_read_timeout,
                 min_rate: config.server.body_min_rate,
                 grace: config.server.body_rate_grace,
             },
+            upstreams,
             route_labels,
             client,
             shield,
-            metrics: Metrics::new(),
-            ready: AtomicBool::new(true),
-            log_budget: LogBudget::default(),
             config,
         }
+    }
+}
+
+fn upstream_client(config: &Config) -> Client<HttpConnector, UpstreamBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.upstream.connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(config.upstream.pool_idle_timeout)
+        .pool_max_idle_per_host(config.upstream.pool_max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let s = &config.server;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // Header deadline is enforced by TimedIo (see io.rs).
+        .header_read_timeout(None)
+        .max_buf_size(s.max_header_bytes)
+        .max_headers(s.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(s.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(s.write_timeout);
+    b
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadReport {
+    /// Changed settings that only a restart applies.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// State shared by every connection.
+pub struct App {
+    /// Exported metrics.
+    pub metrics: Metrics,
+    /// False while draining, for `/readyz`.
+    pub ready: AtomicBool,
+    clock: MonotonicClock,
+    runtime: ArcSwap<Runtime>,
+    source: Option<ConfigSource>,
+    reloading: tokio::sync::Mutex<()>,
+    next_upstream: AtomicUsize,
+    log_budget: LogBudget,
+}
+
+impl App {
+    /// Builds the shared state from a validated config; `source` makes it
+    /// reloadable.
+    pub fn new(config: Config, source: Option<ConfigSource>) -> Self {
+        let clock = MonotonicClock::new();
+        let metrics = Metrics::new();
+        metrics.config_last_reload_success.set(1);
+        Self {
+            runtime: ArcSwap::from_pointee(Runtime::build(config, clock, None)),
+            clock,
+            metrics,
+            ready: AtomicBool::new(true),
+            source,
+            reloading: tokio::sync::Mutex::new(()),
+            next_upstream: AtomicUsize::new(0),
+            log_budget: LogBudget::default(),
+        }
+    }
+
+    /// The runtime in force (config, shield, upstreams).
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Time on the daemon's clock.
+    pub fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// Reads the config file again and applies it, or keeps the current one
+    /// and returns why not.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let Some(source) = &self.source else {
+            return Err(ReloadError::NoFile);
+        };
+        let _one_at_a_time = self.reloading.lock().await;
+        let loaded = Config::load(&source.path, &source.overrides);
+        let mut config = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.config_last_reload_success.set(0);
+                Metrics::inc(&self.metrics.config_reloads, "error");
+                tracing::error!("config reload failed, keeping the config in force: {e}");
+                return Err(ReloadError::Invalid(e));
+            }
+        };
+        if source.token.is_some() {
+            config.admin.token.clone_from(&source.token);
+        }
+        let old = self.runtime();
+        let mut needs_restart = Vec::new();
+        if config.server.listen != old.config.server.listen {
+            needs_restart.push("server.listen");
+        }
+        if config.admin.listen != old.config.admin.listen {
+            needs_restart.push("admin.listen");
+        }
+        if config.shield.max_tracked_clients != old.config.shield.max_tracked_clients {
+            tracing::warn!("clients.max_tracked changed: client tables start afresh");
+        }
+        let runtime = Runtime::build(config, self.clock, Some(&old));
+        self.runtime.store(Arc::new(runtime));
+        self.metrics.config_last_reload_success.set(1);
+        Metrics::inc(&self.metrics.config_reloads, "ok");
+        for key in &needs_restart {
+            tracing::warn!("{key} changed: takes effect after a restart");
+        }
+        tracing::info!(file = %source.path.display(), "config reloaded");
+        Ok(ReloadReport { needs_restart })
     }
 
     /// Refreshes the gauges that are computed from tables rather than counted.
     pub fn refresh_gauges(&self) {
+        let rt = self.runtime();
         let m = &self.metrics;
-        let now = self.shield.now();
-        for (name, limiter) in self.shield.limiters() {
+        let now = self.now();
+        for (name, limiter) in rt.shield.limiters() {
             let label = metrics::TableLabel {
                 table: format!("limiter:{name}"),
             };
@@ -101,7 +262,7 @@ impl App {
             let c = m.table_overflows.get_or_create(&label);
             c.inc_by(t.overflowed().saturating_sub(c.get()));
         }
-        if let Some(rep) = self.shield.reputation() {
+        if let Some(rep) = rt.shield.reputation() {
             let label = metrics::TableLabel {
                 table: "reputation".into(),
             };
@@ -116,16 +277,79 @@ impl App {
                     .set(n as i64);
             }
         }
+        for u in &rt.upstreams {
+            if let Some(b) = &u.breaker {
+                let (state, _, transition) = b.state(now);
+                if let Some(t) = transition {
+                    self.breaker_transition(u.label, t);
+                }
+                m.breaker_state
+                    .get_or_create(&metrics::UpstreamLabel { upstream: u.label })
+                    .set(state.gauge());
+            }
+        }
     }
 
-    fn pick_upstream(&self) -> &Authority {
-        let i = self.next_upstream.fetch_add(1, Ordering::Relaxed) % self.upstreams.len();
-        &self.upstreams[i]
+    fn breaker_transition(&self, upstream: &'static str, t: Transition) {
+        let m = &self.metrics;
+        m.breaker_transitions
+            .get_or_create(&metrics::TransitionLabels {
+                upstream,
+                from: t.from.as_str(),
+                to: t.to.as_str(),
+            })
+            .inc();
+        m.breaker_state
+            .get_or_create(&metrics::UpstreamLabel { upstream })
+            .set(t.to.gauge());
+        // Transitions are rare by construction: always logged.
+        tracing::warn!(
+            upstream,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            requests = t.counts.requests,
+            failures = t.counts.failures,
+            successes = t.counts.successes,
+            "circuit breaker"
+        );
+    }
+
+    /// The next upstream whose breaker admits a request, or the shortest
+    /// time until one will.
+    fn choose_upstream<'r>(&self, rt: &'r Runtime) -> Result<(&'r Upstream, Option<BreakerTicket>), u64> {
+        let n = rt.upstreams.len();
+        let start = self.next_upstream.fetch_add(1, Ordering::Relaxed);
+        let mut retry_after = u64::MAX;
+        for k in 0..n {
+            let u = &rt.upstreams[(start + k) % n];
+            let Some(breaker) = &u.breaker else {
+                return Ok((u, None));
+            };
+            let now = self.now();
+            let (admitted, transition) = breaker.before(now);
+            if let Some(t) = transition {
+                self.breaker_transition(u.label, t);
+            }
+            match admitted {
+                Ok(ticket) => {
+                    let ticket = BreakerTicket {
+                        breaker: breaker.clone(),
+                        ticket,
+                        clock: self.clock,
+                        done: false,
+                    };
+                    return Ok((u, Some(ticket)));
+                }
+                Err(refused) => retry_after = retry_after.min(refused.retry_after),
+            }
+        }
+        Err(retry_after)
     }
 
     /// Decides and answers one request.
     pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResponseBody> {
-        let start = self.shield.now();
+        let rt = self.runtime();
+        let start = self.now();
         let method = metrics::method_label(req.method());
         let decision = {
             let host = req
@@ -133,7 +357,7 @@ impl App {
                 .get(HOST)
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| req.uri().authority().map(Authority::as_str));
-            self.shield.decide(&RequestFacts {
+            rt.shield.decide(&RequestFacts {
                 peer: peer.ip(),
                 method: req.method(),
                 host,
@@ -141,11 +365,7 @@ impl App {
                 headers: req.headers(),
             })
         };
-        let endpoint = self
-            .route_labels
-            .get(decision.route)
-            .copied()
-            .unwrap_or("default");
+        let endpoint = rt.route_labels.get(decision.route).copied().unwrap_or("default");
         if decision.flooded {
             Metrics::inc(&self.metrics.penalties, "flood");
             if self.log_budget.take(start) {
@@ -158,22 +378,34 @@ impl App {
                 tracing::info!(client = %decision.client_ip, %reason, endpoint, "would_block (shadow mode)");
             }
         }
-        self.metrics.decision(decision.rejection.map(|r| r.reason));
-        let response = match &decision.rejection {
+        let (response, refused) = match &decision.rejection {
             Some(rej) => {
                 if self.log_budget.take(start) {
                     tracing::info!(client = %decision.client_ip, reason = %rej.reason, endpoint, "refused");
                 }
-                respond::rejection(rej, endpoint).map(Either::Right)
+                (
+                    respond::rejection(rej, endpoint).map(Either::Right),
+                    Some(rej.reason),
+                )
             }
-            None => {
-                let r = self.forward(peer, &decision, req).await;
-                if self.shield.observe_response(&decision, r.status().as_u16()) {
-                    Metrics::inc(&self.metrics.penalties, "error_streak");
+            None => match self.choose_upstream(&rt) {
+                Err(retry_after) => {
+                    let secs = retry_after.div_ceil(NANOS_PER_SEC);
+                    (
+                        respond::breaker_open(secs).map(Either::Right),
+                        Some(RejectReason::BreakerOpen),
+                    )
                 }
-                r
-            }
+                Ok((upstream, ticket)) => {
+                    let r = self.forward(&rt, upstream, ticket, peer, &decision, req).await;
+                    if rt.shield.observe_response(&decision, r.status().as_u16()) {
+                        Metrics::inc(&self.metrics.penalties, "error_streak");
+                    }
+                    (r, None)
+                }
+            },
         };
+        self.metrics.decision(refused);
         let status = response.status().as_u16();
         self.metrics
             .requests
@@ -183,7 +415,7 @@ impl App {
                 status,
             })
             .inc();
-        let elapsed = self.shield.now().saturating_sub(start) as f64 / NANOS_PER_SEC as f64;
+        let elapsed = self.now().saturating_sub(start) as f64 / NANOS_PER_SEC as f64;
         self.metrics
             .latency
             .get_or_create(&LatencyLabels { endpoint, method })
@@ -196,6 +428,9 @@ impl App {
 
     async fn forward(
         &self,
+        rt: &Runtime,
+        upstream: &Upstream,
+        ticket: Option<BreakerTicket>,
         peer: SocketAddr,
         decision: &Decision,
         req: Request<Incoming>,
@@ -217,7 +452,7 @@ impl App {
         append_forwarded(&mut parts.headers, peer.ip().to_canonical(), host.as_deref());
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.pick_upstream().clone());
+        uri.authority = Some(upstream.authority.clone());
         uri.path_and_query = Some(
             parts
                 .uri
@@ -234,28 +469,105 @@ impl App {
         let body = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
-            Either::Left(TimedBody::new(body, self.body_limits, slow.clone()))
+            Either::Left(TimedBody::new(body, rt.body_limits, slow.clone()))
         };
-        let sent = self.client.request(Request::from_parts(parts, body));
-        let failure = match tokio::time::timeout(self.config.upstream.response_timeout, sent).await {
+        let sent = rt.client.request(Request::from_parts(parts, body));
+        let failure = match tokio::time::timeout(rt.config.upstream.response_timeout, sent).await {
             Ok(Ok(mut resp)) => {
+                let failed = rt
+                    .config
+                    .breaker
+                    .as_ref()
+                    .is_some_and(|b| b.failure_statuses.contains(resp.status().as_u16()));
+                self.finish(
+                    upstream,
+                    ticket,
+                    if failed {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    },
+                );
                 strip_hop_by_hop(resp.headers_mut());
                 return resp.map(Either::Left);
             }
             Err(_) => UpstreamFailure::Timeout,
             Ok(Err(_)) if slow.load(Ordering::Acquire) => UpstreamFailure::SlowBody,
             Ok(Err(e)) if e.is_connect() => UpstreamFailure::Connect,
+            Ok(Err(e)) if caused_by_client_body(&e) => UpstreamFailure::ClientBody,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "upstream request failed");
                 UpstreamFailure::Other
             }
         };
+        let outcome = match failure {
+            UpstreamFailure::SlowBody | UpstreamFailure::ClientBody => Outcome::Ignored,
+            _ => Outcome::Failure,
+        };
+        self.finish(upstream, ticket, outcome);
         Metrics::inc(&self.metrics.upstream_errors, failure.as_str());
-        if failure != UpstreamFailure::SlowBody && self.log_budget.take(self.shield.now()) {
-            tracing::warn!(client = %decision.client_ip, failure = failure.as_str(), "upstream failed");
+        if outcome == Outcome::Failure && self.log_budget.take(self.now()) {
+            tracing::warn!(client = %decision.client_ip, upstream = upstream.label, failure = failure.as_str(), "upstream failed");
         }
         respond::upstream_failure(failure).map(Either::Right)
     }
+
+    fn finish(&self, upstream: &Upstream, ticket: Option<BreakerTicket>, outcome: Outcome) {
+        if let Some(mut t) = ticket
+            && let Some(transition) = t.finish(outcome)
+        {
+            self.breaker_transition(upstream.label, transition);
+        }
+    }
+}
+
+/// Why a reload did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Started from the built-in quickstart config.
+    #[error("started without --config: there is no file to reload")]
+    NoFile,
+    /// The file is invalid; the config in force stays.
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+}
+
+/// A breaker admission that reports `Ignored` if the request is dropped
+/// before its outcome is known (client gone), so a half-open probe slot is
+/// never lost.
+struct BreakerTicket {
+    breaker: Arc<Breaker>,
+    ticket: Ticket,
+    clock: MonotonicClock,
+    done: bool,
+}
+
+impl BreakerTicket {
+    fn finish(&mut self, outcome: Outcome) -> Option<Transition> {
+        self.done = true;
+        self.breaker.after(self.ticket, outcome, self.clock.now())
+    }
+}
+
+impl Drop for BreakerTicket {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker
+                .after(self.ticket, Outcome::Ignored, self.clock.now());
+        }
+    }
+}
+
+/// Whether an upstream request failed because reading the client's body did.
+fn caused_by_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The response body, keeping its request "in flight" until fully sent so

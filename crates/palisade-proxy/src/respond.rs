@@ -16,6 +16,8 @@ pub enum UpstreamFailure {
     Timeout,
     /// The client's request body was too slow.
     SlowBody,
+    /// Reading the client's request body failed (client went away).
+    ClientBody,
     /// Anything else (reset mid-response, protocol error).
     Other,
 }
@@ -27,6 +29,7 @@ impl UpstreamFailure {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
             Self::SlowBody => "slow_body",
+            Self::ClientBody => "client_body",
             Self::Other => "other",
         }
     }
@@ -63,13 +66,23 @@ pub fn rejection(rej: &Rejection, policy_name: &str) -> Response<Full<Bytes>> {
             r
         }
         RejectReason::Reputation | RejectReason::Denylisted => text(StatusCode::FORBIDDEN, "Access denied"),
+        RejectReason::BreakerOpen => breaker_open(rej.retry_after_secs.unwrap_or(1)),
     }
+}
+
+/// The answer when every upstream's breaker is open: 503, no upstream call.
+pub fn breaker_open(retry_after_secs: u64) -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n");
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+    r
 }
 
 /// The answer when upstream failed.
 pub fn upstream_failure(f: UpstreamFailure) -> Response<Full<Bytes>> {
     match f {
         UpstreamFailure::Connect | UpstreamFailure::Other => text(StatusCode::BAD_GATEWAY, "Bad Gateway\n"),
+        UpstreamFailure::ClientBody => text(StatusCode::BAD_REQUEST, "Bad Request\n"),
         UpstreamFailure::Timeout => text(StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout\n"),
         UpstreamFailure::SlowBody => {
             let mut r = text(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");

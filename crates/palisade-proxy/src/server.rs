@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -17,7 +16,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::io::{ConnActivity, Deadlines, TimedIo};
 use crate::metrics::Metrics;
-use crate::proxy::{App, ProxyService};
+use crate::proxy::{App, ConfigSource, ProxyService};
 
 /// A running daemon.
 pub struct Running {
@@ -48,12 +47,22 @@ impl Running {
     }
 }
 
-/// Binds the proxy and admin listeners and starts serving.
+/// Binds the proxy and admin listeners and starts serving a fixed config.
 pub async fn start(config: Config) -> std::io::Result<Running> {
+    start_reloadable(config, None).await
+}
+
+/// Like [`start`]; with a `source`, the config file is watched and can be
+/// reloaded (file change, `POST /api/v1/reload`, or [`App::reload`]).
+pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> std::io::Result<Running> {
     let proxy_listener = bind(config.server.listen, "proxy").await?;
     let admin_listener = bind(config.admin.listen, "admin").await?;
-    let app = Arc::new(App::new(config));
+    let watched = source.as_ref().map(|s| s.path.clone());
+    let app = Arc::new(App::new(config, source));
     let (stop, stopped) = watch::channel(false);
+    if let Some(path) = watched {
+        tokio::spawn(crate::reload::watch(app.clone(), path, stopped.clone()));
+    }
     let running = Running {
         proxy_addr: proxy_listener.local_addr()?,
         admin_addr: admin_listener.local_addr()?,
@@ -71,33 +80,9 @@ async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
 }
 
-fn builder(app: &App) -> auto::Builder<TokioExecutor> {
-    let s = &app.config.server;
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        // Header deadline is enforced by TimedIo (see io.rs).
-        .header_read_timeout(None)
-        .max_buf_size(s.max_header_bytes)
-        .max_headers(s.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(s.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(s.write_timeout);
-    b
-}
-
 /// Accepts until told to stop, then drains.
 async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
-    let builder = Arc::new(builder(&app));
     let graceful = GracefulShutdown::new();
-    let deadlines = Deadlines {
-        header: app.config.server.header_read_timeout,
-        idle: app.config.server.idle_timeout,
-        write: app.config.server.write_timeout,
-    };
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -108,11 +93,19 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
                     let _ = stream.set_nodelay(true);
+                    // New connections follow the config in force when they arrive.
+                    let rt = app.runtime();
+                    let s = &rt.config.server;
+                    let deadlines = Deadlines {
+                        header: s.header_read_timeout,
+                        idle: s.idle_timeout,
+                        write: s.write_timeout,
+                    };
                     let activity = Arc::new(ConnActivity::default());
                     let io = TokioIo::new(TimedIo::new(stream, activity.clone(), deadlines));
                     let service = ProxyService { app: app.clone(), peer, activity: activity.clone() };
-                    let conn = builder.serve_connection(io, service);
-                    let conn = graceful.watch(conn.into_owned());
+                    let conn = rt.builder.serve_connection(io, service).into_owned();
+                    let conn = graceful.watch(conn);
                     let app = app.clone();
                     tasks.spawn(async move {
                         let m: &Metrics = &app.metrics;
@@ -142,7 +135,7 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
     if open > 0 {
         tracing::info!(connections = open, "draining");
     }
-    let grace = app.config.server.shutdown_grace;
+    let grace = app.runtime().config.server.shutdown_grace;
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             remaining = tasks.len(),

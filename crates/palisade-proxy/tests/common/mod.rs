@@ -18,26 +18,34 @@ use tokio::net::{TcpSocket, TcpStream};
 pub struct Harness {
     pub running: Running,
     pub upstream: SocketAddr,
+    /// Requests the demo upstream answered.
+    pub upstream_hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Harness {
     /// Demo upstream + proxy. `server` is extra `[server]` keys, `rest`
     /// any other tables.
     pub async fn start(server: &str, rest: &str) -> Self {
-        let (upstream, serve) = palisade_proxy::demo::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let (upstream, hits, serve) = demo().await;
         tokio::spawn(serve);
-        Self::start_with_upstream(&format!("http://{upstream}"), server, rest, upstream).await
+        let mut h = Self::start_with_upstream(&format!("http://{upstream}"), server, rest, upstream).await;
+        h.upstream_hits = hits;
+        h
     }
 
     pub async fn start_with_upstream(url: &str, server: &str, rest: &str, upstream: SocketAddr) -> Self {
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{url}\"]\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n{rest}\n"
-        );
-        let config = Config::parse(&toml, "test.toml", &Overrides::default()).unwrap();
+        let config = Config::parse(
+            &config_text(url, server, rest),
+            "test.toml",
+            &Overrides::default(),
+        )
+        .unwrap();
         let running = palisade_proxy::start(config).await.unwrap();
-        Self { running, upstream }
+        Self {
+            running,
+            upstream,
+            upstream_hits: Default::default(),
+        }
     }
 
     pub fn proxy(&self) -> SocketAddr {
@@ -62,6 +70,24 @@ impl Harness {
     pub async fn metrics(&self) -> String {
         self.admin_client().await.get("/metrics").await.2
     }
+}
+
+/// A config on ephemeral loopback ports with admin token `test-token`.
+pub fn config_text(upstream_url: &str, server: &str, rest: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{upstream_url}\"]\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n{rest}\n"
+    )
+}
+
+/// A demo upstream on an ephemeral port, with its hit counter.
+pub async fn demo() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    impl std::future::Future<Output = ()>,
+) {
+    palisade_proxy::demo::bind_counted("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
 }
 
 /// Connects from `source` (any port) to `to`.
