@@ -19,6 +19,7 @@
 //! assert_eq!(refused.retry_after_secs(), 1);
 //! ```
 
+pub mod adaptive;
 pub mod breaker;
 pub mod rate;
 pub mod reputation;
