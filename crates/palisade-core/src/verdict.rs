@@ -32,6 +32,8 @@ pub enum RejectReason {
     Denylisted,
     /// Every upstream's circuit breaker is open: 503, no upstream call.
     BreakerOpen,
+    /// This client's adaptive breaker is open: 503.
+    ClientBreakerOpen,
 }
 
 impl RejectReason {
@@ -42,6 +44,7 @@ impl RejectReason {
             Self::Reputation => "reputation_blocked",
             Self::Denylisted => "denylisted",
             Self::BreakerOpen => "breaker_open",
+            Self::ClientBreakerOpen => "client_breaker_open",
         }
     }
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use palisade_core::{NANOS_PER_MS, NANOS_PER_SEC, Nanos};
 
 use crate::rate::Quota;
-use crate::table::{ClientTable, Slot};
+use crate::table::{ClientTable, Slot, Zeroable};
 
 /// Buckets in the window.
 pub const BUCKETS: usize = 100;
@@ -378,6 +378,9 @@ impl AdaptiveSlot {
     }
 }
 
+// SAFETY: only atomic integers (and arrays of them), whose zero is their default.
+unsafe impl Zeroable for AdaptiveSlot {}
+
 impl Slot for AdaptiveSlot {
     fn is_idle(&self, now: Nanos) -> bool {
         self.state() == AdaptiveState::Closed
@@ -492,7 +495,7 @@ impl AdaptiveBreaker {
                 let window = s.window(now);
                 let t = self.calm_check(s, window, now);
                 if t.is_some() {
-                    return (self.probe(s), t);
+                    return (self.probe(s, now), t);
                 }
                 (self.tighter_limit(s, quota, now), None)
             }
@@ -514,13 +517,21 @@ impl AdaptiveBreaker {
                     now,
                     s.window(now),
                 );
-                (self.probe(s), t)
+                (self.probe(s, now), t)
             }
-            AdaptiveState::HalfOpen => (self.probe(s), None),
+            AdaptiveState::HalfOpen => (self.probe(s, now), None),
         }
     }
 
-    fn probe(&self, s: &AdaptiveSlot) -> Admission {
+    fn probe(&self, s: &AdaptiveSlot, now: Nanos) -> Admission {
+        // Probes whose outcome never came back (the request was refused
+        // further on, or the client left) must not wedge the breaker: after
+        // `open_for` without a verdict, the probes are sent again.
+        let since = s.changed_at.load(Ordering::Acquire);
+        if now.saturating_sub(since) > self.cfg.open_for {
+            s.changed_at.store(now, Ordering::Release);
+            s.probes_sent.store(0, Ordering::Release);
+        }
         if u32::from(s.probes_sent.fetch_add(1, Ordering::AcqRel)) < self.cfg.probes {
             Admission::Pass
         } else {
@@ -851,6 +862,22 @@ mod tests {
         assert_eq!(b.admit(&K, &quota(), later).0, Admission::Pass);
         let t = b.record(&K, ip(), Signal::SlowFirstByte, later).unwrap();
         assert_eq!((t.to, t.reason), (AdaptiveState::Open, Reason::ProbeFailed));
+    }
+
+    #[test]
+    fn lost_probes_are_sent_again_after_open_for() {
+        let b = breaker();
+        feed(&b, 0, 20, 20, Signal::ServerError);
+        let now = 40 * SEC;
+        for _ in 0..3 {
+            assert_eq!(b.admit(&K, &quota(), now).0, Admission::Pass);
+        }
+        // No outcome ever arrives.
+        assert_eq!(
+            b.admit(&K, &quota(), now + 10 * SEC).0,
+            Admission::Refused { retry_after: 0 }
+        );
+        assert_eq!(b.admit(&K, &quota(), now + 31 * SEC).0, Admission::Pass);
     }
 
     #[test]

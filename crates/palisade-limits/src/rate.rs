@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use palisade_core::{ClientKey, NANOS_PER_SEC, Nanos};
 
-use crate::table::{ClientTable, Slot};
+use crate::table::{ClientTable, Slot, Zeroable};
 
 /// Width of one window slot.
 pub const SLOT_NANOS: Nanos = 100 * palisade_core::NANOS_PER_MS;
@@ -224,6 +224,9 @@ impl RateState {
         SLOTS as u64 * SLOT_NANOS
     }
 }
+
+// SAFETY: only atomic integers (and arrays of them), whose zero is their default.
+unsafe impl Zeroable for RateState {}
 
 impl Slot for RateState {
     fn is_idle(&self, now: Nanos) -> bool {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use palisade_core::{ClientKey, NANOS_PER_MS, NANOS_PER_SEC, Nanos};
 
-use crate::table::{ClientTable, Slot};
+use crate::table::{ClientTable, Slot, Zeroable};
 
 /// Scores are kept in thousandths of a point so that slow recovery rates
 /// still move them.
@@ -211,6 +211,9 @@ impl RepState {
             .collect()
     }
 }
+
+// SAFETY: only atomic integers (and arrays of them), whose zero is their default.
+unsafe impl Zeroable for RepState {}
 
 impl Slot for RepState {
     fn is_idle(&self, now: Nanos) -> bool {

@@ -12,6 +12,11 @@ use http::{HeaderMap, Method};
 use ipnet::IpNet;
 use palisade_core::{ClientKey, Clock, Mode, Nanos, RejectReason, TrustedProxies};
 
+use std::num::NonZeroU32;
+
+use palisade_core::NANOS_PER_SEC;
+
+use crate::adaptive::{AdaptiveBreaker, AdaptiveConfig, AdaptiveTransition, Admission, Signal};
 use crate::rate::{Quota, RateLimiter};
 use crate::reputation::{Reputation, ReputationConfig};
 
@@ -78,6 +83,8 @@ pub struct ShieldConfig {
     pub routes: Vec<RouteConfig>,
     /// Reputation rules; `None` disables reputation.
     pub reputation: Option<(ReputationConfig, Mode)>,
+    /// Adaptive per-fingerprint breaker; `None` disables it.
+    pub adaptive: Option<(AdaptiveConfig, Mode)>,
 }
 
 impl Default for ShieldConfig {
@@ -96,6 +103,7 @@ impl Default for ShieldConfig {
             }),
             routes: Vec::new(),
             reputation: Some((ReputationConfig::default(), Mode::Enforce)),
+            adaptive: Some((AdaptiveConfig::default(), Mode::Enforce)),
         }
     }
 }
@@ -130,7 +138,7 @@ pub struct Rejection {
 }
 
 /// The outcome for one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
     /// The resolved client address.
     pub client_ip: IpAddr,
@@ -144,6 +152,21 @@ pub struct Decision {
     pub would_block: Option<RejectReason>,
     /// This request crossed the flood threshold: a reputation penalty was applied.
     pub flooded: bool,
+    /// The adaptive breaker's key: hash of address key and User-Agent.
+    pub fingerprint: ClientKey,
+    /// An adaptive breaker state change this request caused.
+    pub transition: Option<AdaptiveTransition>,
+    /// Request start on the shield's clock (for time to first byte).
+    pub started: Nanos,
+}
+
+/// What a response changed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ResponseEffects {
+    /// A reputation penalty (error streak) was applied.
+    pub penalized: bool,
+    /// The adaptive breaker changed state.
+    pub transition: Option<AdaptiveTransition>,
 }
 
 struct Route {
@@ -159,6 +182,7 @@ pub struct Shield<C> {
     default_limiter: Option<(RateLimiter, Mode)>,
     routes: Vec<Route>,
     reputation: Option<(Reputation, Mode)>,
+    adaptive: Option<(AdaptiveBreaker, Mode)>,
 }
 
 impl<C: Clock> Shield<C> {
@@ -198,6 +222,13 @@ impl<C: Clock> Shield<C> {
                 };
                 (rep, *mode)
             }),
+            adaptive: cfg.adaptive.as_ref().map(|(ac, mode)| {
+                let breaker = match previous.and_then(Shield::adaptive) {
+                    Some(old) => AdaptiveBreaker::carrying_over(ac.clone(), old),
+                    None => AdaptiveBreaker::new(ac.clone(), cfg.max_tracked_clients),
+                };
+                (breaker, *mode)
+            }),
             // Fingerprint keys must not change under a reload.
             fingerprint_hasher: previous.map_or_else(Default::default, |p| p.fingerprint_hasher.clone()),
             clock,
@@ -236,6 +267,11 @@ impl<C: Clock> Shield<C> {
         self.reputation.as_ref().map(|(r, _)| r)
     }
 
+    /// The adaptive breaker, when enabled.
+    pub fn adaptive(&self) -> Option<&AdaptiveBreaker> {
+        self.adaptive.as_ref().map(|(a, _)| a)
+    }
+
     /// Every limiter: the default one, then one per route with its own limit.
     pub fn limiters(&self) -> impl Iterator<Item = (&str, &RateLimiter)> {
         let default = self.default_limiter.as_ref().map(|(l, _)| ("default", l));
@@ -255,15 +291,18 @@ impl<C: Clock> Shield<C> {
     pub fn decide(&self, req: &RequestFacts<'_>) -> Decision {
         let now = self.clock.now();
         let client_ip = self.cfg.trusted_proxies.client_ip(req.peer, req.headers);
+        let ua = req
+            .headers
+            .get(http::header::USER_AGENT)
+            .map_or(&[][..], |v| v.as_bytes());
+        let fingerprint = if self.adaptive.is_some() || self.cfg.key_by == KeyBy::IpUserAgent {
+            ClientKey::fingerprint(client_ip, self.cfg.ipv6_prefix, ua, &self.fingerprint_hasher)
+        } else {
+            ClientKey::Fingerprint(0)
+        };
         let key = match self.cfg.key_by {
             KeyBy::Ip => ClientKey::from_ip(client_ip, self.cfg.ipv6_prefix),
-            KeyBy::IpUserAgent => {
-                let ua = req
-                    .headers
-                    .get(http::header::USER_AGENT)
-                    .map_or(&[][..], |v| v.as_bytes());
-                ClientKey::fingerprint(client_ip, self.cfg.ipv6_prefix, ua, &self.fingerprint_hasher)
-            }
+            KeyBy::IpUserAgent => fingerprint,
         };
         let route = self.route_for(req);
         let mut decision = Decision {
@@ -273,6 +312,9 @@ impl<C: Clock> Shield<C> {
             rejection: None,
             would_block: None,
             flooded: false,
+            fingerprint,
+            transition: None,
+            started: now,
         };
         if self.cfg.allow.iter().any(|n| n.contains(&client_ip)) {
             return decision;
@@ -299,7 +341,8 @@ impl<C: Clock> Shield<C> {
                 }
             }
         }
-        if let Some((limiter, mode)) = self.limiter_for(route)
+        let limiter = self.limiter_for(route);
+        if let Some((limiter, mode)) = limiter
             && let Err(limited) = limiter.check(&key, now)
         {
             let rejection = Rejection {
@@ -307,21 +350,74 @@ impl<C: Clock> Shield<C> {
                 retry_after_secs: Some(limited.retry_after_secs()),
                 quota: Some(*limiter.quota()),
             };
-            decision.apply(rejection, *mode);
+            if decision.apply(rejection, *mode) {
+                return decision;
+            }
+        }
+        if let Some((adaptive, mode)) = &self.adaptive {
+            let quota = limiter.map_or_else(|| Quota::per_second(NonZeroU32::MAX), |(l, _)| *l.quota());
+            let (admission, transition) = adaptive.admit(&fingerprint, &quota, now);
+            decision.transition = transition;
+            let rejection = match admission {
+                Admission::Pass => None,
+                Admission::Limited { retry_after, quota } => Some(Rejection {
+                    reason: RejectReason::RateLimited,
+                    retry_after_secs: Some(retry_after.div_ceil(NANOS_PER_SEC).max(1)),
+                    quota: Some(quota),
+                }),
+                Admission::Refused { retry_after } => Some(Rejection {
+                    reason: RejectReason::ClientBreakerOpen,
+                    retry_after_secs: Some(retry_after.div_ceil(NANOS_PER_SEC).max(1)),
+                    quota: None,
+                }),
+            };
+            if let Some(r) = rejection {
+                decision.apply(r, *mode);
+            }
         }
         decision
     }
 
-    /// Feeds the response status back to reputation. Returns whether a
-    /// penalty was applied.
-    pub fn observe_response(&self, decision: &Decision, status: u16) -> bool {
-        match &self.reputation {
-            // Denied and allow-listed clients are outside reputation.
-            Some((rep, _)) if !self.cfg.allow.iter().any(|n| n.contains(&decision.client_ip)) => {
-                rep.observe_response(&decision.key, status, self.clock.now())
-            }
-            _ => false,
+    /// Feeds a forwarded request's outcome back: the status to reputation
+    /// (400/401 streaks) and, with the time to first byte, to the adaptive
+    /// breaker.
+    pub fn observe_response(&self, decision: &Decision, status: u16) -> ResponseEffects {
+        // Allow-listed clients are outside every control.
+        if self.cfg.allow.iter().any(|n| n.contains(&decision.client_ip)) {
+            return ResponseEffects::default();
         }
+        let now = self.clock.now();
+        let penalized = self
+            .reputation
+            .as_ref()
+            .is_some_and(|(rep, _)| rep.observe_response(&decision.key, status, now));
+        let transition = self.adaptive.as_ref().and_then(|(adaptive, _)| {
+            let signal = if status >= 500 {
+                Signal::ServerError
+            } else if now.saturating_sub(decision.started) > adaptive.config().slow_first_byte {
+                Signal::SlowFirstByte
+            } else {
+                Signal::Success
+            };
+            adaptive.record(&decision.fingerprint, decision.client_ip, signal, now)
+        });
+        ResponseEffects {
+            penalized,
+            transition,
+        }
+    }
+
+    /// A connection from `peer` failed before a request could be made of it
+    /// (TLS handshake timeout, unparseable request head). There is no
+    /// User-Agent, so it counts against the fingerprint with an empty one.
+    pub fn observe_connection_failure(&self, peer: IpAddr, signal: Signal) -> Option<AdaptiveTransition> {
+        let (adaptive, _) = self.adaptive.as_ref()?;
+        let ip = peer.to_canonical();
+        if self.cfg.allow.iter().any(|n| n.contains(&ip)) {
+            return None;
+        }
+        let fingerprint = ClientKey::fingerprint(ip, self.cfg.ipv6_prefix, b"", &self.fingerprint_hasher);
+        adaptive.record(&fingerprint, ip, signal, self.clock.now())
     }
 
     /// Current time on the shield's clock.
@@ -550,9 +646,9 @@ mod tests {
     fn error_streak_feedback_penalises() {
         let s = Shield::new(ShieldConfig::default(), ManualClock::new());
         let (_, ds) = run(&s, "127.0.0.5", "/", 1);
-        assert!(!s.observe_response(&ds[0], 401));
-        assert!(!s.observe_response(&ds[0], 401));
-        assert!(s.observe_response(&ds[0], 401));
+        assert!(!s.observe_response(&ds[0], 401).penalized);
+        assert!(!s.observe_response(&ds[0], 401).penalized);
+        assert!(s.observe_response(&ds[0], 401).penalized);
         let e = s.reputation().unwrap().explain(&ds[0].key, 0);
         assert_eq!(e.score, 60.0);
     }
@@ -580,6 +676,37 @@ mod tests {
         cfg.max_tracked_clients = 10;
         let resized = Shield::carrying_over(cfg, clock, Some(&reloaded));
         assert_eq!(run(&resized, "10.0.0.1", "/", 10).0, 10);
+    }
+
+    #[test]
+    fn failing_fingerprint_is_degraded_then_opened_per_user_agent() {
+        let clock = ManualClock::new();
+        let s = Shield::new(ShieldConfig::default(), clock.clone());
+        let m = Method::GET;
+        let mut bad = HeaderMap::new();
+        bad.insert("user-agent", "bad-bot/1".parse().unwrap());
+        let mut good = HeaderMap::new();
+        good.insert("user-agent", "browser/1".parse().unwrap());
+        let mut transitions = Vec::new();
+        for _ in 0..12 {
+            clock.advance(std::time::Duration::from_millis(20));
+            let d = s.decide(&facts("10.9.9.9", "/", &m, &bad));
+            transitions.extend(d.transition);
+            transitions.extend(s.observe_response(&d, 500).transition);
+        }
+        let to: Vec<_> = transitions.iter().map(|t| t.to.as_str()).collect();
+        assert_eq!(to, ["degraded", "open"]);
+        let d = s.decide(&facts("10.9.9.9", "/", &m, &bad));
+        assert_eq!(d.rejection.unwrap().reason, RejectReason::ClientBreakerOpen);
+        // Same address, another User-Agent: another fingerprint, untouched.
+        assert!(s.decide(&facts("10.9.9.9", "/", &m, &good)).rejection.is_none());
+        // Connection-level failures count against the empty User-Agent.
+        // Ten failures degrade (volume floor), the eleventh opens.
+        for _ in 0..11 {
+            s.observe_connection_failure("10.8.8.8".parse().unwrap(), Signal::HeaderParseFailure);
+        }
+        let d = s.decide(&facts("10.8.8.8", "/", &m, &HeaderMap::new()));
+        assert_eq!(d.rejection.unwrap().reason, RejectReason::ClientBreakerOpen);
     }
 
     #[test]

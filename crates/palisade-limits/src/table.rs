@@ -24,8 +24,18 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use palisade_core::{ClientKey, Nanos};
 
+/// A type for which all-zero bytes are a valid value, equal to its
+/// `Default`: tables are allocated zeroed, so the operating system hands out
+/// pages only as clients arrive (a table sized for a million clients costs
+/// nothing until used).
+///
+/// # Safety
+/// All-zero bytes must be a valid value of the type, equal to `Default`.
+/// Structs made only of atomic integers qualify.
+pub unsafe trait Zeroable {}
+
 /// Per-client state kept in a [`ClientTable`]. Interior mutability only.
-pub trait Slot: Default + Send + Sync {
+pub trait Slot: Default + Send + Sync + Zeroable {
     /// True when this slot behaves exactly like a fresh one at `now`, so it
     /// may be forgotten.
     fn is_idle(&self, now: Nanos) -> bool;
@@ -43,7 +53,6 @@ const EMPTY: u64 = 0;
 const MOVING: u64 = 1;
 
 #[repr(C, align(64))]
-#[derive(Default)]
 struct Bucket<S> {
     tag: AtomicU64,
     state: S,
@@ -63,6 +72,26 @@ pub struct ClientTable<S> {
     hasher: foldhash::fast::RandomState,
 }
 
+/// `len` zeroed buckets, in one allocation the OS backs lazily.
+fn zeroed<S: Slot>(len: usize) -> Box<[Bucket<S>]> {
+    let Ok(layout) = std::alloc::Layout::array::<Bucket<S>>(len) else {
+        // Only reachable with absurd sizes, which config validation refuses.
+        panic!("client table of {len} buckets does not fit in memory");
+    };
+    // SAFETY: the layout is non-zero-sized (len >= NEIGHBORHOOD, buckets are
+    // 64-byte aligned structs). `Bucket<S>` is an AtomicU64 plus `S`, and
+    // both are valid when zeroed (`S: Zeroable`), so the memory holds `len`
+    // initialised buckets; it came from the global allocator with the
+    // layout of `[Bucket<S>; len]`, which is what `Box<[Bucket<S>]>` frees.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<Bucket<S>>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len))
+    }
+}
+
 impl<S: Slot> ClientTable<S> {
     /// A table tracking at most `max_clients` clients (at least 1).
     pub fn new(max_clients: usize) -> Self {
@@ -74,7 +103,7 @@ impl<S: Slot> ClientTable<S> {
             .max(NEIGHBORHOOD);
         let overflow_len = (max_clients / 64).clamp(16, 4096).next_power_of_two();
         Self {
-            buckets: (0..len).map(|_| Bucket::default()).collect(),
+            buckets: zeroed(len),
             mask: len - 1,
             shift: 64 - len.trailing_zeros(),
             max_clients,
@@ -302,6 +331,9 @@ mod tests {
         busy_until: AtomicU64,
         hits: AtomicU64,
     }
+
+    // SAFETY: two atomic integers.
+    unsafe impl Zeroable for Busy {}
 
     impl Slot for Busy {
         fn is_idle(&self, now: Nanos) -> bool {

@@ -166,7 +166,27 @@ fn breakers(app: &App, rt: &Runtime) -> serde_json::Value {
             None => serde_json::json!({ "upstream": u.label, "state": "disabled" }),
         })
         .collect();
-    serde_json::json!({ "upstreams": upstreams })
+    let clients = rt.shield.adaptive().map(|a| {
+        let counts: serde_json::Map<String, serde_json::Value> = a
+            .state_counts()
+            .iter()
+            .map(|(state, n)| (state.as_str().to_string(), serde_json::json!(n)))
+            .collect();
+        let troubled: Vec<_> = a
+            .troubled(100, now)
+            .into_iter()
+            .map(|(ip, state, requests, rate)| {
+                serde_json::json!({
+                    "ip": ip.map(|i| i.to_string()),
+                    "state": state.as_str(),
+                    "requests": requests,
+                    "failure_rate": (rate * 1000.0).round() / 1000.0,
+                })
+            })
+            .collect();
+        serde_json::json!({ "counts": counts, "clients": troubled })
+    });
+    serde_json::json!({ "upstreams": upstreams, "adaptive": clients })
 }
 
 async fn reputation(app: &App, rt: &Runtime, method: &Method, ip: IpAddr, req: Request<Incoming>) -> Resp {

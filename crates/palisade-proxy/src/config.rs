@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::{Method, Uri};
 use ipnet::IpNet;
 use palisade_core::{ClientIpHeader, Mode, TrustedProxies};
+use palisade_limits::adaptive::AdaptiveConfig;
 use palisade_limits::breaker::BreakerConfig;
 use palisade_limits::rate::Quota;
 use palisade_limits::reputation::ReputationConfig;
@@ -218,6 +219,7 @@ struct RawConfig {
     rate_limit: RawRateLimit,
     reputation: RawReputation,
     breaker: RawBreaker,
+    adaptive_breaker: RawAdaptive,
     routes: Vec<RawRoute>,
 }
 
@@ -400,6 +402,41 @@ impl Default for RawBreaker {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAdaptive {
+    enabled: bool,
+    mode: String,
+    degrade_above: f64,
+    open_above: f64,
+    recover_below: f64,
+    recover_after: String,
+    min_requests: u32,
+    open_for: String,
+    probes: u32,
+    degraded_rate_factor: f64,
+    slow_first_byte: String,
+}
+
+impl Default for RawAdaptive {
+    fn default() -> Self {
+        let d = AdaptiveConfig::default();
+        Self {
+            enabled: true,
+            mode: "enforce".into(),
+            degrade_above: d.degrade_above,
+            open_above: d.open_above,
+            recover_below: d.recover_below,
+            recover_after: "10s".into(),
+            min_requests: d.min_requests,
+            open_for: "30s".into(),
+            probes: d.probes,
+            degraded_rate_factor: d.degraded_rate_factor,
+            slow_first_byte: "800ms".into(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawRoute {
@@ -529,6 +566,70 @@ impl RawConfig {
         })
     }
 
+    fn adaptive(&self) -> Result<Option<(AdaptiveConfig, Mode)>, Invalid> {
+        let a = &self.adaptive_breaker;
+        if !a.enabled {
+            return Ok(None);
+        }
+        let ratio = |v: f64, key: &'static str| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(at(p!("adaptive_breaker", key), "must be a number >= 0"))
+            }
+        };
+        let cfg = AdaptiveConfig {
+            degrade_above: ratio(a.degrade_above, "degrade_above")?,
+            open_above: ratio(a.open_above, "open_above")?,
+            recover_below: ratio(a.recover_below, "recover_below")?,
+            recover_after: nanos(duration(
+                &a.recover_after,
+                p!("adaptive_breaker", "recover_after"),
+            )?),
+            min_requests: match a.min_requests {
+                0 => return Err(at(p!("adaptive_breaker", "min_requests"), "must be > 0")),
+                n => n,
+            },
+            open_for: nanos(duration(&a.open_for, p!("adaptive_breaker", "open_for"))?),
+            probes: match a.probes {
+                1..=1000 => a.probes,
+                _ => return Err(at(p!("adaptive_breaker", "probes"), "must be between 1 and 1000")),
+            },
+            degraded_rate_factor: match a.degraded_rate_factor {
+                f if f > 0.0 && f <= 1.0 => f,
+                _ => {
+                    return Err(at(
+                        p!("adaptive_breaker", "degraded_rate_factor"),
+                        "must be in (0, 1]",
+                    ));
+                }
+            },
+            slow_first_byte: nanos(duration(
+                &a.slow_first_byte,
+                p!("adaptive_breaker", "slow_first_byte"),
+            )?),
+        };
+        if cfg.open_above < cfg.degrade_above {
+            return Err(at(
+                p!("adaptive_breaker", "open_above"),
+                format!(
+                    "must not be below adaptive_breaker.degrade_above ({})",
+                    cfg.degrade_above
+                ),
+            ));
+        }
+        if cfg.recover_below > cfg.degrade_above {
+            return Err(at(
+                p!("adaptive_breaker", "recover_below"),
+                format!(
+                    "must not exceed adaptive_breaker.degrade_above ({})",
+                    cfg.degrade_above
+                ),
+            ));
+        }
+        Ok(Some((cfg, mode(&a.mode, p!("adaptive_breaker", "mode"))?)))
+    }
+
     fn breaker(&self) -> Result<Option<UpstreamBreaker>, Invalid> {
         let b = &self.breaker;
         if !b.enabled {
@@ -564,7 +665,6 @@ impl RawConfig {
                 set[code] = true;
             }
         }
-        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Ok(Some(UpstreamBreaker {
             rules: BreakerConfig {
                 min_requests: b.min_requests,
@@ -666,7 +766,9 @@ impl RawConfig {
         for (i, route) in self.routes.iter().enumerate() {
             routes.push(route.validate(i, &routes, default_quota, rl)?);
         }
+        let adaptive = self.adaptive()?;
         Ok(ShieldConfig {
+            adaptive,
             key_by,
             ipv6_prefix: c.ipv6_prefix,
             trusted_proxies: TrustedProxies::new(nets(&c.trusted_proxies, "trusted_proxies")?, header),
@@ -833,6 +935,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
     };
     Ok(d)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn duration(s: &str, path: &[Seg]) -> Result<Duration, Invalid> {
@@ -1042,6 +1148,19 @@ mod tests {
         // A missing key points at what encloses it.
         let e = err("[admin]\nlisten = \"x\"\n");
         assert!(e.starts_with("test.toml:"), "{e}");
+    }
+
+    #[test]
+    fn adaptive_thresholds_are_checked_together() {
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[adaptive_breaker]\ndegrade_above = 0.6\n");
+        assert!(
+            e.starts_with("test.toml:3:2: adaptive_breaker.open_above: must not be below"),
+            "{e}"
+        );
+        let c = parse("[server]\nupstreams = [\"http://a:1\"]\n[adaptive_breaker]\ndegrade_above = 0.4\nmode = \"shadow\"\n")
+            .unwrap();
+        let (a, mode) = c.shield.adaptive.unwrap();
+        assert_eq!((a.degrade_above, mode), (0.4, Mode::Shadow));
     }
 
     #[test]

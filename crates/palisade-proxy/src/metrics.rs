@@ -72,6 +72,24 @@ pub struct TransitionLabels {
     pub to: &'static str,
 }
 
+/// An adaptive breaker transition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdaptiveLabels {
+    /// State before.
+    pub from: &'static str,
+    /// State after.
+    pub to: &'static str,
+    /// What caused it.
+    pub reason: &'static str,
+}
+
+/// A state label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// The state.
+    pub state: &'static str,
+}
+
 /// Score bucket labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScoreLabel {
@@ -110,6 +128,10 @@ pub struct Metrics {
     pub breaker_state: Family<UpstreamLabel, Gauge>,
     /// Upstream breaker transitions.
     pub breaker_transitions: Family<TransitionLabels, Counter>,
+    /// Adaptive (per-client) breaker transitions.
+    pub adaptive_transitions: Family<AdaptiveLabels, Counter>,
+    /// Clients per adaptive breaker state other than closed.
+    pub adaptive_clients: Family<StateLabel, Gauge>,
     /// 1 if the last config reload applied, 0 if it was rejected.
     pub config_last_reload_success: Gauge,
     /// Reload attempts by result (`ok`, `error`).
@@ -201,6 +223,18 @@ impl Metrics {
             "Upstream circuit breaker state changes",
             breaker_transitions.clone(),
         );
+        let adaptive_transitions = Family::default();
+        registry.register(
+            "adaptive_breaker_transitions",
+            "Per-client adaptive breaker state changes",
+            adaptive_transitions.clone(),
+        );
+        let adaptive_clients = Family::default();
+        registry.register(
+            "adaptive_breaker_clients",
+            "Clients per adaptive breaker state (closed ones are not counted)",
+            adaptive_clients.clone(),
+        );
         let config_last_reload_success = Gauge::default();
         registry.register(
             "config_last_reload_success",
@@ -214,6 +248,8 @@ impl Metrics {
             config_reloads.clone(),
         );
         Self {
+            adaptive_transitions,
+            adaptive_clients,
             breaker_state,
             breaker_transitions,
             config_last_reload_success,

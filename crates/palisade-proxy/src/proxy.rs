@@ -23,6 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use palisade_core::{Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
+use palisade_limits::adaptive::AdaptiveTransition;
 use palisade_limits::breaker::{Breaker, Outcome, Ticket, Transition};
 use palisade_limits::shield::{Decision, RequestFacts, Shield};
 
@@ -175,6 +176,7 @@ pub struct App {
     reloading: tokio::sync::Mutex<()>,
     next_upstream: AtomicUsize,
     log_budget: LogBudget,
+    transition_log_budget: LogBudget,
 }
 
 impl App {
@@ -193,6 +195,7 @@ impl App {
             reloading: tokio::sync::Mutex::new(()),
             next_upstream: AtomicUsize::new(0),
             log_budget: LogBudget::default(),
+            transition_log_budget: LogBudget::default(),
         }
     }
 
@@ -277,6 +280,23 @@ impl App {
                     .set(n as i64);
             }
         }
+        if let Some(adaptive) = rt.shield.adaptive() {
+            for (state, n) in adaptive.state_counts() {
+                m.adaptive_clients
+                    .get_or_create(&metrics::StateLabel {
+                        state: state.as_str(),
+                    })
+                    .set(n as i64);
+            }
+            let label = metrics::TableLabel {
+                table: "adaptive_breaker".into(),
+            };
+            m.tracked_clients
+                .get_or_create(&label)
+                .set(adaptive.table().len() as i64);
+            let c = m.table_overflows.get_or_create(&label);
+            c.inc_by(adaptive.table().overflowed().saturating_sub(c.get()));
+        }
         for u in &rt.upstreams {
             if let Some(b) = &u.breaker {
                 let (state, _, transition) = b.state(now);
@@ -287,6 +307,31 @@ impl App {
                     .get_or_create(&metrics::UpstreamLabel { upstream: u.label })
                     .set(state.gauge());
             }
+        }
+    }
+
+    /// Counts and logs a client's adaptive breaker transition. Many clients
+    /// may change state at once under attack, so the log lines share a
+    /// budget of their own; the counters see every one.
+    pub fn adaptive_transition(&self, t: AdaptiveTransition) {
+        self.metrics
+            .adaptive_transitions
+            .get_or_create(&metrics::AdaptiveLabels {
+                from: t.from.as_str(),
+                to: t.to.as_str(),
+                reason: t.reason.as_str(),
+            })
+            .inc();
+        if self.transition_log_budget.take(self.now()) {
+            tracing::warn!(
+                client = ?t.ip,
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                reason = t.reason.as_str(),
+                failure_rate = format_args!("{:.3}", t.rate),
+                requests = t.requests,
+                "adaptive breaker"
+            );
         }
     }
 
@@ -366,6 +411,9 @@ impl App {
             })
         };
         let endpoint = rt.route_labels.get(decision.route).copied().unwrap_or("default");
+        if let Some(t) = decision.transition {
+            self.adaptive_transition(t);
+        }
         if decision.flooded {
             Metrics::inc(&self.metrics.penalties, "flood");
             if self.log_budget.take(start) {
@@ -398,8 +446,12 @@ impl App {
                 }
                 Ok((upstream, ticket)) => {
                     let r = self.forward(&rt, upstream, ticket, peer, &decision, req).await;
-                    if rt.shield.observe_response(&decision, r.status().as_u16()) {
+                    let effects = rt.shield.observe_response(&decision, r.status().as_u16());
+                    if effects.penalized {
                         Metrics::inc(&self.metrics.penalties, "error_streak");
+                    }
+                    if let Some(t) = effects.transition {
+                        self.adaptive_transition(t);
                     }
                     (r, None)
                 }

@@ -66,7 +66,9 @@ pub fn rejection(rej: &Rejection, policy_name: &str) -> Response<Full<Bytes>> {
             r
         }
         RejectReason::Reputation | RejectReason::Denylisted => text(StatusCode::FORBIDDEN, "Access denied"),
-        RejectReason::BreakerOpen => breaker_open(rej.retry_after_secs.unwrap_or(1)),
+        RejectReason::BreakerOpen | RejectReason::ClientBreakerOpen => {
+            breaker_open(rej.retry_after_secs.unwrap_or(1))
+        }
     }
 }
 

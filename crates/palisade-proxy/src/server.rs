@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use palisade_limits::adaptive::Signal;
+
 use crate::admin;
 use crate::config::Config;
 use crate::io::{ConnActivity, Deadlines, TimedIo};
@@ -112,6 +114,12 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
                         m.connections.inc();
                         m.connections_open.inc();
                         if let Err(e) = conn.await {
+                            if is_parse_error(e.as_ref()) {
+                                let rt = app.runtime();
+                                if let Some(t) = rt.shield.observe_connection_failure(peer.ip(), Signal::HeaderParseFailure) {
+                                    app.adaptive_transition(t);
+                                }
+                            }
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
                         if let Some(what) = activity.expired() {
@@ -144,4 +152,19 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+}
+
+/// Whether a connection failed because its request head could not be parsed
+/// (hyper answers those with 400/431 itself).
+fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_parse()
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }

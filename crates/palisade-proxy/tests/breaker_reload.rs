@@ -211,3 +211,75 @@ async fn futures_statuses(c: &mut Client, n: usize) -> Vec<u16> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_failing_fingerprint_is_degraded_then_refused_while_others_pass() {
+    // Upstream breaker off: this is about one client, not the upstream.
+    let h = Harness::start(
+        "",
+        "[breaker]\nenabled = false\n[adaptive_breaker]\nslow_first_byte = \"50ms\"\n",
+    )
+    .await;
+    let mut bot = h.client("127.0.0.40").await;
+    let ua = [("user-agent", "bot/1.0")];
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(bot.get_with("/status/500", &ua).await.0.as_u16());
+    }
+    // Ten 500s degrade (volume floor), the eleventh opens; then 503.
+    assert_eq!(&statuses[..11], &[500; 11]);
+    assert_eq!(statuses[11], 503);
+    let hits = h.upstream_hits.load(Ordering::Relaxed);
+    assert_eq!(bot.get_with("/", &ua).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h.upstream_hits.load(Ordering::Relaxed), hits);
+    // Same address, another User-Agent: another fingerprint.
+    assert_eq!(
+        bot.get_with("/", &[("user-agent", "browser/2")]).await.0,
+        StatusCode::OK
+    );
+
+    // Slow first bytes count too.
+    let mut slow = h.client("127.0.0.41").await;
+    let mut last = StatusCode::OK;
+    for _ in 0..12 {
+        last = slow.get("/delay/100").await.0;
+    }
+    assert_eq!(last, StatusCode::SERVICE_UNAVAILABLE);
+
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_adaptive_breaker_transitions_total{from=\"closed\",to=\"degraded\",reason=\"failure_rate\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "palisade_adaptive_breaker_clients{state=\"open\"}"),
+        2.0
+    );
+    assert!(metric(&m, "palisade_decisions_total{decision=\"client_breaker_open\"}") >= 3.0);
+    let mut admin = h.admin_client().await;
+    let (_, _, body) = admin.get("/api/v1/breakers").await;
+    assert!(body.contains("\"ip\":\"127.0.0.40\""), "{body}");
+    assert!(body.contains("\"state\":\"open\""), "{body}");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn unparseable_request_heads_count_double_against_the_source() {
+    let h = Harness::start("", "").await;
+    for _ in 0..6 {
+        let reply = common::raw_exchange("127.0.0.42", h.proxy(), b"NOT HTTP AT ALL\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    }
+    let mut c = h.client("127.0.0.42").await;
+    // Six parse failures (weight 2.0) and a few requests: rate > 0.5 once
+    // the volume floor of 10 is reached.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(c.get("/").await.0.as_u16());
+    }
+    assert_eq!(statuses.last(), Some(&503), "{statuses:?}");
+    h.running.shutdown().await;
+}
