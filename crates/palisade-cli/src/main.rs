@@ -66,6 +66,12 @@ struct RunArgs {
     /// threshold defaults with it).
     #[arg(long, value_name = "RPS")]
     rate_limit: Option<NonZeroU32>,
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -131,6 +137,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin: args.admin,
         upstreams: args.upstreams,
         rate_limit: args.rate_limit,
+        // Relative to where the command runs, whatever reloads do later.
+        tls_cert: args.tls_cert.map(std::path::absolute).transpose()?,
+        tls_key: args.tls_key.map(std::path::absolute).transpose()?,
     };
     let quickstart = args.config.is_none();
     let mut config = match &args.config {
@@ -166,6 +175,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let upstreams: Vec<String> = config.server.upstreams.iter().map(|u| u.to_string()).collect();
     let token = config.admin.token.clone();
     let metrics_path = config.admin.metrics_path.clone();
+    let tls = config.tls.is_some();
     let source = args.config.map(|path| ConfigSource {
         path,
         overrides: overrides.clone(),
@@ -181,7 +191,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(%proxy, %admin, upstreams = ?upstreams, "palisade running");
     if quickstart {
         println!("Palisade quickstart (built-in config: `palisade config default` prints it)");
-        println!("  proxy        http://{proxy}  ->  {}", upstreams.join(", "));
+        let scheme = if tls { "https" } else { "http" };
+        println!("  proxy        {scheme}://{proxy}  ->  {}", upstreams.join(", "));
         if let Some((addr, _)) = &demo {
             println!("  demo         http://{addr}  (/, /status/{{code}}, /delay/{{ms}}, /bytes/{{n}})");
         }
@@ -192,7 +203,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         println!();
         println!("Try it: 150 requests at once from one client; about 50 get 429 (limit 100/s):");
-        println!("  curl -s -o /dev/null -w '%{{http_code}}\\n' 'http://{proxy}/?[1-150]' | sort | uniq -c");
+        // -k: a certificate given with --tls-cert is likely self-signed here.
+        let insecure = if tls { "k" } else { "" };
+        println!(
+            "  curl -s{insecure} -o /dev/null -w '%{{http_code}}\\n' '{scheme}://{proxy}/?[1-150]' | sort | uniq -c"
+        );
         println!("Stop with Ctrl-C.");
     }
     running.run_until(shutdown_signal()).await;

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{Method, Uri};
@@ -17,6 +17,8 @@ use palisade_limits::reputation::ReputationConfig;
 use palisade_limits::shield::{KeyBy, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
+
+use crate::tls::TlsConfig;
 
 /// The quickstart config, which is also the reference of every key.
 pub const QUICKSTART: &str = include_str!("quickstart.toml");
@@ -70,6 +72,8 @@ pub struct Config {
     pub shield: ShieldConfig,
     /// Per-upstream circuit breaker; `None` when disabled.
     pub breaker: Option<UpstreamBreaker>,
+    /// TLS on the client listener; `None` for cleartext.
+    pub tls: Option<TlsConfig>,
 }
 
 /// `[breaker]`: rules and what counts as a failure.
@@ -158,6 +162,10 @@ pub struct Overrides {
     /// `--rate-limit`: per-client requests/s (moves burst, window and flood
     /// threshold defaults along with it).
     pub rate_limit: Option<NonZeroU32>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -201,7 +209,12 @@ impl Config {
             })?;
         }
         raw.apply(overrides);
-        raw.validate()
+        // Relative certificate paths in a file are relative to that file.
+        let base = Path::new(file)
+            .parent()
+            .filter(|p| p.is_dir())
+            .map(Path::to_path_buf);
+        raw.validate(base.as_deref())
             .map_err(|(path, message)| fail(span_of(src, &path), path_string(&path), message))
     }
 }
@@ -220,7 +233,26 @@ struct RawConfig {
     reputation: RawReputation,
     breaker: RawBreaker,
     adaptive_breaker: RawAdaptive,
+    tls: RawTls,
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    handshake_timeout: String,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            cert: String::new(),
+            key: String::new(),
+            handshake_timeout: "5s".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -495,9 +527,47 @@ impl RawConfig {
         if let Some(rate) = o.rate_limit {
             self.rate_limit.rate = rate.get();
         }
+        if let Some(cert) = &o.tls_cert {
+            self.tls.cert = cert.display().to_string();
+        }
+        if let Some(key) = &o.tls_key {
+            self.tls.key = key.display().to_string();
+        }
     }
 
-    fn validate(self) -> Result<Config, Invalid> {
+    fn tls(&self, base: Option<&Path>) -> Result<Option<TlsConfig>, Invalid> {
+        let t = &self.tls;
+        match (t.cert.is_empty(), t.key.is_empty()) {
+            (true, true) => return Ok(None),
+            (false, true) => {
+                return Err(at(
+                    p!("tls", "key"),
+                    "tls.cert is set: the private key is needed too",
+                ));
+            }
+            (true, false) => {
+                return Err(at(
+                    p!("tls", "cert"),
+                    "tls.key is set: the certificate is needed too",
+                ));
+            }
+            (false, false) => {}
+        }
+        let resolve = |s: &str| match base {
+            Some(dir) if Path::new(s).is_relative() => dir.join(s),
+            _ => PathBuf::from(s),
+        };
+        let (cert, key) = (resolve(&t.cert), resolve(&t.key));
+        let acceptor = crate::tls::acceptor(&cert, &key).map_err(|m| at(p!("tls", "cert"), m))?;
+        Ok(Some(TlsConfig {
+            handshake_timeout: duration(&t.handshake_timeout, p!("tls", "handshake_timeout"))?,
+            cert,
+            key,
+            acceptor,
+        }))
+    }
+
+    fn validate(self, base: Option<&Path>) -> Result<Config, Invalid> {
         let s = &self.server;
         let server = ServerConfig {
             listen: addr(&s.listen, p!("server", "listen"))?,
@@ -557,12 +627,14 @@ impl RawConfig {
         };
         let shield = self.shield()?;
         let breaker = self.breaker()?;
+        let tls = self.tls(base)?;
         Ok(Config {
             server,
             upstream,
             admin,
             shield,
             breaker,
+            tls,
         })
     }
 

@@ -40,7 +40,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends the TCP peer to `X-Forwarded-For` and a `Forwarded` element
 /// (RFC 7239) describing this hop.
-pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>) {
+pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &str, host: Option<&str>) {
     // Several X-Forwarded-For lines are one list: fold them, then append.
     let mut xff = String::new();
     for prev in headers
@@ -68,7 +68,7 @@ pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str
             let _ = write!(element, "for=\"[{v6}]\"");
         }
     }
-    element.push_str(";proto=http");
+    let _ = write!(element, ";proto={proto}");
     if let Some(h) = host.filter(|h| {
         h.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
@@ -103,15 +103,20 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
-        append_forwarded(&mut h, "127.0.0.2".parse().unwrap(), Some("example.com:8080"));
+        append_forwarded(
+            &mut h,
+            "127.0.0.2".parse().unwrap(),
+            "http",
+            Some("example.com:8080"),
+        );
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.2");
         assert_eq!(
             h["forwarded"],
             "for=127.0.0.2;proto=http;host=\"example.com:8080\""
         );
         let mut h = HeaderMap::new();
-        append_forwarded(&mut h, "::1".parse().unwrap(), Some("bad\"host"));
+        append_forwarded(&mut h, "::1".parse().unwrap(), "https", Some("bad\"host"));
         assert_eq!(h["x-forwarded-for"], "::1");
-        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=https");
     }
 }

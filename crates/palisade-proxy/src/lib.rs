@@ -23,5 +23,6 @@ pub mod proxy;
 pub mod reload;
 pub mod respond;
 pub mod server;
+pub mod tls;
 
 pub use server::{Running, start, start_reloadable};

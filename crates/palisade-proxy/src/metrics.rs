@@ -114,6 +114,8 @@ pub struct Metrics {
     pub upstream_errors: Family<KindLabel, Counter>,
     /// Connections closed by a timeout, by kind.
     pub conn_timeouts: Family<KindLabel, Counter>,
+    /// TLS handshakes that failed (timeouts are in `conn_timeouts`).
+    pub tls_handshake_errors: Family<KindLabel, Counter>,
     /// Client connections accepted.
     pub connections: Counter,
     /// Client connections open now.
@@ -185,6 +187,12 @@ impl Metrics {
             "Client connections closed by a timeout",
             conn_timeouts.clone(),
         );
+        let tls_handshake_errors = Family::default();
+        registry.register(
+            "tls_handshake_errors",
+            "TLS handshakes that failed",
+            tls_handshake_errors.clone(),
+        );
         let connections = Counter::default();
         registry.register("connections", "Client connections accepted", connections.clone());
         let connections_open = Gauge::default();
@@ -248,6 +256,7 @@ impl Metrics {
             config_reloads.clone(),
         );
         Self {
+            tls_handshake_errors,
             adaptive_transitions,
             adaptive_clients,
             breaker_state,

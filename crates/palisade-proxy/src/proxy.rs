@@ -392,7 +392,8 @@ impl App {
     }
 
     /// Decides and answers one request.
-    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(self: Arc<Self>, conn: ClientConn, req: Request<Incoming>) -> Response<ResponseBody> {
+        let peer = conn.peer;
         let rt = self.runtime();
         let start = self.now();
         let method = metrics::method_label(req.method());
@@ -445,7 +446,7 @@ impl App {
                     )
                 }
                 Ok((upstream, ticket)) => {
-                    let r = self.forward(&rt, upstream, ticket, peer, &decision, req).await;
+                    let r = self.forward(&rt, upstream, ticket, conn, &decision, req).await;
                     let effects = rt.shield.observe_response(&decision, r.status().as_u16());
                     if effects.penalized {
                         Metrics::inc(&self.metrics.penalties, "error_streak");
@@ -483,7 +484,7 @@ impl App {
         rt: &Runtime,
         upstream: &Upstream,
         ticket: Option<BreakerTicket>,
-        peer: SocketAddr,
+        conn: ClientConn,
         decision: &Decision,
         req: Request<Incoming>,
     ) -> Response<Either<Incoming, Full<Bytes>>> {
@@ -501,7 +502,13 @@ impl App {
             .get(HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned);
-        append_forwarded(&mut parts.headers, peer.ip().to_canonical(), host.as_deref());
+        let proto = if conn.tls { "https" } else { "http" };
+        append_forwarded(
+            &mut parts.headers,
+            conn.peer.ip().to_canonical(),
+            proto,
+            host.as_deref(),
+        );
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(upstream.authority.clone());
@@ -657,13 +664,22 @@ impl Body for ResponseBody {
     }
 }
 
+/// What is known of a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConn {
+    /// TCP peer.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS (for `Forwarded: proto=`).
+    pub tls: bool,
+}
+
 /// The hyper service of one client connection.
 #[derive(Clone)]
 pub struct ProxyService {
     /// Shared state.
     pub app: Arc<App>,
-    /// TCP peer.
-    pub peer: SocketAddr,
+    /// The connection.
+    pub conn: ClientConn,
     /// Requests in flight on this connection.
     pub activity: Arc<ConnActivity>,
 }
@@ -676,9 +692,9 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
         let app = self.app.clone();
-        let peer = self.peer;
+        let conn = self.conn;
         Box::pin(async move {
-            let mut resp = app.handle(peer, req).await;
+            let mut resp = app.handle(conn, req).await;
             resp.body_mut().guard = Some(guard);
             Ok(resp)
         })

@@ -1,8 +1,9 @@
-//! Watching the config file. Polling the file's metadata once a second is
-//! enough for a config file, survives editors and Kubernetes replacing the
-//! file by rename (a new inode), and needs no platform watcher.
+//! Watching the config file and the TLS files it names. Polling metadata
+//! once a second is enough for files like these, survives editors,
+//! cert-manager and Kubernetes replacing files by rename (a new inode), and
+//! needs no platform watcher.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,35 +35,54 @@ const POLL: Duration = Duration::from_secs(1);
 /// A change must hold still this long before it is read (editors write in steps).
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// Reloads `app` whenever `path` changes, until `stop` flips.
+/// The config file and the TLS files it names.
+fn watched(app: &App, config: &Path) -> Vec<PathBuf> {
+    let mut paths = vec![config.to_path_buf()];
+    if let Some(tls) = &app.runtime().config.tls {
+        paths.push(tls.cert.clone());
+        paths.push(tls.key.clone());
+    }
+    paths
+}
+
+fn stamps(paths: &[PathBuf]) -> Vec<Option<Stamp>> {
+    paths.iter().map(|p| stamp(p)).collect()
+}
+
+/// Reloads `app` whenever the config file (or a certificate or key it
+/// names) changes, until `stop` flips.
 pub async fn watch(app: Arc<App>, path: PathBuf, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut seen = stamp(&path);
+    let mut paths = watched(&app, &path);
+    let mut seen = stamps(&paths);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
             _ = stop.changed() => return,
         }
-        let now = stamp(&path);
-        if now == seen {
+        if stamps(&paths) == seen {
             continue;
         }
-        // Debounce: wait until the file stops changing.
-        let mut settled = now;
+        // Debounce: wait until the files stop changing (a renewal writes
+        // certificate and key one after the other).
+        let mut settled = stamps(&paths);
         loop {
             tokio::time::sleep(SETTLE).await;
-            let again = stamp(&path);
+            let again = stamps(&paths);
             if again == settled {
                 break;
             }
             settled = again;
         }
-        seen = settled;
-        if seen.is_none() {
+        if settled[0].is_none() {
             tracing::warn!(file = %path.display(), "config file is gone; keeping the config in force");
+            seen = settled;
             continue;
         }
-        tracing::info!(file = %path.display(), "config file changed");
+        tracing::info!(file = %path.display(), "config or certificate changed");
         // Errors are logged and counted by reload itself.
         let _ = app.reload().await;
+        // The reloaded config may name other certificate files.
+        paths = watched(&app, &path);
+        seen = stamps(&paths);
     }
 }

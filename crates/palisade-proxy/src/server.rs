@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -18,7 +19,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::io::{ConnActivity, Deadlines, TimedIo};
 use crate::metrics::Metrics;
-use crate::proxy::{App, ConfigSource, ProxyService};
+use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime};
 
 /// A running daemon.
 pub struct Running {
@@ -95,38 +96,7 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
                     let _ = stream.set_nodelay(true);
-                    // New connections follow the config in force when they arrive.
-                    let rt = app.runtime();
-                    let s = &rt.config.server;
-                    let deadlines = Deadlines {
-                        header: s.header_read_timeout,
-                        idle: s.idle_timeout,
-                        write: s.write_timeout,
-                    };
-                    let activity = Arc::new(ConnActivity::default());
-                    let io = TokioIo::new(TimedIo::new(stream, activity.clone(), deadlines));
-                    let service = ProxyService { app: app.clone(), peer, activity: activity.clone() };
-                    let conn = rt.builder.serve_connection(io, service).into_owned();
-                    let conn = graceful.watch(conn);
-                    let app = app.clone();
-                    tasks.spawn(async move {
-                        let m: &Metrics = &app.metrics;
-                        m.connections.inc();
-                        m.connections_open.inc();
-                        if let Err(e) = conn.await {
-                            if is_parse_error(e.as_ref()) {
-                                let rt = app.runtime();
-                                if let Some(t) = rt.shield.observe_connection_failure(peer.ip(), Signal::HeaderParseFailure) {
-                                    app.adaptive_transition(t);
-                                }
-                            }
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                        if let Some(what) = activity.expired() {
-                            Metrics::inc(&m.conn_timeouts, what.as_str());
-                        }
-                        m.connections_open.dec();
-                    });
+                    tasks.spawn(connection(app.clone(), stream, peer, graceful.watcher()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -152,6 +122,68 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+}
+
+/// One client connection: TLS handshake (bounded), then HTTP until done.
+async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    let m: &Metrics = &app.metrics;
+    m.connections.inc();
+    m.connections_open.inc();
+    // New connections follow the config in force when they arrive.
+    let rt = app.runtime();
+    match &rt.config.tls {
+        None => serve_http(&app, &rt, stream, peer, false, watcher).await,
+        Some(tls) => match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => serve_http(&app, &rt, stream, peer, true, watcher).await,
+            Ok(Err(e)) => {
+                Metrics::inc(&m.tls_handshake_errors, "failed");
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                Metrics::inc(&m.conn_timeouts, "tls_handshake");
+                if let Some(t) = rt
+                    .shield
+                    .observe_connection_failure(peer.ip(), Signal::TlsHandshakeTimeout)
+                {
+                    app.adaptive_transition(t);
+                }
+            }
+        },
+    }
+    m.connections_open.dec();
+}
+
+async fn serve_http<I>(app: &Arc<App>, rt: &Runtime, io: I, peer: SocketAddr, tls: bool, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let s = &rt.config.server;
+    let deadlines = Deadlines {
+        header: s.header_read_timeout,
+        idle: s.idle_timeout,
+        write: s.write_timeout,
+    };
+    let activity = Arc::new(ConnActivity::default());
+    let io = TokioIo::new(TimedIo::new(io, activity.clone(), deadlines));
+    let service = ProxyService {
+        app: app.clone(),
+        conn: ClientConn { peer, tls },
+        activity: activity.clone(),
+    };
+    let conn = rt.builder.serve_connection(io, service).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        if is_parse_error(e.as_ref())
+            && let Some(t) = rt
+                .shield
+                .observe_connection_failure(peer.ip(), Signal::HeaderParseFailure)
+        {
+            app.adaptive_transition(t);
+        }
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+    if let Some(what) = activity.expired() {
+        Metrics::inc(&app.metrics.conn_timeouts, what.as_str());
+    }
 }
 
 /// Whether a connection failed because its request head could not be parsed

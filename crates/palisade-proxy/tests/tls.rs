@@ -1,0 +1,204 @@
+//! TLS termination over real TLS clients: ALPN h2 and http/1.1, handshake
+//! timeout, certificate reload.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{config_text, demo, metric};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use palisade_proxy::config::{Config, Overrides};
+use palisade_proxy::proxy::ConfigSource;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncReadExt;
+
+struct Cert {
+    der: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn make_cert() -> Cert {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    Cert {
+        der: c.cert.der().clone(),
+        cert_pem: c.cert.pem(),
+        key_pem: c.signing_key.serialize_pem(),
+    }
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("palisade-tls-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_cert(dir: &Path, cert: &Cert) {
+    std::fs::write(dir.join("cert.pem"), &cert.cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &cert.key_pem).unwrap();
+}
+
+async fn start(dir: &Path, extra: &str) -> palisade_proxy::Running {
+    let (upstream, _, serve) = demo().await;
+    tokio::spawn(serve);
+    let text = config_text(
+        &format!("http://{upstream}"),
+        "",
+        &format!("[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{extra}"),
+    );
+    let path = dir.join("palisade.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path, &Overrides::default()).unwrap();
+    let source = ConfigSource {
+        path,
+        overrides: Overrides::default(),
+        token: None,
+    };
+    palisade_proxy::start_reloadable(config, Some(source))
+        .await
+        .unwrap()
+}
+
+/// A TLS connection trusting only `trusted`, offering `alpn`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    trusted: &CertificateDer<'static>,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = common::connect_from("127.0.0.50", addr).await;
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn https_with_alpn_h2_and_http11() {
+    let d = dir("alpn");
+    let cert = make_cert();
+    write_cert(&d, &cert);
+    let running = start(&d, "").await;
+    let addr = running.proxy_addr;
+
+    let tls = tls_connect(addr, &cert.der, b"h2").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(
+            Request::get(format!("https://localhost:{}/headers", addr.port()))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status(), resp.version()),
+        (StatusCode::OK, http::Version::HTTP_2)
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains(";proto=https"), "{body}");
+
+    let tls = tls_connect(addr, &cert.der, b"http/1.1").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = h1
+        .send_request(
+            Request::get("/")
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status(), resp.version()),
+        (StatusCode::OK, http::Version::HTTP_11)
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_is_cut_and_counted() {
+    let d = dir("stall");
+    write_cert(&d, &make_cert());
+    let running = start(&d, "handshake_timeout = \"300ms\"\n").await;
+    let mut tcp = common::connect_from("127.0.0.51", running.proxy_addr).await;
+    // Say nothing: the server gives up after the handshake timeout.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("stalled handshake never cut")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let m = common::Client::connect("127.0.0.1", running.admin_addr)
+        .await
+        .get("/metrics")
+        .await
+        .2;
+    assert_eq!(
+        metric(&m, "palisade_connection_timeouts_total{kind=\"tls_handshake\"}"),
+        1.0
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn certificates_reload_without_restart_and_bad_ones_are_refused() {
+    let d = dir("reload");
+    let first = make_cert();
+    write_cert(&d, &first);
+    let running = start(&d, "").await;
+    let addr = running.proxy_addr;
+    let served = |tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    assert_eq!(
+        served(&tls_connect(addr, &first.der, b"http/1.1").await),
+        first.der
+    );
+
+    let second = make_cert();
+    write_cert(&d, &second);
+    running.app.reload().await.unwrap();
+    assert_eq!(
+        served(&tls_connect(addr, &second.der, b"http/1.1").await),
+        second.der
+    );
+
+    // A key that does not match: the reload is refused, the second
+    // certificate keeps serving.
+    std::fs::write(d.join("key.pem"), make_cert().key_pem).unwrap();
+    let err = running.app.reload().await.unwrap_err().to_string();
+    assert!(
+        err.contains("tls.cert: ") && err.contains("does not belong to"),
+        "{err}"
+    );
+    assert_eq!(
+        served(&tls_connect(addr, &second.der, b"http/1.1").await),
+        second.der
+    );
+    running.shutdown().await;
+}
