@@ -143,6 +143,28 @@ fn run_serves_then_exits_cleanly_on_sigterm() {
         "{statuses:?}"
     );
     let pid = child.0.id().to_string();
+    // SIGHUP reloads the file: deny ourselves, and see it applied.
+    std::fs::write(
+        &config,
+        "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[clients]\ndeny = [\"127.0.0.1\"]\n",
+    )
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut denied = false;
+    for _ in 0..50 {
+        if get(proxy, "/").starts_with("HTTP/1.1 403 ") {
+            denied = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(denied, "SIGHUP did not apply the new deny list");
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -154,5 +176,7 @@ fn run_serves_then_exits_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status:?}");
     let mut rest = String::new();
     err.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("SIGHUP: reloading config"), "{rest}");
+    assert!(rest.contains("config reloaded"), "{rest}");
     assert!(rest.contains("stopped"), "{rest}");
 }
