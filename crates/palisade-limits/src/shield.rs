@@ -305,6 +305,17 @@ impl<C: Clock> Shield<C> {
             KeyBy::IpUserAgent => fingerprint,
         };
         let route = self.route_for(req);
+        let limiter = self.limiter_for(route);
+        // Up to three tables are consulted below: start all their loads now.
+        if let Some((rep, _)) = &self.reputation {
+            rep.table().prefetch(&key);
+        }
+        if let Some((l, _)) = limiter {
+            l.table().prefetch(&key);
+        }
+        if let Some((adaptive, _)) = &self.adaptive {
+            adaptive.table().prefetch(&fingerprint);
+        }
         let mut decision = Decision {
             client_ip,
             key,
@@ -341,7 +352,6 @@ impl<C: Clock> Shield<C> {
                 }
             }
         }
-        let limiter = self.limiter_for(route);
         if let Some((limiter, mode)) = limiter
             && let Err(limited) = limiter.check(&key, now)
         {
