@@ -20,6 +20,7 @@
 //! ```
 
 pub mod adaptive;
+pub mod admission;
 pub mod breaker;
 pub mod rate;
 pub mod reputation;

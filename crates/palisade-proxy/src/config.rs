@@ -11,6 +11,7 @@ use http::{Method, Uri};
 use ipnet::IpNet;
 use palisade_core::{ClientIpHeader, Mode, TrustedProxies};
 use palisade_limits::adaptive::AdaptiveConfig;
+use palisade_limits::admission::AdmissionConfig;
 use palisade_limits::breaker::BreakerConfig;
 use palisade_limits::rate::Quota;
 use palisade_limits::reputation::ReputationConfig;
@@ -74,6 +75,8 @@ pub struct Config {
     pub breaker: Option<UpstreamBreaker>,
     /// TLS on the client listener; `None` for cleartext.
     pub tls: Option<TlsConfig>,
+    /// Admission at accept.
+    pub connections: AdmissionConfig,
 }
 
 /// `[breaker]`: rules and what counts as a failure.
@@ -234,7 +237,28 @@ struct RawConfig {
     breaker: RawBreaker,
     adaptive_breaker: RawAdaptive,
     tls: RawTls,
+    connections: RawConnections,
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawConnections {
+    max: u32,
+    max_per_ip: u32,
+    new_per_ip_per_second: u32,
+    new_per_second: u32,
+}
+
+impl Default for RawConnections {
+    fn default() -> Self {
+        Self {
+            max: 10_000,
+            max_per_ip: 100,
+            new_per_ip_per_second: 50,
+            new_per_second: 0,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -628,6 +652,19 @@ impl RawConfig {
         let shield = self.shield()?;
         let breaker = self.breaker()?;
         let tls = self.tls(base)?;
+        let c = &self.connections;
+        if c.max == 0 {
+            return Err(at(p!("connections", "max"), "must be > 0"));
+        }
+        if c.max_per_ip == 0 {
+            return Err(at(p!("connections", "max_per_ip"), "must be > 0"));
+        }
+        let connections = AdmissionConfig {
+            max_connections: c.max,
+            max_per_ip: c.max_per_ip,
+            new_per_ip_per_second: NonZeroU32::new(c.new_per_ip_per_second),
+            new_per_second: NonZeroU32::new(c.new_per_second),
+        };
         Ok(Config {
             server,
             upstream,
@@ -635,6 +672,7 @@ impl RawConfig {
             shield,
             breaker,
             tls,
+            connections,
         })
     }
 
@@ -1128,6 +1166,8 @@ mod tests {
         assert_eq!(q.upstream, d.upstream);
         assert_eq!(q.admin, d.admin);
         assert_eq!(q.breaker, d.breaker);
+        assert_eq!(q.connections, AdmissionConfig::default());
+        assert_eq!(q.connections, d.connections);
         let b = q.breaker.unwrap();
         assert_eq!(b.rules, BreakerConfig::default());
         assert!(b.failure_statuses.contains(500) && b.failure_statuses.contains(599));

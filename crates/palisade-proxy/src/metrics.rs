@@ -116,6 +116,8 @@ pub struct Metrics {
     pub conn_timeouts: Family<KindLabel, Counter>,
     /// TLS handshakes that failed (timeouts are in `conn_timeouts`).
     pub tls_handshake_errors: Family<KindLabel, Counter>,
+    /// Connections refused at accept, by reason.
+    pub connections_refused: Family<KindLabel, Counter>,
     /// Client connections accepted.
     pub connections: Counter,
     /// Client connections open now.
@@ -193,6 +195,12 @@ impl Metrics {
             "TLS handshakes that failed",
             tls_handshake_errors.clone(),
         );
+        let connections_refused = Family::default();
+        registry.register(
+            "connections_refused",
+            "Connections reset at accept, by reason",
+            connections_refused.clone(),
+        );
         let connections = Counter::default();
         registry.register("connections", "Client connections accepted", connections.clone());
         let connections_open = Gauge::default();
@@ -256,6 +264,7 @@ impl Metrics {
             config_reloads.clone(),
         );
         Self {
+            connections_refused,
             tls_handshake_errors,
             adaptive_transitions,
             adaptive_clients,

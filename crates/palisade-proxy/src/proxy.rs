@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use palisade_core::{Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
 use palisade_limits::adaptive::AdaptiveTransition;
+use palisade_limits::admission::Admission;
 use palisade_limits::breaker::{Breaker, Outcome, Ticket, Transition};
 use palisade_limits::shield::{Decision, RequestFacts, Shield};
 
@@ -168,6 +169,8 @@ pub struct ReloadReport {
 pub struct App {
     /// Exported metrics.
     pub metrics: Metrics,
+    /// Connection admission at accept (its counts outlive reloads).
+    pub admission: Arc<Admission>,
     /// False while draining, for `/readyz`.
     pub ready: AtomicBool,
     clock: MonotonicClock,
@@ -177,6 +180,8 @@ pub struct App {
     next_upstream: AtomicUsize,
     log_budget: LogBudget,
     transition_log_budget: LogBudget,
+    /// Refused connections are logged on a budget of their own.
+    pub refusal_log_budget: LogBudget,
 }
 
 impl App {
@@ -186,7 +191,13 @@ impl App {
         let clock = MonotonicClock::new();
         let metrics = Metrics::new();
         metrics.config_last_reload_success.set(1);
+        let admission = Arc::new(Admission::new(
+            config.connections.clone(),
+            config.shield.ipv6_prefix,
+            config.shield.max_tracked_clients,
+        ));
         Self {
+            admission,
             runtime: ArcSwap::from_pointee(Runtime::build(config, clock, None)),
             clock,
             metrics,
@@ -196,6 +207,7 @@ impl App {
             next_upstream: AtomicUsize::new(0),
             log_budget: LogBudget::default(),
             transition_log_budget: LogBudget::default(),
+            refusal_log_budget: LogBudget::default(),
         }
     }
 
@@ -240,6 +252,7 @@ impl App {
         if config.shield.max_tracked_clients != old.config.shield.max_tracked_clients {
             tracing::warn!("clients.max_tracked changed: client tables start afresh");
         }
+        self.admission.reconfigure(&config.connections);
         let runtime = Runtime::build(config, self.clock, Some(&old));
         self.runtime.store(Arc::new(runtime));
         self.metrics.config_last_reload_success.set(1);
@@ -280,6 +293,11 @@ impl App {
                     .set(n as i64);
             }
         }
+        m.tracked_clients
+            .get_or_create(&metrics::TableLabel {
+                table: "connections".into(),
+            })
+            .set(self.admission.addresses().len() as i64);
         if let Some(adaptive) = rt.shield.adaptive() {
             for (state, n) in adaptive.state_counts() {
                 m.adaptive_clients

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use palisade_limits::adaptive::Signal;
+use palisade_limits::admission::{Permit, Refusal};
 
 use crate::admin;
 use crate::config::Config;
@@ -95,8 +96,10 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
-                    let _ = stream.set_nodelay(true);
-                    tasks.spawn(connection(app.clone(), stream, peer, graceful.watcher()));
+                    if let Some(permit) = admit(&app, &stream, peer) {
+                        let _ = stream.set_nodelay(true);
+                        tasks.spawn(connection(app.clone(), stream, peer, permit, graceful.watcher()));
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -124,8 +127,33 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
     while tasks.join_next().await.is_some() {}
 }
 
+/// Admission at accept: deny list, then the connection bounds. A refused
+/// connection is reset (SO_LINGER 0): no FIN handshake, no TIME_WAIT, and
+/// not a byte read.
+fn admit(app: &App, stream: &TcpStream, peer: SocketAddr) -> Option<Permit> {
+    let rt = app.runtime();
+    let ip = peer.ip().to_canonical();
+    let cfg = rt.shield.config();
+    let refusal = if cfg.deny.iter().any(|n| n.contains(&ip)) && !cfg.allow.iter().any(|n| n.contains(&ip)) {
+        Refusal::Denylisted
+    } else {
+        let per_address = !cfg.trusted_proxies.contains(ip) && !cfg.allow.iter().any(|n| n.contains(&ip));
+        match app.admission.admit(ip, per_address, app.now()) {
+            Ok(permit) => return Some(permit),
+            Err(r) => r,
+        }
+    };
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+    Metrics::inc(&app.metrics.connections_refused, refusal.as_str());
+    if app.refusal_log_budget.take(app.now()) {
+        tracing::info!(%peer, reason = refusal.as_str(), "connection refused at accept");
+    }
+    None
+}
+
 /// One client connection: TLS handshake (bounded), then HTTP until done.
-async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+/// The permit is held until the connection ends.
+async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, _permit: Permit, watcher: Watcher) {
     let m: &Metrics = &app.metrics;
     m.connections.inc();
     m.connections_open.inc();

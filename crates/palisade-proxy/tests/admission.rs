@@ -1,0 +1,186 @@
+//! F8 admission at accept and slow-client defense, over real sockets.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Harness, connect_from, metric};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Sends one request on a fresh connection from `source`; true if served.
+async fn served(h: &Harness, source: &str) -> bool {
+    let mut s = connect_from(source, h.proxy()).await;
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await {
+        Ok(Ok(_)) => buf.starts_with(b"HTTP/1.1 200 "),
+        Ok(Err(_)) => false,
+        Err(_) => panic!("no answer and no reset"),
+    }
+}
+
+#[tokio::test]
+async fn rapid_connections_from_one_address_are_reset_beyond_its_rate() {
+    let h = Harness::start("", "").await;
+    let started = Instant::now();
+    let mut ok = 0u32;
+    for _ in 0..300 {
+        ok += u32::from(served(&h, "127.0.0.60").await);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // 50 new connections/s per address: the burst, plus what refilled.
+    assert!(ok >= 50, "{ok}");
+    assert!(
+        f64::from(ok) <= 50.0 + 50.0 * elapsed + 1.0,
+        "{ok} in {elapsed:.2}s"
+    );
+    // Meanwhile another address is served normally.
+    assert!(served(&h, "127.0.0.61").await);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_connections_refused_total{kind=\"per_ip_rate\"}"),
+        f64::from(300 - ok)
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn open_connections_per_address_are_capped_and_released_on_close() {
+    let h = Harness::start("", "[connections]\nmax_per_ip = 3\n").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::connect("127.0.0.62", h.proxy()).await;
+        assert_eq!(c.get("/").await.0, StatusCode::OK);
+        held.push(c);
+    }
+    assert!(!served(&h, "127.0.0.62").await, "a fourth connection was served");
+    drop(held.pop());
+    // The proxy notices the close and gives the place back.
+    let mut ok = false;
+    for _ in 0..50 {
+        if served(&h, "127.0.0.62").await {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the place was never released");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn denylisted_sources_are_reset_before_a_byte_is_read() {
+    let h = Harness::start("", "[clients]\ndeny = [\"127.0.0.63\"]\n").await;
+    assert!(!served(&h, "127.0.0.63").await);
+    assert!(served(&h, "127.0.0.64").await);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_connections_refused_total{kind=\"denylisted\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+}
+
+fn fd_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_slowloris_connections_are_cut_while_a_client_is_served() {
+    if fd_limit() < 2500 {
+        eprintln!("skipped: needs 2500 open files (ulimit -n), have {}", fd_limit());
+        return;
+    }
+    let h = Harness::start("header_read_timeout = \"2s\"", "").await;
+    // Baseline with the upstream pool warm (its connection is two tasks).
+    assert!(served(&h, "127.0.0.66").await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    // 20 addresses x 50 connections: within every per-address bound.
+    let mut slow = Vec::with_capacity(1000);
+    for a in 0..20 {
+        for _ in 0..50 {
+            let mut s = connect_from(&format!("127.0.1.{}", a + 1), h.proxy()).await;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+            slow.push(s);
+        }
+        // Stay under 50 new connections per second per address.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A normal client keeps working while the slow ones drip, one byte a
+    // second each, until the deadline cuts them (bounded: 6 s at most).
+    let mut normal = Client::connect("127.0.0.65", h.proxy()).await;
+    let (mut good, mut total, mut worst) = (0, 0, Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut open = slow.len();
+    while open > 0 && Instant::now() < deadline {
+        for s in &mut slow {
+            let _ = s.write_all(b"X").await;
+        }
+        for _ in 0..10 {
+            let t = Instant::now();
+            total += 1;
+            if normal.get("/").await.0 == StatusCode::OK {
+                good += 1;
+            }
+            worst = worst.max(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        open = 0;
+        for s in &mut slow {
+            let mut b = [0u8; 64];
+            // Closed (EOF or reset) answers at once; open ones time out.
+            if tokio::time::timeout(Duration::from_millis(1), s.read(&mut b))
+                .await
+                .is_err()
+            {
+                open += 1;
+            }
+        }
+    }
+    eprintln!("normal client: {good}/{total} served during the attack, slowest {worst:?}");
+    assert_eq!(open, 0, "{open} slowloris connections still open");
+    assert_eq!(good, total, "the normal client was refused under slowloris");
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_connection_timeouts_total{kind=\"header\"}"),
+        1000.0
+    );
+    // Everything the attack held is released.
+    drop(slow);
+    drop(normal);
+    let mut settled = false;
+    for _ in 0..50 {
+        let m = h.metrics().await;
+        let open_now = metric(&m, "palisade_connections_open");
+        let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        // +1: the admin connection answering this very scrape.
+        if open_now == 0.0 && tasks <= tasks_before + 1 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let open_now = metric(&h.metrics().await, "palisade_connections_open");
+    assert!(
+        settled,
+        "connections ({open_now}) or tasks ({tasks} vs {tasks_before}) did not return to baseline"
+    );
+    h.running.shutdown().await;
+}
