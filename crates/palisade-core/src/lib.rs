@@ -24,6 +24,7 @@
 mod clock;
 mod forwarded;
 mod key;
+pub mod proxy_protocol;
 mod verdict;
 
 pub use clock::{Clock, ManualClock, MonotonicClock, NANOS_PER_MS, NANOS_PER_SEC, Nanos};

@@ -127,6 +127,9 @@ pub struct ServerConfig {
     pub h2_max_concurrent_streams: u32,
     /// Drain limit on shutdown.
     pub shutdown_grace: Duration,
+    /// Connections start with a PROXY protocol header (v1 or v2) from a
+    /// trusted proxy.
+    pub proxy_protocol: bool,
 }
 
 /// `[upstream]`.
@@ -294,6 +297,7 @@ struct RawServer {
     max_headers: usize,
     h2_max_concurrent_streams: u32,
     shutdown_grace: String,
+    proxy_protocol: bool,
 }
 
 impl Default for RawServer {
@@ -311,6 +315,7 @@ impl Default for RawServer {
             max_headers: 100,
             h2_max_concurrent_streams: 128,
             shutdown_grace: "10s".into(),
+            proxy_protocol: false,
         }
     }
 }
@@ -631,6 +636,7 @@ impl RawConfig {
                 n => n,
             },
             shutdown_grace: duration(&s.shutdown_grace, p!("server", "shutdown_grace"))?,
+            proxy_protocol: s.proxy_protocol,
         };
         let u = &self.upstream;
         let upstream = UpstreamConfig {
@@ -650,6 +656,12 @@ impl RawConfig {
             },
         };
         let shield = self.shield()?;
+        if server.proxy_protocol && shield.trusted_proxies.is_empty() {
+            return Err(at(
+                p!("server", "proxy_protocol"),
+                "needs clients.trusted_proxies: only they may send PROXY headers",
+            ));
+        }
         let breaker = self.breaker()?;
         let tls = self.tls(base)?;
         let c = &self.connections;

@@ -1,14 +1,15 @@
 //! Listeners, connection tasks and graceful shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite};
+use palisade_core::proxy_protocol::{self, ProxyHeader, ProxyHeaderError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -96,9 +97,22 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
-                    if let Some(permit) = admit(&app, &stream, peer) {
-                        let _ = stream.set_nodelay(true);
-                        tasks.spawn(connection(app.clone(), stream, peer, permit, graceful.watcher()));
+                    let _ = stream.set_nodelay(true);
+                    let rt = app.runtime();
+                    if rt.config.server.proxy_protocol {
+                        // Only a trusted load balancer may speak for others.
+                        if rt.shield.config().trusted_proxies.contains(peer.ip()) {
+                            tasks.spawn(proxied(app.clone(), stream, peer, graceful.watcher()));
+                        } else {
+                            refuse(&app, stream, peer, "untrusted_proxy");
+                        }
+                    } else {
+                        match admit(&app, peer.ip()) {
+                            Ok(permit) => {
+                                tasks.spawn(connection(app.clone(), stream, peer, permit, graceful.watcher()));
+                            }
+                            Err(reason) => refuse(&app, stream, peer, reason),
+                        }
                     }
                 }
                 Err(e) => {
@@ -127,28 +141,81 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
     while tasks.join_next().await.is_some() {}
 }
 
-/// Admission at accept: deny list, then the connection bounds. A refused
-/// connection is reset (SO_LINGER 0): no FIN handshake, no TIME_WAIT, and
-/// not a byte read.
-fn admit(app: &App, stream: &TcpStream, peer: SocketAddr) -> Option<Permit> {
+/// Admission: deny list, then the connection bounds, for the client at
+/// `ip` (the TCP peer, or the address a PROXY header vouched for).
+fn admit(app: &App, ip: IpAddr) -> Result<Permit, &'static str> {
     let rt = app.runtime();
-    let ip = peer.ip().to_canonical();
+    let ip = ip.to_canonical();
     let cfg = rt.shield.config();
-    let refusal = if cfg.deny.iter().any(|n| n.contains(&ip)) && !cfg.allow.iter().any(|n| n.contains(&ip)) {
-        Refusal::Denylisted
-    } else {
-        let per_address = !cfg.trusted_proxies.contains(ip) && !cfg.allow.iter().any(|n| n.contains(&ip));
-        match app.admission.admit(ip, per_address, app.now()) {
-            Ok(permit) => return Some(permit),
-            Err(r) => r,
-        }
-    };
-    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-    Metrics::inc(&app.metrics.connections_refused, refusal.as_str());
-    if app.refusal_log_budget.take(app.now()) {
-        tracing::info!(%peer, reason = refusal.as_str(), "connection refused at accept");
+    let allowed = cfg.allow.iter().any(|n| n.contains(&ip));
+    if cfg.deny.iter().any(|n| n.contains(&ip)) && !allowed {
+        return Err(Refusal::Denylisted.as_str());
     }
-    None
+    let per_address = !cfg.trusted_proxies.contains(ip) && !allowed;
+    app.admission
+        .admit(ip, per_address, app.now())
+        .map_err(Refusal::as_str)
+}
+
+/// Resets a refused connection (SO_LINGER 0): no FIN handshake, no
+/// TIME_WAIT, nothing read. Counted; logged on a budget.
+fn refuse(app: &App, stream: TcpStream, peer: SocketAddr, reason: &'static str) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+    Metrics::inc(&app.metrics.connections_refused, reason);
+    if app.refusal_log_budget.take(app.now()) {
+        tracing::info!(%peer, reason, "connection refused");
+    }
+}
+
+/// Reads the PROXY protocol header (within the header deadline) and admits
+/// the client it names; a missing or bad header resets the connection.
+async fn proxied(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    let deadline = app.runtime().config.server.header_read_timeout;
+    let client = match tokio::time::timeout(deadline, read_proxy_header(&mut stream)).await {
+        Ok(Ok(ProxyHeader::Proxied { source, .. })) => source,
+        Ok(Ok(ProxyHeader::Local)) => peer,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "bad PROXY header");
+            return refuse(&app, stream, peer, "proxy_header");
+        }
+        Err(_) => return refuse(&app, stream, peer, "proxy_header_timeout"),
+    };
+    match admit(&app, client.ip()) {
+        Ok(permit) => connection(app, stream, client, permit, watcher).await,
+        Err(reason) => refuse(&app, stream, client, reason),
+    }
+}
+
+/// Consumes exactly the PROXY header from the stream, nothing after it.
+async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<ProxyHeader> {
+    let mut buf = vec![0u8; proxy_protocol::V2_MAX];
+    let mut seen = 0;
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before the PROXY header",
+            ));
+        }
+        match proxy_protocol::parse(&buf[..n]) {
+            Ok(Some((header, len))) => {
+                stream.read_exact(&mut buf[..len]).await?;
+                return Ok(header);
+            }
+            Ok(None) if n == buf.len() => return Err(std::io::Error::other(ProxyHeaderError::TooLong)),
+            Ok(None) => {
+                // peek() does not consume, so readiness stays set: wait a
+                // little for more bytes instead of spinning.
+                if n == seen {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen = n;
+            }
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+    }
 }
 
 /// One client connection: TLS handshake (bounded), then HTTP until done.

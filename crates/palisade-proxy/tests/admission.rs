@@ -184,3 +184,66 @@ async fn a_thousand_slowloris_connections_are_cut_while_a_client_is_served() {
     );
     h.running.shutdown().await;
 }
+
+/// Sends `bytes` from `source`, returns the reply ("" when reset or closed
+/// without one).
+async fn exchange(h: &Harness, source: &str, bytes: &[u8]) -> String {
+    let mut s = connect_from(source, h.proxy()).await;
+    let _ = s.write_all(bytes).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("no answer and no reset");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn proxy_protocol_names_the_real_client_and_only_trusted_peers_may_send_it() {
+    let h = Harness::start(
+        "proxy_protocol = true",
+        "[clients]\ntrusted_proxies = [\"127.0.0.70\"]\ndeny = [\"203.0.113.66\"]\n",
+    )
+    .await;
+    let request = b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let v1 = [
+        b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\n".as_slice(),
+        request,
+    ]
+    .concat();
+    let reply = exchange(&h, "127.0.0.70", &v1).await;
+    assert!(reply.starts_with("HTTP/1.1 200 "), "{reply}");
+    // The upstream sees the real client as the hop that connected to us.
+    assert!(reply.contains("x-forwarded-for: 203.0.113.9\n"), "{reply}");
+
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+    v2.extend_from_slice(&"2001:db8::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend_from_slice(&"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend_from_slice(&[0x15, 0xb3, 0x00, 0x50]);
+    v2.extend_from_slice(request);
+    let reply = exchange(&h, "127.0.0.70", &v2).await;
+    assert!(reply.contains("x-forwarded-for: 2001:db8::9\n"), "{reply}");
+
+    // Untrusted senders, missing headers and denied clients are reset.
+    assert_eq!(exchange(&h, "127.0.0.71", &v1).await, "");
+    assert_eq!(exchange(&h, "127.0.0.70", request).await, "");
+    let denied = [
+        b"PROXY TCP4 203.0.113.66 127.0.0.1 5555 80\r\n".as_slice(),
+        request,
+    ]
+    .concat();
+    assert_eq!(exchange(&h, "127.0.0.70", &denied).await, "");
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_connections_refused_total{kind=\"untrusted_proxy\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "palisade_connections_refused_total{kind=\"proxy_header\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "palisade_connections_refused_total{kind=\"denylisted\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+}
