@@ -152,6 +152,12 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(s.h2_max_concurrent_streams)
+        // Rapid reset (CVE-2023-44487): streams the client resets before
+        // they are served, and streams we had to reset, are bounded; past
+        // either bound the connection gets GOAWAY. Streams that are served
+        // go through the per-client limiter like any request.
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(256))
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(s.write_timeout);

@@ -247,3 +247,68 @@ async fn proxy_protocol_names_the_real_client_and_only_trusted_peers_may_send_it
     );
     h.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_h2_rapid_reset_burst_is_contained() {
+    let h = Harness::start("", "").await;
+    let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let tcp = connect_from("127.0.0.72", h.proxy()).await;
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = Some(client);
+    let mut sent = 0u32;
+    // Open a stream and cancel it at once, 5 000 times at most.
+    for _ in 0..5_000 {
+        let Some(Ok(mut ready)) = (match client.take() {
+            Some(c) => Some(c.ready().await),
+            None => None,
+        }) else {
+            break;
+        };
+        let req = http::Request::get(format!("http://{}/delay/50", h.proxy()))
+            .body(())
+            .unwrap();
+        match ready.send_request(req, true) {
+            Ok((_, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+        client = Some(ready);
+    }
+    // Give the server time to read the whole burst before letting go.
+    let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    drop(client);
+    eprintln!("rapid reset: connection ended with {ended:?}");
+    // The server hung up on the attacker (GOAWAY, then close).
+    assert!(
+        matches!(ended, Ok(Ok(Err(_)))),
+        "the connection survived the burst: {ended:?}"
+    );
+    let m = h.metrics().await;
+    eprintln!(
+        "rapid reset: decisions allowed={} rate_limited={} reputation_blocked={}",
+        metric(&m, "palisade_decisions_total{decision=\"allowed\"}"),
+        metric(&m, "palisade_decisions_total{decision=\"rate_limited\"}"),
+        metric(&m, "palisade_decisions_total{decision=\"reputation_blocked\"}")
+    );
+    // The burst reached the upstream only as far as the client's rate
+    // limit allows (100 at once), whatever the number of streams.
+    let hits = h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent > 100, "only {sent} streams were opened");
+    assert!(hits <= 110, "{hits} of {sent} reset streams reached the upstream");
+    // Others are served, and nothing the burst started is left running.
+    assert!(served(&h, "127.0.0.73").await);
+    let mut settled = false;
+    for _ in 0..50 {
+        if tokio::runtime::Handle::current().metrics().num_alive_tasks() <= tasks_before + 3 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "tasks did not return to baseline");
+    eprintln!("rapid reset: {sent} streams opened and cancelled, {hits} reached the upstream");
+    h.running.shutdown().await;
+}
