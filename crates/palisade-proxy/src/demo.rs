@@ -1,7 +1,8 @@
 //! The built-in demo upstream, so a new user can see limits, penalties and
 //! breakers work without writing a backend:
 //! `/` → 200 `ok`; `/status/{code}`; `/delay/{ms}` (≤ 60 000);
-//! `/bytes/{n}` (≤ 100 MiB, streamed in 64 KiB chunks); `/headers` (the
+//! `/bytes/{n}` (≤ 100 MiB, streamed in 64 KiB chunks); `/ws` (accepts an
+//! `Upgrade:` and echoes bytes); `/headers` (the
 //! request head as received, to see what the proxy forwards); any `POST`
 //! echoes its body.
 
@@ -58,7 +59,9 @@ async fn serve(listener: TcpListener, hits: Arc<AtomicU64>) {
                 hits.fetch_add(1, Ordering::Relaxed);
                 async move { Ok::<_, Infallible>(answer(req).await) }
             });
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -76,6 +79,9 @@ async fn answer(req: Request<Incoming>) -> Response<DemoBody> {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (head, arg) = (parts.next().unwrap_or(""), parts.next());
     let number = arg.and_then(|a| a.parse::<u64>().ok());
+    if head == "ws" {
+        return echo_upgrade(req);
+    }
     if req.method() == http::Method::POST {
         return match http_body_util::Limited::new(req.into_body(), MAX_ECHO)
             .collect()
@@ -122,6 +128,31 @@ async fn answer(req: Request<Incoming>) -> Response<DemoBody> {
             "not found; try /, /status/{code}, /delay/{ms}, /bytes/{n}\n",
         ),
     }
+}
+
+/// `/ws`: accepts any `Upgrade:` (a WebSocket handshake, say) with 101 and
+/// echoes every byte back until the client closes.
+fn echo_upgrade(mut req: Request<Incoming>) -> Response<DemoBody> {
+    let Some(proto) = req.headers().get(http::header::UPGRADE).cloned() else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            "send Connection: upgrade and Upgrade: <protocol>\n",
+        );
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut r = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    r.headers_mut().insert(http::header::UPGRADE, proto);
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    r
 }
 
 /// `remaining` bytes of `x`, one chunk per frame.

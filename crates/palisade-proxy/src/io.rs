@@ -133,6 +133,11 @@ pin_project_lite::pin_project! {
 }
 
 impl<T> TimedIo<T> {
+    /// The socket, deadlines dropped (an upgraded connection is a tunnel).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     /// Wraps `inner`; the idle deadline starts now.
     pub fn new(inner: T, activity: Arc<ConnActivity>, deadlines: Deadlines) -> Self {
         let now = Instant::now();

@@ -24,5 +24,6 @@ pub mod reload;
 pub mod respond;
 pub mod server;
 pub mod tls;
+pub mod tunnel;
 
 pub use server::{Running, start, start_reloadable};

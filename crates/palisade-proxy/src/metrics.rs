@@ -118,6 +118,10 @@ pub struct Metrics {
     pub tls_handshake_errors: Family<KindLabel, Counter>,
     /// Connections refused at accept, by reason.
     pub connections_refused: Family<KindLabel, Counter>,
+    /// Upgraded connections tunnelled, by mode (`splice`, `copy`).
+    pub tunnels: Family<KindLabel, Counter>,
+    /// Bytes moved through tunnels, by mode.
+    pub tunnel_bytes: Family<KindLabel, Counter>,
     /// Client connections accepted.
     pub connections: Counter,
     /// Client connections open now.
@@ -201,6 +205,18 @@ impl Metrics {
             "Connections reset at accept, by reason",
             connections_refused.clone(),
         );
+        let tunnels = Family::default();
+        registry.register(
+            "tunnels",
+            "Upgraded connections tunnelled, by mode",
+            tunnels.clone(),
+        );
+        let tunnel_bytes = Family::default();
+        registry.register(
+            "tunnel_bytes",
+            "Bytes moved through tunnels, by mode",
+            tunnel_bytes.clone(),
+        );
         let connections = Counter::default();
         registry.register("connections", "Client connections accepted", connections.clone());
         let connections_open = Gauge::default();
@@ -264,6 +280,8 @@ impl Metrics {
             config_reloads.clone(),
         );
         Self {
+            tunnels,
+            tunnel_bytes,
             connections_refused,
             tls_handshake_errors,
             adaptive_transitions,

@@ -12,19 +12,21 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::HOST;
+use http::StatusCode;
+use http::header::{CONNECTION, HOST, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use palisade_core::{Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
 use palisade_limits::adaptive::AdaptiveTransition;
-use palisade_limits::admission::Admission;
+use palisade_limits::admission::{Admission, Permit};
 use palisade_limits::breaker::{Breaker, Outcome, Ticket, Transition};
 use palisade_limits::shield::{Decision, RequestFacts, Shield};
 
@@ -34,6 +36,7 @@ use crate::forward::{append_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::respond::{self, UpstreamFailure};
+use crate::tunnel::{self, TunnelMode};
 
 /// Body sent upstream: the client's body with deadlines, or nothing.
 pub type UpstreamBody = Either<TimedBody<Incoming>, Empty<Bytes>>;
@@ -470,7 +473,7 @@ impl App {
                     )
                 }
                 Ok((upstream, ticket)) => {
-                    let r = self.forward(&rt, upstream, ticket, conn, &decision, req).await;
+                    let r = self.forward(&rt, upstream, ticket, &conn, &decision, req).await;
                     let effects = rt.shield.observe_response(&decision, r.status().as_u16());
                     if effects.penalized {
                         Metrics::inc(&self.metrics.penalties, "error_streak");
@@ -508,10 +511,13 @@ impl App {
         rt: &Runtime,
         upstream: &Upstream,
         ticket: Option<BreakerTicket>,
-        conn: ClientConn,
+        conn: &ClientConn,
         decision: &Decision,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Response<Either<Incoming, Full<Bytes>>> {
+        // An HTTP/1.1 `Upgrade` (WebSocket...) is passed through and, on
+        // 101, becomes a byte tunnel.
+        let upgrade = upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
         let (mut parts, body) = req.into_parts();
         // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
         if !parts.headers.contains_key(HOST)
@@ -521,6 +527,12 @@ impl App {
             parts.headers.insert(HOST, v);
         }
         strip_hop_by_hop(&mut parts.headers);
+        if let Some((proto, _)) = &upgrade {
+            parts.headers.insert(UPGRADE, proto.clone());
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         let host = parts
             .headers
             .get(HOST)
@@ -571,7 +583,20 @@ impl App {
                         Outcome::Success
                     },
                 );
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let accepted = if switching {
+                    resp.headers().get(UPGRADE).cloned()
+                } else {
+                    None
+                };
                 strip_hop_by_hop(resp.headers_mut());
+                if let (Some((_, client_side)), Some(proto)) = (upgrade, accepted) {
+                    resp.headers_mut().insert(UPGRADE, proto);
+                    resp.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    let upstream_side = hyper::upgrade::on(&mut resp);
+                    self.spawn_tunnel(client_side, upstream_side, conn.permit.clone());
+                }
                 return resp.map(Either::Left);
             }
             Err(_) => UpstreamFailure::Timeout,
@@ -593,6 +618,47 @@ impl App {
             tracing::warn!(client = %decision.client_ip, upstream = upstream.label, failure = failure.as_str(), "upstream failed");
         }
         respond::upstream_failure(failure).map(Either::Right)
+    }
+
+    /// Runs the byte tunnel of an upgraded connection in its own task. The
+    /// connection's admission permit lives as long as the tunnel.
+    fn spawn_tunnel(&self, client: OnUpgrade, upstream: OnUpgrade, permit: Option<Arc<Permit>>) {
+        let splice = self
+            .metrics
+            .tunnel_bytes
+            .get_or_create(&metrics::KindLabel { kind: "splice" })
+            .clone();
+        let copy = self
+            .metrics
+            .tunnel_bytes
+            .get_or_create(&metrics::KindLabel { kind: "copy" })
+            .clone();
+        let tunnels = self.metrics.tunnels.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (client, upstream) = match tokio::try_join!(client, upstream) {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let (mode, moved) = tunnel::run(client, upstream).await;
+            tunnels
+                .get_or_create(&metrics::KindLabel { kind: mode.as_str() })
+                .inc();
+            let counter = if mode == TunnelMode::Splice {
+                &splice
+            } else {
+                &copy
+            };
+            match moved {
+                Ok((up, down)) => {
+                    counter.inc_by(up + down);
+                }
+                Err(e) => tracing::debug!(error = %e, mode = mode.as_str(), "tunnel ended with an error"),
+            }
+        });
     }
 
     fn finish(&self, upstream: &Upstream, ticket: Option<BreakerTicket>, outcome: Outcome) {
@@ -639,6 +705,20 @@ impl Drop for BreakerTicket {
                 .after(self.ticket, Outcome::Ignored, self.clock.now());
         }
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
+fn upgrade_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    asks.then(|| req.headers().get(UPGRADE).cloned()).flatten()
 }
 
 /// Whether an upstream request failed because reading the client's body did.
@@ -689,12 +769,15 @@ impl Body for ResponseBody {
 }
 
 /// What is known of a client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ClientConn {
-    /// TCP peer.
+    /// TCP peer (or the client a PROXY header named).
     pub peer: SocketAddr,
     /// Whether the connection is TLS (for `Forwarded: proto=`).
     pub tls: bool,
+    /// Its admission permit, shared with tunnels that outlive the HTTP
+    /// connection.
+    pub permit: Option<Arc<Permit>>,
 }
 
 /// The hyper service of one client connection.
@@ -716,7 +799,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
         let app = self.app.clone();
-        let conn = self.conn;
+        let conn = self.conn.clone();
         Box::pin(async move {
             let mut resp = app.handle(conn, req).await;
             resp.body_mut().guard = Some(guard);

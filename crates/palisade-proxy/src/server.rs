@@ -220,16 +220,17 @@ async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<ProxyHeade
 
 /// One client connection: TLS handshake (bounded), then HTTP until done.
 /// The permit is held until the connection ends.
-async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, _permit: Permit, watcher: Watcher) {
+async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: Permit, watcher: Watcher) {
+    let permit = Arc::new(permit);
     let m: &Metrics = &app.metrics;
     m.connections.inc();
     m.connections_open.inc();
     // New connections follow the config in force when they arrive.
     let rt = app.runtime();
     match &rt.config.tls {
-        None => serve_http(&app, &rt, stream, peer, false, watcher).await,
+        None => serve_http(&app, &rt, stream, client(peer, false, &permit), watcher).await,
         Some(tls) => match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => serve_http(&app, &rt, stream, peer, true, watcher).await,
+            Ok(Ok(stream)) => serve_http(&app, &rt, stream, client(peer, true, &permit), watcher).await,
             Ok(Err(e)) => {
                 Metrics::inc(&m.tls_handshake_errors, "failed");
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -248,7 +249,15 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, _permit:
     m.connections_open.dec();
 }
 
-async fn serve_http<I>(app: &Arc<App>, rt: &Runtime, io: I, peer: SocketAddr, tls: bool, watcher: Watcher)
+fn client(peer: SocketAddr, tls: bool, permit: &Arc<Permit>) -> ClientConn {
+    ClientConn {
+        peer,
+        tls,
+        permit: Some(permit.clone()),
+    }
+}
+
+async fn serve_http<I>(app: &Arc<App>, rt: &Runtime, io: I, conn: ClientConn, watcher: Watcher)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -260,12 +269,16 @@ where
     };
     let activity = Arc::new(ConnActivity::default());
     let io = TokioIo::new(TimedIo::new(io, activity.clone(), deadlines));
+    let peer = conn.peer;
     let service = ProxyService {
         app: app.clone(),
-        conn: ClientConn { peer, tls },
+        conn,
         activity: activity.clone(),
     };
-    let conn = rt.builder.serve_connection(io, service).into_owned();
+    let conn = rt
+        .builder
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
     if let Err(e) = watcher.watch(conn).await {
         if is_parse_error(e.as_ref())
             && let Some(t) = rt

@@ -312,3 +312,51 @@ async fn an_h2_rapid_reset_burst_is_contained() {
     eprintln!("rapid reset: {sent} streams opened and cancelled, {hits} reached the upstream");
     h.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn websocket_upgrades_are_tunnelled_with_splice() {
+    let h = Harness::start("", "").await;
+    let mut s = connect_from("127.0.0.74", h.proxy()).await;
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // Read the 101 head (ends with an empty line).
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    // 4 MiB each way through the tunnel, echoed back intact.
+    let payload: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::with_capacity(payload.len());
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut echoed))
+        .await
+        .expect("tunnel stalled")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(echoed.len(), payload.len());
+    assert!(echoed == payload, "the tunnel corrupted the bytes");
+    let mut moved = 0.0;
+    for _ in 0..50 {
+        moved = metric(&h.metrics().await, "palisade_tunnel_bytes_total{kind=\"splice\"}");
+        if moved > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(moved, 2.0 * payload.len() as f64);
+    h.running.shutdown().await;
+}
