@@ -279,34 +279,22 @@ impl App {
         let m = &self.metrics;
         let now = self.now();
         for (name, limiter) in rt.shield.limiters() {
-            let label = metrics::TableLabel {
-                table: format!("limiter:{name}"),
-            };
-            let t = limiter.table();
-            m.tracked_clients.get_or_create(&label).set(t.len() as i64);
-            let c = m.table_overflows.get_or_create(&label);
-            c.inc_by(t.overflowed().saturating_sub(c.get()));
+            self.table_gauges(
+                format!("limiter:{name}"),
+                limiter.table().len(),
+                limiter.table().overflowed(),
+            );
         }
         if let Some(rep) = rt.shield.reputation() {
-            let label = metrics::TableLabel {
-                table: "reputation".into(),
-            };
-            m.tracked_clients
-                .get_or_create(&label)
-                .set(rep.table().len() as i64);
-            let c = m.table_overflows.get_or_create(&label);
-            c.inc_by(rep.table().overflowed().saturating_sub(c.get()));
+            self.table_gauges("reputation".into(), rep.table().len(), rep.table().overflowed());
             for (bucket, n) in metrics::SCORE_BUCKETS.iter().zip(rep.distribution(now)) {
                 m.reputation_scores
                     .get_or_create(&metrics::ScoreLabel { bucket })
                     .set(n as i64);
             }
         }
-        m.tracked_clients
-            .get_or_create(&metrics::TableLabel {
-                table: "connections".into(),
-            })
-            .set(self.admission.addresses().len() as i64);
+        let addresses = self.admission.addresses();
+        self.table_gauges("connections".into(), addresses.len(), addresses.overflowed());
         if let Some(adaptive) = rt.shield.adaptive() {
             for (state, n) in adaptive.state_counts() {
                 m.adaptive_clients
@@ -315,14 +303,8 @@ impl App {
                     })
                     .set(n as i64);
             }
-            let label = metrics::TableLabel {
-                table: "adaptive_breaker".into(),
-            };
-            m.tracked_clients
-                .get_or_create(&label)
-                .set(adaptive.table().len() as i64);
-            let c = m.table_overflows.get_or_create(&label);
-            c.inc_by(adaptive.table().overflowed().saturating_sub(c.get()));
+            let t = adaptive.table();
+            self.table_gauges("adaptive_breaker".into(), t.len(), t.overflowed());
         }
         for u in &rt.upstreams {
             if let Some(b) = &u.breaker {
@@ -360,6 +342,15 @@ impl App {
                 "adaptive breaker"
             );
         }
+    }
+
+    /// A client table's size and overflow count (a counter kept in step
+    /// with the table's own).
+    fn table_gauges(&self, table: String, len: usize, overflowed: u64) {
+        let label = metrics::TableLabel { table };
+        self.metrics.tracked_clients.get_or_create(&label).set(len as i64);
+        let c = self.metrics.table_overflows.get_or_create(&label);
+        c.inc_by(overflowed.saturating_sub(c.get()));
     }
 
     fn breaker_transition(&self, upstream: &'static str, t: Transition) {
