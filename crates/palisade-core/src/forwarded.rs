@@ -226,3 +226,33 @@ mod tests {
         assert_eq!(parse_node(b"1.2.3.4:99999"), None);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a trusted proxy's header says, the answer is the peer or
+        /// an address written in the header, and never a trusted proxy unless
+        /// every hop is one.
+        #[test]
+        fn arbitrary_headers(values in proptest::collection::vec("[0-9a-f.:, \\[\\]\"=;forFOR_-]{0,60}", 0..4)) {
+            for header in [ClientIpHeader::XForwardedFor, ClientIpHeader::Forwarded] {
+                let t = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()], header);
+                let mut h = HeaderMap::new();
+                let name = if header == ClientIpHeader::Forwarded { "forwarded" } else { "x-forwarded-for" };
+                for v in &values {
+                    if let Ok(v) = HeaderValue::from_str(v) {
+                        h.append(name, v);
+                    }
+                }
+                let peer: IpAddr = "10.1.2.3".parse().unwrap();
+                let ip = t.client_ip(peer, &h);
+                let text: String = values.concat();
+                prop_assert!(ip == peer || text.contains(&ip.to_string()) || ip.is_ipv6(), "{ip} from {values:?}");
+            }
+        }
+    }
+}

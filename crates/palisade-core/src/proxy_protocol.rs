@@ -316,3 +316,46 @@ mod tests {
         assert_eq!(parse(b"\r\n\r\nX"), Err(ProxyHeaderError::Missing));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary bytes never panic, and a header that parses never
+        /// claims more bytes than it was given or than the protocol allows.
+        #[test]
+        fn arbitrary_bytes(buf in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(Some((_, n))) = parse(&buf) {
+                prop_assert!(n <= buf.len());
+                prop_assert!(n <= V2_MAX);
+            }
+        }
+
+        /// Mutated valid v1 headers never panic.
+        #[test]
+        fn mutated_v1(pos in 0usize..45, byte in any::<u8>()) {
+            let mut h = b"PROXY TCP4 192.0.2.1 198.51.100.1 56324 443\r\n".to_vec();
+            h[pos] = byte;
+            let _ = parse(&h);
+        }
+
+        /// Every valid v2 header round-trips its addresses.
+        #[test]
+        fn v2_round_trip(src in any::<[u8; 4]>(), dst in any::<[u8; 4]>(), sp in any::<u16>(), dp in any::<u16>()) {
+            let mut h = V2_SIGNATURE.to_vec();
+            h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+            h.extend_from_slice(&src);
+            h.extend_from_slice(&dst);
+            h.extend_from_slice(&sp.to_be_bytes());
+            h.extend_from_slice(&dp.to_be_bytes());
+            let (header, n) = parse(&h).unwrap().unwrap();
+            prop_assert_eq!(n, 28);
+            prop_assert_eq!(header, ProxyHeader::Proxied {
+                source: SocketAddr::new(Ipv4Addr::from(src).into(), sp),
+                destination: SocketAddr::new(Ipv4Addr::from(dst).into(), dp),
+            });
+        }
+    }
+}

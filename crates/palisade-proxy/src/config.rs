@@ -1334,3 +1334,38 @@ mod tests {
         assert_eq!(cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary text, and arbitrary edits of the reference config,
+        /// give a config or an error that names a line and column: never a
+        /// panic.
+        #[test]
+        fn arbitrary_text(src in "[\\[\\]a-z_=\" .0-9\n#,{}:/]{0,200}") {
+            check(&src);
+        }
+
+        #[test]
+        fn edited_reference(pos in 0usize..QUICKSTART.len(), junk in "[\\[\\]a-z=\"0-9\n ]{0,6}") {
+            let mut src = QUICKSTART.to_string();
+            let pos = (0..=pos).rev().find(|p| src.is_char_boundary(*p)).unwrap_or(0);
+            src.insert_str(pos, &junk);
+            check(&src);
+        }
+    }
+
+    fn check(src: &str) {
+        match Config::parse(src, "f.toml", &Overrides::default()) {
+            Ok(_) => {}
+            Err(ConfigError::Invalid { line, column, .. }) => {
+                assert!(line >= 1 && column >= 1);
+                assert!(line <= src.lines().count().max(1) + 1, "line {line} past the end");
+            }
+            Err(e) => panic!("unexpected error kind: {e}"),
+        }
+    }
+}
