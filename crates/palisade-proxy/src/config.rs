@@ -19,6 +19,7 @@ use palisade_limits::shield::{KeyBy, LimitPolicy, RouteConfig, RouteMatch, Shiel
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 
+use crate::maintenance::MaintenancePage;
 use crate::tls::TlsConfig;
 
 /// The quickstart config, which is also the reference of every key.
@@ -130,6 +131,8 @@ pub struct ServerConfig {
     /// Connections start with a PROXY protocol header (v1 or v2) from a
     /// trusted proxy.
     pub proxy_protocol: bool,
+    /// Maintenance mode: every connection gets this page with a 503.
+    pub maintenance_page: Option<MaintenancePage>,
 }
 
 /// `[upstream]`.
@@ -298,6 +301,7 @@ struct RawServer {
     h2_max_concurrent_streams: u32,
     shutdown_grace: String,
     proxy_protocol: bool,
+    maintenance_page: String,
 }
 
 impl Default for RawServer {
@@ -316,6 +320,7 @@ impl Default for RawServer {
             h2_max_concurrent_streams: 128,
             shutdown_grace: "10s".into(),
             proxy_protocol: false,
+            maintenance_page: String::new(),
         }
     }
 }
@@ -582,11 +587,7 @@ impl RawConfig {
             }
             (false, false) => {}
         }
-        let resolve = |s: &str| match base {
-            Some(dir) if Path::new(s).is_relative() => dir.join(s),
-            _ => PathBuf::from(s),
-        };
-        let (cert, key) = (resolve(&t.cert), resolve(&t.key));
+        let (cert, key) = (resolve(base, &t.cert), resolve(base, &t.key));
         let acceptor = crate::tls::acceptor(&cert, &key).map_err(|m| at(p!("tls", "cert"), m))?;
         Ok(Some(TlsConfig {
             handshake_timeout: duration(&t.handshake_timeout, p!("tls", "handshake_timeout"))?,
@@ -637,6 +638,13 @@ impl RawConfig {
             },
             shutdown_grace: duration(&s.shutdown_grace, p!("server", "shutdown_grace"))?,
             proxy_protocol: s.proxy_protocol,
+            maintenance_page: match s.maintenance_page.as_str() {
+                "" => None,
+                page => {
+                    let path = resolve(base, page);
+                    Some(MaintenancePage::open(&path).map_err(|m| at(p!("server", "maintenance_page"), m))?)
+                }
+            },
         };
         let u = &self.upstream;
         let upstream = UpstreamConfig {
@@ -975,6 +983,14 @@ impl RawRoute {
             },
             limit,
         })
+    }
+}
+
+/// A path from the config file, relative to the file's directory.
+fn resolve(base: Option<&Path>, s: &str) -> PathBuf {
+    match base {
+        Some(dir) if Path::new(s).is_relative() => dir.join(s),
+        _ => PathBuf::from(s),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod forward;
 pub mod io;
+pub mod maintenance;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -122,6 +122,8 @@ pub struct Metrics {
     pub tunnels: Family<KindLabel, Counter>,
     /// Bytes moved through tunnels, by mode.
     pub tunnel_bytes: Family<KindLabel, Counter>,
+    /// Maintenance pages sent, by how (`sendfile`, `copy`).
+    pub maintenance_responses: Family<KindLabel, Counter>,
     /// Client connections accepted.
     pub connections: Counter,
     /// Client connections open now.
@@ -217,6 +219,12 @@ impl Metrics {
             "Bytes moved through tunnels, by mode",
             tunnel_bytes.clone(),
         );
+        let maintenance_responses = Family::default();
+        registry.register(
+            "maintenance_responses",
+            "Maintenance pages sent, by how",
+            maintenance_responses.clone(),
+        );
         let connections = Counter::default();
         registry.register("connections", "Client connections accepted", connections.clone());
         let connections_open = Gauge::default();
@@ -280,6 +288,7 @@ impl Metrics {
             config_reloads.clone(),
         );
         Self {
+            maintenance_responses,
             tunnels,
             tunnel_bytes,
             connections_refused,

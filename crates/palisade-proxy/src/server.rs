@@ -20,6 +20,7 @@ use palisade_limits::admission::{Permit, Refusal};
 use crate::admin;
 use crate::config::Config;
 use crate::io::{ConnActivity, Deadlines, TimedIo};
+use crate::maintenance::MaintenancePage;
 use crate::metrics::Metrics;
 use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime};
 
@@ -227,6 +228,11 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: 
     m.connections_open.inc();
     // New connections follow the config in force when they arrive.
     let rt = app.runtime();
+    if let Some(page) = &rt.config.server.maintenance_page {
+        maintenance(&app, &rt, page, stream, peer).await;
+        m.connections_open.dec();
+        return;
+    }
     match &rt.config.tls {
         None => serve_http(&app, &rt, stream, client(peer, false, &permit), watcher).await,
         Some(tls) => match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
@@ -247,6 +253,22 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: 
         },
     }
     m.connections_open.dec();
+}
+
+/// Maintenance mode: the static page, then close.
+async fn maintenance(app: &App, rt: &Runtime, page: &MaintenancePage, stream: TcpStream, peer: SocketAddr) {
+    let deadline = rt.config.server.header_read_timeout;
+    let served = match &rt.config.tls {
+        None => page.serve_tcp(stream, deadline).await,
+        Some(tls) => match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => page.serve_copy(tls_stream, deadline).await,
+            _ => return,
+        },
+    };
+    match served {
+        Ok(how) => Metrics::inc(&app.metrics.maintenance_responses, how),
+        Err(e) => tracing::debug!(%peer, error = %e, "maintenance page not delivered"),
+    }
 }
 
 fn client(peer: SocketAddr, tls: bool, permit: &Arc<Permit>) -> ClientConn {

@@ -359,3 +359,32 @@ async fn websocket_upgrades_are_tunnelled_with_splice() {
     assert_eq!(moved, 2.0 * payload.len() as f64);
     h.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn maintenance_mode_sends_the_page_with_sendfile() {
+    let dir = std::env::temp_dir().join(format!("palisade-maint-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let page = dir.join("down.html");
+    // Larger than a socket buffer, so sendfile has to wait for the reader.
+    let html = format!("<h1>Back soon</h1>{}", "<!-- padding -->".repeat(20_000));
+    std::fs::write(&page, &html).unwrap();
+    let h = Harness::start(&format!("maintenance_page = \"{}\"", page.display()), "").await;
+    let reply = exchange(&h, "127.0.0.75", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 503 Service Unavailable"), "{head}");
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(head.contains("retry-after: 120"), "{head}");
+    assert!(
+        body == html,
+        "page corrupted: {} bytes of {}",
+        body.len(),
+        html.len()
+    );
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_maintenance_responses_total{kind=\"sendfile\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+}
