@@ -208,6 +208,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!(
             "  curl -s{insecure} -o /dev/null -w '%{{http_code}}\\n' '{scheme}://{proxy}/?[1-150]' | sort | uniq -c"
         );
+        println!(
+            "A failing upstream trips the circuit breaker (5 requests, 60 % failures, in a 10 s window):"
+        );
+        println!(
+            "  for i in $(seq 8); do curl -s{insecure} -o /dev/null -w '%{{http_code}} ' {scheme}://{proxy}/status/500; done; echo"
+        );
+        println!(
+            "  -> five 500s, then 503 without calling the upstream for 30 s: curl -s http://{admin}/api/v1/breakers"
+        );
         println!("Stop with Ctrl-C.");
     }
     running.run_until(shutdown_signal()).await;
