@@ -110,8 +110,9 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let now = 0; // releasing never creates a slot, so time does not matter
-        self.admission.addresses.with(&self.key, now, |s| {
+        // The address cannot have been forgotten: its open count kept it
+        // from looking idle.
+        self.admission.addresses.get(&self.key, |s| {
             let _ = s
                 .open
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
