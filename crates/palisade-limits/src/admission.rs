@@ -110,9 +110,9 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        // The address cannot have been forgotten: its open count kept it
-        // from looking idle.
-        self.admission.addresses.get(&self.key, |s| {
+        // An address with open connections is never forgotten, so it is
+        // where `admit` counted it: its own slot, or the shared overflow.
+        self.admission.addresses.get_or_overflow(&self.key, |s| {
             let _ = s
                 .open
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
@@ -309,6 +309,26 @@ mod tests {
             Some(Refusal::TooManyFromAddress)
         );
         assert!(g.admit_ip(ip("2001:db8:0:1::1"), 0).is_ok());
+    }
+
+    #[test]
+    fn permits_release_overflowed_addresses_too() {
+        // One tracked address: the second one overflows, and must get its
+        // place back on close like any other.
+        let g = Arc::new(Admission::new(
+            AdmissionConfig {
+                max_per_ip: 1,
+                new_per_ip_per_second: None,
+                ..Default::default()
+            },
+            64,
+            1,
+        ));
+        let _a = g.admit_ip(ip("10.0.0.1"), 0).unwrap();
+        let b = g.admit_ip(ip("10.0.0.2"), 0).unwrap();
+        assert_eq!(g.addresses().overflowed(), 1);
+        drop(b);
+        assert!(g.admit_ip(ip("10.0.0.2"), 0).is_ok());
     }
 
     #[test]

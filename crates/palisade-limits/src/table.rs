@@ -162,6 +162,17 @@ impl<S: Slot> ClientTable<S> {
         self.find(self.tag(key)).map(|i| f(&self.buckets[i].state))
     }
 
+    /// Runs `f` on the client's slot, or on the overflow slot it would share
+    /// when untracked; never creates a slot. For undoing what an earlier
+    /// [`with`](Self::with) did.
+    pub fn get_or_overflow<R>(&self, key: &ClientKey, f: impl FnOnce(&S) -> R) -> R {
+        let tag = self.tag(key);
+        match self.find(tag) {
+            Some(i) => f(&self.buckets[i].state),
+            None => f(&self.overflow[(tag >> 32) as usize & (self.overflow.len() - 1)]),
+        }
+    }
+
     /// Resets a client's state (admin). Returns whether it was tracked.
     pub fn remove(&self, key: &ClientKey) -> bool {
         self.get(key, S::reset).is_some()
