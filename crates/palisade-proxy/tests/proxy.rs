@@ -190,10 +190,9 @@ async fn a_flooding_client_ends_in_403_access_denied() {
     assert_eq!(h.client("127.0.0.7").await.get("/").await.0, StatusCode::OK);
     let m = h.metrics().await;
     assert!(metric(&m, "palisade_decisions_total{decision=\"reputation_blocked\"}") >= 1.0);
-    assert_eq!(
-        metric(&m, "palisade_reputation_penalties_total{kind=\"flood\"}"),
-        1.0
-    );
+    // One flooded second, or two if the burst straddled a second boundary.
+    let floods = metric(&m, "palisade_reputation_penalties_total{kind=\"flood\"}");
+    assert!((1.0..=2.0).contains(&floods), "{floods}");
     h.running.shutdown().await;
 }
 
