@@ -71,7 +71,8 @@ fn bench(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     total += transfer(|a, b| async move {
-                        let _ = palisade_proxy::tunnel::splice::bidirectional(&a, &b).await;
+                        let activity = palisade_proxy::tunnel::Activity::new();
+                        let _ = palisade_proxy::tunnel::splice::bidirectional(&a, &b, &activity).await;
                     })
                     .await;
                 }

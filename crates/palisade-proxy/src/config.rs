@@ -133,6 +133,9 @@ pub struct ServerConfig {
     pub proxy_protocol: bool,
     /// Maintenance mode: every connection gets this page with a 503.
     pub maintenance_page: Option<MaintenancePage>,
+    /// An upgraded connection (WebSocket) with no bytes either way for this
+    /// long is closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// `[upstream]`.
@@ -302,6 +305,7 @@ struct RawServer {
     shutdown_grace: String,
     proxy_protocol: bool,
     maintenance_page: String,
+    tunnel_idle_timeout: String,
 }
 
 impl Default for RawServer {
@@ -321,6 +325,7 @@ impl Default for RawServer {
             shutdown_grace: "10s".into(),
             proxy_protocol: false,
             maintenance_page: String::new(),
+            tunnel_idle_timeout: "10m".into(),
         }
     }
 }
@@ -638,6 +643,7 @@ impl RawConfig {
             },
             shutdown_grace: duration(&s.shutdown_grace, p!("server", "shutdown_grace"))?,
             proxy_protocol: s.proxy_protocol,
+            tunnel_idle_timeout: duration(&s.tunnel_idle_timeout, p!("server", "tunnel_idle_timeout"))?,
             maintenance_page: match s.maintenance_page.as_str() {
                 "" => None,
                 page => {

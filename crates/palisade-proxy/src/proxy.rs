@@ -586,7 +586,8 @@ impl App {
                     resp.headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("upgrade"));
                     let upstream_side = hyper::upgrade::on(&mut resp);
-                    self.spawn_tunnel(client_side, upstream_side, conn.permit.clone());
+                    let idle = rt.config.server.tunnel_idle_timeout;
+                    self.spawn_tunnel(client_side, upstream_side, conn.permit.clone(), idle);
                 }
                 return resp.map(Either::Left);
             }
@@ -613,7 +614,13 @@ impl App {
 
     /// Runs the byte tunnel of an upgraded connection in its own task. The
     /// connection's admission permit lives as long as the tunnel.
-    fn spawn_tunnel(&self, client: OnUpgrade, upstream: OnUpgrade, permit: Option<Arc<Permit>>) {
+    fn spawn_tunnel(
+        &self,
+        client: OnUpgrade,
+        upstream: OnUpgrade,
+        permit: Option<Arc<Permit>>,
+        idle: Duration,
+    ) {
         let splice = self
             .metrics
             .tunnel_bytes
@@ -634,7 +641,7 @@ impl App {
                     return;
                 }
             };
-            let (mode, moved) = tunnel::run(client, upstream).await;
+            let (mode, moved) = tunnel::run(client, upstream, idle).await;
             tunnels
                 .get_or_create(&metrics::KindLabel { kind: mode.as_str() })
                 .inc();

@@ -4,11 +4,14 @@
 //! otherwise (TLS on the client side) they are copied.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::io::TimedIo;
 
@@ -31,60 +34,174 @@ impl TunnelMode {
     }
 }
 
+/// When either direction last moved bytes, for the idle deadline.
+#[derive(Debug)]
+pub struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Activity {
+    /// Nothing moved yet; the idle clock starts now.
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes moved just now.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let deadline = self.last() + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
 /// Runs a tunnel between an upgraded client connection and an upgraded
-/// upstream connection until both directions end. Returns the mode used and
-/// the bytes moved (client → upstream, upstream → client).
-pub async fn run(client: Upgraded, upstream: Upgraded) -> (TunnelMode, io::Result<(u64, u64)>) {
+/// upstream connection until both directions end, or nothing has moved
+/// either way for `idle`. Returns the mode used and the bytes moved (client
+/// → upstream, upstream → client).
+pub async fn run(
+    client: Upgraded,
+    upstream: Upgraded,
+    idle: Duration,
+) -> (TunnelMode, io::Result<(u64, u64)>) {
+    let activity = Activity::new();
+    let (mode, moving) = start(client, upstream, &activity);
+    let result = tokio::select! {
+        r = moving => r,
+        () = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "tunnel idle")),
+    };
+    (mode, result)
+}
+
+type Moving<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<(u64, u64)>> + Send + 'a>>;
+
+fn start<'a>(client: Upgraded, upstream: Upgraded, activity: &'a Activity) -> (TunnelMode, Moving<'a>) {
     type ClientIo = TokioIo<TimedIo<TcpStream>>;
     let client = match hyper_util::server::conn::auto::upgrade::downcast::<ClientIo>(client) {
         Ok(parts) => parts,
         Err(client) => {
             return (
                 TunnelMode::Copy,
-                copy(TokioIo::new(client), TokioIo::new(upstream)).await,
+                Box::pin(copy(TokioIo::new(client), TokioIo::new(upstream), activity)),
             );
         }
     };
+    let mut client_tcp = client.io.into_inner().into_inner();
     let upstream = match upstream.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => parts,
         Err(upstream) => {
-            let mut tcp = client.io.into_inner().into_inner();
-            let sent = tcp.write_all(&client.read_buf);
-            let result = match sent.await {
-                Ok(()) => copy(tcp, TokioIo::new(upstream)).await,
-                Err(e) => Err(e),
-            };
-            return (TunnelMode::Copy, result);
+            let pending = client.read_buf;
+            return (
+                TunnelMode::Copy,
+                Box::pin(async move {
+                    let mut upstream = TokioIo::new(upstream);
+                    upstream.write_all(&pending).await?;
+                    copy(client_tcp, upstream, activity).await
+                }),
+            );
         }
     };
-    let mut client_tcp = client.io.into_inner().into_inner();
     let mut upstream_tcp = upstream.io.into_inner();
-    // Bytes hyper had already read past the HTTP heads go first.
-    let pending = async {
-        upstream_tcp.write_all(&client.read_buf).await?;
-        client_tcp.write_all(&upstream.read_buf).await
-    };
-    if let Err(e) = pending.await {
-        return (TunnelMode::Copy, Err(e));
-    }
+    let (to_upstream, to_client) = (client.read_buf, upstream.read_buf);
     #[cfg(target_os = "linux")]
-    {
-        let extra = (client.read_buf.len() as u64, upstream.read_buf.len() as u64);
-        let r = splice::bidirectional(&client_tcp, &upstream_tcp).await;
-        (TunnelMode::Splice, r.map(|(a, b)| (a + extra.0, b + extra.1)))
-    }
+    let mode = TunnelMode::Splice;
     #[cfg(not(target_os = "linux"))]
-    {
-        (TunnelMode::Copy, copy(client_tcp, upstream_tcp).await)
-    }
+    let mode = TunnelMode::Copy;
+    let moving = async move {
+        // Bytes hyper had already read past the HTTP heads go first.
+        upstream_tcp.write_all(&to_upstream).await?;
+        client_tcp.write_all(&to_client).await?;
+        let extra = (to_upstream.len() as u64, to_client.len() as u64);
+        #[cfg(target_os = "linux")]
+        let moved = splice::bidirectional(&client_tcp, &upstream_tcp, activity).await?;
+        #[cfg(not(target_os = "linux"))]
+        let moved = copy(client_tcp, upstream_tcp, activity).await?;
+        Ok((moved.0 + extra.0, moved.1 + extra.1))
+    };
+    (mode, Box::pin(moving))
 }
 
-async fn copy<A, B>(mut a: A, mut b: B) -> io::Result<(u64, u64)>
+async fn copy<A, B>(a: A, b: B, activity: &Activity) -> io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    tokio::io::copy_bidirectional(&mut a, &mut b).await
+    let mut a = Touching { inner: a, activity };
+    tokio::io::copy_bidirectional(&mut a, &mut { b }).await
+}
+
+/// Marks activity whenever bytes are read from the wrapped side (in a
+/// bidirectional copy, everything written to one side was read from the
+/// other, so watching one side's reads and writes sees all traffic).
+struct Touching<'a, T> {
+    inner: T,
+    activity: &'a Activity,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touching<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touching<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// `splice(2)` pumps between two TCP sockets through a pipe per direction.
@@ -102,8 +219,12 @@ pub mod splice {
     /// Moves bytes both ways until both directions reach end of stream; a
     /// direction that ends shuts the other socket's write side, so
     /// half-closes pass through.
-    pub async fn bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-        tokio::try_join!(pump(a, b), pump(b, a))
+    pub async fn bidirectional(
+        a: &TcpStream,
+        b: &TcpStream,
+        activity: &super::Activity,
+    ) -> io::Result<(u64, u64)> {
+        tokio::try_join!(pump(a, b, activity), pump(b, a, activity))
     }
 
     fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -134,7 +255,7 @@ pub mod splice {
     }
 
     /// One direction: `src` → pipe → `dst`, until `src` ends.
-    async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    async fn pump(src: &TcpStream, dst: &TcpStream, activity: &super::Activity) -> io::Result<u64> {
         let (pipe_r, pipe_w) = pipe()?;
         let mut total = 0u64;
         loop {
@@ -164,6 +285,7 @@ pub mod splice {
                 }
             }
             total += n as u64;
+            activity.touch();
         }
     }
 }

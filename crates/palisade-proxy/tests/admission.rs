@@ -319,10 +319,10 @@ async fn an_h2_rapid_reset_burst_is_contained() {
     h.running.shutdown().await;
 }
 
-#[tokio::test]
-async fn websocket_upgrades_are_tunnelled_with_splice() {
-    let h = Harness::start("", "").await;
-    let mut s = connect_from("127.0.0.74", h.proxy()).await;
+/// Opens a WebSocket-style upgrade through the proxy; returns the socket
+/// after the 101 head.
+async fn upgraded(h: &Harness, source: &str) -> tokio::net::TcpStream {
+    let mut s = connect_from(source, h.proxy()).await;
     s.write_all(
         b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -339,6 +339,13 @@ async fn websocket_upgrades_are_tunnelled_with_splice() {
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101 "), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
+    s
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_tunnelled_with_splice() {
+    let h = Harness::start("", "").await;
+    let s = upgraded(&h, "127.0.0.74").await;
     // 4 MiB each way through the tunnel, echoed back intact.
     let payload: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
     let (mut r, mut w) = s.into_split();
@@ -393,5 +400,27 @@ async fn maintenance_mode_sends_the_page_with_sendfile() {
         metric(&m, "palisade_maintenance_responses_total{kind=\"sendfile\"}"),
         1.0
     );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_tunnels_are_closed() {
+    let h = Harness::start("tunnel_idle_timeout = \"300ms\"", "").await;
+    let mut s = upgraded(&h, "127.0.0.76").await;
+    // Traffic keeps it open...
+    for _ in 0..3 {
+        s.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ping");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // ...silence closes it.
+    let mut b = [0u8; 4];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+        .await
+        .expect("idle tunnel never closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
     h.running.shutdown().await;
 }
