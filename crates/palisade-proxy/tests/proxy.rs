@@ -458,3 +458,40 @@ async fn idle_keepalive_connections_are_closed_after_idle_timeout() {
     );
     h.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn ipv6_clients_are_served_and_limited_by_prefix() {
+    let (upstream, _, serve) = common::demo().await;
+    tokio::spawn(serve);
+    let toml = format!(
+        "[server]\nlisten = \"[::1]:0\"\nupstreams = [\"http://{upstream}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[rate_limit]\nrate = 3\n"
+    );
+    let config = palisade_proxy::config::Config::parse(&toml, "v6.toml", &Default::default()).unwrap();
+    let running = palisade_proxy::start(config).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(running.proxy_addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    let mut forwarded = String::new();
+    for _ in 0..5 {
+        let req = Request::get("/headers")
+            .header("host", "v6")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if forwarded.is_empty() {
+            forwarded = String::from_utf8_lossy(&body).into_owned();
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    assert!(forwarded.contains("x-forwarded-for: ::1\n"), "{forwarded}");
+    assert!(
+        forwarded.contains("forwarded: for=\"[::1]\";proto=http"),
+        "{forwarded}"
+    );
+    running.shutdown().await;
+}
