@@ -287,7 +287,7 @@ impl Metrics {
             "Config reload attempts by result",
             config_reloads.clone(),
         );
-        Self {
+        let m = Self {
             maintenance_responses,
             tunnels,
             tunnel_bytes,
@@ -312,6 +312,96 @@ impl Metrics {
             tracked_clients,
             table_overflows,
             reputation_scores,
+        };
+        m.zero_known_series();
+        m
+    }
+
+    /// Creates every series whose labels are known in advance at zero, so
+    /// dashboards and alerts see 0 rather than "no data" before the first
+    /// event.
+    fn zero_known_series(&self) {
+        use palisade_limits::adaptive::{AdaptiveState as A, Reason as R};
+        let kinds: [(&Family<KindLabel, Counter>, &[&'static str]); 9] = [
+            (
+                &self.would_block,
+                &[
+                    "rate_limited",
+                    "reputation_blocked",
+                    "denylisted",
+                    "client_breaker_open",
+                ],
+            ),
+            (&self.penalties, &["flood", "error_streak"]),
+            (
+                &self.upstream_errors,
+                &["connect", "timeout", "slow_body", "client_body", "other"],
+            ),
+            (&self.conn_timeouts, &["header", "idle", "write", "tls_handshake"]),
+            (
+                &self.connections_refused,
+                &[
+                    "max_connections",
+                    "max_per_ip",
+                    "per_ip_rate",
+                    "global_rate",
+                    "denylisted",
+                    "untrusted_proxy",
+                    "proxy_header",
+                    "proxy_header_timeout",
+                ],
+            ),
+            (&self.config_reloads, &["ok", "error"]),
+            (&self.tunnels, &["splice", "copy"]),
+            (&self.tunnel_bytes, &["splice", "copy"]),
+            (&self.maintenance_responses, &["sendfile", "copy"]),
+        ];
+        for (family, values) in kinds {
+            for kind in values {
+                let _ = family.get_or_create(&KindLabel { kind });
+            }
+        }
+        let _ = self
+            .tls_handshake_errors
+            .get_or_create(&KindLabel { kind: "failed" });
+        for decision in [
+            "allowed",
+            "rate_limited",
+            "reputation_blocked",
+            "denylisted",
+            "breaker_open",
+            "client_breaker_open",
+        ] {
+            let _ = self.decisions.get_or_create(&DecisionLabel { decision });
+        }
+        for (from, to, reason) in [
+            (A::Closed, A::Degraded, R::FailureRate),
+            (A::Degraded, A::Open, R::FailureRate),
+            (A::Degraded, A::HalfOpen, R::Calm),
+            (A::Open, A::HalfOpen, R::OpenElapsed),
+            (A::HalfOpen, A::Closed, R::ProbesSucceeded),
+            (A::HalfOpen, A::Open, R::ProbeFailed),
+        ] {
+            let _ = self.adaptive_transitions.get_or_create(&AdaptiveLabels {
+                from: from.as_str(),
+                to: to.as_str(),
+                reason: reason.as_str(),
+            });
+        }
+    }
+
+    /// Zero series for an upstream's breaker (known once the config is).
+    pub fn zero_upstream(&self, upstream: &'static str) {
+        let _ = self.breaker_state.get_or_create(&UpstreamLabel { upstream });
+        for (from, to) in [
+            ("closed", "open"),
+            ("open", "half_open"),
+            ("half_open", "closed"),
+            ("half_open", "open"),
+        ] {
+            let _ = self
+                .breaker_transitions
+                .get_or_create(&TransitionLabels { upstream, from, to });
         }
     }
 

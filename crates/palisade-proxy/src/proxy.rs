@@ -200,6 +200,9 @@ impl App {
         let clock = MonotonicClock::new();
         let metrics = Metrics::new();
         metrics.config_last_reload_success.set(1);
+        for u in config.server.upstreams.iter().filter_map(|u| u.authority()) {
+            metrics.zero_upstream(intern(u.as_str()));
+        }
         let admission = Arc::new(Admission::new(
             config.connections.clone(),
             config.shield.ipv6_prefix,
@@ -263,6 +266,9 @@ impl App {
         }
         self.admission.reconfigure(&config.connections);
         let runtime = Runtime::build(config, self.clock, Some(&old));
+        for u in runtime.upstreams.iter().filter(|u| u.breaker.is_some()) {
+            self.metrics.zero_upstream(u.label);
+        }
         self.runtime.store(Arc::new(runtime));
         self.metrics.config_last_reload_success.set(1);
         Metrics::inc(&self.metrics.config_reloads, "ok");
