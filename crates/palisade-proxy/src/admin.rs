@@ -42,7 +42,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiv
                 };
                 let app = app.clone();
                 let builder = builder.clone();
-                tokio::spawn(async move {
+                crate::tasks::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let app = app.clone();
                         async move { Ok::<_, std::convert::Infallible>(route(&app, loopback, req).await) }

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 
 use crate::maintenance::MaintenancePage;
+use crate::tasks::WatchdogConfig;
 use crate::tls::TlsConfig;
 
 /// The quickstart config, which is also the reference of every key.
@@ -78,6 +79,17 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Admission at accept.
     pub connections: AdmissionConfig,
+    /// Task-leak watchdog; `None` when disabled.
+    pub watchdog: Option<WatchdogSettings>,
+}
+
+/// `[watchdog]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchdogSettings {
+    /// How often the live task count is sampled.
+    pub interval: Duration,
+    /// Growth, sites and cooldown rules.
+    pub rules: WatchdogConfig,
 }
 
 /// `[breaker]`: rules and what counts as a failure.
@@ -247,7 +259,30 @@ struct RawConfig {
     adaptive_breaker: RawAdaptive,
     tls: RawTls,
     connections: RawConnections,
+    watchdog: RawWatchdog,
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawWatchdog {
+    enabled: bool,
+    interval: String,
+    growth_per_minute: f64,
+    min_tasks: u64,
+    cooldown: String,
+}
+
+impl Default for RawWatchdog {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: "5s".into(),
+            growth_per_minute: 0.10,
+            min_tasks: 100,
+            cooldown: "10m".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -685,6 +720,22 @@ impl RawConfig {
         if c.max_per_ip == 0 {
             return Err(at(p!("connections", "max_per_ip"), "must be > 0"));
         }
+        let w = &self.watchdog;
+        let watchdog = if w.enabled {
+            if !(w.growth_per_minute.is_finite() && w.growth_per_minute > 0.0) {
+                return Err(at(p!("watchdog", "growth_per_minute"), "must be a number > 0"));
+            }
+            Some(WatchdogSettings {
+                interval: duration(&w.interval, p!("watchdog", "interval"))?,
+                rules: WatchdogConfig {
+                    growth_per_minute: w.growth_per_minute,
+                    min_tasks: w.min_tasks,
+                    cooldown: nanos(duration(&w.cooldown, p!("watchdog", "cooldown"))?),
+                },
+            })
+        } else {
+            None
+        };
         let connections = AdmissionConfig {
             max_connections: c.max,
             max_per_ip: c.max_per_ip,
@@ -699,6 +750,7 @@ impl RawConfig {
             breaker,
             tls,
             connections,
+            watchdog,
         })
     }
 
@@ -1202,6 +1254,8 @@ mod tests {
         assert_eq!(q.breaker, d.breaker);
         assert_eq!(q.connections, AdmissionConfig::default());
         assert_eq!(q.connections, d.connections);
+        assert_eq!(q.watchdog, d.watchdog);
+        assert_eq!(q.watchdog.unwrap().rules, crate::tasks::WatchdogConfig::default());
         let b = q.breaker.unwrap();
         assert_eq!(b.rules, BreakerConfig::default());
         assert!(b.failure_statuses.contains(500) && b.failure_statuses.contains(599));

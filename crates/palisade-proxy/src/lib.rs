@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod reload;
 pub mod respond;
 pub mod server;
+pub mod tasks;
 pub mod tls;
 pub mod tunnel;
 

@@ -90,6 +90,13 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+/// A spawn site label (`file:line`; a fixed set: places in the code).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabel {
+    /// Where the tasks are spawned.
+    pub site: String,
+}
+
 /// Score bucket labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScoreLabel {
@@ -122,6 +129,12 @@ pub struct Metrics {
     pub tunnels: Family<KindLabel, Counter>,
     /// Bytes moved through tunnels, by mode.
     pub tunnel_bytes: Family<KindLabel, Counter>,
+    /// Live tasks in the runtime (sampled by the watchdog).
+    pub tasks_alive: Gauge,
+    /// Live tasks of the busiest spawn sites.
+    pub task_sites: Family<SiteLabel, Gauge>,
+    /// Task-growth alerts by spawn site.
+    pub task_growth_alerts: Family<SiteLabel, Counter>,
     /// Maintenance pages sent, by how (`sendfile`, `copy`).
     pub maintenance_responses: Family<KindLabel, Counter>,
     /// Client connections accepted.
@@ -219,6 +232,20 @@ impl Metrics {
             "Bytes moved through tunnels, by mode",
             tunnel_bytes.clone(),
         );
+        let tasks_alive = Gauge::default();
+        registry.register("tasks_alive", "Live tasks in the runtime", tasks_alive.clone());
+        let task_sites = Family::default();
+        registry.register(
+            "task_sites",
+            "Live tasks of the busiest spawn sites",
+            task_sites.clone(),
+        );
+        let task_growth_alerts = Family::default();
+        registry.register(
+            "task_growth_alerts",
+            "Task-growth (leak) alerts by spawn site",
+            task_growth_alerts.clone(),
+        );
         let maintenance_responses = Family::default();
         registry.register(
             "maintenance_responses",
@@ -288,6 +315,9 @@ impl Metrics {
             config_reloads.clone(),
         );
         let m = Self {
+            tasks_alive,
+            task_sites,
+            task_growth_alerts,
             maintenance_responses,
             tunnels,
             tunnel_bytes,

@@ -638,7 +638,7 @@ impl App {
             .get_or_create(&metrics::KindLabel { kind: "copy" })
             .clone();
         let tunnels = self.metrics.tunnels.clone();
-        tokio::spawn(async move {
+        crate::tasks::spawn(async move {
             let _permit = permit;
             let (client, upstream) = match tokio::try_join!(client, upstream) {
                 Ok(both) => both,

@@ -19,10 +19,12 @@ use palisade_limits::admission::{Permit, Refusal};
 
 use crate::admin;
 use crate::config::Config;
+use crate::config::WatchdogSettings;
 use crate::io::{ConnActivity, Deadlines, TimedIo};
 use crate::maintenance::MaintenancePage;
 use crate::metrics::Metrics;
 use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime};
+use crate::tasks::{Watchdog, tracked};
 
 /// A running daemon.
 pub struct Running {
@@ -67,13 +69,16 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     let app = Arc::new(App::new(config, source));
     let (stop, stopped) = watch::channel(false);
     if let Some(path) = watched {
-        tokio::spawn(crate::reload::watch(app.clone(), path, stopped.clone()));
+        crate::tasks::spawn(crate::reload::watch(app.clone(), path, stopped.clone()));
+    }
+    if let Some(cfg) = app.runtime().config.watchdog.clone() {
+        crate::tasks::spawn(watchdog(app.clone(), cfg, stopped.clone()));
     }
     let running = Running {
         proxy_addr: proxy_listener.local_addr()?,
         admin_addr: admin_listener.local_addr()?,
-        proxy: tokio::spawn(serve_proxy(proxy_listener, app.clone(), stopped.clone())),
-        admin: tokio::spawn(admin::serve(admin_listener, app.clone(), stopped)),
+        proxy: crate::tasks::spawn(serve_proxy(proxy_listener, app.clone(), stopped.clone())),
+        admin: crate::tasks::spawn(admin::serve(admin_listener, app.clone(), stopped)),
         app,
         stop,
     };
@@ -84,6 +89,50 @@ async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
+}
+
+/// Samples the live task count and alerts on leaks (F11), until `stop`.
+async fn watchdog(app: Arc<App>, cfg: WatchdogSettings, mut stop: watch::Receiver<bool>) {
+    let mut dog = Watchdog::new(cfg.rules);
+    let mut shown: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.interval) => {}
+            _ = stop.changed() => return,
+        }
+        let total = tokio::runtime::Handle::current().metrics().num_alive_tasks() as u64;
+        let sites = crate::tasks::live_by_site();
+        let m = &app.metrics;
+        m.tasks_alive.set(i64::try_from(total).unwrap_or(i64::MAX));
+        // The ten busiest sites; sites that dropped out of the top go to 0.
+        let top: Vec<String> = sites.iter().take(10).map(|(s, _)| s.clone()).collect();
+        for gone in shown.iter().filter(|s| !top.contains(s)) {
+            m.task_sites
+                .get_or_create(&crate::metrics::SiteLabel { site: gone.clone() })
+                .set(0);
+        }
+        for (site, live) in sites.iter().take(10) {
+            m.task_sites
+                .get_or_create(&crate::metrics::SiteLabel { site: site.clone() })
+                .set(*live);
+        }
+        shown = top;
+        for alert in dog.observe(app.now(), total, &sites) {
+            m.task_growth_alerts
+                .get_or_create(&crate::metrics::SiteLabel {
+                    site: alert.site.clone(),
+                })
+                .inc();
+            tracing::warn!(
+                site = %alert.site,
+                live = alert.live,
+                grew_by = alert.grew_by,
+                tasks_now = alert.total.0,
+                tasks_a_minute_ago = alert.total.1,
+                "task count growing: possible leak"
+            );
+        }
+    }
 }
 
 /// Accepts until told to stop, then drains.
@@ -103,14 +152,14 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
                     if rt.config.server.proxy_protocol {
                         // Only a trusted load balancer may speak for others.
                         if rt.shield.config().trusted_proxies.contains(peer.ip()) {
-                            tasks.spawn(proxied(app.clone(), stream, peer, graceful.watcher()));
+                            tasks.spawn(tracked(proxied(app.clone(), stream, peer, graceful.watcher())));
                         } else {
                             refuse(&app, stream, peer, "untrusted_proxy");
                         }
                     } else {
                         match admit(&app, peer.ip()) {
                             Ok(permit) => {
-                                tasks.spawn(connection(app.clone(), stream, peer, permit, graceful.watcher()));
+                                tasks.spawn(tracked(connection(app.clone(), stream, peer, permit, graceful.watcher())));
                             }
                             Err(reason) => refuse(&app, stream, peer, reason),
                         }
