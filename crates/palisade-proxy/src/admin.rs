@@ -66,6 +66,13 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
         return refusal;
     }
     let rt = app.runtime();
+    if path == "/debug/pprof/profile" && reading {
+        // Profiles cost CPU and reveal internals: token even on loopback.
+        if let Some(refusal) = refuse_unauthorized(app, &req) {
+            return refusal;
+        }
+        return profile(app, req.uri().query().unwrap_or("")).await;
+    }
     if path == rt.config.admin.metrics_path && reading {
         app.refresh_gauges();
         let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())));
@@ -145,6 +152,48 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[serde(deny_unknown_fields)]
 struct SetScore {
     score: u8,
+}
+
+async fn profile(app: &App, query: &str) -> Resp {
+    let mut seconds = 10;
+    let mut format = crate::profile::Format::Pprof;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("seconds", v)) => match v.parse::<u64>() {
+                Ok(n @ 1..=crate::profile::MAX_SECONDS) => seconds = n,
+                _ => return error(StatusCode::BAD_REQUEST, "seconds must be 1-60"),
+            },
+            Some(("format", "svg")) => format = crate::profile::Format::Svg,
+            Some(("format", "pprof" | "pb")) => format = crate::profile::Format::Pprof,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "parameters: seconds=1-60, format=pprof|svg",
+                );
+            }
+        }
+    }
+    if app.profiling.swap(true, Ordering::AcqRel) {
+        return error(StatusCode::CONFLICT, "a profile is already being taken");
+    }
+    let result = crate::profile::collect(seconds, format).await;
+    app.profiling.store(false, Ordering::Release);
+    match result {
+        Ok(bytes) => {
+            let mut r = Response::new(Full::new(Bytes::from(bytes)));
+            let (ctype, name) = match format {
+                crate::profile::Format::Svg => ("image/svg+xml", "profile.svg"),
+                crate::profile::Format::Pprof => ("application/octet-stream", "profile.pb"),
+            };
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+                r.headers_mut().insert(http::header::CONTENT_DISPOSITION, v);
+            }
+            r
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
 }
 
 fn breakers(app: &App, rt: &Runtime) -> serde_json::Value {

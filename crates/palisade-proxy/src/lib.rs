@@ -20,6 +20,7 @@ pub mod forward;
 pub mod io;
 pub mod maintenance;
 pub mod metrics;
+pub mod profile;
 pub mod proxy;
 pub mod reload;
 pub mod respond;

@@ -182,6 +182,8 @@ pub struct App {
     pub admission: Arc<Admission>,
     /// False while draining, for `/readyz`.
     pub ready: AtomicBool,
+    /// A CPU profile is being taken (one at a time).
+    pub profiling: AtomicBool,
     clock: MonotonicClock,
     runtime: ArcSwap<Runtime>,
     source: Option<ConfigSource>,
@@ -214,6 +216,7 @@ impl App {
             clock,
             metrics,
             ready: AtomicBool::new(true),
+            profiling: AtomicBool::new(false),
             source,
             reloading: tokio::sync::Mutex::new(()),
             next_upstream: AtomicUsize::new(0),

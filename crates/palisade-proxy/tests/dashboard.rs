@@ -87,3 +87,72 @@ fn the_kubernetes_config_is_valid() {
     // Probes and Prometheus reach the admin port from outside the pod.
     assert!(!config.admin.listen.ip().is_loopback());
 }
+
+async fn profile_request(
+    admin: &mut common::Client,
+    query: &str,
+    token: Option<&str>,
+) -> (http::StatusCode, http::HeaderMap, Vec<u8>) {
+    let mut req = http::Request::get(format!("/debug/pprof/profile?{query}")).header("host", "admin");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let (status, headers, body) = admin
+        .send_raw(req.body(http_body_util::Full::new(bytes::Bytes::new())).unwrap())
+        .await;
+    (status, headers, body.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_profiles_on_demand() {
+    use pprof::protos::Message;
+    let h = Harness::start("", "").await;
+    let mut admin = h.admin_client().await;
+    // Token required, even on loopback.
+    let (status, _, _) = profile_request(&mut admin, "seconds=1", None).await;
+    assert_eq!(status, http::StatusCode::UNAUTHORIZED);
+    let (status, _, _) = profile_request(&mut admin, "seconds=99", Some("test-token")).await;
+    assert_eq!(status, http::StatusCode::BAD_REQUEST);
+
+    // Some work to sample while the profile runs; a second profile waits its turn.
+    let proxy = h.proxy();
+    let load = tokio::spawn(async move {
+        let mut c = common::Client::connect("127.0.0.91", proxy).await;
+        for _ in 0..200 {
+            c.get("/bytes/10000").await;
+        }
+    });
+    let admin_addr = h.admin();
+    let second = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut a = common::Client::connect("127.0.0.1", admin_addr).await;
+        profile_request(&mut a, "seconds=1", Some("test-token")).await.0
+    });
+    let (status, headers, body) = profile_request(&mut admin, "seconds=1", Some("test-token")).await;
+    assert_eq!(status, http::StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/octet-stream");
+    let profile = pprof::protos::Profile::parse_from_bytes(&body).expect("not a pprof profile");
+    assert!(!profile.sample_type.is_empty());
+    assert!(
+        profile.duration_nanos >= 900_000_000,
+        "{}",
+        profile.duration_nanos
+    );
+    assert_eq!(second.await.unwrap(), http::StatusCode::CONFLICT);
+    load.await.unwrap();
+
+    let load = tokio::spawn(async move {
+        let mut c = common::Client::connect("127.0.0.92", proxy).await;
+        for _ in 0..200 {
+            c.get("/bytes/10000").await;
+        }
+    });
+    let (status, headers, body) =
+        profile_request(&mut admin, "seconds=1&format=svg", Some("test-token")).await;
+    load.await.unwrap();
+    assert_eq!(status, http::StatusCode::OK);
+    assert_eq!(headers["content-type"], "image/svg+xml");
+    let svg = String::from_utf8_lossy(&body);
+    assert!(svg.contains("<svg"), "{}", &svg[..svg.len().min(300)]);
+    h.running.shutdown().await;
+}

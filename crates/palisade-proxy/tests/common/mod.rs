@@ -126,14 +126,18 @@ impl Client {
     }
 
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, String) {
+        let (status, headers, body) = self.send_raw(req).await;
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub async fn send_raw(&mut self, req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
         self.sender.ready().await.unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
         (
             parts.status,
             parts.headers,
-            String::from_utf8_lossy(&body).into_owned(),
+            body.collect().await.unwrap().to_bytes(),
         )
     }
 
