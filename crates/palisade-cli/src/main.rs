@@ -15,8 +15,23 @@ use palisade_proxy::proxy::ConfigSource;
 #[derive(Parser)]
 #[command(name = "palisade", version)]
 struct Cli {
+    /// Log format on stderr: `text` or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "PALISADE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -93,8 +108,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         },
-        Command::DemoUpstream { listen } => runtime().and_then(|rt| rt.block_on(demo(listen))),
-        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
+        Command::DemoUpstream { listen } => runtime(cli.log_format).and_then(|rt| rt.block_on(demo(listen))),
+        Command::Run(args) => runtime(cli.log_format).and_then(|rt| rt.block_on(run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,16 +120,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+fn runtime(format: LogFormat) -> anyhow::Result<tokio::runtime::Runtime> {
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -185,3 +185,60 @@ fn run_serves_then_exits_cleanly_on_sigterm() {
     assert!(rest.contains("config reloaded"), "{rest}");
     assert!(rest.contains("stopped"), "{rest}");
 }
+
+#[test]
+fn json_logs_carry_the_decision_and_the_client() {
+    let config = temp_file("json.toml", "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n");
+    let mut child = Reaped(
+        palisade()
+            .args([
+                "--log-format",
+                "json",
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .args(["--rate-limit", "1", "--config"])
+            .arg(&config)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(child.0.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut proxy = None;
+    for _ in 0..50 {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "palisade running" {
+            proxy = Some(v["proxy"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+            break;
+        }
+    }
+    let proxy = proxy.expect("no 'palisade running' line");
+    // The first request passes (and fails upstream: 502), the second is refused.
+    get(proxy, "/");
+    assert!(get(proxy, "/").starts_with("HTTP/1.1 429 "));
+    let mut refused = None;
+    for _ in 0..50 {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "refused" {
+            refused = Some(v);
+            break;
+        }
+    }
+    let v = refused.expect("no 'refused' log line");
+    assert_eq!(v["reason"], "rate_limited");
+    assert_eq!(v["client"], "127.0.0.1");
+    assert_eq!(v["level"], "INFO");
+}
