@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::proxy::{App, ReloadError, Runtime};
+use crate::respond::text;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -304,8 +305,4 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Resp {
 
 fn error(status: StatusCode, message: &str) -> Resp {
     json(status, &serde_json::json!({ "error": message }))
-}
-
-fn text(status: StatusCode, body: &'static str) -> Resp {
-    crate::respond::text(status, body)
 }

@@ -730,9 +730,17 @@ fn upgrade_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
 
 /// Whether an upstream request failed because reading the client's body did.
 fn caused_by_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    in_error_chain(e, |err| err.is::<BodyError>())
+}
+
+/// Whether `e` or any error in its `source()` chain matches.
+pub(crate) fn in_error_chain(
+    e: &(dyn std::error::Error + 'static),
+    matches: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if err.is::<BodyError>() {
+        if matches(err) {
             return true;
         }
         cur = err.source();

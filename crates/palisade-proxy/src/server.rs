@@ -23,7 +23,7 @@ use crate::config::WatchdogSettings;
 use crate::io::{ConnActivity, Deadlines, TimedIo};
 use crate::maintenance::MaintenancePage;
 use crate::metrics::Metrics;
-use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime};
+use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime, in_error_chain};
 use crate::tasks::{Watchdog, tracked};
 
 /// A running daemon.
@@ -284,24 +284,42 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: 
     }
     match &rt.config.tls {
         None => serve_http(&app, &rt, stream, client(peer, false, &permit), watcher).await,
-        Some(tls) => match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => serve_http(&app, &rt, stream, client(peer, true, &permit), watcher).await,
-            Ok(Err(e)) => {
-                Metrics::inc(&m.tls_handshake_errors, "failed");
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+        Some(tls) => {
+            if let Some(stream) = handshake(&app, &rt, tls, stream, peer).await {
+                serve_http(&app, &rt, stream, client(peer, true, &permit), watcher).await;
             }
-            Err(_) => {
-                Metrics::inc(&m.conn_timeouts, "tls_handshake");
-                if let Some(t) = rt
-                    .shield
-                    .observe_connection_failure(peer.ip(), Signal::TlsHandshakeTimeout)
-                {
-                    app.adaptive_transition(t);
-                }
-            }
-        },
+        }
     }
     m.connections_open.dec();
+}
+
+/// The TLS handshake, bounded by `tls.handshake_timeout`. Failures are
+/// counted; a timeout also counts against the client's adaptive breaker.
+async fn handshake(
+    app: &App,
+    rt: &Runtime,
+    tls: &crate::tls::TlsConfig,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            Metrics::inc(&app.metrics.tls_handshake_errors, "failed");
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            Metrics::inc(&app.metrics.conn_timeouts, "tls_handshake");
+            if let Some(t) = rt
+                .shield
+                .observe_connection_failure(peer.ip(), Signal::TlsHandshakeTimeout)
+            {
+                app.adaptive_transition(t);
+            }
+            None
+        }
+    }
 }
 
 /// Maintenance mode: the static page, then close.
@@ -309,9 +327,9 @@ async fn maintenance(app: &App, rt: &Runtime, page: &MaintenancePage, stream: Tc
     let deadline = rt.config.server.header_read_timeout;
     let served = match &rt.config.tls {
         None => page.serve_tcp(stream, deadline).await,
-        Some(tls) => match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => page.serve_copy(tls_stream, deadline).await,
-            _ => return,
+        Some(tls) => match handshake(app, rt, tls, stream, peer).await {
+            Some(tls_stream) => page.serve_copy(tls_stream, deadline).await,
+            None => return,
         },
     };
     match served {
@@ -368,14 +386,8 @@ where
 /// Whether a connection failed because its request head could not be parsed
 /// (hyper answers those with 400/431 itself).
 fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>()
-            && h.is_parse()
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    in_error_chain(e, |err| {
+        err.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+    })
 }
