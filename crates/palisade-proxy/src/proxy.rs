@@ -422,7 +422,6 @@ impl App {
     pub async fn handle(self: Arc<Self>, conn: ClientConn, req: Request<Incoming>) -> Response<ResponseBody> {
         let peer = conn.peer;
         let rt = self.runtime();
-        let start = self.now();
         let method = metrics::method_label(req.method());
         let decision = {
             let host = req
@@ -438,6 +437,8 @@ impl App {
                 headers: req.headers(),
             })
         };
+        // The shield read the clock (same origin as ours) for this request.
+        let start = decision.started;
         let endpoint = rt.route_labels.get(decision.route).copied().unwrap_or("default");
         if let Some(t) = decision.transition {
             self.adaptive_transition(t);
