@@ -1,0 +1,147 @@
+//! The live store: one atomically swapped snapshot, plus what the feed did.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arc_swap::ArcSwap;
+
+use crate::{BuildOptions, Delta, Error, Result, Snapshot, Verdict};
+
+/// What the feed has done, for `GET /api/v1/store` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedStatus {
+    /// Deltas applied since start.
+    pub applied: u64,
+    /// Deltas rejected since start (corrupt, truncated, out of order).
+    pub rejected: u64,
+    /// Snapshot swaps since start (deltas and reloads).
+    pub swaps: u64,
+    /// The latest rejection, until the next success.
+    pub last_error: Option<String>,
+}
+
+/// A snapshot readers can query without locks while writers replace it.
+/// Readers hold an `Arc` for the length of one lookup; a swap is a single
+/// atomic pointer store, so no reader ever sees a half-applied delta.
+pub struct StoreCell {
+    current: ArcSwap<Snapshot>,
+    /// Where applied deltas are persisted (the snapshot's own file).
+    path: Option<PathBuf>,
+    /// Serialises writers: two deltas must not both build on one base.
+    writer: Mutex<FeedStatus>,
+}
+
+impl StoreCell {
+    /// Wraps a snapshot. With `path`, applied deltas are written back there
+    /// (atomically) so a restart resumes at the new watermark.
+    pub fn new(snapshot: Snapshot, path: Option<PathBuf>) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(snapshot),
+            path,
+            writer: Mutex::new(FeedStatus::default()),
+        }
+    }
+
+    /// Opens a snapshot file; deltas will be persisted to it.
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(Self::new(Snapshot::open(path)?, Some(path.to_owned())))
+    }
+
+    fn status_lock(&self) -> MutexGuard<'_, FeedStatus> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current snapshot (hold it only briefly: it pins that version).
+    #[inline]
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// The verdict for `ip` in the current snapshot.
+    #[inline]
+    pub fn lookup(&self, ip: IpAddr, now_unix: u64) -> Option<Verdict> {
+        self.current.load().lookup(ip, now_unix)
+    }
+
+    /// Replaces the snapshot (e.g. after the file was rebuilt).
+    pub fn replace(&self, snapshot: Snapshot) {
+        let mut status = self.status_lock();
+        self.current.store(Arc::new(snapshot));
+        status.swaps += 1;
+        status.last_error = None;
+    }
+
+    /// Re-opens the backing file (after `palisade store build` replaced it).
+    pub fn reload(&self) -> Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let snapshot = Snapshot::open(path).inspect_err(|e| self.reject(e))?;
+        self.replace(snapshot);
+        Ok(())
+    }
+
+    /// Parses, verifies and applies a delta: build the next snapshot aside,
+    /// persist it, swap it in. Any failure leaves the current data serving
+    /// and is recorded in [`Self::status`]. Returns whether anything changed
+    /// (`false` when the delta was already applied).
+    pub fn apply_delta(&self, text: &str, source: &str, opts: BuildOptions) -> Result<bool> {
+        let mut status = self.status_lock();
+        let result: Result<bool> = (|| {
+            let delta = Delta::parse(text, source)?;
+            let Some(next) = self.current.load().apply(&delta, source, opts)? else {
+                return Ok(false);
+            };
+            let next = match &self.path {
+                Some(path) => {
+                    next.write_to(path)?;
+                    // Serve from the page cache of the persisted file rather
+                    // than keep a second, heap copy.
+                    Snapshot::open(path)?
+                }
+                None => next,
+            };
+            self.current.store(Arc::new(next));
+            Ok(true)
+        })();
+        match &result {
+            Ok(true) => {
+                status.applied += 1;
+                status.swaps += 1;
+                status.last_error = None;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                status.rejected += 1;
+                status.last_error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    /// Records a failure that happened before a delta could be parsed (a
+    /// feed that could not be fetched, a file that could not be read).
+    pub fn reject(&self, e: &Error) {
+        let mut status = self.status_lock();
+        status.rejected += 1;
+        status.last_error = Some(e.to_string());
+    }
+
+    /// Counters and the latest error.
+    pub fn status(&self) -> FeedStatus {
+        self.status_lock().clone()
+    }
+
+    /// The file deltas are persisted to.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+impl std::fmt::Debug for StoreCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreCell")
+            .field("snapshot", &*self.current.load())
+            .field("path", &self.path)
+            .finish()
+    }
+}
