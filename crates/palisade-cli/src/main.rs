@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use palisade_proxy::config::{Config, Overrides, QUICKSTART};
 use palisade_proxy::proxy::ConfigSource;
 
+mod store;
+
 /// Anti-DDoS reverse proxy: per-client rate limits, IP reputation,
 /// slow-client defense, Prometheus metrics.
 #[derive(Parser)]
@@ -54,6 +56,11 @@ enum Command {
     CheckConfig {
         /// The file.
         file: PathBuf,
+    },
+    /// Reputation store snapshots: build, lookup, apply-delta, info.
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
     },
 }
 
@@ -107,6 +114,11 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 return ExitCode::from(1);
             }
+        },
+        Command::Store { command } => match store::run(command) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
         },
         Command::DemoUpstream { listen } => runtime(cli.log_format).and_then(|rt| rt.block_on(demo(listen))),
         Command::Run(args) => runtime(cli.log_format).and_then(|rt| rt.block_on(run(args))),

@@ -52,6 +52,23 @@ impl Clock for MonotonicClock {
     }
 }
 
+/// Wall-clock Unix seconds, for timestamps that must mean the same thing
+/// after a restart (expiries in files). Never used for rate decisions.
+#[allow(clippy::disallowed_methods)] // the one place allowed to read the system clock
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Wall-clock Unix milliseconds (see [`unix_now`]).
+#[allow(clippy::disallowed_methods)] // the one place allowed to read the system clock
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// A clock that only moves when told to. Clones share the same time.
 #[derive(Debug, Clone, Default)]
 pub struct ManualClock {

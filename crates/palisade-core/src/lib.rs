@@ -27,7 +27,9 @@ mod key;
 pub mod proxy_protocol;
 mod verdict;
 
-pub use clock::{Clock, ManualClock, MonotonicClock, NANOS_PER_MS, NANOS_PER_SEC, Nanos};
+pub use clock::{
+    Clock, ManualClock, MonotonicClock, NANOS_PER_MS, NANOS_PER_SEC, Nanos, unix_now, unix_now_ms,
+};
 pub use forwarded::{ClientIpHeader, TrustedProxies};
 pub use key::ClientKey;
 pub use verdict::{Mode, RejectReason};

@@ -72,6 +72,8 @@ pub enum EventKind {
     External = 4,
     /// An operator set the score.
     AdminSet = 5,
+    /// Loaded from durable state after a restart.
+    Restored = 6,
 }
 
 impl EventKind {
@@ -83,6 +85,7 @@ impl EventKind {
             Self::SynFlood => "syn_flood",
             Self::External => "external",
             Self::AdminSet => "admin_set",
+            Self::Restored => "restored",
         }
     }
 
@@ -93,6 +96,7 @@ impl EventKind {
             3 => Self::SynFlood,
             4 => Self::External,
             5 => Self::AdminSet,
+            6 => Self::Restored,
             _ => return None,
         })
     }
@@ -364,6 +368,47 @@ impl Reputation {
         target as f64 / MILLI as f64
     }
 
+    /// Restores a score recorded `age_ms` ago (durable state after a
+    /// restart), moved toward the initial score as recovery would have
+    /// moved it meanwhile. Returns the score now.
+    pub fn restore(&self, key: &ClientKey, score: u8, age_ms: u64, now: Nanos) -> f64 {
+        let stored = i64::from(score.min(100)) * MILLI;
+        let moved = (u128::from(age_ms) * u128::from(self.rules.recovery_milli_per_min) / 60_000)
+            .min(MAX_SCORE as u128) as i64;
+        let initial = self.rules.initial;
+        let target = if stored < initial {
+            (stored + moved).min(initial)
+        } else {
+            (stored - moved).max(initial)
+        };
+        if target != initial {
+            self.table.with(key, now, |slot| {
+                slot.store_score(&self.rules, target, now);
+                slot.record(EventKind::Restored, 0, target, now);
+            });
+        }
+        target as f64 / MILLI as f64
+    }
+
+    /// The client's current score (recovery included).
+    pub fn score(&self, key: &ClientKey, now: Nanos) -> f64 {
+        self.table
+            .get(key, |s| s.score_milli(&self.rules, now))
+            .unwrap_or(self.rules.initial) as f64
+            / MILLI as f64
+    }
+
+    /// Seconds until a score moves all the way back to the initial one;
+    /// `None` when it never does (recovery disabled).
+    pub fn settle_secs(&self, score: f64) -> Option<u64> {
+        let distance = ((score * MILLI as f64) as i64 - self.rules.initial).unsigned_abs();
+        if distance == 0 {
+            return Some(0);
+        }
+        (self.rules.recovery_milli_per_min > 0)
+            .then(|| (distance * 60).div_ceil(self.rules.recovery_milli_per_min))
+    }
+
     /// Forgets everything about a client (admin). Returns whether it was tracked.
     pub fn reset(&self, key: &ClientKey) -> bool {
         self.table.remove(key)
@@ -408,6 +453,21 @@ mod tests {
 
     fn rep() -> Reputation {
         Reputation::new(ReputationConfig::default(), 1000)
+    }
+
+    #[test]
+    fn restored_scores_count_the_recovery_while_down() {
+        let r = rep();
+        // 10 points recorded 5 minutes ago at 1 point/minute: 15 now.
+        assert_eq!(r.restore(&K, 10, 5 * 60_000, SEC), 15.0);
+        assert_eq!(r.score(&K, SEC), 15.0);
+        assert!(r.observe_request(&K, SEC).blocked);
+        assert_eq!(r.explain(&K, SEC).events[0].kind, EventKind::Restored);
+        // Long enough ago that it has recovered: nothing to track.
+        let other = ClientKey::V4(7);
+        assert_eq!(r.restore(&other, 10, 3_600_000, SEC), 70.0);
+        assert_eq!(r.table().len(), 1);
+        assert_eq!(r.settle_secs(15.0), Some(55 * 60));
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! Nothing here allocates per request once a client is tracked (F9).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 use ipnet::IpNet;
-use palisade_core::{ClientKey, Clock, Mode, Nanos, RejectReason, TrustedProxies};
+use palisade_core::{ClientKey, Clock, Mode, Nanos, RejectReason, TrustedProxies, unix_now};
+use palisade_store::{Action, StoreCell};
 
 use std::num::NonZeroU32;
 
@@ -85,6 +87,9 @@ pub struct ShieldConfig {
     pub reputation: Option<(ReputationConfig, Mode)>,
     /// Adaptive per-fingerprint breaker; `None` disables it.
     pub adaptive: Option<(AdaptiveConfig, Mode)>,
+    /// External reputation (F13): allow, deny and scores from a snapshot.
+    /// Shared across reloads, swapped by its feed.
+    pub store: Option<Arc<StoreCell>>,
 }
 
 impl Default for ShieldConfig {
@@ -104,6 +109,7 @@ impl Default for ShieldConfig {
             routes: Vec::new(),
             reputation: Some((ReputationConfig::default(), Mode::Enforce)),
             adaptive: Some((AdaptiveConfig::default(), Mode::Enforce)),
+            store: None,
         }
     }
 }
@@ -183,6 +189,8 @@ pub struct Shield<C> {
     routes: Vec<Route>,
     reputation: Option<(Reputation, Mode)>,
     adaptive: Option<(AdaptiveBreaker, Mode)>,
+    /// Unix seconds at clock time 0: store entries expire in wall time.
+    unix_origin: u64,
 }
 
 impl<C: Clock> Shield<C> {
@@ -231,6 +239,7 @@ impl<C: Clock> Shield<C> {
             }),
             // Fingerprint keys must not change under a reload.
             fingerprint_hasher: previous.map_or_else(Default::default, |p| p.fingerprint_hasher.clone()),
+            unix_origin: unix_now().saturating_sub(clock.now() / NANOS_PER_SEC),
             clock,
             cfg,
         }
@@ -337,6 +346,30 @@ impl<C: Clock> Shield<C> {
                 quota: None,
             });
             return decision;
+        }
+        if let Some(store) = &self.cfg.store
+            && let Some(verdict) = store.lookup(client_ip, self.unix_origin + now / NANOS_PER_SEC)
+        {
+            let (mode, block_below) = match &self.reputation {
+                Some((rep, mode)) => (*mode, rep.config().block_below),
+                None => (Mode::Enforce, ReputationConfig::default().block_below),
+            };
+            let reason = match verdict.action {
+                Action::Allow => return decision,
+                Action::Deny => Some(RejectReason::Denylisted),
+                Action::Score if verdict.score < block_below => Some(RejectReason::Reputation),
+                Action::Score => None,
+            };
+            if let Some(reason) = reason {
+                let rejection = Rejection {
+                    reason,
+                    retry_after_secs: None,
+                    quota: None,
+                };
+                if decision.apply(rejection, mode) {
+                    return decision;
+                }
+            }
         }
         if let Some((rep, mode)) = &self.reputation {
             let standing = rep.observe_request(&key, now);
@@ -533,6 +566,30 @@ mod tests {
             .map(|_| shield.decide(&facts(peer, path, &m, &h)))
             .collect();
         (ds.iter().filter(|d| d.rejection.is_none()).count(), ds)
+    }
+
+    #[test]
+    fn store_entries_allow_deny_and_score() {
+        let csv = "192.0.2.1,0,abuse,deny\n192.0.2.2,10,spam\n192.0.2.3,90,partner,allow\n192.0.2.4,80\n";
+        let snap = palisade_store::Builder::from_csv(csv.as_bytes(), "t")
+            .unwrap()
+            .finish(palisade_store::BuildOptions::default())
+            .unwrap();
+        let mut cfg = ShieldConfig::default();
+        cfg.store = Some(Arc::new(StoreCell::new(snap, None)));
+        let s = Shield::new(cfg, ManualClock::new());
+        let reason = |ip| run(&s, ip, "/", 1).1[0].rejection.map(|r| r.reason);
+        assert_eq!(reason("192.0.2.1"), Some(RejectReason::Denylisted));
+        assert_eq!(reason("192.0.2.2"), Some(RejectReason::Reputation));
+        assert_eq!(reason("192.0.2.4"), None);
+        assert_eq!(reason("198.51.100.1"), None);
+        // Allowed by the store: past the rate limit too.
+        assert_eq!(run(&s, "192.0.2.3", "/", 300).0, 300);
+        assert_eq!(
+            run(&s, "192.0.2.4", "/", 300).0,
+            99,
+            "a listed score above the threshold is still limited"
+        );
     }
 
     #[test]

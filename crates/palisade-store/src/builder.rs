@@ -3,13 +3,15 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::FixedState;
+
 use ipnet::IpNet;
 use xorf::DmaSerializable as _;
 
 use crate::flatten::{Range, flatten};
 use crate::snapshot::{
     BUCKETS, COVER_WORDS, ClassRec, FILTER_DESC_LEN, HEADER_LEN, Header, Layout, MAGIC, Prefix4, Prefix6,
-    Snapshot, VERSION, v6_filter_key,
+    SHARD0_LEN_AT, SHARDS, Snapshot, VERSION, shard_desc, shard_of, v6_filter_key,
 };
 use crate::{Action, Error, Result, Verdict};
 
@@ -36,9 +38,9 @@ impl Default for BuildOptions {
 #[derive(Debug, Default)]
 pub struct Builder {
     classes: Vec<Verdict>,
-    class_ix: HashMap<Verdict, u16>,
+    class_ix: HashMap<Verdict, u16, FixedState>,
     reasons: Vec<String>,
-    reason_ix: HashMap<String, u16>,
+    reason_ix: HashMap<String, u16, FixedState>,
     v4: Vec<(u32, u16)>,
     v4p: Vec<(u32, u8, u16)>,
     v6: Vec<(u128, u16)>,
@@ -138,7 +140,14 @@ impl Builder {
     }
 
     /// Adds (or, when repeated, replaces) an entry.
-    pub fn insert(&mut self, net: IpNet, score: u8, action: Action, reason: &str, expires: u64) -> Result<()> {
+    pub fn insert(
+        &mut self,
+        net: IpNet,
+        score: u8,
+        action: Action,
+        reason: &str,
+        expires: u64,
+    ) -> Result<()> {
         let c = self.class(score, action, reason, expires)?;
         self.insert_class(net, c);
         Ok(())
@@ -254,17 +263,75 @@ pub(crate) fn encode(mut t: Tables, opts: BuildOptions) -> Result<Snapshot> {
     let r4 = flatten(&ranges(&t.v4p, 32, u128::from));
     let r6 = flatten(&ranges(&t.v6p, 128, |a| a));
 
-    let filter = if opts.filter && !(t.v4.is_empty() && t.v6.is_empty()) {
-        let mut keys: Vec<u64> = t.v4.iter().map(|e| u64::from(e.0)).collect();
-        keys.extend(t.v6.iter().map(|e| v6_filter_key(e.0)));
-        keys.sort_unstable();
-        keys.dedup();
+    let filter_keys = (opts.filter && !(t.v4.is_empty() && t.v6.is_empty())).then(|| {
+        let mut shards: [Vec<u64>; SHARDS] = Default::default();
+        // IPv4 keys are sorted and distinct already; only the hashed IPv6
+        // keys need sorting, and duplicates can only come from them.
+        for e in &t.v4 {
+            let k = u64::from(e.0);
+            shards[shard_of(k)].push(k);
+        }
+        if !t.v6.is_empty() {
+            for e in &t.v6 {
+                let k = v6_filter_key(e.0);
+                shards[shard_of(k)].push(k);
+            }
+            for s in &mut shards {
+                s.sort_unstable();
+                s.dedup();
+            }
+        }
+        shards
+    });
+    // The filters build on their own threads while this one encodes the
+    // tables: construction is most of a rebuild's time.
+    std::thread::scope(|scope| {
+        let builders = filter_keys
+            .map(|shards| shards.map(|keys| scope.spawn(move || xorf::BinaryFuse8::try_from(&keys).ok())));
+        let tables = EncodedTables::of(&t, &r4);
         // Construction fails only in pathological cases; the store is then
         // exact without the shortcut.
-        xorf::BinaryFuse8::try_from(&keys).ok()
-    } else {
-        None
-    };
+        let filter = builders.and_then(|[a, b]| Some([a.join().ok()??, b.join().ok()??]));
+        write(t, r4, r6, class_width, tables, filter, opts)
+    })
+}
+
+/// Section contents computed before the filter is ready.
+struct EncodedTables {
+    offsets: Vec<u32>,
+    lows: Vec<u16>,
+    cover: Vec<u64>,
+}
+
+impl EncodedTables {
+    fn of(t: &Tables, r4: &[Range]) -> Self {
+        let mut offsets = vec![0u32; BUCKETS + 1];
+        for &(ip, _) in &t.v4 {
+            offsets[(ip >> 16) as usize + 1] += 1;
+        }
+        for i in 0..BUCKETS {
+            offsets[i + 1] += offsets[i];
+        }
+        let lows = t.v4.iter().map(|e| e.0 as u16).collect();
+        let mut cover = vec![0u64; COVER_WORDS];
+        for r in r4 {
+            for hi in (r.start >> 16)..=(r.end >> 16) {
+                cover[(hi / 64) as usize] |= 1 << (hi % 64);
+            }
+        }
+        Self { offsets, lows, cover }
+    }
+}
+
+fn write(
+    t: Tables,
+    r4: Vec<Range>,
+    r6: Vec<Range>,
+    class_width: u32,
+    tables: EncodedTables,
+    filter: Option<[xorf::BinaryFuse8; SHARDS]>,
+    opts: BuildOptions,
+) -> Result<Snapshot> {
     let reasons = t.reasons.join("\n");
     let mut header = Header {
         magic: MAGIC,
@@ -281,7 +348,9 @@ pub(crate) fn encode(mut t: Tables, opts: BuildOptions) -> Result<Snapshot> {
         m6: r6.len() as u64,
         classes: t.classes.len() as u64,
         reasons_len: reasons.len() as u64,
-        filter_len: filter.as_ref().map_or(0, |f| f.fingerprints.len() as u64),
+        filter_len: filter
+            .as_ref()
+            .map_or(0, |f| f.iter().map(|f| f.fingerprints.len() as u64).sum()),
         reserved: 0,
         body_crc: 0,
         header_crc: 0,
@@ -294,16 +363,8 @@ pub(crate) fn encode(mut t: Tables, opts: BuildOptions) -> Result<Snapshot> {
     let mut heap = vec![0u128; layout.end / 16];
     let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut heap);
 
-    let mut offsets = vec![0u32; BUCKETS + 1];
-    for &(ip, _) in &t.v4 {
-        offsets[(ip >> 16) as usize + 1] += 1;
-    }
-    for i in 0..BUCKETS {
-        offsets[i + 1] += offsets[i];
-    }
-    put(buf, layout.v4_offsets.off, bytemuck::cast_slice(&offsets));
-    let lows: Vec<u16> = t.v4.iter().map(|e| e.0 as u16).collect();
-    put(buf, layout.v4_low.off, bytemuck::cast_slice(&lows));
+    put(buf, layout.v4_offsets.off, bytemuck::cast_slice(&tables.offsets));
+    put(buf, layout.v4_low.off, bytemuck::cast_slice(&tables.lows));
     put_classes(buf, layout.v4_class.off, class_width, t.v4.iter().map(|e| e.1));
     let p4: Vec<Prefix4> = t
         .v4p
@@ -322,13 +383,7 @@ pub(crate) fn encode(mut t: Tables, opts: BuildOptions) -> Result<Snapshot> {
     put(buf, layout.v4_iv_start.off, bytemuck::cast_slice(&starts));
     put(buf, layout.v4_iv_end.off, bytemuck::cast_slice(&ends));
     put(buf, layout.v4_iv_class.off, bytemuck::cast_slice(&iv_classes));
-    let mut cover = vec![0u64; COVER_WORDS];
-    for r in &r4 {
-        for hi in (r.start >> 16)..=(r.end >> 16) {
-            cover[(hi / 64) as usize] |= 1 << (hi % 64);
-        }
-    }
-    put(buf, layout.v4_cover.off, bytemuck::cast_slice(&cover));
+    put(buf, layout.v4_cover.off, bytemuck::cast_slice(&tables.cover));
 
     let keys6: Vec<u128> = t.v6.iter().map(|e| e.0).collect();
     put(buf, layout.v6_keys.off, bytemuck::cast_slice(&keys6));
@@ -365,11 +420,19 @@ pub(crate) fn encode(mut t: Tables, opts: BuildOptions) -> Result<Snapshot> {
         .collect();
     put(buf, layout.classes.off, bytemuck::cast_slice(&recs));
     put(buf, layout.reasons.off, reasons.as_bytes());
-    if let Some(f) = &filter {
+    if let Some(shards) = &filter {
         let mut desc = [0u8; FILTER_DESC_LEN];
-        f.dma_copy_descriptor_to(&mut desc[..xorf::BinaryFuse8::DESCRIPTOR_LEN]);
+        let mut at = layout.filter.off;
+        for (s, f) in shards.iter().enumerate() {
+            f.dma_copy_descriptor_to(
+                &mut desc[shard_desc(s)..shard_desc(s) + xorf::BinaryFuse8::DESCRIPTOR_LEN],
+            );
+            put(buf, at, &f.fingerprints);
+            at += f.fingerprints.len();
+        }
+        desc[SHARD0_LEN_AT..SHARD0_LEN_AT + 8]
+            .copy_from_slice(&(shards[0].fingerprints.len() as u64).to_le_bytes());
         put(buf, layout.filter_desc.off, &desc);
-        put(buf, layout.filter.off, &f.fingerprints);
     }
     header.body_crc = crc32fast::hash(&buf[HEADER_LEN..layout.end]);
     header.header_crc = crc32fast::hash(&bytemuck::bytes_of(&header)[..HEADER_LEN - 4]);
@@ -447,8 +510,16 @@ pub(crate) fn merge(base: &Snapshot, delta: &crate::Delta, opts: BuildOptions) -
     let h = base.header();
     let new_v4 = merge_sorted(base.v4_entries(), &v4, h.n4 as usize);
     let new_v6 = merge_sorted(base.v6_entries(), &v6, h.n6 as usize);
-    let new_v4p = merge_sorted(base.v4_prefixes().map(|(a, l, c)| ((a, l), c)), &v4p, h.p4 as usize);
-    let new_v6p = merge_sorted(base.v6_prefixes().map(|(a, l, c)| ((a, l), c)), &v6p, h.p6 as usize);
+    let new_v4p = merge_sorted(
+        base.v4_prefixes().map(|(a, l, c)| ((a, l), c)),
+        &v4p,
+        h.p4 as usize,
+    );
+    let new_v6p = merge_sorted(
+        base.v6_prefixes().map(|(a, l, c)| ((a, l), c)),
+        &v6p,
+        h.p6 as usize,
+    );
     let tables = Tables {
         classes: b.classes,
         reasons: b.reasons,

@@ -67,9 +67,24 @@ impl StoreCell {
     /// Replaces the snapshot (e.g. after the file was rebuilt).
     pub fn replace(&self, snapshot: Snapshot) {
         let mut status = self.status_lock();
-        self.current.store(Arc::new(snapshot));
+        self.swap(snapshot);
         status.swaps += 1;
         status.last_error = None;
+    }
+
+    /// Swaps and frees the old snapshot here, not in a reader: a reader
+    /// whose guard turned out to be the last owner would pay the unmap
+    /// (milliseconds for a large store) in the middle of a request.
+    fn swap(&self, next: Snapshot) {
+        let old = self.current.swap(Arc::new(next));
+        // Readers hold a snapshot for one lookup; give them up to a second.
+        for _ in 0..100_000 {
+            if Arc::strong_count(&old) == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(10));
+        }
+        drop(old);
     }
 
     /// Re-opens the backing file (after `palisade store build` replaced it).
@@ -100,7 +115,7 @@ impl StoreCell {
                 }
                 None => next,
             };
-            self.current.store(Arc::new(next));
+            self.swap(next);
             Ok(true)
         })();
         match &result {

@@ -31,13 +31,17 @@ pub struct Record<'a> {
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     if s.contains('/') {
-        let net: IpNet = s.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let net: IpNet = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
         if net.trunc() != net {
             return Err(format!("{s:?} has host bits set; the network is {}", net.trunc()));
         }
         return Ok(net);
     }
-    let ip: std::net::IpAddr = s.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+    let ip: std::net::IpAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
     Ok(IpNet::from(ip.to_canonical()))
 }
 
@@ -49,7 +53,9 @@ pub fn parse_record(line: &str) -> Result<Option<Record<'_>>, String> {
     }
     let mut fields = line.split(',').map(str::trim);
     let net = parse_net(fields.next().unwrap_or_default())?;
-    let score = fields.next().ok_or("missing score (expected ip_or_cidr,score[,reason[,action[,expires]]])")?;
+    let score = fields
+        .next()
+        .ok_or("missing score (expected ip_or_cidr,score[,reason[,action[,expires]]])")?;
     let score: u8 = score
         .parse()
         .ok()
@@ -117,9 +123,14 @@ mod tests {
 
     #[test]
     fn full_and_short_lines_parse() {
-        let r = parse_record("10.0.0.0/8, 5, botnet, deny, 1800000000").unwrap().unwrap();
+        let r = parse_record("10.0.0.0/8, 5, botnet, deny, 1800000000")
+            .unwrap()
+            .unwrap();
         assert_eq!(r.net, "10.0.0.0/8".parse::<IpNet>().unwrap());
-        assert_eq!((r.score, r.action, r.reason, r.expires), (5, Action::Deny, "botnet", 1_800_000_000));
+        assert_eq!(
+            (r.score, r.action, r.reason, r.expires),
+            (5, Action::Deny, "botnet", 1_800_000_000)
+        );
         let r = parse_record("2001:db8::1,40").unwrap().unwrap();
         assert_eq!(r.net.prefix_len(), 128);
         assert_eq!((r.score, r.action, r.reason), (40, Action::Score, ""));
@@ -134,15 +145,29 @@ mod tests {
         assert!(parse_record("10.0.0.1").unwrap_err().contains("missing score"));
         assert!(parse_record("10.0.0.1,101").unwrap_err().contains("0-100"));
         assert!(parse_record("nope,1").unwrap_err().contains("not an IP"));
-        assert!(parse_record("10.0.0.1,1,r,block").unwrap_err().contains("unknown action"));
-        assert!(parse_record("10.0.0.1,1,r,deny,soon").unwrap_err().contains("Unix seconds"));
-        assert!(parse_record("10.0.0.1,1,r,deny,1,x").unwrap_err().contains("unexpected"));
+        assert!(
+            parse_record("10.0.0.1,1,r,block")
+                .unwrap_err()
+                .contains("unknown action")
+        );
+        assert!(
+            parse_record("10.0.0.1,1,r,deny,soon")
+                .unwrap_err()
+                .contains("Unix seconds")
+        );
+        assert!(
+            parse_record("10.0.0.1,1,r,deny,1,x")
+                .unwrap_err()
+                .contains("unexpected")
+        );
     }
 
     #[test]
     fn csv_errors_name_the_line() {
         let text = "ip,score\n1.2.3.4,10\n\n1.2.3.5,abc\n";
-        let err = Builder::from_csv(text.as_bytes(), "feed.csv").unwrap_err().to_string();
+        let err = Builder::from_csv(text.as_bytes(), "feed.csv")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "feed.csv:4: score \"abc\" is not an integer 0-100");
     }
 }

@@ -69,7 +69,10 @@ impl Delta {
         let mut lines = text.split_inclusive('\n');
         let header = lines.next().unwrap_or_default();
         if !header.starts_with(MAGIC) {
-            return Err(err(1, format!("not a delta: the first line must start with {MAGIC:?}")));
+            return Err(err(
+                1,
+                format!("not a delta: the first line must start with {MAGIC:?}"),
+            ));
         }
         let (Some(from), Some(to)) = (field(header, "from"), field(header, "to")) else {
             return Err(err(1, "the header needs from=N and to=N".into()));
@@ -83,18 +86,25 @@ impl Delta {
             let lineno = i + 2;
             let line = raw.trim_end_matches(['\n', '\r']);
             if let Some(trailer) = line.strip_prefix("end ") {
-                let count = field(trailer, "ops").ok_or_else(|| err(lineno, "end line needs ops=N".into()))?;
+                let count =
+                    field(trailer, "ops").ok_or_else(|| err(lineno, "end line needs ops=N".into()))?;
                 let crc = trailer
                     .split_whitespace()
                     .find_map(|kv| kv.strip_prefix("crc32="))
                     .and_then(|h| u32::from_str_radix(h, 16).ok())
                     .ok_or_else(|| err(lineno, "end line needs crc32=HEX".into()))?;
                 if count != ops.len() as u64 {
-                    return Err(err(lineno, format!("end says {count} operations, found {}", ops.len())));
+                    return Err(err(
+                        lineno,
+                        format!("end says {count} operations, found {}", ops.len()),
+                    ));
                 }
                 let actual = crc32fast::hash(&text.as_bytes()[..offset]);
                 if actual != crc {
-                    return Err(err(lineno, format!("checksum mismatch (end says {crc:08x}, content is {actual:08x})")));
+                    return Err(err(
+                        lineno,
+                        format!("checksum mismatch (end says {crc:08x}, content is {actual:08x})"),
+                    ));
                 }
                 if text[offset + raw.len()..].trim().is_empty() {
                     return Ok(Self { from, to, ops });
@@ -119,7 +129,10 @@ impl Delta {
             } else if let Some(rest) = line.strip_prefix("-,") {
                 Op::Delete(parse_net(rest).map_err(|why| err(lineno, why))?)
             } else {
-                return Err(err(lineno, "an operation starts with \"+,\" (upsert) or \"-,\" (delete)".into()));
+                return Err(err(
+                    lineno,
+                    "an operation starts with \"+,\" (upsert) or \"-,\" (delete)".into(),
+                ));
             };
             ops.push(op);
         }
@@ -182,7 +195,10 @@ mod tests {
     fn every_truncation_is_rejected() {
         let text = sample().encode();
         for cut in 0..text.trim_end().len() {
-            assert!(Delta::parse(&text[..cut], "d").is_err(), "accepted a delta cut at byte {cut}");
+            assert!(
+                Delta::parse(&text[..cut], "d").is_err(),
+                "accepted a delta cut at byte {cut}"
+            );
         }
     }
 

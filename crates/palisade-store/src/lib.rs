@@ -89,7 +89,9 @@ impl std::str::FromStr for Action {
             "" | "score" => Ok(Self::Score),
             "deny" => Ok(Self::Deny),
             "allow" => Ok(Self::Allow),
-            other => Err(format!("unknown action {other:?} (expected score, deny or allow)")),
+            other => Err(format!(
+                "unknown action {other:?} (expected score, deny or allow)"
+            )),
         }
     }
 }

@@ -86,7 +86,12 @@ impl Record {
             return None;
         }
         let ip = match self.family {
-            4 => IpAddr::V4(Ipv4Addr::new(self.addr[0], self.addr[1], self.addr[2], self.addr[3])),
+            4 => IpAddr::V4(Ipv4Addr::new(
+                self.addr[0],
+                self.addr[1],
+                self.addr[2],
+                self.addr[3],
+            )),
             6 => IpAddr::V6(Ipv6Addr::from(self.addr)),
             _ => return None,
         };
@@ -203,7 +208,10 @@ impl StateLog {
         let count = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
         let crc = u32::from_le_bytes(bytes.get(16..20)?.try_into().ok()?);
         let body = bytes.get(24..)?;
-        if magic != SNAP_MAGIC || body.len() as u64 != count.checked_mul(RECORD as u64)? || crc32fast::hash(body) != crc {
+        if magic != SNAP_MAGIC
+            || body.len() as u64 != count.checked_mul(RECORD as u64)?
+            || crc32fast::hash(body) != crc
+        {
             return None;
         }
         let (entries, good) = read_records(body);
@@ -323,7 +331,8 @@ mod tests {
         let dir = tempdir("torn");
         let (mut log, rec) = StateLog::open(&dir, 100, 0).unwrap();
         assert!(rec.entries.is_empty());
-        log.append(&[entry("192.0.2.1", Some(10)), entry("2001:db8::1", Some(20))]).unwrap();
+        log.append(&[entry("192.0.2.1", Some(10)), entry("2001:db8::1", Some(20))])
+            .unwrap();
         log.append(&[entry("192.0.2.1", Some(5))]).unwrap();
         drop(log);
         // A crash mid-write: half a record.
@@ -344,8 +353,12 @@ mod tests {
     fn a_flipped_bit_ends_the_replay_there() {
         let dir = tempdir("flip");
         let (mut log, _) = StateLog::open(&dir, 100, 0).unwrap();
-        log.append(&[entry("192.0.2.1", Some(10)), entry("192.0.2.2", Some(20)), entry("192.0.2.3", Some(30))])
-            .unwrap();
+        log.append(&[
+            entry("192.0.2.1", Some(10)),
+            entry("192.0.2.2", Some(20)),
+            entry("192.0.2.3", Some(30)),
+        ])
+        .unwrap();
         drop(log);
         let wal = dir.join(WAL_FILE);
         let mut bytes = std::fs::read(&wal).unwrap();
@@ -363,7 +376,12 @@ mod tests {
         let (mut log, _) = StateLog::open(&dir, 100, 0).unwrap();
         let mut lapsing = entry("192.0.2.9", Some(1));
         lapsing.expires = 50;
-        log.append(&[entry("192.0.2.1", Some(10)), entry("192.0.2.2", Some(20)), lapsing]).unwrap();
+        log.append(&[
+            entry("192.0.2.1", Some(10)),
+            entry("192.0.2.2", Some(20)),
+            lapsing,
+        ])
+        .unwrap();
         log.append(&[entry("192.0.2.2", None)]).unwrap();
         log.compact(100).unwrap();
         assert_eq!(log.wal_records(), 0);
@@ -372,7 +390,13 @@ mod tests {
         let (_, rec) = StateLog::open(&dir, 100, 100).unwrap();
         let mut got: Vec<_> = rec.entries.iter().map(|e| (e.net.to_string(), e.score)).collect();
         got.sort();
-        assert_eq!(got, vec![("192.0.2.1/32".into(), Some(10)), ("192.0.2.3/32".into(), Some(30))]);
+        assert_eq!(
+            got,
+            vec![
+                ("192.0.2.1/32".into(), Some(10)),
+                ("192.0.2.3/32".into(), Some(30))
+            ]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

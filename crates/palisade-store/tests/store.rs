@@ -33,17 +33,19 @@ fn model_lookup(m: &Model, ip: IpAddr, now: u64) -> Option<(u8, Action, String)>
 }
 
 fn answer(s: &Snapshot, ip: IpAddr, now: u64) -> Option<(u8, Action, String)> {
-    s.lookup(ip, now).map(|v| (v.score, v.action, s.reason(v.reason).to_owned()))
+    s.lookup(ip, now)
+        .map(|v| (v.score, v.action, s.reason(v.reason).to_owned()))
 }
 
 /// Addresses from a small space so that prefixes and exact entries collide.
 fn net() -> impl Strategy<Value = IpNet> {
     prop_oneof![
-        (0u8..4, any::<u8>(), 20u8..=32).prop_map(|(c, d, len)| {
-            IpNet::new(IpAddr::from([10, 0, c, d]), len).unwrap().trunc()
-        }),
+        (0u8..4, any::<u8>(), 20u8..=32)
+            .prop_map(|(c, d, len)| { IpNet::new(IpAddr::from([10, 0, c, d]), len).unwrap().trunc() }),
         (0u16..4, any::<u16>(), 112u8..=128).prop_map(|(a, b, len)| {
-            IpNet::new(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, a, b]), len).unwrap().trunc()
+            IpNet::new(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, a, b]), len)
+                .unwrap()
+                .trunc()
         }),
     ]
 }
@@ -52,7 +54,11 @@ fn verdict() -> impl Strategy<Value = (u8, Action, String, u64)> {
     (
         0u8..=100,
         prop_oneof![Just(Action::Score), Just(Action::Deny), Just(Action::Allow)],
-        prop_oneof![Just(String::new()), Just("spam".to_owned()), Just("tor".to_owned())],
+        prop_oneof![
+            Just(String::new()),
+            Just("spam".to_owned()),
+            Just("tor".to_owned())
+        ],
         prop_oneof![Just(0u64), Just(50u64), Just(500u64)],
     )
 }
@@ -148,8 +154,12 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn sample() -> Snapshot {
-    let csv = "ip,score,reason\n198.51.100.7,10,spam\n203.0.113.0/24,0,botnet,deny\n2001:db8::/64,90,,allow\n";
-    Builder::from_csv(csv.as_bytes(), "t.csv").unwrap().finish(BuildOptions::default()).unwrap()
+    let csv =
+        "ip,score,reason\n198.51.100.7,10,spam\n203.0.113.0/24,0,botnet,deny\n2001:db8::/64,90,,allow\n";
+    Builder::from_csv(csv.as_bytes(), "t.csv")
+        .unwrap()
+        .finish(BuildOptions::default())
+        .unwrap()
 }
 
 #[test]
@@ -162,7 +172,10 @@ fn a_written_file_opens_and_answers_the_same() {
         let ip: IpAddr = ip.parse().unwrap();
         assert_eq!(answer(&opened, ip, 0), answer(&s, ip, 0), "{ip}");
     }
-    assert_eq!(answer(&opened, "203.0.113.9".parse().unwrap(), 0), Some((0, Action::Deny, "botnet".into())));
+    assert_eq!(
+        answer(&opened, "203.0.113.9".parse().unwrap(), 0),
+        Some((0, Action::Deny, "botnet".into()))
+    );
     assert_eq!(opened.info().entries(), 3);
     let _ = std::fs::remove_file(&path);
 }
@@ -170,13 +183,19 @@ fn a_written_file_opens_and_answers_the_same() {
 #[test]
 fn damaged_files_are_refused_with_the_reason() {
     let bytes = sample().as_bytes().to_vec();
-    for (at, what) in [(0, "magic"), (20, "header checksum"), (bytes.len() - 1, "body checksum")] {
+    for (at, what) in [
+        (0, "magic"),
+        (20, "header checksum"),
+        (bytes.len() - 1, "body checksum"),
+    ] {
         let mut bad = bytes.clone();
         bad[at] ^= 0x40;
         let err = Snapshot::from_bytes(&bad).unwrap_err().to_string();
         assert!(err.contains(what), "flipping byte {at}: {err}");
     }
-    let err = Snapshot::from_bytes(&bytes[..bytes.len() - 16]).unwrap_err().to_string();
+    let err = Snapshot::from_bytes(&bytes[..bytes.len() - 16])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("truncated"), "{err}");
     let path = tmp("missing");
     assert!(matches!(Snapshot::open(&path), Err(Error::Io { .. })));
@@ -191,7 +210,11 @@ fn deltas_out_of_order_are_refused_and_old_ones_are_no_ops() {
         ops: vec![Op::Delete("198.51.100.7/32".parse().unwrap())],
     };
     let next = s.apply(&d(0, 5), "a", BuildOptions::default()).unwrap().unwrap();
-    assert!(next.apply(&d(0, 5), "a", BuildOptions::default()).unwrap().is_none());
+    assert!(
+        next.apply(&d(0, 5), "a", BuildOptions::default())
+            .unwrap()
+            .is_none()
+    );
     let err = next.apply(&d(6, 9), "gap", BuildOptions::default()).unwrap_err();
     assert_eq!(err.to_string(), "gap: delta 6→9 does not follow watermark 5");
 }
@@ -209,7 +232,10 @@ fn the_cell_persists_deltas_and_keeps_serving_on_bad_ones() {
     }
     .encode();
     let corrupt = good.replace("from=0", "from=1").replace("to=1", "to=2");
-    assert!(cell.apply_delta(&corrupt[..corrupt.len() - 5], "feed", BuildOptions::default()).is_err());
+    assert!(
+        cell.apply_delta(&corrupt[..corrupt.len() - 5], "feed", BuildOptions::default())
+            .is_err()
+    );
     assert!(cell.lookup(ip, 0).is_some(), "a rejected delta changed the data");
     let st = cell.status();
     assert_eq!((st.applied, st.rejected), (0, 1));
@@ -231,10 +257,19 @@ fn readers_never_fail_or_see_a_half_applied_delta_during_swaps() {
     let mut builder = Builder::new();
     for i in 0..50_000u32 {
         builder
-            .insert(IpNet::from(IpAddr::from((0x0a00_0000 + i * 7).to_be_bytes())), 50, Action::Score, "", 0)
+            .insert(
+                IpNet::from(IpAddr::from((0x0a00_0000 + i * 7).to_be_bytes())),
+                50,
+                Action::Score,
+                "",
+                0,
+            )
             .unwrap();
     }
-    let cell = Arc::new(StoreCell::new(builder.finish(BuildOptions::default()).unwrap(), None));
+    let cell = Arc::new(StoreCell::new(
+        builder.finish(BuildOptions::default()).unwrap(),
+        None,
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
     let readers: Vec<_> = (0..2)
@@ -243,7 +278,10 @@ fn readers_never_fail_or_see_a_half_applied_delta_during_swaps() {
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let snap = cell.load();
-                    let (x, y) = (snap.lookup(a, 0).map(|v| v.score), snap.lookup(b, 0).map(|v| v.score));
+                    let (x, y) = (
+                        snap.lookup(a, 0).map(|v| v.score),
+                        snap.lookup(b, 0).map(|v| v.score),
+                    );
                     assert_eq!(x, y, "half-applied delta visible");
                     reads.fetch_add(1, Ordering::Relaxed);
                 }
@@ -269,7 +307,10 @@ fn readers_never_fail_or_see_a_half_applied_delta_during_swaps() {
             to: w + 1,
             ops: vec![op(a), op(b)],
         };
-        assert!(cell.apply_delta(&d.encode(), "swap", BuildOptions::default()).unwrap());
+        assert!(
+            cell.apply_delta(&d.encode(), "swap", BuildOptions::default())
+                .unwrap()
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for r in readers {
