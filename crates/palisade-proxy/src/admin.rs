@@ -1,4 +1,5 @@
-//! The admin API: metrics, health, and reputation inspection and control.
+//! The admin API: metrics, health, reputation and store inspection and
+//! control.
 //!
 //! Reads on a loopback listener need no token; everything else needs
 //! `Authorization: Bearer <token>`, except the `/healthz` and `/readyz`
@@ -102,6 +103,15 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
     }
     match (path.as_str(), &method) {
         ("/api/v1/breakers", &Method::GET) => return json(StatusCode::OK, &breakers(app, &rt)),
+        ("/api/v1/store", &Method::GET) => {
+            return match store_json(&rt) {
+                Some(v) => json(StatusCode::OK, &v),
+                None => error(StatusCode::NOT_FOUND, "no store configured (store.path)"),
+            };
+        }
+        ("/api/v1/store/delta" | "/api/v1/store/reload", &Method::POST) => {
+            return store_update(app, &rt, &path, req).await;
+        }
         ("/api/v1/reload", &Method::POST) => {
             return match app.reload().await {
                 Ok(report) => json(
@@ -268,17 +278,109 @@ async fn reputation(app: &App, rt: &Runtime, method: &Method, ip: IpAddr, req: R
             }
             rep.set(&key, set.score, now);
             tracing::info!(%ip, score = set.score, "reputation set by admin");
+            let entry = crate::state::entry_for(rep, &key, rt.config.shield.ipv6_prefix, now);
+            if let Some(refusal) = persist(app, entry).await {
+                return refusal;
+            }
         }
         Method::DELETE => {
             rep.reset(&key);
             tracing::info!(%ip, "reputation reset by admin");
+            if let Some(refusal) =
+                persist(app, crate::state::cleared(&key, rt.config.shield.ipv6_prefix)).await
+            {
+                return refusal;
+            }
         }
         _ => return error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
     }
-    json(
-        StatusCode::OK,
-        &explain_json(ip, &rep.explain(&key, now), now, rep.config().block_below),
-    )
+    let listed = rt.shield.config().store.as_ref().and_then(|cell| {
+        let snap = cell.load();
+        snap.lookup(ip, palisade_core::unix_now()).map(|v| {
+            serde_json::json!({
+                "score": v.score,
+                "action": v.action.as_str(),
+                "reason": snap.reason(v.reason),
+                "expires": v.expires,
+            })
+        })
+    });
+    let mut body = explain_json(ip, &rep.explain(&key, now), now, rep.config().block_below);
+    body["store"] = listed.unwrap_or(serde_json::Value::Null);
+    body["durable"] = serde_json::Value::Bool(app.state().is_some());
+    json(StatusCode::OK, &body)
+}
+
+/// Writes an operator's change to the durable log and waits for the fsync;
+/// the error response when that fails (the change holds in memory only).
+async fn persist(app: &App, entry: Option<palisade_store::LogEntry>) -> Option<Resp> {
+    let (Some(state), Some(entry)) = (app.state(), entry) else {
+        return None;
+    };
+    match state.record(vec![entry]).await {
+        Ok(()) => None,
+        Err(e) => Some(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("applied in memory but not persisted: {e}"),
+        )),
+    }
+}
+
+fn store_json(rt: &Runtime) -> Option<serde_json::Value> {
+    let cell = rt.shield.config().store.as_ref()?;
+    let info = cell.load().info();
+    let status = cell.status();
+    let settings = rt.config.store.as_ref();
+    let feed = settings.and_then(|s| s.feed.as_ref()).map(|f| match f {
+        crate::config::FeedSource::File(p) => p.display().to_string(),
+        crate::config::FeedSource::Url(u) => u.to_string(),
+    });
+    Some(serde_json::json!({
+        "path": info.source,
+        "watermark": info.watermark,
+        "created_unix": info.created_unix,
+        "entries": info.entries(),
+        "ipv4": info.ipv4,
+        "ipv4_prefixes": info.ipv4_prefixes,
+        "ipv6": info.ipv6,
+        "ipv6_prefixes": info.ipv6_prefixes,
+        "verdicts": info.classes,
+        "bytes": info.bytes,
+        "filter_bytes": info.filter_bytes,
+        "feed": {
+            "source": feed,
+            "poll_interval_secs": settings.map(|s| s.poll_interval.as_secs_f64()),
+            "applied": status.applied,
+            "rejected": status.rejected,
+            "swaps": status.swaps,
+            "last_error": status.last_error,
+        },
+    }))
+}
+
+async fn store_update(app: &App, rt: &Runtime, path: &str, req: Request<Incoming>) -> Resp {
+    let Some(cell) = rt.shield.config().store.clone() else {
+        return error(StatusCode::NOT_FOUND, "no store configured (store.path)");
+    };
+    let result = if path == "/api/v1/store/reload" {
+        crate::feed::reload(cell, &app.metrics).await
+    } else {
+        let body = match Limited::new(req.into_body(), 512 << 20).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body unreadable or over 512 MiB"),
+        };
+        let Ok(text) = String::from_utf8(body.to_vec()) else {
+            return error(StatusCode::BAD_REQUEST, "the delta is not UTF-8");
+        };
+        crate::feed::apply(cell, &app.metrics, text, "admin API".into())
+            .await
+            .map(|_| ())
+    };
+    match result {
+        Ok(()) => json(StatusCode::OK, &store_json(rt).unwrap_or_default()),
+        Err(e) if e.contains("does not follow watermark") => error(StatusCode::CONFLICT, &e),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+    }
 }
 
 fn explain_json(ip: IpAddr, e: &Explanation, now: u64, block_below: u8) -> serde_json::Value {

@@ -81,6 +81,41 @@ pub struct Config {
     pub connections: AdmissionConfig,
     /// Task-leak watchdog; `None` when disabled.
     pub watchdog: Option<WatchdogSettings>,
+    /// External reputation store and its feed; `None` without one.
+    pub store: Option<StoreSettings>,
+    /// Durable learned state; `None` keeps it in memory only.
+    pub state: Option<StateSettings>,
+}
+
+/// `[store]`: the reputation snapshot (F13) and its delta feed (F16).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSettings {
+    /// The snapshot file; applied deltas are written back to it.
+    pub path: PathBuf,
+    /// Where deltas come from.
+    pub feed: Option<FeedSource>,
+    /// How often the feed is polled and the file checked for replacement.
+    pub poll_interval: Duration,
+    /// PEM CA bundle for an https feed (system roots when `None`).
+    pub feed_ca: Option<PathBuf>,
+}
+
+/// A delta feed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedSource {
+    /// A local file, re-read when it changes.
+    File(PathBuf),
+    /// An http:// or https:// URL, fetched with `If-None-Match`.
+    Url(http::Uri),
+}
+
+/// `[state]`: where learned state survives restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateSettings {
+    /// Directory for the write-ahead log and its snapshot.
+    pub data_dir: PathBuf,
+    /// Most clients kept.
+    pub max_entries: usize,
 }
 
 /// `[watchdog]`.
@@ -260,7 +295,45 @@ struct RawConfig {
     tls: RawTls,
     connections: RawConnections,
     watchdog: RawWatchdog,
+    store: RawStore,
+    state: RawState,
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawStore {
+    path: String,
+    feed: String,
+    poll_interval: String,
+    feed_ca: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            feed: String::new(),
+            poll_interval: "10s".into(),
+            feed_ca: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawState {
+    data_dir: String,
+    max_entries: usize,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        Self {
+            data_dir: String::new(),
+            max_entries: 1_000_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -742,6 +815,19 @@ impl RawConfig {
             new_per_ip_per_second: NonZeroU32::new(c.new_per_ip_per_second),
             new_per_second: NonZeroU32::new(c.new_per_second),
         };
+        let store = self.store(base)?;
+        let state = match self.state.data_dir.as_str() {
+            "" => None,
+            dir => {
+                if self.state.max_entries == 0 {
+                    return Err(at(p!("state", "max_entries"), "must be > 0"));
+                }
+                Some(StateSettings {
+                    data_dir: resolve(base, dir),
+                    max_entries: self.state.max_entries,
+                })
+            }
+        };
         Ok(Config {
             server,
             upstream,
@@ -751,7 +837,55 @@ impl RawConfig {
             tls,
             connections,
             watchdog,
+            store,
+            state,
         })
+    }
+
+    fn store(&self, base: Option<&Path>) -> Result<Option<StoreSettings>, Invalid> {
+        let s = &self.store;
+        if s.path.is_empty() {
+            if !s.feed.is_empty() {
+                return Err(at(
+                    p!("store", "feed"),
+                    "a feed needs store.path (the snapshot it updates)",
+                ));
+            }
+            return Ok(None);
+        }
+        let path = resolve(base, &s.path);
+        // Checked now so that a bad file is a config error with a line.
+        palisade_store::Snapshot::open(&path).map_err(|e| at(p!("store", "path"), e.to_string()))?;
+        let feed = match s.feed.as_str() {
+            "" => None,
+            url if url.starts_with("http://") || url.starts_with("https://") => {
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|e| at(p!("store", "feed"), format!("{url:?} is not a URL: {e}")))?;
+                if uri.host().is_none() {
+                    return Err(at(p!("store", "feed"), format!("{url:?} has no host")));
+                }
+                Some(FeedSource::Url(uri))
+            }
+            file if file.contains("://") => {
+                return Err(at(p!("store", "feed"), "only http://, https:// or a file path"));
+            }
+            file => Some(FeedSource::File(resolve(base, file))),
+        };
+        let feed_ca = match s.feed_ca.as_str() {
+            "" => None,
+            ca => {
+                let ca = resolve(base, ca);
+                crate::feed::roots(Some(&ca)).map_err(|m| at(p!("store", "feed_ca"), m))?;
+                Some(ca)
+            }
+        };
+        Ok(Some(StoreSettings {
+            path,
+            feed,
+            poll_interval: duration(&s.poll_interval, p!("store", "poll_interval"))?,
+            feed_ca,
+        }))
     }
 
     fn adaptive(&self) -> Result<Option<(AdaptiveConfig, Mode)>, Invalid> {
@@ -966,6 +1100,8 @@ impl RawConfig {
             limit,
             routes,
             reputation,
+            // Opened by the App and shared across reloads.
+            store: None,
         })
     }
 }

@@ -159,6 +159,19 @@ pub struct Metrics {
     pub config_last_reload_success: Gauge,
     /// Reload attempts by result (`ok`, `error`).
     pub config_reloads: Family<KindLabel, Counter>,
+    /// Entries in the reputation store (refreshed at scrape).
+    pub store_entries: Gauge,
+    /// The store's feed watermark.
+    pub store_watermark: Gauge,
+    /// Size of the store snapshot in bytes.
+    pub store_bytes: Gauge,
+    /// Store updates by result (`applied`, `rejected`, `unchanged`,
+    /// `reloaded`).
+    pub store_updates: Family<KindLabel, Counter>,
+    /// Learned-state log records by result (`written`, `dropped`, `failed`).
+    pub state_records: Family<KindLabel, Counter>,
+    /// Clients with durable learned state.
+    pub state_entries: Gauge,
 }
 
 /// Score buckets, matching `Reputation::distribution`.
@@ -314,7 +327,49 @@ impl Metrics {
             "Config reload attempts by result",
             config_reloads.clone(),
         );
+        let store_entries = Gauge::default();
+        registry.register(
+            "store_entries",
+            "Entries in the reputation store",
+            store_entries.clone(),
+        );
+        let store_watermark = Gauge::default();
+        registry.register(
+            "store_watermark",
+            "Feed watermark of the reputation store",
+            store_watermark.clone(),
+        );
+        let store_bytes = Gauge::default();
+        registry.register(
+            "store_bytes",
+            "Size of the reputation store snapshot",
+            store_bytes.clone(),
+        );
+        let store_updates = Family::default();
+        registry.register(
+            "store_updates",
+            "Reputation store updates by result (applied, rejected, unchanged, reloaded)",
+            store_updates.clone(),
+        );
+        let state_records = Family::default();
+        registry.register(
+            "state_records",
+            "Learned-state log records by result (written, dropped, failed)",
+            state_records.clone(),
+        );
+        let state_entries = Gauge::default();
+        registry.register(
+            "state_entries",
+            "Clients with durable learned state",
+            state_entries.clone(),
+        );
         let m = Self {
+            store_entries,
+            store_watermark,
+            store_bytes,
+            store_updates,
+            state_records,
+            state_entries,
             tasks_alive,
             task_sites,
             task_growth_alerts,
@@ -352,6 +407,12 @@ impl Metrics {
     /// event.
     fn zero_known_series(&self) {
         use palisade_limits::adaptive::{AdaptiveState as A, Reason as R};
+        for kind in ["applied", "rejected", "unchanged", "reloaded"] {
+            let _ = self.store_updates.get_or_create(&KindLabel { kind });
+        }
+        for kind in ["written", "dropped", "failed"] {
+            let _ = self.state_records.get_or_create(&KindLabel { kind });
+        }
         let kinds: [(&Family<KindLabel, Counter>, &[&'static str]); 9] = [
             (
                 &self.would_block,

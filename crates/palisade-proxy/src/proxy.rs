@@ -24,11 +24,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use palisade_core::{Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
+use palisade_core::{ClientKey, Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
 use palisade_limits::adaptive::AdaptiveTransition;
 use palisade_limits::admission::{Admission, Permit};
 use palisade_limits::breaker::{Breaker, Outcome, Ticket, Transition};
 use palisade_limits::shield::{Decision, RequestFacts, Shield};
+use palisade_store::StoreCell;
 
 use crate::body::{BodyError, BodyLimits, TimedBody};
 use crate::config::{Config, ConfigError, Overrides};
@@ -36,6 +37,7 @@ use crate::forward::{append_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::respond::{self, UpstreamFailure};
+use crate::state::DurableState;
 use crate::tunnel::{self, TunnelMode};
 
 /// Body sent upstream: the client's body with deadlines, or nothing.
@@ -83,7 +85,9 @@ impl Runtime {
     /// stay, and the upstream connection pool when its settings are equal.
     pub fn build(config: Config, clock: MonotonicClock, previous: Option<&Runtime>) -> Self {
         let now = clock.now();
-        let shield = Shield::carrying_over(config.shield.clone(), clock, previous.map(|p| &p.shield));
+        let mut shield_cfg = config.shield.clone();
+        shield_cfg.store = store_cell(&config, previous);
+        let shield = Shield::carrying_over(shield_cfg, clock, previous.map(|p| &p.shield));
         let route_labels = (0..shield.route_count())
             .map(|i| intern(shield.route_name(i)))
             .collect();
@@ -127,6 +131,35 @@ impl Runtime {
             client,
             shield,
             config,
+        }
+    }
+}
+
+/// The store for `config`: the previous runtime's when the path is the
+/// same (its feed state and swaps carry on), else freshly opened.
+fn store_cell(config: &Config, previous: Option<&Runtime>) -> Option<Arc<StoreCell>> {
+    let settings = config.store.as_ref()?;
+    if let Some(cell) = previous.and_then(|p| p.shield.config().store.clone())
+        && cell.path() == Some(settings.path.as_path())
+    {
+        return Some(cell);
+    }
+    match StoreCell::open(&settings.path) {
+        Ok(cell) => {
+            let info = cell.load().info();
+            tracing::info!(
+                path = %settings.path.display(),
+                entries = info.entries(),
+                watermark = info.watermark,
+                bytes = info.bytes,
+                "reputation store loaded"
+            );
+            Some(Arc::new(cell))
+        }
+        Err(e) => {
+            // The config check opened it moments ago; it changed since.
+            tracing::error!("reputation store not loaded: {e}");
+            None
         }
     }
 }
@@ -193,6 +226,8 @@ pub struct App {
     transition_log_budget: LogBudget,
     /// Refused connections are logged on a budget of their own.
     pub refusal_log_budget: LogBudget,
+    /// The learned-state log, when `[state]` is configured.
+    state: std::sync::OnceLock<DurableState>,
 }
 
 impl App {
@@ -223,6 +258,51 @@ impl App {
             log_budget: LogBudget::default(),
             transition_log_budget: LogBudget::default(),
             refusal_log_budget: LogBudget::default(),
+            state: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Opens the durable state (when configured) and restores the scores
+    /// it holds. Call once, before serving.
+    pub fn open_state(&self) -> Result<(), String> {
+        let rt = self.runtime();
+        let Some(settings) = &rt.config.state else {
+            return Ok(());
+        };
+        let (state, restored) = DurableState::open(
+            settings,
+            rt.shield.reputation(),
+            rt.config.shield.ipv6_prefix,
+            self.now(),
+            &self.metrics,
+        )
+        .map_err(|e| format!("state.data_dir: {e}"))?;
+        tracing::info!(
+            dir = %settings.data_dir.display(),
+            clients = restored.clients,
+            replayed = restored.replayed,
+            dropped_bytes = restored.dropped_bytes,
+            "durable state restored"
+        );
+        let _ = self.state.set(state);
+        Ok(())
+    }
+
+    /// The learned-state log, when configured.
+    pub fn state(&self) -> Option<&DurableState> {
+        self.state.get()
+    }
+
+    /// Queues a client's new score for the durable log (automatic
+    /// penalties: nobody waits for these).
+    fn persist_score(&self, rt: &Runtime, key: &ClientKey) {
+        let (Some(state), Some(rep)) = (self.state.get(), rt.shield.reputation()) else {
+            return;
+        };
+        if let Some(entry) = crate::state::entry_for(rep, key, rt.config.shield.ipv6_prefix, self.now()) {
+            if !state.record_later(entry) {
+                Metrics::inc(&self.metrics.state_records, "dropped");
+            }
         }
     }
 
@@ -264,6 +344,9 @@ impl App {
         if config.admin.listen != old.config.admin.listen {
             needs_restart.push("admin.listen");
         }
+        if config.state != old.config.state {
+            needs_restart.push("state");
+        }
         if config.shield.max_tracked_clients != old.config.shield.max_tracked_clients {
             tracing::warn!("clients.max_tracked changed: client tables start afresh");
         }
@@ -304,6 +387,14 @@ impl App {
         }
         let addresses = self.admission.addresses();
         self.table_gauges("connections".into(), addresses.len(), addresses.overflowed());
+        if let Some(cell) = &rt.shield.config().store {
+            let info = cell.load().info();
+            m.store_entries
+                .set(i64::try_from(info.entries()).unwrap_or(i64::MAX));
+            m.store_watermark
+                .set(i64::try_from(info.watermark).unwrap_or(i64::MAX));
+            m.store_bytes.set(i64::try_from(info.bytes).unwrap_or(i64::MAX));
+        }
         if let Some(adaptive) = rt.shield.adaptive() {
             for (state, n) in adaptive.state_counts() {
                 m.adaptive_clients
@@ -445,6 +536,7 @@ impl App {
         }
         if decision.flooded {
             Metrics::inc(&self.metrics.penalties, "flood");
+            self.persist_score(&rt, &decision.key);
             if self.log_budget.take(start) {
                 tracing::warn!(client = %decision.client_ip, "flood: more than the per-second threshold; reputation penalised");
             }
@@ -478,6 +570,7 @@ impl App {
                     let effects = rt.shield.observe_response(&decision, r.status().as_u16());
                     if effects.penalized {
                         Metrics::inc(&self.metrics.penalties, "error_streak");
+                        self.persist_score(&rt, &decision.key);
                     }
                     if let Some(t) = effects.transition {
                         self.adaptive_transition(t);

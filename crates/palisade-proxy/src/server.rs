@@ -67,7 +67,9 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let watched = source.as_ref().map(|s| s.path.clone());
     let app = Arc::new(App::new(config, source));
+    app.open_state().map_err(std::io::Error::other)?;
     let (stop, stopped) = watch::channel(false);
+    crate::tasks::spawn(crate::feed::run(app.clone(), stopped.clone()));
     if let Some(path) = watched {
         crate::tasks::spawn(crate::reload::watch(app.clone(), path, stopped.clone()));
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
 
-use crate::{BuildOptions, Delta, Error, Result, Snapshot, Verdict};
+use crate::{BuildOptions, Delta, Result, Snapshot, Verdict};
 
 /// What the feed has done, for `GET /api/v1/store` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -135,10 +135,10 @@ impl StoreCell {
 
     /// Records a failure that happened before a delta could be parsed (a
     /// feed that could not be fetched, a file that could not be read).
-    pub fn reject(&self, e: &Error) {
+    pub fn reject(&self, why: &dyn std::fmt::Display) {
         let mut status = self.status_lock();
         status.rejected += 1;
-        status.last_error = Some(e.to_string());
+        status.last_error = Some(why.to_string());
     }
 
     /// Counters and the latest error.
