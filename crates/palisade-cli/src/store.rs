@@ -4,10 +4,11 @@ use std::fs::File;
 use std::io::{BufRead as _, BufReader, BufWriter, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Subcommand;
+use palisade_core::{Clock as _, MonotonicClock};
 use palisade_store::{Action, BuildOptions, Builder, Delta, Snapshot};
 
 #[derive(Subcommand)]
@@ -68,7 +69,7 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<bool> {
 }
 
 fn build(input: &Path, output: &Path, watermark: u64, filter: bool) -> anyhow::Result<()> {
-    let started = Instant::now();
+    let clock = MonotonicClock::new();
     let mut builder = if input == Path::new("-") {
         Builder::from_csv(std::io::stdin().lock(), "stdin")?
     } else {
@@ -79,7 +80,7 @@ fn build(input: &Path, output: &Path, watermark: u64, filter: bool) -> anyhow::R
         )?
     };
     builder.watermark(watermark);
-    let parsed = started.elapsed();
+    let parsed = Duration::from_nanos(clock.now());
     let snap = builder.finish(BuildOptions {
         filter,
         created_unix: palisade_core::unix_now(),
@@ -93,7 +94,7 @@ fn build(input: &Path, output: &Path, watermark: u64, filter: bool) -> anyhow::R
         info.bytes,
         info.bytes as f64 / info.entries().max(1) as f64,
         parsed,
-        started.elapsed() - parsed,
+        Duration::from_nanos(clock.now()) - parsed,
     );
     Ok(())
 }
@@ -131,7 +132,7 @@ fn apply(store: &Path, delta: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(delta).with_context(|| delta.display().to_string())?;
     let name = delta.display().to_string();
     let parsed = Delta::parse(&text, &name)?;
-    let started = Instant::now();
+    let clock = MonotonicClock::new();
     let opts = BuildOptions {
         filter: snap.info().filter_bytes > 0,
         created_unix: palisade_core::unix_now(),
@@ -151,7 +152,7 @@ fn apply(store: &Path, delta: &Path) -> anyhow::Result<()> {
                 parsed.ops.len(),
                 parsed.from,
                 parsed.to,
-                started.elapsed()
+                Duration::from_nanos(clock.now())
             );
         }
     }

@@ -242,3 +242,234 @@ fn json_logs_carry_the_decision_and_the_client() {
     assert_eq!(v["client"], "127.0.0.1");
     assert_eq!(v["level"], "INFO");
 }
+
+/// Reads the child's log up to the "palisade running" line: (proxy, admin, lines).
+fn running_addrs(stderr: &mut impl BufRead) -> (SocketAddr, SocketAddr, String) {
+    let mut seen = String::new();
+    for _ in 0..50 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        let field = |name: &str| -> Option<SocketAddr> {
+            line.split(name).nth(1)?.split_whitespace().next()?.parse().ok()
+        };
+        if let (Some(proxy), Some(admin)) = (field("proxy="), field("admin=")) {
+            return (proxy, admin, seen);
+        }
+    }
+    panic!("no 'palisade running' line; log so far:\n{seen}");
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn json_body(response: &str) -> serde_json::Value {
+    serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+}
+
+#[test]
+fn acknowledged_scores_survive_kill_9_and_a_torn_log() {
+    let dir = std::env::temp_dir().join(format!("palisade-cli-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = temp_file(
+        "state.toml",
+        &format!(
+            "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[admin]\ntoken = \"t0ken\"\n[state]\ndata_dir = \"{}\"\n",
+            dir.display()
+        ),
+    );
+    let start = || {
+        let mut child = palisade()
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&config)
+            .env_remove("PALISADE_ADMIN_TOKEN")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let (proxy, admin, log) = running_addrs(&mut err);
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        (Reaped(child), proxy, admin, log)
+    };
+    let (mut first, _, admin, _) = start();
+    for (ip, score) in [("127.0.0.1", 5), ("10.1.2.3", 12), ("10.9.9.9", 20)] {
+        let r = http(
+            admin,
+            "PUT",
+            &format!("/api/v1/reputation/{ip}"),
+            &format!("{{\"score\": {score}}}"),
+        );
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert_eq!(json_body(&r)["durable"], true);
+    }
+    let r = http(admin, "DELETE", "/api/v1/reputation/10.9.9.9", "");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Acknowledged above; now the hardest stop there is.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    // And a write torn by the crash at the end of the log.
+    let mut wal = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("state.wal"))
+        .unwrap();
+    wal.write_all(&[0x5a; 30]).unwrap();
+    drop(wal);
+
+    let (_second, proxy, admin, log) = start();
+    assert!(
+        log.contains("cut 30 bytes"),
+        "the torn tail was not reported:\n{log}"
+    );
+    assert!(log.contains("clients=2"), "{log}");
+    let explain = json_body(&http(admin, "GET", "/api/v1/reputation/127.0.0.1", ""));
+    let score = explain["score"].as_f64().unwrap();
+    // 5 points, plus at most a few seconds of recovery at 1 point/minute.
+    assert!((5.0..6.0).contains(&score), "{explain}");
+    assert_eq!(explain["events"][0]["kind"], "restored", "{explain}");
+    assert!(
+        get(proxy, "/").starts_with("HTTP/1.1 403"),
+        "a restored low score must block"
+    );
+    let other = json_body(&http(admin, "GET", "/api/v1/reputation/10.1.2.3", ""));
+    assert!(
+        (12.0..13.0).contains(&other["score"].as_f64().unwrap()),
+        "{other}"
+    );
+    let cleared = json_body(&http(admin, "GET", "/api/v1/reputation/10.9.9.9", ""));
+    assert_eq!(cleared["score"], 70.0, "a cleared client came back: {cleared}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn store_commands_build_query_patch_and_describe() {
+    let csv = temp_file(
+        "feed.csv",
+        "ip,score,reason\n192.0.2.1,10,spam\n198.51.100.0/24,0,botnet,deny\n2001:db8::1,40\n",
+    );
+    let store = csv.with_file_name("feed.pstore");
+    let out = palisade()
+        .args(["store", "build", "--input"])
+        .arg(&csv)
+        .arg("--output")
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 entries"));
+
+    let lookup = |input: &str| {
+        let mut child = palisade()
+            .args(["store", "lookup", "--store"])
+            .arg(&store)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = lookup("192.0.2.1\n198.51.100.77\n203.0.113.5\n2001:db8::1\n");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "192.0.2.1 10\n198.51.100.77 0 deny\n203.0.113.5 -\n2001:db8::1 40\n"
+    );
+    let out = lookup("192.0.2.1\nnot-an-ip\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        "stdin:2: \"not-an-ip\" is not an IP address\n"
+    );
+
+    let delta = temp_file(
+        "d.delta",
+        "palisade-delta 1 from=0 to=1\n-,192.0.2.1\n+,203.0.113.5,20,scan\nend ops=2 crc32=00000000\n",
+    );
+    let out = palisade()
+        .args(["store", "apply-delta", "--store"])
+        .arg(&store)
+        .arg("--delta")
+        .arg(&delta)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("d.delta:4: checksum mismatch"));
+    let text = std::fs::read_to_string(&delta).unwrap();
+    let body = &text[..text.find("end ").unwrap()];
+    let fixed = format!("{body}end ops=2 crc32={:08x}\n", crc32(body.as_bytes()));
+    std::fs::write(&delta, fixed).unwrap();
+    let out = palisade()
+        .args(["store", "apply-delta", "--store"])
+        .arg(&store)
+        .arg("--delta")
+        .arg(&delta)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lookup("192.0.2.1\n203.0.113.5\n");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "192.0.2.1 -\n203.0.113.5 20\n"
+    );
+    let out = palisade().args(["store", "info"]).arg(&store).output().unwrap();
+    let info = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        info.contains("watermark      1") && info.contains("ipv4_prefixes  1"),
+        "{info}"
+    );
+
+    let bad = temp_file("bad.csv", "192.0.2.1,10\n192.0.2.300,5\n");
+    let out = palisade()
+        .args(["store", "build", "--input"])
+        .arg(&bad)
+        .arg("--output")
+        .arg(bad.with_extension("pstore"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("bad.csv:2: \"192.0.2.300\" is not an IP address or CIDR"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// CRC-32 (IEEE), as delta trailers use.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}

@@ -299,10 +299,10 @@ impl App {
         let (Some(state), Some(rep)) = (self.state.get(), rt.shield.reputation()) else {
             return;
         };
-        if let Some(entry) = crate::state::entry_for(rep, key, rt.config.shield.ipv6_prefix, self.now()) {
-            if !state.record_later(entry) {
-                Metrics::inc(&self.metrics.state_records, "dropped");
-            }
+        if let Some(entry) = crate::state::entry_for(rep, key, rt.config.shield.ipv6_prefix, self.now())
+            && !state.record_later(entry)
+        {
+            Metrics::inc(&self.metrics.state_records, "dropped");
         }
     }
 

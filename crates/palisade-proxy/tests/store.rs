@@ -1,5 +1,6 @@
 //! The reputation store in the daemon: entries decide requests, feeds
 //! (file, HTTP with ETag, admin push) update it, bad deltas change nothing.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -345,5 +346,40 @@ fn config_errors_name_the_store_key() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("store.feed") && err.contains("only http"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn automatic_penalties_reach_the_durable_log() {
+    let dir = tmp("state");
+    let h = Harness::start(
+        "",
+        &format!(
+            "[reputation]\nflood_threshold = 5\n[state]\ndata_dir = \"{}\"\n",
+            dir.display()
+        ),
+    )
+    .await;
+    let mut c = h.client("127.0.0.20").await;
+    for _ in 0..10 {
+        c.get("/").await;
+    }
+    eventually("the flood penalty logged", async || {
+        metric(
+            &h.metrics().await,
+            "palisade_state_records_total{kind=\"written\"}",
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(metric(&h.metrics().await, "palisade_state_entries"), 1.0);
+    h.running.shutdown().await;
+    let (_, rec) = palisade_store::StateLog::open(&dir, 100, palisade_core::unix_now()).unwrap();
+    assert_eq!(rec.entries.len(), 1);
+    assert_eq!(rec.entries[0].net, "127.0.0.20/32".parse().unwrap());
+    assert_eq!(
+        rec.entries[0].score,
+        Some(55),
+        "70 minus the 15-point flood penalty"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

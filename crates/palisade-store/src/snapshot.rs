@@ -416,7 +416,7 @@ impl Snapshot {
 
     #[inline]
     fn sec<T: Pod>(&self, s: Sec) -> &[T] {
-        debug_assert!(s.off % align_of::<T>() == 0);
+        debug_assert!(s.off.is_multiple_of(align_of::<T>()));
         // SAFETY: `from_backing` checked every section against the backing's
         // length (Layout::of + the end check), sections are 16-byte aligned
         // from a 16-byte-aligned base, and any bit pattern is a valid `T`.
@@ -698,29 +698,6 @@ pub(crate) fn search_u16(lows: &[u16], key: u16) -> Option<usize> {
     lows[lo..hi].binary_search(&key).ok().map(|i| lo + i)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::search_u16;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn interpolation_search_agrees_with_binary_search(
-            mut v in proptest::collection::vec(any::<u16>(), 0..300),
-            skew in 0u32..3,
-            probes in proptest::collection::vec(any::<u16>(), 40),
-        ) {
-            // Skewed buckets (all keys in a corner) exercise the galloping.
-            for x in &mut v { *x >>= skew * 6; }
-            v.sort_unstable();
-            v.dedup();
-            for key in probes.into_iter().chain(v.iter().copied()) {
-                prop_assert_eq!(search_u16(&v, key), v.binary_search(&key).ok());
-            }
-        }
-    }
-}
-
 /// The filter key of an IPv6 address: a fixed fold to 64 bits (the filter
 /// mixes it with its own seed). Stable across versions: it is in files.
 pub(crate) fn v6_filter_key(ip: u128) -> u64 {
@@ -774,5 +751,28 @@ impl Snapshot {
             });
         }
         crate::builder::merge(self, delta, opts).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::search_u16;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn interpolation_search_agrees_with_binary_search(
+            mut v in proptest::collection::vec(any::<u16>(), 0..300),
+            skew in 0u32..3,
+            probes in proptest::collection::vec(any::<u16>(), 40),
+        ) {
+            // Skewed buckets (all keys in a corner) exercise the galloping.
+            for x in &mut v { *x >>= skew * 6; }
+            v.sort_unstable();
+            v.dedup();
+            for key in probes.into_iter().chain(v.iter().copied()) {
+                prop_assert_eq!(search_u16(&v, key), v.binary_search(&key).ok());
+            }
+        }
     }
 }

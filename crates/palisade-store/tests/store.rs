@@ -1,5 +1,6 @@
 //! The store against a naive model: every answer must be exactly the most
 //! specific live entry, through builds, files, deltas and swaps.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,8 +12,10 @@ use ipnet::IpNet;
 use palisade_store::{Action, BuildOptions, Builder, Delta, Error, Op, Snapshot, StoreCell};
 use proptest::prelude::*;
 
-/// (score, action, reason, expires) per network; later inserts win.
-type Model = HashMap<IpNet, (u8, Action, String, u64)>;
+/// (score, action, reason, expires).
+type Value = (u8, Action, String, u64);
+/// One value per network; later inserts win.
+type Model = HashMap<IpNet, Value>;
 
 fn model_lookup(m: &Model, ip: IpAddr, now: u64) -> Option<(u8, Action, String)> {
     let ip = ip.to_canonical();
@@ -79,7 +82,7 @@ fn probes() -> Vec<IpAddr> {
     v
 }
 
-fn build(entries: &[(IpNet, (u8, Action, String, u64))], filter: bool) -> (Snapshot, Model) {
+fn build(entries: &[(IpNet, Value)], filter: bool) -> (Snapshot, Model) {
     let mut b = Builder::new();
     let mut m = Model::new();
     for (n, v) in entries {
