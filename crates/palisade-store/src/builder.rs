@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use foldhash::fast::FixedState;
 
 use ipnet::IpNet;
-use xorf::DmaSerializable as _;
 
+use crate::filter::{self, Parts, shard_of};
 use crate::flatten::{Range, flatten};
 use crate::snapshot::{
-    BUCKETS, COVER_WORDS, ClassRec, FILTER_DESC_LEN, HEADER_LEN, Header, Layout, MAGIC, Prefix4, Prefix6,
-    SHARD0_LEN_AT, SHARDS, Snapshot, VERSION, shard_desc, shard_of, v6_filter_key,
+    BUCKETS, COVER_WORDS, ClassRec, HEADER_LEN, Header, Layout, MAGIC, Prefix4, Prefix6, Snapshot, VERSION,
+    v6_filter_key,
 };
 use crate::{Action, Error, Result, Verdict};
 
@@ -190,7 +190,7 @@ impl Builder {
 
     /// Encodes a snapshot in memory.
     pub fn finish(self, opts: BuildOptions) -> Result<Snapshot> {
-        encode(self.into_tables(), opts)
+        encode(self.into_tables(), opts, FilterPlan::Build)
     }
 }
 
@@ -251,7 +251,7 @@ fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
     buf[at..at + bytes.len()].copy_from_slice(bytes);
 }
 
-pub(crate) fn encode(mut t: Tables, opts: BuildOptions) -> Result<Snapshot> {
+pub(crate) fn encode(mut t: Tables, opts: BuildOptions, plan: FilterPlan<'_>) -> Result<Snapshot> {
     compact_classes(&mut t);
     // Exact entries all sharing class 0 need no per-entry index.
     let max_exact_class = t.v4.iter().map(|e| e.1).chain(t.v6.iter().map(|e| e.1)).max();
@@ -263,36 +263,86 @@ pub(crate) fn encode(mut t: Tables, opts: BuildOptions) -> Result<Snapshot> {
     let r4 = flatten(&ranges(&t.v4p, 32, u128::from));
     let r6 = flatten(&ranges(&t.v6p, 128, |a| a));
 
-    let filter_keys = (opts.filter && !(t.v4.is_empty() && t.v6.is_empty())).then(|| {
-        let mut shards: [Vec<u64>; SHARDS] = Default::default();
-        // IPv4 keys are sorted and distinct already; only the hashed IPv6
-        // keys need sorting, and duplicates can only come from them.
-        for e in &t.v4 {
-            let k = u64::from(e.0);
+    if !opts.filter || (t.v4.is_empty() && t.v6.is_empty()) {
+        let tables = EncodedTables::of(&t, &r4);
+        return write(t, r4, r6, class_width, tables, None, opts);
+    }
+    if let FilterPlan::Reuse { base, added } = plan
+        && let Some(parts) = reuse(base, added)
+    {
+        let tables = EncodedTables::of(&t, &r4);
+        return write(t, r4, r6, class_width, tables, Some(parts), opts);
+    }
+    let mut shards: [Vec<u64>; 2] = Default::default();
+    // IPv4 keys are sorted and distinct already; only the hashed IPv6 keys
+    // need sorting, and duplicates can only come from them.
+    for e in &t.v4 {
+        let k = u64::from(e.0);
+        shards[shard_of(k)].push(k);
+    }
+    if !t.v6.is_empty() {
+        for e in &t.v6 {
+            let k = v6_filter_key(e.0);
             shards[shard_of(k)].push(k);
         }
-        if !t.v6.is_empty() {
-            for e in &t.v6 {
-                let k = v6_filter_key(e.0);
-                shards[shard_of(k)].push(k);
-            }
-            for s in &mut shards {
-                s.sort_unstable();
-                s.dedup();
-            }
+        for s in &mut shards {
+            s.sort_unstable();
+            s.dedup();
         }
-        shards
-    });
-    // The filters build on their own threads while this one encodes the
-    // tables: construction is most of a rebuild's time.
+    }
+    // The filter builds on other threads while this one encodes the tables:
+    // construction is most of a full rebuild's time.
     std::thread::scope(|scope| {
-        let builders = filter_keys
-            .map(|shards| shards.map(|keys| scope.spawn(move || xorf::BinaryFuse8::try_from(&keys).ok())));
+        let main = scope.spawn(move || filter::build_main(shards));
         let tables = EncodedTables::of(&t, &r4);
         // Construction fails only in pathological cases; the store is then
         // exact without the shortcut.
-        let filter = builders.and_then(|[a, b]| Some([a.join().ok()??, b.join().ok()??]));
-        write(t, r4, r6, class_width, tables, filter, opts)
+        let parts = main.join().ok().flatten().map(|[a, b]| Parts {
+            main: [(a.0, a.1.into()), (b.0, b.1.into())],
+            overlay: None,
+            overlay_keys: Vec::new(),
+        });
+        write(t, r4, r6, class_width, tables, parts, opts)
+    })
+}
+
+/// How a snapshot's filter comes about.
+pub(crate) enum FilterPlan<'a> {
+    /// From all exact keys.
+    Build,
+    /// Keep `base`'s main filter; `added` (filter keys of exact entries a
+    /// delta inserted) join the overlay.
+    Reuse { base: &'a Snapshot, added: Vec<u64> },
+}
+
+/// The overlay grows at most to an eighth of the store (4096 at least)
+/// before a delta rebuilds the whole filter.
+fn overlay_limit(exact_keys: u64) -> usize {
+    usize::try_from(exact_keys / 8).unwrap_or(usize::MAX).max(4096)
+}
+
+fn reuse(base: &Snapshot, mut added: Vec<u64>) -> Option<Parts<'_>> {
+    let (desc, fingerprints, old) = base.filter_sections()?;
+    let h = base.header();
+    if old.len() + added.len() > overlay_limit(h.n4 + h.n6) {
+        return None;
+    }
+    added.extend_from_slice(old);
+    added.sort_unstable();
+    added.dedup();
+    let overlay = if added.is_empty() {
+        None
+    } else {
+        Some(xorf::BinaryFuse8::try_from(&added).ok()?)
+    };
+    let half = |i| {
+        let (d, range) = filter::main_half(desc, fingerprints, i);
+        (d, std::borrow::Cow::Borrowed(&fingerprints[range]))
+    };
+    Some(Parts {
+        main: [half(0), half(1)],
+        overlay,
+        overlay_keys: added,
     })
 }
 
@@ -329,7 +379,7 @@ fn write(
     r6: Vec<Range>,
     class_width: u32,
     tables: EncodedTables,
-    filter: Option<[xorf::BinaryFuse8; SHARDS]>,
+    filter: Option<Parts<'_>>,
     opts: BuildOptions,
 ) -> Result<Snapshot> {
     let reasons = t.reasons.join("\n");
@@ -348,10 +398,8 @@ fn write(
         m6: r6.len() as u64,
         classes: t.classes.len() as u64,
         reasons_len: reasons.len() as u64,
-        filter_len: filter
-            .as_ref()
-            .map_or(0, |f| f.iter().map(|f| f.fingerprints.len() as u64).sum()),
-        reserved: 0,
+        filter_len: filter.as_ref().map_or(0, |f| f.len() as u64),
+        overlay_keys: filter.as_ref().map_or(0, |f| f.overlay_keys.len() as u64),
         body_crc: 0,
         header_crc: 0,
     };
@@ -420,19 +468,18 @@ fn write(
         .collect();
     put(buf, layout.classes.off, bytemuck::cast_slice(&recs));
     put(buf, layout.reasons.off, reasons.as_bytes());
-    if let Some(shards) = &filter {
-        let mut desc = [0u8; FILTER_DESC_LEN];
+    if let Some(parts) = &filter {
+        put(buf, layout.filter_desc.off, &parts.descriptors());
         let mut at = layout.filter.off;
-        for (s, f) in shards.iter().enumerate() {
-            f.dma_copy_descriptor_to(
-                &mut desc[shard_desc(s)..shard_desc(s) + xorf::BinaryFuse8::DESCRIPTOR_LEN],
-            );
-            put(buf, at, &f.fingerprints);
-            at += f.fingerprints.len();
+        for f in parts.fingerprints() {
+            put(buf, at, f);
+            at += f.len();
         }
-        desc[SHARD0_LEN_AT..SHARD0_LEN_AT + 8]
-            .copy_from_slice(&(shards[0].fingerprints.len() as u64).to_le_bytes());
-        put(buf, layout.filter_desc.off, &desc);
+        put(
+            buf,
+            layout.overlay_keys.off,
+            bytemuck::cast_slice(&parts.overlay_keys),
+        );
     }
     header.body_crc = crc32fast::hash(&buf[HEADER_LEN..layout.end]);
     header.header_crc = crc32fast::hash(&bytemuck::bytes_of(&header)[..HEADER_LEN - 4]);
@@ -520,6 +567,12 @@ pub(crate) fn merge(base: &Snapshot, delta: &crate::Delta, opts: BuildOptions) -
         &v6p,
         h.p6 as usize,
     );
+    let added: Vec<u64> = v4
+        .iter()
+        .filter(|e| e.1.is_some())
+        .map(|e| u64::from(e.0))
+        .chain(v6.iter().filter(|e| e.1.is_some()).map(|e| v6_filter_key(e.0)))
+        .collect();
     let tables = Tables {
         classes: b.classes,
         reasons: b.reasons,
@@ -529,5 +582,5 @@ pub(crate) fn merge(base: &Snapshot, delta: &crate::Delta, opts: BuildOptions) -
         v6p: new_v6p.into_iter().map(|((a, l), c)| (a, l, c)).collect(),
         watermark: delta.to,
     };
-    encode(tables, opts)
+    encode(tables, opts, FilterPlan::Reuse { base, added })
 }

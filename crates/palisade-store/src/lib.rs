@@ -34,6 +34,7 @@ mod builder;
 mod cell;
 mod csv;
 mod delta;
+mod filter;
 mod flatten;
 mod snapshot;
 mod wal;

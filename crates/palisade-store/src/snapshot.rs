@@ -13,7 +13,7 @@
 //!   v6_keys     u128 × n6, v6_class, v6_prefix 32 B × p6, v6_iv_* (u128, u128, u16)
 //!   classes     16 B × c         score, action, reason, expiry
 //!   reasons     reason names, '\n'-separated
-//!   filter      two binary fuse filters: descriptors (64 B), then fingerprints
+//!   filter      binary fuse filters: descriptors (96 B), fingerprints, overlay keys u64 (see filter.rs)
 //! ```
 
 use std::fs::File;
@@ -23,31 +23,15 @@ use std::path::{Path, PathBuf};
 
 use bytemuck::{Pod, Zeroable};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use xorf::{DmaSerializable as _, Filter as _, FilterRef as _};
 
+use crate::filter::{DESC_LEN, Filters};
 use crate::{Action, Error, Result, Verdict, io_err};
 
 pub(crate) const MAGIC: [u8; 8] = *b"PLSDSTOR";
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 pub(crate) const HEADER_LEN: usize = 128;
 pub(crate) const BUCKETS: usize = 1 << 16;
 pub(crate) const COVER_WORDS: usize = BUCKETS / 64;
-pub(crate) const FILTER_DESC_LEN: usize = 64;
-/// The filter is split in two by a key bit so that both halves build in
-/// parallel (construction dominates a rebuild).
-pub(crate) const SHARDS: usize = 2;
-/// Where in the descriptor section shard `s`'s xorf descriptor starts.
-pub(crate) const fn shard_desc(s: usize) -> usize {
-    s * 24
-}
-/// Offset in the descriptor section of shard 0's fingerprint length.
-pub(crate) const SHARD0_LEN_AT: usize = 48;
-
-#[inline]
-pub(crate) fn shard_of(key: u64) -> usize {
-    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 63) as usize
-}
-
 #[derive(Clone, Copy, Pod, Zeroable, Debug)]
 #[repr(C)]
 pub(crate) struct Header {
@@ -66,7 +50,7 @@ pub(crate) struct Header {
     pub classes: u64,
     pub reasons_len: u64,
     pub filter_len: u64,
-    pub reserved: u64,
+    pub overlay_keys: u64,
     pub body_crc: u32,
     pub header_crc: u32,
 }
@@ -129,6 +113,7 @@ pub(crate) struct Layout {
     pub reasons: Sec,
     pub filter_desc: Sec,
     pub filter: Sec,
+    pub overlay_keys: Sec,
     pub end: usize,
 }
 
@@ -144,11 +129,7 @@ impl Layout {
             Some(Sec { off, len })
         };
         let width = h.class_width as usize;
-        let filter_desc = if h.filter_len > 0 {
-            FILTER_DESC_LEN as u64
-        } else {
-            0
-        };
+        let filter_desc = if h.filter_len > 0 { DESC_LEN as u64 } else { 0 };
         let layout = Self {
             v4_offsets: sec(BUCKETS as u64 + 1, 4)?,
             v4_low: sec(h.n4, 2)?,
@@ -168,6 +149,7 @@ impl Layout {
             reasons: sec(h.reasons_len, 1)?,
             filter_desc: sec(filter_desc, 1)?,
             filter: sec(h.filter_len, 1)?,
+            overlay_keys: sec(h.overlay_keys, 8)?,
             end: 0,
         };
         Some(Self {
@@ -196,7 +178,7 @@ impl Backing {
 /// heap except the verdict classes and reason names.
 pub struct Snapshot {
     // Declared before `backing`: it borrows from it and must drop first.
-    filter: Option<[xorf::BinaryFuse8Ref<'static>; SHARDS]>,
+    filter: Option<Filters<'static>>,
     backing: Backing,
     base: *const u8,
     layout: Layout,
@@ -237,6 +219,9 @@ pub struct Info {
     pub bytes: u64,
     /// Of which the filter.
     pub filter_bytes: u64,
+    /// Exact keys added by deltas since the main filter was built (they
+    /// live in the overlay filter until the next full rebuild).
+    pub overlay_keys: u64,
 }
 
 impl Info {
@@ -377,39 +362,16 @@ impl Snapshot {
         self.classes = classes;
         if self.header.filter_len > 0 {
             let desc: &[u8] = self.sec(self.layout.filter_desc);
-            let all: &[u8] = self.sec(self.layout.filter);
-            let split = u64::from_le_bytes(
-                desc[SHARD0_LEN_AT..SHARD0_LEN_AT + 8]
-                    .try_into()
-                    .unwrap_or_default(),
-            );
-            let split = usize::try_from(split)
-                .ok()
-                .filter(|&n| n <= all.len())
-                .ok_or_else(|| corrupt(&path, "filter shard length exceeds the filter"))?;
-            let parts = [&all[..split], &all[split..]];
-            let mut shards = Vec::with_capacity(SHARDS);
-            for (s, fingerprints) in parts.into_iter().enumerate() {
-                let d = &desc[shard_desc(s)..shard_desc(s) + xorf::BinaryFuse8::DESCRIPTOR_LEN];
-                let seg_len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
-                let mask = u32::from_le_bytes([d[12], d[13], d[14], d[15]]);
-                let count_len = u32::from_le_bytes([d[16], d[17], d[18], d[19]]);
-                let max_index = u64::from(count_len) + 2 * u64::from(seg_len);
-                if !seg_len.is_power_of_two() || mask != seg_len - 1 || max_index > fingerprints.len() as u64
-                {
-                    return Err(corrupt(&path, "filter descriptor does not fit its fingerprints"));
-                }
-                // SAFETY: the slices point into `backing`, which outlives
-                // the filter (field order) and is never written.
-                let (d, f): (&'static [u8], &'static [u8]) = unsafe {
-                    (
-                        std::slice::from_raw_parts(d.as_ptr(), d.len()),
-                        std::slice::from_raw_parts(fingerprints.as_ptr(), fingerprints.len()),
-                    )
-                };
-                shards.push(xorf::BinaryFuse8Ref::from_dma(d, f));
-            }
-            self.filter = shards.try_into().ok();
+            let fingerprints: &[u8] = self.sec(self.layout.filter);
+            // SAFETY: the slices point into `backing`, which outlives the
+            // filters (field order) and is never written.
+            let (desc, fingerprints): (&'static [u8], &'static [u8]) = unsafe {
+                (
+                    std::slice::from_raw_parts(desc.as_ptr(), desc.len()),
+                    std::slice::from_raw_parts(fingerprints.as_ptr(), fingerprints.len()),
+                )
+            };
+            self.filter = Some(Filters::parse(desc, fingerprints).map_err(|why| corrupt(&path, why))?);
         }
         Ok(())
     }
@@ -439,9 +401,7 @@ impl Snapshot {
 
     #[inline]
     fn maybe(&self, key: u64) -> bool {
-        self.filter
-            .as_ref()
-            .is_none_or(|f| f[shard_of(key)].contains(&key))
+        self.filter.as_ref().is_none_or(|f| f.maybe(key))
     }
 
     /// The verdict for an address: the most specific live entry. IPv4-mapped
@@ -559,10 +519,11 @@ impl Snapshot {
             class_width: h.class_width,
             bytes: self.layout.end as u64,
             filter_bytes: if h.filter_len > 0 {
-                h.filter_len + FILTER_DESC_LEN as u64
+                h.filter_len + DESC_LEN as u64 + 8 * h.overlay_keys
             } else {
                 0
             },
+            overlay_keys: h.overlay_keys,
         }
     }
 
@@ -576,6 +537,17 @@ impl Snapshot {
     /// Readers of the old file (including mmaps of it) are unaffected.
     pub fn write_to(&self, path: &Path) -> Result<()> {
         write_atomically(path, self.as_bytes())
+    }
+
+    /// The filter sections (descriptors, fingerprints, overlay keys), when
+    /// there is a filter: a delta reuses the main filter as it is.
+    pub(crate) fn filter_sections(&self) -> Option<(&[u8], &[u8], &[u64])> {
+        self.filter.as_ref()?;
+        Some((
+            self.sec(self.layout.filter_desc),
+            self.sec(self.layout.filter),
+            self.sec(self.layout.overlay_keys),
+        ))
     }
 
     pub(crate) fn header(&self) -> &Header {

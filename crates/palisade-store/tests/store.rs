@@ -322,3 +322,69 @@ fn readers_never_fail_or_see_a_half_applied_delta_during_swaps() {
     assert_eq!(cell.status().applied, 20);
     assert!(reads.load(Ordering::Relaxed) > 0);
 }
+
+#[test]
+fn deltas_grow_an_overlay_filter_then_rebuild_it() {
+    let ip = |i: u32| IpNet::from(IpAddr::from((0x0a00_0000 + i * 13).to_be_bytes()));
+    let mut b = Builder::new();
+    for i in 0..10_000 {
+        b.insert(ip(i), 40, Action::Score, "", 0).unwrap();
+    }
+    let mut snap = b.finish(BuildOptions::default()).unwrap();
+    let main_bytes = snap.info().filter_bytes;
+    let mut next = 10_000u32;
+    let mut saw_overlay = false;
+    let mut saw_rebuild = false;
+    for w in 0..12u64 {
+        let ops = (0..500)
+            .map(|k| Op::Upsert {
+                net: ip(next + k),
+                score: 1,
+                action: Action::Score,
+                reason: String::new(),
+                expires: 0,
+            })
+            .chain([Op::Delete(ip(w as u32))])
+            .collect();
+        next += 500;
+        snap = snap
+            .apply(
+                &Delta {
+                    from: w,
+                    to: w + 1,
+                    ops,
+                },
+                "d",
+                BuildOptions::default(),
+            )
+            .unwrap()
+            .unwrap();
+        let info = snap.info();
+        saw_overlay |= info.overlay_keys > 0;
+        saw_rebuild |= saw_overlay && info.overlay_keys == 0;
+        // No false negatives: every key ever added is found, deletes are gone.
+        for i in 12..next {
+            assert_eq!(
+                snap.lookup(ip(i).addr(), 0).map(|v| v.score),
+                Some(if i < 10_000 { 40 } else { 1 }),
+                "key {i} after delta {w}"
+            );
+        }
+        assert!(snap.lookup(ip(w as u32).addr(), 0).is_none());
+        assert!(info.filter_bytes >= main_bytes);
+    }
+    assert!(saw_overlay, "deltas never used the overlay");
+    assert!(
+        saw_rebuild,
+        "the overlay never triggered a full rebuild (limit 4096 keys)"
+    );
+    // The overlay survives a file round trip.
+    let reopened = Snapshot::from_bytes(snap.as_bytes()).unwrap();
+    assert_eq!(reopened.info().overlay_keys, snap.info().overlay_keys);
+    for i in 12..next {
+        assert!(
+            reopened.lookup(ip(i).addr(), 0).is_some(),
+            "key {i} lost in the round trip"
+        );
+    }
+}
