@@ -42,6 +42,10 @@ pub enum StoreCommand {
         /// The delta.
         #[arg(long)]
         delta: PathBuf,
+        /// Rebuild the whole prefilter (folds in the overlay that deltas
+        /// grow; happens by itself past 1/8 of the store).
+        #[arg(long)]
+        compact: bool,
     },
     /// Print a snapshot's header facts.
     Info {
@@ -59,7 +63,11 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<bool> {
             no_filter,
         } => build(&input, &output, watermark, !no_filter).map(|()| true),
         StoreCommand::Lookup { store } => lookup(&store),
-        StoreCommand::ApplyDelta { store, delta } => apply(&store, &delta).map(|()| true),
+        StoreCommand::ApplyDelta {
+            store,
+            delta,
+            compact,
+        } => apply(&store, &delta, compact).map(|()| true),
         StoreCommand::Info { file } => {
             let s = Snapshot::open(&file)?;
             print_info(&s);
@@ -84,6 +92,7 @@ fn build(input: &Path, output: &Path, watermark: u64, filter: bool) -> anyhow::R
     let snap = builder.finish(BuildOptions {
         filter,
         created_unix: palisade_core::unix_now(),
+        ..BuildOptions::default()
     })?;
     snap.write_to(output)?;
     let info = snap.info();
@@ -127,7 +136,7 @@ fn lookup(store: &Path) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
-fn apply(store: &Path, delta: &Path) -> anyhow::Result<()> {
+fn apply(store: &Path, delta: &Path, compact: bool) -> anyhow::Result<()> {
     let snap = Snapshot::open(store)?;
     let text = std::fs::read_to_string(delta).with_context(|| delta.display().to_string())?;
     let name = delta.display().to_string();
@@ -136,6 +145,7 @@ fn apply(store: &Path, delta: &Path) -> anyhow::Result<()> {
     let opts = BuildOptions {
         filter: snap.info().filter_bytes > 0,
         created_unix: palisade_core::unix_now(),
+        compact,
     };
     match snap.apply(&parsed, &name, opts)? {
         None => eprintln!(

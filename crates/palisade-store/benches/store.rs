@@ -93,6 +93,7 @@ fn build(d: &Data, filter: bool, one_verdict: bool, with_v6: bool) -> Snapshot {
     b.finish(BuildOptions {
         filter,
         created_unix: 0,
+        ..BuildOptions::default()
     })
     .unwrap()
 }
@@ -241,12 +242,30 @@ fn report(d: &Data, full: &Snapshot, miss: &[u32]) {
     reader.join().unwrap();
     assert!(applied);
     println!(
-        "delta of 100 000 ops (parse + merge into 11 M + filter + swap): {apply_time:.2?}; a reader thread did {during} lookups meanwhile, worst {} µs, none failed",
+        "delta of 100 000 ops (parse + merge into 11 M + overlay filter + swap): {apply_time:.2?}; a reader thread did {during} lookups meanwhile, worst {} µs, none failed",
         worst.load(Ordering::Relaxed) / 1000
+    );
+    let second = Delta {
+        from: 1,
+        to: 2,
+        ops: d.v4[100_000..200_000].iter().map(|&ip| upsert(ip, 7)).collect(),
+    };
+    let t = Instant::now();
+    let compact = BuildOptions {
+        compact: true,
+        ..BuildOptions::default()
+    };
+    assert!(cell.apply_delta(&second.encode(), "bench", compact).unwrap());
+    println!(
+        "delta of 100 000 ops with a full filter rebuild (--compact): {:.2?}",
+        t.elapsed()
     );
     let t = Instant::now();
     cell.replace(build(d, true, false, true));
-    println!("full rebuild of 11 M entries + swap: {:.2?}", t.elapsed());
+    println!(
+        "build from unsorted records + swap, 11 M entries: {:.2?}",
+        t.elapsed()
+    );
 
     let t = Instant::now();
     let map: HashMap<u32, u8, foldhash::fast::RandomState> =

@@ -22,6 +22,9 @@ pub struct BuildOptions {
     pub filter: bool,
     /// Stamped in the header.
     pub created_unix: u64,
+    /// When applying a delta, rebuild the whole filter instead of growing
+    /// the overlay (which happens by itself past 1/8 of the store).
+    pub compact: bool,
 }
 
 impl Default for BuildOptions {
@@ -29,6 +32,7 @@ impl Default for BuildOptions {
         Self {
             filter: true,
             created_unix: 0,
+            compact: false,
         }
     }
 }
@@ -268,6 +272,7 @@ pub(crate) fn encode(mut t: Tables, opts: BuildOptions, plan: FilterPlan<'_>) ->
         return write(t, r4, r6, class_width, tables, None, opts);
     }
     if let FilterPlan::Reuse { base, added } = plan
+        && !opts.compact
         && let Some(parts) = reuse(base, added)
     {
         let tables = EncodedTables::of(&t, &r4);

@@ -92,6 +92,7 @@ fn build(entries: &[(IpNet, Value)], filter: bool) -> (Snapshot, Model) {
     let opts = BuildOptions {
         filter,
         created_unix: 1,
+        ..BuildOptions::default()
     };
     (b.finish(opts).unwrap(), m)
 }
