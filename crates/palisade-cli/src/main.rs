@@ -94,6 +94,10 @@ struct RunArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Cluster mode: share limits and reputation through this Redis
+    /// (redis:// or rediss://; wins over the file's cluster.redis).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -168,6 +172,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Relative to where the command runs, whatever reloads do later.
         tls_cert: args.tls_cert.map(std::path::absolute).transpose()?,
         tls_key: args.tls_key.map(std::path::absolute).transpose()?,
+        redis: args.redis,
     };
     let quickstart = args.config.is_none();
     let mut config = match &args.config {

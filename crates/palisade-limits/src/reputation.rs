@@ -74,6 +74,8 @@ pub enum EventKind {
     AdminSet = 5,
     /// Loaded from durable state after a restart.
     Restored = 6,
+    /// Learned by another node of the cluster.
+    Cluster = 7,
 }
 
 impl EventKind {
@@ -86,6 +88,7 @@ impl EventKind {
             Self::External => "external",
             Self::AdminSet => "admin_set",
             Self::Restored => "restored",
+            Self::Cluster => "cluster",
         }
     }
 
@@ -97,6 +100,7 @@ impl EventKind {
             4 => Self::External,
             5 => Self::AdminSet,
             6 => Self::Restored,
+            7 => Self::Cluster,
             _ => return None,
         })
     }
@@ -372,6 +376,12 @@ impl Reputation {
     /// restart), moved toward the initial score as recovery would have
     /// moved it meanwhile. Returns the score now.
     pub fn restore(&self, key: &ClientKey, score: u8, age_ms: u64, now: Nanos) -> f64 {
+        self.set_recorded(key, score, age_ms, EventKind::Restored, now)
+    }
+
+    /// Like [`Self::restore`], for a score learned elsewhere (`kind` says
+    /// where: durable state, another cluster node).
+    pub fn set_recorded(&self, key: &ClientKey, score: u8, age_ms: u64, kind: EventKind, now: Nanos) -> f64 {
         let stored = i64::from(score.min(100)) * MILLI;
         let moved = (u128::from(age_ms) * u128::from(self.rules.recovery_milli_per_min) / 60_000)
             .min(MAX_SCORE as u128) as i64;
@@ -381,10 +391,11 @@ impl Reputation {
         } else {
             (stored - moved).max(initial)
         };
-        if target != initial {
+        if target != initial || kind == EventKind::Cluster {
             self.table.with(key, now, |slot| {
+                let delta = (target - slot.score_milli(&self.rules, now)) / MILLI;
                 slot.store_score(&self.rules, target, now);
-                slot.record(EventKind::Restored, 0, target, now);
+                slot.record(kind, delta, target, now);
             });
         }
         target as f64 / MILLI as f64

@@ -164,6 +164,8 @@ pub struct Decision {
     pub transition: Option<AdaptiveTransition>,
     /// Request start on the shield's clock (for time to first byte).
     pub started: Nanos,
+    /// Allow-listed (config or store): outside every control.
+    pub exempt: bool,
 }
 
 /// What a response changed.
@@ -335,8 +337,10 @@ impl<C: Clock> Shield<C> {
             fingerprint,
             transition: None,
             started: now,
+            exempt: false,
         };
         if self.cfg.allow.iter().any(|n| n.contains(&client_ip)) {
+            decision.exempt = true;
             return decision;
         }
         if self.cfg.deny.iter().any(|n| n.contains(&client_ip)) {
@@ -355,7 +359,10 @@ impl<C: Clock> Shield<C> {
                 None => (Mode::Enforce, ReputationConfig::default().block_below),
             };
             let reason = match verdict.action {
-                Action::Allow => return decision,
+                Action::Allow => {
+                    decision.exempt = true;
+                    return decision;
+                }
                 Action::Deny => Some(RejectReason::Denylisted),
                 Action::Score if verdict.score < block_below => Some(RejectReason::Reputation),
                 Action::Score => None,
@@ -475,6 +482,17 @@ impl<C: Clock> Shield<C> {
             .map_or(0, |i| i + 1)
     }
 
+    /// The limit a route's requests are counted against: the name of the
+    /// limiter (`default`, or the route's own), its quota and mode.
+    pub fn limit_for(&self, route: RouteId) -> Option<(&str, Quota, Mode)> {
+        let own = route
+            .checked_sub(1)
+            .and_then(|i| self.routes.get(i))
+            .filter(|r| r.limiter.is_some());
+        let name = own.map_or("default", |r| r.config.name.as_str());
+        self.limiter_for(route).map(|(l, mode)| (name, *l.quota(), *mode))
+    }
+
     fn limiter_for(&self, route: RouteId) -> Option<&(RateLimiter, Mode)> {
         match route {
             0 => self.default_limiter.as_ref(),
@@ -489,7 +507,9 @@ impl<C: Clock> Shield<C> {
 
 impl Decision {
     /// Records a rejection under `mode`; returns true when it is enforced.
-    fn apply(&mut self, rejection: Rejection, mode: Mode) -> bool {
+    /// Records a refusal: enforced (returns true) or, in shadow mode, only
+    /// noted in `would_block` (returns false).
+    pub fn apply(&mut self, rejection: Rejection, mode: Mode) -> bool {
         match mode {
             Mode::Enforce => {
                 self.rejection = Some(rejection);

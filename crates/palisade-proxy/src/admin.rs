@@ -103,6 +103,15 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
     }
     match (path.as_str(), &method) {
         ("/api/v1/breakers", &Method::GET) => return json(StatusCode::OK, &breakers(app, &rt)),
+        ("/api/v1/cluster", &Method::GET) => {
+            return match &app.cluster {
+                Some(c) => json(
+                    StatusCode::OK,
+                    &serde_json::to_value(c.status()).unwrap_or_default(),
+                ),
+                None => error(StatusCode::NOT_FOUND, "not in cluster mode (cluster.redis)"),
+            };
+        }
         ("/api/v1/store", &Method::GET) => {
             return match store_json(&rt) {
                 Some(v) => json(StatusCode::OK, &v),
@@ -279,6 +288,9 @@ async fn reputation(app: &App, rt: &Runtime, method: &Method, ip: IpAddr, req: R
             rep.set(&key, set.score, now);
             tracing::info!(%ip, score = set.score, "reputation set by admin");
             let entry = crate::state::entry_for(rep, &key, rt.config.shield.ipv6_prefix, now);
+            if let Some(e) = entry {
+                app.share(e);
+            }
             if let Some(refusal) = persist(app, entry).await {
                 return refusal;
             }

@@ -85,6 +85,34 @@ pub struct Config {
     pub store: Option<StoreSettings>,
     /// Durable learned state; `None` keeps it in memory only.
     pub state: Option<StateSettings>,
+    /// Cluster mode; `None` runs as a single node.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `[cluster]`: shared limits and reputation through Redis (F19).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// Redis URLs (`redis://` or `rediss://`); several are Cluster seeds.
+    pub redis: Vec<String>,
+    /// Talk to a Redis Cluster rather than one server.
+    pub redis_cluster: bool,
+    /// How often counts are reconciled and events exchanged.
+    pub sync_interval: Duration,
+    /// This node's name in events and the node list.
+    pub node_name: String,
+    /// What limits do while Redis is unreachable.
+    pub failure_mode: FailureMode,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+}
+
+/// Limits while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Each node enforces the limits on its own (up to N× in total).
+    Open,
+    /// Each node assumes every other live node admitted as much as it did.
+    Closed,
 }
 
 /// `[store]`: the reputation snapshot (F13) and its delta feed (F16).
@@ -225,6 +253,8 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`.
     pub tls_key: Option<PathBuf>,
+    /// `--redis`: cluster mode through this Redis.
+    pub redis: Option<String>,
 }
 
 impl Config {
@@ -297,7 +327,32 @@ struct RawConfig {
     watchdog: RawWatchdog,
     store: RawStore,
     state: RawState,
+    cluster: RawCluster,
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawCluster {
+    redis: String,
+    redis_cluster: bool,
+    sync_interval: String,
+    node_name: String,
+    failure_mode: String,
+    key_prefix: String,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        Self {
+            redis: String::new(),
+            redis_cluster: false,
+            sync_interval: "50ms".into(),
+            node_name: String::new(),
+            failure_mode: "open".into(),
+            key_prefix: "palisade".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -680,6 +735,9 @@ impl RawConfig {
         if let Some(key) = &o.tls_key {
             self.tls.key = key.display().to_string();
         }
+        if let Some(redis) = &o.redis {
+            self.cluster.redis.clone_from(redis);
+        }
     }
 
     fn tls(&self, base: Option<&Path>) -> Result<Option<TlsConfig>, Invalid> {
@@ -816,6 +874,7 @@ impl RawConfig {
             new_per_second: NonZeroU32::new(c.new_per_second),
         };
         let store = self.store(base)?;
+        let cluster = self.cluster()?;
         let state = match self.state.data_dir.as_str() {
             "" => None,
             dir => {
@@ -839,7 +898,60 @@ impl RawConfig {
             watchdog,
             store,
             state,
+            cluster,
         })
+    }
+
+    fn cluster(&self) -> Result<Option<ClusterSettings>, Invalid> {
+        let c = &self.cluster;
+        if c.redis.trim().is_empty() {
+            return Ok(None);
+        }
+        let redis: Vec<String> = c.redis.split(',').map(|u| u.trim().to_owned()).collect();
+        for url in &redis {
+            redis::parse_redis_url(url)
+                .filter(|u| matches!(u.scheme(), "redis" | "rediss"))
+                .ok_or_else(|| {
+                    at(
+                        p!("cluster", "redis"),
+                        format!("{url:?} is not a redis:// or rediss:// URL"),
+                    )
+                })?;
+        }
+        if redis.len() > 1 && !c.redis_cluster {
+            return Err(at(
+                p!("cluster", "redis"),
+                "several URLs are Redis Cluster seeds: set cluster.redis_cluster = true",
+            ));
+        }
+        let sync_interval = duration(&c.sync_interval, p!("cluster", "sync_interval"))?;
+        if !(Duration::from_millis(5)..=Duration::from_secs(1)).contains(&sync_interval) {
+            return Err(at(p!("cluster", "sync_interval"), "must be between 5ms and 1s"));
+        }
+        let failure_mode = match c.failure_mode.as_str() {
+            "open" => FailureMode::Open,
+            "closed" => FailureMode::Closed,
+            other => {
+                return Err(at(
+                    p!("cluster", "failure_mode"),
+                    format!("{other:?}: expected \"open\" or \"closed\""),
+                ));
+            }
+        };
+        if c.key_prefix.is_empty() || c.key_prefix.contains(['{', '}', ' ']) {
+            return Err(at(
+                p!("cluster", "key_prefix"),
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        Ok(Some(ClusterSettings {
+            redis,
+            redis_cluster: c.redis_cluster,
+            sync_interval,
+            node_name: c.node_name.clone(),
+            failure_mode,
+            key_prefix: c.key_prefix.clone(),
+        }))
     }
 
     fn store(&self, base: Option<&Path>) -> Result<Option<StoreSettings>, Invalid> {

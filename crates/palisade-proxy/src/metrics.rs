@@ -172,6 +172,17 @@ pub struct Metrics {
     pub state_records: Family<KindLabel, Counter>,
     /// Clients with durable learned state.
     pub state_entries: Gauge,
+    /// 1 while the last cluster sync reached Redis.
+    pub cluster_up: Gauge,
+    /// Other live cluster nodes.
+    pub cluster_peers: Gauge,
+    /// Score changes by `kind`: `published`, `applied` (from other nodes),
+    /// `dropped` (queue full).
+    pub cluster_events: Family<KindLabel, Counter>,
+    /// Cluster syncs that failed.
+    pub cluster_sync_errors: Counter,
+    /// Requests refused by the shared (cluster) limit.
+    pub cluster_limited: Counter,
 }
 
 /// Score buckets, matching `Reputation::distribution`.
@@ -363,7 +374,38 @@ impl Metrics {
             "Clients with durable learned state",
             state_entries.clone(),
         );
+        let cluster_up = Gauge::default();
+        registry.register(
+            "cluster_up",
+            "1 while the last cluster sync reached Redis",
+            cluster_up.clone(),
+        );
+        let cluster_peers = Gauge::default();
+        registry.register("cluster_peers", "Other live cluster nodes", cluster_peers.clone());
+        let cluster_events = Family::default();
+        registry.register(
+            "cluster_events",
+            "Reputation changes shared with the cluster by kind (published, applied, dropped)",
+            cluster_events.clone(),
+        );
+        let cluster_sync_errors = Counter::default();
+        registry.register(
+            "cluster_sync_errors",
+            "Cluster syncs that failed",
+            cluster_sync_errors.clone(),
+        );
+        let cluster_limited = Counter::default();
+        registry.register(
+            "cluster_limited",
+            "Requests refused by a shared (cluster-wide) limit",
+            cluster_limited.clone(),
+        );
         let m = Self {
+            cluster_up,
+            cluster_peers,
+            cluster_events,
+            cluster_sync_errors,
+            cluster_limited,
             store_entries,
             store_watermark,
             store_bytes,
@@ -412,6 +454,9 @@ impl Metrics {
         }
         for kind in ["written", "dropped", "failed"] {
             let _ = self.state_records.get_or_create(&KindLabel { kind });
+        }
+        for kind in ["published", "applied", "dropped"] {
+            let _ = self.cluster_events.get_or_create(&KindLabel { kind });
         }
         let kinds: [(&Family<KindLabel, Counter>, &[&'static str]); 9] = [
             (

@@ -28,10 +28,12 @@ use palisade_core::{ClientKey, Clock, MonotonicClock, NANOS_PER_SEC, RejectReaso
 use palisade_limits::adaptive::AdaptiveTransition;
 use palisade_limits::admission::{Admission, Permit};
 use palisade_limits::breaker::{Breaker, Outcome, Ticket, Transition};
-use palisade_limits::shield::{Decision, RequestFacts, Shield};
+use palisade_limits::reputation::EventKind;
+use palisade_limits::shield::{Decision, Rejection, RequestFacts, Shield};
 use palisade_store::StoreCell;
 
 use crate::body::{BodyError, BodyLimits, TimedBody};
+use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides};
 use crate::forward::{append_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
@@ -77,19 +79,29 @@ pub struct Runtime {
     client: Client<HttpConnector, UpstreamBody>,
     route_labels: Vec<&'static str>,
     body_limits: BodyLimits,
+    /// Per route: the shared window of its limiter, in cluster mode.
+    cluster_windows: Vec<Option<Arc<Window>>>,
 }
 
 impl Runtime {
     /// Builds the runtime for `config`, carrying over what `previous` knew:
     /// client scores and limiter state, breaker state of upstreams that
     /// stay, and the upstream connection pool when its settings are equal.
-    pub fn build(config: Config, clock: MonotonicClock, previous: Option<&Runtime>) -> Self {
+    pub fn build(
+        config: Config,
+        clock: MonotonicClock,
+        previous: Option<&Runtime>,
+        cluster: Option<&Cluster>,
+    ) -> Self {
         let now = clock.now();
         let mut shield_cfg = config.shield.clone();
         shield_cfg.store = store_cell(&config, previous);
         let shield = Shield::carrying_over(shield_cfg, clock, previous.map(|p| &p.shield));
         let route_labels = (0..shield.route_count())
             .map(|i| intern(shield.route_name(i)))
+            .collect();
+        let cluster_windows = (0..shield.route_count())
+            .map(|i| Some(cluster?.window(shield.limit_for(i)?.0)))
             .collect();
         let upstreams = config
             .server
@@ -128,6 +140,7 @@ impl Runtime {
             },
             upstreams,
             route_labels,
+            cluster_windows,
             client,
             shield,
             config,
@@ -228,6 +241,8 @@ pub struct App {
     pub refusal_log_budget: LogBudget,
     /// The learned-state log, when `[state]` is configured.
     state: std::sync::OnceLock<DurableState>,
+    /// Cluster membership, when `[cluster]` is configured.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl App {
@@ -245,9 +260,14 @@ impl App {
             config.shield.ipv6_prefix,
             config.shield.max_tracked_clients,
         ));
+        let cluster = config
+            .cluster
+            .clone()
+            .map(|c| Arc::new(Cluster::new(c, config.shield.max_tracked_clients)));
         Self {
             admission,
-            runtime: ArcSwap::from_pointee(Runtime::build(config, clock, None)),
+            runtime: ArcSwap::from_pointee(Runtime::build(config, clock, None, cluster.as_deref())),
+            cluster,
             clock,
             metrics,
             ready: AtomicBool::new(true),
@@ -296,13 +316,45 @@ impl App {
     /// Queues a client's new score for the durable log (automatic
     /// penalties: nobody waits for these).
     fn persist_score(&self, rt: &Runtime, key: &ClientKey) {
-        let (Some(state), Some(rep)) = (self.state.get(), rt.shield.reputation()) else {
+        let Some(rep) = rt.shield.reputation() else { return };
+        let Some(entry) = crate::state::entry_for(rep, key, rt.config.shield.ipv6_prefix, self.now()) else {
             return;
         };
-        if let Some(entry) = crate::state::entry_for(rep, key, rt.config.shield.ipv6_prefix, self.now())
+        self.share(entry);
+        if let Some(state) = self.state.get()
             && !state.record_later(entry)
         {
             Metrics::inc(&self.metrics.state_records, "dropped");
+        }
+    }
+
+    /// Tells the other cluster nodes about a score change.
+    pub fn share(&self, entry: palisade_store::LogEntry) {
+        if let Some(cluster) = &self.cluster {
+            let event = ScoreEvent {
+                net: entry.net,
+                score: entry.score,
+                expires: entry.expires,
+                at_ms: entry.at_ms,
+            };
+            cluster.publish(event, &self.metrics);
+        }
+    }
+
+    /// Applies a score change another node published.
+    pub fn apply_cluster_event(&self, e: &ScoreEvent) {
+        let rt = self.runtime();
+        let Some(rep) = rt.shield.reputation() else { return };
+        let key = ClientKey::from_ip(e.net.addr(), rt.config.shield.ipv6_prefix);
+        let now = self.now();
+        match e.score {
+            Some(score) => {
+                let age = palisade_core::unix_now_ms().saturating_sub(e.at_ms);
+                rep.set_recorded(&key, score, age, EventKind::Cluster, now);
+            }
+            None => {
+                rep.reset(&key);
+            }
         }
     }
 
@@ -347,11 +399,14 @@ impl App {
         if config.state != old.config.state {
             needs_restart.push("state");
         }
+        if config.cluster != old.config.cluster {
+            needs_restart.push("cluster");
+        }
         if config.shield.max_tracked_clients != old.config.shield.max_tracked_clients {
             tracing::warn!("clients.max_tracked changed: client tables start afresh");
         }
         self.admission.reconfigure(&config.connections);
-        let runtime = Runtime::build(config, self.clock, Some(&old));
+        let runtime = Runtime::build(config, self.clock, Some(&old), self.cluster.as_deref());
         for u in runtime.upstreams.iter().filter(|u| u.breaker.is_some()) {
             self.metrics.zero_upstream(u.label);
         }
@@ -514,7 +569,7 @@ impl App {
         let peer = conn.peer;
         let rt = self.runtime();
         let method = metrics::method_label(req.method());
-        let decision = {
+        let mut decision = {
             let host = req
                 .headers()
                 .get(HOST)
@@ -528,6 +583,26 @@ impl App {
                 headers: req.headers(),
             })
         };
+        if let Some(cluster) = &self.cluster
+            && decision.rejection.is_none()
+            && !decision.exempt
+            && let Some(Some(window)) = rt.cluster_windows.get(decision.route)
+            && let Some((_, quota, mode)) = rt.shield.limit_for(decision.route)
+            && !cluster.admit(
+                window,
+                &decision.key,
+                quota.window_limit.get(),
+                palisade_core::unix_now_ms(),
+            )
+        {
+            self.metrics.cluster_limited.inc();
+            let rejection = Rejection {
+                reason: RejectReason::RateLimited,
+                retry_after_secs: Some(1),
+                quota: Some(quota),
+            };
+            decision.apply(rejection, mode);
+        }
         // The shield read the clock (same origin as ours) for this request.
         let start = decision.started;
         let endpoint = rt.route_labels.get(decision.route).copied().unwrap_or("default");

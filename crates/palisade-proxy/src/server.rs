@@ -70,6 +70,9 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     app.open_state().map_err(std::io::Error::other)?;
     let (stop, stopped) = watch::channel(false);
     crate::tasks::spawn(crate::feed::run(app.clone(), stopped.clone()));
+    if let Some(cluster) = app.cluster.clone() {
+        crate::tasks::spawn(crate::cluster::run(cluster, app.clone(), stopped.clone()));
+    }
     if let Some(path) = watched {
         crate::tasks::spawn(crate::reload::watch(app.clone(), path, stopped.clone()));
     }

@@ -1,0 +1,282 @@
+//! Cluster mode against a real `redis-server` (started here on a free
+//! loopback port, killed at the end): shared limits, reputation that
+//! reaches every node, late joiners, Redis dying and coming back.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Harness, metric};
+use http::StatusCode;
+use http_body_util::Full;
+use tokio::time::Instant;
+
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    /// A fresh redis-server, or `None` (with the reason printed) where there
+    /// is none outside CI. In CI (`CI=true`) its absence is a failure:
+    /// `scripts/test` installs it.
+    fn start() -> Option<Self> {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "redis-server is missing in CI: scripts/test installs it"
+            );
+            eprintln!(
+                "skipped: redis-server is not installed (apt install redis-server, or run scripts/test as root)"
+            );
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("palisade-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = Self {
+            child: None,
+            port,
+            dir,
+        };
+        r.restart();
+        Some(r)
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn node(redis: &Redis, name: &str, extra: &str) -> Harness {
+    Harness::start(
+        "",
+        &format!(
+            "[cluster]\nredis = \"{}\"\nsync_interval = \"20ms\"\nnode_name = \"{name}\"\n{extra}",
+            redis.url()
+        ),
+    )
+    .await
+}
+
+async fn cluster_status(h: &Harness) -> serde_json::Value {
+    let (status, _, body) = h.admin_client().await.get("/api/v1/cluster").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Polls `check` every 10 ms for at most 10 s; returns how long it took.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    for _ in 0..1000 {
+        if check().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+async fn status_from(h: &Harness, source: &str) -> StatusCode {
+    h.client(source).await.get("/").await.0
+}
+
+async fn set_score(h: &Harness, ip: &str, score: u8) {
+    let req = http::Request::put(format!("/api/v1/reputation/{ip}"))
+        .header("host", "admin")
+        .header("authorization", "Bearer test-token")
+        .body(Full::new(Bytes::from(format!("{{\"score\": {score}}}"))))
+        .unwrap();
+    let (status, _, body) = h.admin_client().await.send(req).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+const LIMITS: &str =
+    "[rate_limit]\nrate = 50\n[reputation]\nflood_threshold = 100000\n[adaptive_breaker]\nenabled = false\n";
+
+#[tokio::test]
+async fn two_nodes_share_one_limit() {
+    let Some(redis) = Redis::start() else { return };
+    let a = node(&redis, "a", LIMITS).await;
+    let b = node(&redis, "b", LIMITS).await;
+    for h in [&a, &b] {
+        eventually("the node reaches redis", async || {
+            cluster_status(h).await["up"] == true
+        })
+        .await;
+    }
+    let mut to_a = a.client("127.0.0.2").await;
+    let mut to_b = b.client("127.0.0.2").await;
+    let start = Instant::now();
+    let mut admitted = 0u32;
+    for i in 0..300 {
+        let c = if i % 2 == 0 { &mut to_a } else { &mut to_b };
+        if c.get("/").await.0 == StatusCode::OK {
+            admitted += 1;
+        }
+        // A few hundred requests per second: a client over its limit, not
+        // a benchmark of the loopback.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let span = start.elapsed().as_secs_f64();
+    // One limit of 50/s shared: at most 50 in any sliding second, so over
+    // the span at most 50 × (1 + span); plus the documented lag overshoot,
+    // what the other node admits in one sync interval and a round trip
+    // (20 ms + 30 ms of room) at its measured rate. Each node alone would
+    // admit 50 × (1 + span) by itself: twice as much.
+    let per_node_rate = 150.0 / span;
+    let bound = 50.0 * (1.0 + span) + per_node_rate * 0.05;
+    let local_only = 2.0 * 50.0 * (1.0 + span);
+    eprintln!(
+        "two nodes admitted {admitted} of 300 requests in {span:.3} s ({per_node_rate:.0} req/s per node); \
+         bound {bound:.0}, each node alone would admit {local_only:.0}"
+    );
+    assert!(
+        f64::from(admitted) <= bound,
+        "{admitted} admitted, bound {bound:.0}"
+    );
+    assert!(admitted >= 45, "the shared limit let only {admitted} through");
+    let m = a.metrics().await;
+    assert!(
+        metric(&m, "palisade_cluster_limited_total")
+            + metric(&b.metrics().await, "palisade_cluster_limited_total")
+            > 0.0
+    );
+    assert_eq!(metric(&m, "palisade_cluster_up"), 1.0);
+}
+
+#[tokio::test]
+async fn reputation_reaches_every_node_and_late_joiners() {
+    let Some(redis) = Redis::start() else { return };
+    let a = node(&redis, "a", "").await;
+    let b = node(&redis, "b", "").await;
+    for h in [&a, &b] {
+        eventually("the node reaches redis", async || {
+            cluster_status(h).await["up"] == true
+        })
+        .await;
+    }
+    assert_eq!(status_from(&b, "127.0.0.3").await, StatusCode::OK);
+    set_score(&a, "127.0.0.3", 0).await;
+    let took = eventually("B refuses the client A banned", async || {
+        status_from(&b, "127.0.0.3").await == StatusCode::FORBIDDEN
+    })
+    .await;
+    eprintln!("ban on node A enforced on node B after {took:?}");
+    let (_, _, explain) = b.admin_client().await.get("/api/v1/reputation/127.0.0.3").await;
+    assert!(explain.contains("\"kind\":\"cluster\""), "{explain}");
+
+    // An automatic penalty (three 401s in a row: -10) travels too.
+    let mut c = a.client("127.0.0.4").await;
+    for _ in 0..3 {
+        assert_eq!(c.get("/status/401").await.0, StatusCode::UNAUTHORIZED);
+    }
+    eventually("B sees the penalty", async || {
+        let (_, _, body) = b.admin_client().await.get("/api/v1/reputation/127.0.0.4").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["score"].as_f64().is_some_and(|s| s < 61.0)
+    })
+    .await;
+
+    // A node that starts later catches up from Redis.
+    let late = node(&redis, "late", "").await;
+    eventually("the late node refuses the banned client", async || {
+        status_from(&late, "127.0.0.3").await == StatusCode::FORBIDDEN
+    })
+    .await;
+    assert_eq!(status_from(&late, "127.0.0.9").await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn nodes_serve_through_a_redis_outage_and_resync() {
+    let Some(mut redis) = Redis::start() else { return };
+    let a = node(&redis, "a", "").await;
+    let b = node(&redis, "b", "").await;
+    for h in [&a, &b] {
+        eventually("the node reaches redis", async || {
+            cluster_status(h).await["up"] == true
+        })
+        .await;
+    }
+    redis.kill();
+    for h in [&a, &b] {
+        eventually("the node notices", async || {
+            cluster_status(h).await["up"] == false
+        })
+        .await;
+        // Still serving, local-only.
+        for src in ["127.0.0.6", "127.0.0.7"] {
+            assert_eq!(status_from(h, src).await, StatusCode::OK);
+        }
+        assert_eq!(metric(&h.metrics().await, "palisade_cluster_up"), 0.0);
+        assert!(metric(&h.metrics().await, "palisade_cluster_sync_errors_total") >= 1.0);
+    }
+    // A ban while Redis is down holds locally and waits to be shared.
+    set_score(&a, "127.0.0.5", 0).await;
+    assert_eq!(status_from(&a, "127.0.0.5").await, StatusCode::FORBIDDEN);
+    assert_eq!(status_from(&b, "127.0.0.5").await, StatusCode::OK);
+
+    redis.restart();
+    for h in [&a, &b] {
+        eventually("the node reconnects", async || {
+            cluster_status(h).await["up"] == true
+        })
+        .await;
+    }
+    eventually("the ban made while Redis was down reaches B", async || {
+        status_from(&b, "127.0.0.5").await == StatusCode::FORBIDDEN
+    })
+    .await;
+}
