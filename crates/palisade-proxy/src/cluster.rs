@@ -7,8 +7,8 @@
 //! limiter does) for its own admissions and for everyone else's. A request
 //! is admitted while `own + others < window_limit`. Every `sync_interval` a
 //! background task pushes each client's new admissions with one Lua script
-//! per client (`INCRBY` on `{prefix}:rl:{limiter:client}:{second}`, read
-//! the previous second), pipelined, and learns the cluster's totals.
+//! per client (`INCRBY` on `prefix:rl:{limiter:client}:second`, read the
+//! previous second), pipelined, and learns the cluster's totals.
 //! A node learns of the others' admissions at most one interval plus a
 //! round trip late, so N nodes together admit at most
 //! `window_limit + (N - 1) × r × (sync_interval + RTT)` per second for a
@@ -17,7 +17,8 @@
 //!
 //! **Reputation.** Score changes (penalties, operator changes) are appended
 //! to a Redis stream (`{prefix}:events`) and kept in a hash
-//! (`{prefix}:rep`, one field per client, with its expiry). Every node reads
+//! (`{prefix}:rep`, one field per client, with its expiry); the braces are
+//! a hash tag, so in a Redis Cluster these keys share a slot. Every node reads
 //! the stream each interval and applies what other nodes did; a node that
 //! starts or reconnects reads the hash first, so it catches up.
 //!
@@ -360,8 +361,16 @@ impl Cluster {
         }
     }
 
+    /// A shared key. All of them carry the prefix as hash tag, so that in a
+    /// Redis Cluster they live in one slot and pipeline together.
     fn key(&self, parts: &str) -> String {
-        format!("{}:{parts}", self.settings.key_prefix)
+        format!("{{{}}}:{parts}", self.settings.key_prefix)
+    }
+
+    /// A client's counter for one second (hash-tagged per client, spread
+    /// across a Redis Cluster).
+    fn counter_key(&self, tag: &str, sec: u64) -> String {
+        format!("{}:rl:{{{tag}}}:{sec}", self.settings.key_prefix)
     }
 }
 
@@ -373,6 +382,39 @@ enum Conn {
 }
 
 impl Conn {
+    /// Runs commands that each touch their own keys. One server: one
+    /// pipeline. Redis Cluster refuses pipelines across hash slots, so
+    /// there they go as concurrent single commands (multiplexed on the
+    /// cluster connections), 256 at a time.
+    async fn each<T: redis::FromRedisValue>(&mut self, cmds: Vec<redis::Cmd>) -> redis::RedisResult<Vec<T>> {
+        match self {
+            Self::Single(_) => {
+                let mut pipe = redis::pipe();
+                for c in cmds {
+                    pipe.add_command(c);
+                }
+                self.query(&pipe).await
+            }
+            Self::Cluster(conn) => {
+                let mut out = Vec::with_capacity(cmds.len());
+                for chunk in cmds.chunks(256) {
+                    let calls = chunk.iter().map(|cmd| {
+                        let mut conn = conn.clone();
+                        async move {
+                            tokio::time::timeout(TIMEOUT, cmd.query_async::<T>(&mut conn))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out")))
+                                })
+                        }
+                    });
+                    out.extend(futures_util::future::try_join_all(calls).await?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
     async fn query<T: redis::FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
         let fut = async {
             match self {
@@ -542,18 +584,22 @@ async fn push_counts(cluster: &Cluster, c: &mut Conn) -> redis::RedisResult<()> 
     if batch.is_empty() {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
-    for (p, n) in &batch {
-        let tag = format!("{}:{}", p.window.name, client_name(&p.key));
-        pipe.cmd("EVAL")
-            .arg(PUSH)
-            .arg(2)
-            .arg(cluster.key(&format!("rl:{{{tag}}}:{}", p.sec)))
-            .arg(cluster.key(&format!("rl:{{{tag}}}:{}", p.sec.saturating_sub(1))))
-            .arg(*n)
-            .arg(3000);
-    }
-    let totals: Vec<(u64, u64)> = match c.query(&pipe).await {
+    let cmds = batch
+        .iter()
+        .map(|(p, n)| {
+            // One hash tag per client: both seconds live in one slot.
+            let tag = format!("{}:{}", p.window.name, client_name(&p.key));
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(PUSH)
+                .arg(2)
+                .arg(cluster.counter_key(&tag, p.sec))
+                .arg(cluster.counter_key(&tag, p.sec.saturating_sub(1)))
+                .arg(*n)
+                .arg(3000);
+            cmd
+        })
+        .collect();
+    let totals: Vec<(u64, u64)> = match c.each(cmds).await {
         Ok(t) => t,
         Err(e) => {
             // Not counted in Redis: keep them for the next sync.

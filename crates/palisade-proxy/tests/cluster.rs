@@ -20,6 +20,7 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -27,6 +28,10 @@ impl Redis {
     /// is none outside CI. In CI (`CI=true`) its absence is a failure:
     /// `scripts/test` installs it.
     fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Option<Self> {
         if Command::new("redis-server").arg("--version").output().is_err() {
             assert!(
                 std::env::var("CI").is_err(),
@@ -48,6 +53,7 @@ impl Redis {
             child: None,
             port,
             dir,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         r.restart();
         Some(r)
@@ -67,6 +73,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -97,6 +104,43 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Three masters, no replicas: a real Redis Cluster on loopback.
+struct RedisCluster(Vec<Redis>);
+
+impl RedisCluster {
+    fn start() -> Option<Self> {
+        let nodes: Vec<Redis> = (0..3)
+            .map(|_| Redis::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]))
+            .collect::<Option<_>>()?;
+        let addrs: Vec<String> = nodes.iter().map(|r| format!("127.0.0.1:{}", r.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (redis-tools) is needed to form a cluster");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        for r in &nodes {
+            for i in 0.. {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &r.port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(i < 500, "the Redis Cluster never reached cluster_state:ok");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Some(Self(nodes))
+    }
+
+    fn urls(&self) -> String {
+        self.0.iter().map(Redis::url).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -279,4 +323,60 @@ async fn nodes_serve_through_a_redis_outage_and_resync() {
         status_from(&b, "127.0.0.5").await == StatusCode::FORBIDDEN
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_redis_cluster_works_too() {
+    let Some(rc) = RedisCluster::start() else { return };
+    let start = async |name: &str| {
+        Harness::start(
+            "",
+            &format!(
+                "[cluster]\nredis = \"{}\"\nredis_cluster = true\nsync_interval = \"20ms\"\nnode_name = \"{name}\"\n{LIMITS}",
+                rc.urls()
+            ),
+        )
+        .await
+    };
+    let (a, b) = (start("a").await, start("b").await);
+    for h in [&a, &b] {
+        eventually("the node reaches the cluster", async || {
+            cluster_status(h).await["up"] == true
+        })
+        .await;
+    }
+    // Counters spread over the cluster's slots, one client per slot.
+    let mut admitted = 0;
+    for i in 0..200u32 {
+        let h = if i % 2 == 0 { &a } else { &b };
+        let src = format!("127.0.1.{}", i % 20 + 1);
+        if status_from(h, &src).await == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 200, "20 clients at 10 requests each are all under 50/s");
+    let mut to_a = a.client("127.0.0.2").await;
+    let mut to_b = b.client("127.0.0.2").await;
+    let mut shared = 0;
+    for i in 0..200 {
+        let c = if i % 2 == 0 { &mut to_a } else { &mut to_b };
+        if c.get("/").await.0 == StatusCode::OK {
+            shared += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    eprintln!("Redis Cluster: two nodes admitted {shared} of 200 for one client (limit 50/s)");
+    assert!(
+        shared < 100,
+        "no sharing through the Redis Cluster: {shared} admitted"
+    );
+    set_score(&a, "127.0.0.3", 0).await;
+    eventually("B refuses the client A banned", async || {
+        status_from(&b, "127.0.0.3").await == StatusCode::FORBIDDEN
+    })
+    .await;
+    assert_eq!(
+        metric(&a.metrics().await, "palisade_cluster_sync_errors_total"),
+        0.0
+    );
 }
