@@ -428,19 +428,40 @@ impl Conn {
     }
 }
 
+fn certificates(settings: &ClusterSettings) -> redis::RedisResult<Option<redis::TlsCertificates>> {
+    let Some(ca) = &settings.redis_ca else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(ca).map_err(|e| {
+        redis::RedisError::from((redis::ErrorKind::Io, "reading cluster.redis_ca", e.to_string()))
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
 async fn connect(settings: &ClusterSettings) -> redis::RedisResult<Conn> {
+    let certs = certificates(settings)?;
     if settings.redis_cluster {
-        let client = redis::cluster::ClusterClient::builder(settings.redis.clone())
+        let mut builder = redis::cluster::ClusterClient::builder(settings.redis.clone())
             .connection_timeout(TIMEOUT)
             .response_timeout(TIMEOUT)
-            .retries(1)
-            .build()?;
+            .retries(1);
+        if let Some(certs) = certs {
+            builder = builder.certs(certs);
+        }
+        let client = builder.build()?;
         let conn = tokio::time::timeout(TIMEOUT * 2, client.get_async_connection())
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "cluster connect timed out")))??;
         Ok(Conn::Cluster(conn))
     } else {
-        let client = redis::Client::open(settings.redis[0].as_str())?;
+        let url = settings.redis[0].as_str();
+        let client = match certs {
+            Some(certs) => redis::Client::build_with_tls(url, certs)?,
+            None => redis::Client::open(url)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))

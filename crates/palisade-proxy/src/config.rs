@@ -104,6 +104,8 @@ pub struct ClusterSettings {
     pub failure_mode: FailureMode,
     /// Prefix of every Redis key.
     pub key_prefix: String,
+    /// PEM CA bundle trusted for `rediss://` (default: the public roots).
+    pub redis_ca: Option<PathBuf>,
 }
 
 /// Limits while Redis is unreachable.
@@ -340,6 +342,7 @@ struct RawCluster {
     node_name: String,
     failure_mode: String,
     key_prefix: String,
+    redis_ca: String,
 }
 
 impl Default for RawCluster {
@@ -351,6 +354,7 @@ impl Default for RawCluster {
             node_name: String::new(),
             failure_mode: "open".into(),
             key_prefix: "palisade".into(),
+            redis_ca: String::new(),
         }
     }
 }
@@ -874,7 +878,7 @@ impl RawConfig {
             new_per_second: NonZeroU32::new(c.new_per_second),
         };
         let store = self.store(base)?;
-        let cluster = self.cluster()?;
+        let cluster = self.cluster(base)?;
         let state = match self.state.data_dir.as_str() {
             "" => None,
             dir => {
@@ -902,7 +906,7 @@ impl RawConfig {
         })
     }
 
-    fn cluster(&self) -> Result<Option<ClusterSettings>, Invalid> {
+    fn cluster(&self, base: Option<&Path>) -> Result<Option<ClusterSettings>, Invalid> {
         let c = &self.cluster;
         if c.redis.trim().is_empty() {
             return Ok(None);
@@ -944,7 +948,16 @@ impl RawConfig {
                 "must be non-empty, without braces or spaces",
             ));
         }
+        let redis_ca = match c.redis_ca.as_str() {
+            "" => None,
+            ca => {
+                let ca = resolve(base, ca);
+                crate::feed::roots(Some(&ca)).map_err(|m| at(p!("cluster", "redis_ca"), m))?;
+                Some(ca)
+            }
+        };
         Ok(Some(ClusterSettings {
+            redis_ca,
             redis,
             redis_cluster: c.redis_cluster,
             sync_interval,

@@ -28,10 +28,11 @@ impl Redis {
     /// is none outside CI. In CI (`CI=true`) its absence is a failure:
     /// `scripts/test` installs it.
     fn start() -> Option<Self> {
-        Self::start_with(&[])
+        Self::start_with(|_, _| Vec::new())
     }
 
-    fn start_with(extra: &[&str]) -> Option<Self> {
+    /// `extra(port, dir)`: more `redis-server` arguments (later ones win).
+    fn start_with(extra: impl Fn(u16, &std::path::Path) -> Vec<String>) -> Option<Self> {
         if Command::new("redis-server").arg("--version").output().is_err() {
             assert!(
                 std::env::var("CI").is_err(),
@@ -53,8 +54,9 @@ impl Redis {
             child: None,
             port,
             dir,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            extra: Vec::new(),
         };
+        r.extra = extra(port, &r.dir);
         r.restart();
         Some(r)
     }
@@ -113,7 +115,13 @@ struct RedisCluster(Vec<Redis>);
 impl RedisCluster {
     fn start() -> Option<Self> {
         let nodes: Vec<Redis> = (0..3)
-            .map(|_| Redis::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]))
+            .map(|_| {
+                Redis::start_with(|_, _| {
+                    ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+                        .map(String::from)
+                        .to_vec()
+                })
+            })
             .collect::<Option<_>>()?;
         let addrs: Vec<String> = nodes.iter().map(|r| format!("127.0.0.1:{}", r.port)).collect();
         let out = Command::new("redis-cli")
@@ -378,5 +386,61 @@ async fn a_redis_cluster_works_too() {
     assert_eq!(
         metric(&a.metrics().await, "palisade_cluster_sync_errors_total"),
         0.0
+    );
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let Some(redis) = Redis::start_with(|port, dir| {
+        std::fs::write(dir.join("cert.pem"), &cert_pem).unwrap();
+        std::fs::write(dir.join("key.pem"), &key_pem).unwrap();
+        let file = |n: &str| dir.join(n).display().to_string();
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            file("cert.pem"),
+            "--tls-key-file".into(),
+            file("key.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }) else {
+        return;
+    };
+    let ca = redis.dir.join("cert.pem");
+    let cfg = |ca: &str| {
+        format!(
+            "[cluster]\nredis = \"rediss://127.0.0.1:{}\"\nsync_interval = \"20ms\"\nredis_ca = \"{ca}\"\n",
+            redis.port
+        )
+    };
+    let h = Harness::start("", &cfg(&ca.display().to_string())).await;
+    eventually("the node reaches redis over TLS", async || {
+        cluster_status(&h).await["up"] == true
+    })
+    .await;
+    // Without the CA the server is not trusted: the node stays local-only.
+    let untrusted = Harness::start(
+        "",
+        &format!(
+            "[cluster]\nredis = \"rediss://127.0.0.1:{}\"\nsync_interval = \"20ms\"\n",
+            redis.port
+        ),
+    )
+    .await;
+    eventually("the untrusted connection fails", async || {
+        cluster_status(&untrusted).await["errors"].as_u64() > Some(0)
+    })
+    .await;
+    assert_eq!(cluster_status(&untrusted).await["up"], false);
+    assert_eq!(
+        status_from(&untrusted, "127.0.0.2").await,
+        StatusCode::OK,
+        "serves anyway"
     );
 }
