@@ -1,0 +1,508 @@
+//! Bans in the kernel (SPEC F6): packets from a banned source are dropped
+//! before they reach a socket.
+//!
+//! Three implementations of [`Firewall`]:
+//! * [`Nftables`]: its own `inet palisade` table with one set per family
+//!   (`ban4`, `ban6`: prefixes, per-element timeouts) and a `prerouting`
+//!   chain at priority -300 (before connection tracking) that drops their
+//!   members. Every change is one JSON batch on `nft -j -f -`'s stdin: one
+//!   process and one kernel transaction per batch, however many addresses.
+//! * [`Iptables`]: `ipset` sets (`palisade4`, `palisade6`, `hash:net` with
+//!   timeouts, changed through one `ipset restore`) matched by a `PALISADE`
+//!   chain in the raw table's PREROUTING.
+//! * [`DryRun`]: remembers and logs, changes nothing.
+//!
+//! Commands are argument vectors, never shell strings; addresses reach the
+//! tools only as parsed [`IpNet`] values.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_json::{Value, json};
+
+/// A firewall tool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    /// The tool could not be started (not installed?).
+    #[error("{tool}: cannot run: {source}")]
+    Spawn {
+        /// The program.
+        tool: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The tool ran and refused.
+    #[error("{tool} failed ({status}): {stderr}")]
+    Failed {
+        /// The program and what it was asked.
+        tool: String,
+        /// Its exit status.
+        status: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// The tool's output could not be understood.
+    #[error("{tool}: unexpected output: {why}")]
+    Output {
+        /// The program.
+        tool: String,
+        /// What was wrong.
+        why: String,
+    },
+}
+
+/// Kernel-level bans.
+pub trait Firewall: Send + Sync {
+    /// `nftables`, `iptables` or `dry-run`.
+    fn name(&self) -> &'static str;
+    /// Creates the table/sets/rules (idempotent: replaces our own rules).
+    fn setup(&self) -> Result<(), FirewallError>;
+    /// Bans networks for the given time, in one batch.
+    fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError>;
+    /// Lifts bans (absent ones are ignored).
+    fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError>;
+    /// What the kernel holds now.
+    fn list(&self) -> Result<BTreeSet<IpNet>, FirewallError>;
+    /// Removes everything `setup` created.
+    fn teardown(&self) -> Result<(), FirewallError>;
+}
+
+/// Runs `program args` (inside network namespace `netns` when given, via
+/// `ip netns exec`), feeding `stdin`; returns stdout.
+fn run(
+    netns: Option<&str>,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, FirewallError> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    };
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let tool = format!("{program} {}", args.join(" "));
+    let mut child = cmd.spawn().map_err(|source| FirewallError::Spawn {
+        tool: program.to_owned(),
+        source,
+    })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| FirewallError::Spawn {
+                tool: tool.clone(),
+                source,
+            })?;
+    }
+    let out = child.wait_with_output().map_err(|source| FirewallError::Spawn {
+        tool: tool.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(FirewallError::Failed {
+            tool,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The nftables implementation.
+#[derive(Debug, Clone)]
+pub struct Nftables {
+    table: String,
+    netns: Option<String>,
+    default_timeout: Duration,
+}
+
+impl Nftables {
+    /// Our table in the current network namespace.
+    pub fn new(default_timeout: Duration) -> Self {
+        Self {
+            table: "palisade".into(),
+            netns: None,
+            default_timeout,
+        }
+    }
+
+    /// Works inside network namespace `ns` (tests, and hosts where the
+    /// daemon manages another namespace).
+    pub fn in_netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_owned());
+        self
+    }
+
+    /// Whether `nft` can be run here.
+    pub fn available(&self) -> bool {
+        run(self.netns.as_deref(), "nft", &["--version"], None).is_ok()
+    }
+
+    fn batch(&self, commands: Vec<Value>) -> Result<(), FirewallError> {
+        let doc = json!({ "nftables": commands }).to_string();
+        run(self.netns.as_deref(), "nft", &["-j", "-f", "-"], Some(&doc)).map(drop)
+    }
+
+    fn set_of(net: &IpNet) -> &'static str {
+        match net {
+            IpNet::V4(_) => "ban4",
+            IpNet::V6(_) => "ban6",
+        }
+    }
+
+    fn elem(net: &IpNet) -> Value {
+        if net.prefix_len() == net.max_prefix_len() {
+            json!(net.addr().to_string())
+        } else {
+            json!({ "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } })
+        }
+    }
+
+    fn set_elements(&self, set: &str) -> Result<Vec<IpNet>, FirewallError> {
+        let out = run(
+            self.netns.as_deref(),
+            "nft",
+            &["-j", "list", "set", "inet", &self.table, set],
+            None,
+        )?;
+        let bad = |why: &str| FirewallError::Output {
+            tool: "nft list set".into(),
+            why: why.to_owned(),
+        };
+        let doc: Value = serde_json::from_str(&out).map_err(|e| bad(&e.to_string()))?;
+        let mut nets = Vec::new();
+        for item in doc["nftables"]
+            .as_array()
+            .ok_or_else(|| bad("no nftables array"))?
+        {
+            let Some(elems) = item["set"]["elem"].as_array() else {
+                continue;
+            };
+            for e in elems {
+                // A plain address, a prefix, or either wrapped with its timeout.
+                let v = if e.get("elem").is_some() {
+                    &e["elem"]["val"]
+                } else {
+                    e
+                };
+                let net = if let Some(s) = v.as_str() {
+                    s.parse::<std::net::IpAddr>().ok().map(IpNet::from)
+                } else {
+                    let p = &v["prefix"];
+                    let addr = p["addr"].as_str().and_then(|a| a.parse().ok());
+                    let len = p["len"].as_u64().and_then(|l| u8::try_from(l).ok());
+                    addr.zip(len).and_then(|(a, l)| IpNet::new(a, l).ok())
+                };
+                nets.push(net.ok_or_else(|| bad(&format!("element {e}")))?);
+            }
+        }
+        Ok(nets)
+    }
+}
+
+impl Firewall for Nftables {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn setup(&self) -> Result<(), FirewallError> {
+        let t = &self.table;
+        let timeout = self.default_timeout.as_secs().max(1);
+        let set = |name: &str, kind: &str| {
+            json!({"add": {"set": {"family": "inet", "table": t, "name": name, "type": kind,
+                "flags": ["interval", "timeout"], "timeout": timeout}}})
+        };
+        let rule = |proto: &str, set: &str| {
+            json!({"add": {"rule": {"family": "inet", "table": t, "chain": "prerouting", "expr": [
+                {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "saddr"}}, "right": format!("@{set}")}},
+                {"counter": null},
+                {"drop": null}
+            ]}}})
+        };
+        let chain = json!({"family": "inet", "table": t, "name": "prerouting"});
+        self.batch(vec![
+            json!({"add": {"table": {"family": "inet", "name": t}}}),
+            set("ban4", "ipv4_addr"),
+            set("ban6", "ipv6_addr"),
+            json!({"add": {"chain": {"family": "inet", "table": t, "name": "prerouting",
+                "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}}}),
+            json!({"flush": {"chain": chain}}),
+            rule("ip", "ban4"),
+            rule("ip6", "ban6"),
+        ])
+    }
+
+    fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError> {
+        if bans.is_empty() {
+            return Ok(());
+        }
+        let mut commands = Vec::new();
+        for set in ["ban4", "ban6"] {
+            let elems: Vec<Value> = bans
+                .iter()
+                .filter(|(n, _)| Self::set_of(n) == set)
+                .map(|(n, ttl)| json!({"elem": {"val": Self::elem(n), "timeout": ttl.as_secs().max(1)}}))
+                .collect();
+            if !elems.is_empty() {
+                commands.push(json!({"add": {"element": {"family": "inet", "table": self.table, "name": set, "elem": elems}}}));
+            }
+        }
+        self.batch(commands)
+    }
+
+    fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError> {
+        // Deleting an absent element fails the whole batch: delete only
+        // what the kernel holds.
+        let present = self.list()?;
+        let mut commands = Vec::new();
+        for set in ["ban4", "ban6"] {
+            let elems: Vec<Value> = nets
+                .iter()
+                .filter(|n| Self::set_of(n) == set && present.contains(n))
+                .map(Self::elem)
+                .collect();
+            if !elems.is_empty() {
+                commands.push(json!({"delete": {"element": {"family": "inet", "table": self.table, "name": set, "elem": elems}}}));
+            }
+        }
+        if commands.is_empty() {
+            return Ok(());
+        }
+        self.batch(commands)
+    }
+
+    fn list(&self) -> Result<BTreeSet<IpNet>, FirewallError> {
+        let mut all = BTreeSet::new();
+        for set in ["ban4", "ban6"] {
+            all.extend(self.set_elements(set)?);
+        }
+        Ok(all)
+    }
+
+    fn teardown(&self) -> Result<(), FirewallError> {
+        self.batch(vec![
+            json!({"delete": {"table": {"family": "inet", "name": self.table}}}),
+        ])
+    }
+}
+
+/// The iptables + ipset implementation (for hosts without nftables).
+#[derive(Debug, Clone)]
+pub struct Iptables {
+    netns: Option<String>,
+    default_timeout: Duration,
+}
+
+const CHAIN: &str = "PALISADE";
+
+impl Iptables {
+    /// In the current network namespace.
+    pub fn new(default_timeout: Duration) -> Self {
+        Self {
+            netns: None,
+            default_timeout,
+        }
+    }
+
+    /// Inside network namespace `ns`.
+    pub fn in_netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_owned());
+        self
+    }
+
+    /// Whether `iptables` and `ipset` can be run here.
+    pub fn available(&self) -> bool {
+        run(self.netns.as_deref(), "iptables", &["--version"], None).is_ok()
+            && run(self.netns.as_deref(), "ipset", &["--version"], None).is_ok()
+    }
+
+    fn set_of(net: &IpNet) -> &'static str {
+        match net {
+            IpNet::V4(_) => "palisade4",
+            IpNet::V6(_) => "palisade6",
+        }
+    }
+
+    fn ipset_restore(&self, script: &str) -> Result<(), FirewallError> {
+        run(
+            self.netns.as_deref(),
+            "ipset",
+            &["restore", "-exist"],
+            Some(script),
+        )
+        .map(drop)
+    }
+
+    fn tables(&self) -> [(&'static str, &'static str); 2] {
+        [("iptables", "palisade4"), ("ip6tables", "palisade6")]
+    }
+}
+
+impl Firewall for Iptables {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn setup(&self) -> Result<(), FirewallError> {
+        let t = self.default_timeout.as_secs().max(1);
+        self.ipset_restore(&format!(
+            "create palisade4 hash:net family inet timeout {t}\ncreate palisade6 hash:net family inet6 timeout {t}\n"
+        ))?;
+        let ns = self.netns.as_deref();
+        for (tool, set) in self.tables() {
+            // Our chain, emptied, holding exactly one rule.
+            if run(ns, tool, &["-t", "raw", "-N", CHAIN], None).is_err() {
+                run(ns, tool, &["-t", "raw", "-F", CHAIN], None)?;
+            }
+            run(
+                ns,
+                tool,
+                &[
+                    "-t",
+                    "raw",
+                    "-A",
+                    CHAIN,
+                    "-m",
+                    "set",
+                    "--match-set",
+                    set,
+                    "src",
+                    "-j",
+                    "DROP",
+                ],
+                None,
+            )?;
+            if run(ns, tool, &["-t", "raw", "-C", "PREROUTING", "-j", CHAIN], None).is_err() {
+                run(ns, tool, &["-t", "raw", "-I", "PREROUTING", "-j", CHAIN], None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError> {
+        if bans.is_empty() {
+            return Ok(());
+        }
+        let script: String = bans
+            .iter()
+            .map(|(n, ttl)| {
+                format!(
+                    "add {} {} timeout {}\n",
+                    Self::set_of(n),
+                    n.trunc(),
+                    ttl.as_secs().max(1)
+                )
+            })
+            .collect();
+        self.ipset_restore(&script)
+    }
+
+    fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError> {
+        if nets.is_empty() {
+            return Ok(());
+        }
+        let script: String = nets
+            .iter()
+            .map(|n| format!("del {} {}\n", Self::set_of(n), n.trunc()))
+            .collect();
+        self.ipset_restore(&script)
+    }
+
+    fn list(&self) -> Result<BTreeSet<IpNet>, FirewallError> {
+        let mut all = BTreeSet::new();
+        for (_, set) in self.tables() {
+            let out = run(self.netns.as_deref(), "ipset", &["save", set], None)?;
+            for line in out.lines() {
+                let mut f = line.split_whitespace();
+                if f.next() != Some("add") {
+                    continue;
+                }
+                let value = f.nth(1).unwrap_or_default();
+                let net = value
+                    .parse::<IpNet>()
+                    .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| FirewallError::Output {
+                        tool: "ipset save".into(),
+                        why: format!("line {line:?}"),
+                    })?;
+                all.insert(net);
+            }
+        }
+        Ok(all)
+    }
+
+    fn teardown(&self) -> Result<(), FirewallError> {
+        let ns = self.netns.as_deref();
+        for (tool, _) in self.tables() {
+            let _ = run(ns, tool, &["-t", "raw", "-D", "PREROUTING", "-j", CHAIN], None);
+            let _ = run(ns, tool, &["-t", "raw", "-F", CHAIN], None);
+            let _ = run(ns, tool, &["-t", "raw", "-X", CHAIN], None);
+        }
+        self.ipset_restore("destroy palisade4\ndestroy palisade6\n")
+    }
+}
+
+/// Changes nothing; remembers what it would have done.
+#[derive(Debug, Default)]
+pub struct DryRun {
+    banned: Mutex<BTreeSet<IpNet>>,
+}
+
+impl Firewall for DryRun {
+    fn name(&self) -> &'static str {
+        "dry-run"
+    }
+
+    fn setup(&self) -> Result<(), FirewallError> {
+        Ok(())
+    }
+
+    fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError> {
+        let mut b = self
+            .banned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.extend(bans.iter().map(|(n, _)| n.trunc()));
+        Ok(())
+    }
+
+    fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError> {
+        let mut b = self
+            .banned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for n in nets {
+            b.remove(&n.trunc());
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<BTreeSet<IpNet>, FirewallError> {
+        Ok(self
+            .banned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone())
+    }
+
+    fn teardown(&self) -> Result<(), FirewallError> {
+        self.banned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! Palisade's kernel-side defense against SYN floods (SPEC F5, F6, F14):
+//!
+//! * [`procnet`]: the kernel's TCP counters (`/proc/net/netstat`,
+//!   `/proc/net/snmp`) and half-open connections (`/proc/net/tcp{,6}`),
+//!   parsed by pure functions tested on fixtures;
+//! * [`cookie`]: a SYN-cookie function (keyed hash of the connection and a
+//!   time slot, with the MSS encoded), for a SYN-cookie responder;
+//! * [`firewall`]: bans in the kernel through nftables (one batch per
+//!   change, never a shell string), iptables + ipset, or a dry run;
+//! * [`netns`]: network namespaces for tests and tools.
+
+pub mod cookie;
+pub mod firewall;
+pub mod netns;
+pub mod procnet;
