@@ -3,12 +3,15 @@
 //! * [`procnet`]: the kernel's TCP counters (`/proc/net/netstat`,
 //!   `/proc/net/snmp`) and half-open connections (`/proc/net/tcp{,6}`),
 //!   parsed by pure functions tested on fixtures;
+//! * [`capture`]: per-source SYN counting from an `AF_PACKET` socket with
+//!   a BPF filter, and the sliding rates that flag offenders;
 //! * [`cookie`]: a SYN-cookie function (keyed hash of the connection and a
 //!   time slot, with the MSS encoded), for a SYN-cookie responder;
 //! * [`firewall`]: bans in the kernel through nftables (one batch per
 //!   change, never a shell string), iptables + ipset, or a dry run;
 //! * [`netns`]: network namespaces for tests and tools.
 
+pub mod capture;
 pub mod cookie;
 pub mod firewall;
 pub mod netns;
