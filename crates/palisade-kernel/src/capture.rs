@@ -281,7 +281,7 @@ impl SynRates {
             .map(|(ip, w)| (*ip, w.sum(now) * 10))
             .filter(|(_, r)| *r > 0)
             .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v.truncate(n);
         v
     }
