@@ -109,7 +109,10 @@ fn run_serves_then_exits_cleanly_on_sigterm() {
         let addr: SocketAddr = line.rsplit("http://").next().unwrap().trim().parse().unwrap();
         (addr, Reaped(child))
     };
-    let config = temp_file("run.toml", "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n");
+    let config = temp_file(
+        "run.toml",
+        "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n",
+    );
     let mut child = Reaped(
         palisade()
             .args([
@@ -151,7 +154,7 @@ fn run_serves_then_exits_cleanly_on_sigterm() {
     // sources are reset at accept).
     std::fs::write(
         &config,
-        "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[clients]\ndeny = [\"127.0.0.1\"]\n",
+        "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n[clients]\ndeny = [\"127.0.0.1\"]\n",
     )
     .unwrap();
     assert!(
@@ -188,7 +191,10 @@ fn run_serves_then_exits_cleanly_on_sigterm() {
 
 #[test]
 fn json_logs_carry_the_decision_and_the_client() {
-    let config = temp_file("json.toml", "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n");
+    let config = temp_file(
+        "json.toml",
+        "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n",
+    );
     let mut child = Reaped(
         palisade()
             .args([
@@ -287,7 +293,7 @@ fn acknowledged_scores_survive_kill_9_and_a_torn_log() {
     let config = temp_file(
         "state.toml",
         &format!(
-            "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[admin]\ntoken = \"t0ken\"\n[state]\ndata_dir = \"{}\"\n",
+            "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n[admin]\ntoken = \"t0ken\"\n[state]\ndata_dir = \"{}\"\n",
             dir.display()
         ),
     );

@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
@@ -103,6 +104,22 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
     }
     match (path.as_str(), &method) {
         ("/api/v1/breakers", &Method::GET) => return json(StatusCode::OK, &breakers(app, &rt)),
+        ("/syn-stats", &Method::GET) => {
+            return match app.syn() {
+                Some(d) => json(StatusCode::OK, &d.stats_json()),
+                None => error(StatusCode::NOT_FOUND, "SYN defense is off (syn.enabled)"),
+            };
+        }
+        ("/api/v1/bans", &Method::GET) => {
+            return match app.syn() {
+                Some(d) => json(
+                    StatusCode::OK,
+                    &serde_json::to_value(d.bans()).unwrap_or_default(),
+                ),
+                None => error(StatusCode::NOT_FOUND, "SYN defense is off (syn.enabled)"),
+            };
+        }
+        ("/api/v1/bans", &Method::POST) => return ban(app, req).await,
         ("/api/v1/cluster", &Method::GET) => {
             return match &app.cluster {
                 Some(c) => json(
@@ -136,7 +153,82 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
         }
         _ => {}
     }
+    if let Some(net) = path.strip_prefix("/api/v1/bans/")
+        && method == Method::DELETE
+    {
+        let Some(d) = app.syn() else {
+            return error(StatusCode::NOT_FOUND, "SYN defense is off (syn.enabled)");
+        };
+        let Ok(net) = parse_net(net) else {
+            return error(StatusCode::BAD_REQUEST, "not an IP address or CIDR");
+        };
+        return match d.unban(net) {
+            Ok(true) => json(StatusCode::OK, &serde_json::json!({ "unbanned": net })),
+            Ok(false) => error(StatusCode::NOT_FOUND, "not banned"),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        };
+    }
     error(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+fn parse_net(s: &str) -> Result<ipnet::IpNet, ()> {
+    // `/` in a path arrives percent-encoded or as a path segment.
+    let s = s.replace("%2F", "/").replace("%2f", "/");
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(drop)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBan {
+    ip: String,
+    #[serde(default)]
+    duration: Option<String>,
+}
+
+async fn ban(app: &App, req: Request<Incoming>) -> Resp {
+    let Some(d) = app.syn() else {
+        return error(StatusCode::NOT_FOUND, "SYN defense is off (syn.enabled)");
+    };
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "body unreadable or over 4096 bytes"),
+    };
+    let new: NewBan = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"ip\": \"ADDR or CIDR\", \"duration\": \"10m\"}}: {e}"),
+            );
+        }
+    };
+    let Ok(net) = parse_net(&new.ip) else {
+        return error(StatusCode::BAD_REQUEST, "ip: not an IP address or CIDR");
+    };
+    let ttl = match new.duration.as_deref() {
+        None => app
+            .runtime()
+            .config
+            .syn
+            .as_ref()
+            .map_or(Duration::from_secs(600), |s| s.ban_duration),
+        Some(text) => match crate::config::parse_duration(text) {
+            Ok(t) if !t.is_zero() => t,
+            _ => return error(StatusCode::BAD_REQUEST, "duration: e.g. \"30s\", \"10m\", \"1h\""),
+        },
+    };
+    match d.ban(net, ttl) {
+        Ok(()) => {
+            tracing::info!(%net, seconds = ttl.as_secs(), "banned by admin");
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "banned": net.trunc(), "seconds": ttl.as_secs() }),
+            )
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
 }
 
 /// The refusal for a request without the right bearer token, if any.

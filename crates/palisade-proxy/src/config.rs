@@ -87,6 +87,42 @@ pub struct Config {
     pub state: Option<StateSettings>,
     /// Cluster mode; `None` runs as a single node.
     pub cluster: Option<ClusterSettings>,
+    /// SYN-flood defense; `None` when off.
+    pub syn: Option<SynSettings>,
+}
+
+/// `[syn]`: SYN-flood detection and kernel bans (F5, F6, F14).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynSettings {
+    /// Which firewall enforces bans.
+    pub firewall: FirewallChoice,
+    /// How long a ban lasts.
+    pub ban_duration: Duration,
+    /// SYNs/s to our listener above which sources are judged.
+    pub global_threshold: u64,
+    /// SYNs/s from one source that make it an offender during a flood.
+    pub source_threshold: u64,
+    /// How often the kernel counters are read.
+    pub poll_interval: Duration,
+    /// SYN-ACK retransmit ratio that turns `tcp_syncookies` on...
+    pub syncookies_ratio: f64,
+    /// ...when it lasts this long.
+    pub syncookies_after: Duration,
+    /// Reputation points an offender loses.
+    pub reputation_penalty: u8,
+}
+
+/// `syn.firewall`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirewallChoice {
+    /// nftables, else iptables, else a dry run (and say so).
+    Auto,
+    /// nftables only.
+    Nftables,
+    /// iptables + ipset only.
+    Iptables,
+    /// Decide and log, change nothing in the kernel.
+    DryRun,
 }
 
 /// `[cluster]`: shared limits and reputation through Redis (F19).
@@ -330,7 +366,38 @@ struct RawConfig {
     store: RawStore,
     state: RawState,
     cluster: RawCluster,
+    syn: RawSyn,
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawSyn {
+    enabled: bool,
+    firewall: String,
+    ban_duration: String,
+    global_threshold: u64,
+    source_threshold: u64,
+    poll_interval: String,
+    syncookies_ratio: f64,
+    syncookies_after: String,
+    reputation_penalty: u8,
+}
+
+impl Default for RawSyn {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            firewall: "auto".into(),
+            ban_duration: "10m".into(),
+            global_threshold: 1000,
+            source_threshold: 500,
+            poll_interval: "200ms".into(),
+            syncookies_ratio: 0.85,
+            syncookies_after: "5m".into(),
+            reputation_penalty: 30,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -879,6 +946,7 @@ impl RawConfig {
         };
         let store = self.store(base)?;
         let cluster = self.cluster(base)?;
+        let syn = self.syn()?;
         let state = match self.state.data_dir.as_str() {
             "" => None,
             dir => {
@@ -903,7 +971,43 @@ impl RawConfig {
             store,
             state,
             cluster,
+            syn,
         })
+    }
+
+    fn syn(&self) -> Result<Option<SynSettings>, Invalid> {
+        let y = &self.syn;
+        if !y.enabled {
+            return Ok(None);
+        }
+        let firewall = match y.firewall.as_str() {
+            "auto" => FirewallChoice::Auto,
+            "nftables" => FirewallChoice::Nftables,
+            "iptables" => FirewallChoice::Iptables,
+            "dry-run" => FirewallChoice::DryRun,
+            other => {
+                return Err(at(
+                    p!("syn", "firewall"),
+                    format!("{other:?}: expected auto, nftables, iptables or dry-run"),
+                ));
+            }
+        };
+        if y.global_threshold == 0 || y.source_threshold == 0 {
+            return Err(at(p!("syn", "global_threshold"), "thresholds must be > 0"));
+        }
+        if !(y.syncookies_ratio > 0.0 && y.syncookies_ratio <= 1.0) {
+            return Err(at(p!("syn", "syncookies_ratio"), "must be in (0, 1]"));
+        }
+        Ok(Some(SynSettings {
+            firewall,
+            ban_duration: duration(&y.ban_duration, p!("syn", "ban_duration"))?,
+            global_threshold: y.global_threshold,
+            source_threshold: y.source_threshold,
+            poll_interval: duration(&y.poll_interval, p!("syn", "poll_interval"))?,
+            syncookies_ratio: y.syncookies_ratio,
+            syncookies_after: duration(&y.syncookies_after, p!("syn", "syncookies_after"))?,
+            reputation_penalty: y.reputation_penalty.min(100),
+        }))
     }
 
     fn cluster(&self, base: Option<&Path>) -> Result<Option<ClusterSettings>, Invalid> {

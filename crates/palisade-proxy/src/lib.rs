@@ -28,6 +28,7 @@ pub mod reload;
 pub mod respond;
 pub mod server;
 pub mod state;
+pub mod syn;
 pub mod tasks;
 pub mod tls;
 pub mod tunnel;

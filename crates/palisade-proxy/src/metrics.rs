@@ -183,6 +183,16 @@ pub struct Metrics {
     pub cluster_sync_errors: Counter,
     /// Requests refused by the shared (cluster) limit.
     pub cluster_limited: Counter,
+    /// SYNs to the listener seen by the capture socket since start.
+    pub syn_seen: Gauge,
+    /// SYNs per second to the listener (last 100 ms).
+    pub syn_per_second: Gauge,
+    /// Active SYN-flood (and admin) bans.
+    pub syn_bans_active: Gauge,
+    /// Bans installed since start.
+    pub syn_bans: Gauge,
+    /// Half-open (SYN-RECV) connections on the listener.
+    pub syn_half_open: Gauge,
 }
 
 /// Score buckets, matching `Reputation::distribution`.
@@ -400,7 +410,42 @@ impl Metrics {
             "Requests refused by a shared (cluster-wide) limit",
             cluster_limited.clone(),
         );
+        let syn_seen = Gauge::default();
+        registry.register(
+            "syn_seen",
+            "SYNs to the listener seen by the capture socket since start",
+            syn_seen.clone(),
+        );
+        let syn_per_second = Gauge::default();
+        registry.register(
+            "syn_per_second",
+            "SYNs per second to the listener (last 100 ms)",
+            syn_per_second.clone(),
+        );
+        let syn_bans_active = Gauge::default();
+        registry.register(
+            "syn_bans_active",
+            "Active kernel bans (SYN flood and admin)",
+            syn_bans_active.clone(),
+        );
+        let syn_bans = Gauge::default();
+        registry.register(
+            "syn_bans_installed",
+            "Kernel bans installed since start",
+            syn_bans.clone(),
+        );
+        let syn_half_open = Gauge::default();
+        registry.register(
+            "syn_half_open",
+            "Half-open (SYN-RECV) connections on the listener",
+            syn_half_open.clone(),
+        );
         let m = Self {
+            syn_seen,
+            syn_per_second,
+            syn_bans_active,
+            syn_bans,
+            syn_half_open,
             cluster_up,
             cluster_peers,
             cluster_events,
@@ -485,6 +530,7 @@ impl Metrics {
                     "untrusted_proxy",
                     "proxy_header",
                     "proxy_header_timeout",
+                    "syn_flood",
                 ],
             ),
             (&self.config_reloads, &["ok", "error"]),

@@ -40,6 +40,7 @@ use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::respond::{self, UpstreamFailure};
 use crate::state::DurableState;
+use crate::syn::SynDefense;
 use crate::tunnel::{self, TunnelMode};
 
 /// Body sent upstream: the client's body with deadlines, or nothing.
@@ -243,6 +244,8 @@ pub struct App {
     state: std::sync::OnceLock<DurableState>,
     /// Cluster membership, when `[cluster]` is configured.
     pub cluster: Option<Arc<Cluster>>,
+    /// SYN-flood defense, when `[syn]` is on.
+    syn: std::sync::OnceLock<Arc<SynDefense>>,
 }
 
 impl App {
@@ -279,7 +282,48 @@ impl App {
             transition_log_budget: LogBudget::default(),
             refusal_log_budget: LogBudget::default(),
             state: std::sync::OnceLock::new(),
+            syn: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Starts the SYN-flood defense (when configured) for the proxy port.
+    pub fn start_syn_defense(self: &Arc<Self>, port: u16) -> Option<Arc<SynDefense>> {
+        let rt = self.runtime();
+        let settings = rt.config.syn.clone()?;
+        let weak = Arc::downgrade(self);
+        let penalize: Arc<dyn Fn(std::net::IpAddr) + Send + Sync> = Arc::new(move |ip| {
+            if let Some(app) = weak.upgrade() {
+                app.penalize_syn_flood(ip);
+            }
+        });
+        let data_dir = rt.config.state.as_ref().map(|s| s.data_dir.clone());
+        let defense = SynDefense::start(settings, port, rt.config.shield.ipv6_prefix, data_dir, penalize);
+        let _ = self.syn.set(defense.clone());
+        Some(defense)
+    }
+
+    /// The SYN-flood defense, when running.
+    pub fn syn(&self) -> Option<&Arc<SynDefense>> {
+        self.syn.get()
+    }
+
+    /// Whether the SYN-flood defense has banned this client.
+    pub fn syn_banned(&self, ip: std::net::IpAddr) -> bool {
+        self.syn.get().is_some_and(|d| d.is_banned(ip))
+    }
+
+    fn penalize_syn_flood(&self, ip: std::net::IpAddr) {
+        let rt = self.runtime();
+        let (Some(rep), Some(points)) = (
+            rt.shield.reputation(),
+            rt.config.syn.as_ref().map(|s| s.reputation_penalty),
+        ) else {
+            return;
+        };
+        let key = rt.shield.key_for_ip(ip);
+        rep.penalize(&key, points, EventKind::SynFlood, self.now());
+        Metrics::inc(&self.metrics.penalties, "syn_flood");
+        self.persist_score(&rt, &key);
     }
 
     /// Opens the durable state (when configured) and restores the scores
@@ -442,6 +486,14 @@ impl App {
         }
         let addresses = self.admission.addresses();
         self.table_gauges("connections".into(), addresses.len(), addresses.overflowed());
+        if let Some(syn) = self.syn.get() {
+            let (seen, rate, active, total, half_open) = syn.gauges();
+            m.syn_seen.set(i64::try_from(seen).unwrap_or(i64::MAX));
+            m.syn_per_second.set(i64::try_from(rate).unwrap_or(i64::MAX));
+            m.syn_bans_active.set(active as i64);
+            m.syn_bans.set(i64::try_from(total).unwrap_or(i64::MAX));
+            m.syn_half_open.set(half_open as i64);
+        }
         if let Some(cell) = &rt.shield.config().store {
             let info = cell.load().info();
             m.store_entries
@@ -583,6 +635,14 @@ impl App {
                 headers: req.headers(),
             })
         };
+        if decision.rejection.is_none() && !decision.exempt && self.syn_banned(decision.client_ip) {
+            let rejection = Rejection {
+                reason: RejectReason::Denylisted,
+                retry_after_secs: None,
+                quota: None,
+            };
+            decision.apply(rejection, palisade_core::Mode::Enforce);
+        }
         if let Some(cluster) = &self.cluster
             && decision.rejection.is_none()
             && !decision.exempt

@@ -79,6 +79,9 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     if let Some(cfg) = app.runtime().config.watchdog.clone() {
         crate::tasks::spawn(watchdog(app.clone(), cfg, stopped.clone()));
     }
+    if let Some(defense) = app.start_syn_defense(proxy_listener.local_addr()?.port()) {
+        crate::tasks::spawn(defense.run(stopped.clone()));
+    }
     let running = Running {
         proxy_addr: proxy_listener.local_addr()?,
         admin_addr: admin_listener.local_addr()?,
@@ -205,6 +208,9 @@ fn admit(app: &App, ip: IpAddr) -> Result<Permit, &'static str> {
     let allowed = cfg.allow.iter().any(|n| n.contains(&ip));
     if cfg.deny.iter().any(|n| n.contains(&ip)) && !allowed {
         return Err(Refusal::Denylisted.as_str());
+    }
+    if app.syn_banned(ip) && !allowed {
+        return Err("syn_flood");
     }
     let per_address = !cfg.trusted_proxies.contains(ip) && !allowed;
     app.admission

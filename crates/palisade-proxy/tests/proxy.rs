@@ -466,7 +466,8 @@ async fn ipv6_clients_are_served_and_limited_by_prefix() {
     let toml = format!(
         "[server]\nlisten = \"[::1]:0\"\nupstreams = [\"http://{upstream}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[rate_limit]\nrate = 3\n"
     );
-    let config = palisade_proxy::config::Config::parse(&toml, "v6.toml", &Default::default()).unwrap();
+    let mut config = palisade_proxy::config::Config::parse(&toml, "v6.toml", &Default::default()).unwrap();
+    config.syn = None;
     let running = palisade_proxy::start(config).await.unwrap();
     let stream = tokio::net::TcpStream::connect(running.proxy_addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))

@@ -73,9 +73,16 @@ impl Harness {
 }
 
 /// A config on ephemeral loopback ports with admin token `test-token`.
+/// The SYN defense stays off unless `rest` configures it: as root it would
+/// change the host's firewall, which only the namespace tests may do.
 pub fn config_text(upstream_url: &str, server: &str, rest: &str) -> String {
+    let syn = if rest.contains("[syn]") {
+        ""
+    } else {
+        "[syn]\nenabled = false\n"
+    };
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{upstream_url}\"]\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n{rest}\n"
+        "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{upstream_url}\"]\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n{rest}\n{syn}"
     )
 }
 

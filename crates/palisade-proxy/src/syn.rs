@@ -1,0 +1,624 @@
+//! SYN-flood defense in the daemon (F5, F6, F14).
+//!
+//! * A capture thread reads every SYN to our listener from an `AF_PACKET`
+//!   socket (palisade-kernel's BPF filter) and flags a source the moment it
+//!   and the global rate are over their thresholds.
+//! * A ban thread installs what queued meanwhile as one firewall batch,
+//!   records how long after the source's first SYN the ban landed, takes
+//!   `reputation_penalty` points from it, and persists the ban list.
+//! * A poll task reads the kernel's TCP counters and half-open sockets,
+//!   switches `tcp_syncookies` on when SYN-ACK retransmits dominate for
+//!   long enough (and back when they stop), expires bans, and reconciles
+//!   the kernel's set with our list.
+//!
+//! Without `CAP_NET_RAW` there is no capture (counters only); without
+//! `CAP_NET_ADMIN` the firewall is a dry run. Both are said at start.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use palisade_core::{Clock as _, MonotonicClock, unix_now};
+use palisade_kernel::capture::{SynCapture, SynRates, SynThresholds};
+use palisade_kernel::firewall::{DryRun, Firewall, Iptables, Nftables};
+use palisade_kernel::procnet::{TcpCounters, half_open, parse_tcp_table};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{FirewallChoice, SynSettings};
+
+const SYNCOOKIES: &str = "/proc/sys/net/ipv4/tcp_syncookies";
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One active ban.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ban {
+    /// The banned network (an IPv4 address or an IPv6 /64).
+    pub net: IpNet,
+    /// Unix seconds when it lapses.
+    pub until: u64,
+    /// `syn_flood` or `admin`.
+    pub reason: String,
+    /// SYNs/s from it when it was banned.
+    pub rate: u64,
+    /// Milliseconds from its first SYN to the ban in the kernel.
+    pub latency_ms: Option<f64>,
+}
+
+struct Offender {
+    ip: IpAddr,
+    first_seen: u64,
+    rate: u64,
+    global: u64,
+}
+
+/// The latest kernel view, for `/syn-stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Snapshot {
+    /// Per second over the last poll.
+    pub rates: TcpCounters,
+    /// SYN-RECV sockets on our port.
+    pub half_open: usize,
+    /// Sources with the most half-open connections.
+    pub half_open_top: Vec<(IpAddr, usize)>,
+    /// SYN-ACK retransmits ÷ (retransmits + passive opens), last poll.
+    pub retransmit_ratio: f64,
+    /// `net.ipv4.tcp_syncookies` now (None: unreadable).
+    pub syncookies: Option<u8>,
+    /// We switched syncookies on (and will restore the old value).
+    pub syncookies_forced: bool,
+}
+
+/// The running defense.
+pub struct SynDefense {
+    settings: SynSettings,
+    port: u16,
+    v6_prefix: u8,
+    firewall: Box<dyn Firewall>,
+    capturing: bool,
+    bans: Mutex<BTreeMap<IpNet, Ban>>,
+    banned: ArcSwap<HashSet<IpNet>>,
+    rates: Mutex<SynRates>,
+    snapshot: Mutex<Snapshot>,
+    bans_path: Option<PathBuf>,
+    clock: MonotonicClock,
+    stop: Arc<AtomicBool>,
+    syns: AtomicU64,
+    bans_total: AtomicU64,
+    attack: AtomicBool,
+}
+
+impl std::fmt::Debug for SynDefense {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SynDefense")
+            .field("firewall", &self.firewall.name())
+            .field("capturing", &self.capturing)
+            .finish_non_exhaustive()
+    }
+}
+
+fn choose_firewall(choice: FirewallChoice, timeout: Duration) -> (Box<dyn Firewall>, Option<String>) {
+    let nft = Nftables::new(timeout);
+    let ipt = Iptables::new(timeout);
+    let mut why = Vec::new();
+    let candidates: Vec<Box<dyn Firewall>> = match choice {
+        FirewallChoice::DryRun => return (Box::new(DryRun::default()), None),
+        FirewallChoice::Nftables => vec![Box::new(nft)],
+        FirewallChoice::Iptables => vec![Box::new(ipt)],
+        FirewallChoice::Auto => vec![Box::new(nft), Box::new(ipt)],
+    };
+    for fw in candidates {
+        match fw.setup() {
+            Ok(()) => return (fw, (!why.is_empty()).then(|| why.join("; "))),
+            Err(e) => why.push(format!("{}: {e}", fw.name())),
+        }
+    }
+    (Box::new(DryRun::default()), Some(why.join("; ")))
+}
+
+impl SynDefense {
+    /// Starts capture (when permitted), the firewall and the ban thread;
+    /// restores persisted bans. `penalize` is called for every offender.
+    pub fn start(
+        settings: SynSettings,
+        port: u16,
+        v6_prefix: u8,
+        data_dir: Option<PathBuf>,
+        penalize: Arc<dyn Fn(IpAddr) + Send + Sync>,
+    ) -> Arc<Self> {
+        let (firewall, fallback) = choose_firewall(settings.firewall, settings.ban_duration);
+        if let Some(why) = &fallback {
+            tracing::warn!("SYN defense: bans are a dry run (nothing changes in the kernel): {why}");
+        }
+        let capture = match SynCapture::open() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(
+                    "SYN defense: no per-source SYN capture ({e}; needs CAP_NET_RAW): kernel counters only"
+                );
+                None
+            }
+        };
+        let thresholds = SynThresholds {
+            global_per_sec: settings.global_threshold,
+            source_per_sec: settings.source_threshold,
+        };
+        let bans_path = data_dir.map(|d| d.join("bans.json"));
+        let defense = Arc::new(Self {
+            port,
+            v6_prefix,
+            capturing: capture.is_some(),
+            bans: Mutex::new(BTreeMap::new()),
+            banned: ArcSwap::from_pointee(HashSet::new()),
+            rates: Mutex::new(SynRates::new(thresholds, 100_000)),
+            snapshot: Mutex::new(Snapshot::default()),
+            bans_path,
+            clock: MonotonicClock::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            syns: AtomicU64::new(0),
+            bans_total: AtomicU64::new(0),
+            attack: AtomicBool::new(false),
+            firewall,
+            settings,
+        });
+        defense.restore();
+        let (tx, rx) = mpsc::sync_channel::<Offender>(4096);
+        {
+            let d = defense.clone();
+            let spawned = std::thread::Builder::new()
+                .name("palisade-bans".into())
+                .spawn(move || d.ban_loop(&rx, &*penalize));
+            if let Err(e) = spawned {
+                tracing::error!("SYN defense: cannot start the ban thread: {e}");
+            }
+        }
+        if let Some(cap) = capture {
+            let d = defense.clone();
+            let spawned = std::thread::Builder::new()
+                .name("palisade-syn".into())
+                .spawn(move || d.capture_loop(&cap, &tx));
+            if let Err(e) = spawned {
+                tracing::error!("SYN defense: cannot start the capture thread: {e}");
+            }
+        }
+        tracing::info!(
+            port,
+            capture = defense.capturing,
+            firewall = defense.firewall.name(),
+            global_threshold = defense.settings.global_threshold,
+            source_threshold = defense.settings.source_threshold,
+            "SYN defense on"
+        );
+        defense
+    }
+
+    /// The ban key of an address: itself, or its IPv6 prefix.
+    pub fn key(&self, ip: IpAddr) -> IpNet {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => IpNet::from(IpAddr::V4(a)),
+            IpAddr::V6(a) => {
+                IpNet::new(IpAddr::V6(a), self.v6_prefix).map_or(IpNet::from(IpAddr::V6(a)), |n| n.trunc())
+            }
+        }
+    }
+
+    /// Whether `ip` is banned (checked at accept and per request).
+    #[inline]
+    pub fn is_banned(&self, ip: IpAddr) -> bool {
+        let set = self.banned.load();
+        !set.is_empty() && set.contains(&self.key(ip))
+    }
+
+    fn capture_loop(&self, cap: &SynCapture, tx: &mpsc::SyncSender<Offender>) {
+        let mut first_seen: HashMap<IpAddr, u64> = HashMap::new();
+        let mut reported: HashSet<IpAddr> = HashSet::new();
+        while !self.stop.load(Ordering::Acquire) {
+            let syn = match cap.next() {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    // A quiet 100 ms: the flood (if any) is over for these.
+                    if first_seen.len() > 10_000 {
+                        first_seen.clear();
+                    }
+                    reported.clear();
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("SYN capture failed, stopping it: {e}");
+                    return;
+                }
+            };
+            if syn.port != self.port {
+                continue;
+            }
+            self.syns.fetch_add(1, Ordering::Relaxed);
+            let now = self.clock.now();
+            let source = syn.source.to_canonical();
+            let seen = lock(&self.rates).record(source, now);
+            if first_seen.len() < 100_000 {
+                first_seen.entry(source).or_insert(now);
+            }
+            self.attack.store(
+                seen.global_per_sec > self.settings.global_threshold,
+                Ordering::Relaxed,
+            );
+            if seen.offender && !reported.contains(&source) && !self.is_banned(source) {
+                reported.insert(source);
+                let _ = tx.try_send(Offender {
+                    ip: source,
+                    first_seen: first_seen.get(&source).copied().unwrap_or(now),
+                    rate: seen.source_per_sec,
+                    global: seen.global_per_sec,
+                });
+            }
+        }
+    }
+
+    fn ban_loop(&self, rx: &mpsc::Receiver<Offender>, penalize: &(dyn Fn(IpAddr) + Send + Sync)) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while let Ok(o) = rx.try_recv() {
+                batch.push(o);
+            }
+            batch.retain(|o| !self.is_banned(o.ip));
+            if batch.is_empty() {
+                continue;
+            }
+            let ttl = self.settings.ban_duration;
+            let nets: Vec<(IpNet, Duration)> = batch.iter().map(|o| (self.key(o.ip), ttl)).collect();
+            if let Err(e) = self.firewall.ban(&nets) {
+                tracing::error!("SYN defense: ban failed: {e}");
+                continue;
+            }
+            let done = self.clock.now();
+            let until = unix_now() + ttl.as_secs();
+            for o in &batch {
+                let latency = done.saturating_sub(o.first_seen) as f64 / 1e6;
+                tracing::warn!(
+                    source = %o.ip,
+                    syn_per_sec = o.rate,
+                    global_syn_per_sec = o.global,
+                    latency_ms = latency,
+                    firewall = self.firewall.name(),
+                    "SYN flood: source banned for {}s",
+                    ttl.as_secs()
+                );
+                self.record(Ban {
+                    net: self.key(o.ip),
+                    until,
+                    reason: "syn_flood".into(),
+                    rate: o.rate,
+                    latency_ms: Some(latency),
+                });
+                lock(&self.rates).forget(&o.ip);
+                penalize(o.ip);
+            }
+            self.persist();
+        }
+    }
+
+    fn record(&self, ban: Ban) {
+        let mut bans = lock(&self.bans);
+        bans.insert(ban.net, ban);
+        self.bans_total.fetch_add(1, Ordering::Relaxed);
+        self.banned.store(Arc::new(bans.keys().copied().collect()));
+    }
+
+    /// Bans a network by hand (admin API).
+    pub fn ban(&self, net: IpNet, ttl: Duration) -> Result<(), String> {
+        let net = net.trunc();
+        self.firewall.ban(&[(net, ttl)]).map_err(|e| e.to_string())?;
+        self.record(Ban {
+            net,
+            until: unix_now() + ttl.as_secs(),
+            reason: "admin".into(),
+            rate: 0,
+            latency_ms: None,
+        });
+        self.persist();
+        Ok(())
+    }
+
+    /// Lifts a ban. Returns whether there was one.
+    pub fn unban(&self, net: IpNet) -> Result<bool, String> {
+        let net = net.trunc();
+        self.firewall.unban(&[net]).map_err(|e| e.to_string())?;
+        let mut bans = lock(&self.bans);
+        let had = bans.remove(&net).is_some();
+        self.banned.store(Arc::new(bans.keys().copied().collect()));
+        drop(bans);
+        self.persist();
+        Ok(had)
+    }
+
+    /// Active bans.
+    pub fn bans(&self) -> Vec<Ban> {
+        lock(&self.bans).values().cloned().collect()
+    }
+
+    fn persist(&self) {
+        let Some(path) = &self.bans_path else { return };
+        let bans = self.bans();
+        let text = serde_json::to_string_pretty(&bans).unwrap_or_default();
+        if let Err(e) = write_atomically(path, text.as_bytes()) {
+            tracing::error!("SYN defense: bans not persisted: {e}");
+        }
+    }
+
+    fn restore(&self) {
+        let Some(path) = &self.bans_path else { return };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::error!("{}: {e}", path.display());
+                return;
+            }
+        };
+        let bans: Vec<Ban> = match serde_json::from_str(&text) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("{}: not a ban list, ignored: {e}", path.display());
+                return;
+            }
+        };
+        let now = unix_now();
+        let live: Vec<Ban> = bans.into_iter().filter(|b| b.until > now).collect();
+        let nets: Vec<(IpNet, Duration)> = live
+            .iter()
+            .map(|b| (b.net, Duration::from_secs(b.until - now)))
+            .collect();
+        if let Err(e) = self.firewall.ban(&nets) {
+            tracing::error!("SYN defense: restoring {} bans failed: {e}", nets.len());
+            return;
+        }
+        let n = live.len();
+        for b in live {
+            self.record(b);
+        }
+        if n > 0 {
+            tracing::info!(bans = n, "SYN defense: bans restored");
+        }
+    }
+
+    /// Polls the kernel until `stop`: counters, half-open sockets,
+    /// syncookies, ban expiry, reconciliation.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut last = TcpCounters::read().ok();
+        let mut last_at = self.clock.now();
+        let mut high_since: Option<u64> = None;
+        let mut low_since: Option<u64> = None;
+        let mut restore_to: Option<u8> = None;
+        let mut reconciled = 0u64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = stop.changed() => break,
+            }
+            let now = self.clock.now();
+            let dt = (now.saturating_sub(last_at) as f64 / 1e9).max(1e-3);
+            last_at = now;
+            let mut snap = Snapshot::default();
+            if let Ok(current) = TcpCounters::read() {
+                if let Some(prev) = &last {
+                    let d = current.since(prev);
+                    let per_sec = |v: u64| (v as f64 / dt).round() as u64;
+                    snap.rates = TcpCounters {
+                        syncookies_sent: per_sec(d.syncookies_sent),
+                        syncookies_recv: per_sec(d.syncookies_recv),
+                        syncookies_failed: per_sec(d.syncookies_failed),
+                        listen_overflows: per_sec(d.listen_overflows),
+                        listen_drops: per_sec(d.listen_drops),
+                        req_q_full_do_cookies: per_sec(d.req_q_full_do_cookies),
+                        syn_retrans: per_sec(d.syn_retrans),
+                        passive_opens: per_sec(d.passive_opens),
+                        out_segs: per_sec(d.out_segs),
+                        retrans_segs: per_sec(d.retrans_segs),
+                    };
+                    let attempts = d.syn_retrans + d.passive_opens;
+                    snap.retransmit_ratio = if attempts == 0 {
+                        0.0
+                    } else {
+                        d.syn_retrans as f64 / attempts as f64
+                    };
+                }
+                last = Some(current);
+            }
+            let mut sockets = Vec::new();
+            for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+                if let Ok(text) = std::fs::read_to_string(table)
+                    && let Ok(s) = parse_tcp_table(&text)
+                {
+                    sockets.extend(s);
+                }
+            }
+            let (total, per_source) = half_open(&sockets, &[self.port]);
+            snap.half_open = total;
+            let mut top: Vec<(IpAddr, usize)> = per_source.into_iter().collect();
+            top.sort_by_key(|e| std::cmp::Reverse(e.1));
+            top.truncate(10);
+            snap.half_open_top = top;
+            // Sustained SYN-ACK retransmits: turn syncookies on; restore
+            // once the ratio has stayed below half of it as long.
+            let after = u64::try_from(self.settings.syncookies_after.as_nanos()).unwrap_or(u64::MAX);
+            if snap.retransmit_ratio > self.settings.syncookies_ratio {
+                low_since = None;
+                let since = *high_since.get_or_insert(now);
+                if now - since >= after && restore_to.is_none() {
+                    match set_syncookies(1) {
+                        Ok(old) if old != 1 => {
+                            restore_to = Some(old);
+                            tracing::warn!(
+                                ratio = snap.retransmit_ratio,
+                                seconds = self.settings.syncookies_after.as_secs(),
+                                "SYN-ACK retransmits dominate: net.ipv4.tcp_syncookies=1"
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("cannot set {SYNCOOKIES}: {e}"),
+                    }
+                }
+            } else {
+                high_since = None;
+                if snap.retransmit_ratio < self.settings.syncookies_ratio / 2.0 {
+                    let since = *low_since.get_or_insert(now);
+                    if let Some(old) = restore_to
+                        && now - since >= after
+                    {
+                        if set_syncookies(old).is_ok() {
+                            tracing::info!(
+                                "SYN-ACK retransmits back to normal: net.ipv4.tcp_syncookies={old}"
+                            );
+                        }
+                        restore_to = None;
+                    }
+                }
+            }
+            snap.syncookies = std::fs::read_to_string(SYNCOOKIES)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
+            snap.syncookies_forced = restore_to.is_some();
+            *lock(&self.snapshot) = snap;
+            self.expire();
+            if now.saturating_sub(reconciled) >= RECONCILE_EVERY.as_nanos() as u64 {
+                reconciled = now;
+                self.reconcile();
+            }
+        }
+        if let Some(old) = restore_to {
+            let _ = set_syncookies(old);
+        }
+        self.shutdown();
+    }
+
+    fn expire(&self) {
+        let now = unix_now();
+        let expired: Vec<IpNet> = lock(&self.bans)
+            .values()
+            .filter(|b| b.until <= now)
+            .map(|b| b.net)
+            .collect();
+        for net in expired {
+            if let Err(e) = self.unban(net) {
+                tracing::error!("SYN defense: lifting an expired ban failed: {e}");
+            }
+        }
+    }
+
+    /// Makes the kernel hold exactly our bans: re-adds what disappeared
+    /// (someone flushed the set), removes what we do not know.
+    fn reconcile(&self) {
+        let Ok(kernel) = self.firewall.list() else { return };
+        let now = unix_now();
+        let ours = self.bans();
+        let missing: Vec<(IpNet, Duration)> = ours
+            .iter()
+            .filter(|b| !kernel.contains(&b.net) && b.until > now)
+            .map(|b| (b.net, Duration::from_secs(b.until - now)))
+            .collect();
+        let known: HashSet<IpNet> = ours.iter().map(|b| b.net).collect();
+        let extra: Vec<IpNet> = kernel.iter().filter(|n| !known.contains(n)).copied().collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            tracing::warn!(
+                missing = missing.len(),
+                unknown = extra.len(),
+                "SYN defense: kernel bans drifted from ours; repairing"
+            );
+            let _ = self.firewall.ban(&missing);
+            let _ = self.firewall.unban(&extra);
+        }
+    }
+
+    /// Stops capture and removes our firewall rules (bans stay persisted).
+    pub fn shutdown(&self) {
+        if self.stop.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.firewall.teardown() {
+            tracing::warn!("SYN defense: removing firewall rules: {e}");
+        }
+    }
+
+    /// `/syn-stats`.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let now = self.clock.now();
+        let snap = lock(&self.snapshot).clone();
+        let rates = lock(&self.rates);
+        let top: Vec<serde_json::Value> = rates
+            .top(10, now)
+            .into_iter()
+            .map(|(ip, r)| serde_json::json!({ "ip": ip, "syn_per_sec": r }))
+            .collect();
+        let syn_per_sec = rates.global_per_sec(now);
+        let tracked = rates.tracked();
+        drop(rates);
+        let unix = unix_now();
+        let bans: Vec<serde_json::Value> = self
+            .bans()
+            .into_iter()
+            .map(|b| {
+                serde_json::json!({
+                    "net": b.net, "expires_in_secs": b.until.saturating_sub(unix), "reason": b.reason,
+                    "syn_per_sec": b.rate, "ban_latency_ms": b.latency_ms,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "port": self.port,
+            "capture": self.capturing,
+            "firewall": self.firewall.name(),
+            "syn_per_sec": syn_per_sec,
+            "syns_total": self.syns.load(Ordering::Relaxed),
+            "sources_tracked": tracked,
+            "attack": self.attack.load(Ordering::Relaxed) && syn_per_sec > self.settings.global_threshold,
+            "kernel_per_sec": snap.rates,
+            "half_open": snap.half_open,
+            "half_open_top": snap.half_open_top.iter().map(|(ip, n)| serde_json::json!({"ip": ip, "half_open": n})).collect::<Vec<_>>(),
+            "retransmit_ratio": (snap.retransmit_ratio * 1000.0).round() / 1000.0,
+            "syncookies": snap.syncookies,
+            "syncookies_forced": snap.syncookies_forced,
+            "top_sources": top,
+            "bans": bans,
+            "bans_total": self.bans_total.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Figures for `/metrics`: (SYNs seen, SYN/s, active bans, bans total, half-open).
+    pub fn gauges(&self) -> (u64, u64, usize, u64, usize) {
+        let now = self.clock.now();
+        (
+            self.syns.load(Ordering::Relaxed),
+            lock(&self.rates).global_per_sec(now),
+            lock(&self.bans).len(),
+            self.bans_total.load(Ordering::Relaxed),
+            lock(&self.snapshot).half_open,
+        )
+    }
+}
+
+/// Writes the sysctl; returns the value it had.
+fn set_syncookies(value: u8) -> std::io::Result<u8> {
+    let old = std::fs::read_to_string(SYNCOOKIES)?.trim().parse().unwrap_or(1);
+    std::fs::write(SYNCOOKIES, format!("{value}\n"))?;
+    Ok(old)
+}
+
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
