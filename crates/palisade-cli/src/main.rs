@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use palisade_proxy::config::{Config, Overrides, QUICKSTART};
 use palisade_proxy::proxy::ConfigSource;
 
+mod bans;
 mod store;
 
 /// Anti-DDoS reverse proxy: per-client rate limits, IP reputation,
@@ -57,6 +58,8 @@ enum Command {
         /// The file.
         file: PathBuf,
     },
+    /// Kernel bans of a running daemon (admin API): list, add, del.
+    Bans(bans::BansArgs),
     /// Reputation store snapshots: build, lookup, apply-delta, info.
     Store {
         #[command(subcommand)]
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         },
+        Command::Bans(args) => bans::run(args),
         Command::Store { command } => match store::run(command) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
@@ -231,6 +235,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         println!("  metrics      http://{admin}{metrics_path}");
         println!("  reputation   curl http://{admin}/api/v1/reputation/127.0.0.1");
+        match running.app.syn() {
+            Some(d) => println!(
+                "  SYN defense  curl http://{admin}/syn-stats  (capture {}, bans: {})",
+                if d.capturing() {
+                    "on"
+                } else {
+                    "off: needs root/CAP_NET_RAW"
+                },
+                match d.firewall_name() {
+                    "dry-run" => "dry-run, needs root/CAP_NET_ADMIN and nftables or iptables",
+                    name => name,
+                }
+            ),
+            None => println!("  SYN defense  off"),
+        }
         if let (true, Some(t)) = (made_up_token, &token) {
             println!("  admin token  {t}  (PALISADE_ADMIN_TOKEN chooses your own)");
         }

@@ -254,6 +254,41 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
     // 70 - 30, plus a few seconds of recovery at 1 point/minute.
     assert!(rep["score"].as_f64().unwrap() < 41.0, "{rep}");
 
+    // The operator's view and hands: palisade bans list|del|add.
+    let cli = |args: &[&str]| {
+        let out = srv
+            .exec(
+                &[
+                    &[env!("CARGO_BIN_EXE_palisade"), "bans"][..],
+                    args,
+                    &["--admin", "127.0.0.1:9090", "--token", "t"],
+                ]
+                .concat(),
+            )
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bans {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = cli(&["list"]);
+    assert!(
+        listed.contains("198.18.3.2/32") && listed.contains("syn_flood"),
+        "{listed}"
+    );
+    cli(&["del", "198.18.3.2/32"]);
+    eventually("the unbanned attacker connects again", || {
+        get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_some()
+    });
+    cli(&["add", "198.18.3.2", "--duration", "5m"]);
+    assert!(
+        get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none(),
+        "the admin ban did not hold"
+    );
+    assert!(cli(&["list"]).contains("admin"));
+
     // Exit removes our rules; a restart restores the ban from the data dir.
     stop(daemon);
     let tables = String::from_utf8(srv.exec(&["nft", "list", "tables"]).unwrap().stdout).unwrap();

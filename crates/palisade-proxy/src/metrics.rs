@@ -193,6 +193,9 @@ pub struct Metrics {
     pub syn_bans: Gauge,
     /// Half-open (SYN-RECV) connections on the listener.
     pub syn_half_open: Gauge,
+    /// The kernel's TCP counters per second, by `kind` (syncookies_sent,
+    /// listen_overflows, listen_drops, syn_retrans, passive_opens, ...).
+    pub kernel_tcp: Family<KindLabel, Gauge>,
 }
 
 /// Score buckets, matching `Reputation::distribution`.
@@ -440,7 +443,14 @@ impl Metrics {
             "Half-open (SYN-RECV) connections on the listener",
             syn_half_open.clone(),
         );
+        let kernel_tcp = Family::default();
+        registry.register(
+            "kernel_tcp_per_second",
+            "The kernel's TCP counters per second (SYN defense poll)",
+            kernel_tcp.clone(),
+        );
         let m = Self {
+            kernel_tcp,
             syn_seen,
             syn_per_second,
             syn_bans_active,

@@ -493,6 +493,22 @@ impl App {
             m.syn_bans_active.set(active as i64);
             m.syn_bans.set(i64::try_from(total).unwrap_or(i64::MAX));
             m.syn_half_open.set(half_open as i64);
+            let k = syn.kernel_rates();
+            for (kind, v) in [
+                ("syncookies_sent", k.syncookies_sent),
+                ("syncookies_recv", k.syncookies_recv),
+                ("syncookies_failed", k.syncookies_failed),
+                ("listen_overflows", k.listen_overflows),
+                ("listen_drops", k.listen_drops),
+                ("req_q_full_do_cookies", k.req_q_full_do_cookies),
+                ("syn_retrans", k.syn_retrans),
+                ("passive_opens", k.passive_opens),
+                ("retrans_segs", k.retrans_segs),
+            ] {
+                m.kernel_tcp
+                    .get_or_create(&metrics::KindLabel { kind })
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
         }
         if let Some(cell) = &rt.shield.config().store {
             let info = cell.load().info();

@@ -591,6 +591,21 @@ impl SynDefense {
         })
     }
 
+    /// The kernel's TCP counters per second over the last poll.
+    pub fn kernel_rates(&self) -> TcpCounters {
+        lock(&self.snapshot).rates
+    }
+
+    /// The firewall in use (`nftables`, `iptables`, `dry-run`).
+    pub fn firewall_name(&self) -> &'static str {
+        self.firewall.name()
+    }
+
+    /// Whether per-source SYN capture runs.
+    pub fn capturing(&self) -> bool {
+        self.capturing
+    }
+
     /// Figures for `/metrics`: (SYNs seen, SYN/s, active bans, bans total, half-open).
     pub fn gauges(&self) -> (u64, u64, usize, u64, usize) {
         let now = self.clock.now();
