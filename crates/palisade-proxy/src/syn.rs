@@ -51,6 +51,9 @@ pub struct Ban {
     pub rate: u64,
     /// Milliseconds from its first SYN to the ban in the kernel.
     pub latency_ms: Option<f64>,
+    /// Milliseconds the firewall took to install the batch it was in.
+    #[serde(default)]
+    pub install_ms: Option<f64>,
 }
 
 struct Offender {
@@ -274,11 +277,13 @@ impl SynDefense {
             }
             let ttl = self.settings.ban_duration;
             let nets: Vec<(IpNet, Duration)> = batch.iter().map(|o| (self.key(o.ip), ttl)).collect();
+            let started = self.clock.now();
             if let Err(e) = self.firewall.ban(&nets) {
                 tracing::error!("SYN defense: ban failed: {e}");
                 continue;
             }
             let done = self.clock.now();
+            let install = done.saturating_sub(started) as f64 / 1e6;
             let until = unix_now() + ttl.as_secs();
             for o in &batch {
                 let latency = done.saturating_sub(o.first_seen) as f64 / 1e6;
@@ -287,6 +292,8 @@ impl SynDefense {
                     syn_per_sec = o.rate,
                     global_syn_per_sec = o.global,
                     latency_ms = latency,
+                    install_ms = install,
+                    batch = batch.len(),
                     firewall = self.firewall.name(),
                     "SYN flood: source banned for {}s",
                     ttl.as_secs()
@@ -297,6 +304,7 @@ impl SynDefense {
                     reason: "syn_flood".into(),
                     rate: o.rate,
                     latency_ms: Some(latency),
+                    install_ms: Some(install),
                 });
                 lock(&self.rates).forget(&o.ip);
                 penalize(o.ip);
@@ -322,6 +330,7 @@ impl SynDefense {
             reason: "admin".into(),
             rate: 0,
             latency_ms: None,
+            install_ms: None,
         });
         self.persist();
         Ok(())
@@ -567,7 +576,7 @@ impl SynDefense {
             .map(|b| {
                 serde_json::json!({
                     "net": b.net, "expires_in_secs": b.until.saturating_sub(unix), "reason": b.reason,
-                    "syn_per_sec": b.rate, "ban_latency_ms": b.latency_ms,
+                    "syn_per_sec": b.rate, "ban_latency_ms": b.latency_ms, "install_ms": b.install_ms,
                 })
             })
             .collect();
