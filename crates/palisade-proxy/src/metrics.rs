@@ -513,6 +513,19 @@ impl Metrics {
         for kind in ["published", "applied", "dropped"] {
             let _ = self.cluster_events.get_or_create(&KindLabel { kind });
         }
+        for kind in [
+            "syncookies_sent",
+            "syncookies_recv",
+            "syncookies_failed",
+            "listen_overflows",
+            "listen_drops",
+            "req_q_full_do_cookies",
+            "syn_retrans",
+            "passive_opens",
+            "retrans_segs",
+        ] {
+            let _ = self.kernel_tcp.get_or_create(&KindLabel { kind });
+        }
         let kinds: [(&Family<KindLabel, Counter>, &[&'static str]); 9] = [
             (
                 &self.would_block,
