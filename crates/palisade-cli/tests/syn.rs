@@ -169,7 +169,7 @@ fn config_with(dir: &std::path::Path, firewall: &str, extra: &str) -> std::path:
             "[server]\nlisten = \"198.18.3.1:8080\"\nupstreams = [\"http://127.0.0.1:8081\"]\n\
              [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t\"\n\
              [state]\ndata_dir = \"{}\"\n\
-             [syn]\nfirewall = \"{firewall}\"\npoll_interval = \"100ms\"\n{extra}",
+             [syn]\nfirewall = \"{firewall}\"\npoll_interval = \"100ms\"\nreconcile_interval = \"300ms\"\n{extra}",
             dir.join(firewall).display()
         ),
     )
@@ -214,6 +214,8 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
         .find(|b| b["net"] == "198.18.3.2/32")
         .unwrap_or_else(|| panic!("not banned: {stats}"));
     assert_eq!(ban["reason"], "syn_flood");
+    assert_eq!(stats["mitigation"]["state"], "bans_active", "{stats}");
+    assert!(stats["syns_total"].as_u64().unwrap() >= 100, "{stats}");
     let latency = ban["ban_latency_ms"].as_f64().unwrap();
     let install = ban["install_ms"].as_f64().unwrap();
     // The kernel set holds it, and its rule dropped the rest of the flood.
@@ -254,6 +256,19 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
     assert_eq!(rep["events"][0]["kind"], "syn_flood", "{rep}");
     // 70 - 30, plus a few seconds of recovery at 1 point/minute.
     assert!(rep["score"].as_f64().unwrap() < 41.0, "{rep}");
+
+    // Someone flushes our set: the reconciler puts the ban back.
+    srv.run(&["nft", "flush", "set", "inet", "palisade", "ban4"])
+        .unwrap();
+    eventually("the flushed ban is repaired", || {
+        let set = String::from_utf8(
+            srv.exec(&["nft", "-j", "list", "set", "inet", "palisade", "ban4"])
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        set.contains("198.18.3.2")
+    });
 
     // The operator's view and hands: palisade bans list|del|add.
     let cli = |args: &[&str]| {
@@ -464,6 +479,70 @@ fn a_spoofed_flood_is_survived_with_syncookies() {
         stats["bans"].as_array().unwrap().is_empty(),
         "spoofed sources were banned: {stats}"
     );
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn synproxy_answers_handshakes_when_asked_to() {
+    let Some((srv, att)) = topology() else { return };
+    let dir = std::env::temp_dir().join(format!("palisade-syn-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    srv.run(&["ip", "route", "add", "default", "via", "198.18.3.2"])
+        .unwrap();
+    let _demo = Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                srv.name(),
+                env!("CARGO_BIN_EXE_palisade"),
+                "demo-upstream",
+                "--listen",
+                "127.0.0.1:8081",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let daemon = start(
+        &srv,
+        &config_with(
+            &dir,
+            "nftables",
+            "synproxy_ports = [8080]\n[connections]\nnew_per_ip_per_second = 0\n",
+        ),
+    );
+    let ruleset = String::from_utf8(srv.exec(&["nft", "list", "ruleset"]).unwrap().stdout).unwrap();
+    assert!(ruleset.contains("synproxy mss 1460"), "{ruleset}");
+    eventually("the client is served through SYNPROXY", || {
+        get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
+    // Handshakes are completed by netfilter: none sits half-open on the
+    // listener, and a burst of clients is served.
+    let served = (0..20)
+        .filter(|_| {
+            get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/")
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        })
+        .count();
+    assert_eq!(served, 20);
+    let chain = String::from_utf8(
+        srv.exec(&["nft", "list", "chain", "inet", "palisade", "syn_proxy"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let handled: u64 = chain
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // Each handshake passes the SYNPROXY rule twice (SYN, then ACK).
+    assert!(handled >= 40, "SYNPROXY saw {handled} packets: {chain}");
+    let stats = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+    assert_eq!(stats["half_open"], 0, "{stats}");
     stop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -127,6 +127,7 @@ pub struct Nftables {
     table: String,
     netns: Option<String>,
     default_timeout: Duration,
+    synproxy: Vec<u16>,
 }
 
 impl Nftables {
@@ -136,7 +137,17 @@ impl Nftables {
             table: "palisade".into(),
             netns: None,
             default_timeout,
+            synproxy: Vec::new(),
         }
+    }
+
+    /// Answers handshakes to `ports` with the kernel's SYNPROXY: a SYN gets
+    /// a cookie SYN-ACK from netfilter, and only a client that completes the
+    /// handshake reaches the listener (no conntrack or SYN-queue entry per
+    /// spoofed SYN). Needs conntrack; `nf_conntrack_tcp_loose` should be 0.
+    pub fn with_synproxy(mut self, ports: &[u16]) -> Self {
+        self.synproxy = ports.to_vec();
+        self
     }
 
     /// Works inside network namespace `ns` (tests, and hosts where the
@@ -233,7 +244,7 @@ impl Firewall for Nftables {
             ]}}})
         };
         let chain = json!({"family": "inet", "table": t, "name": "prerouting"});
-        self.batch(vec![
+        let mut commands = vec![
             json!({"add": {"table": {"family": "inet", "name": t}}}),
             set("ban4", "ipv4_addr"),
             set("ban6", "ipv6_addr"),
@@ -242,7 +253,50 @@ impl Firewall for Nftables {
             json!({"flush": {"chain": chain}}),
             rule("ip", "ban4"),
             rule("ip6", "ban6"),
-        ])
+        ];
+        if !self.synproxy.is_empty() {
+            let ports = json!({"match": {"op": "==",
+                "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": {"set": self.synproxy}}});
+            let chain = |name: &str, hook: &str, prio: i32| {
+                [
+                    json!({"add": {"chain": {"family": "inet", "table": t, "name": name,
+                        "type": "filter", "hook": hook, "prio": prio, "policy": "accept"}}}),
+                    json!({"flush": {"chain": {"family": "inet", "table": t, "name": name}}}),
+                ]
+            };
+            let rule = |chain: &str, expr: Vec<Value>| json!({"add": {"rule": {"family": "inet", "table": t, "chain": chain, "expr": expr}}});
+            // SYNs skip conntrack (after the ban rules, which run at -300)...
+            commands.extend(chain("syn_notrack", "prerouting", -299));
+            commands.push(rule(
+                "syn_notrack",
+                vec![
+                    ports.clone(),
+                    json!({"match": {"op": "==", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                        ["fin", "syn", "rst", "ack"]]}, "right": "syn"}}),
+                    json!({"notrack": null}),
+                ],
+            ));
+            // ...and SYNPROXY answers them and the ACKs that come back.
+            commands.extend(chain("syn_proxy", "input", 0));
+            commands.push(rule(
+                "syn_proxy",
+                vec![
+                    ports.clone(),
+                    json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["invalid", "untracked"]}}),
+                    json!({"counter": null}),
+                    json!({"synproxy": {"mss": 1460, "wscale": 7, "flags": ["timestamp", "sack-perm"]}}),
+                ],
+            ));
+            commands.push(rule(
+                "syn_proxy",
+                vec![
+                    ports,
+                    json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}}),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
+        self.batch(commands)
     }
 
     fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError> {

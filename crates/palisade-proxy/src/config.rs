@@ -110,6 +110,10 @@ pub struct SynSettings {
     pub syncookies_after: Duration,
     /// Reputation points an offender loses.
     pub reputation_penalty: u8,
+    /// Ports whose handshakes nftables SYNPROXY answers (empty: off).
+    pub synproxy_ports: Vec<u16>,
+    /// How often the kernel's ban set is checked against ours.
+    pub reconcile_interval: Duration,
 }
 
 /// `syn.firewall`.
@@ -382,6 +386,8 @@ struct RawSyn {
     syncookies_ratio: f64,
     syncookies_after: String,
     reputation_penalty: u8,
+    synproxy_ports: Vec<u16>,
+    reconcile_interval: String,
 }
 
 impl Default for RawSyn {
@@ -396,6 +402,8 @@ impl Default for RawSyn {
             syncookies_ratio: 0.85,
             syncookies_after: "5m".into(),
             reputation_penalty: 30,
+            synproxy_ports: Vec::new(),
+            reconcile_interval: "10s".into(),
         }
     }
 }
@@ -1007,6 +1015,19 @@ impl RawConfig {
             syncookies_ratio: y.syncookies_ratio,
             syncookies_after: duration(&y.syncookies_after, p!("syn", "syncookies_after"))?,
             reputation_penalty: y.reputation_penalty.min(100),
+            synproxy_ports: {
+                if y.synproxy_ports.contains(&0) {
+                    return Err(at(p!("syn", "synproxy_ports"), "ports are 1-65535"));
+                }
+                if !y.synproxy_ports.is_empty() && firewall == FirewallChoice::Iptables {
+                    return Err(at(
+                        p!("syn", "synproxy_ports"),
+                        "SYNPROXY is set up through nftables",
+                    ));
+                }
+                y.synproxy_ports.clone()
+            },
+            reconcile_interval: duration(&y.reconcile_interval, p!("syn", "reconcile_interval"))?,
         }))
     }
 

@@ -32,7 +32,6 @@ use serde::{Deserialize, Serialize};
 use crate::config::{FirewallChoice, SynSettings};
 
 const SYNCOOKIES: &str = "/proc/sys/net/ipv4/tcp_syncookies";
-const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -108,8 +107,12 @@ impl std::fmt::Debug for SynDefense {
     }
 }
 
-fn choose_firewall(choice: FirewallChoice, timeout: Duration) -> (Box<dyn Firewall>, Option<String>) {
-    let nft = Nftables::new(timeout);
+fn choose_firewall(
+    choice: FirewallChoice,
+    timeout: Duration,
+    synproxy: &[u16],
+) -> (Box<dyn Firewall>, Option<String>) {
+    let nft = Nftables::new(timeout).with_synproxy(synproxy);
     let ipt = Iptables::new(timeout);
     let mut why = Vec::new();
     let candidates: Vec<Box<dyn Firewall>> = match choice {
@@ -137,7 +140,26 @@ impl SynDefense {
         data_dir: Option<PathBuf>,
         penalize: Arc<dyn Fn(IpAddr) + Send + Sync>,
     ) -> Arc<Self> {
-        let (firewall, fallback) = choose_firewall(settings.firewall, settings.ban_duration);
+        let (firewall, fallback) =
+            choose_firewall(settings.firewall, settings.ban_duration, &settings.synproxy_ports);
+        if !settings.synproxy_ports.is_empty() {
+            if firewall.name() == "nftables" {
+                // SYNPROXY only sees the client's ACK if conntrack does not
+                // adopt mid-stream packets (the namespace's own sysctl).
+                const LOOSE: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose";
+                match std::fs::write(LOOSE, "0\n") {
+                    Ok(()) => tracing::info!(
+                        ports = ?settings.synproxy_ports,
+                        "SYN defense: SYNPROXY answers handshakes (net.netfilter.nf_conntrack_tcp_loose=0)"
+                    ),
+                    Err(e) => {
+                        tracing::warn!("SYN defense: SYNPROXY set up, but {LOOSE}: {e}; handshakes may fail")
+                    }
+                }
+            } else {
+                tracing::warn!("SYN defense: SYNPROXY needs nftables; not set up");
+            }
+        }
         if let Some(why) = &fallback {
             tracing::warn!("SYN defense: bans are a dry run (nothing changes in the kernel): {why}");
         }
@@ -497,7 +519,7 @@ impl SynDefense {
             snap.syncookies_forced = restore_to.is_some();
             *lock(&self.snapshot) = snap;
             self.expire();
-            if now.saturating_sub(reconciled) >= RECONCILE_EVERY.as_nanos() as u64 {
+            if now.saturating_sub(reconciled) >= self.settings.reconcile_interval.as_nanos() as u64 {
                 reconciled = now;
                 self.reconcile();
             }
@@ -580,14 +602,33 @@ impl SynDefense {
                 })
             })
             .collect();
+        let attack = self.attack.load(Ordering::Relaxed) && syn_per_sec > self.settings.global_threshold;
+        // What is being done about it, most severe first.
+        let state = if snap.syncookies_forced {
+            "syncookies_forced"
+        } else if attack {
+            "banning_offenders"
+        } else if !bans.is_empty() {
+            "bans_active"
+        } else {
+            "normal"
+        };
         serde_json::json!({
+            "mitigation": {
+                "state": state,
+                "firewall": self.firewall.name(),
+                "capture": self.capturing,
+                "syncookies": snap.syncookies,
+                "syncookies_forced": snap.syncookies_forced,
+                "active_bans": bans.len(),
+            },
             "port": self.port,
             "capture": self.capturing,
             "firewall": self.firewall.name(),
             "syn_per_sec": syn_per_sec,
             "syns_total": self.syns.load(Ordering::Relaxed),
             "sources_tracked": tracked,
-            "attack": self.attack.load(Ordering::Relaxed) && syn_per_sec > self.settings.global_threshold,
+            "attack": attack,
             "kernel_per_sec": snap.rates,
             "half_open": snap.half_open,
             "half_open_top": snap.half_open_top.iter().map(|(ip, n)| serde_json::json!({"ip": ip, "half_open": n})).collect::<Vec<_>>(),
