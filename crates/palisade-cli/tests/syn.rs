@@ -21,44 +21,11 @@ impl Drop for Reaped {
     }
 }
 
-fn netns(tag: &str) -> Option<Netns> {
-    let ns = Netns::create(tag);
-    if ns.is_none() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "cannot create a network namespace in CI (needs root)"
-        );
-        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
-    }
-    ns
-}
-
 fn topology() -> Option<(Netns, Netns)> {
-    let srv = netns("synsrv")?;
-    let att = netns("synatt")?;
-    let ok = |ns: &Netns, args: &[&str]| ns.run(args).unwrap();
-    ok(
-        &srv,
-        &[
-            "ip",
-            "link",
-            "add",
-            "v0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "v1",
-            "netns",
-            att.name(),
-        ],
-    );
-    ok(&srv, &["ip", "addr", "add", "198.18.3.1/24", "dev", "v0"]);
-    ok(&srv, &["ip", "link", "set", "v0", "up"]);
-    ok(&srv, &["ip", "link", "set", "lo", "up"]);
-    ok(&att, &["ip", "addr", "add", "198.18.3.2/24", "dev", "v1"]);
-    ok(&att, &["ip", "addr", "add", "198.18.3.3/24", "dev", "v1"]);
-    ok(&att, &["ip", "link", "set", "v1", "up"]);
+    let srv = Netns::for_test("synsrv")?;
+    let att = Netns::for_test("synatt")?;
+    srv.link(&att, "198.18.3.1/24", &["198.18.3.2/24", "198.18.3.3/24"])
+        .unwrap();
     Some((srv, att))
 }
 
@@ -121,6 +88,38 @@ fn start(srv: &Netns, config: &std::path::Path) -> Reaped {
     panic!("palisade did not start:\n{log}");
 }
 
+/// The demo upstream on 127.0.0.1:8081 inside `srv`.
+fn demo(srv: &Netns) -> Reaped {
+    Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                srv.name(),
+                env!("CARGO_BIN_EXE_palisade"),
+                "demo-upstream",
+                "--listen",
+                "127.0.0.1:8081",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// What a program printed inside `ns`.
+fn out(ns: &Netns, args: &[&str]) -> String {
+    String::from_utf8(ns.exec(args).unwrap().stdout).unwrap()
+}
+
+/// A fresh directory for one test's config and data.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn stop(mut p: Reaped) {
     let _ = Command::new("kill")
         .args(["-TERM", &p.0.id().to_string()])
@@ -180,23 +179,8 @@ fn config_with(dir: &std::path::Path, firewall: &str, extra: &str) -> std::path:
 #[test]
 fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
     let Some((srv, att)) = topology() else { return };
-    let dir = std::env::temp_dir().join(format!("palisade-syn-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _demo = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                srv.name(),
-                env!("CARGO_BIN_EXE_palisade"),
-                "demo-upstream",
-                "--listen",
-                "127.0.0.1:8081",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let dir = scratch("palisade-syn");
+    let _demo = demo(&srv);
     let cfg = config(&dir, "nftables");
     let daemon = start(&srv, &cfg);
     eventually("the legit client is served", || {
@@ -214,24 +198,19 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
         .find(|b| b["net"] == "198.18.3.2/32")
         .unwrap_or_else(|| panic!("not banned: {stats}"));
     assert_eq!(ban["reason"], "syn_flood");
-    assert_eq!(stats["mitigation"]["state"], "bans_active", "{stats}");
+    // Right after the flood its last 100 ms may still count as an attack.
+    let state = stats["mitigation"]["state"].as_str().unwrap();
+    assert!(matches!(state, "bans_active" | "banning_offenders"), "{stats}");
     assert!(stats["syns_total"].as_u64().unwrap() >= 100, "{stats}");
     let latency = ban["ban_latency_ms"].as_f64().unwrap();
     let install = ban["install_ms"].as_f64().unwrap();
     // The kernel set holds it, and its rule dropped the rest of the flood.
-    let set = String::from_utf8(
-        srv.exec(&["nft", "-j", "list", "set", "inet", "palisade", "ban4"])
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let set = out(&srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
     assert!(set.contains("198.18.3.2"), "{set}");
-    let chain = String::from_utf8(
-        srv.exec(&["nft", "-j", "list", "chain", "inet", "palisade", "prerouting"])
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let chain = out(
+        &srv,
+        &["nft", "-j", "list", "chain", "inet", "palisade", "prerouting"],
+    );
     let chain: serde_json::Value = serde_json::from_str(&chain).unwrap();
     let dropped: u64 = chain["nftables"]
         .as_array()
@@ -261,12 +240,7 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
     srv.run(&["nft", "flush", "set", "inet", "palisade", "ban4"])
         .unwrap();
     eventually("the flushed ban is repaired", || {
-        let set = String::from_utf8(
-            srv.exec(&["nft", "-j", "list", "set", "inet", "palisade", "ban4"])
-                .unwrap()
-                .stdout,
-        )
-        .unwrap();
+        let set = out(&srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
         set.contains("198.18.3.2")
     });
 
@@ -307,15 +281,10 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
 
     // Exit removes our rules; a restart restores the ban from the data dir.
     stop(daemon);
-    let tables = String::from_utf8(srv.exec(&["nft", "list", "tables"]).unwrap().stdout).unwrap();
+    let tables = out(&srv, &["nft", "list", "tables"]);
     assert!(!tables.contains("palisade"), "rules left behind: {tables}");
     let again = start(&srv, &cfg);
-    let set = String::from_utf8(
-        srv.exec(&["nft", "-j", "list", "set", "inet", "palisade", "ban4"])
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let set = out(&srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
     assert!(set.contains("198.18.3.2"), "ban not restored: {set}");
     stop(again);
     let _ = std::fs::remove_dir_all(&dir);
@@ -324,8 +293,7 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
 #[test]
 fn in_dry_run_the_kernel_is_untouched() {
     let Some((srv, att)) = topology() else { return };
-    let dir = std::env::temp_dir().join(format!("palisade-syn-dry-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("palisade-syn-dry");
     let cfg = config(&dir, "dry-run");
     let daemon = start(&srv, &cfg);
     flood(&att, 3000);
@@ -339,7 +307,7 @@ fn in_dry_run_the_kernel_is_untouched() {
             .any(|b| b["net"] == "198.18.3.2/32"),
         "{stats}"
     );
-    let tables = String::from_utf8(srv.exec(&["nft", "list", "tables"]).unwrap().stdout).unwrap();
+    let tables = out(&srv, &["nft", "list", "tables"]);
     assert!(tables.trim().is_empty(), "a dry run changed the kernel: {tables}");
     stop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
@@ -348,17 +316,16 @@ fn in_dry_run_the_kernel_is_untouched() {
 #[test]
 fn without_nftables_the_iptables_path_bans() {
     let Some((srv, att)) = topology() else { return };
-    let dir = std::env::temp_dir().join(format!("palisade-syn-ipt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("palisade-syn-ipt");
     let daemon = start(&srv, &config(&dir, "iptables"));
     flood(&att, 3000);
     let stats = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
     assert_eq!(stats["firewall"], "iptables", "{stats}");
-    let set = String::from_utf8(srv.exec(&["ipset", "save", "palisade4"]).unwrap().stdout).unwrap();
+    let set = out(&srv, &["ipset", "save", "palisade4"]);
     assert!(set.contains("198.18.3.2"), "{set}");
     assert!(get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none());
     stop(daemon);
-    let rules = String::from_utf8(srv.exec(&["iptables", "-t", "raw", "-S"]).unwrap().stdout).unwrap();
+    let rules = out(&srv, &["iptables", "-t", "raw", "-S"]);
     assert!(!rules.contains("PALISADE"), "rules left behind: {rules}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -366,8 +333,7 @@ fn without_nftables_the_iptables_path_bans() {
 #[test]
 fn a_spoofed_flood_is_survived_with_syncookies() {
     let Some((srv, att)) = topology() else { return };
-    let dir = std::env::temp_dir().join(format!("palisade-syn-spoof-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("palisade-syn-spoof");
     // The namespace's own sysctls: syncookies on, a small SYN backlog so the
     // flood would overflow it without them.
     srv.run(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=1"]).unwrap();
@@ -377,21 +343,7 @@ fn a_spoofed_flood_is_survived_with_syncookies() {
     // does not forward: they end there, never leaving the test's namespaces.
     srv.run(&["ip", "route", "add", "default", "via", "198.18.3.2"])
         .unwrap();
-    let _demo = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                srv.name(),
-                env!("CARGO_BIN_EXE_palisade"),
-                "demo-upstream",
-                "--listen",
-                "127.0.0.1:8081",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _demo = demo(&srv);
     // The client below opens ~450 connections/s: far over the default
     // per-address rate of new connections (50/s), which Palisade would
     // rightly refuse at accept. Here the kernel's handshakes are measured.
@@ -399,7 +351,7 @@ fn a_spoofed_flood_is_survived_with_syncookies() {
         &srv,
         &config_with(&dir, "nftables", "[connections]\nnew_per_ip_per_second = 0\n"),
     );
-    let before = String::from_utf8(srv.exec(&["cat", "/proc/net/netstat"]).unwrap().stdout).unwrap();
+    let before = out(&srv, &["cat", "/proc/net/netstat"]);
     // Random source addresses: nothing to ban by address. Bounded: 30 000
     // SYNs at 10 000/s.
     let flood = {
@@ -453,7 +405,7 @@ fn a_spoofed_flood_is_survived_with_syncookies() {
         .join()
         .unwrap();
     flood.join().unwrap();
-    let after = String::from_utf8(srv.exec(&["cat", "/proc/net/netstat"]).unwrap().stdout).unwrap();
+    let after = out(&srv, &["cat", "/proc/net/netstat"]);
     let counters = |t: &str| palisade_kernel::procnet::parse_counters(t).unwrap();
     let (b, a) = (counters(&before), counters(&after));
     let delta = |k: &str| a.get(k).copied().unwrap_or(0) - b.get(k).copied().unwrap_or(0);
@@ -486,25 +438,10 @@ fn a_spoofed_flood_is_survived_with_syncookies() {
 #[test]
 fn synproxy_answers_handshakes_when_asked_to() {
     let Some((srv, att)) = topology() else { return };
-    let dir = std::env::temp_dir().join(format!("palisade-syn-proxy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("palisade-syn-proxy");
     srv.run(&["ip", "route", "add", "default", "via", "198.18.3.2"])
         .unwrap();
-    let _demo = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                srv.name(),
-                env!("CARGO_BIN_EXE_palisade"),
-                "demo-upstream",
-                "--listen",
-                "127.0.0.1:8081",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _demo = demo(&srv);
     let daemon = start(
         &srv,
         &config_with(
@@ -513,7 +450,7 @@ fn synproxy_answers_handshakes_when_asked_to() {
             "synproxy_ports = [8080]\n[connections]\nnew_per_ip_per_second = 0\n",
         ),
     );
-    let ruleset = String::from_utf8(srv.exec(&["nft", "list", "ruleset"]).unwrap().stdout).unwrap();
+    let ruleset = out(&srv, &["nft", "list", "ruleset"]);
     assert!(ruleset.contains("synproxy mss 1460"), "{ruleset}");
     eventually("the client is served through SYNPROXY", || {
         get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
@@ -527,12 +464,7 @@ fn synproxy_answers_handshakes_when_asked_to() {
         })
         .count();
     assert_eq!(served, 20);
-    let chain = String::from_utf8(
-        srv.exec(&["nft", "list", "chain", "inet", "palisade", "syn_proxy"])
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let chain = out(&srv, &["nft", "list", "chain", "inet", "palisade", "syn_proxy"]);
     let handled: u64 = chain
         .split("counter packets ")
         .nth(1)

@@ -29,6 +29,49 @@ impl Netns {
         ok.then_some(Self { name })
     }
 
+    /// For tests: a namespace, or `None` after printing why (no root).
+    /// Where `CI` is set, a missing privilege is a failure instead: CI runs
+    /// as root, so every kernel test must really run there.
+    pub fn for_test(tag: &str) -> Option<Self> {
+        let ns = Self::create(tag);
+        if ns.is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot create a network namespace in CI (needs root)"
+            );
+            eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
+        }
+        ns
+    }
+
+    /// Joins this namespace to `other` with a veth pair: `v0` here with
+    /// `local` (CIDR), `v1` there with every address of `remote`; both
+    /// ends and both loopbacks up.
+    pub fn link(&self, other: &Netns, local: &str, remote: &[&str]) -> Result<(), String> {
+        self.run(&[
+            "ip",
+            "link",
+            "add",
+            "v0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "v1",
+            "netns",
+            other.name(),
+        ])?;
+        self.run(&["ip", "addr", "add", local, "dev", "v0"])?;
+        for r in remote {
+            other.run(&["ip", "addr", "add", r, "dev", "v1"])?;
+        }
+        for (ns, dev) in [(self, "v0"), (other, "v1")] {
+            ns.run(&["ip", "link", "set", dev, "up"])?;
+            ns.run(&["ip", "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name

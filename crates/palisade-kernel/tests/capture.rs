@@ -9,42 +9,15 @@ use std::time::Duration;
 use palisade_kernel::capture::SynCapture;
 use palisade_kernel::netns::Netns;
 
-fn netns(tag: &str) -> Option<Netns> {
-    let ns = Netns::create(tag);
-    if ns.is_none() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "cannot create a network namespace in CI (needs root)"
-        );
-        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
-    }
-    ns
-}
-
 #[test]
 fn the_filter_lets_only_syns_through() {
-    let Some(srv) = netns("capsrv") else { return };
-    let Some(cli) = netns("capcli") else { return };
-    srv.run(&[
-        "ip",
-        "link",
-        "add",
-        "v0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "v1",
-        "netns",
-        cli.name(),
-    ])
-    .unwrap();
-    srv.run(&["ip", "addr", "add", "198.18.2.1/24", "dev", "v0"])
-        .unwrap();
-    srv.run(&["ip", "link", "set", "v0", "up"]).unwrap();
-    cli.run(&["ip", "addr", "add", "198.18.2.2/24", "dev", "v1"])
-        .unwrap();
-    cli.run(&["ip", "link", "set", "v1", "up"]).unwrap();
+    let Some(srv) = Netns::for_test("capsrv") else {
+        return;
+    };
+    let Some(cli) = Netns::for_test("capcli") else {
+        return;
+    };
+    srv.link(&cli, "198.18.2.1/24", &["198.18.2.2/24"]).unwrap();
     // Capture and an echo server, both in the server namespace.
     let capture = srv.enter(|| {
         let cap = SynCapture::open().unwrap();

@@ -11,49 +11,15 @@ use ipnet::IpNet;
 use palisade_kernel::firewall::{DryRun, Firewall, Iptables, Nftables};
 use palisade_kernel::netns::Netns;
 
-/// A namespace or, without root, a skip (a failure in CI).
-fn netns(tag: &str) -> Option<Netns> {
-    let ns = Netns::create(tag);
-    if ns.is_none() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "cannot create a network namespace in CI (needs root)"
-        );
-        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
-    }
-    ns
-}
-
 /// Server 198.18.0.1; attacker side 198.18.0.2 (to be banned) and
 /// 198.18.0.3 (clean).
 /// A TCP listener on 198.18.0.1:7000 in the server namespace accepts
 /// until the namespace goes away.
 fn pair() -> Option<(Netns, Netns)> {
-    let srv = netns("srv")?;
-    let att = netns("att")?;
-    let ok = |ns: &Netns, args: &[&str]| ns.run(args).unwrap();
-    ok(
-        &srv,
-        &[
-            "ip",
-            "link",
-            "add",
-            "v0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "v1",
-            "netns",
-            att.name(),
-        ],
-    );
-    ok(&srv, &["ip", "addr", "add", "198.18.0.1/24", "dev", "v0"]);
-    ok(&srv, &["ip", "link", "set", "v0", "up"]);
-    ok(&srv, &["ip", "link", "set", "lo", "up"]);
-    ok(&att, &["ip", "addr", "add", "198.18.0.2/24", "dev", "v1"]);
-    ok(&att, &["ip", "addr", "add", "198.18.0.3/24", "dev", "v1"]);
-    ok(&att, &["ip", "link", "set", "v1", "up"]);
+    let srv = Netns::for_test("srv")?;
+    let att = Netns::for_test("att")?;
+    srv.link(&att, "198.18.0.1/24", &["198.18.0.2/24", "198.18.0.3/24"])
+        .unwrap();
     let listener = srv
         .enter(|| TcpListener::bind("198.18.0.1:7000").unwrap())
         .join()
