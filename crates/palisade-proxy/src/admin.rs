@@ -162,7 +162,7 @@ async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
         let Ok(net) = parse_net(net) else {
             return error(StatusCode::BAD_REQUEST, "not an IP address or CIDR");
         };
-        return match d.unban(net) {
+        return match d.unban_shared(net) {
             Ok(true) => json(StatusCode::OK, &serde_json::json!({ "unbanned": net })),
             Ok(false) => error(StatusCode::NOT_FOUND, "not banned"),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),

@@ -15,9 +15,11 @@
 //! client sending `r` requests/s to each node: with two nodes, 50 ms and a
 //! client at 150 req/s per node, about 8 over a limit of 100.
 //!
-//! **Reputation.** Score changes (penalties, operator changes) are appended
+//! **Reputation and bans.** Score changes (penalties, operator changes) and
+//! kernel bans (SYN defense) are appended
 //! to a Redis stream (`{prefix}:events`) and kept in a hash
-//! (`{prefix}:rep`, one field per client, with its expiry); the braces are
+//! (`{prefix}:rep` and `{prefix}:bans`, one field per client, with its
+//! expiry); the braces are
 //! a hash tag, so in a Redis Cluster these keys share a slot. Every node reads
 //! the stream each interval and applies what other nodes did; a node that
 //! starts or reconnects reads the hash first, so it catches up.
@@ -62,11 +64,14 @@ local p = tonumber(redis.call('GET', KEYS[2]) or '0')
 return {c, p}
 ";
 
-/// A score change, as it travels between nodes.
+/// A score change or a kernel ban, as it travels between nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScoreEvent {
     /// The client (address, or IPv6 prefix).
     pub net: IpNet,
+    /// A kernel ban (SYN defense) rather than a score: `expires` is when it
+    /// lapses, a past `expires` lifts it, `score` is unused.
+    pub ban: bool,
     /// The new score; `None`: forgotten.
     pub score: Option<u8>,
     /// Unix seconds after which the change no longer matters (0: never).
@@ -81,7 +86,7 @@ impl ScoreEvent {
         format!("{score} {} {}", self.expires, self.at_ms)
     }
 
-    fn parse(net: &str, value: &str) -> Option<Self> {
+    fn parse(net: &str, value: &str, ban: bool) -> Option<Self> {
         let mut parts = value.split(' ');
         let score = match parts.next()? {
             "-" => None,
@@ -89,6 +94,7 @@ impl ScoreEvent {
         };
         Some(Self {
             net: net.parse().ok()?,
+            ban,
             score,
             expires: parts.next()?.parse().ok()?,
             at_ms: parts.next()?.parse().ok()?,
@@ -96,7 +102,12 @@ impl ScoreEvent {
     }
 
     fn live(&self, now_ms: u64) -> bool {
-        self.expires == 0 || self.expires * 1000 > now_ms
+        (self.expires == 0 && !self.ban) || self.expires * 1000 > now_ms
+    }
+
+    /// Whether it still says something to apply (a live score or ban).
+    fn current(&self, now_ms: u64) -> bool {
+        self.live(now_ms) && (self.ban || self.score.is_some())
     }
 }
 
@@ -228,7 +239,7 @@ pub struct Cluster {
     inbox: Mutex<Option<mpsc::Receiver<ScoreEvent>>>,
     /// Live score changes this node made, re-published after Redis comes
     /// back empty (bounded like the durable state).
-    known: Mutex<HashMap<IpNet, ScoreEvent>>,
+    known: Mutex<HashMap<(IpNet, bool), ScoreEvent>>,
     published: AtomicU64,
     applied: AtomicU64,
     errors: AtomicU64,
@@ -334,12 +345,13 @@ impl Cluster {
     pub fn publish(&self, event: ScoreEvent, metrics: &Metrics) {
         {
             let mut known = lock(&self.known);
-            if known.len() >= self.max_clients && !known.contains_key(&event.net) {
+            let key = (event.net, event.ban);
+            if known.len() >= self.max_clients && !known.contains_key(&key) {
                 let now = unix_now_ms();
-                known.retain(|_, e| e.live(now) && e.score.is_some());
+                known.retain(|_, e| e.current(now));
             }
             if known.len() < self.max_clients {
-                known.insert(event.net, event);
+                known.insert(key, event);
             }
         }
         if self.outbox.try_send(event).is_err() {
@@ -655,7 +667,7 @@ async fn publish(cluster: &Cluster, c: &mut Conn, pending: &mut Vec<ScoreEvent>)
         return Ok(());
     }
     let stream = cluster.key("events");
-    let hash = cluster.key("rep");
+    let now = unix_now_ms();
     let mut pipe = redis::pipe();
     for e in pending.iter() {
         let net = e.net.to_string();
@@ -669,10 +681,13 @@ async fn publish(cluster: &Cluster, c: &mut Conn, pending: &mut Vec<ScoreEvent>)
             .arg(&cluster.node)
             .arg("net")
             .arg(&net)
+            .arg("k")
+            .arg(if e.ban { "ban" } else { "score" })
             .arg("v")
             .arg(e.value())
             .ignore();
-        if e.score.is_some() {
+        let hash = cluster.key(if e.ban { "bans" } else { "rep" });
+        if e.current(now) {
             pipe.cmd("HSET").arg(&hash).arg(&net).arg(e.value()).ignore();
         } else {
             pipe.cmd("HDEL").arg(&hash).arg(&net).ignore();
@@ -713,8 +728,9 @@ async fn read_events(
                 if fields.get("node").map(String::as_str) == Some(cluster.node.as_str()) {
                     continue;
                 }
+                let ban = fields.get("k").map(String::as_str) == Some("ban");
                 if let (Some(net), Some(v)) = (fields.get("net"), fields.get("v"))
-                    && let Some(e) = ScoreEvent::parse(net, v)
+                    && let Some(e) = ScoreEvent::parse(net, v, ban)
                 {
                     app.apply_cluster_event(&e);
                     cluster.applied.fetch_add(1, Ordering::AcqRel);
@@ -738,18 +754,19 @@ async fn catch_up(
     let now = unix_now_ms();
     let mine: Vec<ScoreEvent> = lock(&cluster.known)
         .values()
-        .filter(|e| e.live(now))
+        .filter(|e| e.current(now))
         .copied()
         .collect();
-    let hash = cluster.key("rep");
     if !mine.is_empty() {
         let mut pipe = redis::pipe();
         for e in &mine {
-            let net = e.net.to_string();
-            if e.score.is_some() {
-                // Only where the hash does not hold something newer.
-                pipe.cmd("HSETNX").arg(&hash).arg(&net).arg(e.value()).ignore();
-            }
+            // Only where the hash does not hold something newer.
+            let hash = cluster.key(if e.ban { "bans" } else { "rep" });
+            pipe.cmd("HSETNX")
+                .arg(&hash)
+                .arg(e.net.to_string())
+                .arg(e.value())
+                .ignore();
         }
         c.query::<()>(&pipe).await?;
     }
@@ -766,25 +783,30 @@ async fn catch_up(
     } else {
         *stream_id = "0-0".into();
     }
-    let mut pipe = redis::pipe();
-    pipe.cmd("HGETALL").arg(&hash);
-    let (all,): (HashMap<String, String>,) = c.query(&pipe).await?;
-    let mut expired = Vec::new();
-    for (net, v) in &all {
-        match ScoreEvent::parse(net, v) {
-            Some(e) if e.live(now) => {
-                app.apply_cluster_event(&e);
-                cluster.applied.fetch_add(1, Ordering::AcqRel);
+    let mut total = 0;
+    for (name, ban) in [("rep", false), ("bans", true)] {
+        let hash = cluster.key(name);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(&hash);
+        let (all,): (HashMap<String, String>,) = c.query(&pipe).await?;
+        total += all.len();
+        let mut expired = Vec::new();
+        for (net, v) in &all {
+            match ScoreEvent::parse(net, v, ban) {
+                Some(e) if e.current(now) => {
+                    app.apply_cluster_event(&e);
+                    cluster.applied.fetch_add(1, Ordering::AcqRel);
+                }
+                _ => expired.push(net.clone()),
             }
-            _ => expired.push(net.clone()),
+        }
+        if !expired.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HDEL").arg(&hash).arg(expired).ignore();
+            c.query::<()>(&pipe).await?;
         }
     }
-    if !expired.is_empty() {
-        let mut pipe = redis::pipe();
-        pipe.cmd("HDEL").arg(&hash).arg(expired).ignore();
-        c.query::<()>(&pipe).await?;
-    }
-    tracing::info!(node = %cluster.node, clients = all.len(), "cluster state caught up from redis");
+    tracing::info!(node = %cluster.node, entries = total, "cluster state caught up from redis");
     Ok(())
 }
 

@@ -297,7 +297,20 @@ impl App {
             }
         });
         let data_dir = rt.config.state.as_ref().map(|s| s.data_dir.clone());
-        let defense = SynDefense::start(settings, port, rt.config.shield.ipv6_prefix, data_dir, penalize);
+        let weak = Arc::downgrade(self);
+        let share: Arc<dyn Fn(ipnet::IpNet, u64) + Send + Sync> = Arc::new(move |net, until| {
+            if let Some(app) = weak.upgrade() {
+                app.share_ban(net, until);
+            }
+        });
+        let defense = SynDefense::start(
+            settings,
+            port,
+            rt.config.shield.ipv6_prefix,
+            data_dir,
+            penalize,
+            share,
+        );
         let _ = self.syn.set(defense.clone());
         Some(defense)
     }
@@ -377,6 +390,7 @@ impl App {
         if let Some(cluster) = &self.cluster {
             let event = ScoreEvent {
                 net: entry.net,
+                ban: false,
                 score: entry.score,
                 expires: entry.expires,
                 at_ms: entry.at_ms,
@@ -385,8 +399,39 @@ impl App {
         }
     }
 
-    /// Applies a score change another node published.
+    /// Tells the other cluster nodes about a kernel ban (`until` in Unix
+    /// seconds; a past one lifts it).
+    pub fn share_ban(&self, net: ipnet::IpNet, until: u64) {
+        if let Some(cluster) = &self.cluster {
+            let event = ScoreEvent {
+                net,
+                ban: true,
+                score: None,
+                expires: until,
+                at_ms: palisade_core::unix_now_ms(),
+            };
+            cluster.publish(event, &self.metrics);
+        }
+    }
+
+    /// Applies a score change or ban another node published.
     pub fn apply_cluster_event(&self, e: &ScoreEvent) {
+        if e.ban {
+            let Some(syn) = self.syn.get() else {
+                tracing::debug!(net = %e.net, "cluster ban ignored: the SYN defense is off here");
+                return;
+            };
+            let now = palisade_core::unix_now();
+            let result = if e.expires > now {
+                syn.ban_from_cluster(e.net, e.expires)
+            } else {
+                syn.unban(e.net).map(drop)
+            };
+            if let Err(err) = result {
+                tracing::error!(net = %e.net, "cluster ban not applied: {err}");
+            }
+            return;
+        }
         let rt = self.runtime();
         let Some(rep) = rt.shield.reputation() else { return };
         let key = ClientKey::from_ip(e.net.addr(), rt.config.shield.ipv6_prefix);

@@ -93,6 +93,8 @@ pub struct SynDefense {
     bans_path: Option<PathBuf>,
     clock: MonotonicClock,
     stop: Arc<AtomicBool>,
+    /// Tells the cluster about bans made here.
+    share: Arc<dyn Fn(IpNet, u64) + Send + Sync>,
     syns: AtomicU64,
     bans_total: AtomicU64,
     attack: AtomicBool,
@@ -139,6 +141,7 @@ impl SynDefense {
         v6_prefix: u8,
         data_dir: Option<PathBuf>,
         penalize: Arc<dyn Fn(IpAddr) + Send + Sync>,
+        share: Arc<dyn Fn(IpNet, u64) + Send + Sync>,
     ) -> Arc<Self> {
         let (firewall, fallback) =
             choose_firewall(settings.firewall, settings.ban_duration, &settings.synproxy_ports);
@@ -188,6 +191,7 @@ impl SynDefense {
             bans_path,
             clock: MonotonicClock::new(),
             stop: Arc::new(AtomicBool::new(false)),
+            share,
             syns: AtomicU64::new(0),
             bans_total: AtomicU64::new(0),
             attack: AtomicBool::new(false),
@@ -330,6 +334,7 @@ impl SynDefense {
                 });
                 lock(&self.rates).forget(&o.ip);
                 penalize(o.ip);
+                (self.share)(self.key(o.ip), until);
             }
             self.persist();
         }
@@ -342,20 +347,45 @@ impl SynDefense {
         self.banned.store(Arc::new(bans.keys().copied().collect()));
     }
 
-    /// Bans a network by hand (admin API).
+    /// Bans a network by hand (admin API); the cluster hears of it.
     pub fn ban(&self, net: IpNet, ttl: Duration) -> Result<(), String> {
-        let net = net.trunc();
+        let until = unix_now() + ttl.as_secs();
+        self.ban_until(net.trunc(), until, "admin")?;
+        (self.share)(net.trunc(), until);
+        Ok(())
+    }
+
+    /// Applies a ban another node made (not shared again).
+    pub fn ban_from_cluster(&self, net: IpNet, until: u64) -> Result<(), String> {
+        if lock(&self.bans)
+            .get(&net.trunc())
+            .is_some_and(|b| b.until >= until)
+        {
+            return Ok(());
+        }
+        self.ban_until(net.trunc(), until, "cluster")
+    }
+
+    fn ban_until(&self, net: IpNet, until: u64, reason: &str) -> Result<(), String> {
+        let ttl = Duration::from_secs(until.saturating_sub(unix_now()).max(1));
         self.firewall.ban(&[(net, ttl)]).map_err(|e| e.to_string())?;
         self.record(Ban {
             net,
-            until: unix_now() + ttl.as_secs(),
-            reason: "admin".into(),
+            until,
+            reason: reason.into(),
             rate: 0,
             latency_ms: None,
             install_ms: None,
         });
         self.persist();
         Ok(())
+    }
+
+    /// Lifts a ban by hand (admin API); the cluster hears of it.
+    pub fn unban_shared(&self, net: IpNet) -> Result<bool, String> {
+        let had = self.unban(net)?;
+        (self.share)(net.trunc(), 1);
+        Ok(had)
     }
 
     /// Lifts a ban. Returns whether there was one.

@@ -444,3 +444,79 @@ async fn rediss_with_a_private_ca() {
         "serves anyway"
     );
 }
+
+#[tokio::test]
+async fn kernel_bans_reach_every_node() {
+    let Some(redis) = Redis::start() else { return };
+    // Dry-run firewalls: the bans are enforced at accept by each daemon,
+    // the host's kernel is left alone.
+    let syn = "[syn]\nfirewall = \"dry-run\"\n";
+    let a = node(&redis, "a", syn).await;
+    let b = node(&redis, "b", syn).await;
+    for h in [&a, &b] {
+        eventually("the node reaches redis", async || {
+            cluster_status(h).await["up"] == true
+        })
+        .await;
+    }
+    let send = async |h: &Harness, method: &str, path: &str, body: &str| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "admin")
+            .header("authorization", "Bearer test-token")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        h.admin_client().await.send(req).await
+    };
+    let listed = async |h: &Harness| send(h, "GET", "/api/v1/bans", "").await.2;
+    let (status, _, body) = send(
+        &a,
+        "POST",
+        "/api/v1/bans",
+        r#"{"ip": "127.0.0.50", "duration": "5m"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let took = eventually("B holds A's ban", async || {
+        listed(&b).await.contains("127.0.0.50/32")
+    })
+    .await;
+    eprintln!("kernel ban on node A held by node B after {took:?}");
+    assert!(listed(&b).await.contains("\"reason\":\"cluster\""));
+    // B refuses the banned address at accept.
+    let mut s = common::connect_from("127.0.0.50", b.proxy()).await;
+    let answer = {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .unwrap()
+            .map(|_| buf)
+    };
+    assert!(
+        answer.is_err() || answer.as_ref().is_ok_and(|b| b.is_empty()),
+        "B served a banned client: {answer:?}"
+    );
+    assert!(
+        metric(
+            &b.metrics().await,
+            "palisade_connections_refused_total{kind=\"syn_flood\"}"
+        ) >= 1.0
+    );
+    // A late node learns it from Redis; lifting it on A lifts it everywhere.
+    let late = node(&redis, "late", syn).await;
+    eventually("the late node holds the ban", async || {
+        listed(&late).await.contains("127.0.0.50/32")
+    })
+    .await;
+    let (status, _, body) = send(&a, "DELETE", "/api/v1/bans/127.0.0.50", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for h in [&b, &late] {
+        eventually("the ban is lifted everywhere", async || {
+            !listed(h).await.contains("127.0.0.50/32")
+        })
+        .await;
+    }
+}
