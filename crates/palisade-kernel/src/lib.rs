@@ -9,10 +9,13 @@
 //!   time slot, with the MSS encoded), for a SYN-cookie responder;
 //! * [`firewall`]: bans in the kernel through nftables (one batch per
 //!   change, never a shell string), iptables + ipset, or a dry run;
-//! * [`netns`]: network namespaces for tests and tools.
+//! * [`netns`]: network namespaces for tests and tools;
+//! * [`xdp`]: the XDP program (C, compiled by clang from `build.rs`) that
+//!   drops banned sources in the driver hook and counts SYNs per source.
 
 pub mod capture;
 pub mod cookie;
 pub mod firewall;
 pub mod netns;
 pub mod procnet;
+pub mod xdp;

@@ -1,0 +1,184 @@
+//! The XDP layer (SPEC F15): banned sources are dropped by the driver hook
+//! before the kernel allocates a socket buffer for them, and SYNs are
+//! counted per source in a kernel map.
+//!
+//! The program (`bpf/palisade.bpf.c`) is compiled by clang from `build.rs`
+//! and embedded; this module loads it with aya, attaches it to interfaces,
+//! and drives its maps: `ban4`/`ban6` (LPM tries, so CIDR and IPv6 /64 bans
+//! work), `syns` (per-CPU LRU hash of SYNs per source), `stats` (packets
+//! seen, dropped, SYNs).
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::{Xdp, XdpMode};
+use ipnet::IpNet;
+
+/// The compiled program; empty when clang was missing at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));
+
+/// XDP failed.
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    /// Built without clang: no program to load.
+    #[error("this build has no XDP program (clang and libbpf-dev were missing when it was compiled)")]
+    NotBuilt,
+    /// Loading, verifying or attaching failed.
+    #[error("{0}")]
+    Ebpf(String),
+}
+
+fn err(e: impl std::fmt::Display) -> XdpError {
+    XdpError::Ebpf(e.to_string())
+}
+
+/// Counters of the XDP program, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct XdpStats {
+    /// Packets seen.
+    pub seen: u64,
+    /// Packets dropped because their source is banned.
+    pub dropped: u64,
+    /// TCP SYNs seen (not banned).
+    pub syns: u64,
+}
+
+/// The loaded and attached program. Dropping it detaches it.
+pub struct XdpDefense {
+    ebpf: aya::Ebpf,
+    interfaces: Vec<String>,
+}
+
+impl std::fmt::Debug for XdpDefense {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdpDefense")
+            .field("interfaces", &self.interfaces)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The per-source key: IPv6, with IPv4 as `::ffff:a.b.c.d`.
+fn source_key(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+impl XdpDefense {
+    /// Whether this build carries the program.
+    pub fn built() -> bool {
+        !OBJECT.is_empty()
+    }
+
+    /// Loads the program and attaches it to every interface (generic
+    /// `Skb` mode works everywhere; `Default` lets the driver choose).
+    pub fn attach(interfaces: &[&str], mode: XdpMode) -> Result<Self, XdpError> {
+        if !Self::built() {
+            return Err(XdpError::NotBuilt);
+        }
+        let mut ebpf = aya::Ebpf::load(OBJECT).map_err(err)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("palisade_xdp")
+            .ok_or_else(|| err("program palisade_xdp missing from the object"))?
+            .try_into()
+            .map_err(err)?;
+        prog.load().map_err(err)?;
+        for i in interfaces {
+            prog.attach(i, mode)
+                .map_err(|e| err(format!("attaching to {i}: {e}")))?;
+        }
+        Ok(Self {
+            ebpf,
+            interfaces: interfaces.iter().map(|s| (*s).to_owned()).collect(),
+        })
+    }
+
+    /// Interfaces it is attached to.
+    pub fn interfaces(&self) -> &[String] {
+        &self.interfaces
+    }
+
+    /// Drops everything from `net` from now on.
+    pub fn ban(&mut self, net: IpNet) -> Result<(), XdpError> {
+        let net = net.trunc();
+        match net {
+            IpNet::V4(n) => {
+                let mut map: LpmTrie<&mut MapData, [u8; 4], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut("ban4").ok_or_else(|| err("no ban4 map"))?)
+                        .map_err(err)?;
+                map.insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), 1, 0)
+                    .map_err(err)
+            }
+            IpNet::V6(n) => {
+                let mut map: LpmTrie<&mut MapData, [u8; 16], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut("ban6").ok_or_else(|| err("no ban6 map"))?)
+                        .map_err(err)?;
+                map.insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), 1, 0)
+                    .map_err(err)
+            }
+        }
+    }
+
+    /// Lifts a ban (exact prefix); absent ones are ignored.
+    pub fn unban(&mut self, net: IpNet) -> Result<(), XdpError> {
+        let net = net.trunc();
+        let result = match net {
+            IpNet::V4(n) => {
+                let mut map: LpmTrie<&mut MapData, [u8; 4], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut("ban4").ok_or_else(|| err("no ban4 map"))?)
+                        .map_err(err)?;
+                map.remove(&Key::new(u32::from(n.prefix_len()), n.network().octets()))
+            }
+            IpNet::V6(n) => {
+                let mut map: LpmTrie<&mut MapData, [u8; 16], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut("ban6").ok_or_else(|| err("no ban6 map"))?)
+                        .map_err(err)?;
+                map.remove(&Key::new(u32::from(n.prefix_len()), n.network().octets()))
+            }
+        };
+        match result {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// The program's counters.
+    pub fn stats(&mut self) -> Result<XdpStats, XdpError> {
+        let map: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map_mut("stats").ok_or_else(|| err("no stats map"))?)
+                .map_err(err)?;
+        let sum = |i: u32| map.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        Ok(XdpStats {
+            seen: sum(0),
+            dropped: sum(1),
+            syns: sum(2),
+        })
+    }
+
+    /// SYNs counted per source since the last [`Self::clear_syns`].
+    pub fn syns_by_source(&mut self) -> Result<Vec<(IpAddr, u64)>, XdpError> {
+        let map: PerCpuHashMap<&mut MapData, [u8; 16], u64> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("syns").ok_or_else(|| err("no syns map"))?)
+                .map_err(err)?;
+        let mut out: Vec<(IpAddr, u64)> = map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv6Addr::from(k).to_canonical(), v.iter().sum::<u64>()))
+            .collect();
+        out.sort_by_key(|e| std::cmp::Reverse(e.1));
+        Ok(out)
+    }
+
+    /// Forgets one source's SYN count (after judging it).
+    pub fn clear_syns(&mut self, ip: IpAddr) -> Result<(), XdpError> {
+        let mut map: PerCpuHashMap<&mut MapData, [u8; 16], u64> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("syns").ok_or_else(|| err("no syns map"))?)
+                .map_err(err)?;
+        match map.remove(&source_key(ip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+}
