@@ -12,7 +12,9 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::Xdp;
+/// How the program is attached (re-exported from aya).
+pub use aya::programs::XdpMode;
 use ipnet::IpNet;
 
 /// The compiled program; empty when clang was missing at build time.
@@ -179,6 +181,66 @@ impl XdpDefense {
         match map.remove(&source_key(ip)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(err(e)),
+        }
+    }
+}
+
+/// The interfaces that carry `addr`: for an unspecified address (0.0.0.0,
+/// ::) every interface that is up and not loopback.
+pub fn interfaces_for(addr: IpAddr) -> std::io::Result<Vec<String>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut names = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated interface name.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+        let loopback = ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
+        let matches = if addr.is_unspecified() {
+            up && !loopback
+        } else {
+            // SAFETY: ifa_addr, when set, points at a sockaddr of its family.
+            unsafe { sockaddr_ip(ifa.ifa_addr) }.is_some_and(|a| a == addr.to_canonical())
+        };
+        if matches && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(names)
+}
+
+/// # Safety
+/// `sa` is null or points at a valid sockaddr.
+unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's contract; the family says which struct it is.
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*sa.cast::<libc::sockaddr_in>();
+                Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+            }
+            _ => None,
         }
     }
 }

@@ -46,12 +46,26 @@ fn xdp_drops_banned_sources_and_counts_syns() {
         .unwrap();
     std::thread::spawn(move || for _ in listener.incoming() {});
     let mut xdp = srv
-        .enter(|| XdpDefense::attach(&["v0"], aya::programs::XdpMode::Skb))
+        .enter(|| XdpDefense::attach(&["v0"], palisade_kernel::xdp::XdpMode::Skb))
         .join()
         .unwrap()
         .unwrap();
     let link = String::from_utf8(srv.exec(&["ip", "-d", "link", "show", "v0"]).unwrap().stdout).unwrap();
     assert!(link.contains("xdpgeneric"), "not attached: {link}");
+    let found = srv
+        .enter(|| {
+            (
+                palisade_kernel::xdp::interfaces_for("198.18.4.1".parse().unwrap()).unwrap(),
+                palisade_kernel::xdp::interfaces_for("0.0.0.0".parse().unwrap()).unwrap(),
+            )
+        })
+        .join()
+        .unwrap();
+    assert_eq!(
+        found,
+        (vec!["v0".to_owned()], vec!["v0".to_owned()]),
+        "the listen address's interfaces"
+    );
     assert!(reaches(&att, "198.18.4.2") && reaches(&att, "198.18.4.3"));
     let syns = xdp.syns_by_source().unwrap();
     for src in ["198.18.4.2", "198.18.4.3"] {

@@ -114,6 +114,8 @@ pub struct SynSettings {
     pub synproxy_ports: Vec<u16>,
     /// How often the kernel's ban set is checked against ours.
     pub reconcile_interval: Duration,
+    /// Attach the XDP program (F15) to the listener's interfaces.
+    pub xdp: bool,
 }
 
 /// `syn.firewall`.
@@ -388,6 +390,7 @@ struct RawSyn {
     reputation_penalty: u8,
     synproxy_ports: Vec<u16>,
     reconcile_interval: String,
+    xdp: String,
 }
 
 impl Default for RawSyn {
@@ -404,6 +407,7 @@ impl Default for RawSyn {
             reputation_penalty: 30,
             synproxy_ports: Vec::new(),
             reconcile_interval: "10s".into(),
+            xdp: "auto".into(),
         }
     }
 }
@@ -1028,6 +1032,16 @@ impl RawConfig {
                 y.synproxy_ports.clone()
             },
             reconcile_interval: duration(&y.reconcile_interval, p!("syn", "reconcile_interval"))?,
+            xdp: match y.xdp.as_str() {
+                "auto" => true,
+                "off" => false,
+                other => {
+                    return Err(at(
+                        p!("syn", "xdp"),
+                        format!("{other:?}: expected \"auto\" or \"off\""),
+                    ));
+                }
+            },
         }))
     }
 

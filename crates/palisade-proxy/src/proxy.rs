@@ -287,7 +287,7 @@ impl App {
     }
 
     /// Starts the SYN-flood defense (when configured) for the proxy port.
-    pub fn start_syn_defense(self: &Arc<Self>, port: u16) -> Option<Arc<SynDefense>> {
+    pub fn start_syn_defense(self: &Arc<Self>, listen: std::net::SocketAddr) -> Option<Arc<SynDefense>> {
         let rt = self.runtime();
         let settings = rt.config.syn.clone()?;
         let weak = Arc::downgrade(self);
@@ -305,7 +305,7 @@ impl App {
         });
         let defense = SynDefense::start(
             settings,
-            port,
+            listen,
             rt.config.shield.ipv6_prefix,
             data_dir,
             penalize,

@@ -79,7 +79,7 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     if let Some(cfg) = app.runtime().config.watchdog.clone() {
         crate::tasks::spawn(watchdog(app.clone(), cfg, stopped.clone()));
     }
-    if let Some(defense) = app.start_syn_defense(proxy_listener.local_addr()?.port()) {
+    if let Some(defense) = app.start_syn_defense(proxy_listener.local_addr()?) {
         crate::tasks::spawn(defense.run(stopped.clone()));
     }
     let running = Running {

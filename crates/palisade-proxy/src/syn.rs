@@ -27,6 +27,7 @@ use palisade_core::{Clock as _, MonotonicClock, unix_now};
 use palisade_kernel::capture::{SynCapture, SynRates, SynThresholds};
 use palisade_kernel::firewall::{DryRun, Firewall, Iptables, Nftables};
 use palisade_kernel::procnet::{TcpCounters, half_open, parse_tcp_table};
+use palisade_kernel::xdp::{XdpDefense, XdpMode, XdpStats, interfaces_for};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{FirewallChoice, SynSettings};
@@ -77,6 +78,8 @@ pub struct Snapshot {
     pub syncookies: Option<u8>,
     /// We switched syncookies on (and will restore the old value).
     pub syncookies_forced: bool,
+    /// The XDP program's counters (when attached).
+    pub xdp: Option<XdpStats>,
 }
 
 /// The running defense.
@@ -95,6 +98,10 @@ pub struct SynDefense {
     stop: Arc<AtomicBool>,
     /// Tells the cluster about bans made here.
     share: Arc<dyn Fn(IpNet, u64) + Send + Sync>,
+    /// The XDP layer, when attached.
+    xdp: Mutex<Option<XdpDefense>>,
+    /// Where offenders go (the capture thread and the XDP map reader).
+    offenders: Mutex<Option<mpsc::SyncSender<Offender>>>,
     syns: AtomicU64,
     bans_total: AtomicU64,
     attack: AtomicBool,
@@ -106,6 +113,41 @@ impl std::fmt::Debug for SynDefense {
             .field("firewall", &self.firewall.name())
             .field("capturing", &self.capturing)
             .finish_non_exhaustive()
+    }
+}
+
+/// Attaches the XDP program to the interfaces carrying `listen`, or says
+/// why not.
+fn attach_xdp(listen: std::net::SocketAddr) -> Option<XdpDefense> {
+    if !XdpDefense::built() {
+        tracing::info!(
+            "SYN defense: this build has no XDP program (built without clang): nftables and capture only"
+        );
+        return None;
+    }
+    let interfaces = match interfaces_for(listen.ip()) {
+        Ok(i) if !i.is_empty() => i,
+        Ok(_) => {
+            tracing::warn!(%listen, "SYN defense: no interface carries the listen address: XDP not attached");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!("SYN defense: listing interfaces failed ({e}): XDP not attached");
+            return None;
+        }
+    };
+    let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    match XdpDefense::attach(&names, XdpMode::Default) {
+        Ok(x) => {
+            tracing::info!(interfaces = ?interfaces, "SYN defense: XDP program attached (banned sources dropped in the driver hook)");
+            Some(x)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "SYN defense: XDP not attached ({e}; needs root and BPF): nftables and capture only"
+            );
+            None
+        }
     }
 }
 
@@ -137,7 +179,7 @@ impl SynDefense {
     /// restores persisted bans. `penalize` is called for every offender.
     pub fn start(
         settings: SynSettings,
-        port: u16,
+        listen: std::net::SocketAddr,
         v6_prefix: u8,
         data_dir: Option<PathBuf>,
         penalize: Arc<dyn Fn(IpAddr) + Send + Sync>,
@@ -180,6 +222,8 @@ impl SynDefense {
             source_per_sec: settings.source_threshold,
         };
         let bans_path = data_dir.map(|d| d.join("bans.json"));
+        let xdp = if settings.xdp { attach_xdp(listen) } else { None };
+        let port = listen.port();
         let defense = Arc::new(Self {
             port,
             v6_prefix,
@@ -192,6 +236,8 @@ impl SynDefense {
             clock: MonotonicClock::new(),
             stop: Arc::new(AtomicBool::new(false)),
             share,
+            xdp: Mutex::new(xdp),
+            offenders: Mutex::new(None),
             syns: AtomicU64::new(0),
             bans_total: AtomicU64::new(0),
             attack: AtomicBool::new(false),
@@ -200,6 +246,7 @@ impl SynDefense {
         });
         defense.restore();
         let (tx, rx) = mpsc::sync_channel::<Offender>(4096);
+        *lock(&defense.offenders) = Some(tx.clone());
         {
             let d = defense.clone();
             let spawned = std::thread::Builder::new()
@@ -221,6 +268,7 @@ impl SynDefense {
         tracing::info!(
             port,
             capture = defense.capturing,
+            xdp = ?lock(&defense.xdp).as_ref().map(|x| x.interfaces().to_vec()),
             firewall = defense.firewall.name(),
             global_threshold = defense.settings.global_threshold,
             source_threshold = defense.settings.source_threshold,
@@ -308,6 +356,7 @@ impl SynDefense {
                 tracing::error!("SYN defense: ban failed: {e}");
                 continue;
             }
+            self.xdp_ban(&nets);
             let done = self.clock.now();
             let install = done.saturating_sub(started) as f64 / 1e6;
             let until = unix_now() + ttl.as_secs();
@@ -340,6 +389,51 @@ impl SynDefense {
         }
     }
 
+    fn xdp_ban(&self, nets: &[(IpNet, Duration)]) {
+        if let Some(x) = lock(&self.xdp).as_mut() {
+            for (net, _) in nets {
+                if let Err(e) = x.ban(*net) {
+                    tracing::error!("SYN defense: XDP ban of {net} failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Judges sources by the XDP program's SYN counts (`dt` seconds since
+    /// the last look): the kernel-side twin of the capture thread.
+    fn judge_xdp(&self, dt: f64, last: &mut Option<XdpStats>) -> Option<XdpStats> {
+        let mut guard = lock(&self.xdp);
+        let x = guard.as_mut()?;
+        let stats = x.stats().ok()?;
+        let global = last.map_or(0, |l| stats.syns.saturating_sub(l.syns));
+        *last = Some(stats);
+        let global_rate = (global as f64 / dt) as u64;
+        let sources = x.syns_by_source().unwrap_or_default();
+        for (ip, _) in &sources {
+            let _ = x.clear_syns(*ip);
+        }
+        drop(guard);
+        if global_rate <= self.settings.global_threshold {
+            return Some(stats);
+        }
+        let tx = lock(&self.offenders).clone();
+        for (ip, n) in sources {
+            let rate = (n as f64 / dt) as u64;
+            if rate >= self.settings.source_threshold
+                && !self.is_banned(ip)
+                && let Some(tx) = &tx
+            {
+                let _ = tx.try_send(Offender {
+                    ip,
+                    first_seen: self.clock.now().saturating_sub((dt * 1e9) as u64),
+                    rate,
+                    global: global_rate,
+                });
+            }
+        }
+        Some(stats)
+    }
+
     fn record(&self, ban: Ban) {
         let mut bans = lock(&self.bans);
         bans.insert(ban.net, ban);
@@ -369,6 +463,7 @@ impl SynDefense {
     fn ban_until(&self, net: IpNet, until: u64, reason: &str) -> Result<(), String> {
         let ttl = Duration::from_secs(until.saturating_sub(unix_now()).max(1));
         self.firewall.ban(&[(net, ttl)]).map_err(|e| e.to_string())?;
+        self.xdp_ban(&[(net, ttl)]);
         self.record(Ban {
             net,
             until,
@@ -392,6 +487,11 @@ impl SynDefense {
     pub fn unban(&self, net: IpNet) -> Result<bool, String> {
         let net = net.trunc();
         self.firewall.unban(&[net]).map_err(|e| e.to_string())?;
+        if let Some(x) = lock(&self.xdp).as_mut()
+            && let Err(e) = x.unban(net)
+        {
+            tracing::error!("SYN defense: XDP unban failed: {e}");
+        }
         let mut bans = lock(&self.bans);
         let had = bans.remove(&net).is_some();
         self.banned.store(Arc::new(bans.keys().copied().collect()));
@@ -441,6 +541,7 @@ impl SynDefense {
             tracing::error!("SYN defense: restoring {} bans failed: {e}", nets.len());
             return;
         }
+        self.xdp_ban(&nets);
         let n = live.len();
         for b in live {
             self.record(b);
@@ -459,6 +560,7 @@ impl SynDefense {
         let mut low_since: Option<u64> = None;
         let mut restore_to: Option<u8> = None;
         let mut reconciled = 0u64;
+        let mut xdp_last: Option<XdpStats> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
@@ -547,6 +649,9 @@ impl SynDefense {
                 .ok()
                 .and_then(|v| v.trim().parse().ok());
             snap.syncookies_forced = restore_to.is_some();
+            if let Some(stats) = self.judge_xdp(dt, &mut xdp_last) {
+                snap.xdp = Some(stats);
+            }
             *lock(&self.snapshot) = snap;
             self.expire();
             if now.saturating_sub(reconciled) >= self.settings.reconcile_interval.as_nanos() as u64 {
@@ -606,6 +711,8 @@ impl SynDefense {
         if let Err(e) = self.firewall.teardown() {
             tracing::warn!("SYN defense: removing firewall rules: {e}");
         }
+        // Detaches the XDP program.
+        lock(&self.xdp).take();
     }
 
     /// `/syn-stats`.
@@ -665,6 +772,10 @@ impl SynDefense {
             "retransmit_ratio": (snap.retransmit_ratio * 1000.0).round() / 1000.0,
             "syncookies": snap.syncookies,
             "syncookies_forced": snap.syncookies_forced,
+            "xdp": {
+                "interfaces": lock(&self.xdp).as_ref().map(|x| x.interfaces().to_vec()),
+                "stats": snap.xdp,
+            },
             "top_sources": top,
             "bans": bans,
             "bans_total": self.bans_total.load(Ordering::Relaxed),
