@@ -196,6 +196,8 @@ pub struct Metrics {
     /// The kernel's TCP counters per second, by `kind` (syncookies_sent,
     /// listen_overflows, listen_drops, syn_retrans, passive_opens, ...).
     pub kernel_tcp: Family<KindLabel, Gauge>,
+    /// XDP program counters by `kind`: `seen`, `dropped`, `syns`.
+    pub xdp_packets: Family<KindLabel, Gauge>,
 }
 
 /// Score buckets, matching `Reputation::distribution`.
@@ -449,7 +451,14 @@ impl Metrics {
             "The kernel's TCP counters per second (SYN defense poll)",
             kernel_tcp.clone(),
         );
+        let xdp_packets = Family::default();
+        registry.register(
+            "xdp_packets",
+            "XDP program counters: packets seen, dropped (banned source), SYNs",
+            xdp_packets.clone(),
+        );
         let m = Self {
+            xdp_packets,
             kernel_tcp,
             syn_seen,
             syn_per_second,
@@ -525,6 +534,9 @@ impl Metrics {
             "retrans_segs",
         ] {
             let _ = self.kernel_tcp.get_or_create(&KindLabel { kind });
+        }
+        for kind in ["seen", "dropped", "syns"] {
+            let _ = self.xdp_packets.get_or_create(&KindLabel { kind });
         }
         let kinds: [(&Family<KindLabel, Counter>, &[&'static str]); 9] = [
             (

@@ -538,6 +538,13 @@ impl App {
             m.syn_bans_active.set(active as i64);
             m.syn_bans.set(i64::try_from(total).unwrap_or(i64::MAX));
             m.syn_half_open.set(half_open as i64);
+            if let Some(x) = syn.xdp_stats() {
+                for (kind, v) in [("seen", x.seen), ("dropped", x.dropped), ("syns", x.syns)] {
+                    m.xdp_packets
+                        .get_or_create(&metrics::KindLabel { kind })
+                        .set(i64::try_from(v).unwrap_or(i64::MAX));
+                }
+            }
             let k = syn.kernel_rates();
             for (kind, v) in [
                 ("syncookies_sent", k.syncookies_sent),

@@ -33,6 +33,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{FirewallChoice, SynSettings};
 
 const SYNCOOKIES: &str = "/proc/sys/net/ipv4/tcp_syncookies";
+/// Half-open connections from one source that make it an offender.
+const HALF_OPEN_OFFENDER: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -605,6 +607,20 @@ impl SynDefense {
             }
             let (total, per_source) = half_open(&sockets, &[self.port]);
             snap.half_open = total;
+            // A source holding many half-open connections is flooding
+            // whatever its SYN rate (SPEC F15: 64).
+            if let Some(tx) = lock(&self.offenders).clone() {
+                for (ip, n) in &per_source {
+                    if *n >= HALF_OPEN_OFFENDER && !self.is_banned(*ip) {
+                        let _ = tx.try_send(Offender {
+                            ip: *ip,
+                            first_seen: now,
+                            rate: 0,
+                            global: 0,
+                        });
+                    }
+                }
+            }
             let mut top: Vec<(IpAddr, usize)> = per_source.into_iter().collect();
             top.sort_by_key(|e| std::cmp::Reverse(e.1));
             top.truncate(10);
@@ -795,6 +811,11 @@ impl SynDefense {
     /// Whether per-source SYN capture runs.
     pub fn capturing(&self) -> bool {
         self.capturing
+    }
+
+    /// The XDP program's counters, when attached.
+    pub fn xdp_stats(&self) -> Option<XdpStats> {
+        lock(&self.snapshot).xdp
     }
 
     /// Figures for `/metrics`: (SYNs seen, SYN/s, active bans, bans total, half-open).
