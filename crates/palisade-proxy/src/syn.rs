@@ -121,6 +121,11 @@ impl std::fmt::Debug for SynDefense {
 /// Attaches the XDP program to the interfaces carrying `listen`, or says
 /// why not.
 fn attach_xdp(listen: std::net::SocketAddr) -> Option<XdpDefense> {
+    if listen.ip().is_loopback() {
+        // Nothing reaches a loopback listener through a driver.
+        tracing::info!(%listen, "SYN defense: loopback listener, XDP not attached");
+        return None;
+    }
     if !XdpDefense::built() {
         tracing::info!(
             "SYN defense: this build has no XDP program (built without clang): nftables and capture only"

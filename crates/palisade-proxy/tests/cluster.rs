@@ -450,7 +450,7 @@ async fn kernel_bans_reach_every_node() {
     let Some(redis) = Redis::start() else { return };
     // Dry-run firewalls: the bans are enforced at accept by each daemon,
     // the host's kernel is left alone.
-    let syn = "[syn]\nfirewall = \"dry-run\"\n";
+    let syn = "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\n";
     let a = node(&redis, "a", syn).await;
     let b = node(&redis, "b", syn).await;
     for h in [&a, &b] {
