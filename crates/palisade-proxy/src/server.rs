@@ -46,6 +46,11 @@ impl Running {
         let _ = self.stop.send(true);
         let _ = self.proxy.await;
         let _ = self.admin.await;
+        // Our firewall rules and XDP program go before the process does
+        // (the SYN defense's own task may not get to run again).
+        if let Some(defense) = self.app.syn().cloned() {
+            let _ = tokio::task::spawn_blocking(move || defense.shutdown()).await;
+        }
     }
 
     /// Runs until `signal` completes, then shuts down.

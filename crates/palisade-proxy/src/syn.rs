@@ -308,10 +308,9 @@ impl SynDefense {
             let syn = match cap.next() {
                 Ok(Some(s)) => s,
                 Ok(None) => {
-                    // A quiet 100 ms: the flood (if any) is over for these.
-                    if first_seen.len() > 10_000 {
-                        first_seen.clear();
-                    }
+                    // A quiet 100 ms: any flood is over; the next one's
+                    // latency counts from its own first SYN.
+                    first_seen.clear();
                     reported.clear();
                     continue;
                 }
@@ -352,7 +351,9 @@ impl SynDefense {
             while let Ok(o) = rx.try_recv() {
                 batch.push(o);
             }
-            batch.retain(|o| !self.is_banned(o.ip));
+            // The capture thread and the XDP reader may both report a source.
+            let mut seen = HashSet::new();
+            batch.retain(|o| !self.is_banned(o.ip) && seen.insert(self.key(o.ip)));
             if batch.is_empty() {
                 continue;
             }
