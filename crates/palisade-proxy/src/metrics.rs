@@ -548,7 +548,7 @@ impl Metrics {
                     "client_breaker_open",
                 ],
             ),
-            (&self.penalties, &["flood", "error_streak"]),
+            (&self.penalties, &["flood", "error_streak", "syn_flood"]),
             (
                 &self.upstream_errors,
                 &["connect", "timeout", "slow_body", "client_body", "other"],
