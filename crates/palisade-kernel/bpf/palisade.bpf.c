@@ -46,6 +46,33 @@ struct {
 	__type(value, __u64);
 } syns SEC(".maps");
 
+/* Handshakes in flight: (source, source port) -> the client's ISN. */
+struct flow {
+	__u8 src[16];
+	__u16 sport;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 17);
+	__type(key, struct flow);
+	__type(value, __u32);
+} flows SEC(".maps");
+
+/* Per source: handshakes never completed, and SYNs sent again. */
+struct src_stat {
+	__s64 half_open;
+	__u64 retrans;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u8[16]);
+	__type(value, struct src_stat);
+} sources SEC(".maps");
+
 /* 0: packets seen, 1: dropped (banned), 2: SYNs. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -66,6 +93,44 @@ static __always_inline int tcp_syn(struct tcphdr *tcp, void *end)
 	if ((void *)(tcp + 1) > end)
 		return 0;
 	return tcp->syn && !tcp->ack;
+}
+
+/* A SYN opens a flow (or repeats one: a retransmit); the client's ACK
+ * closes it. What stays open is half-open. */
+static __always_inline void track(__u8 key[16], struct tcphdr *tcp)
+{
+	struct flow f = { .sport = tcp->source };
+	__builtin_memcpy(f.src, key, 16);
+	struct src_stat *st = bpf_map_lookup_elem(&sources, key);
+	if (!st) {
+		struct src_stat zero = {};
+		bpf_map_update_elem(&sources, key, &zero, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&sources, key);
+		if (!st)
+			return;
+	}
+	__u32 seq = tcp->seq;
+	if (tcp->syn && !tcp->ack) {
+		__u32 *known = bpf_map_lookup_elem(&flows, &f);
+		if (known && *known == seq) {
+			__sync_fetch_and_add(&st->retrans, 1);
+		} else {
+			bpf_map_update_elem(&flows, &f, &seq, BPF_ANY);
+			if (!known)
+				__sync_fetch_and_add(&st->half_open, 1);
+		}
+	}
+}
+
+static __always_inline void complete(__u8 key[16], struct tcphdr *tcp)
+{
+	struct flow f = { .sport = tcp->source };
+	__builtin_memcpy(f.src, key, 16);
+	if (bpf_map_delete_elem(&flows, &f) == 0) {
+		struct src_stat *st = bpf_map_lookup_elem(&sources, key);
+		if (st)
+			__sync_fetch_and_add(&st->half_open, -1);
+	}
 }
 
 static __always_inline void count_syn(__u8 key[16])
@@ -100,11 +165,16 @@ int palisade_xdp(struct xdp_md *ctx)
 		}
 		if (ip->protocol == IPPROTO_TCP && !(ip->frag_off & bpf_htons(0x1fff))) {
 			struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
+			if ((void *)(tcp + 1) > end)
+				return XDP_PASS;
+			key[10] = 0xff;
+			key[11] = 0xff;
+			__builtin_memcpy(&key[12], &ip->saddr, 4);
 			if (tcp_syn(tcp, end)) {
-				key[10] = 0xff;
-				key[11] = 0xff;
-				__builtin_memcpy(&key[12], &ip->saddr, 4);
 				count_syn(key);
+				track(key, tcp);
+			} else if (tcp->ack && !tcp->syn && !tcp->rst) {
+				complete(key, tcp);
 			}
 		}
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
@@ -119,9 +189,14 @@ int palisade_xdp(struct xdp_md *ctx)
 		}
 		if (ip6->nexthdr == IPPROTO_TCP) {
 			struct tcphdr *tcp = (void *)(ip6 + 1);
+			if ((void *)(tcp + 1) > end)
+				return XDP_PASS;
+			__builtin_memcpy(key, &ip6->saddr, 16);
 			if (tcp_syn(tcp, end)) {
-				__builtin_memcpy(key, &ip6->saddr, 16);
 				count_syn(key);
+				track(key, tcp);
+			} else if (tcp->ack && !tcp->syn && !tcp->rst) {
+				complete(key, tcp);
 			}
 		}
 	}

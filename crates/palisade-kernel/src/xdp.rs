@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::Xdp;
 /// How the program is attached (re-exported from aya).
 pub use aya::programs::XdpMode;
@@ -45,6 +45,19 @@ pub struct XdpStats {
     /// TCP SYNs seen (not banned).
     pub syns: u64,
 }
+
+/// Handshake state of one source, as the XDP program tracks it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[repr(C)]
+pub struct SourceStats {
+    /// SYNs whose handshake the client never completed (no ACK seen).
+    pub half_open: i64,
+    /// SYNs sent again (same source port and sequence number).
+    pub retrans: u64,
+}
+
+// SAFETY: two plain integers, no padding; any bit pattern is valid.
+unsafe impl aya::Pod for SourceStats {}
 
 /// The loaded and attached program. Dropping it detaches it.
 pub struct XdpDefense {
@@ -171,6 +184,22 @@ impl XdpDefense {
             .collect();
         out.sort_by_key(|e| std::cmp::Reverse(e.1));
         Ok(out)
+    }
+
+    /// Half-open and retransmitted SYNs per source (sources seen recently;
+    /// the map is an LRU of 65 536).
+    pub fn sources(&mut self) -> Result<Vec<(IpAddr, SourceStats)>, XdpError> {
+        let map: BpfHashMap<&mut MapData, [u8; 16], SourceStats> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("sources")
+                .ok_or_else(|| err("no sources map"))?,
+        )
+        .map_err(err)?;
+        Ok(map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv6Addr::from(k).to_canonical(), v))
+            .collect())
     }
 
     /// Forgets one source's SYN count (after judging it).

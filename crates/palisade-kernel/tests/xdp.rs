@@ -76,6 +76,50 @@ fn xdp_drops_banned_sources_and_counts_syns() {
         );
     }
 
+    // Completed handshakes leave nothing half-open.
+    let completed = xdp.sources().unwrap();
+    let of = |list: &[(IpAddr, palisade_kernel::xdp::SourceStats)], ip: &str| {
+        let ip: IpAddr = ip.parse().unwrap();
+        list.iter()
+            .find(|(s, _)| *s == ip)
+            .map(|(_, st)| *st)
+            .unwrap_or_default()
+    };
+    assert_eq!(of(&completed, "198.18.4.3").half_open, 0, "{completed:?}");
+    // hping3: 20 SYNs from one port with one sequence number, never
+    // completed (its kernel answers the SYN-ACKs with RSTs): 1 half-open
+    // handshake, 19 retransmits.
+    let out = att
+        .exec(&[
+            "hping3",
+            "-q",
+            "-S",
+            "-p",
+            "7000",
+            "-s",
+            "5555",
+            "-k",
+            "-M",
+            "1000",
+            "-i",
+            "u2000",
+            "-c",
+            "20",
+            "198.18.4.1",
+        ])
+        .unwrap();
+    assert!(
+        out.status.code().is_some(),
+        "hping3 is needed (scripts/test installs it)"
+    );
+    let after = xdp.sources().unwrap();
+    let st = of(&after, "198.18.4.2");
+    assert_eq!(
+        (st.half_open, st.retrans),
+        (1 + of(&completed, "198.18.4.2").half_open, 19),
+        "{after:?}"
+    );
+
     xdp.ban("198.18.4.2/32".parse::<IpNet>().unwrap()).unwrap();
     assert!(!reaches(&att, "198.18.4.2"), "banned source got through XDP");
     assert!(reaches(&att, "198.18.4.3"), "XDP dropped a clean source");

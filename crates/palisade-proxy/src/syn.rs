@@ -104,6 +104,8 @@ pub struct SynDefense {
     xdp: Mutex<Option<XdpDefense>>,
     /// Where offenders go (the capture thread and the XDP map reader).
     offenders: Mutex<Option<mpsc::SyncSender<Offender>>>,
+    /// Retransmitted SYNs per source at the last XDP read.
+    xdp_retrans: Mutex<HashMap<IpAddr, u64>>,
     syns: AtomicU64,
     bans_total: AtomicU64,
     attack: AtomicBool,
@@ -245,6 +247,7 @@ impl SynDefense {
             share,
             xdp: Mutex::new(xdp),
             offenders: Mutex::new(None),
+            xdp_retrans: Mutex::new(HashMap::new()),
             syns: AtomicU64::new(0),
             bans_total: AtomicU64::new(0),
             attack: AtomicBool::new(false),
@@ -420,11 +423,36 @@ impl SynDefense {
         for (ip, _) in &sources {
             let _ = x.clear_syns(*ip);
         }
+        let handshakes = x.sources().unwrap_or_default();
         drop(guard);
+        // SPEC F15: 64 half-open handshakes, or more than 80 % of a source's
+        // SYNs being retransmits, make it an offender whatever the rates.
+        let tx = lock(&self.offenders).clone();
+        let syns_of: HashMap<IpAddr, u64> = sources.iter().copied().collect();
+        let mut previous = lock(&self.xdp_retrans);
+        let mut current = HashMap::with_capacity(handshakes.len());
+        for (ip, st) in handshakes {
+            let retrans = st.retrans.saturating_sub(previous.get(&ip).copied().unwrap_or(0));
+            current.insert(ip, st.retrans);
+            let syns = syns_of.get(&ip).copied().unwrap_or(0);
+            let retransmitting = syns >= 20 && retrans as f64 > 0.8 * syns as f64;
+            if (st.half_open >= HALF_OPEN_OFFENDER as i64 || retransmitting)
+                && !self.is_banned(ip)
+                && let Some(tx) = &tx
+            {
+                let _ = tx.try_send(Offender {
+                    ip,
+                    first_seen: self.clock.now().saturating_sub((dt * 1e9) as u64),
+                    rate: (syns as f64 / dt) as u64,
+                    global: 0,
+                });
+            }
+        }
+        *previous = current;
+        drop(previous);
         if global_rate <= self.settings.global_threshold {
             return Some(stats);
         }
-        let tx = lock(&self.offenders).clone();
         for (ip, n) in sources {
             let rate = (n as f64 / dt) as u64;
             if rate >= self.settings.source_threshold
