@@ -289,6 +289,17 @@ fn score(v: Option<palisade_store::Verdict>) -> u64 {
     v.map_or(0, |v| u64::from(v.score) + 1)
 }
 
+fn lookups(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: String,
+    keys: &[u32],
+    lookup: impl Fn(u32) -> u64,
+) {
+    g.bench_function(id, |b| {
+        b.iter(|| keys.iter().map(|&ip| lookup(black_box(ip))).sum::<u64>())
+    });
+}
+
 fn upsert(ip: u32, score: u8) -> Op {
     Op::Upsert {
         net: IpNet::from(IpAddr::from(ip.to_be_bytes())),
@@ -331,72 +342,35 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
-    let mut g = c.benchmark_group("store_v4");
-    g.throughput(Throughput::Elements(BATCH as u64));
-    let sets: [(&str, &[u32]); 3] = [("hit", &hits), ("miss", &misses), ("skewed", &skew)];
-    for (name, keys) in sets {
-        g.bench_function(format!("palisade/{name}"), |b| {
-            b.iter(|| {
-                keys.iter()
-                    .map(|&ip| score(full.lookup_v4(black_box(ip), 0)))
-                    .sum::<u64>()
-            })
-        });
-        g.bench_function(format!("palisade_nofilter/{name}"), |b| {
-            b.iter(|| {
-                keys.iter()
-                    .map(|&ip| score(nofilter.lookup_v4(black_box(ip), 0)))
-                    .sum::<u64>()
-            })
-        });
-        g.bench_function(format!("hashmap/{name}"), |b| {
-            b.iter(|| {
-                keys.iter()
-                    .map(|&ip| map.get(&black_box(ip)).map_or(0, |&v| u64::from(v) + 1))
-                    .sum::<u64>()
-            })
-        });
-        g.bench_function(format!("bloom+hashmap/{name}"), |b| {
-            b.iter(|| {
-                keys.iter()
-                    .map(|&ip| match bloom.contains(&black_box(ip)) {
-                        true => map.get(&ip).map_or(0, |&v| u64::from(v) + 1),
-                        false => 0,
-                    })
-                    .sum::<u64>()
-            })
-        });
-    }
-    g.finish();
+    let cold: [(&str, &[u32]); 3] = [("hit", &hits), ("miss", &misses), ("skewed", &skew)];
     // The same lookups over 4096 distinct keys repeated: the entries they
     // touch stay in cache, as for a site whose active clients fit in L2/L3.
-    let mut g = c.benchmark_group("store_v4_hot");
-    g.throughput(Throughput::Elements(4096));
     let hot: [(&str, &[u32]); 2] = [("hit", &hits[..4096]), ("miss", &misses[..4096])];
-    for (name, keys) in hot {
-        g.bench_function(format!("palisade/{name}"), |b| {
-            b.iter(|| {
-                keys.iter()
-                    .map(|&ip| score(full.lookup_v4(black_box(ip), 0)))
-                    .sum::<u64>()
-            })
-        });
-        g.bench_function(format!("palisade_nofilter/{name}"), |b| {
-            b.iter(|| {
-                keys.iter()
-                    .map(|&ip| score(nofilter.lookup_v4(black_box(ip), 0)))
-                    .sum::<u64>()
-            })
-        });
-        g.bench_function(format!("hashmap/{name}"), |b| {
-            b.iter(|| {
-                keys.iter()
-                    .map(|&ip| map.get(&black_box(ip)).map_or(0, |&v| u64::from(v) + 1))
-                    .sum::<u64>()
-            })
-        });
+    for (group, sets, with_bloom) in [("store_v4", &cold[..], true), ("store_v4_hot", &hot[..], false)] {
+        let mut g = c.benchmark_group(group);
+        g.throughput(Throughput::Elements(sets[0].1.len() as u64));
+        for &(name, keys) in sets {
+            // Each contender answers one lookup per key, reading the value.
+            lookups(&mut g, format!("palisade/{name}"), keys, |ip| {
+                score(full.lookup_v4(ip, 0))
+            });
+            lookups(&mut g, format!("palisade_nofilter/{name}"), keys, |ip| {
+                score(nofilter.lookup_v4(ip, 0))
+            });
+            lookups(&mut g, format!("hashmap/{name}"), keys, |ip| {
+                map.get(&ip).map_or(0, |&v| u64::from(v) + 1)
+            });
+            if with_bloom {
+                lookups(&mut g, format!("bloom+hashmap/{name}"), keys, |ip| {
+                    match bloom.contains(&ip) {
+                        true => map.get(&ip).map_or(0, |&v| u64::from(v) + 1),
+                        false => 0,
+                    }
+                });
+            }
+        }
+        g.finish();
     }
-    g.finish();
     let mut g = c.benchmark_group("store_v6");
     g.throughput(Throughput::Elements(BATCH as u64));
     let sets6: [(&str, &[u128]); 2] = [("hit", &hits6), ("miss", &misses6)];
