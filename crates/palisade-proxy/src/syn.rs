@@ -545,7 +545,12 @@ impl SynDefense {
         let Some(path) = &self.bans_path else { return };
         let bans = self.bans();
         let text = serde_json::to_string_pretty(&bans).unwrap_or_default();
-        if let Err(e) = write_atomically(path, text.as_bytes()) {
+        let written = match path.parent() {
+            Some(dir) => std::fs::create_dir_all(dir).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+        .and_then(|()| palisade_store::write_atomically(path, text.as_bytes()).map_err(|e| e.to_string()));
+        if let Err(e) = written {
             tracing::error!("SYN defense: bans not persisted: {e}");
         }
     }
@@ -870,16 +875,4 @@ fn set_syncookies(value: u8) -> std::io::Result<u8> {
     let old = std::fs::read_to_string(SYNCOOKIES)?.trim().parse().unwrap_or(1);
     std::fs::write(SYNCOOKIES, format!("{value}\n"))?;
     Ok(old)
-}
-
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

@@ -45,7 +45,7 @@ pub use builder::{BuildOptions, Builder};
 pub use cell::{FeedStatus, StoreCell};
 pub use csv::parse_record;
 pub use delta::{Delta, Op};
-pub use snapshot::{Info, Snapshot};
+pub use snapshot::{Info, Snapshot, write_atomically};
 pub use wal::{LogEntry, Recovery, StateLog};
 
 /// What an entry tells the proxy to do with a matching client.

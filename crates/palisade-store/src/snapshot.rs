@@ -677,7 +677,9 @@ pub(crate) fn v6_filter_key(ip: u128) -> u64 {
     hi.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ lo ^ (1 << 63)
 }
 
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes a file durably and atomically: a temporary file in the same
+/// directory, fsync, rename over `path`, fsync of the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
