@@ -181,6 +181,16 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duratio
     panic!("never happened: {what}");
 }
 
+/// Waits until every node's last sync reached Redis.
+async fn all_up(nodes: &[&Harness]) {
+    for h in nodes {
+        eventually("the node reaches redis", async || {
+            cluster_status(h).await["up"] == true
+        })
+        .await;
+    }
+}
+
 async fn status_from(h: &Harness, source: &str) -> StatusCode {
     h.client(source).await.get("/").await.0
 }
@@ -203,12 +213,7 @@ async fn two_nodes_share_one_limit() {
     let Some(redis) = Redis::start() else { return };
     let a = node(&redis, "a", LIMITS).await;
     let b = node(&redis, "b", LIMITS).await;
-    for h in [&a, &b] {
-        eventually("the node reaches redis", async || {
-            cluster_status(h).await["up"] == true
-        })
-        .await;
-    }
+    all_up(&[&a, &b]).await;
     let mut to_a = a.client("127.0.0.2").await;
     let mut to_b = b.client("127.0.0.2").await;
     let start = Instant::now();
@@ -254,12 +259,7 @@ async fn reputation_reaches_every_node_and_late_joiners() {
     let Some(redis) = Redis::start() else { return };
     let a = node(&redis, "a", "").await;
     let b = node(&redis, "b", "").await;
-    for h in [&a, &b] {
-        eventually("the node reaches redis", async || {
-            cluster_status(h).await["up"] == true
-        })
-        .await;
-    }
+    all_up(&[&a, &b]).await;
     assert_eq!(status_from(&b, "127.0.0.3").await, StatusCode::OK);
     set_score(&a, "127.0.0.3", 0).await;
     let took = eventually("B refuses the client A banned", async || {
@@ -296,12 +296,7 @@ async fn nodes_serve_through_a_redis_outage_and_resync() {
     let Some(mut redis) = Redis::start() else { return };
     let a = node(&redis, "a", "").await;
     let b = node(&redis, "b", "").await;
-    for h in [&a, &b] {
-        eventually("the node reaches redis", async || {
-            cluster_status(h).await["up"] == true
-        })
-        .await;
-    }
+    all_up(&[&a, &b]).await;
     redis.kill();
     for h in [&a, &b] {
         eventually("the node notices", async || {
@@ -321,12 +316,7 @@ async fn nodes_serve_through_a_redis_outage_and_resync() {
     assert_eq!(status_from(&b, "127.0.0.5").await, StatusCode::OK);
 
     redis.restart();
-    for h in [&a, &b] {
-        eventually("the node reconnects", async || {
-            cluster_status(h).await["up"] == true
-        })
-        .await;
-    }
+    all_up(&[&a, &b]).await;
     eventually("the ban made while Redis was down reaches B", async || {
         status_from(&b, "127.0.0.5").await == StatusCode::FORBIDDEN
     })
@@ -347,12 +337,7 @@ async fn a_redis_cluster_works_too() {
         .await
     };
     let (a, b) = (start("a").await, start("b").await);
-    for h in [&a, &b] {
-        eventually("the node reaches the cluster", async || {
-            cluster_status(h).await["up"] == true
-        })
-        .await;
-    }
+    all_up(&[&a, &b]).await;
     // Counters spread over the cluster's slots, one client per slot.
     let mut admitted = 0;
     for i in 0..200u32 {
@@ -453,12 +438,7 @@ async fn kernel_bans_reach_every_node() {
     let syn = "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\n";
     let a = node(&redis, "a", syn).await;
     let b = node(&redis, "b", syn).await;
-    for h in [&a, &b] {
-        eventually("the node reaches redis", async || {
-            cluster_status(h).await["up"] == true
-        })
-        .await;
-    }
+    all_up(&[&a, &b]).await;
     let send = async |h: &Harness, method: &str, path: &str, body: &str| {
         let req = http::Request::builder()
             .method(method)
