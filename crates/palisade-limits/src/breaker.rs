@@ -13,9 +13,9 @@
 //! upstream, so a mutex held for a few instructions is the simple, correct
 //! choice here.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use palisade_core::{NANOS_PER_SEC, Nanos};
+use palisade_core::{Clock, NANOS_PER_SEC, Nanos};
 
 /// Breaker rules. Defaults are the SPEC's.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +120,47 @@ pub enum Outcome {
 pub struct Refused {
     /// Time until the breaker half-opens (0 while half-open and full).
     pub retry_after: Nanos,
+}
+
+/// A request a breaker let through, holding its place until its outcome is
+/// reported. Dropped unreported (the client went away, the future was
+/// cancelled) it reports [`Outcome::Ignored`], so a half-open probe slot is
+/// never lost.
+pub struct Attempt<C: Clock> {
+    breaker: Arc<Breaker>,
+    ticket: Ticket,
+    clock: C,
+    done: bool,
+}
+
+impl<C: Clock> Attempt<C> {
+    /// Asks `breaker` to admit a request now; a time-driven transition that
+    /// happened on the way is returned too.
+    pub fn begin(breaker: &Arc<Breaker>, clock: C) -> (Result<Self, Refused>, Option<Transition>) {
+        let (admitted, transition) = breaker.before(clock.now());
+        let attempt = admitted.map(|ticket| Self {
+            breaker: breaker.clone(),
+            ticket,
+            clock,
+            done: false,
+        });
+        (attempt, transition)
+    }
+
+    /// Reports how the request ended; returns the transition it caused.
+    pub fn finish(mut self, outcome: Outcome) -> Option<Transition> {
+        self.done = true;
+        self.breaker.after(self.ticket, outcome, self.clock.now())
+    }
+}
+
+impl<C: Clock> Drop for Attempt<C> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker
+                .after(self.ticket, Outcome::Ignored, self.clock.now());
+        }
+    }
 }
 
 #[derive(Debug)]

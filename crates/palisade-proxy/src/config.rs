@@ -3,21 +3,21 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::{Method, Uri};
-use ipnet::IpNet;
-use palisade_core::{ClientIpHeader, Mode, TrustedProxies};
-use palisade_limits::adaptive::AdaptiveConfig;
+use http::Uri;
+use palisade::__config_path as p;
+use palisade::BreakerSettings;
+use palisade::config::Protection;
+pub use palisade::config::raw::parse_duration;
+use palisade::config::raw::{
+    self, Invalid, RawAdaptive, RawBreaker, RawClients, RawConnections, RawRateLimit, RawReputation,
+    RawRoute, Seg, at, duration, nanos,
+};
 use palisade_limits::admission::AdmissionConfig;
-use palisade_limits::breaker::BreakerConfig;
-use palisade_limits::rate::Quota;
-use palisade_limits::reputation::ReputationConfig;
-use palisade_limits::shield::{KeyBy, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
+use palisade_limits::shield::ShieldConfig;
 use serde::Deserialize;
-use toml::de::{DeTable, DeValue};
 
 use crate::maintenance::MaintenancePage;
 use crate::tasks::WatchdogConfig;
@@ -74,7 +74,7 @@ pub struct Config {
     /// Protection rules.
     pub shield: ShieldConfig,
     /// Per-upstream circuit breaker; `None` when disabled.
-    pub breaker: Option<UpstreamBreaker>,
+    pub breaker: Option<BreakerSettings>,
     /// TLS on the client listener; `None` for cleartext.
     pub tls: Option<TlsConfig>,
     /// Admission at accept.
@@ -199,27 +199,6 @@ pub struct WatchdogSettings {
     pub rules: WatchdogConfig,
 }
 
-/// `[breaker]`: rules and what counts as a failure.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamBreaker {
-    /// Trip, open and probe rules.
-    pub rules: BreakerConfig,
-    /// Response statuses that count as failures (connect errors and
-    /// timeouts always do).
-    pub failure_statuses: StatusSet,
-}
-
-/// A set of HTTP status codes, written as codes (`503`) or classes (`5xx`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusSet([bool; 600]);
-
-impl StatusSet {
-    /// Whether `status` is in the set.
-    pub fn contains(&self, status: u16) -> bool {
-        self.0.get(usize::from(status)).copied().unwrap_or(false)
-    }
-}
-
 /// `[server]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -318,23 +297,14 @@ impl Config {
 
     /// Validates config text; `file` names it in errors.
     pub fn parse(src: &str, file: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let fail = |span: Option<Range<usize>>, key: String, message: String| {
-            let (line, column) = line_col(src, span.map_or(0, |s| s.start));
-            ConfigError::Invalid {
-                file: file.to_string(),
-                line,
-                column,
-                key,
-                message,
-            }
+        let fail = |(line, column, key, message)| ConfigError::Invalid {
+            file: file.to_string(),
+            line,
+            column,
+            key,
+            message,
         };
-        let mut raw: RawConfig = match toml::from_str(src) {
-            Ok(raw) => raw,
-            Err(e) => {
-                let key = e.span().and_then(|s| key_at(src, s.start)).unwrap_or_default();
-                return Err(fail(e.span(), key, e.message().trim().to_string()));
-            }
-        };
+        let mut raw: RawConfig = toml::from_str(src).map_err(|e| fail(raw::toml_error(src, &e)))?;
         for u in &overrides.upstreams {
             upstream_uri(u).map_err(|message| ConfigError::Override {
                 flag: "--upstream",
@@ -348,7 +318,7 @@ impl Config {
             .filter(|p| p.is_dir())
             .map(Path::to_path_buf);
         raw.validate(base.as_deref())
-            .map_err(|(path, message)| fail(span_of(src, &path), path_string(&path), message))
+            .map_err(|invalid| fail(raw::locate(src, invalid)))
     }
 }
 
@@ -498,26 +468,6 @@ impl Default for RawWatchdog {
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct RawConnections {
-    max: u32,
-    max_per_ip: u32,
-    new_per_ip_per_second: u32,
-    new_per_second: u32,
-}
-
-impl Default for RawConnections {
-    fn default() -> Self {
-        Self {
-            max: 10_000,
-            max_per_ip: 100,
-            new_per_ip_per_second: 50,
-            new_per_second: 0,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
 struct RawTls {
     cert: String,
     key: String,
@@ -614,189 +564,8 @@ impl Default for RawAdmin {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct RawClients {
-    key: String,
-    ipv6_prefix: u8,
-    trusted_proxies: Vec<String>,
-    client_ip_header: String,
-    max_tracked: usize,
-    allow: Vec<String>,
-    deny: Vec<String>,
-}
-
-impl Default for RawClients {
-    fn default() -> Self {
-        Self {
-            key: "ip".into(),
-            ipv6_prefix: 64,
-            trusted_proxies: Vec::new(),
-            client_ip_header: "x-forwarded-for".into(),
-            max_tracked: 100_000,
-            allow: Vec::new(),
-            deny: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct RawRateLimit {
-    enabled: bool,
-    mode: String,
-    rate: u32,
-    burst: Option<u32>,
-    window_limit: Option<u32>,
-}
-
-impl Default for RawRateLimit {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            mode: "enforce".into(),
-            rate: 100,
-            burst: None,
-            window_limit: None,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct RawReputation {
-    enabled: bool,
-    mode: String,
-    initial: u8,
-    block_below: u8,
-    flood_threshold: Option<u32>,
-    flood_penalty: u8,
-    error_streak: u8,
-    error_penalty: u8,
-    recovery_per_minute: f64,
-}
-
-impl Default for RawReputation {
-    fn default() -> Self {
-        let d = ReputationConfig::default();
-        Self {
-            enabled: true,
-            mode: "enforce".into(),
-            initial: d.initial,
-            block_below: d.block_below,
-            flood_threshold: None,
-            flood_penalty: d.flood_penalty,
-            error_streak: d.error_streak,
-            error_penalty: d.error_penalty,
-            recovery_per_minute: d.recovery_per_minute,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct RawBreaker {
-    enabled: bool,
-    min_requests: u32,
-    failure_ratio: f64,
-    interval: String,
-    open_for: String,
-    probes: u32,
-    failure_statuses: Vec<String>,
-}
-
-impl Default for RawBreaker {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            min_requests: 5,
-            failure_ratio: 0.6,
-            interval: "10s".into(),
-            open_for: "30s".into(),
-            probes: 3,
-            failure_statuses: vec!["5xx".into()],
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct RawAdaptive {
-    enabled: bool,
-    mode: String,
-    degrade_above: f64,
-    open_above: f64,
-    recover_below: f64,
-    recover_after: String,
-    min_requests: u32,
-    open_for: String,
-    probes: u32,
-    degraded_rate_factor: f64,
-    slow_first_byte: String,
-}
-
-impl Default for RawAdaptive {
-    fn default() -> Self {
-        let d = AdaptiveConfig::default();
-        Self {
-            enabled: true,
-            mode: "enforce".into(),
-            degrade_above: d.degrade_above,
-            open_above: d.open_above,
-            recover_below: d.recover_below,
-            recover_after: "10s".into(),
-            min_requests: d.min_requests,
-            open_for: "30s".into(),
-            probes: d.probes,
-            degraded_rate_factor: d.degraded_rate_factor,
-            slow_first_byte: "800ms".into(),
-        }
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct RawRoute {
-    name: String,
-    path_prefix: Option<String>,
-    methods: Vec<String>,
-    host: Option<String>,
-    rate: Option<u32>,
-    burst: Option<u32>,
-    window_limit: Option<u32>,
-    mode: Option<String>,
-}
-
 // ---------------------------------------------------------------------------
 // Raw → typed.
-
-#[derive(Debug, Clone, PartialEq)]
-enum Seg {
-    Key(&'static str),
-    Index(usize),
-}
-
-type Invalid = (Vec<Seg>, String);
-
-fn at(path: &[Seg], message: impl Into<String>) -> Invalid {
-    (path.to_vec(), message.into())
-}
-
-macro_rules! p {
-    ($($seg:expr),*) => { &[$(Seg::from($seg)),*][..] };
-}
-
-impl From<&'static str> for Seg {
-    fn from(k: &'static str) -> Self {
-        Seg::Key(k)
-    }
-}
-
-impl From<usize> for Seg {
-    fn from(i: usize) -> Self {
-        Seg::Index(i)
-    }
-}
 
 impl RawConfig {
     fn apply(&mut self, o: &Overrides) {
@@ -820,6 +589,18 @@ impl RawConfig {
         }
         if let Some(redis) = &o.redis {
             self.cluster.redis.clone_from(redis);
+        }
+    }
+
+    fn sections(&self) -> raw::Sections<'_> {
+        raw::Sections {
+            clients: &self.clients,
+            rate_limit: &self.rate_limit,
+            reputation: &self.reputation,
+            breaker: &self.breaker,
+            adaptive_breaker: &self.adaptive_breaker,
+            connections: &self.connections,
+            routes: &self.routes,
         }
     }
 
@@ -918,22 +699,18 @@ impl RawConfig {
                 return Err(at(p!("admin", "metrics_path"), "must start with '/'"));
             },
         };
-        let shield = self.shield()?;
+        let Protection {
+            shield,
+            breaker,
+            connections,
+        } = self.sections().validate()?;
         if server.proxy_protocol && shield.trusted_proxies.is_empty() {
             return Err(at(
                 p!("server", "proxy_protocol"),
                 "needs clients.trusted_proxies: only they may send PROXY headers",
             ));
         }
-        let breaker = self.breaker()?;
         let tls = self.tls(base)?;
-        let c = &self.connections;
-        if c.max == 0 {
-            return Err(at(p!("connections", "max"), "must be > 0"));
-        }
-        if c.max_per_ip == 0 {
-            return Err(at(p!("connections", "max_per_ip"), "must be > 0"));
-        }
         let w = &self.watchdog;
         let watchdog = if w.enabled {
             if !(w.growth_per_minute.is_finite() && w.growth_per_minute > 0.0) {
@@ -949,12 +726,6 @@ impl RawConfig {
             })
         } else {
             None
-        };
-        let connections = AdmissionConfig {
-            max_connections: c.max,
-            max_per_ip: c.max_per_ip,
-            new_per_ip_per_second: NonZeroU32::new(c.new_per_ip_per_second),
-            new_per_second: NonZeroU32::new(c.new_per_second),
         };
         let store = self.store(base)?;
         let cluster = self.cluster(base)?;
@@ -1151,299 +922,7 @@ impl RawConfig {
             feed_ca,
         }))
     }
-
-    fn adaptive(&self) -> Result<Option<(AdaptiveConfig, Mode)>, Invalid> {
-        let a = &self.adaptive_breaker;
-        if !a.enabled {
-            return Ok(None);
-        }
-        let ratio = |v: f64, key: &'static str| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(v)
-            } else {
-                Err(at(p!("adaptive_breaker", key), "must be a number >= 0"))
-            }
-        };
-        let cfg = AdaptiveConfig {
-            degrade_above: ratio(a.degrade_above, "degrade_above")?,
-            open_above: ratio(a.open_above, "open_above")?,
-            recover_below: ratio(a.recover_below, "recover_below")?,
-            recover_after: nanos(duration(
-                &a.recover_after,
-                p!("adaptive_breaker", "recover_after"),
-            )?),
-            min_requests: match a.min_requests {
-                0 => return Err(at(p!("adaptive_breaker", "min_requests"), "must be > 0")),
-                n => n,
-            },
-            open_for: nanos(duration(&a.open_for, p!("adaptive_breaker", "open_for"))?),
-            probes: match a.probes {
-                1..=1000 => a.probes,
-                _ => return Err(at(p!("adaptive_breaker", "probes"), "must be between 1 and 1000")),
-            },
-            degraded_rate_factor: match a.degraded_rate_factor {
-                f if f > 0.0 && f <= 1.0 => f,
-                _ => {
-                    return Err(at(
-                        p!("adaptive_breaker", "degraded_rate_factor"),
-                        "must be in (0, 1]",
-                    ));
-                }
-            },
-            slow_first_byte: nanos(duration(
-                &a.slow_first_byte,
-                p!("adaptive_breaker", "slow_first_byte"),
-            )?),
-        };
-        if cfg.open_above < cfg.degrade_above {
-            return Err(at(
-                p!("adaptive_breaker", "open_above"),
-                format!(
-                    "must not be below adaptive_breaker.degrade_above ({})",
-                    cfg.degrade_above
-                ),
-            ));
-        }
-        if cfg.recover_below > cfg.degrade_above {
-            return Err(at(
-                p!("adaptive_breaker", "recover_below"),
-                format!(
-                    "must not exceed adaptive_breaker.degrade_above ({})",
-                    cfg.degrade_above
-                ),
-            ));
-        }
-        Ok(Some((cfg, mode(&a.mode, p!("adaptive_breaker", "mode"))?)))
-    }
-
-    fn breaker(&self) -> Result<Option<UpstreamBreaker>, Invalid> {
-        let b = &self.breaker;
-        if !b.enabled {
-            return Ok(None);
-        }
-        if b.min_requests == 0 {
-            return Err(at(p!("breaker", "min_requests"), "must be > 0"));
-        }
-        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
-            return Err(at(p!("breaker", "failure_ratio"), "must be in (0, 1]"));
-        }
-        if b.probes == 0 {
-            return Err(at(p!("breaker", "probes"), "must be > 0"));
-        }
-        let mut set = [false; 600];
-        for (i, entry) in b.failure_statuses.iter().enumerate() {
-            let range = match entry.as_bytes() {
-                [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
-                    let base = usize::from(c - b'0') * 100;
-                    base..=base + 99
-                }
-                _ => match entry.parse::<usize>() {
-                    Ok(code @ 100..=599) => code..=code,
-                    _ => {
-                        return Err(at(
-                            p!("breaker", "failure_statuses", i),
-                            format!("{entry:?} is not a status (e.g. 503) or class (e.g. \"5xx\")"),
-                        ));
-                    }
-                },
-            };
-            for code in range {
-                set[code] = true;
-            }
-        }
-        Ok(Some(UpstreamBreaker {
-            rules: BreakerConfig {
-                min_requests: b.min_requests,
-                failure_ratio: b.failure_ratio,
-                interval: nanos(duration(&b.interval, p!("breaker", "interval"))?),
-                open_for: nanos(duration(&b.open_for, p!("breaker", "open_for"))?),
-                probes: b.probes,
-            },
-            failure_statuses: StatusSet(set),
-        }))
-    }
-
-    fn shield(&self) -> Result<ShieldConfig, Invalid> {
-        let c = &self.clients;
-        let nets = |list: &[String], key: &'static str| -> Result<Vec<IpNet>, Invalid> {
-            list.iter()
-                .enumerate()
-                .map(|(i, s)| cidr(s).map_err(|m| at(p!("clients", key, i), m)))
-                .collect()
-        };
-        let key_by = match c.key.as_str() {
-            "ip" => KeyBy::Ip,
-            "ip_user_agent" => KeyBy::IpUserAgent,
-            other => {
-                return Err(at(
-                    p!("clients", "key"),
-                    format!("unknown key kind {other:?}; expected \"ip\" or \"ip_user_agent\""),
-                ));
-            }
-        };
-        if c.ipv6_prefix > 128 {
-            return Err(at(p!("clients", "ipv6_prefix"), "must be between 0 and 128"));
-        }
-        let header = match c.client_ip_header.to_ascii_lowercase().as_str() {
-            "x-forwarded-for" => ClientIpHeader::XForwardedFor,
-            "forwarded" => ClientIpHeader::Forwarded,
-            other => {
-                return Err(at(
-                    p!("clients", "client_ip_header"),
-                    format!("unknown header {other:?}; expected \"x-forwarded-for\" or \"forwarded\""),
-                ));
-            }
-        };
-        // Tables are allocated up front (~300 bytes per client for limiter
-        // and reputation): a typo must not ask for terabytes.
-        if !(1..=20_000_000).contains(&c.max_tracked) {
-            return Err(at(p!("clients", "max_tracked"), "must be between 1 and 20000000"));
-        }
-        let rl = &self.rate_limit;
-        let rate = nonzero(rl.rate, p!("rate_limit", "rate"))?;
-        let default_quota = Quota {
-            rate,
-            burst: nonzero(rl.burst.unwrap_or(rate.get()), p!("rate_limit", "burst"))?,
-            window_limit: nonzero(
-                rl.window_limit.unwrap_or(rate.get()),
-                p!("rate_limit", "window_limit"),
-            )?,
-        };
-        let limit = rl.enabled.then_some(LimitPolicy {
-            quota: default_quota,
-            mode: mode(&rl.mode, p!("rate_limit", "mode"))?,
-        });
-        let r = &self.reputation;
-        let rep_cfg = ReputationConfig {
-            initial: percent(r.initial, p!("reputation", "initial"))?,
-            block_below: percent(r.block_below, p!("reputation", "block_below"))?,
-            flood_threshold: match r.flood_threshold {
-                Some(0) => return Err(at(p!("reputation", "flood_threshold"), "must be > 0")),
-                Some(n) => n,
-                None => rate.get().saturating_mul(2),
-            },
-            flood_penalty: percent(r.flood_penalty, p!("reputation", "flood_penalty"))?,
-            error_streak: match r.error_streak {
-                0 => return Err(at(p!("reputation", "error_streak"), "must be > 0")),
-                n => n,
-            },
-            error_penalty: percent(r.error_penalty, p!("reputation", "error_penalty"))?,
-            recovery_per_minute: if r.recovery_per_minute.is_finite() && r.recovery_per_minute >= 0.0 {
-                r.recovery_per_minute
-            } else {
-                return Err(at(
-                    p!("reputation", "recovery_per_minute"),
-                    "must be a number >= 0",
-                ));
-            },
-        };
-        if rep_cfg.block_below > rep_cfg.initial {
-            return Err(at(
-                p!("reputation", "block_below"),
-                format!("must not exceed reputation.initial ({})", rep_cfg.initial),
-            ));
-        }
-        let reputation = if r.enabled {
-            Some((rep_cfg, mode(&r.mode, p!("reputation", "mode"))?))
-        } else {
-            None
-        };
-        let mut routes = Vec::with_capacity(self.routes.len());
-        for (i, route) in self.routes.iter().enumerate() {
-            routes.push(route.validate(i, &routes, default_quota, rl)?);
-        }
-        let adaptive = self.adaptive()?;
-        Ok(ShieldConfig {
-            adaptive,
-            key_by,
-            ipv6_prefix: c.ipv6_prefix,
-            trusted_proxies: TrustedProxies::new(nets(&c.trusted_proxies, "trusted_proxies")?, header),
-            allow: nets(&c.allow, "allow")?,
-            deny: nets(&c.deny, "deny")?,
-            max_tracked_clients: c.max_tracked,
-            limit,
-            routes,
-            reputation,
-            // Opened by the App and shared across reloads.
-            store: None,
-        })
-    }
 }
-
-impl RawRoute {
-    fn validate(
-        &self,
-        i: usize,
-        earlier: &[RouteConfig],
-        default: Quota,
-        rl: &RawRateLimit,
-    ) -> Result<RouteConfig, Invalid> {
-        let name = self.name.trim();
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-        if !valid_name {
-            return Err(at(
-                p!("routes", i, "name"),
-                "required: 1-64 characters from [A-Za-z0-9_.-]",
-            ));
-        }
-        if name == "default" || earlier.iter().any(|r| r.name == name) {
-            return Err(at(
-                p!("routes", i, "name"),
-                format!("route name {name:?} is already used"),
-            ));
-        }
-        if let Some(prefix) = &self.path_prefix
-            && !prefix.starts_with('/')
-        {
-            return Err(at(p!("routes", i, "path_prefix"), "must start with '/'"));
-        }
-        let methods = self
-            .methods
-            .iter()
-            .enumerate()
-            .map(|(j, m)| {
-                Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                    at(
-                        p!("routes", i, "methods", j),
-                        format!("{m:?} is not an HTTP method"),
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let own =
-            self.rate.is_some() || self.burst.is_some() || self.window_limit.is_some() || self.mode.is_some();
-        let limit = if own {
-            let rate = nonzero(self.rate.unwrap_or(default.rate.get()), p!("routes", i, "rate"))?;
-            Some(LimitPolicy {
-                quota: Quota {
-                    rate,
-                    burst: nonzero(self.burst.unwrap_or(rate.get()), p!("routes", i, "burst"))?,
-                    window_limit: nonzero(
-                        self.window_limit.unwrap_or(rate.get()),
-                        p!("routes", i, "window_limit"),
-                    )?,
-                },
-                mode: mode(self.mode.as_deref().unwrap_or(&rl.mode), p!("routes", i, "mode"))?,
-            })
-        } else {
-            None
-        };
-        Ok(RouteConfig {
-            name: name.to_string(),
-            matcher: RouteMatch {
-                path_prefix: self.path_prefix.clone(),
-                methods,
-                host: self.host.clone(),
-            },
-            limit,
-        })
-    }
-}
-
 /// A path from the config file, relative to the file's directory.
 fn resolve(base: Option<&Path>, s: &str) -> PathBuf {
     match base {
@@ -1479,159 +958,13 @@ fn upstream_uri(s: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
-fn cidr(s: &str) -> Result<IpNet, String> {
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map(|n| n.trunc())
-        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))
-}
-
-/// Largest rate, burst or window limit: a window slot counts up to 2^24.
-const MAX_RATE: u32 = 10_000_000;
-
-fn nonzero(n: u32, path: &[Seg]) -> Result<NonZeroU32, Invalid> {
-    match NonZeroU32::new(n) {
-        Some(n) if n.get() <= MAX_RATE => Ok(n),
-        _ => Err(at(path, format!("must be between 1 and {MAX_RATE}"))),
-    }
-}
-
-fn percent(n: u8, path: &[Seg]) -> Result<u8, Invalid> {
-    if n <= 100 {
-        Ok(n)
-    } else {
-        Err(at(path, "must be between 0 and 100"))
-    }
-}
-
-fn mode(s: &str, path: &[Seg]) -> Result<Mode, Invalid> {
-    match s {
-        "enforce" => Ok(Mode::Enforce),
-        "shadow" => Ok(Mode::Shadow),
-        other => Err(at(
-            path,
-            format!("unknown mode {other:?}; expected \"enforce\" or \"shadow\""),
-        )),
-    }
-}
-
-/// Parses `250ms`, `5s`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. \"250ms\", \"5s\", \"2m\")"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
-    };
-    Ok(d)
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn duration(s: &str, path: &[Seg]) -> Result<Duration, Invalid> {
-    match parse_duration(s) {
-        Ok(d) if d.is_zero() => Err(at(path, "must be > 0")),
-        Ok(d) => Ok(d),
-        Err(m) => Err(at(path, m)),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Finding keys in the source text.
-
-fn path_string(path: &[Seg]) -> String {
-    let mut out = String::new();
-    for seg in path {
-        match seg {
-            Seg::Key(k) => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(k);
-            }
-            Seg::Index(i) => out.push_str(&format!("[{i}]")),
-        }
-    }
-    out
-}
-
-fn line_col(src: &str, offset: usize) -> (usize, usize) {
-    let before = &src[..offset.min(src.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
-}
-
-/// The span of the deepest part of `path` present in the document.
-fn span_of(src: &str, path: &[Seg]) -> Option<Range<usize>> {
-    let doc = DeTable::parse(src).ok()?;
-    let mut best = None;
-    let mut value: &DeValue<'_> = &DeValue::Table(doc.get_ref().clone());
-    for seg in path {
-        let next = match (seg, value) {
-            (Seg::Key(k), DeValue::Table(t)) => {
-                t.iter()
-                    .find(|(key, _)| key.get_ref().as_ref() == *k)
-                    .map(|(key, v)| {
-                        // Point at the key itself for scalars, where the eye looks.
-                        best = Some(key.span());
-                        v
-                    })
-            }
-            (Seg::Index(i), DeValue::Array(a)) => a.get(*i).inspect(|v| best = Some(v.span())),
-            _ => None,
-        };
-        match next {
-            Some(v) => value = v.get_ref(),
-            None => break,
-        }
-    }
-    best
-}
-
-/// The dotted key whose key or value contains byte `offset`.
-fn key_at(src: &str, offset: usize) -> Option<String> {
-    let (doc, _) = DeTable::parse_recoverable(src);
-    key_in_table(doc.get_ref(), offset)
-}
-
-fn key_in_table(table: &DeTable<'_>, offset: usize) -> Option<String> {
-    for (key, value) in table.iter() {
-        let name = key.get_ref().as_ref();
-        if key.span().contains(&offset) {
-            return Some(name.to_string());
-        }
-        // A `[table]`'s span covers only its header, so look inside anyway.
-        let inner = match value.get_ref() {
-            DeValue::Table(t) => key_in_table(t, offset).map(|k| format!("{name}.{k}")),
-            DeValue::Array(a) => a.iter().enumerate().find_map(|(i, item)| match item.get_ref() {
-                DeValue::Table(t) => key_in_table(t, offset).map(|k| format!("{name}[{i}].{k}")),
-                _ => item.span().contains(&offset).then(|| format!("{name}[{i}]")),
-            }),
-            _ => None,
-        };
-        if inner.is_some() {
-            return inner;
-        }
-        if value.span().contains(&offset) {
-            return Some(name.to_string());
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Method;
+    use palisade::config::raw::cidr;
+    use palisade_core::Mode;
+    use palisade_limits::breaker::BreakerConfig;
 
     fn parse(src: &str) -> Result<Config, ConfigError> {
         Config::parse(src, "test.toml", &Overrides::default())

@@ -27,7 +27,7 @@ use hyper_util::server::conn::auto;
 use palisade_core::{ClientKey, Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
 use palisade_limits::adaptive::AdaptiveTransition;
 use palisade_limits::admission::{Admission, Permit};
-use palisade_limits::breaker::{Breaker, Outcome, Ticket, Transition};
+use palisade_limits::breaker::{Attempt, Breaker, Outcome, Transition};
 use palisade_limits::reputation::EventKind;
 use palisade_limits::shield::{Decision, Rejection, RequestFacts, Shield};
 use palisade_store::StoreCell;
@@ -654,7 +654,10 @@ impl App {
 
     /// The next upstream whose breaker admits a request, or the shortest
     /// time until one will.
-    fn choose_upstream<'r>(&self, rt: &'r Runtime) -> Result<(&'r Upstream, Option<BreakerTicket>), u64> {
+    fn choose_upstream<'r>(
+        &self,
+        rt: &'r Runtime,
+    ) -> Result<(&'r Upstream, Option<Attempt<MonotonicClock>>), u64> {
         let n = rt.upstreams.len();
         let start = self.next_upstream.fetch_add(1, Ordering::Relaxed);
         let mut retry_after = u64::MAX;
@@ -663,21 +666,12 @@ impl App {
             let Some(breaker) = &u.breaker else {
                 return Ok((u, None));
             };
-            let now = self.now();
-            let (admitted, transition) = breaker.before(now);
+            let (admitted, transition) = Attempt::begin(breaker, self.clock);
             if let Some(t) = transition {
                 self.breaker_transition(u.label, t);
             }
             match admitted {
-                Ok(ticket) => {
-                    let ticket = BreakerTicket {
-                        breaker: breaker.clone(),
-                        ticket,
-                        clock: self.clock,
-                        done: false,
-                    };
-                    return Ok((u, Some(ticket)));
-                }
+                Ok(attempt) => return Ok((u, Some(attempt))),
                 Err(refused) => retry_after = retry_after.min(refused.retry_after),
             }
         }
@@ -807,7 +801,7 @@ impl App {
         &self,
         rt: &Runtime,
         upstream: &Upstream,
-        ticket: Option<BreakerTicket>,
+        ticket: Option<Attempt<MonotonicClock>>,
         conn: &ClientConn,
         decision: &Decision,
         mut req: Request<Incoming>,
@@ -965,8 +959,8 @@ impl App {
         });
     }
 
-    fn finish(&self, upstream: &Upstream, ticket: Option<BreakerTicket>, outcome: Outcome) {
-        if let Some(mut t) = ticket
+    fn finish(&self, upstream: &Upstream, ticket: Option<Attempt<MonotonicClock>>, outcome: Outcome) {
+        if let Some(t) = ticket
             && let Some(transition) = t.finish(outcome)
         {
             self.breaker_transition(upstream.label, transition);
@@ -983,32 +977,6 @@ pub enum ReloadError {
     /// The file is invalid; the config in force stays.
     #[error("{0}")]
     Invalid(#[from] ConfigError),
-}
-
-/// A breaker admission that reports `Ignored` if the request is dropped
-/// before its outcome is known (client gone), so a half-open probe slot is
-/// never lost.
-struct BreakerTicket {
-    breaker: Arc<Breaker>,
-    ticket: Ticket,
-    clock: MonotonicClock,
-    done: bool,
-}
-
-impl BreakerTicket {
-    fn finish(&mut self, outcome: Outcome) -> Option<Transition> {
-        self.done = true;
-        self.breaker.after(self.ticket, outcome, self.clock.now())
-    }
-}
-
-impl Drop for BreakerTicket {
-    fn drop(&mut self) {
-        if !self.done {
-            self.breaker
-                .after(self.ticket, Outcome::Ignored, self.clock.now());
-        }
-    }
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to, if it does.

@@ -1,0 +1,819 @@
+//! The protection sections of the `palisade` daemon's TOML file —
+//! `[clients]`, `[rate_limit]`, `[reputation]`, `[adaptive_breaker]`,
+//! `[breaker]`, `[connections]` and `[[routes]]` — read by the same code the
+//! daemon reads them with. The daemon's own sections (`[server]`,
+//! `[upstream]`, `[admin]`, ...) are accepted and ignored; anything else is
+//! an error naming the file, line, column and key.
+
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use http::Method;
+use ipnet::IpNet;
+use palisade_core::{ClientIpHeader, Mode, TrustedProxies};
+use palisade_limits::adaptive::AdaptiveConfig;
+use palisade_limits::admission::AdmissionConfig;
+use palisade_limits::breaker::BreakerConfig;
+use palisade_limits::rate::Quota;
+use palisade_limits::reputation::ReputationConfig;
+use palisade_limits::shield::{KeyBy, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use toml::de::{DeTable, DeValue};
+
+use crate::breaker::{BreakerSettings, StatusSet};
+
+/// What the protection sections of a config file decide.
+#[derive(Debug, Clone)]
+pub struct Protection {
+    /// Client identity, allow/deny lists, rate limits, routes, reputation
+    /// and the adaptive breaker.
+    pub shield: ShieldConfig,
+    /// `[breaker]`: the classic breaker, when enabled.
+    pub breaker: Option<BreakerSettings>,
+    /// `[connections]`: the connection guard's bounds.
+    pub connections: AdmissionConfig,
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key is wrong (or, with an empty `key`, the TOML itself is).
+    #[error("{file}:{line}:{column}: {}{message}", if key.is_empty() { String::new() } else { format!("{key}: ") })]
+    Invalid {
+        /// The file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// Dotted key path (`rate_limit.rate`, `routes[1].name`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Protection {
+    /// Reads the protection sections of a config file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&src, &path.display().to_string())
+    }
+
+    /// Reads the protection sections of config text; `file` names it in
+    /// errors.
+    pub fn parse(src: &str, file: &str) -> Result<Self, ConfigError> {
+        let fail = |(line, column, key, message)| ConfigError::Invalid {
+            file: file.to_string(),
+            line,
+            column,
+            key,
+            message,
+        };
+        let raw: RawFile = toml::from_str(src).map_err(|e| fail(raw::toml_error(src, &e)))?;
+        raw.sections()
+            .validate()
+            .map_err(|invalid| fail(raw::locate(src, invalid)))
+    }
+}
+
+/// The whole file as the library sees it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawFile {
+    clients: raw::RawClients,
+    rate_limit: raw::RawRateLimit,
+    reputation: raw::RawReputation,
+    breaker: raw::RawBreaker,
+    adaptive_breaker: raw::RawAdaptive,
+    connections: raw::RawConnections,
+    routes: Vec<raw::RawRoute>,
+    // The daemon's own sections, checked by `palisade check-config`.
+    server: IgnoredAny,
+    upstream: IgnoredAny,
+    admin: IgnoredAny,
+    tls: IgnoredAny,
+    watchdog: IgnoredAny,
+    store: IgnoredAny,
+    state: IgnoredAny,
+    cluster: IgnoredAny,
+    syn: IgnoredAny,
+}
+
+impl RawFile {
+    fn sections(&self) -> raw::Sections<'_> {
+        raw::Sections {
+            clients: &self.clients,
+            rate_limit: &self.rate_limit,
+            reputation: &self.reputation,
+            breaker: &self.breaker,
+            adaptive_breaker: &self.adaptive_breaker,
+            connections: &self.connections,
+            routes: &self.routes,
+        }
+    }
+}
+
+/// A key path in the config file: `p!("routes", 2, "name")`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __config_path {
+    ($($seg:expr),*) => { &[$($crate::config::raw::Seg::from($seg)),*][..] };
+}
+
+/// The raw sections and validation helpers, shared with the daemon's
+/// parser so both read the file the same way. Not a stable API.
+#[doc(hidden)]
+pub mod raw {
+    use super::*;
+    use crate::__config_path as p;
+
+    /// The protection sections of a parsed file.
+    pub struct Sections<'a> {
+        pub clients: &'a RawClients,
+        pub rate_limit: &'a RawRateLimit,
+        pub reputation: &'a RawReputation,
+        pub breaker: &'a RawBreaker,
+        pub adaptive_breaker: &'a RawAdaptive,
+        pub connections: &'a RawConnections,
+        pub routes: &'a [RawRoute],
+    }
+
+    impl Sections<'_> {
+        /// Every protection section, typed.
+        pub fn validate(&self) -> Result<Protection, Invalid> {
+            Ok(Protection {
+                shield: self.shield()?,
+                breaker: self.breaker()?,
+                connections: self.connections()?,
+            })
+        }
+
+        fn connections(&self) -> Result<AdmissionConfig, Invalid> {
+            let c = self.connections;
+            if c.max == 0 {
+                return Err(at(p!("connections", "max"), "must be > 0"));
+            }
+            if c.max_per_ip == 0 {
+                return Err(at(p!("connections", "max_per_ip"), "must be > 0"));
+            }
+            Ok(AdmissionConfig {
+                max_connections: c.max,
+                max_per_ip: c.max_per_ip,
+                new_per_ip_per_second: NonZeroU32::new(c.new_per_ip_per_second),
+                new_per_second: NonZeroU32::new(c.new_per_second),
+            })
+        }
+    }
+
+    /// Line, column, dotted key and message of a TOML syntax or type error.
+    pub fn toml_error(src: &str, e: &toml::de::Error) -> (usize, usize, String, String) {
+        let key = e.span().and_then(|s| key_at(src, s.start)).unwrap_or_default();
+        let (line, column) = line_col(src, e.span().map_or(0, |s| s.start));
+        (line, column, key, e.message().trim().to_string())
+    }
+
+    /// Line, column, dotted key and message of a validation error.
+    pub fn locate(src: &str, (path, message): Invalid) -> (usize, usize, String, String) {
+        let (line, column) = line_col(src, span_of(src, &path).map_or(0, |s| s.start));
+        (line, column, path_string(&path), message)
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RawConnections {
+        pub max: u32,
+        pub max_per_ip: u32,
+        pub new_per_ip_per_second: u32,
+        pub new_per_second: u32,
+    }
+
+    impl Default for RawConnections {
+        fn default() -> Self {
+            Self {
+                max: 10_000,
+                max_per_ip: 100,
+                new_per_ip_per_second: 50,
+                new_per_second: 0,
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RawClients {
+        pub key: String,
+        pub ipv6_prefix: u8,
+        pub trusted_proxies: Vec<String>,
+        pub client_ip_header: String,
+        pub max_tracked: usize,
+        pub allow: Vec<String>,
+        pub deny: Vec<String>,
+    }
+
+    impl Default for RawClients {
+        fn default() -> Self {
+            Self {
+                key: "ip".into(),
+                ipv6_prefix: 64,
+                trusted_proxies: Vec::new(),
+                client_ip_header: "x-forwarded-for".into(),
+                max_tracked: 100_000,
+                allow: Vec::new(),
+                deny: Vec::new(),
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RawRateLimit {
+        pub enabled: bool,
+        pub mode: String,
+        pub rate: u32,
+        pub burst: Option<u32>,
+        pub window_limit: Option<u32>,
+    }
+
+    impl Default for RawRateLimit {
+        fn default() -> Self {
+            Self {
+                enabled: true,
+                mode: "enforce".into(),
+                rate: 100,
+                burst: None,
+                window_limit: None,
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RawReputation {
+        pub enabled: bool,
+        pub mode: String,
+        pub initial: u8,
+        pub block_below: u8,
+        pub flood_threshold: Option<u32>,
+        pub flood_penalty: u8,
+        pub error_streak: u8,
+        pub error_penalty: u8,
+        pub recovery_per_minute: f64,
+    }
+
+    impl Default for RawReputation {
+        fn default() -> Self {
+            let d = ReputationConfig::default();
+            Self {
+                enabled: true,
+                mode: "enforce".into(),
+                initial: d.initial,
+                block_below: d.block_below,
+                flood_threshold: None,
+                flood_penalty: d.flood_penalty,
+                error_streak: d.error_streak,
+                error_penalty: d.error_penalty,
+                recovery_per_minute: d.recovery_per_minute,
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RawBreaker {
+        pub enabled: bool,
+        pub min_requests: u32,
+        pub failure_ratio: f64,
+        pub interval: String,
+        pub open_for: String,
+        pub probes: u32,
+        pub failure_statuses: Vec<String>,
+    }
+
+    impl Default for RawBreaker {
+        fn default() -> Self {
+            Self {
+                enabled: true,
+                min_requests: 5,
+                failure_ratio: 0.6,
+                interval: "10s".into(),
+                open_for: "30s".into(),
+                probes: 3,
+                failure_statuses: vec!["5xx".into()],
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RawAdaptive {
+        pub enabled: bool,
+        pub mode: String,
+        pub degrade_above: f64,
+        pub open_above: f64,
+        pub recover_below: f64,
+        pub recover_after: String,
+        pub min_requests: u32,
+        pub open_for: String,
+        pub probes: u32,
+        pub degraded_rate_factor: f64,
+        pub slow_first_byte: String,
+    }
+
+    impl Default for RawAdaptive {
+        fn default() -> Self {
+            let d = AdaptiveConfig::default();
+            Self {
+                enabled: true,
+                mode: "enforce".into(),
+                degrade_above: d.degrade_above,
+                open_above: d.open_above,
+                recover_below: d.recover_below,
+                recover_after: "10s".into(),
+                min_requests: d.min_requests,
+                open_for: "30s".into(),
+                probes: d.probes,
+                degraded_rate_factor: d.degraded_rate_factor,
+                slow_first_byte: "800ms".into(),
+            }
+        }
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RawRoute {
+        pub name: String,
+        pub path_prefix: Option<String>,
+        pub methods: Vec<String>,
+        pub host: Option<String>,
+        pub rate: Option<u32>,
+        pub burst: Option<u32>,
+        pub window_limit: Option<u32>,
+        pub mode: Option<String>,
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Seg {
+        Key(&'static str),
+        Index(usize),
+    }
+
+    pub type Invalid = (Vec<Seg>, String);
+
+    pub fn at(path: &[Seg], message: impl Into<String>) -> Invalid {
+        (path.to_vec(), message.into())
+    }
+
+    impl From<&'static str> for Seg {
+        fn from(k: &'static str) -> Self {
+            Seg::Key(k)
+        }
+    }
+
+    impl From<usize> for Seg {
+        fn from(i: usize) -> Self {
+            Seg::Index(i)
+        }
+    }
+
+    impl Sections<'_> {
+        fn adaptive(&self) -> Result<Option<(AdaptiveConfig, Mode)>, Invalid> {
+            let a = &self.adaptive_breaker;
+            if !a.enabled {
+                return Ok(None);
+            }
+            let ratio = |v: f64, key: &'static str| {
+                if v.is_finite() && v >= 0.0 {
+                    Ok(v)
+                } else {
+                    Err(at(p!("adaptive_breaker", key), "must be a number >= 0"))
+                }
+            };
+            let cfg = AdaptiveConfig {
+                degrade_above: ratio(a.degrade_above, "degrade_above")?,
+                open_above: ratio(a.open_above, "open_above")?,
+                recover_below: ratio(a.recover_below, "recover_below")?,
+                recover_after: nanos(duration(
+                    &a.recover_after,
+                    p!("adaptive_breaker", "recover_after"),
+                )?),
+                min_requests: match a.min_requests {
+                    0 => return Err(at(p!("adaptive_breaker", "min_requests"), "must be > 0")),
+                    n => n,
+                },
+                open_for: nanos(duration(&a.open_for, p!("adaptive_breaker", "open_for"))?),
+                probes: match a.probes {
+                    1..=1000 => a.probes,
+                    _ => return Err(at(p!("adaptive_breaker", "probes"), "must be between 1 and 1000")),
+                },
+                degraded_rate_factor: match a.degraded_rate_factor {
+                    f if f > 0.0 && f <= 1.0 => f,
+                    _ => {
+                        return Err(at(
+                            p!("adaptive_breaker", "degraded_rate_factor"),
+                            "must be in (0, 1]",
+                        ));
+                    }
+                },
+                slow_first_byte: nanos(duration(
+                    &a.slow_first_byte,
+                    p!("adaptive_breaker", "slow_first_byte"),
+                )?),
+            };
+            if cfg.open_above < cfg.degrade_above {
+                return Err(at(
+                    p!("adaptive_breaker", "open_above"),
+                    format!(
+                        "must not be below adaptive_breaker.degrade_above ({})",
+                        cfg.degrade_above
+                    ),
+                ));
+            }
+            if cfg.recover_below > cfg.degrade_above {
+                return Err(at(
+                    p!("adaptive_breaker", "recover_below"),
+                    format!(
+                        "must not exceed adaptive_breaker.degrade_above ({})",
+                        cfg.degrade_above
+                    ),
+                ));
+            }
+            Ok(Some((cfg, mode(&a.mode, p!("adaptive_breaker", "mode"))?)))
+        }
+
+        fn breaker(&self) -> Result<Option<BreakerSettings>, Invalid> {
+            let b = &self.breaker;
+            if !b.enabled {
+                return Ok(None);
+            }
+            if b.min_requests == 0 {
+                return Err(at(p!("breaker", "min_requests"), "must be > 0"));
+            }
+            if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+                return Err(at(p!("breaker", "failure_ratio"), "must be in (0, 1]"));
+            }
+            if b.probes == 0 {
+                return Err(at(p!("breaker", "probes"), "must be > 0"));
+            }
+            let failure_statuses = StatusSet::parse(&b.failure_statuses)
+                .map_err(|(i, message)| at(p!("breaker", "failure_statuses", i), message))?;
+            Ok(Some(BreakerSettings {
+                rules: BreakerConfig {
+                    min_requests: b.min_requests,
+                    failure_ratio: b.failure_ratio,
+                    interval: nanos(duration(&b.interval, p!("breaker", "interval"))?),
+                    open_for: nanos(duration(&b.open_for, p!("breaker", "open_for"))?),
+                    probes: b.probes,
+                },
+                failure_statuses,
+            }))
+        }
+
+        fn shield(&self) -> Result<ShieldConfig, Invalid> {
+            let c = &self.clients;
+            let nets = |list: &[String], key: &'static str| -> Result<Vec<IpNet>, Invalid> {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, s)| cidr(s).map_err(|m| at(p!("clients", key, i), m)))
+                    .collect()
+            };
+            let key_by = match c.key.as_str() {
+                "ip" => KeyBy::Ip,
+                "ip_user_agent" => KeyBy::IpUserAgent,
+                other => {
+                    return Err(at(
+                        p!("clients", "key"),
+                        format!("unknown key kind {other:?}; expected \"ip\" or \"ip_user_agent\""),
+                    ));
+                }
+            };
+            if c.ipv6_prefix > 128 {
+                return Err(at(p!("clients", "ipv6_prefix"), "must be between 0 and 128"));
+            }
+            let header = match c.client_ip_header.to_ascii_lowercase().as_str() {
+                "x-forwarded-for" => ClientIpHeader::XForwardedFor,
+                "forwarded" => ClientIpHeader::Forwarded,
+                other => {
+                    return Err(at(
+                        p!("clients", "client_ip_header"),
+                        format!("unknown header {other:?}; expected \"x-forwarded-for\" or \"forwarded\""),
+                    ));
+                }
+            };
+            // Tables are allocated up front (~300 bytes per client for limiter
+            // and reputation): a typo must not ask for terabytes.
+            if !(1..=20_000_000).contains(&c.max_tracked) {
+                return Err(at(p!("clients", "max_tracked"), "must be between 1 and 20000000"));
+            }
+            let rl = &self.rate_limit;
+            let rate = nonzero(rl.rate, p!("rate_limit", "rate"))?;
+            let default_quota = Quota {
+                rate,
+                burst: nonzero(rl.burst.unwrap_or(rate.get()), p!("rate_limit", "burst"))?,
+                window_limit: nonzero(
+                    rl.window_limit.unwrap_or(rate.get()),
+                    p!("rate_limit", "window_limit"),
+                )?,
+            };
+            let limit = rl.enabled.then_some(LimitPolicy {
+                quota: default_quota,
+                mode: mode(&rl.mode, p!("rate_limit", "mode"))?,
+            });
+            let r = &self.reputation;
+            let rep_cfg = ReputationConfig {
+                initial: percent(r.initial, p!("reputation", "initial"))?,
+                block_below: percent(r.block_below, p!("reputation", "block_below"))?,
+                flood_threshold: match r.flood_threshold {
+                    Some(0) => return Err(at(p!("reputation", "flood_threshold"), "must be > 0")),
+                    Some(n) => n,
+                    None => rate.get().saturating_mul(2),
+                },
+                flood_penalty: percent(r.flood_penalty, p!("reputation", "flood_penalty"))?,
+                error_streak: match r.error_streak {
+                    0 => return Err(at(p!("reputation", "error_streak"), "must be > 0")),
+                    n => n,
+                },
+                error_penalty: percent(r.error_penalty, p!("reputation", "error_penalty"))?,
+                recovery_per_minute: if r.recovery_per_minute.is_finite() && r.recovery_per_minute >= 0.0 {
+                    r.recovery_per_minute
+                } else {
+                    return Err(at(
+                        p!("reputation", "recovery_per_minute"),
+                        "must be a number >= 0",
+                    ));
+                },
+            };
+            if rep_cfg.block_below > rep_cfg.initial {
+                return Err(at(
+                    p!("reputation", "block_below"),
+                    format!("must not exceed reputation.initial ({})", rep_cfg.initial),
+                ));
+            }
+            let reputation = if r.enabled {
+                Some((rep_cfg, mode(&r.mode, p!("reputation", "mode"))?))
+            } else {
+                None
+            };
+            let mut routes = Vec::with_capacity(self.routes.len());
+            for (i, route) in self.routes.iter().enumerate() {
+                routes.push(route.validate(i, &routes, default_quota, rl)?);
+            }
+            let adaptive = self.adaptive()?;
+            Ok(ShieldConfig {
+                adaptive,
+                key_by,
+                ipv6_prefix: c.ipv6_prefix,
+                trusted_proxies: TrustedProxies::new(nets(&c.trusted_proxies, "trusted_proxies")?, header),
+                allow: nets(&c.allow, "allow")?,
+                deny: nets(&c.deny, "deny")?,
+                max_tracked_clients: c.max_tracked,
+                limit,
+                routes,
+                reputation,
+                // Opened by the App and shared across reloads.
+                store: None,
+            })
+        }
+    }
+
+    impl RawRoute {
+        fn validate(
+            &self,
+            i: usize,
+            earlier: &[RouteConfig],
+            default: Quota,
+            rl: &RawRateLimit,
+        ) -> Result<RouteConfig, Invalid> {
+            let name = self.name.trim();
+            let valid_name = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+            if !valid_name {
+                return Err(at(
+                    p!("routes", i, "name"),
+                    "required: 1-64 characters from [A-Za-z0-9_.-]",
+                ));
+            }
+            if name == "default" || earlier.iter().any(|r| r.name == name) {
+                return Err(at(
+                    p!("routes", i, "name"),
+                    format!("route name {name:?} is already used"),
+                ));
+            }
+            if let Some(prefix) = &self.path_prefix
+                && !prefix.starts_with('/')
+            {
+                return Err(at(p!("routes", i, "path_prefix"), "must start with '/'"));
+            }
+            let methods = self
+                .methods
+                .iter()
+                .enumerate()
+                .map(|(j, m)| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        at(
+                            p!("routes", i, "methods", j),
+                            format!("{m:?} is not an HTTP method"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            let own = self.rate.is_some()
+                || self.burst.is_some()
+                || self.window_limit.is_some()
+                || self.mode.is_some();
+            let limit = if own {
+                let rate = nonzero(self.rate.unwrap_or(default.rate.get()), p!("routes", i, "rate"))?;
+                Some(LimitPolicy {
+                    quota: Quota {
+                        rate,
+                        burst: nonzero(self.burst.unwrap_or(rate.get()), p!("routes", i, "burst"))?,
+                        window_limit: nonzero(
+                            self.window_limit.unwrap_or(rate.get()),
+                            p!("routes", i, "window_limit"),
+                        )?,
+                    },
+                    mode: mode(self.mode.as_deref().unwrap_or(&rl.mode), p!("routes", i, "mode"))?,
+                })
+            } else {
+                None
+            };
+            Ok(RouteConfig {
+                name: name.to_string(),
+                matcher: RouteMatch {
+                    path_prefix: self.path_prefix.clone(),
+                    methods,
+                    host: self.host.clone(),
+                },
+                limit,
+            })
+        }
+    }
+
+    pub fn cidr(s: &str) -> Result<IpNet, String> {
+        s.parse::<IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map(|n| n.trunc())
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))
+    }
+
+    /// Largest rate, burst or window limit: a window slot counts up to 2^24.
+    pub const MAX_RATE: u32 = 10_000_000;
+
+    pub fn nonzero(n: u32, path: &[Seg]) -> Result<NonZeroU32, Invalid> {
+        match NonZeroU32::new(n) {
+            Some(n) if n.get() <= MAX_RATE => Ok(n),
+            _ => Err(at(path, format!("must be between 1 and {MAX_RATE}"))),
+        }
+    }
+
+    pub fn percent(n: u8, path: &[Seg]) -> Result<u8, Invalid> {
+        if n <= 100 {
+            Ok(n)
+        } else {
+            Err(at(path, "must be between 0 and 100"))
+        }
+    }
+
+    pub fn mode(s: &str, path: &[Seg]) -> Result<Mode, Invalid> {
+        match s {
+            "enforce" => Ok(Mode::Enforce),
+            "shadow" => Ok(Mode::Shadow),
+            other => Err(at(
+                path,
+                format!("unknown mode {other:?}; expected \"enforce\" or \"shadow\""),
+            )),
+        }
+    }
+
+    /// Parses `250ms`, `5s`, `2m`, `1h`.
+    pub fn parse_duration(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (e.g. \"250ms\", \"5s\", \"2m\")"))?;
+        let d = match unit.trim() {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+        };
+        Ok(d)
+    }
+
+    pub fn nanos(d: Duration) -> u64 {
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub fn duration(s: &str, path: &[Seg]) -> Result<Duration, Invalid> {
+        match parse_duration(s) {
+            Ok(d) if d.is_zero() => Err(at(path, "must be > 0")),
+            Ok(d) => Ok(d),
+            Err(m) => Err(at(path, m)),
+        }
+    }
+
+    // ---------------------------------------------------------------------------
+    // Finding keys in the source text.
+
+    fn path_string(path: &[Seg]) -> String {
+        let mut out = String::new();
+        for seg in path {
+            match seg {
+                Seg::Key(k) => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(k);
+                }
+                Seg::Index(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+
+    fn line_col(src: &str, offset: usize) -> (usize, usize) {
+        let before = &src[..offset.min(src.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    }
+
+    /// The span of the deepest part of `path` present in the document.
+    fn span_of(src: &str, path: &[Seg]) -> Option<Range<usize>> {
+        let doc = DeTable::parse(src).ok()?;
+        let mut best = None;
+        let mut value: &DeValue<'_> = &DeValue::Table(doc.get_ref().clone());
+        for seg in path {
+            let next = match (seg, value) {
+                (Seg::Key(k), DeValue::Table(t)) => {
+                    t.iter()
+                        .find(|(key, _)| key.get_ref().as_ref() == *k)
+                        .map(|(key, v)| {
+                            // Point at the key itself for scalars, where the eye looks.
+                            best = Some(key.span());
+                            v
+                        })
+                }
+                (Seg::Index(i), DeValue::Array(a)) => a.get(*i).inspect(|v| best = Some(v.span())),
+                _ => None,
+            };
+            match next {
+                Some(v) => value = v.get_ref(),
+                None => break,
+            }
+        }
+        best
+    }
+
+    /// The dotted key whose key or value contains byte `offset`.
+    fn key_at(src: &str, offset: usize) -> Option<String> {
+        let (doc, _) = DeTable::parse_recoverable(src);
+        key_in_table(doc.get_ref(), offset)
+    }
+
+    fn key_in_table(table: &DeTable<'_>, offset: usize) -> Option<String> {
+        for (key, value) in table.iter() {
+            let name = key.get_ref().as_ref();
+            if key.span().contains(&offset) {
+                return Some(name.to_string());
+            }
+            // A `[table]`'s span covers only its header, so look inside anyway.
+            let inner = match value.get_ref() {
+                DeValue::Table(t) => key_in_table(t, offset).map(|k| format!("{name}.{k}")),
+                DeValue::Array(a) => a.iter().enumerate().find_map(|(i, item)| match item.get_ref() {
+                    DeValue::Table(t) => key_in_table(t, offset).map(|k| format!("{name}[{i}].{k}")),
+                    _ => item.span().contains(&offset).then(|| format!("{name}[{i}]")),
+                }),
+                _ => None,
+            };
+            if inner.is_some() {
+                return inner;
+            }
+            if value.span().contains(&offset) {
+                return Some(name.to_string());
+            }
+        }
+        None
+    }
+}

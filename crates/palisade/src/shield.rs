@@ -1,0 +1,566 @@
+//! The request-side protection as a tower layer: allow and deny lists, the
+//! reputation store, learned reputation, per-client rate limits and the
+//! adaptive per-client breaker, decided by one [`Shield`] per request.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{Extensions, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use palisade_core::{Clock, MonotonicClock};
+use palisade_limits::adaptive::AdaptiveConfig;
+use palisade_limits::rate::Quota;
+use palisade_limits::reputation::ReputationConfig;
+use palisade_limits::shield::{
+    Decision, LimitPolicy, Rejection, RequestFacts, ResponseEffects, Shield, ShieldConfig,
+};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::respond;
+
+/// Where a [`ShieldService`] finds the [`Shield`] in force for a request,
+/// and what it tells about each one.
+///
+/// `Arc<Shield<C>>` is the plain pipeline (no hooks). The `palisade`
+/// daemon supplies its own: it swaps the shield on reload, adds its
+/// cluster-wide limits and kernel bans in [`begin`](Self::begin), and counts
+/// metrics in [`end`](Self::end).
+pub trait Pipeline: Clone + Send + Sync + 'static {
+    /// The clock decisions are made with.
+    type Clock: Clock;
+    /// What one request holds on to from decision to response (the config
+    /// in force when it arrived).
+    type Snapshot: Send + Sync + 'static;
+    /// What [`begin`](Self::begin) hands to [`end`](Self::end).
+    type Tag: Send + 'static;
+
+    /// The snapshot for a new request.
+    fn load(&self) -> Self::Snapshot;
+    /// The shield inside a snapshot.
+    fn shield<'a>(&self, snapshot: &'a Self::Snapshot) -> &'a Shield<Self::Clock>;
+    /// Runs after the shield decided and before the answer; may refuse
+    /// with further checks of its own (through [`Decision::apply`]).
+    fn begin(&self, snapshot: &Self::Snapshot, req: &RequestFacts<'_>, decision: &mut Decision) -> Self::Tag;
+    /// Runs once per request that got an answer, refused or served.
+    fn end(&self, snapshot: &Self::Snapshot, finished: Finished<'_, Self::Tag>);
+}
+
+/// What [`Pipeline::end`] learns about a request.
+#[derive(Debug)]
+pub struct Finished<'a, T> {
+    /// The decision it was made.
+    pub decision: &'a Decision,
+    /// What [`Pipeline::begin`] returned.
+    pub tag: T,
+    /// The status answered (500 when the inner service failed).
+    pub status: StatusCode,
+    /// The response's extensions (empty when the inner service failed).
+    pub extensions: Option<&'a Extensions>,
+    /// What the response changed (reputation penalty, breaker change).
+    pub effects: ResponseEffects,
+}
+
+impl<C: Clock> Pipeline for Arc<Shield<C>> {
+    type Clock = C;
+    type Snapshot = Self;
+    type Tag = ();
+
+    fn load(&self) -> Self {
+        self.clone()
+    }
+
+    fn shield<'a>(&self, snapshot: &'a Self) -> &'a Shield<C> {
+        snapshot
+    }
+
+    fn begin(&self, _: &Self, _: &RequestFacts<'_>, _: &mut Decision) {}
+
+    fn end(&self, _: &Self, f: Finished<'_, ()>) {
+        // Breaker changes are rare by construction: always worth a line.
+        for t in [f.decision.transition, f.effects.transition]
+            .into_iter()
+            .flatten()
+        {
+            tracing::warn!(
+                client = ?t.ip,
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                reason = t.reason.as_str(),
+                "adaptive breaker"
+            );
+        }
+    }
+}
+
+/// The client address a [`ShieldService`] resolved (the peer, or the
+/// client a trusted proxy named), in the request's extensions for the
+/// handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub IpAddr);
+
+/// The connection's peer address, for servers that neither run axum's
+/// `ConnectInfo` nor build a service per connection
+/// ([`ShieldService::with_peer`]): put it in the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// A request answered before it reached the inner service.
+#[derive(Debug)]
+pub struct Early {
+    response: Response<Full<Bytes>>,
+    rejection: Option<Rejection>,
+}
+
+impl Early {
+    pub(crate) fn refused(rejection: Rejection, policy_name: &str) -> Self {
+        Self {
+            response: respond::rejection(&rejection, policy_name),
+            rejection: Some(rejection),
+        }
+    }
+
+    fn missing_peer() -> Self {
+        Self {
+            response: respond::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n"),
+            rejection: None,
+        }
+    }
+}
+
+/// The error of the [`Fail`] variants when a request is refused. Its
+/// [`response`](Self::response) is what the [`Respond`] variant would
+/// have sent.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub rejection: Rejection,
+    /// 403, 429 or 503 with its headers.
+    pub response: Response<Full<Bytes>>,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused by palisade: {}", self.rejection.reason)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The error of the [`Fail`] variants when no peer address is known: the
+/// server passes neither `ConnectInfo`, [`PeerAddr`] nor
+/// [`ShieldService::with_peer`].
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "palisade: no peer address on the request (serve axum with into_make_service_with_connect_info::<SocketAddr>())"
+)]
+pub struct MissingPeer;
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for Refused {
+    fn into_response(self) -> axum::response::Response {
+        self.response.map(axum::body::Body::new)
+    }
+}
+
+/// Errors boxed as tower's middleware errors are.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a layer answers a refusal. Sealed: [`Respond`] or [`Fail`].
+pub trait Reply<B, E>: sealed::Sealed {
+    /// The response type.
+    type Response;
+    /// The error type.
+    type Error;
+    /// A request answered early.
+    fn early(early: Early) -> Result<Self::Response, Self::Error>;
+    /// What the inner service returned.
+    fn pass(result: Result<Response<B>, E>) -> Result<Self::Response, Self::Error>;
+    /// An error of the inner service.
+    fn error(e: E) -> Self::Error;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Respond {}
+    impl Sealed for super::Fail {}
+}
+
+/// Layers answer refusals themselves (403/429/503 with `Retry-After` and
+/// `RateLimit` headers): no `HandleErrorLayer` needed. The default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Respond;
+
+/// Layers return refusals as errors ([`Refused`], boxed) for a
+/// `HandleErrorLayer` or your own error handling.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fail;
+
+impl<B, E> Reply<B, E> for Respond {
+    type Response = Response<Either<B, Full<Bytes>>>;
+    type Error = E;
+
+    fn early(early: Early) -> Result<Self::Response, E> {
+        Ok(early.response.map(Either::Right))
+    }
+
+    fn pass(result: Result<Response<B>, E>) -> Result<Self::Response, E> {
+        result.map(|r| r.map(Either::Left))
+    }
+
+    fn error(e: E) -> E {
+        e
+    }
+}
+
+impl<B, E: Into<BoxError>> Reply<B, E> for Fail {
+    type Response = Response<B>;
+    type Error = BoxError;
+
+    fn early(early: Early) -> Result<Self::Response, BoxError> {
+        Err(match early.rejection {
+            Some(rejection) => Box::new(Refused {
+                rejection,
+                response: early.response,
+            }),
+            None => Box::new(MissingPeer),
+        })
+    }
+
+    fn pass(result: Result<Response<B>, E>) -> Result<Self::Response, BoxError> {
+        result.map_err(Into::into)
+    }
+
+    fn error(e: E) -> BoxError {
+        e.into()
+    }
+}
+
+/// The shield as a tower [`Layer`].
+///
+/// Cloning is cheap and clones share their state: every service the layer
+/// makes counts against the same per-client tables.
+pub struct ShieldLayer<P = Arc<Shield<MonotonicClock>>, M = Respond> {
+    pipeline: P,
+    expose_client: bool,
+    reply: PhantomData<fn() -> M>,
+}
+
+impl<P: Clone, M> Clone for ShieldLayer<P, M> {
+    fn clone(&self) -> Self {
+        Self {
+            pipeline: self.pipeline.clone(),
+            expose_client: self.expose_client,
+            reply: PhantomData,
+        }
+    }
+}
+
+impl ShieldLayer {
+    /// Every control `cfg` enables, on the monotonic clock.
+    pub fn new(cfg: ShieldConfig) -> Self {
+        Self::with_shield(Arc::new(Shield::new(cfg, MonotonicClock::new())))
+    }
+
+    /// Only a per-client rate limit (`quota` per client address).
+    pub fn rate_limit(quota: Quota) -> Self {
+        Self::new(ShieldConfig {
+            limit: Some(LimitPolicy {
+                quota,
+                mode: palisade_core::Mode::Enforce,
+            }),
+            reputation: None,
+            adaptive: None,
+            ..ShieldConfig::default()
+        })
+    }
+
+    /// Only reputation: clients that flood or pile up 400/401 streaks lose
+    /// points and are refused with 403 below the threshold, then recover.
+    pub fn reputation(cfg: ReputationConfig) -> Self {
+        Self::new(ShieldConfig {
+            limit: None,
+            reputation: Some((cfg, palisade_core::Mode::Enforce)),
+            adaptive: None,
+            ..ShieldConfig::default()
+        })
+    }
+
+    /// Only the adaptive per-client breaker: a client whose requests fail
+    /// (5xx) or are slow is slowed down, then refused, then probed.
+    pub fn adaptive_breaker(cfg: AdaptiveConfig) -> Self {
+        Self::new(ShieldConfig {
+            limit: None,
+            reputation: None,
+            adaptive: Some((cfg, palisade_core::Mode::Enforce)),
+            ..ShieldConfig::default()
+        })
+    }
+}
+
+impl<C: Clock> ShieldLayer<Arc<Shield<C>>> {
+    /// A layer over an existing shield (your own clock, or a shield you
+    /// also read from elsewhere).
+    pub fn with_shield(shield: Arc<Shield<C>>) -> Self {
+        Self::with_pipeline(shield)
+    }
+
+    /// The shield (tables, reputation, breaker state).
+    pub fn shield(&self) -> &Arc<Shield<C>> {
+        &self.pipeline
+    }
+}
+
+impl<P: Pipeline> ShieldLayer<P> {
+    /// A layer over a custom [`Pipeline`].
+    pub fn with_pipeline(pipeline: P) -> Self {
+        Self {
+            pipeline,
+            expose_client: true,
+            reply: PhantomData,
+        }
+    }
+}
+
+impl<P: Pipeline, M> ShieldLayer<P, M> {
+    /// Refusals become errors ([`Refused`]) instead of responses.
+    pub fn errors(self) -> ShieldLayer<P, Fail> {
+        ShieldLayer {
+            pipeline: self.pipeline,
+            expose_client: self.expose_client,
+            reply: PhantomData,
+        }
+    }
+
+    /// Whether admitted requests carry a [`ClientIp`] extension (on by
+    /// default; off saves an allocation per request when nobody reads it).
+    pub fn expose_client_ip(mut self, on: bool) -> Self {
+        self.expose_client = on;
+        self
+    }
+}
+
+impl<S, P: Pipeline, M> Layer<S> for ShieldLayer<P, M> {
+    type Service = ShieldService<S, P, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ShieldService {
+            inner,
+            pipeline: self.pipeline.clone(),
+            peer: None,
+            expose_client: self.expose_client,
+            reply: PhantomData,
+        }
+    }
+}
+
+/// The service a [`ShieldLayer`] makes.
+pub struct ShieldService<S, P = Arc<Shield<MonotonicClock>>, M = Respond> {
+    inner: S,
+    pipeline: P,
+    peer: Option<SocketAddr>,
+    expose_client: bool,
+    reply: PhantomData<fn() -> M>,
+}
+
+impl<S: Clone, P: Clone, M> Clone for ShieldService<S, P, M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            pipeline: self.pipeline.clone(),
+            peer: self.peer,
+            expose_client: self.expose_client,
+            reply: PhantomData,
+        }
+    }
+}
+
+impl<S, P, M> ShieldService<S, P, M> {
+    /// Fixes the peer address for every request (a service built per
+    /// connection, as with plain hyper). Without it the peer comes from
+    /// axum's `ConnectInfo<SocketAddr>` or a [`PeerAddr`] extension.
+    pub fn with_peer(mut self, peer: SocketAddr) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    fn peer(&self, ext: &Extensions) -> Option<SocketAddr> {
+        if self.peer.is_some() {
+            return self.peer;
+        }
+        #[cfg(feature = "axum")]
+        if let Some(axum::extract::ConnectInfo(addr)) = ext.get::<axum::extract::ConnectInfo<SocketAddr>>() {
+            return Some(*addr);
+        }
+        ext.get::<PeerAddr>().map(|p| p.0)
+    }
+}
+
+/// Warned about once per process: a server set up without peer addresses
+/// answers 500 to everything, which must not go unnoticed, nor flood logs.
+static MISSING_PEER_WARNED: AtomicBool = AtomicBool::new(false);
+
+impl<S, P, M, ReqB, ResB> Service<Request<ReqB>> for ShieldService<S, P, M>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    P: Pipeline,
+    M: Reply<ResB, S::Error>,
+{
+    type Response = M::Response;
+    type Error = M::Error;
+    type Future = ResponseFuture<S::Future, P, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(M::error)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let Some(peer) = self.peer(req.extensions()) else {
+            if !MISSING_PEER_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::error!("{MissingPeer}");
+            }
+            return ResponseFuture::early(Early::missing_peer());
+        };
+        let snapshot = self.pipeline.load();
+        let shield = self.pipeline.shield(&snapshot);
+        let (decision, tag) = {
+            let host = req
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
+            let facts = RequestFacts {
+                peer: peer.ip(),
+                method: req.method(),
+                host,
+                path: req.uri().path(),
+                headers: req.headers(),
+            };
+            let mut decision = shield.decide(&facts);
+            let tag = self.pipeline.begin(&snapshot, &facts, &mut decision);
+            (decision, tag)
+        };
+        if let Some(rejection) = decision.rejection {
+            let name = shield
+                .limit_for(decision.route)
+                .map_or("default", |(name, _, _)| name);
+            let early = Early::refused(rejection, name);
+            self.pipeline.end(
+                &snapshot,
+                Finished {
+                    decision: &decision,
+                    tag,
+                    status: early.response.status(),
+                    extensions: Some(early.response.extensions()),
+                    effects: ResponseEffects::default(),
+                },
+            );
+            return ResponseFuture::early(early);
+        }
+        if self.expose_client {
+            req.extensions_mut().insert(ClientIp(decision.client_ip));
+        }
+        ResponseFuture {
+            state: State::Called {
+                fut: self.inner.call(req),
+                watch: Some(Watch {
+                    pipeline: self.pipeline.clone(),
+                    snapshot,
+                    decision,
+                    tag,
+                }),
+            },
+            reply: PhantomData,
+        }
+    }
+}
+
+struct Watch<P: Pipeline> {
+    pipeline: P,
+    snapshot: P::Snapshot,
+    decision: Decision,
+    tag: P::Tag,
+}
+
+impl<P: Pipeline> Watch<P> {
+    fn finish(self, status: StatusCode, extensions: Option<&Extensions>) {
+        let shield = self.pipeline.shield(&self.snapshot);
+        // Allow-listed clients are outside every control, responses included.
+        let effects = if self.decision.exempt {
+            ResponseEffects::default()
+        } else {
+            shield.observe_response(&self.decision, status.as_u16())
+        };
+        self.pipeline.end(
+            &self.snapshot,
+            Finished {
+                decision: &self.decision,
+                tag: self.tag,
+                status,
+                extensions,
+                effects,
+            },
+        );
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`ShieldService`] call.
+    pub struct ResponseFuture<F, P: Pipeline, M> {
+        #[pin]
+        state: State<F, P>,
+        reply: PhantomData<fn() -> M>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F, P: Pipeline> {
+        Early { early: Option<Early> },
+        Called { #[pin] fut: F, watch: Option<Watch<P>> },
+    }
+}
+
+impl<F, P: Pipeline, M> ResponseFuture<F, P, M> {
+    fn early(early: Early) -> Self {
+        Self {
+            state: State::Early { early: Some(early) },
+            reply: PhantomData,
+        }
+    }
+}
+
+impl<F, P, M, B, E> Future for ResponseFuture<F, P, M>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    P: Pipeline,
+    M: Reply<B, E>,
+{
+    type Output = Result<M::Response, M::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Early { early } => match early.take() {
+                Some(early) => Poll::Ready(M::early(early)),
+                None => panic!("ResponseFuture polled after completion"),
+            },
+            StateProj::Called { fut, watch } => {
+                let result = ready!(fut.poll(cx));
+                if let Some(w) = watch.take() {
+                    match &result {
+                        Ok(r) => w.finish(r.status(), Some(r.extensions())),
+                        Err(_) => w.finish(StatusCode::INTERNAL_SERVER_ERROR, None),
+                    }
+                }
+                Poll::Ready(M::pass(result))
+            }
+        }
+    }
+}
