@@ -24,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
+use palisade::{Finished, LocalRefusal, Pipeline, ShieldLayer, ShieldService};
 use palisade_core::{ClientKey, Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
 use palisade_limits::adaptive::AdaptiveTransition;
 use palisade_limits::admission::{Admission, Permit};
@@ -31,6 +32,7 @@ use palisade_limits::breaker::{Attempt, Breaker, Outcome, Transition};
 use palisade_limits::reputation::EventKind;
 use palisade_limits::shield::{Decision, Rejection, RequestFacts, Shield};
 use palisade_store::StoreCell;
+use tower_layer::Layer;
 
 use crate::body::{BodyError, BodyLimits, TimedBody};
 use crate::cluster::{Cluster, ScoreEvent, Window};
@@ -678,123 +680,22 @@ impl App {
         Err(retry_after)
     }
 
-    /// Decides and answers one request.
-    pub async fn handle(self: Arc<Self>, conn: ClientConn, req: Request<Incoming>) -> Response<ResponseBody> {
-        let peer = conn.peer;
+    /// Forwards one admitted request, or answers 503 when every
+    /// upstream's breaker is open.
+    async fn pass(
+        self: Arc<Self>,
+        conn: ClientConn,
+        req: Request<Incoming>,
+    ) -> Response<UpstreamResponseBody> {
         let rt = self.runtime();
-        let method = metrics::method_label(req.method());
-        let mut decision = {
-            let host = req
-                .headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().authority().map(Authority::as_str));
-            rt.shield.decide(&RequestFacts {
-                peer: peer.ip(),
-                method: req.method(),
-                host,
-                path: req.uri().path(),
-                headers: req.headers(),
-            })
-        };
-        if decision.rejection.is_none() && !decision.exempt && self.syn_banned(decision.client_ip) {
-            let rejection = Rejection {
-                reason: RejectReason::Denylisted,
-                retry_after_secs: None,
-                quota: None,
-            };
-            decision.apply(rejection, palisade_core::Mode::Enforce);
-        }
-        if let Some(cluster) = &self.cluster
-            && decision.rejection.is_none()
-            && !decision.exempt
-            && let Some(Some(window)) = rt.cluster_windows.get(decision.route)
-            && let Some((_, quota, mode)) = rt.shield.limit_for(decision.route)
-            && !cluster.admit(
-                window,
-                &decision.key,
-                quota.window_limit.get(),
-                palisade_core::unix_now_ms(),
-            )
-        {
-            self.metrics.cluster_limited.inc();
-            let rejection = Rejection {
-                reason: RejectReason::RateLimited,
-                retry_after_secs: Some(1),
-                quota: Some(quota),
-            };
-            decision.apply(rejection, mode);
-        }
-        // The shield read the clock (same origin as ours) for this request.
-        let start = decision.started;
-        let endpoint = rt.route_labels.get(decision.route).copied().unwrap_or("default");
-        if let Some(t) = decision.transition {
-            self.adaptive_transition(t);
-        }
-        if decision.flooded {
-            Metrics::inc(&self.metrics.penalties, "flood");
-            self.persist_score(&rt, &decision.key);
-            if self.log_budget.take(start) {
-                tracing::warn!(client = %decision.client_ip, "flood: more than the per-second threshold; reputation penalised");
+        match self.choose_upstream(&rt) {
+            Err(retry_after) => {
+                let mut r = respond::breaker_open(retry_after.div_ceil(NANOS_PER_SEC)).map(Either::Right);
+                r.extensions_mut().insert(LocalRefusal(RejectReason::BreakerOpen));
+                r
             }
+            Ok((upstream, ticket)) => self.forward(&rt, upstream, ticket, &conn, req).await,
         }
-        if let Some(reason) = decision.would_block {
-            Metrics::inc(&self.metrics.would_block, reason.as_str());
-            if self.log_budget.take(start) {
-                tracing::info!(client = %decision.client_ip, %reason, endpoint, "would_block (shadow mode)");
-            }
-        }
-        let (response, refused) = match &decision.rejection {
-            Some(rej) => {
-                if self.log_budget.take(start) {
-                    tracing::info!(client = %decision.client_ip, reason = %rej.reason, endpoint, "refused");
-                }
-                (
-                    respond::rejection(rej, endpoint).map(Either::Right),
-                    Some(rej.reason),
-                )
-            }
-            None => match self.choose_upstream(&rt) {
-                Err(retry_after) => {
-                    let secs = retry_after.div_ceil(NANOS_PER_SEC);
-                    (
-                        respond::breaker_open(secs).map(Either::Right),
-                        Some(RejectReason::BreakerOpen),
-                    )
-                }
-                Ok((upstream, ticket)) => {
-                    let r = self.forward(&rt, upstream, ticket, &conn, &decision, req).await;
-                    let effects = rt.shield.observe_response(&decision, r.status().as_u16());
-                    if effects.penalized {
-                        Metrics::inc(&self.metrics.penalties, "error_streak");
-                        self.persist_score(&rt, &decision.key);
-                    }
-                    if let Some(t) = effects.transition {
-                        self.adaptive_transition(t);
-                    }
-                    (r, None)
-                }
-            },
-        };
-        self.metrics.decision(refused);
-        let status = response.status().as_u16();
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                endpoint,
-                method,
-                status,
-            })
-            .inc();
-        let elapsed = self.now().saturating_sub(start) as f64 / NANOS_PER_SEC as f64;
-        self.metrics
-            .latency
-            .get_or_create(&LatencyLabels { endpoint, method })
-            .observe(elapsed);
-        response.map(|b| ResponseBody {
-            inner: b,
-            guard: None,
-        })
     }
 
     async fn forward(
@@ -803,9 +704,8 @@ impl App {
         upstream: &Upstream,
         ticket: Option<Attempt<MonotonicClock>>,
         conn: &ClientConn,
-        decision: &Decision,
         mut req: Request<Incoming>,
-    ) -> Response<Either<Incoming, Full<Bytes>>> {
+    ) -> Response<UpstreamResponseBody> {
         // An HTTP/1.1 `Upgrade` (WebSocket...) is passed through and, on
         // 101, becomes a byte tunnel.
         let upgrade = upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
@@ -907,7 +807,7 @@ impl App {
         self.finish(upstream, ticket, outcome);
         Metrics::inc(&self.metrics.upstream_errors, failure.as_str());
         if outcome == Outcome::Failure && self.log_budget.take(self.now()) {
-            tracing::warn!(client = %decision.client_ip, upstream = upstream.label, failure = failure.as_str(), "upstream failed");
+            tracing::warn!(peer = %conn.peer, upstream = upstream.label, failure = failure.as_str(), "upstream failed");
         }
         respond::upstream_failure(failure).map(Either::Right)
     }
@@ -1060,15 +960,160 @@ pub struct ClientConn {
     pub permit: Option<Arc<Permit>>,
 }
 
+/// The body of a forwarded response, or of a local 502/503/504.
+pub type UpstreamResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// The daemon's side of the request pipeline: the shield of the config in
+/// force, plus kernel bans and cluster-wide limits as further checks, and
+/// metrics and logs for every decision.
+#[derive(Clone)]
+pub struct Hooks(pub Arc<App>);
+
+impl Pipeline for Hooks {
+    type Clock = MonotonicClock;
+    type Snapshot = Arc<Runtime>;
+    /// The method label, read while the request is at hand.
+    type Tag = &'static str;
+
+    fn load(&self) -> Arc<Runtime> {
+        self.0.runtime()
+    }
+
+    fn shield<'a>(&self, rt: &'a Arc<Runtime>) -> &'a Shield<MonotonicClock> {
+        &rt.shield
+    }
+
+    fn begin(&self, rt: &Arc<Runtime>, req: &RequestFacts<'_>, decision: &mut Decision) -> &'static str {
+        let app = &self.0;
+        if decision.rejection.is_none() && !decision.exempt && app.syn_banned(decision.client_ip) {
+            let rejection = Rejection {
+                reason: RejectReason::Denylisted,
+                retry_after_secs: None,
+                quota: None,
+            };
+            decision.apply(rejection, palisade_core::Mode::Enforce);
+        }
+        if let Some(cluster) = &app.cluster
+            && decision.rejection.is_none()
+            && !decision.exempt
+            && let Some(Some(window)) = rt.cluster_windows.get(decision.route)
+            && let Some((_, quota, mode)) = rt.shield.limit_for(decision.route)
+            && !cluster.admit(
+                window,
+                &decision.key,
+                quota.window_limit.get(),
+                palisade_core::unix_now_ms(),
+            )
+        {
+            app.metrics.cluster_limited.inc();
+            let rejection = Rejection {
+                reason: RejectReason::RateLimited,
+                retry_after_secs: Some(1),
+                quota: Some(quota),
+            };
+            decision.apply(rejection, mode);
+        }
+        let start = decision.started;
+        let endpoint = rt.route_labels.get(decision.route).copied().unwrap_or("default");
+        if let Some(t) = decision.transition {
+            app.adaptive_transition(t);
+        }
+        if decision.flooded {
+            Metrics::inc(&app.metrics.penalties, "flood");
+            app.persist_score(rt, &decision.key);
+            if app.log_budget.take(start) {
+                tracing::warn!(client = %decision.client_ip, "flood: more than the per-second threshold; reputation penalised");
+            }
+        }
+        if let Some(reason) = decision.would_block {
+            Metrics::inc(&app.metrics.would_block, reason.as_str());
+            if app.log_budget.take(start) {
+                tracing::info!(client = %decision.client_ip, %reason, endpoint, "would_block (shadow mode)");
+            }
+        }
+        if let Some(rej) = &decision.rejection
+            && app.log_budget.take(start)
+        {
+            tracing::info!(client = %decision.client_ip, reason = %rej.reason, endpoint, "refused");
+        }
+        metrics::method_label(req.method)
+    }
+
+    fn end(&self, rt: &Arc<Runtime>, f: Finished<'_, &'static str>) {
+        let app = &self.0;
+        let d = f.decision;
+        if f.effects.penalized {
+            Metrics::inc(&app.metrics.penalties, "error_streak");
+            app.persist_score(rt, &d.key);
+        }
+        if let Some(t) = f.effects.transition {
+            app.adaptive_transition(t);
+        }
+        let refused = d
+            .rejection
+            .map(|r| r.reason)
+            .or_else(|| f.extensions.and_then(|e| e.get::<LocalRefusal>()).map(|r| r.0));
+        app.metrics.decision(refused);
+        let endpoint = rt.route_labels.get(d.route).copied().unwrap_or("default");
+        app.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                method: f.tag,
+                status: f.status.as_u16(),
+            })
+            .inc();
+        let elapsed = app.now().saturating_sub(d.started) as f64 / NANOS_PER_SEC as f64;
+        app.metrics
+            .latency
+            .get_or_create(&LatencyLabels {
+                endpoint,
+                method: f.tag,
+            })
+            .observe(elapsed);
+    }
+}
+
+/// The innermost service: forwards what the shield admitted.
+#[derive(Clone)]
+pub struct Forward {
+    app: Arc<App>,
+    conn: ClientConn,
+}
+
+impl tower_service::Service<Request<Incoming>> for Forward {
+    type Response = Response<UpstreamResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let (app, conn) = (self.app.clone(), self.conn.clone());
+        Box::pin(async move { Ok(app.pass(conn, req).await) })
+    }
+}
+
 /// The hyper service of one client connection.
 #[derive(Clone)]
 pub struct ProxyService {
-    /// Shared state.
-    pub app: Arc<App>,
-    /// The connection.
-    pub conn: ClientConn,
-    /// Requests in flight on this connection.
-    pub activity: Arc<ConnActivity>,
+    pipeline: ShieldService<Forward, Hooks>,
+    activity: Arc<ConnActivity>,
+}
+
+impl ProxyService {
+    /// The pipeline for a connection from `conn.peer`.
+    pub fn new(app: Arc<App>, conn: ClientConn, activity: Arc<ConnActivity>) -> Self {
+        let peer = conn.peer;
+        let pipeline = ShieldLayer::with_pipeline(Hooks(app.clone()))
+            // Nothing downstream reads it: save the allocation.
+            .expose_client_ip(false)
+            .layer(Forward { app, conn })
+            .with_peer(peer);
+        Self { pipeline, activity }
+    }
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
@@ -1078,12 +1123,18 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
-        let app = self.app.clone();
-        let conn = self.conn.clone();
+        let mut pipeline = self.pipeline.clone();
         Box::pin(async move {
-            let mut resp = app.handle(conn, req).await;
-            resp.body_mut().guard = Some(guard);
-            Ok(resp)
+            // Forward is always ready; the call keeps tower's contract anyway.
+            std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut pipeline, cx)).await?;
+            let resp = tower_service::Service::call(&mut pipeline, req).await?;
+            Ok(resp.map(|b| ResponseBody {
+                inner: match b {
+                    Either::Left(forwarded) => forwarded,
+                    Either::Right(refusal) => Either::Right(refusal),
+                },
+                guard: Some(guard),
+            }))
         })
     }
 }

@@ -375,11 +375,7 @@ where
     let activity = Arc::new(ConnActivity::default());
     let io = TokioIo::new(TimedIo::new(io, activity.clone(), deadlines));
     let peer = conn.peer;
-    let service = ProxyService {
-        app: app.clone(),
-        conn,
-        activity: activity.clone(),
-    };
+    let service = ProxyService::new(app.clone(), conn, activity.clone());
     let conn = rt
         .builder
         .serve_connection_with_upgrades(io, service)

@@ -212,7 +212,7 @@ where
                     quota: None,
                 };
                 State::Early {
-                    early: Some(Early::refused(rejection, "breaker")),
+                    early: Some(Early::refused_locally(rejection, "breaker")),
                 }
             }
         };

@@ -11,6 +11,6 @@ pub use breaker::{BreakerFuture, BreakerLayer, BreakerService, BreakerSettings, 
 pub use listener::{AdmissionListener, Admitted};
 pub use palisade_limits::admission::{Admission, AdmissionConfig, Refusal};
 pub use shield::{
-    BoxError, ClientIp, Early, Fail, Finished, MissingPeer, PeerAddr, Pipeline, Refused, Reply, Respond,
-    ResponseFuture, ShieldLayer, ShieldService,
+    BoxError, ClientIp, Early, Fail, Finished, LocalRefusal, MissingPeer, PeerAddr, Pipeline, Refused, Reply,
+    Respond, ResponseFuture, ShieldLayer, ShieldService,
 };

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::{Extensions, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use palisade_core::{Clock, MonotonicClock};
+use palisade_core::{Clock, MonotonicClock, RejectReason};
 use palisade_limits::adaptive::AdaptiveConfig;
 use palisade_limits::rate::Quota;
 use palisade_limits::reputation::ReputationConfig;
@@ -112,6 +112,13 @@ pub struct ClientIp(pub IpAddr);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// A response extension: this answer came from a protection layer (a
+/// breaker's 503), not from the service, so it says nothing about the client
+/// and is not held against its reputation or its adaptive breaker. Set it on
+/// refusals of your own inner layers for the same effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalRefusal(pub RejectReason);
+
 /// A request answered before it reached the inner service.
 #[derive(Debug)]
 pub struct Early {
@@ -125,6 +132,16 @@ impl Early {
             response: respond::rejection(&rejection, policy_name),
             rejection: Some(rejection),
         }
+    }
+
+    /// A refusal an outer [`ShieldLayer`] must not count against the client.
+    pub(crate) fn refused_locally(rejection: Rejection, policy_name: &str) -> Self {
+        let mut early = Self::refused(rejection, policy_name);
+        early
+            .response
+            .extensions_mut()
+            .insert(LocalRefusal(rejection.reason));
+        early
     }
 
     fn missing_peer() -> Self {
@@ -492,8 +509,10 @@ struct Watch<P: Pipeline> {
 impl<P: Pipeline> Watch<P> {
     fn finish(self, status: StatusCode, extensions: Option<&Extensions>) {
         let shield = self.pipeline.shield(&self.snapshot);
-        // Allow-listed clients are outside every control, responses included.
-        let effects = if self.decision.exempt {
+        // Allow-listed clients are outside every control, responses
+        // included; a layer's own refusal says nothing about the client.
+        let local = extensions.is_some_and(|e| e.get::<LocalRefusal>().is_some());
+        let effects = if self.decision.exempt || local {
             ResponseEffects::default()
         } else {
             shield.observe_response(&self.decision, status.as_u16())
