@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use palisade_core::proxy_protocol::{self, ProxyHeader, ProxyHeaderError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use palisade_core::proxy_protocol::ProxyHeader;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -238,7 +238,7 @@ fn refuse(app: &App, stream: TcpStream, peer: SocketAddr, reason: &'static str) 
 /// the client it names; a missing or bad header resets the connection.
 async fn proxied(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
     let deadline = app.runtime().config.server.header_read_timeout;
-    let client = match tokio::time::timeout(deadline, read_proxy_header(&mut stream)).await {
+    let client = match tokio::time::timeout(deadline, palisade::read_proxy_header(&mut stream)).await {
         Ok(Ok(ProxyHeader::Proxied { source, .. })) => source,
         Ok(Ok(ProxyHeader::Local)) => peer,
         Ok(Err(e)) => {
@@ -250,37 +250,6 @@ async fn proxied(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, watcher
     match admit(&app, client.ip()) {
         Ok(permit) => connection(app, stream, client, permit, watcher).await,
         Err(reason) => refuse(&app, stream, client, reason),
-    }
-}
-
-/// Consumes exactly the PROXY header from the stream, nothing after it.
-async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<ProxyHeader> {
-    let mut buf = vec![0u8; proxy_protocol::V2_MAX];
-    let mut seen = 0;
-    loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before the PROXY header",
-            ));
-        }
-        match proxy_protocol::parse(&buf[..n]) {
-            Ok(Some((header, len))) => {
-                stream.read_exact(&mut buf[..len]).await?;
-                return Ok(header);
-            }
-            Ok(None) if n == buf.len() => return Err(std::io::Error::other(ProxyHeaderError::TooLong)),
-            Ok(None) => {
-                // peek() does not consume, so readiness stays set: wait a
-                // little for more bytes instead of spinning.
-                if n == seen {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                seen = n;
-            }
-            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-        }
     }
 }
 

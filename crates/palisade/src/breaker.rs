@@ -90,7 +90,8 @@ pub struct BreakerSettings {
 
 /// The classic breaker as a tower [`Layer`]. Clones share one breaker.
 pub struct BreakerLayer<C = MonotonicClock, M = Respond> {
-    breaker: Arc<Breaker>,
+    /// `None`: passes everything through (`[breaker] enabled = false`).
+    breaker: Option<Arc<Breaker>>,
     failures: StatusSet,
     clock: C,
     reply: PhantomData<fn() -> M>,
@@ -118,8 +119,18 @@ impl<C: Clock + Clone> BreakerLayer<C> {
     /// A closed breaker on your clock (tests drive time by hand).
     pub fn with_clock(settings: BreakerSettings, clock: C) -> Self {
         Self {
-            breaker: Arc::new(Breaker::new(settings.rules, clock.now())),
+            breaker: Some(Arc::new(Breaker::new(settings.rules, clock.now()))),
             failures: settings.failure_statuses,
+            clock,
+            reply: PhantomData,
+        }
+    }
+
+    /// A layer that passes every request through.
+    pub(crate) fn off(clock: C) -> Self {
+        Self {
+            breaker: None,
+            failures: StatusSet::empty(),
             clock,
             reply: PhantomData,
         }
@@ -137,9 +148,9 @@ impl<C, M> BreakerLayer<C, M> {
         }
     }
 
-    /// The breaker (state, counts).
-    pub fn breaker(&self) -> &Arc<Breaker> {
-        &self.breaker
+    /// The breaker (state, counts); `None` when it is off.
+    pub fn breaker(&self) -> Option<&Arc<Breaker>> {
+        self.breaker.as_ref()
     }
 }
 
@@ -197,7 +208,17 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let (admitted, transition) = Attempt::begin(&self.layer.breaker, self.layer.clock.clone());
+        let Some(breaker) = &self.layer.breaker else {
+            return BreakerFuture {
+                state: State::Called {
+                    fut: self.inner.call(req),
+                    attempt: None,
+                    failures: self.layer.failures,
+                },
+                reply: PhantomData,
+            };
+        };
+        let (admitted, transition) = Attempt::begin(breaker, self.layer.clock.clone());
         log(transition);
         let state = match admitted {
             Ok(attempt) => State::Called {

@@ -106,9 +106,13 @@ impl<C: Clock> Pipeline for Arc<Shield<C>> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
 
-/// The connection's peer address, for servers that neither run axum's
-/// `ConnectInfo` nor build a service per connection
-/// ([`ShieldService::with_peer`]): put it in the request's extensions.
+/// The connection's peer address.
+///
+/// With axum over an [`AdmissionListener`](crate::AdmissionListener), serve
+/// `app.into_make_service_with_connect_info::<PeerAddr>()` (over a plain
+/// `TcpListener`, `ConnectInfo<SocketAddr>` works too). Servers that
+/// neither use `ConnectInfo` nor build a service per connection
+/// ([`ShieldService::with_peer`]) put it in each request's extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
@@ -176,7 +180,7 @@ impl std::error::Error for Refused {}
 /// [`ShieldService::with_peer`].
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error(
-    "palisade: no peer address on the request (serve axum with into_make_service_with_connect_info::<SocketAddr>())"
+    "palisade: no peer address on the request (serve axum with into_make_service_with_connect_info::<palisade::PeerAddr>())"
 )]
 pub struct MissingPeer;
 
@@ -413,8 +417,14 @@ impl<S, P, M> ShieldService<S, P, M> {
             return self.peer;
         }
         #[cfg(feature = "axum")]
-        if let Some(axum::extract::ConnectInfo(addr)) = ext.get::<axum::extract::ConnectInfo<SocketAddr>>() {
-            return Some(*addr);
+        {
+            use axum::extract::ConnectInfo;
+            if let Some(ConnectInfo(PeerAddr(addr))) = ext.get::<ConnectInfo<PeerAddr>>() {
+                return Some(*addr);
+            }
+            if let Some(ConnectInfo(addr)) = ext.get::<ConnectInfo<SocketAddr>>() {
+                return Some(*addr);
+            }
         }
         ext.get::<PeerAddr>().map(|p| p.0)
     }
