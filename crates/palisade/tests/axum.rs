@@ -65,3 +65,211 @@ async fn axum_behind_the_admission_listener() {
     assert_eq!(open, 0);
     server.abort();
 }
+
+// ---------------------------------------------------------------------------
+// The layers in an axum Router.
+
+#[path = "../examples/axum.rs"]
+mod example;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use http::{Request, StatusCode};
+use palisade::{Palisade, PeerAddr};
+use tower::ServiceExt;
+
+fn from(ip: &str, path: &str) -> Request<Body> {
+    let mut r = Request::get(path).body(Body::empty()).unwrap();
+    r.extensions_mut()
+        .insert(ConnectInfo(PeerAddr(SocketAddr::new(ip.parse().unwrap(), 5000))));
+    r
+}
+
+async fn body(r: axum::response::Response) -> String {
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn router_oneshot_limits_each_fake_peer_on_its_own() {
+    let palisade = example::palisade().unwrap();
+    let app = example::app(&palisade);
+    let r = app.clone().oneshot(from("192.0.2.10", "/")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(body(r).await, "hello 192.0.2.10\n");
+    // /login has its own 2/s limit, named in the RateLimit headers.
+    for _ in 0..2 {
+        let r = app.clone().oneshot(from("192.0.2.10", "/login")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let r = app.clone().oneshot(from("192.0.2.10", "/login")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["ratelimit-policy"], "\"login\";q=2;w=1");
+    // The other route and the other client are untouched.
+    let r = app.clone().oneshot(from("192.0.2.10", "/")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.clone().oneshot(from("192.0.2.11", "/login")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // A plain ConnectInfo<SocketAddr> (axum over a TcpListener) works too.
+    let mut plain = Request::get("/").body(Body::empty()).unwrap();
+    plain
+        .extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 12], 1))));
+    let r = app.clone().oneshot(plain).await.unwrap();
+    assert_eq!(body(r).await, "hello 192.0.2.12\n");
+}
+
+#[tokio::test]
+async fn router_without_connect_info_fails_closed() {
+    let palisade = example::palisade().unwrap();
+    let r = example::app(&palisade)
+        .oneshot(Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn denied_and_allowed_networks() {
+    let palisade = Palisade::builder()
+        .rate_limit(1)
+        .deny("203.0.113.0/24".parse().unwrap())
+        .allow("198.51.100.0/24".parse().unwrap())
+        .build()
+        .unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .layer(palisade.layer());
+    let r = app.clone().oneshot(from("203.0.113.9", "/")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    for _ in 0..5 {
+        let r = app.clone().oneshot(from("198.51.100.9", "/")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "allow-listed clients skip the limit");
+    }
+}
+
+/// Requests on one keep-alive connection; the statuses in order.
+async fn burst(to: SocketAddr, from: &str, n: usize) -> Vec<u16> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(to).await.unwrap();
+    let mut all = Vec::new();
+    for _ in 0..n {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        all.push(read_status(&mut s).await);
+    }
+    all
+}
+
+/// Reads one response (head + content-length body) and returns its status.
+async fn read_status(s: &mut tokio::net::TcpStream) -> u16 {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "connection closed mid-response");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut rest = vec![0u8; len];
+    s.read_exact(&mut rest).await.unwrap();
+    head[9..12].parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_axum_example_over_real_sockets_under_a_burst() {
+    let palisade = example::palisade().unwrap();
+    let listener = palisade.bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = example::app(&palisade).into_make_service_with_connect_info::<PeerAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // 60 requests back to back from one address: the example allows bursts
+    // of 20 at 20/s, so 20 plus what refills while the burst runs.
+    #[allow(clippy::disallowed_methods)] // the refill bound needs the real elapsed time
+    let started = std::time::Instant::now();
+    let statuses = burst(addr, "127.0.0.90", 60).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(ok + limited, 60, "{statuses:?}");
+    assert!(ok >= 20, "{statuses:?}");
+    assert!(
+        (ok as f64) <= 20.0 + 20.0 * elapsed + 1.0,
+        "{ok} in {elapsed:.2}s"
+    );
+    assert!(statuses[..20].iter().all(|s| *s == 200), "{statuses:?}");
+    // Its neighbour is served.
+    assert_eq!(burst(addr, "127.0.0.91", 1).await, vec![200]);
+    server.abort();
+}
+
+#[tokio::test]
+async fn proxy_protocol_from_a_trusted_proxy_names_the_client() {
+    let palisade = Palisade::builder()
+        .rate_limit(2)
+        .trusted_proxies(
+            ["127.0.0.92/32".parse().unwrap()],
+            palisade::ClientIpHeader::XForwardedFor,
+        )
+        .proxy_protocol(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let listener = palisade.bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(|ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>| async move {
+                peer.ip().to_string()
+            }),
+        )
+        .layer(palisade.layer())
+        .into_make_service_with_connect_info::<PeerAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let via_proxy = |client: &'static str| async move {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.92:0".parse().unwrap()).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let header = format!("PROXY TCP4 {client} 127.0.0.1 5555 80\r\n");
+        s.write_all(header.as_bytes()).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    };
+    let first = via_proxy("198.51.100.20").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(first.ends_with("198.51.100.20"), "{first}");
+    assert!(via_proxy("198.51.100.20").await.starts_with("HTTP/1.1 200"));
+    // The named client is the one limited, not the proxy.
+    assert!(via_proxy("198.51.100.20").await.starts_with("HTTP/1.1 429"));
+    assert!(via_proxy("198.51.100.21").await.starts_with("HTTP/1.1 200"));
+    // Anyone else sending a PROXY header is reset.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.93:0".parse().unwrap()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    let _ = s
+        .write_all(b"PROXY TCP4 10.1.1.1 127.0.0.1 1 80\r\nGET / HTTP/1.1\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(read.is_err() || out.is_empty(), "an untrusted peer was served");
+    server.abort();
+}

@@ -1,0 +1,67 @@
+//! The library reading the daemon's config file.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use http::{Request, StatusCode};
+use palisade::{Palisade, PeerAddr};
+use tower::ServiceExt;
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn the_example_file_configures_the_stack() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/palisade.toml");
+    let palisade = Palisade::from_file(path).unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .layer(palisade.layer());
+    let req = || {
+        let mut r = Request::get("/").body(Body::empty()).unwrap();
+        r.extensions_mut()
+            .insert(ConnectInfo(PeerAddr(SocketAddr::from(([192, 0, 2, 1], 1)))));
+        r
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        statuses.push(app.clone().oneshot(req()).await.unwrap().status());
+    }
+    // rate = 5, burst = 5 in the file.
+    assert_eq!(statuses[..5], [StatusCode::OK; 5]);
+    assert_eq!(statuses[5..], [StatusCode::TOO_MANY_REQUESTS; 2]);
+    assert!(palisade.breaker().is_some());
+}
+
+#[test]
+fn the_daemon_quickstart_is_accepted_whole() {
+    // Every daemon section parses: the library ignores what is not its own.
+    let quickstart = include_str!("../../palisade-proxy/src/quickstart.toml");
+    let path = write("quickstart.toml", quickstart);
+    Palisade::from_file(&path).unwrap();
+}
+
+#[test]
+fn errors_name_file_line_and_key() {
+    let path = write("bad.toml", "[clients]\nkey = \"ip\"\n\n[rate_limit]\nrate = 0\n");
+    let e = Palisade::from_file(&path).err().unwrap().to_string();
+    assert!(
+        e.ends_with("bad.toml:5:1: rate_limit.rate: must be between 1 and 10000000"),
+        "{e}"
+    );
+    let path = write("typo.toml", "[rate_limti]\nrate = 5\n");
+    let e = Palisade::from_file(&path).err().unwrap().to_string();
+    assert!(e.contains("typo.toml:1:") && e.contains("rate_limti"), "{e}");
+    let e = Palisade::from_file("/nonexistent/palisade.toml")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.starts_with("/nonexistent/palisade.toml: "), "{e}");
+}
