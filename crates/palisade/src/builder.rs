@@ -87,6 +87,7 @@ impl Palisade {
             proxy_protocol: None,
             clock,
             error: None,
+            reputation_set: false,
         }
         .assemble()
     }
@@ -159,6 +160,8 @@ pub struct Builder<C = MonotonicClock> {
     clock: C,
     /// The first invalid setting, reported by `build`.
     error: Option<BuildError>,
+    /// `reputation()` was called: its flood threshold stays as given.
+    reputation_set: bool,
 }
 
 impl<C: Clock + Clone> Builder<C> {
@@ -170,6 +173,7 @@ impl<C: Clock + Clone> Builder<C> {
             proxy_protocol: None,
             clock,
             error: None,
+            reputation_set: false,
         }
     }
 
@@ -183,6 +187,7 @@ impl<C: Clock + Clone> Builder<C> {
             proxy_protocol: self.proxy_protocol,
             clock,
             error: self.error,
+            reputation_set: self.reputation_set,
         }
     }
 
@@ -193,6 +198,14 @@ impl<C: Clock + Clone> Builder<C> {
         q.rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
         q.burst = q.rate;
         q.window_limit = q.rate;
+        let rate = q.rate.get();
+        // As in the config file: a client flooding at twice its limit loses
+        // reputation, unless `reputation()` set the threshold.
+        if !self.reputation_set
+            && let Some((rep, _)) = &mut self.shield.reputation
+        {
+            rep.flood_threshold = rate.saturating_mul(2);
+        }
         if per_second == 0 {
             // 0 is a mistake, not "off" (that is `no_rate_limit`).
             self.fail("rate_limit.rate", "must be between 1 and 10000000");
@@ -256,6 +269,7 @@ impl<C: Clock + Clone> Builder<C> {
     /// `[reputation]` rules.
     pub fn reputation(mut self, cfg: ReputationConfig) -> Self {
         self.shield.reputation = Some((cfg, Mode::Enforce));
+        self.reputation_set = true;
         self
     }
 
