@@ -432,6 +432,10 @@ impl<C: Clock> Shield<C> {
     /// (400/401 streaks) and, with the time to first byte, to the adaptive
     /// breaker.
     pub fn observe_response(&self, decision: &Decision, status: u16) -> ResponseEffects {
+        // Nothing listens (a rate limit alone): not even the clock is read.
+        if self.reputation.is_none() && self.adaptive.is_none() {
+            return ResponseEffects::default();
+        }
         // Allow-listed clients are outside every control.
         if self.cfg.allow.iter().any(|n| n.contains(&decision.client_ip)) {
             return ResponseEffects::default();
