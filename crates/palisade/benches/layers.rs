@@ -67,7 +67,10 @@ fn contenders() -> Vec<(&'static str, Router)> {
     vec![
         ("bare_handler", handler()),
         ("palisade_full_stack", handler().layer(full.layer())),
-        ("palisade_rate_limit", handler().layer(limit.expose_client_ip(false))),
+        (
+            "palisade_rate_limit",
+            handler().layer(limit.expose_client_ip(false)),
+        ),
         ("tower_governor", handler().layer(GovernorLayer::new(governor))),
     ]
 }
