@@ -13,6 +13,7 @@ use palisade_limits::breaker::Breaker;
 use palisade_limits::rate::Quota;
 use palisade_limits::reputation::ReputationConfig;
 use palisade_limits::shield::{LimitPolicy, RouteConfig, RouteMatch, Shield, ShieldConfig};
+use palisade_store::StoreCell;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tower_layer::Layer;
 
@@ -111,9 +112,11 @@ impl<C: Clock + Clone> Palisade<C> {
 
     /// Wraps a bound listener with the connection guard.
     pub fn listener(&self, listener: TcpListener) -> AdmissionListener {
-        let l = AdmissionListener::with_admission(listener, self.admission.clone());
+        let cfg = self.shield.config();
+        let l = AdmissionListener::with_admission(listener, self.admission.clone())
+            .lists(cfg.allow.clone(), cfg.deny.clone());
         match self.proxy_protocol {
-            Some(timeout) => l.proxy_protocol(self.shield.config().trusted_proxies.clone(), timeout),
+            Some(timeout) => l.proxy_protocol(cfg.trusted_proxies.clone(), timeout),
             None => l,
         }
     }
@@ -351,6 +354,14 @@ impl<C: Clock + Clone> Builder<C> {
     /// `clients.deny`: sources always refused with 403.
     pub fn deny(mut self, net: IpNet) -> Self {
         self.shield.deny.push(net.trunc());
+        self
+    }
+
+    /// `[store]`: a reputation snapshot (built with `palisade store build`,
+    /// swapped by its feed) consulted before learned reputation: `allow`
+    /// entries skip every control, `deny` entries and low scores get 403.
+    pub fn store(mut self, store: Arc<StoreCell>) -> Self {
+        self.shield.store = Some(store);
         self
     }
 

@@ -103,3 +103,4 @@ pub use palisade_limits::reputation::ReputationConfig;
 pub use palisade_limits::shield::{
     Decision, LimitPolicy, Rejection, RequestFacts, ResponseEffects, Shield, ShieldConfig,
 };
+pub use palisade_store::StoreCell;

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use palisade_core::proxy_protocol::{self, ProxyHeader, ProxyHeaderError};
 use palisade_core::{Clock, MonotonicClock, TrustedProxies};
-use palisade_limits::admission::{Admission, AdmissionConfig, Permit};
+use palisade_limits::admission::{Admission, AdmissionConfig, Permit, Refusal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::task::JoinSet;
@@ -28,6 +29,15 @@ pub struct AdmissionListener {
     admission: Arc<Admission>,
     clock: MonotonicClock,
     proxy: Option<ProxyProtocol>,
+    lists: Arc<Lists>,
+}
+
+/// Allow and deny lists applied at accept, as the daemon does: denied
+/// sources are reset, allowed ones skip the per-address bounds.
+#[derive(Debug, Default)]
+struct Lists {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
 }
 
 pin_project_lite::pin_project! {
@@ -65,7 +75,17 @@ impl AdmissionListener {
             admission,
             clock: MonotonicClock::new(),
             proxy: None,
+            lists: Arc::default(),
         }
+    }
+
+    /// Resets connections from `deny` before reading a byte and exempts
+    /// `allow` from the per-address bounds (the daemon's `clients.deny` and
+    /// `clients.allow` at accept; [`Palisade::bind`](crate::Palisade::bind)
+    /// sets them from the shield's config).
+    pub fn lists(mut self, allow: Vec<IpNet>, deny: Vec<IpNet>) -> Self {
+        self.lists = Arc::new(Lists { allow, deny });
+        self
     }
 
     /// Expects a PROXY protocol (v1 or v2) header on every connection, as
@@ -114,12 +134,15 @@ impl AdmissionListener {
             let _ = stream.set_nodelay(true);
             match &mut self.proxy {
                 None => {
-                    if let Some(admitted) = admit(&self.admission, self.clock, stream, peer, true) {
+                    if let Some(admitted) =
+                        admit(&self.admission, &self.lists, self.clock, stream, peer, true)
+                    {
                         return (admitted, peer);
                     }
                 }
                 Some(p) if p.trusted.contains(peer.ip()) && p.pending.len() < MAX_PENDING_HEADERS => {
                     let (admission, clock, timeout) = (self.admission.clone(), self.clock, p.timeout);
+                    let lists = self.lists.clone();
                     let trusted = p.trusted.clone();
                     p.pending.spawn(async move {
                         let mut stream = stream;
@@ -135,7 +158,7 @@ impl AdmissionListener {
                         };
                         // A proxy speaking for itself counts only against the overall bounds.
                         let per_address = !trusted.contains(client.ip());
-                        admit(&admission, clock, stream, client, per_address).map(|a| (a, client))
+                        admit(&admission, &lists, clock, stream, client, per_address).map(|a| (a, client))
                     });
                 }
                 Some(_) => {
@@ -157,12 +180,18 @@ impl AdmissionListener {
 
 fn admit(
     admission: &Arc<Admission>,
+    lists: &Lists,
     clock: MonotonicClock,
     stream: TcpStream,
     client: SocketAddr,
     per_address: bool,
 ) -> Option<Admitted> {
-    match admission.admit(client.ip(), per_address, clock.now()) {
+    let ip = client.ip().to_canonical();
+    let allowed = lists.allow.iter().any(|n| n.contains(&ip));
+    if !allowed && lists.deny.iter().any(|n| n.contains(&ip)) {
+        return reset(stream, client, Refusal::Denylisted.as_str());
+    }
+    match admission.admit(ip, per_address && !allowed, clock.now()) {
         Ok(permit) => Some(Admitted { stream, permit }),
         Err(refusal) => reset(stream, client, refusal.as_str()),
     }

@@ -273,3 +273,59 @@ async fn proxy_protocol_from_a_trusted_proxy_names_the_client() {
     assert!(read.is_err() || out.is_empty(), "an untrusted peer was served");
     server.abort();
 }
+
+#[tokio::test]
+async fn deny_list_resets_at_accept_and_allow_list_skips_per_address_bounds() {
+    let palisade = Palisade::builder()
+        .deny("127.0.0.94/32".parse().unwrap())
+        .allow("127.0.0.95/32".parse().unwrap())
+        .connections(palisade::AdmissionConfig {
+            max_per_ip: 1,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let listener = palisade.bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .layer(palisade.layer())
+        .into_make_service_with_connect_info::<PeerAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    assert!(!served("127.0.0.94", addr).await, "a denied source was served");
+    // Two open connections at once from an allow-listed address (the
+    // per-address bound is 1), then from an ordinary one.
+    let open = |from: &'static str| async move {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        // A refused connection can be reset before connect() returns.
+        socket.connect(addr).await
+    };
+    let mut a = open("127.0.0.95").await.unwrap();
+    let mut b = open("127.0.0.95").await.unwrap();
+    assert_eq!(burst_on(&mut a).await, 200);
+    assert_eq!(burst_on(&mut b).await, 200);
+    let mut c = open("127.0.0.96").await.unwrap();
+    assert_eq!(burst_on(&mut c).await, 200);
+    let mut buf = [0u8; 1];
+    let second = match open("127.0.0.96").await {
+        Ok(mut d) => match d.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await {
+            Ok(()) => tokio::time::timeout(Duration::from_secs(10), d.read(&mut buf))
+                .await
+                .unwrap(),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    assert!(
+        matches!(second, Ok(0) | Err(_)),
+        "a second connection over the bound was served"
+    );
+    server.abort();
+}
+
+async fn burst_on(s: &mut tokio::net::TcpStream) -> u16 {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    read_status(s).await
+}

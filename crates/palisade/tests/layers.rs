@@ -395,3 +395,33 @@ async fn shadow_mode_counts_but_lets_everything_through() {
     }
     assert_eq!(mock.calls(), 10);
 }
+
+#[tokio::test]
+async fn store_entries_decide_before_everything_else() {
+    let csv = "192.0.2.66,0,abuse,deny\n192.0.2.67,90,partner,allow\n192.0.2.68,10,spam\n";
+    let snapshot = palisade_store::Builder::from_csv(csv.as_bytes(), "t.csv")
+        .unwrap()
+        .finish(palisade_store::BuildOptions::default())
+        .unwrap();
+    let store = Arc::new(palisade::StoreCell::new(snapshot, None));
+    let clock = Arc::new(ManualClock::new());
+    let p = Palisade::builder()
+        .clock(clock)
+        .rate_limit(1)
+        .store(store)
+        .build()
+        .unwrap();
+    let mock = Mock::new(200);
+    let mut svc = p.layer().layer(mock.service());
+    assert_eq!(status(&mut svc, req("192.0.2.66")).await, StatusCode::FORBIDDEN);
+    assert_eq!(status(&mut svc, req("192.0.2.68")).await, StatusCode::FORBIDDEN);
+    for _ in 0..5 {
+        assert_eq!(
+            status(&mut svc, req("192.0.2.67")).await,
+            StatusCode::OK,
+            "allow skips the limit"
+        );
+    }
+    assert_eq!(status(&mut svc, req("192.0.2.69")).await, StatusCode::OK);
+    assert_eq!(mock.calls(), 6);
+}
