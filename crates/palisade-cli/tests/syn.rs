@@ -321,6 +321,25 @@ fn in_dry_run_the_kernel_is_untouched() {
 }
 
 #[test]
+fn trusted_proxies_and_the_allow_list_are_never_banned() {
+    let Some((srv, att)) = topology() else { return };
+    let dir = scratch("palisade-syn-exempt");
+    // A load balancer opens connections by the thousand: its SYN rate is
+    // no offence. (The same flood from an ordinary source is banned above.)
+    let trusted = "\n[clients]\ntrusted_proxies = [\"198.18.3.2/32\"]\n";
+    let daemon = start(&srv, &config_with(&dir, "dry-run", trusted));
+    flood(&att, 3000);
+    let stats = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+    assert!(
+        stats["syns_total"].as_u64().unwrap() >= 1000,
+        "the flood was not seen: {stats}"
+    );
+    assert_eq!(stats["bans"].as_array().unwrap().len(), 0, "{stats}");
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn without_nftables_the_iptables_path_bans() {
     let Some((srv, att)) = topology() else { return };
     let dir = scratch("palisade-syn-ipt");

@@ -35,6 +35,11 @@ impl TrustedProxies {
         Self { nets, header }
     }
 
+    /// The trusted networks.
+    pub fn nets(&self) -> &[IpNet] {
+        &self.nets
+    }
+
     /// Whether no proxy is trusted.
     pub fn is_empty(&self) -> bool {
         self.nets.is_empty()

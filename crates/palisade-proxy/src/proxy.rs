@@ -313,6 +313,7 @@ impl App {
             penalize,
             share,
         );
+        defense.set_exempt(syn_exempt(&rt.config));
         let _ = self.syn.set(defense.clone());
         Some(defense)
     }
@@ -500,6 +501,9 @@ impl App {
         let runtime = Runtime::build(config, self.clock, Some(&old), self.cluster.as_deref());
         for u in runtime.upstreams.iter().filter(|u| u.breaker.is_some()) {
             self.metrics.zero_upstream(u.label);
+        }
+        if let Some(d) = self.syn.get() {
+            d.set_exempt(syn_exempt(&runtime.config));
         }
         self.runtime.store(Arc::new(runtime));
         self.metrics.config_last_reload_success.set(1);
@@ -866,6 +870,12 @@ impl App {
             self.breaker_transition(upstream.label, transition);
         }
     }
+}
+
+/// Who the SYN defense never bans: allow-listed sources and trusted proxies.
+fn syn_exempt(config: &Config) -> Vec<ipnet::IpNet> {
+    let s = &config.shield;
+    s.allow.iter().chain(s.trusted_proxies.nets()).copied().collect()
 }
 
 /// Why a reload did not happen.

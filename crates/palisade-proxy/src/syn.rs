@@ -109,6 +109,10 @@ pub struct SynDefense {
     syns: AtomicU64,
     bans_total: AtomicU64,
     attack: AtomicBool,
+    /// Never banned for SYN rates: `clients.allow` and `trusted_proxies`
+    /// (a load balancer opens many connections by design). Loopback is
+    /// always exempt: banning it cuts the host off from itself.
+    exempt: ArcSwap<Vec<IpNet>>,
 }
 
 impl std::fmt::Debug for SynDefense {
@@ -251,6 +255,7 @@ impl SynDefense {
             syns: AtomicU64::new(0),
             bans_total: AtomicU64::new(0),
             attack: AtomicBool::new(false),
+            exempt: ArcSwap::from_pointee(Vec::new()),
             firewall,
             settings,
         });
@@ -299,6 +304,18 @@ impl SynDefense {
 
     /// Whether `ip` is banned (checked at accept and per request).
     #[inline]
+    /// Sources that are never banned for their SYN rate (besides
+    /// loopback); set at start and on every reload.
+    pub fn set_exempt(&self, nets: Vec<IpNet>) {
+        self.exempt.store(Arc::new(nets));
+    }
+
+    fn is_exempt(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || self.exempt.load().iter().any(|n| n.contains(&ip))
+    }
+
+    /// Whether `ip` is banned.
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         let set = self.banned.load();
         !set.is_empty() && set.contains(&self.key(ip))
@@ -356,7 +373,7 @@ impl SynDefense {
             }
             // The capture thread and the XDP reader may both report a source.
             let mut seen = HashSet::new();
-            batch.retain(|o| !self.is_banned(o.ip) && seen.insert(self.key(o.ip)));
+            batch.retain(|o| !self.is_banned(o.ip) && !self.is_exempt(o.ip) && seen.insert(self.key(o.ip)));
             if batch.is_empty() {
                 continue;
             }
