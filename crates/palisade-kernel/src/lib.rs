@@ -5,6 +5,8 @@
 //!   parsed by pure functions tested on fixtures;
 //! * [`capture`]: per-source SYN counting from an `AF_PACKET` socket with
 //!   a BPF filter, and the sliding rates that flag offenders;
+//! * [`diag`]: half-open connections from `NETLINK_SOCK_DIAG`, filtered by
+//!   state in the kernel (the `/proc/net/tcp` parser stays as the fallback);
 //! * [`cookie`]: a SYN-cookie function (keyed hash of the connection and a
 //!   time slot, with the MSS encoded), for a SYN-cookie responder;
 //! * [`firewall`]: bans in the kernel through nftables (one batch per
@@ -15,6 +17,7 @@
 
 pub mod capture;
 pub mod cookie;
+pub mod diag;
 pub mod firewall;
 pub mod netns;
 pub mod procnet;

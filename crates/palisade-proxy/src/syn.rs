@@ -613,6 +613,7 @@ impl SynDefense {
     /// syncookies, ban expiry, reconciliation.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut last = TcpCounters::read().ok();
+        let mut diag_failed = false;
         let mut last_at = self.clock.now();
         let mut high_since: Option<u64> = None;
         let mut low_since: Option<u64> = None;
@@ -653,14 +654,7 @@ impl SynDefense {
                 }
                 last = Some(current);
             }
-            let mut sockets = Vec::new();
-            for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-                if let Ok(text) = std::fs::read_to_string(table)
-                    && let Ok(s) = parse_tcp_table(&text)
-                {
-                    sockets.extend(s);
-                }
-            }
+            let sockets = half_open_sockets(&mut diag_failed);
             let (total, per_source) = half_open(&sockets, &[self.port]);
             snap.half_open = total;
             // A source holding many half-open connections is flooding
@@ -892,4 +886,28 @@ fn set_syncookies(value: u8) -> std::io::Result<u8> {
     let old = std::fs::read_to_string(SYNCOOKIES)?.trim().parse().unwrap_or(1);
     std::fs::write(SYNCOOKIES, format!("{value}\n"))?;
     Ok(old)
+}
+
+/// Sockets in SYN-RECV: from sock_diag (the kernel filters by state), or,
+/// where that fails, from `/proc/net/tcp{,6}` (every socket, as text),
+/// saying so once.
+fn half_open_sockets(diag_failed: &mut bool) -> Vec<palisade_kernel::procnet::Socket> {
+    if !*diag_failed {
+        match palisade_kernel::diag::syn_recv() {
+            Ok(sockets) => return sockets,
+            Err(e) => {
+                tracing::warn!("SYN defense: sock_diag unavailable ({e}); reading /proc/net/tcp instead");
+                *diag_failed = true;
+            }
+        }
+    }
+    let mut sockets = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(table)
+            && let Ok(s) = parse_tcp_table(&text)
+        {
+            sockets.extend(s);
+        }
+    }
+    sockets
 }
