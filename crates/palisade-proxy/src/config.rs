@@ -9,12 +9,12 @@ use std::time::Duration;
 use http::Uri;
 use palisade::__config_path as p;
 use palisade::BreakerSettings;
-use palisade::config::Protection;
 pub use palisade::config::raw::parse_duration;
 use palisade::config::raw::{
     self, Invalid, RawAdaptive, RawBreaker, RawClients, RawConnections, RawRateLimit, RawReputation,
     RawRoute, Seg, at, duration, nanos,
 };
+use palisade::config::{ConfigError as FileError, Protection};
 use palisade_limits::admission::AdmissionConfig;
 use palisade_limits::shield::ShieldConfig;
 use serde::Deserialize;
@@ -29,34 +29,15 @@ pub const QUICKSTART: &str = include_str!("quickstart.toml");
 /// A config that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{file}: {source}")]
-    Read {
-        /// The file.
-        file: String,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// The file could not be read, or a key in it is wrong: file, line,
+    /// column and key (the same errors the `palisade` library reports).
+    #[error(transparent)]
+    File(#[from] FileError),
     /// A command-line override is wrong.
     #[error("{flag}: {message}")]
     Override {
         /// The flag, e.g. `--upstream`.
         flag: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-    /// The file was read but a key is wrong (or, with an empty `key`, the
-    /// TOML itself is).
-    #[error("{file}:{line}:{column}: {}{message}", if key.is_empty() { String::new() } else { format!("{key}: ") })]
-    Invalid {
-        /// The file.
-        file: String,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// Dotted key path (`rate_limit.rate`, `routes[1].name`).
-        key: String,
         /// What is wrong.
         message: String,
     },
@@ -283,10 +264,7 @@ pub struct Overrides {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: path.display().to_string(),
-            source,
-        })?;
+        let src = FileError::read(path)?;
         Self::parse(&src, &path.display().to_string(), overrides)
     }
 
@@ -297,13 +275,7 @@ impl Config {
 
     /// Validates config text; `file` names it in errors.
     pub fn parse(src: &str, file: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let fail = |(line, column, key, message)| ConfigError::Invalid {
-            file: file.to_string(),
-            line,
-            column,
-            key,
-            message,
-        };
+        let fail = |located| ConfigError::File(FileError::invalid(file, located));
         let mut raw: RawConfig = toml::from_str(src).map_err(|e| fail(raw::toml_error(src, &e)))?;
         for u in &overrides.upstreams {
             upstream_uri(u).map_err(|message| ConfigError::Override {
@@ -1170,7 +1142,7 @@ mod fuzz {
     fn check(src: &str) {
         match Config::parse(src, "f.toml", &Overrides::default()) {
             Ok(_) => {}
-            Err(ConfigError::Invalid { line, column, .. }) => {
+            Err(ConfigError::File(FileError::Invalid { line, column, .. })) => {
                 assert!(line >= 1 && column >= 1);
                 assert!(line <= src.lines().count().max(1) + 1, "line {line} past the end");
             }

@@ -68,27 +68,38 @@ impl Protection {
     /// Reads the protection sections of a config file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&src, &path.display().to_string())
+        Self::parse(&ConfigError::read(path)?, &path.display().to_string())
     }
 
     /// Reads the protection sections of config text; `file` names it in
     /// errors.
     pub fn parse(src: &str, file: &str) -> Result<Self, ConfigError> {
-        let fail = |(line, column, key, message)| ConfigError::Invalid {
+        let raw: RawFile =
+            toml::from_str(src).map_err(|e| ConfigError::invalid(file, raw::toml_error(src, &e)))?;
+        raw.sections()
+            .validate()
+            .map_err(|invalid| ConfigError::invalid(file, raw::locate(src, invalid)))
+    }
+}
+
+impl ConfigError {
+    /// The text of a config file, or a `Read` error naming it.
+    pub fn read(path: &Path) -> Result<String, Self> {
+        std::fs::read_to_string(path).map_err(|source| Self::Read {
+            file: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// An `Invalid` error from a located problem: line, column, key, message.
+    pub fn invalid(file: &str, (line, column, key, message): (usize, usize, String, String)) -> Self {
+        Self::Invalid {
             file: file.to_string(),
             line,
             column,
             key,
             message,
-        };
-        let raw: RawFile = toml::from_str(src).map_err(|e| fail(raw::toml_error(src, &e)))?;
-        raw.sections()
-            .validate()
-            .map_err(|invalid| fail(raw::locate(src, invalid)))
+        }
     }
 }
 
