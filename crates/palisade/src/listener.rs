@@ -117,8 +117,13 @@ impl AdmissionListener {
             let has_pending = self.has_pending();
             let pending = self.proxy.as_mut().map(|p| &mut p.pending);
             let accepted = tokio::select! {
-                Some(Ok(Some(ready))) = async { pending?.join_next().await }, if has_pending => {
-                    return ready;
+                // Every outcome is taken here: a refused header must not
+                // disable this branch while others are still pending.
+                done = async { pending?.join_next().await }, if has_pending => {
+                    if let Some(Ok(Some(ready))) = done {
+                        return ready;
+                    }
+                    continue;
                 }
                 accepted = self.inner.accept() => accepted,
             };

@@ -329,3 +329,42 @@ async fn burst_on(s: &mut tokio::net::TcpStream) -> u16 {
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     read_status(s).await
 }
+
+#[tokio::test]
+async fn a_refused_proxy_header_does_not_stall_the_next_one() {
+    let palisade = Palisade::builder()
+        .trusted_proxies(
+            ["127.0.0.97/32".parse().unwrap()],
+            palisade::ClientIpHeader::XForwardedFor,
+        )
+        .proxy_protocol(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let listener = palisade.bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .layer(palisade.layer())
+        .into_make_service_with_connect_info::<PeerAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let connect = || async {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.97:0".parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    };
+    // Both accepted and waiting for their headers...
+    let mut bad = connect().await;
+    let mut good = connect().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...the first is refused, then the second must still be served.
+    bad.write_all(b"NOT A PROXY HEADER\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    good.write_all(b"PROXY TCP4 198.51.100.30 127.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), read_status(&mut good))
+        .await
+        .expect("the second connection was never handed to the server");
+    assert_eq!(status, 200);
+    server.abort();
+}
