@@ -361,7 +361,8 @@ impl<P: Pipeline, M> ShieldLayer<P, M> {
     }
 
     /// Whether admitted requests carry a [`ClientIp`] extension (on by
-    /// default; off saves an allocation per request when nobody reads it).
+    /// default; off spares the extension map's allocations when nobody
+    /// reads it: the layer itself then allocates nothing per request).
     pub fn expose_client_ip(mut self, on: bool) -> Self {
         self.expose_client = on;
         self
@@ -406,7 +407,8 @@ impl<S: Clone, P: Clone, M> Clone for ShieldService<S, P, M> {
 impl<S, P, M> ShieldService<S, P, M> {
     /// Fixes the peer address for every request (a service built per
     /// connection, as with plain hyper). Without it the peer comes from
-    /// axum's `ConnectInfo<SocketAddr>` or a [`PeerAddr`] extension.
+    /// axum's `ConnectInfo<PeerAddr>` or `ConnectInfo<SocketAddr>`, or a
+    /// [`PeerAddr`] extension.
     pub fn with_peer(mut self, peer: SocketAddr) -> Self {
         self.peer = Some(peer);
         self
