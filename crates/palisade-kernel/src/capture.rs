@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
@@ -141,14 +140,31 @@ impl SynCapture {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
+        // The kernel stamps each packet on arrival: rates stay true when this
+        // thread is starved and drains a backlog (as under a flood).
+        let on: libc::c_int = 1;
+        // SAFETY: a valid int option for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
         socket.set_nonblocking(true)?;
         socket.set_recv_buffer_size(4 << 20)?;
         Ok(socket)
     }
 
-    /// The next SYN, or `None` after 100 ms pass with none, so a loop can
-    /// check whether to stop. Our own outgoing packets are skipped.
-    pub fn next(&self) -> io::Result<Option<Syn>> {
+    /// The next SYN and how long ago the kernel received it, or `None`
+    /// after 100 ms pass with none, so a loop can check whether to stop.
+    /// Our own outgoing packets are skipped.
+    pub fn next(&self) -> io::Result<Option<(Syn, Duration)>> {
         for waited in [false, true] {
             for socket in &self.sockets {
                 if let Some(syn) = Self::drain(socket)? {
@@ -180,28 +196,83 @@ impl SynCapture {
         Ok(())
     }
 
-    /// The first SYN waiting on `socket`, if any, without blocking.
-    fn drain(socket: &Socket) -> io::Result<Option<Syn>> {
-        let mut buf = [MaybeUninit::<u8>::uninit(); 128];
+    /// The first SYN waiting on `socket`, if any, without blocking, with
+    /// its age.
+    fn drain(socket: &Socket) -> io::Result<Option<(Syn, Duration)>> {
+        let mut buf = [0u8; 128];
+        // sockaddr_ll, and room for one SCM_TIMESTAMPNS control message.
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut control = [0u64; 8];
         loop {
-            let (n, from) = match socket.recv_from(&mut buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
             };
-            // SAFETY: the kernel wrote `n` bytes.
-            let data = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n.min(buf.len())) };
-            // SAFETY: a packet socket's source address is a sockaddr_ll.
-            let ll = unsafe { &*from.as_ptr().cast::<libc::sockaddr_ll>() };
-            if ll.sll_pkttype == PACKET_OUTGOING {
+            // SAFETY: all-zero is a valid msghdr; the pointers set below
+            // stay valid for the recvmsg call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = (&raw mut from).cast();
+            msg.msg_namelen = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = size_of_val(&control) as _;
+            // SAFETY: `msg` describes buffers we own, for this call only.
+            let n = unsafe {
+                libc::recvmsg(
+                    std::os::fd::AsRawFd::as_raw_fd(socket),
+                    &raw mut msg,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(None),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
+            if from.sll_pkttype == PACKET_OUTGOING {
                 continue;
             }
-            if let Some(syn) = parse_syn(data) {
-                return Ok(Some(syn));
-            }
+            let Some(syn) = parse_syn(&buf[..(n as usize).min(buf.len())]) else {
+                continue;
+            };
+            return Ok(Some((syn, age(&msg))));
         }
     }
+}
+
+/// How long ago the kernel stamped the packet `msg` carries (zero without a
+/// stamp, or if the wall clock stepped back).
+fn age(msg: &libc::msghdr) -> Duration {
+    // SAFETY: `msg` was filled by recvmsg; CMSG_* walk its control buffer
+    // within msg_controllen.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: non-null headers from CMSG_FIRSTHDR/NXTHDR are in bounds.
+        let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+        if level == libc::SOL_SOCKET && kind == libc::SCM_TIMESTAMPNS {
+            // SAFETY: an SCM_TIMESTAMPNS message carries one timespec;
+            // read unaligned, the buffer gives no alignment promise.
+            let ts = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>()) };
+            // The stamp is CLOCK_REALTIME: compared with the same clock,
+            // read now (a conversion of the kernel's stamp, not logic time).
+            let mut now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid timespec for the call.
+            unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &raw mut now) };
+            let nanos = |t: &libc::timespec| Duration::new(t.tv_sec as u64, t.tv_nsec as u32);
+            return nanos(&now).saturating_sub(nanos(&ts));
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
+    }
+    Duration::ZERO
 }
 
 /// Buckets per window.

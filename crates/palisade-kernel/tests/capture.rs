@@ -66,8 +66,10 @@ fn the_filter_lets_only_syns_through() {
     .unwrap();
     let syns = reader.join().unwrap();
     assert_eq!(syns.len(), 5, "{syns:?}");
-    for s in &syns {
+    for (s, age) in &syns {
         assert_eq!(s.source, IpAddr::from([198, 18, 2, 2]));
         assert_eq!(s.port, 7000);
+        // Stamped by the kernel on arrival, read soon after.
+        assert!(*age < Duration::from_secs(3), "{age:?}");
     }
 }

@@ -325,7 +325,7 @@ impl SynDefense {
         let mut first_seen: HashMap<IpAddr, u64> = HashMap::new();
         let mut reported: HashSet<IpAddr> = HashSet::new();
         while !self.stop.load(Ordering::Acquire) {
-            let syn = match cap.next() {
+            let (syn, age) = match cap.next() {
                 Ok(Some(s)) => s,
                 Ok(None) => {
                     // A quiet 100 ms: any flood is over; the next one's
@@ -343,7 +343,11 @@ impl SynDefense {
                 continue;
             }
             self.syns.fetch_add(1, Ordering::Relaxed);
-            let now = self.clock.now();
+            // When the kernel received it, not when this thread got to it.
+            let now = self
+                .clock
+                .now()
+                .saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(u64::MAX));
             let source = syn.source.to_canonical();
             let seen = lock(&self.rates).record(source, now);
             if first_seen.len() < 100_000 {
