@@ -122,40 +122,16 @@ impl SynCapture {
             Some(Protocol::from(i32::from(protocol.to_be()))),
         )?;
         let filter = syn_filter();
+        // `prog` points at `filter`, alive for the call; the kernel copies
+        // the program.
         let prog = libc::sock_fprog {
             len: filter.len() as u16,
             filter: filter.as_ptr().cast_mut(),
         };
-        // SAFETY: `prog` points at `filter`, alive for the call; the kernel
-        // copies the program.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&raw const prog).cast(),
-                size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_option(&socket, libc::SO_ATTACH_FILTER, &prog)?;
         // The kernel stamps each packet on arrival: rates stay true when this
         // thread is starved and drains a backlog (as under a flood).
-        let on: libc::c_int = 1;
-        // SAFETY: a valid int option for the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::SOL_SOCKET,
-                libc::SO_TIMESTAMPNS,
-                (&raw const on).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_option(&socket, libc::SO_TIMESTAMPNS, &(1 as libc::c_int))?;
         socket.set_nonblocking(true)?;
         socket.set_recv_buffer_size(4 << 20)?;
         Ok(socket)
@@ -242,6 +218,26 @@ impl SynCapture {
             };
             return Ok(Some((syn, age(&msg))));
         }
+    }
+}
+
+/// A `SOL_SOCKET` option whose value is a plain C struct or int.
+fn set_option<T>(socket: &Socket, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a live, initialised T for the call and the kernel
+    // reads exactly size_of::<T>() bytes of it.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -215,12 +215,15 @@ async fn the_axum_example_over_real_sockets_under_a_burst() {
     server.abort();
 }
 
-#[tokio::test]
-async fn proxy_protocol_from_a_trusted_proxy_names_the_client() {
-    let palisade = Palisade::builder()
-        .rate_limit(2)
+/// An app answering with its client's address, behind the guard expecting
+/// PROXY headers from `trusted`.
+async fn behind_proxy_protocol(
+    trusted: &str,
+    builder: palisade::Builder,
+) -> (SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let palisade = builder
         .trusted_proxies(
-            ["127.0.0.92/32".parse().unwrap()],
+            [trusted.parse().unwrap()],
             palisade::ClientIpHeader::XForwardedFor,
         )
         .proxy_protocol(Duration::from_secs(2))
@@ -237,7 +240,15 @@ async fn proxy_protocol_from_a_trusted_proxy_names_the_client() {
         )
         .layer(palisade.layer())
         .into_make_service_with_connect_info::<PeerAddr>();
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    (
+        addr,
+        tokio::spawn(async move { axum::serve(listener, app).await }),
+    )
+}
+
+#[tokio::test]
+async fn proxy_protocol_from_a_trusted_proxy_names_the_client() {
+    let (addr, server) = behind_proxy_protocol("127.0.0.92/32", Palisade::builder().rate_limit(2)).await;
 
     let via_proxy = |client: &'static str| async move {
         let socket = TcpSocket::new_v4().unwrap();
@@ -332,21 +343,7 @@ async fn burst_on(s: &mut tokio::net::TcpStream) -> u16 {
 
 #[tokio::test]
 async fn a_refused_proxy_header_does_not_stall_the_next_one() {
-    let palisade = Palisade::builder()
-        .trusted_proxies(
-            ["127.0.0.97/32".parse().unwrap()],
-            palisade::ClientIpHeader::XForwardedFor,
-        )
-        .proxy_protocol(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let listener = palisade.bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new()
-        .route("/", axum::routing::get(|| async { "ok" }))
-        .layer(palisade.layer())
-        .into_make_service_with_connect_info::<PeerAddr>();
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (addr, server) = behind_proxy_protocol("127.0.0.97/32", Palisade::builder()).await;
     let connect = || async {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.97:0".parse().unwrap()).unwrap();
