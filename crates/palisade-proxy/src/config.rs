@@ -671,16 +671,15 @@ impl RawConfig {
                 return Err(at(p!("admin", "metrics_path"), "must start with '/'"));
             },
         };
+        // `server.proxy_protocol` is read with the rest of `[server]` above.
         let Protection {
             shield,
             breaker,
             connections,
+            proxy_protocol: _,
         } = self.sections().validate()?;
-        if server.proxy_protocol && shield.trusted_proxies.is_empty() {
-            return Err(at(
-                p!("server", "proxy_protocol"),
-                "needs clients.trusted_proxies: only they may send PROXY headers",
-            ));
+        if server.proxy_protocol {
+            raw::proxy_protocol_allowed(&shield)?;
         }
         let tls = self.tls(base)?;
         let w = &self.watchdog;

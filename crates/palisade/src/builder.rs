@@ -70,8 +70,9 @@ impl Palisade {
 
     /// The protection sections of a `palisade` daemon config file
     /// (`[clients]`, `[rate_limit]`, `[reputation]`, `[adaptive_breaker]`,
-    /// `[breaker]`, `[connections]`, `[[routes]]`); its other sections are
-    /// ignored. Errors name the file, line, column and key.
+    /// `[breaker]`, `[connections]`, `[[routes]]`, and `server.proxy_protocol`
+    /// with `server.header_read_timeout`); its other keys are the daemon's
+    /// and ignored. Errors name the file, line, column and key.
     #[cfg(feature = "config")]
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self, crate::config::ConfigError> {
         Ok(Self::from_config(crate::config::Protection::load(path)?))
@@ -85,7 +86,7 @@ impl Palisade {
             shield: protection.shield,
             breaker: protection.breaker,
             connections: protection.connections,
-            proxy_protocol: None,
+            proxy_protocol: protection.proxy_protocol,
             clock,
             error: None,
             reputation_set: false,

@@ -35,6 +35,9 @@ pub struct Protection {
     pub breaker: Option<BreakerSettings>,
     /// `[connections]`: the connection guard's bounds.
     pub connections: AdmissionConfig,
+    /// `server.proxy_protocol`: the time allowed for a trusted proxy's
+    /// PROXY header (`server.header_read_timeout`), when on.
+    pub proxy_protocol: Option<Duration>,
 }
 
 /// A config that cannot be used.
@@ -76,9 +79,10 @@ impl Protection {
     pub fn parse(src: &str, file: &str) -> Result<Self, ConfigError> {
         let raw: RawFile =
             toml::from_str(src).map_err(|e| ConfigError::invalid(file, raw::toml_error(src, &e)))?;
-        raw.sections()
-            .validate()
-            .map_err(|invalid| ConfigError::invalid(file, raw::locate(src, invalid)))
+        let located = |invalid| ConfigError::invalid(file, raw::locate(src, invalid));
+        let mut protection = raw.sections().validate().map_err(located)?;
+        protection.proxy_protocol = raw.proxy_protocol(&protection.shield).map_err(located)?;
+        Ok(protection)
     }
 }
 
@@ -114,8 +118,9 @@ struct RawFile {
     adaptive_breaker: raw::RawAdaptive,
     connections: raw::RawConnections,
     routes: Vec<raw::RawRoute>,
+    /// Only its PROXY-protocol keys; the rest is the daemon's.
+    server: ServerPart,
     // The daemon's own sections, checked by `palisade check-config`.
-    server: IgnoredAny,
     upstream: IgnoredAny,
     admin: IgnoredAny,
     tls: IgnoredAny,
@@ -126,7 +131,37 @@ struct RawFile {
     syn: IgnoredAny,
 }
 
+/// `[server]` as the library reads it: unknown keys are the daemon's.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct ServerPart {
+    proxy_protocol: bool,
+    header_read_timeout: String,
+}
+
+impl Default for ServerPart {
+    fn default() -> Self {
+        Self {
+            proxy_protocol: false,
+            header_read_timeout: "5s".into(),
+        }
+    }
+}
+
 impl RawFile {
+    /// `server.proxy_protocol`, with the time allowed for its header.
+    fn proxy_protocol(&self, shield: &ShieldConfig) -> Result<Option<Duration>, raw::Invalid> {
+        if !self.server.proxy_protocol {
+            return Ok(None);
+        }
+        raw::proxy_protocol_allowed(shield)?;
+        raw::duration(
+            &self.server.header_read_timeout,
+            crate::__config_path!("server", "header_read_timeout"),
+        )
+        .map(Some)
+    }
+
     fn sections(&self) -> raw::Sections<'_> {
         raw::Sections {
             clients: &self.clients,
@@ -172,6 +207,8 @@ pub mod raw {
                 shield: self.shield()?,
                 breaker: self.breaker()?,
                 connections: self.connections()?,
+                // A `[server]` key: set by the library's reader, the daemon has its own.
+                proxy_protocol: None,
             })
         }
 
@@ -190,6 +227,17 @@ pub mod raw {
                 new_per_second: NonZeroU32::new(c.new_per_second),
             })
         }
+    }
+
+    /// `server.proxy_protocol` is only for a config with trusted proxies.
+    pub fn proxy_protocol_allowed(shield: &ShieldConfig) -> Result<(), Invalid> {
+        if shield.trusted_proxies.is_empty() {
+            return Err(at(
+                p!("server", "proxy_protocol"),
+                "needs clients.trusted_proxies: only they may send PROXY headers",
+            ));
+        }
+        Ok(())
     }
 
     /// Line, column, dotted key and message of a TOML syntax or type error.

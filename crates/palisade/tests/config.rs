@@ -65,3 +65,48 @@ fn errors_name_file_line_and_key() {
         .to_string();
     assert!(e.starts_with("/nonexistent/palisade.toml: "), "{e}");
 }
+
+#[tokio::test]
+async fn server_proxy_protocol_is_read_too() {
+    let path = write(
+        "pp-bad.toml",
+        "[server]\nlisten = \"0.0.0.0:80\"\nproxy_protocol = true\n",
+    );
+    let e = Palisade::from_file(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("pp-bad.toml:3:1: server.proxy_protocol: needs clients.trusted_proxies"),
+        "{e}"
+    );
+
+    let path = write(
+        "pp.toml",
+        "[server]\nproxy_protocol = true\nheader_read_timeout = \"2s\"\n[clients]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+    );
+    let palisade = Palisade::from_file(&path).unwrap();
+    let listener = palisade.bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(|ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>| async move {
+                peer.ip().to_string()
+            }),
+        )
+        .layer(palisade.layer())
+        .into_make_service_with_connect_info::<PeerAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("203.0.113.7"),
+        "{out}"
+    );
+    server.abort();
+}
