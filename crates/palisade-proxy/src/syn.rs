@@ -302,8 +302,6 @@ impl SynDefense {
         }
     }
 
-    /// Whether `ip` is banned (checked at accept and per request).
-    #[inline]
     /// Sources that are never banned for their SYN rate (besides
     /// loopback); set at start and on every reload.
     pub fn set_exempt(&self, nets: Vec<IpNet>) {
@@ -315,7 +313,8 @@ impl SynDefense {
         ip.is_loopback() || self.exempt.load().iter().any(|n| n.contains(&ip))
     }
 
-    /// Whether `ip` is banned.
+    /// Whether `ip` is banned (checked at accept and per request).
+    #[inline]
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         let set = self.banned.load();
         !set.is_empty() && set.contains(&self.key(ip))
