@@ -321,7 +321,7 @@ fn in_dry_run_the_kernel_is_untouched() {
 }
 
 #[test]
-fn trusted_proxies_and_the_allow_list_are_never_banned() {
+fn trusted_proxies_are_never_banned_for_their_syn_rate() {
     let Some((srv, att)) = topology() else { return };
     let dir = scratch("palisade-syn-exempt");
     // A load balancer opens connections by the thousand: its SYN rate is

@@ -1,6 +1,8 @@
 //! The admission listener under a real axum server and real sockets.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -229,21 +231,7 @@ async fn behind_proxy_protocol(
         .proxy_protocol(Duration::from_secs(2))
         .build()
         .unwrap();
-    let listener = palisade.bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new()
-        .route(
-            "/",
-            axum::routing::get(|ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>| async move {
-                peer.ip().to_string()
-            }),
-        )
-        .layer(palisade.layer())
-        .into_make_service_with_connect_info::<PeerAddr>();
-    (
-        addr,
-        tokio::spawn(async move { axum::serve(listener, app).await }),
-    )
+    common::serve_client_echo(&palisade).await
 }
 
 #[tokio::test]

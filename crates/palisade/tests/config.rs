@@ -1,6 +1,8 @@
 //! The library reading the daemon's config file.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 
 use axum::body::Body;
@@ -83,18 +85,7 @@ async fn server_proxy_protocol_is_read_too() {
         "[server]\nproxy_protocol = true\nheader_read_timeout = \"2s\"\n[clients]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
     );
     let palisade = Palisade::from_file(&path).unwrap();
-    let listener = palisade.bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new()
-        .route(
-            "/",
-            axum::routing::get(|ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>| async move {
-                peer.ip().to_string()
-            }),
-        )
-        .layer(palisade.layer())
-        .into_make_service_with_connect_info::<PeerAddr>();
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (addr, server) = common::serve_client_echo(&palisade).await;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(
