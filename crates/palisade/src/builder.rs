@@ -81,15 +81,12 @@ impl Palisade {
     /// A stack from already-parsed config sections.
     #[cfg(feature = "config")]
     pub fn from_config(protection: crate::config::Protection) -> Self {
-        let clock = MonotonicClock::new();
         Builder {
             shield: protection.shield,
             breaker: protection.breaker,
             connections: protection.connections,
             proxy_protocol: protection.proxy_protocol,
-            clock,
-            error: None,
-            reputation_set: false,
+            ..Builder::new(MonotonicClock::new())
         }
         .assemble()
     }
