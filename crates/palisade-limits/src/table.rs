@@ -20,6 +20,7 @@
 //! is per process, so collisions cannot be aimed.
 
 use std::hash::BuildHasher;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use palisade_core::{ClientKey, Nanos};
@@ -60,7 +61,7 @@ struct Bucket<S> {
 
 /// A bounded map from [`ClientKey`] to a [`Slot`].
 pub struct ClientTable<S> {
-    buckets: Box<[Bucket<S>]>,
+    buckets: Buckets<S>,
     mask: usize,
     /// `64 - log2(buckets.len())`: home positions come from the top bits.
     shift: u32,
@@ -72,25 +73,104 @@ pub struct ClientTable<S> {
     hasher: foldhash::fast::RandomState,
 }
 
-/// `len` zeroed buckets, in one allocation the OS backs lazily.
-fn zeroed<S: Slot>(len: usize) -> Box<[Bucket<S>]> {
-    let Ok(layout) = std::alloc::Layout::array::<Bucket<S>>(len) else {
-        // Only reachable with absurd sizes, which config validation refuses.
-        panic!("client table of {len} buckets does not fit in memory");
-    };
-    // SAFETY: the layout is non-zero-sized (len >= NEIGHBORHOOD, buckets are
-    // 64-byte aligned structs). `Bucket<S>` is an AtomicU64 plus `S`, and
-    // both are valid when zeroed (`S: Zeroable`), so the memory holds `len`
-    // initialised buckets; it came from the global allocator with the
-    // layout of `[Bucket<S>; len]`, which is what `Box<[Bucket<S>]>` frees.
-    unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout).cast::<Bucket<S>>();
-        if ptr.is_null() {
+/// The bucket array: `len` zeroed buckets in one anonymous mapping, so the
+/// kernel hands out (zeroed) pages only as clients arrive: a table sized for
+/// a million clients costs nothing until used. (`alloc_zeroed` would not do:
+/// for 64-byte alignment the system allocator zeroes every byte up front.)
+///
+/// Lookups land on random buckets, so with 4 KiB pages nearly every lookup
+/// in a table of millions of clients would also miss the TLB and walk page
+/// tables; the mapping is aligned to 2 MiB and advised for huge pages.
+struct Buckets<S> {
+    ptr: NonNull<Bucket<S>>,
+    len: usize,
+    /// The whole mapping (alignment slack included), for `munmap`.
+    map: *mut libc::c_void,
+    map_len: usize,
+}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+impl<S: Slot> Buckets<S> {
+    fn zeroed(len: usize) -> Self {
+        let bytes = len
+            .checked_mul(size_of::<Bucket<S>>())
+            .filter(|&b| b <= isize::MAX as usize - HUGE_PAGE);
+        let Some(bytes) = bytes else {
+            // Only reachable with absurd sizes, which config validation refuses.
+            panic!("client table of {len} buckets does not fit in memory");
+        };
+        let huge = bytes >= HUGE_PAGE;
+        let map_len = if huge { bytes + HUGE_PAGE } else { bytes };
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // touched.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            let Ok(layout) = std::alloc::Layout::array::<Bucket<S>>(len) else {
+                panic!("client table of {len} buckets does not fit in memory");
+            };
             std::alloc::handle_alloc_error(layout);
         }
-        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len))
+        let start = if huge {
+            (map as usize).next_multiple_of(HUGE_PAGE)
+        } else {
+            map as usize
+        };
+        #[cfg(target_os = "linux")]
+        if huge {
+            // SAFETY: the range lies inside the mapping just made; the
+            // advice only changes how the kernel backs it. Failure (THP off
+            // or not built in) leaves 4 KiB pages, which is fine.
+            unsafe { libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
+        }
+        let Some(ptr) = NonNull::new(start as *mut Bucket<S>) else {
+            unreachable!("mmap succeeded, so the mapping is not at address 0");
+        };
+        Self {
+            ptr,
+            len,
+            map,
+            map_len,
+        }
     }
 }
+
+impl<S> std::ops::Deref for Buckets<S> {
+    type Target = [Bucket<S>];
+
+    fn deref(&self) -> &[Bucket<S>] {
+        // SAFETY: `ptr` is page-aligned (so 64-byte aligned) and points to
+        // `len` buckets inside our live mapping. Anonymous mappings read as
+        // zeroes, and all-zero bytes are a valid `Bucket<S>` (an AtomicU64
+        // and `S: Zeroable`). Buckets are only changed through atomics.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<S> Drop for Buckets<S> {
+    fn drop(&mut self) {
+        // Slot types are atomics only (`Zeroable`), nothing to drop in place.
+        // SAFETY: unmaps exactly the mapping made in `zeroed`; no reference
+        // into it outlives `self`.
+        unsafe { libc::munmap(self.map, self.map_len) };
+    }
+}
+
+// SAFETY: `Buckets` owns its mapping like a `Box<[Bucket<S>]>` would, and
+// buckets are shared only through `&`, their fields being atomics.
+unsafe impl<S: Send> Send for Buckets<S> {}
+// SAFETY: as above; `&Buckets` gives only `&Bucket<S>`, which is `Sync`
+// when `S` is.
+unsafe impl<S: Sync> Sync for Buckets<S> {}
 
 impl<S: Slot> ClientTable<S> {
     /// A table tracking at most `max_clients` clients (at least 1).
@@ -103,7 +183,7 @@ impl<S: Slot> ClientTable<S> {
             .max(NEIGHBORHOOD);
         let overflow_len = (max_clients / 64).clamp(16, 4096).next_power_of_two();
         Self {
-            buckets: zeroed(len),
+            buckets: Buckets::zeroed(len),
             mask: len - 1,
             shift: 64 - len.trailing_zeros(),
             max_clients,
@@ -191,6 +271,13 @@ impl<S: Slot> ClientTable<S> {
     /// The most clients tracked in own slots.
     pub fn capacity(&self) -> usize {
         self.max_clients
+    }
+
+    /// Bytes of the bucket array: the most this table's clients can take,
+    /// reserved at creation, made resident as clients arrive (not counted
+    /// by the global allocator: it is its own mapping).
+    pub fn bucket_bytes(&self) -> usize {
+        self.buckets.len() * size_of::<Bucket<S>>()
     }
 
     /// How many times a new client had to share an overflow slot.
@@ -467,5 +554,50 @@ mod tests {
                 assert_eq!(hits(&t, k), Some(4), "client {k}");
             }
         }
+    }
+
+    /// Resident and huge-page-backed bytes of this process (Linux).
+    #[cfg(target_os = "linux")]
+    fn resident() -> (u64, u64) {
+        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+        let field = |name: &str| -> u64 {
+            let line = rollup.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        };
+        (field("Rss:"), field("AnonHugePages:"))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_big_table_takes_memory_as_clients_arrive() {
+        let (before, _) = resident();
+        // 2²¹ buckets of 64 bytes: a 128 MiB mapping.
+        let t = ClientTable::<Busy>::new(1_000_000);
+        assert_eq!(t.bucket_bytes(), 128 << 20);
+        let (created, _) = resident();
+        // Other tests of this binary run alongside, hence the slack.
+        assert!(
+            created < before + (16 << 20),
+            "creating the table made {} MiB resident",
+            (created - before) >> 20
+        );
+        // A million live clients: now the memory is there, and no more
+        // than the mapping.
+        for k in 0..1_000_000 {
+            touch(&t, k, 0, 1);
+        }
+        assert_eq!(t.len() as u64 + t.overflowed(), 1_000_000);
+        let (full, huge) = resident();
+        assert!(
+            full > created + (64 << 20) && full < before + (160 << 20),
+            "{full} bytes resident"
+        );
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        println!(
+            "resident: {} MiB, of which in huge pages {} MiB (THP: {})",
+            full >> 20,
+            huge >> 20,
+            thp.trim()
+        );
     }
 }
