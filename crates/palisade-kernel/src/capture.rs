@@ -143,7 +143,7 @@ impl SynCapture {
     /// after 100 ms pass with none, so a loop can check whether to stop.
     /// Our own outgoing packets are skipped.
     ///
-    /// Once both sockets are empty it naps for [`BATCH`] before blocking:
+    /// Once both sockets are empty it naps for 2 ms before blocking:
     /// woken for every SYN, this thread cost four syscalls and a context
     /// switch per new connection, on the proxy's own cores; napping reads
     /// a burst of connections in one go. Rates are unaffected (each SYN
