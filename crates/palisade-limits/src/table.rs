@@ -160,7 +160,13 @@ impl<S> std::ops::Deref for Buckets<S> {
 
 impl<S> Drop for Buckets<S> {
     fn drop(&mut self) {
-        // Slot types are atomics only (`Zeroable`), nothing to drop in place.
+        if std::mem::needs_drop::<Bucket<S>>() {
+            // SAFETY: the `len` buckets are initialised (see `deref`) and
+            // dropped once, here; nothing uses them afterwards.
+            unsafe {
+                std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len));
+            }
+        }
         // SAFETY: unmaps exactly the mapping made in `zeroed`; no reference
         // into it outlives `self`.
         unsafe { libc::munmap(self.map, self.map_len) };
