@@ -6,7 +6,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use palisade_core::{Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
@@ -15,7 +15,7 @@ use palisade_limits::shield::Rejection;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::shield::{Early, Reply, Respond};
+use crate::shield::{Answer, Early, Finish, Reply, Respond};
 
 /// The statuses that count as failures, 100–599.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,39 +208,40 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let failures = self.layer.failures;
         let Some(breaker) = &self.layer.breaker else {
-            return BreakerFuture {
-                state: State::Called {
-                    fut: self.inner.call(req),
-                    attempt: None,
-                    failures: self.layer.failures,
-                },
-                reply: PhantomData,
-            };
+            return BreakerFuture::new(Answer::called(self.inner.call(req), None));
         };
         let (admitted, transition) = Attempt::begin(breaker, self.layer.clock.clone());
         log(transition);
         let state = match admitted {
-            Ok(attempt) => State::Called {
-                fut: self.inner.call(req),
-                attempt: Some(attempt),
-                failures: self.layer.failures,
-            },
+            Ok(attempt) => Answer::called(self.inner.call(req), Some(Settle { attempt, failures })),
             Err(refused) => {
                 let rejection = Rejection {
                     reason: RejectReason::BreakerOpen,
                     retry_after_secs: Some(refused.retry_after.div_ceil(NANOS_PER_SEC).max(1)),
                     quota: None,
                 };
-                State::Early {
-                    early: Some(Early::refused_locally(rejection, "breaker")),
-                }
+                Answer::early(Early::refused_locally(rejection, "breaker"))
             }
         };
-        BreakerFuture {
-            state,
-            reply: PhantomData,
-        }
+        BreakerFuture::new(state)
+    }
+}
+
+/// An admitted call's attempt, settled by the response's status.
+struct Settle<C: Clock> {
+    attempt: Attempt<C>,
+    failures: StatusSet,
+}
+
+impl<C: Clock, B, E> Finish<B, E> for Settle<C> {
+    fn finish(self, result: &Result<Response<B>, E>) {
+        let outcome = match result {
+            Ok(r) if !self.failures.contains(r.status().as_u16()) => Outcome::Success,
+            _ => Outcome::Failure,
+        };
+        log(self.attempt.finish(outcome));
     }
 }
 
@@ -248,16 +249,17 @@ pin_project_lite::pin_project! {
     /// The future of a [`BreakerService`] call.
     pub struct BreakerFuture<F, C: Clock, M> {
         #[pin]
-        state: State<F, C>,
+        state: Answer<F, Settle<C>>,
         reply: PhantomData<fn() -> M>,
     }
 }
 
-pin_project_lite::pin_project! {
-    #[project = StateProj]
-    enum State<F, C: Clock> {
-        Early { early: Option<Early> },
-        Called { #[pin] fut: F, attempt: Option<Attempt<C>>, failures: StatusSet },
+impl<F, C: Clock, M> BreakerFuture<F, C, M> {
+    fn new(state: Answer<F, Settle<C>>) -> Self {
+        Self {
+            state,
+            reply: PhantomData,
+        }
     }
 }
 
@@ -270,27 +272,7 @@ where
     type Output = Result<M::Response, M::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Early { early } => match early.take() {
-                Some(early) => Poll::Ready(M::early(early)),
-                None => panic!("BreakerFuture polled after completion"),
-            },
-            StateProj::Called {
-                fut,
-                attempt,
-                failures,
-            } => {
-                let result = ready!(fut.poll(cx));
-                let outcome = match &result {
-                    Ok(r) if !failures.contains(r.status().as_u16()) => Outcome::Success,
-                    _ => Outcome::Failure,
-                };
-                if let Some(a) = attempt.take() {
-                    log(a.finish(outcome));
-                }
-                Poll::Ready(M::pass(result))
-            }
-        }
+        self.project().state.poll_reply::<M, B, E>(cx, "BreakerFuture")
     }
 }
 

@@ -455,7 +455,7 @@ where
             if !MISSING_PEER_WARNED.swap(true, Ordering::Relaxed) {
                 tracing::error!("{MissingPeer}");
             }
-            return ResponseFuture::early(Early::missing_peer());
+            return ResponseFuture::new(Answer::early(Early::missing_peer()));
         };
         let snapshot = self.pipeline.load();
         let shield = self.pipeline.shield(&snapshot);
@@ -491,23 +491,20 @@ where
                     effects: ResponseEffects::default(),
                 },
             );
-            return ResponseFuture::early(early);
+            return ResponseFuture::new(Answer::early(early));
         }
         if self.expose_client {
             req.extensions_mut().insert(ClientIp(decision.client_ip));
         }
-        ResponseFuture {
-            state: State::Called {
-                fut: self.inner.call(req),
-                watch: Some(Watch {
-                    pipeline: self.pipeline.clone(),
-                    snapshot,
-                    decision,
-                    tag,
-                }),
-            },
-            reply: PhantomData,
-        }
+        ResponseFuture::new(Answer::called(
+            self.inner.call(req),
+            Some(Watch {
+                pipeline: self.pipeline.clone(),
+                snapshot,
+                decision,
+                tag,
+            }),
+        ))
     }
 }
 
@@ -542,27 +539,80 @@ impl<P: Pipeline> Watch<P> {
     }
 }
 
+impl<P: Pipeline, B, E> Finish<B, E> for Watch<P> {
+    fn finish(self, result: &Result<Response<B>, E>) {
+        match result {
+            Ok(r) => Watch::finish(self, r.status(), Some(r.extensions())),
+            Err(_) => Watch::finish(self, StatusCode::INTERNAL_SERVER_ERROR, None),
+        }
+    }
+}
+
+/// What a layer's future does with the inner service's result once it
+/// arrives: the shield feeds it back, the breaker records the outcome.
+pub(crate) trait Finish<B, E> {
+    fn finish(self, result: &Result<Response<B>, E>);
+}
+
+pin_project_lite::pin_project! {
+    /// The state machine of both layers' futures: answered before the
+    /// inner service, or waiting on it with something to `finish`.
+    #[project = AnswerProj]
+    pub(crate) enum Answer<F, D> {
+        Early { early: Option<Early> },
+        Called { #[pin] fut: F, done: Option<D> },
+    }
+}
+
+impl<F, D> Answer<F, D> {
+    pub(crate) fn early(early: Early) -> Self {
+        Self::Early { early: Some(early) }
+    }
+
+    pub(crate) fn called(fut: F, done: Option<D>) -> Self {
+        Self::Called { fut, done }
+    }
+
+    /// Polls to the reply; `name` is the public future's, for the panic.
+    pub(crate) fn poll_reply<M, B, E>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        name: &str,
+    ) -> Poll<Result<M::Response, M::Error>>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+        D: Finish<B, E>,
+        M: Reply<B, E>,
+    {
+        match self.project() {
+            AnswerProj::Early { early } => match early.take() {
+                Some(early) => Poll::Ready(M::early(early)),
+                None => panic!("{name} polled after completion"),
+            },
+            AnswerProj::Called { fut, done } => {
+                let result = ready!(fut.poll(cx));
+                if let Some(d) = done.take() {
+                    d.finish(&result);
+                }
+                Poll::Ready(M::pass(result))
+            }
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// The future of a [`ShieldService`] call.
     pub struct ResponseFuture<F, P: Pipeline, M> {
         #[pin]
-        state: State<F, P>,
+        state: Answer<F, Watch<P>>,
         reply: PhantomData<fn() -> M>,
     }
 }
 
-pin_project_lite::pin_project! {
-    #[project = StateProj]
-    enum State<F, P: Pipeline> {
-        Early { early: Option<Early> },
-        Called { #[pin] fut: F, watch: Option<Watch<P>> },
-    }
-}
-
 impl<F, P: Pipeline, M> ResponseFuture<F, P, M> {
-    fn early(early: Early) -> Self {
+    fn new(state: Answer<F, Watch<P>>) -> Self {
         Self {
-            state: State::Early { early: Some(early) },
+            state,
             reply: PhantomData,
         }
     }
@@ -577,21 +627,6 @@ where
     type Output = Result<M::Response, M::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Early { early } => match early.take() {
-                Some(early) => Poll::Ready(M::early(early)),
-                None => panic!("ResponseFuture polled after completion"),
-            },
-            StateProj::Called { fut, watch } => {
-                let result = ready!(fut.poll(cx));
-                if let Some(w) = watch.take() {
-                    match &result {
-                        Ok(r) => w.finish(r.status(), Some(r.extensions())),
-                        Err(_) => w.finish(StatusCode::INTERNAL_SERVER_ERROR, None),
-                    }
-                }
-                Poll::Ready(M::pass(result))
-            }
-        }
+        self.project().state.poll_reply::<M, B, E>(cx, "ResponseFuture")
     }
 }
