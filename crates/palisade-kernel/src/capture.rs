@@ -1,4 +1,4 @@
-//! Per-source SYN accounting without eBPF (SPEC F14): an `AF_PACKET`
+//! Per-source SYN accounting without eBPF: an `AF_PACKET`
 //! socket with a classic BPF filter that lets only TCP SYNs (SYN set, ACK
 //! clear) through to user space, IPv4 and IPv6.
 //!

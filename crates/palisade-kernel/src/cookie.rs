@@ -1,4 +1,4 @@
-//! SYN cookies (SPEC F14): the server's initial sequence number encodes
+//! SYN cookies: the server's initial sequence number encodes
 //! the connection so that no state is kept until the client's ACK proves
 //! it received our SYN-ACK.
 //!

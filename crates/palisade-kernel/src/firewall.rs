@@ -1,4 +1,4 @@
-//! Bans in the kernel (SPEC F6): packets from a banned source are dropped
+//! Bans in the kernel: packets from a banned source are dropped
 //! before they reach a socket.
 //!
 //! Three implementations of [`Firewall`]:

@@ -1,4 +1,4 @@
-//! Palisade's kernel-side defense against SYN floods (SPEC F5, F6, F14):
+//! Palisade's kernel-side defense against SYN floods:
 //!
 //! * [`procnet`]: the kernel's TCP counters (`/proc/net/netstat`,
 //!   `/proc/net/snmp`) and half-open connections (`/proc/net/tcp{,6}`),

@@ -1,4 +1,4 @@
-//! The XDP layer (SPEC F15): banned sources are dropped by the driver hook
+//! The XDP layer: banned sources are dropped by the driver hook
 //! before the kernel allocates a socket buffer for them, and SYNs are
 //! counted per source in a kernel map.
 //!

@@ -1,4 +1,4 @@
-//! F3: the adaptive 4-state breaker, one per client fingerprint
+//! The adaptive 4-state breaker, one per client fingerprint
 //! (hash of client address key and User-Agent).
 //!
 //! Each client has a 10 s window of 100 ms buckets counting its requests and
@@ -31,7 +31,7 @@ pub const BUCKETS: usize = 100;
 /// Width of one bucket.
 pub const BUCKET_NANOS: Nanos = 100 * NANOS_PER_MS;
 
-/// Rules. Defaults are the SPEC's where it has them.
+/// Rules. Defaults are the documented ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdaptiveConfig {
     /// closed → degraded above this weighted failure rate.

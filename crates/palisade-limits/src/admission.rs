@@ -1,4 +1,4 @@
-//! F8: connection admission at `accept()`, before a byte is read.
+//! Connection admission at `accept()`, before a byte is read.
 //!
 //! Four bounds: open connections overall and per client address (IPv6 by
 //! prefix), and new connections per second per address and overall. An
@@ -15,7 +15,7 @@ use palisade_core::{ClientKey, Nanos};
 use crate::rate::{Quota, RateState};
 use crate::table::{ClientTable, Slot, Zeroable};
 
-/// Bounds. Defaults are the SPEC's.
+/// Bounds. Defaults are the documented ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdmissionConfig {
     /// Open connections overall.

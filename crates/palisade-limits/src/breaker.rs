@@ -1,4 +1,4 @@
-//! F2: the classic circuit breaker, one per upstream, with gobreaker's
+//! The classic circuit breaker, one per upstream, with gobreaker's
 //! semantics.
 //!
 //! - **closed**: requests pass and are counted in windows of `interval`.
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use palisade_core::{Clock, NANOS_PER_SEC, Nanos};
 
-/// Breaker rules. Defaults are the SPEC's.
+/// Breaker rules. Defaults are the documented ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
     /// Fewest requests in a window before the ratio can trip the breaker.

@@ -1,7 +1,7 @@
 //! Palisade's protection algorithms: pure, clock-injected, bounded.
 //!
-//! - [`rate`]: F1 per-client limiter (token bucket + 100 ms-slot window).
-//! - [`reputation`]: F4 scores, penalties, recovery and explanations.
+//! - [`rate`]: per-client limiter (token bucket + 100 ms-slot window).
+//! - [`reputation`]: scores, penalties, recovery and explanations.
 //! - [`table`]: the bounded client table both use.
 //! - [`shield`]: the decision pipeline the proxy runs per request.
 //!

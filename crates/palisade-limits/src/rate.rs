@@ -1,4 +1,4 @@
-//! F1: the per-client rate limiter.
+//! The per-client rate limiter.
 //!
 //! Two checks, both must pass, both lock-free:
 //! - a token bucket (as GCRA: one atomic "theoretical arrival time") that

@@ -1,4 +1,4 @@
-//! F4: IP reputation.
+//! IP reputation.
 //!
 //! Every client starts at the initial score (70). Penalties lower it; below
 //! the block threshold (30) the client gets `403 Access denied`. Scores move
@@ -25,7 +25,7 @@ const SCORE_BITS: u32 = 20;
 const SET: u64 = 1 << 63;
 const EVENTS: usize = 4;
 
-/// Reputation rules. Defaults are the SPEC's.
+/// Reputation rules. Defaults are the documented ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReputationConfig {
     /// Score of a client never seen (0–100).

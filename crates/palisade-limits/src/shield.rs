@@ -4,7 +4,7 @@
 //! then the rate limit of the matching route. Each control in shadow mode
 //! records what it would have done and lets the request through.
 //!
-//! Nothing here allocates per request once a client is tracked (F9).
+//! Nothing here allocates per request once a client is tracked.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -87,7 +87,7 @@ pub struct ShieldConfig {
     pub reputation: Option<(ReputationConfig, Mode)>,
     /// Adaptive per-fingerprint breaker; `None` disables it.
     pub adaptive: Option<(AdaptiveConfig, Mode)>,
-    /// External reputation (F13): allow, deny and scores from a snapshot.
+    /// External reputation: allow, deny and scores from a snapshot.
     /// Shared across reloads, swapped by its feed.
     pub store: Option<Arc<StoreCell>>,
 }

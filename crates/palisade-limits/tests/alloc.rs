@@ -1,4 +1,4 @@
-//! F9 and bounded memory, proven with a counting allocator.
+//! No allocation per decision and bounded memory, proven with a counting allocator.
 //!
 //! Counting is per thread, so tests running in parallel do not disturb each
 //! other; each test does its work on its own thread.

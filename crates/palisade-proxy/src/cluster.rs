@@ -1,4 +1,4 @@
-//! Cluster mode (F19): nodes share per-client limits and reputation through
+//! Cluster mode: nodes share per-client limits and reputation through
 //! Redis (one server or a Redis Cluster), without any request waiting on it.
 //!
 //! **Limits.** Each node keeps, per limiter and client, a sliding window of

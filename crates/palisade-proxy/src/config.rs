@@ -72,7 +72,7 @@ pub struct Config {
     pub syn: Option<SynSettings>,
 }
 
-/// `[syn]`: SYN-flood detection and kernel bans (F5, F6, F14).
+/// `[syn]`: SYN-flood detection and kernel bans.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynSettings {
     /// Which firewall enforces bans.
@@ -95,7 +95,7 @@ pub struct SynSettings {
     pub synproxy_ports: Vec<u16>,
     /// How often the kernel's ban set is checked against ours.
     pub reconcile_interval: Duration,
-    /// Attach the XDP program (F15) to the listener's interfaces.
+    /// Attach the XDP program to the listener's interfaces.
     pub xdp: bool,
 }
 
@@ -112,7 +112,7 @@ pub enum FirewallChoice {
     DryRun,
 }
 
-/// `[cluster]`: shared limits and reputation through Redis (F19).
+/// `[cluster]`: shared limits and reputation through Redis.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterSettings {
     /// Redis URLs (`redis://` or `rediss://`); several are Cluster seeds.
@@ -140,7 +140,7 @@ pub enum FailureMode {
     Closed,
 }
 
-/// `[store]`: the reputation snapshot (F13) and its delta feed (F16).
+/// `[store]`: the reputation snapshot and its delta feed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreSettings {
     /// The snapshot file; applied deltas are written back to it.

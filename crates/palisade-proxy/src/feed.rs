@@ -1,4 +1,4 @@
-//! The store's background work (F16): poll the delta feed, notice a
+//! The store's background work: poll the delta feed, notice a
 //! replaced snapshot file, apply, swap. Heavy work runs on the blocking
 //! pool; requests never wait for any of it.
 

@@ -1,4 +1,4 @@
-//! Prometheus metrics (F12). Label values come from fixed sets (route names
+//! Prometheus metrics. Label values come from fixed sets (route names
 //! from the config, known methods, status codes), so cardinality is bounded
 //! whatever clients send.
 

@@ -1,4 +1,4 @@
-//! F11: CPU profiles on demand (`GET /debug/pprof/profile?seconds=N`, token
+//! CPU profiles on demand (`GET /debug/pprof/profile?seconds=N`, token
 //! required): pprof protobuf (open with `go tool pprof -http=: profile.pb`
 //! or `pprof`), or a flamegraph SVG with `format=svg`. One at a time,
 //! at most 60 s, sampling at 99 Hz.

@@ -104,7 +104,7 @@ async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
 }
 
-/// Samples the live task count and alerts on leaks (F11), until `stop`.
+/// Samples the live task count and alerts on leaks, until `stop`.
 async fn watchdog(app: Arc<App>, cfg: WatchdogSettings, mut stop: watch::Receiver<bool>) {
     let mut dog = Watchdog::new(cfg.rules);
     let mut shown: Vec<String> = Vec::new();

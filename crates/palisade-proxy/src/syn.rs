@@ -1,4 +1,4 @@
-//! SYN-flood defense in the daemon (F5, F6, F14).
+//! SYN-flood defense in the daemon.
 //!
 //! * A capture thread reads every SYN to our listener from an `AF_PACKET`
 //!   socket (palisade-kernel's BPF filter) and flags a source the moment it

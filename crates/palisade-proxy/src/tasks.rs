@@ -1,4 +1,4 @@
-//! F11: where tasks come from, and a watchdog for task leaks.
+//! Where tasks come from, and a watchdog for task leaks.
 //!
 //! Every task Palisade spawns is wrapped with [`tracked`], which records the
 //! spawn site (`#[track_caller]`) and counts live tasks per site. The

@@ -1,4 +1,4 @@
-//! F8 admission at accept and slow-client defense, over real sockets.
+//! Admission at accept and slow-client defense, over real sockets.
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,4 +1,4 @@
-//! F2 breaker and F17 reload over real sockets.
+//! Breaker and reload over real sockets.
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,6 +1,6 @@
 //! The reputation store at scale: 10 M random IPv4 + 1 M IPv6 entries,
 //! against a plain `HashMap` and a Bloom filter in front of a table (the
-//! design SPEC F13 started from, sized right).
+//! design started from, sized right).
 //!
 //! `cargo bench -p palisade-store --bench store` prints a one-off report
 //! (sizes, build/open/delta times, filter false-positive rate, p99 lookup

@@ -1,4 +1,4 @@
-//! Delta feeds (SPEC F16): versioned insert/update/delete operations that
+//! Delta feeds: versioned insert/update/delete operations that
 //! move a store from one watermark to the next.
 //!
 //! ```text

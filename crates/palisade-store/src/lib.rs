@@ -1,4 +1,4 @@
-//! Palisade's reputation store (SPEC F13, F16): verdicts for tens of millions
+//! Palisade's reputation store: verdicts for tens of millions
 //! of IPv4/IPv6 addresses and CIDR prefixes, answered exactly, from a
 //! memory-mapped snapshot that is usable the moment it is opened.
 //!

@@ -1,4 +1,4 @@
-//! F9 for the tower layer: an admitted request through `ShieldService`
+//! No allocation per decision for the tower layer: an admitted request through `ShieldService`
 //! (decision, inner call, response observed) allocates nothing once its
 //! client is known. Counted per thread by a counting global allocator.
 #![allow(clippy::unwrap_used)]
