@@ -110,6 +110,28 @@ impl<C: Clone, M> Clone for BreakerLayer<C, M> {
 
 impl BreakerLayer {
     /// A closed breaker with these rules, on the monotonic clock.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response, StatusCode};
+    /// use palisade::{BreakerLayer, BreakerSettings};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let failing = service_fn(|_req: Request<String>| async {
+    ///     let mut res = Response::new(String::new());
+    ///     *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    ///     Ok::<_, Infallible>(res)
+    /// });
+    /// let svc = BreakerLayer::new(BreakerSettings::default()).layer(failing);
+    /// let mut statuses = Vec::new();
+    /// for _ in 0..20 {
+    ///     statuses.push(svc.clone().oneshot(Request::new(String::new())).await.unwrap().status());
+    /// }
+    /// // After enough failures the breaker answers 503 itself, without calling the service.
+    /// assert_eq!(statuses.last(), Some(&StatusCode::SERVICE_UNAVAILABLE));
+    /// # });
+    /// ```
     pub fn new(settings: BreakerSettings) -> Self {
         Self::with_clock(settings, MonotonicClock::new())
     }

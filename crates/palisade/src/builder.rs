@@ -64,6 +64,19 @@ impl Palisade {
     /// address (burst 100), reputation, the adaptive per-client breaker and
     /// the classic breaker on, at most 100 open connections and 50 new ones
     /// per second per address, no trusted proxies.
+    ///
+    /// ```
+    /// use palisade::{ManualClock, Palisade};
+    ///
+    /// let palisade = Palisade::builder()
+    ///     .rate_limit(50)
+    ///     .burst(100)
+    ///     .route("login", "/login", 2)
+    ///     .clock(ManualClock::new()) // tests drive time by hand
+    ///     .build()
+    ///     .expect("valid settings");
+    /// let _layer = palisade.layer();
+    /// ```
     pub fn builder() -> Builder {
         Builder::new(MonotonicClock::new())
     }

@@ -59,6 +59,16 @@ impl Admitted {
 impl AdmissionListener {
     /// Binds `addr` with the given bounds (IPv6 clients grouped by /64, at
     /// most 100 000 addresses tracked).
+    ///
+    /// ```
+    /// use palisade::{AdmissionConfig, AdmissionListener};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let listener = AdmissionListener::bind("127.0.0.1:0", AdmissionConfig::default()).await.unwrap();
+    /// let addr = listener.local_addr().unwrap();
+    /// assert!(addr.ip().is_loopback());
+    /// # });
+    /// ```
     pub async fn bind(addr: impl ToSocketAddrs, cfg: AdmissionConfig) -> io::Result<Self> {
         Ok(Self::new(TcpListener::bind(addr).await?, cfg))
     }

@@ -291,6 +291,35 @@ impl ShieldLayer {
     }
 
     /// Only a per-client rate limit (`quota` per client address).
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::num::NonZeroU32;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response, StatusCode};
+    /// use http_body_util::Full;
+    /// use palisade::{PeerAddr, Quota, ShieldLayer};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let app = service_fn(|_req: Request<Full<Bytes>>| async {
+    ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+    /// });
+    /// let svc = ShieldLayer::rate_limit(Quota::per_second(NonZeroU32::new(3).unwrap())).layer(app);
+    /// let peer = PeerAddr("192.0.2.7:40000".parse().unwrap());
+    /// let mut refused = 0;
+    /// for _ in 0..5 {
+    ///     let mut req = Request::new(Full::default());
+    ///     req.extensions_mut().insert(peer);
+    ///     let res = svc.clone().oneshot(req).await.unwrap();
+    ///     if res.status() == StatusCode::TOO_MANY_REQUESTS {
+    ///         assert!(res.headers().contains_key("retry-after"));
+    ///         refused += 1;
+    ///     }
+    /// }
+    /// assert_eq!(refused, 2); // 3 a second from one address: the 4th and 5th wait
+    /// # });
+    /// ```
     pub fn rate_limit(quota: Quota) -> Self {
         Self::new(ShieldConfig {
             limit: Some(LimitPolicy {
@@ -305,6 +334,14 @@ impl ShieldLayer {
 
     /// Only reputation: clients that flood or pile up 400/401 streaks lose
     /// points and are refused with 403 below the threshold, then recover.
+    ///
+    /// ```
+    /// use palisade::{ReputationConfig, ShieldLayer};
+    ///
+    /// // Refuse below 30 points instead of the default threshold.
+    /// let layer = ShieldLayer::reputation(ReputationConfig { block_below: 30, ..ReputationConfig::default() });
+    /// # let _ = layer;
+    /// ```
     pub fn reputation(cfg: ReputationConfig) -> Self {
         Self::new(ShieldConfig {
             limit: None,
@@ -316,6 +353,13 @@ impl ShieldLayer {
 
     /// Only the adaptive per-client breaker: a client whose requests fail
     /// (5xx) or are slow is slowed down, then refused, then probed.
+    ///
+    /// ```
+    /// use palisade::{AdaptiveConfig, ShieldLayer};
+    ///
+    /// let layer = ShieldLayer::adaptive_breaker(AdaptiveConfig::default());
+    /// # let _ = layer;
+    /// ```
     pub fn adaptive_breaker(cfg: AdaptiveConfig) -> Self {
         Self::new(ShieldConfig {
             limit: None,
@@ -352,6 +396,30 @@ impl<P: Pipeline> ShieldLayer<P> {
 
 impl<P: Pipeline, M> ShieldLayer<P, M> {
     /// Refusals become errors ([`Refused`]) instead of responses.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::num::NonZeroU32;
+    /// use http::{Request, Response};
+    /// use palisade::{PeerAddr, Quota, Refused, ShieldLayer};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let app = service_fn(|_req: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    /// let svc = ShieldLayer::rate_limit(Quota::per_second(NonZeroU32::new(1).unwrap()))
+    ///     .errors()
+    ///     .layer(app);
+    /// let req = || {
+    ///     let mut r = Request::new(String::new());
+    ///     r.extensions_mut().insert(PeerAddr("192.0.2.7:40000".parse().unwrap()));
+    ///     r
+    /// };
+    /// assert!(svc.clone().oneshot(req()).await.is_ok());
+    /// let err = svc.clone().oneshot(req()).await.unwrap_err();
+    /// let refused = err.downcast_ref::<Refused>().expect("a refusal, not the service's error");
+    /// assert_eq!(refused.response.status(), 429);
+    /// # });
+    /// ```
     pub fn errors(self) -> ShieldLayer<P, Fail> {
         ShieldLayer {
             pipeline: self.pipeline,
