@@ -24,6 +24,7 @@
 mod clock;
 mod forwarded;
 mod key;
+mod path;
 pub mod proxy_protocol;
 mod verdict;
 
@@ -32,4 +33,5 @@ pub use clock::{
 };
 pub use forwarded::{ClientIpHeader, TrustedProxies};
 pub use key::ClientKey;
+pub use path::{PathError, normalize_path};
 pub use verdict::{Mode, RejectReason};

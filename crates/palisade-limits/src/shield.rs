@@ -51,6 +51,11 @@ pub struct RouteMatch {
     pub methods: Vec<Method>,
     /// Host (without port), compared case-insensitively.
     pub host: Option<String>,
+    /// Whether `path_prefix` is compared case-sensitively. Off by default:
+    /// a backend that serves `/Login` as `/login` must not let `/Login`
+    /// slip past the route's limit; a case-sensitive backend only loses
+    /// the difference between two spellings it answers 404 to anyway.
+    pub case_sensitive: bool,
 }
 
 /// A named route with its own limit (or the default one).
@@ -543,10 +548,20 @@ impl RouteMatch {
         }
         match &self.path_prefix {
             None => true,
-            Some(prefix) => match req.path.strip_prefix(prefix.as_str()) {
-                Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
-                None => false,
-            },
+            Some(prefix) => {
+                let rest = if self.case_sensitive {
+                    req.path.strip_prefix(prefix.as_str())
+                } else {
+                    req.path
+                        .get(..prefix.len())
+                        .filter(|head| head.eq_ignore_ascii_case(prefix))
+                        .and_then(|_| req.path.get(prefix.len()..))
+                };
+                match rest {
+                    Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+                    None => false,
+                }
+            }
         }
     }
 }
@@ -656,6 +671,7 @@ mod tests {
                     path_prefix: Some("/login".into()),
                     methods: vec![Method::GET],
                     host: Some("EXAMPLE.com".into()),
+                    case_sensitive: false,
                 },
                 limit: Some(LimitPolicy {
                     quota: quota(2),
@@ -676,6 +692,11 @@ mod tests {
         assert_eq!(ok, 2);
         assert_eq!(s.route_name(ds[0].route), "login");
         assert_eq!(run(&s, "10.0.0.1", "/loginx", 1).1[0].route, 0);
+        // Case-insensitive unless the route says otherwise.
+        assert_eq!(
+            s.route_name(run(&s, "10.0.0.1", "/LOGIN/x", 1).1[0].route),
+            "login"
+        );
         // The default limiter is separate from the login one.
         assert_eq!(run(&s, "10.0.0.1", "/", 5).0, 5);
         // A route without its own limit shares the default limiter.

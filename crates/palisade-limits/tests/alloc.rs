@@ -71,6 +71,7 @@ fn config(key_by: KeyBy) -> ShieldConfig {
             path_prefix: Some("/api".into()),
             methods: vec![Method::GET],
             host: Some("example.com".into()),
+            case_sensitive: false,
         },
         limit: cfg.limit,
     }];

@@ -420,6 +420,7 @@ pub mod raw {
         pub path_prefix: Option<String>,
         pub methods: Vec<String>,
         pub host: Option<String>,
+        pub case_sensitive: bool,
         pub rate: Option<u32>,
         pub burst: Option<u32>,
         pub window_limit: Option<u32>,
@@ -676,10 +677,22 @@ pub mod raw {
                     format!("route name {name:?} is already used"),
                 ));
             }
-            if let Some(prefix) = &self.path_prefix
-                && !prefix.starts_with('/')
-            {
-                return Err(at(p!("routes", i, "path_prefix"), "must start with '/'"));
+            // Requests are matched on their normalized path, so a prefix
+            // spelled any other way could never match.
+            if let Some(prefix) = &self.path_prefix {
+                if !prefix.starts_with('/') {
+                    return Err(at(p!("routes", i, "path_prefix"), "must start with '/'"));
+                }
+                match palisade_core::normalize_path(prefix) {
+                    Ok(std::borrow::Cow::Borrowed(_)) => {}
+                    Ok(normal) => {
+                        return Err(at(
+                            p!("routes", i, "path_prefix"),
+                            format!("requests are matched on their normalized path: write {normal:?}"),
+                        ));
+                    }
+                    Err(e) => return Err(at(p!("routes", i, "path_prefix"), e.to_string())),
+                }
             }
             let methods = self
                 .methods
@@ -720,6 +733,7 @@ pub mod raw {
                     path_prefix: self.path_prefix.clone(),
                     methods,
                     host: self.host.clone(),
+                    case_sensitive: self.case_sensitive,
                 },
                 limit,
             })

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::{Extensions, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use palisade_core::{Clock, MonotonicClock, RejectReason};
+use palisade_core::{Clock, MonotonicClock, PathError, RejectReason, normalize_path};
 use palisade_limits::adaptive::AdaptiveConfig;
 use palisade_limits::rate::Quota;
 use palisade_limits::reputation::ReputationConfig;
@@ -127,14 +127,21 @@ pub struct LocalRefusal(pub RejectReason);
 #[derive(Debug)]
 pub struct Early {
     response: Response<Full<Bytes>>,
-    rejection: Option<Rejection>,
+    why: Why,
+}
+
+#[derive(Debug)]
+enum Why {
+    Refused(Rejection),
+    MissingPeer,
+    BadPath(PathError),
 }
 
 impl Early {
     pub(crate) fn refused(rejection: Rejection, policy_name: &str) -> Self {
         Self {
             response: respond::rejection(&rejection, policy_name),
-            rejection: Some(rejection),
+            why: Why::Refused(rejection),
         }
     }
 
@@ -151,7 +158,14 @@ impl Early {
     fn missing_peer() -> Self {
         Self {
             response: respond::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n"),
-            rejection: None,
+            why: Why::MissingPeer,
+        }
+    }
+
+    fn bad_path(e: PathError) -> Self {
+        Self {
+            response: respond::text(StatusCode::BAD_REQUEST, "Bad Request\n"),
+            why: Why::BadPath(e),
         }
     }
 }
@@ -219,7 +233,8 @@ mod sealed {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Respond;
 
-/// Layers return refusals as errors ([`Refused`], boxed) for a
+/// Layers return refusals as errors ([`Refused`], boxed; a path that cannot
+/// be normalized is a boxed [`PathError`]) for a
 /// `HandleErrorLayer` or your own error handling.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Fail;
@@ -246,12 +261,13 @@ impl<B, E: Into<BoxError>> Reply<B, E> for Fail {
     type Error = BoxError;
 
     fn early(early: Early) -> Result<Self::Response, BoxError> {
-        Err(match early.rejection {
-            Some(rejection) => Box::new(Refused {
+        Err(match early.why {
+            Why::Refused(rejection) => Box::new(Refused {
                 rejection,
                 response: early.response,
             }),
-            None => Box::new(MissingPeer),
+            Why::MissingPeer => Box::new(MissingPeer),
+            Why::BadPath(e) => Box::new(e),
         })
     }
 
@@ -525,6 +541,20 @@ where
             }
             return ResponseFuture::new(Answer::early(Early::missing_peer()));
         };
+        // Routes match, and the inner service gets, one spelling of the
+        // path: `/%6Cogin` and `/x/../login` are `/login` to both.
+        match normalize_path(req.uri().path()) {
+            Ok(std::borrow::Cow::Borrowed(_)) => {}
+            Ok(std::borrow::Cow::Owned(path)) => {
+                let Some(uri) = with_path(req.uri(), &path) else {
+                    return ResponseFuture::new(Answer::early(Early::bad_path(
+                        PathError::InvalidPercentEncoding,
+                    )));
+                };
+                *req.uri_mut() = uri;
+            }
+            Err(e) => return ResponseFuture::new(Answer::early(Early::bad_path(e))),
+        }
         let snapshot = self.pipeline.load();
         let shield = self.pipeline.shield(&snapshot);
         let (decision, tag) = {
@@ -574,6 +604,17 @@ where
             }),
         ))
     }
+}
+
+/// `uri` with its path replaced, scheme, authority and query kept.
+fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 struct Watch<P: Pipeline> {
