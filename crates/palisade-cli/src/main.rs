@@ -158,16 +158,20 @@ fn runtime(format: LogFormat) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
+    let Signals { terminate, .. } = Signals::install();
     let (addr, serve) = palisade_proxy::demo::bind(listen).await?;
     tracing::info!("demo upstream on http://{addr}");
     tokio::select! {
         _ = serve => {}
-        _ = shutdown_signal() => {}
+        () = terminated(terminate) => {}
     }
     Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Before any listener binds: a service manager may send SIGHUP or SIGTERM
+    // the moment the port accepts, and the default action would kill us.
+    let signals = Signals::install();
     let overrides = Overrides {
         listen: args.listen,
         admin: args.admin,
@@ -220,9 +224,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let reloadable = source.is_some();
     let running = palisade_proxy::start_reloadable(config, source).await?;
-    if reloadable {
-        reload_on_sighup(running.app.clone());
-    }
+    let Signals { hangup, terminate } = signals;
+    on_sighup(hangup, running.app.clone(), reloadable);
     let proxy = running.proxy_addr;
     let admin = running.admin_addr;
     tracing::info!(%proxy, %admin, upstreams = ?upstreams, "palisade running");
@@ -271,7 +274,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         println!("Stop with Ctrl-C.");
     }
-    running.run_until(shutdown_signal()).await;
+    running.run_until(terminated(terminate)).await;
     if let Some((_, task)) = demo {
         task.abort();
     }
@@ -279,46 +282,91 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP reloads the config file (errors are logged by the reload).
-fn reload_on_sighup(app: std::sync::Arc<palisade_proxy::proxy::App>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => {
-                tokio::spawn(async move {
-                    while hup.recv().await.is_some() {
-                        tracing::info!("SIGHUP: reloading config");
-                        let _ = app.reload().await;
-                    }
-                });
-            }
-            Err(e) => tracing::warn!("cannot listen for SIGHUP ({e}); reload with POST /api/v1/reload"),
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = app;
+#[cfg(unix)]
+type Stream = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Stream = Option<()>;
+
+/// The daemon's signal streams, registered with the OS at `install`:
+/// from then on a signal is queued for us, never the default action.
+struct Signals {
+    hangup: Stream,
+    /// SIGTERM and SIGINT.
+    terminate: (Stream, Stream),
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let register = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("cannot listen for {name} ({e})");
+                    None
+                }
+            };
+            Self {
+                hangup: register(SignalKind::hangup(), "SIGHUP"),
+                terminate: (
+                    register(SignalKind::terminate(), "SIGTERM"),
+                    register(SignalKind::interrupt(), "SIGINT"),
+                ),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {
+            hangup: None,
+            terminate: (None, None),
+        }
+    }
+}
+
+/// SIGHUP reloads the config file (errors are logged by the reload); with no
+/// file (the quickstart) there is nothing to reload and the signal is logged.
+fn on_sighup(hangup: Stream, app: std::sync::Arc<palisade_proxy::proxy::App>, reloadable: bool) {
+    #[cfg(unix)]
+    match hangup {
+        Some(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    if reloadable {
+                        tracing::info!("SIGHUP: reloading config");
+                        let _ = app.reload().await;
+                    } else {
+                        tracing::info!("SIGHUP: no config file to reload (quickstart)");
+                    }
+                }
+            });
+        }
+        None => tracing::warn!("SIGHUP does not reload; use POST /api/v1/reload"),
+    }
+    #[cfg(not(unix))]
+    let _ = (hangup, app, reloadable);
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn terminated(streams: (Stream, Stream)) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let (term, int) = streams;
+        let recv = |s: Stream| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
                 }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        };
+        tokio::select! {
+            () = recv(term) => {}
+            () = recv(int) => {}
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = streams;
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("shutdown requested: draining");

@@ -479,3 +479,152 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// A `palisade demo-upstream` on an ephemeral port.
+fn demo_upstream() -> (SocketAddr, Reaped) {
+    let mut child = palisade()
+        .args(["demo-upstream", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr: SocketAddr = line.rsplit("http://").next().unwrap().trim().parse().unwrap();
+    (addr, Reaped(child))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Statuses of `n` GETs of `/` sent one after another on one keep-alive connection.
+fn keepalive_statuses(addr: SocketAddr, n: usize) -> Vec<u16> {
+    let mut s = BufReader::new(TcpStream::connect(addr).unwrap());
+    s.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut statuses = Vec::with_capacity(n);
+    for _ in 0..n {
+        write!(s.get_mut(), "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut line = String::new();
+        s.read_line(&mut line).unwrap();
+        statuses.push(line.split(' ').nth(1).unwrap().parse().unwrap());
+        let mut length = 0;
+        loop {
+            line.clear();
+            s.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        s.read_exact(&mut body).unwrap();
+    }
+    statuses
+}
+
+/// A service manager may reload the moment the port accepts: SIGHUP then
+/// must neither kill the daemon (the default action) nor be lost. Before the
+/// handlers were installed ahead of the listeners, the quickstart died of
+/// every such SIGHUP and a config-file daemon of most.
+#[test]
+fn sighup_right_after_the_port_accepts_does_not_kill() {
+    let (demo_addr, _demo) = demo_upstream();
+    let config = temp_file(
+        "hup.toml",
+        "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n",
+    );
+    for with_file in [false, true, false, true] {
+        let port = free_port();
+        let mut cmd = palisade();
+        cmd.args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .arg("--upstream")
+        .arg(format!("http://{demo_addr}"));
+        if with_file {
+            cmd.arg("--config").arg(&config);
+        }
+        let mut child = Reaped(cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap());
+        let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        while TcpStream::connect(proxy).is_err() {
+            assert!(
+                child.0.try_wait().unwrap().is_none(),
+                "the daemon exited at start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pid = child.0.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let mut err = BufReader::new(child.0.stderr.take().unwrap());
+        let _ = proxy_addr(&mut err);
+        assert!(
+            get(proxy, "/").starts_with("HTTP/1.1 200 "),
+            "not serving after SIGHUP (config file: {with_file})"
+        );
+        assert!(child.0.try_wait().unwrap().is_none());
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = child.0.wait().unwrap();
+        assert!(
+            status.success(),
+            "exit status {status:?} (config file: {with_file})"
+        );
+        let mut rest = String::new();
+        err.read_to_string(&mut rest).unwrap();
+        let expected = if with_file {
+            "SIGHUP: reloading config"
+        } else {
+            "SIGHUP: no config file to reload"
+        };
+        assert!(rest.contains(expected), "{rest}");
+    }
+}
+
+/// `--rate-limit 1000` with the built-in quickstart: a burst of 500 from one
+/// client is all admitted. Before, the quickstart pinned burst, window limit
+/// and flood threshold at 100, and about 100 of the 500 got a 200.
+#[test]
+fn rate_limit_flag_moves_burst_window_and_flood_threshold() {
+    let (demo_addr, _demo) = demo_upstream();
+    let mut child = Reaped(
+        palisade()
+            .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--rate-limit", "1000", "--upstream"])
+            .arg(format!("http://{demo_addr}"))
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(child.0.stderr.take().unwrap());
+    let proxy = proxy_addr(&mut err);
+    let statuses = keepalive_statuses(proxy, 500);
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 500, "{} of 500 admitted", ok);
+}
