@@ -1,6 +1,6 @@
 //! Decision cost per request with 1 k, 1 M and 10 M active clients: the
 //! full shield (key extraction + reputation + limiter + adaptive breaker),
-//! our limiter alone, and `governor`'s keyed GCRA limiter for comparison;
+//! the 32-byte client record table alone, our limiter alone, and `governor`'s keyed GCRA limiter for comparison;
 //! and decisions per second with two threads deciding at once.
 //!
 //! Run: `cargo bench -p palisade-limits --bench decision`
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, Method};
 use palisade_core::{ClientKey, Clock, MonotonicClock};
+use palisade_limits::clients::Clients;
 use palisade_limits::rate::{Quota, RateLimiter};
 use palisade_limits::shield::{Decision, LimitPolicy, RequestFacts, Shield, ShieldConfig};
 
@@ -71,6 +72,17 @@ fn limiter(clients: u32, clock: &MonotonicClock) -> RateLimiter {
     limiter
 }
 
+/// The one-record table alone: lookup, lock, window and bucket.
+fn records(clients: u32, clock: &MonotonicClock) -> Clients {
+    let table = Clients::new(clients as usize);
+    let q = quota();
+    for i in 0..clients {
+        let now = clock.now();
+        table.with(&key(i), now, |w, _| w.check(&q, now).is_ok());
+    }
+    table
+}
+
 fn governor(clients: u32) -> governor::DefaultKeyedRateLimiter<IpAddr> {
     let gov = governor::RateLimiter::keyed(governor::Quota::per_second(NonZeroU32::new(HIGH).unwrap()));
     for i in 0..clients {
@@ -110,6 +122,16 @@ fn limiter_and_governor(
     i: &mut u32,
 ) {
     let clock = MonotonicClock::new();
+    let table = records(clients, &clock);
+    let q = quota();
+    g.bench_function(BenchmarkId::new("client_record", clients), |b| {
+        b.iter(|| {
+            *i = (*i + 1) % clients;
+            let now = clock.now();
+            black_box(table.with(&key(*i), now, |w, _| w.check(&q, now).is_ok()))
+        })
+    });
+    drop(table);
     let limiter = limiter(clients, &clock);
     g.bench_function(BenchmarkId::new("palisade_limiter", clients), |b| {
         b.iter(|| {

@@ -22,7 +22,9 @@
 pub mod adaptive;
 pub mod admission;
 pub mod breaker;
+pub mod clients;
 pub mod rate;
+pub mod record;
 pub mod reputation;
 pub mod shield;
 pub mod table;

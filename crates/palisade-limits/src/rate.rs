@@ -43,11 +43,11 @@ impl Quota {
         }
     }
 
-    fn emission_interval(&self) -> Nanos {
+    pub(crate) fn emission_interval(&self) -> Nanos {
         (NANOS_PER_SEC / u64::from(self.rate.get())).max(1)
     }
 
-    fn tolerance(&self) -> Nanos {
+    pub(crate) fn tolerance(&self) -> Nanos {
         self.emission_interval() * u64::from(self.burst.get() - 1)
     }
 }

@@ -1,0 +1,394 @@
+//! One client's state in 32 bytes: four 64-bit words, half a cache line.
+//!
+//! ```text
+//! word 0  tag:32 | lock:1 | sec:28 | spare:3
+//! word 1  tat:44 | win_prev:20
+//! word 2  reserved:44 | win_cur:20
+//! word 3  reserved:64
+//! ```
+//!
+//! - `tag` identifies the client within its table (0: no client).
+//! - `lock` is held while the other words are read or changed: a decision
+//!   takes it with one compare-and-swap on word 0, works on plain copies of
+//!   the words and releases it with one store, so the words never need to
+//!   agree with each other through atomics.
+//! - `sec` is the clock second (wrapping at 2²⁸ s, eight years) of the last
+//!   request; it is the window's current second and the base of `tat`.
+//! - `tat` is the GCRA theoretical arrival time in nanoseconds after the
+//!   start of second `sec` (44 bits: 4.8 hours), 0 when it is not ahead of
+//!   that second's start. Keeping it in time units, not tokens, is what lets
+//!   a reloaded quota apply to the client's current state.
+//! - `win_prev`, `win_cur`: requests admitted in the second before `sec` and
+//!   in second `sec`. The 1 s window is approximated by weighting the
+//!   previous second by the part of it still inside the window (see
+//!   [`Words::check`]; error measured in `tests/window.rs`).
+//!
+//! Words 2 and 3 keep their reserved bits at zero for the reputation and
+//! adaptive-breaker state that is still held in its own tables.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use palisade_core::{NANOS_PER_SEC, Nanos};
+
+use crate::rate::{Quota, RateLimited};
+
+const TAG_SHIFT: u32 = 32;
+const LOCK: u64 = 1 << 31;
+const SEC_SHIFT: u32 = 3;
+const SEC_BITS: u32 = 28;
+const SEC_MASK: u64 = (1 << SEC_BITS) - 1;
+
+const TAT_SHIFT: u32 = 20;
+const TAT_BITS: u32 = 44;
+const TAT_MAX: u64 = (1 << TAT_BITS) - 1;
+
+const COUNT_BITS: u32 = 20;
+/// Counts fit in 20 bits: a window limit above this acts as this limit.
+/// Config validation keeps limits at or below 1 000 000.
+pub const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+
+/// The longest burst tolerance a record can hold (a `tat` that far ahead of
+/// now, measured from the start of the last request's second, must fit in
+/// 44 bits of nanoseconds). Longer tolerances are cut to it.
+pub const MAX_TOLERANCE: Nanos = 4 * 3600 * NANOS_PER_SEC;
+
+/// A client's 32 bytes.
+#[derive(Default)]
+#[repr(C, align(32))]
+pub struct Record {
+    w: [AtomicU64; 4],
+}
+
+/// The words of a locked record, as plain integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Words([u64; 4]);
+
+impl Record {
+    /// The client's tag (0: the record is free).
+    #[inline]
+    pub fn tag(&self) -> u32 {
+        (self.w[0].load(Ordering::Acquire) >> TAG_SHIFT) as u32
+    }
+
+    /// Claims a free record for `tag`, locked. Fails if it is not free.
+    #[inline]
+    pub fn claim_free(&self, tag: u32) -> Result<Words, u32> {
+        match self.w[0].compare_exchange(0, word0(tag) | LOCK, Ordering::Acquire, Ordering::Acquire) {
+            Ok(_) => Ok(Words([word0(tag), 0, 0, 0])),
+            Err(seen) => Err((seen >> TAG_SHIFT) as u32),
+        }
+    }
+
+    /// Locks the record if its tag is `tag` (`None` when it belongs to
+    /// someone else, or became free, meanwhile). Waits out a holder: locks
+    /// are held for a few dozen instructions.
+    #[inline]
+    pub fn lock(&self, tag: u32) -> Option<Words> {
+        let mut w0 = self.w[0].load(Ordering::Relaxed);
+        loop {
+            if (w0 >> TAG_SHIFT) as u32 != tag {
+                return None;
+            }
+            if w0 & LOCK != 0 {
+                std::hint::spin_loop();
+                w0 = self.w[0].load(Ordering::Relaxed);
+                continue;
+            }
+            match self.w[0].compare_exchange_weak(w0, w0 | LOCK, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => {
+                    return Some(Words([
+                        w0,
+                        self.w[1].load(Ordering::Relaxed),
+                        self.w[2].load(Ordering::Relaxed),
+                        self.w[3].load(Ordering::Relaxed),
+                    ]));
+                }
+                Err(seen) => w0 = seen,
+            }
+        }
+    }
+
+    /// Writes `words` back and releases the lock. Word 0 (the tag) goes
+    /// last, so whoever locks next sees the other words.
+    #[inline]
+    pub fn unlock(&self, words: Words) {
+        for i in 1..4 {
+            self.w[i].store(words.0[i], Ordering::Relaxed);
+        }
+        self.w[0].store(words.0[0] & !LOCK, Ordering::Release);
+    }
+
+    /// The words without the lock: a hint that may mix two moments.
+    #[inline]
+    pub fn peek(&self) -> Words {
+        Words([
+            self.w[0].load(Ordering::Acquire),
+            self.w[1].load(Ordering::Relaxed),
+            self.w[2].load(Ordering::Relaxed),
+            self.w[3].load(Ordering::Relaxed),
+        ])
+    }
+
+    /// Runs `f` on the locked words of a record that has no tag of its own
+    /// (the shared overflow records).
+    #[inline]
+    pub fn with_untagged<R>(&self, f: impl FnOnce(&mut Words) -> R) -> R {
+        let Some(mut words) = self.lock(0) else {
+            unreachable!("overflow records are never tagged");
+        };
+        let r = f(&mut words);
+        self.unlock(words);
+        r
+    }
+}
+
+fn word0(tag: u32) -> u64 {
+    u64::from(tag) << TAG_SHIFT
+}
+
+impl Words {
+    /// A fresh client's words under `tag`.
+    pub fn fresh(tag: u32) -> Self {
+        Self([word0(tag), 0, 0, 0])
+    }
+
+    /// The tag.
+    pub fn tag(&self) -> u32 {
+        (self.0[0] >> TAG_SHIFT) as u32
+    }
+
+    /// Gives the record to another client, fresh.
+    pub fn retag(&mut self, tag: u32) {
+        *self = Self::fresh(tag);
+    }
+
+    /// The second of the last request (wrapping).
+    pub fn sec(&self) -> u64 {
+        (self.0[0] >> SEC_SHIFT) & SEC_MASK
+    }
+
+    fn set_sec(&mut self, sec: u64) {
+        self.0[0] = (self.0[0] & !(SEC_MASK << SEC_SHIFT)) | ((sec & SEC_MASK) << SEC_SHIFT);
+    }
+
+    fn tat(&self) -> u64 {
+        self.0[1] >> TAT_SHIFT
+    }
+
+    fn win_prev(&self) -> u64 {
+        self.0[1] & COUNT_MAX
+    }
+
+    fn win_cur(&self) -> u64 {
+        self.0[2] & COUNT_MAX
+    }
+
+    /// Requests admitted in the current second of the last request.
+    pub fn admitted_now(&self) -> u64 {
+        self.win_cur()
+    }
+
+    fn set_rate(&mut self, tat: u64, prev: u64, cur: u64) {
+        self.0[1] = (tat.min(TAT_MAX) << TAT_SHIFT) | prev.min(COUNT_MAX);
+        self.0[2] = (self.0[2] & !COUNT_MAX) | cur.min(COUNT_MAX);
+    }
+
+    /// Seconds since the last request (wrapping: a client quiet for eight
+    /// years looks recent, which only keeps its state longer).
+    pub fn quiet_secs(&self, now: Nanos) -> u64 {
+        (now / NANOS_PER_SEC).wrapping_sub(self.sec()) & SEC_MASK
+    }
+
+    /// Moves the rate state's base to `now`'s second: `tat` rebased, the
+    /// window shifted by the seconds that passed.
+    fn roll(&mut self, now: Nanos) {
+        let gap = self.quiet_secs(now);
+        if gap == 0 {
+            return;
+        }
+        let tat = self.tat().saturating_sub(gap.saturating_mul(NANOS_PER_SEC));
+        let (prev, cur) = match gap {
+            1 => (self.win_cur(), 0),
+            _ => (0, 0),
+        };
+        self.set_rate(tat, prev, cur);
+        self.set_sec(now / NANOS_PER_SEC);
+    }
+
+    /// True when the rate state equals a fresh one at `now`: nothing is lost
+    /// by forgetting the client.
+    pub fn rate_idle(&self, now: Nanos) -> bool {
+        let mut w = *self;
+        w.roll(now);
+        w.win_prev() == 0 && w.win_cur() == 0 && w.tat() <= now % NANOS_PER_SEC
+    }
+
+    /// Admits or rejects one request at `now`: the approximate 1 s window
+    /// first, then the GCRA bucket; a rejection consumes nothing.
+    ///
+    /// The window counts the current second's admissions plus the previous
+    /// second's, weighted by the share of the previous second still inside
+    /// the last 1 s (rounded down): exact for evenly spread traffic, and a
+    /// previous second whose requests came at its start or end is counted
+    /// as if spread out.
+    #[inline]
+    pub fn check(&mut self, quota: &Quota, now: Nanos) -> Result<(), RateLimited> {
+        self.roll(now);
+        let into = now % NANOS_PER_SEC;
+        let (prev, cur) = (self.win_prev(), self.win_cur());
+        let limit = u64::from(quota.window_limit.get()).min(COUNT_MAX);
+        let weighted = prev * (NANOS_PER_SEC - into) / NANOS_PER_SEC;
+        if cur + weighted >= limit {
+            return Err(RateLimited {
+                retry_after: window_retry_after(prev, cur, limit, into),
+            });
+        }
+        let t = quota.emission_interval();
+        let tau = quota.tolerance().min(MAX_TOLERANCE);
+        // `tat` and `now` both measured from the start of the current second.
+        let base = self.tat().max(into);
+        if base - into > tau {
+            return Err(RateLimited {
+                retry_after: base - tau - into,
+            });
+        }
+        self.set_rate(base + t, prev, cur + 1);
+        Ok(())
+    }
+}
+
+/// How long until the weighted window has room for one more request, if no
+/// other is admitted meanwhile.
+fn window_retry_after(prev: u64, cur: u64, limit: u64, into: Nanos) -> Nanos {
+    // Within this second: room once prev·(1 − f) < limit − cur.
+    if cur < limit && prev > 0 {
+        let room = limit - cur;
+        let f = NANOS_PER_SEC - (room * NANOS_PER_SEC).div_ceil(prev).min(NANOS_PER_SEC);
+        if f + 1 < NANOS_PER_SEC {
+            return (f + 1).saturating_sub(into).max(1);
+        }
+    }
+    // Next second: this second's count becomes the weighted one.
+    let rest = NANOS_PER_SEC - into;
+    if cur < limit {
+        return rest;
+    }
+    let f = NANOS_PER_SEC - (limit * NANOS_PER_SEC).div_ceil(cur.max(1)).min(NANOS_PER_SEC);
+    rest + f + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_core::NANOS_PER_MS;
+    use std::num::NonZeroU32;
+
+    fn quota(rate: u32, burst: u32, window: u32) -> Quota {
+        Quota {
+            rate: NonZeroU32::new(rate).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+            window_limit: NonZeroU32::new(window).unwrap(),
+        }
+    }
+
+    fn admitted(w: &mut Words, q: &Quota, now: Nanos, n: u32) -> u32 {
+        (0..n).filter(|_| w.check(q, now).is_ok()).count() as u32
+    }
+
+    #[test]
+    fn is_half_a_cache_line() {
+        assert_eq!(size_of::<Record>(), 32);
+        assert_eq!(align_of::<Record>(), 32);
+    }
+
+    #[test]
+    fn lock_claims_and_tags() {
+        let r = Record::default();
+        assert_eq!(r.tag(), 0);
+        let w = r.claim_free(7).unwrap();
+        // Locked: another claim fails and sees the tag.
+        assert_eq!(r.claim_free(9), Err(7));
+        r.unlock(w);
+        assert_eq!(r.tag(), 7);
+        assert!(r.lock(8).is_none());
+        let w = r.lock(7).unwrap();
+        assert_eq!(w.tag(), 7);
+        r.unlock(w);
+    }
+
+    #[test]
+    fn burst_then_window() {
+        let q = quota(100, 100, 100);
+        let mut w = Words::fresh(1);
+        assert_eq!(admitted(&mut w, &q, 0, 150), 100);
+        let err = w.check(&q, 10 * NANOS_PER_MS).unwrap_err();
+        // Second 0 holds 100: room comes just after second 1 starts.
+        assert_eq!(err.retry_after_secs(), 1);
+        assert!(err.retry_after <= NANOS_PER_SEC - 10 * NANOS_PER_MS + 10);
+        // Half-way through second 1, half of second 0 still weighs.
+        assert_eq!(admitted(&mut w, &q, 1500 * NANOS_PER_MS, 150), 50);
+        assert_eq!(admitted(&mut w, &q, 3 * NANOS_PER_SEC, 150), 100);
+    }
+
+    #[test]
+    fn window_retry_after_is_when_room_comes() {
+        let q = quota(1000, 1000, 100);
+        let mut w = Words::fresh(1);
+        assert_eq!(admitted(&mut w, &q, 0, 100), 100);
+        let err = w.check(&q, 0).unwrap_err();
+        assert!(w.check(&q, err.retry_after - 1).is_err());
+        assert!(w.check(&q, err.retry_after).is_ok());
+        // Half-way through second 1, half of second 0 weighs: 50 more fit.
+        let mid = NANOS_PER_SEC + 500 * NANOS_PER_MS;
+        assert_eq!(admitted(&mut w, &q, mid, 200), 49);
+        let err = w.check(&q, mid).unwrap_err();
+        assert!(w.check(&q, mid + err.retry_after - 1).is_err());
+        assert!(w.check(&q, mid + err.retry_after).is_ok());
+        // Second 1 is full (100): room again once enough of it has left.
+        let err = w.check(&q, mid + err.retry_after).unwrap_err();
+        assert!(err.retry_after > 0);
+    }
+
+    #[test]
+    fn bucket_paces_after_burst() {
+        let q = quota(10, 5, 1000);
+        let mut w = Words::fresh(1);
+        assert_eq!(admitted(&mut w, &q, 0, 20), 5);
+        assert_eq!(w.check(&q, 0).unwrap_err().retry_after, 100 * NANOS_PER_MS);
+        assert_eq!(admitted(&mut w, &q, 100 * NANOS_PER_MS, 20), 1);
+        assert_eq!(admitted(&mut w, &q, 150 * NANOS_PER_MS, 20), 0);
+        assert_eq!(admitted(&mut w, &q, 200 * NANOS_PER_MS, 20), 1);
+        // Across second boundaries the bucket is rebased, not lost.
+        assert_eq!(admitted(&mut w, &q, 1_000 * NANOS_PER_MS, 20), 5);
+        assert_eq!(admitted(&mut w, &q, 1_050 * NANOS_PER_MS, 20), 0);
+    }
+
+    #[test]
+    fn idle_once_window_and_bucket_are_clear() {
+        let q = quota(1, 1, 100);
+        let mut w = Words::fresh(1);
+        assert!(w.rate_idle(0));
+        w.check(&q, 0).unwrap();
+        assert!(!w.rate_idle(500 * NANOS_PER_MS));
+        assert!(!w.rate_idle(1500 * NANOS_PER_MS));
+        assert!(w.rate_idle(2 * NANOS_PER_SEC));
+        // A long tolerance keeps the client until its bucket is full again.
+        let q = quota(1, 10, 100);
+        let mut w = Words::fresh(1);
+        assert_eq!(admitted(&mut w, &q, 0, 10), 10);
+        assert!(!w.rate_idle(5 * NANOS_PER_SEC));
+        assert!(w.rate_idle(10 * NANOS_PER_SEC));
+    }
+
+    #[test]
+    fn reserved_words_stay_zero() {
+        let q = quota(1_000_000, 1_000_000, 1_000_000);
+        let mut w = Words::fresh(u32::MAX);
+        for i in 0..10_000u64 {
+            let _ = w.check(&q, i * 997 * NANOS_PER_MS);
+        }
+        assert_eq!(w.0[2] & !COUNT_MAX, 0);
+        assert_eq!(w.0[3], 0);
+        assert_eq!(w.tag(), u32::MAX);
+    }
+}
