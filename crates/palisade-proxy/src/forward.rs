@@ -1,11 +1,15 @@
 //! Request/response rewriting between client and upstream: hop-by-hop
-//! headers removed, forwarding headers appended.
+//! headers removed, forwarding headers appended (from trusted proxies) or
+//! replaced by Palisade's own (from anyone else).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::HeaderMap;
-use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, FORWARDED, HOST, HeaderName, HeaderValue, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
 
 /// Headers that describe one connection and must not be forwarded
 /// (RFC 9110 §7.6.1, plus the legacy ones still seen in the wild).
@@ -16,7 +20,25 @@ const HOP_BY_HOP: [&str; 4] = [
     "proxy-authorization",
 ];
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
+/// Headers `Connection` cannot name for removal: without them the upstream
+/// would see its own address as `Host`, lose the body's framing, or the
+/// credentials.
+const END_TO_END: [HeaderName; 3] = [HOST, CONTENT_LENGTH, AUTHORIZATION];
+
+/// Forwarding headers a client could forge; from an untrusted peer none of
+/// them reaches the upstream except as Palisade writes it.
+const FORWARDING: [&str; 7] = [
+    "x-forwarded-for",
+    "x-real-ip",
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-server",
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`
+/// (except `Host`, `Content-Length` and `Authorization`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -24,6 +46,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .iter()
             .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .filter(|n| !END_TO_END.contains(n))
             .collect();
         for name in named {
             headers.remove(name);
@@ -38,9 +61,50 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// What Palisade saw of one request, for the forwarding headers.
+pub struct Hop<'a> {
+    /// The TCP peer (or the PROXY-protocol source).
+    pub peer: IpAddr,
+    /// Whether `peer` is a trusted proxy, whose forwarding headers stand.
+    pub trusted: bool,
+    /// The client address resolved from them (`peer` when untrusted).
+    pub client: IpAddr,
+    /// `http` or `https`.
+    pub proto: &'a str,
+    /// The request's `Host`.
+    pub host: Option<&'a str>,
+}
+
+/// Writes the forwarding headers of this hop. From a trusted proxy, the
+/// peer is appended to `X-Forwarded-For` and `Forwarded` (RFC 7239), and
+/// the proxy's `X-Forwarded-Proto`/`-Host` stand. From anyone else, every
+/// forwarding header the client sent is removed first, so the upstream
+/// reads only what Palisade saw. `X-Real-IP` is always the resolved client.
+pub fn set_forwarded(headers: &mut HeaderMap, hop: &Hop<'_>) {
+    if !hop.trusted {
+        for name in FORWARDING {
+            headers.remove(name);
+        }
+    }
+    append_forwarded(headers, hop.peer, hop.proto, hop.host);
+    if let Ok(v) = HeaderValue::try_from(hop.client.to_string()) {
+        headers.insert("x-real-ip", v);
+    }
+    if !headers.contains_key("x-forwarded-proto")
+        && let Ok(v) = HeaderValue::try_from(hop.proto)
+    {
+        headers.insert("x-forwarded-proto", v);
+    }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(v) = hop.host.and_then(|h| HeaderValue::try_from(h).ok())
+    {
+        headers.insert("x-forwarded-host", v);
+    }
+}
+
 /// Appends the TCP peer to `X-Forwarded-For` and a `Forwarded` element
 /// (RFC 7239) describing this hop.
-pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &str, host: Option<&str>) {
+fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &str, host: Option<&str>) {
     // Several X-Forwarded-For lines are one list: fold them, then append.
     let mut xff = String::new();
     for prev in headers
@@ -76,7 +140,7 @@ pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &str, host
         let _ = write!(element, ";host=\"{h}\"");
     }
     if let Ok(v) = HeaderValue::try_from(element) {
-        headers.append(http::header::FORWARDED, v);
+        headers.append(FORWARDED, v);
     }
 }
 
@@ -96,6 +160,43 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("host, content-length, authorization"),
+        );
+        h.insert(HOST, HeaderValue::from_static("example.com"));
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn an_untrusted_peer_forwarding_headers_are_replaced() {
+        let mut h = HeaderMap::new();
+        for name in FORWARDING {
+            h.insert(name, HeaderValue::from_static("6.6.6.6"));
+        }
+        let peer = "127.0.0.2".parse().unwrap();
+        set_forwarded(
+            &mut h,
+            &Hop {
+                peer,
+                trusted: false,
+                client: peer,
+                proto: "http",
+                host: Some("example.com"),
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "127.0.0.2");
+        assert_eq!(h["x-real-ip"], "127.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http;host=\"example.com\"");
+        assert!(!h.contains_key("x-forwarded-port"));
+        assert!(!h.contains_key("x-forwarded-server"));
     }
 
     #[test]

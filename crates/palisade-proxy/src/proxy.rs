@@ -37,7 +37,7 @@ use tower_layer::Layer;
 use crate::body::{BodyError, BodyLimits, TimedBody};
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides};
-use crate::forward::{append_forwarded, strip_hop_by_hop};
+use crate::forward::{Hop, set_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::respond::{self, UpstreamFailure};
@@ -733,13 +733,21 @@ impl App {
             .get(HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned);
-        let proto = if conn.tls { "https" } else { "http" };
-        append_forwarded(
-            &mut parts.headers,
-            conn.peer.ip().to_canonical(),
-            proto,
-            host.as_deref(),
-        );
+        let peer = conn.peer.ip().to_canonical();
+        let proxies = &rt.shield.config().trusted_proxies;
+        let trusted = proxies.contains(peer);
+        let hop = Hop {
+            peer,
+            trusted,
+            client: if trusted {
+                proxies.client_ip(peer, &parts.headers)
+            } else {
+                peer
+            },
+            proto: if conn.tls { "https" } else { "http" },
+            host: host.as_deref(),
+        };
+        set_forwarded(&mut parts.headers, &hop);
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(upstream.authority.clone());

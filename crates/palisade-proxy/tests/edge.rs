@@ -88,3 +88,95 @@ async fn an_encoded_slash_or_a_broken_escape_in_the_path_is_400_and_never_forwar
     assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
     h.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_host_headers_or_a_host_against_the_target_are_400_and_never_forwarded() {
+    let h = Harness::start("", "").await;
+    for head in [
+        "GET /headers HTTP/1.1\r\nHost: test.local\r\nHost: evil.example\r\n",
+        "GET /headers HTTP/1.1\r\nHost: test.local\r\nHost: test.local\r\n",
+        "GET http://evil.example/headers HTTP/1.1\r\nHost: test.local\r\n",
+    ] {
+        let (status, body) = raw_get(&h, "127.0.0.22", head).await;
+        assert_eq!(status, 400, "{head}: {body}");
+    }
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // An absolute-form target that agrees with Host is served.
+    let (status, body) = raw_get(
+        &h,
+        "127.0.0.22",
+        "GET http://TEST.local/headers HTTP/1.1\r\nHost: test.local\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // HTTP/2: a Host line that disagrees with :authority.
+    let stream = common::connect_from("127.0.0.22", h.proxy()).await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://test.local/headers")
+        .header("host", "evil.example")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), http::StatusCode::BAD_REQUEST);
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_cannot_name_host_for_removal() {
+    let h = Harness::start("", "").await;
+    let (status, body) = raw_get(
+        &h,
+        "127.0.0.23",
+        "GET /headers HTTP/1.1\r\nHost: test.local\r\nConnection: host, authorization\r\nAuthorization: Bearer abc\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\nhost: test.local\n"), "{body}");
+    assert!(body.contains("\nauthorization: Bearer abc\n"), "{body}");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_untrusted_client_forwarding_headers_are_replaced_by_palisades_own() {
+    let h = Harness::start("", "[clients]\ntrusted_proxies = [\"127.0.0.1/32\"]\n").await;
+    let (status, body) = raw_get(
+        &h,
+        "127.0.0.24",
+        "GET /headers HTTP/1.1\r\nHost: test.local\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("6.6.6.6"), "{body}");
+    assert!(!body.contains("evil.example"), "{body}");
+    for line in [
+        "x-forwarded-for: 127.0.0.24\n",
+        "x-real-ip: 127.0.0.24\n",
+        "x-forwarded-proto: http\n",
+        "x-forwarded-host: test.local\n",
+        "forwarded: for=127.0.0.24;proto=http;host=\"test.local\"\n",
+    ] {
+        assert!(body.contains(line), "{line}: {body}");
+    }
+    // A trusted proxy's chain is appended to, and X-Real-IP names the
+    // client it resolves to.
+    let (status, body) = raw_get(
+        &h,
+        "127.0.0.1",
+        "GET /headers HTTP/1.1\r\nHost: test.local\r\nX-Forwarded-For: 198.51.100.7\r\nX-Real-IP: 6.6.6.6\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("x-forwarded-for: 198.51.100.7, 127.0.0.1\n"),
+        "{body}"
+    );
+    assert!(body.contains("x-real-ip: 198.51.100.7\n"), "{body}");
+    h.running.shutdown().await;
+}

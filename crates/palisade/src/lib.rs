@@ -87,13 +87,13 @@ pub use breaker::{BreakerFuture, BreakerLayer, BreakerService, BreakerSettings, 
 pub use builder::{BuildError, Builder, Palisade, PalisadeLayer};
 pub use listener::{AdmissionListener, Admitted, read_proxy_header};
 pub use shield::{
-    BoxError, ClientIp, Early, Fail, Finished, LocalRefusal, MissingPeer, PeerAddr, Pipeline, Refused, Reply,
-    Respond, ResponseFuture, ShieldLayer, ShieldService,
+    BadRequest, BoxError, ClientIp, Early, Fail, Finished, LocalRefusal, MissingPeer, PeerAddr, Pipeline,
+    Refused, Reply, Respond, ResponseFuture, ShieldLayer, ShieldService,
 };
 
 pub use ipnet::IpNet;
 pub use palisade_core::{
-    ClientIpHeader, Clock, ManualClock, Mode, MonotonicClock, RejectReason, TrustedProxies,
+    ClientIpHeader, Clock, ManualClock, Mode, MonotonicClock, PathError, RejectReason, TrustedProxies,
 };
 pub use palisade_limits::adaptive::AdaptiveConfig;
 pub use palisade_limits::admission::{Admission, AdmissionConfig, Refusal};

@@ -134,7 +134,25 @@ pub struct Early {
 enum Why {
     Refused(Rejection),
     MissingPeer,
-    BadPath(PathError),
+    BadRequest(BadRequest),
+}
+
+/// A request refused with 400 before any control looked at it: its path or
+/// its `Host` could name two different things to two servers, so neither a
+/// route nor the upstream could be sure what it asks for. The error of the
+/// [`Fail`] variants in that case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// The path cannot be normalized.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// More than one `Host` line (RFC 9112 §3.2).
+    #[error("more than one host header")]
+    DuplicateHost,
+    /// `Host` names another authority than the absolute-form target or
+    /// HTTP/2 `:authority`.
+    #[error("host header disagrees with the request target")]
+    HostMismatch,
 }
 
 impl Early {
@@ -162,10 +180,10 @@ impl Early {
         }
     }
 
-    fn bad_path(e: PathError) -> Self {
+    fn bad_request(e: impl Into<BadRequest>) -> Self {
         Self {
             response: respond::text(StatusCode::BAD_REQUEST, "Bad Request\n"),
-            why: Why::BadPath(e),
+            why: Why::BadRequest(e.into()),
         }
     }
 }
@@ -233,8 +251,8 @@ mod sealed {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Respond;
 
-/// Layers return refusals as errors ([`Refused`], boxed; a path that cannot
-/// be normalized is a boxed [`PathError`]) for a
+/// Layers return refusals as errors ([`Refused`], boxed; a malformed request
+/// is a boxed [`BadRequest`]) for a
 /// `HandleErrorLayer` or your own error handling.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Fail;
@@ -267,7 +285,7 @@ impl<B, E: Into<BoxError>> Reply<B, E> for Fail {
                 response: early.response,
             }),
             Why::MissingPeer => Box::new(MissingPeer),
-            Why::BadPath(e) => Box::new(e),
+            Why::BadRequest(e) => Box::new(e),
         })
     }
 
@@ -541,19 +559,22 @@ where
             }
             return ResponseFuture::new(Answer::early(Early::missing_peer()));
         };
+        if let Err(e) = single_host(&req) {
+            return ResponseFuture::new(Answer::early(Early::bad_request(e)));
+        }
         // Routes match, and the inner service gets, one spelling of the
         // path: `/%6Cogin` and `/x/../login` are `/login` to both.
         match normalize_path(req.uri().path()) {
             Ok(std::borrow::Cow::Borrowed(_)) => {}
             Ok(std::borrow::Cow::Owned(path)) => {
                 let Some(uri) = with_path(req.uri(), &path) else {
-                    return ResponseFuture::new(Answer::early(Early::bad_path(
+                    return ResponseFuture::new(Answer::early(Early::bad_request(
                         PathError::InvalidPercentEncoding,
                     )));
                 };
                 *req.uri_mut() = uri;
             }
-            Err(e) => return ResponseFuture::new(Answer::early(Early::bad_path(e))),
+            Err(e) => return ResponseFuture::new(Answer::early(Early::bad_request(e))),
         }
         let snapshot = self.pipeline.load();
         let shield = self.pipeline.shield(&snapshot);
@@ -603,6 +624,25 @@ where
                 tag,
             }),
         ))
+    }
+}
+
+/// At most one `Host`, and the same authority as the target when both are
+/// given: otherwise a route on one host and the upstream may each read
+/// another.
+fn single_host<B>(req: &Request<B>) -> Result<(), BadRequest> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let Some(host) = hosts.next() else {
+        return Ok(());
+    };
+    if hosts.next().is_some() {
+        return Err(BadRequest::DuplicateHost);
+    }
+    match req.uri().authority() {
+        Some(a) if !a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()) => {
+            Err(BadRequest::HostMismatch)
+        }
+        _ => Ok(()),
     }
 }
 
