@@ -237,7 +237,9 @@ impl Words {
         let into = now % NANOS_PER_SEC;
         let (prev, cur) = (self.win_prev(), self.win_cur());
         let limit = u64::from(quota.window_limit.get()).min(COUNT_MAX);
-        let weighted = prev * (NANOS_PER_SEC - into) / NANOS_PER_SEC;
+        // The window is (now − 1 s, now]: at a second's start the previous
+        // second still weighs all but its first instant.
+        let weighted = prev * (NANOS_PER_SEC - 1 - into) / NANOS_PER_SEC;
         if cur + weighted >= limit {
             return Err(RateLimited {
                 retry_after: window_retry_after(prev, cur, limit, into),
@@ -264,8 +266,8 @@ fn window_retry_after(prev: u64, cur: u64, limit: u64, into: Nanos) -> Nanos {
     if cur < limit && prev > 0 {
         let room = limit - cur;
         let f = NANOS_PER_SEC - (room * NANOS_PER_SEC).div_ceil(prev).min(NANOS_PER_SEC);
-        if f + 1 < NANOS_PER_SEC {
-            return (f + 1).saturating_sub(into).max(1);
+        if f < NANOS_PER_SEC {
+            return f.saturating_sub(into).max(1);
         }
     }
     // Next second: this second's count becomes the weighted one.
@@ -274,7 +276,7 @@ fn window_retry_after(prev: u64, cur: u64, limit: u64, into: Nanos) -> Nanos {
         return rest;
     }
     let f = NANOS_PER_SEC - (limit * NANOS_PER_SEC).div_ceil(cur.max(1)).min(NANOS_PER_SEC);
-    rest + f + 1
+    rest + f
 }
 
 #[cfg(test)]
@@ -324,9 +326,9 @@ mod tests {
         let err = w.check(&q, 10 * NANOS_PER_MS).unwrap_err();
         // Second 0 holds 100: room comes just after second 1 starts.
         assert_eq!(err.retry_after_secs(), 1);
-        assert!(err.retry_after <= NANOS_PER_SEC - 10 * NANOS_PER_MS + 10);
-        // Half-way through second 1, half of second 0 still weighs.
-        assert_eq!(admitted(&mut w, &q, 1500 * NANOS_PER_MS, 150), 50);
+        assert_eq!(err.retry_after, NANOS_PER_SEC - 10 * NANOS_PER_MS);
+        // Half-way through second 1, just under half of second 0 weighs.
+        assert_eq!(admitted(&mut w, &q, 1500 * NANOS_PER_MS, 150), 51);
         assert_eq!(admitted(&mut w, &q, 3 * NANOS_PER_SEC, 150), 100);
     }
 
@@ -338,9 +340,9 @@ mod tests {
         let err = w.check(&q, 0).unwrap_err();
         assert!(w.check(&q, err.retry_after - 1).is_err());
         assert!(w.check(&q, err.retry_after).is_ok());
-        // Half-way through second 1, half of second 0 weighs: 50 more fit.
+        // Half-way through second 1, 49 of second 0 weigh: 50 more fit.
         let mid = NANOS_PER_SEC + 500 * NANOS_PER_MS;
-        assert_eq!(admitted(&mut w, &q, mid, 200), 49);
+        assert_eq!(admitted(&mut w, &q, mid, 200), 50);
         let err = w.check(&q, mid).unwrap_err();
         assert!(w.check(&q, mid + err.retry_after - 1).is_err());
         assert!(w.check(&q, mid + err.retry_after).is_ok());

@@ -1009,6 +1009,26 @@ mod tests {
     }
 
     #[test]
+    fn quotas_must_fit_a_client_record() {
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nwindow_limit = 2000000\n");
+        assert_eq!(
+            e,
+            "test.toml:4:1: rate_limit.window_limit: must be between 1 and 1000000"
+        );
+        let e = err(
+            "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"x\"\nrate = 1\nburst = 20000\n",
+        );
+        assert_eq!(
+            e,
+            "test.toml:6:1: routes[0].burst: at most 14400 at this rate: the bucket must refill within 4 hours"
+        );
+        // An unset window limit follows a rate above its range, cut to it.
+        let cfg = parse("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nrate = 5000000\n").unwrap();
+        let q = cfg.shield.limit.unwrap().quota;
+        assert_eq!((q.rate.get(), q.window_limit.get()), (5_000_000, 1_000_000));
+    }
+
+    #[test]
     fn semantic_errors_name_line_column_and_key() {
         let e = err("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\n  rate = 0\n");
         assert_eq!(

@@ -582,14 +582,18 @@ pub mod raw {
             }
             let rl = &self.rate_limit;
             let rate = nonzero(rl.rate, p!("rate_limit", "rate"))?;
-            let default_quota = Quota {
-                rate,
-                burst: nonzero(rl.burst.unwrap_or(rate.get()), p!("rate_limit", "burst"))?,
-                window_limit: nonzero(
-                    rl.window_limit.unwrap_or(rate.get()),
-                    p!("rate_limit", "window_limit"),
-                )?,
-            };
+            let default_quota = fits_a_record(
+                Quota {
+                    rate,
+                    burst: nonzero(rl.burst.unwrap_or(rate.get()), p!("rate_limit", "burst"))?,
+                    window_limit: nonzero(
+                        rl.window_limit.unwrap_or(rate.get().min(MAX_WINDOW)),
+                        p!("rate_limit", "window_limit"),
+                    )?,
+                },
+                p!("rate_limit", "burst"),
+                p!("rate_limit", "window_limit"),
+            )?;
             let limit = rl.enabled.then_some(LimitPolicy {
                 quota: default_quota,
                 mode: mode(&rl.mode, p!("rate_limit", "mode"))?,
@@ -714,14 +718,18 @@ pub mod raw {
             let limit = if own {
                 let rate = nonzero(self.rate.unwrap_or(default.rate.get()), p!("routes", i, "rate"))?;
                 Some(LimitPolicy {
-                    quota: Quota {
-                        rate,
-                        burst: nonzero(self.burst.unwrap_or(rate.get()), p!("routes", i, "burst"))?,
-                        window_limit: nonzero(
-                            self.window_limit.unwrap_or(rate.get()),
-                            p!("routes", i, "window_limit"),
-                        )?,
-                    },
+                    quota: fits_a_record(
+                        Quota {
+                            rate,
+                            burst: nonzero(self.burst.unwrap_or(rate.get()), p!("routes", i, "burst"))?,
+                            window_limit: nonzero(
+                                self.window_limit.unwrap_or(rate.get().min(MAX_WINDOW)),
+                                p!("routes", i, "window_limit"),
+                            )?,
+                        },
+                        p!("routes", i, "burst"),
+                        p!("routes", i, "window_limit"),
+                    )?,
                     mode: mode(self.mode.as_deref().unwrap_or(&rl.mode), p!("routes", i, "mode"))?,
                 })
             } else {
@@ -749,6 +757,30 @@ pub mod raw {
 
     /// Largest rate, burst or window limit: a window slot counts up to 2^24.
     pub const MAX_RATE: u32 = 10_000_000;
+
+    /// Largest window limit: a client record counts a second's requests in
+    /// 20 bits. An unset window limit is the rate, cut to this.
+    pub const MAX_WINDOW: u32 = 1_000_000;
+    /// Longest time the bucket may take to refill from empty (`burst / rate`):
+    /// a client record keeps the bucket in 44 bits of nanoseconds.
+    pub const MAX_REFILL_SECS: u64 = 4 * 3600;
+
+    /// Checks that a quota's state fits a client record.
+    pub fn fits_a_record(q: Quota, burst: &[Seg], window: &[Seg]) -> Result<Quota, Invalid> {
+        if q.window_limit.get() > MAX_WINDOW {
+            return Err(at(window, format!("must be between 1 and {MAX_WINDOW}")));
+        }
+        if u64::from(q.burst.get()) > u64::from(q.rate.get()) * MAX_REFILL_SECS {
+            return Err(at(
+                burst,
+                format!(
+                    "at most {} at this rate: the bucket must refill within 4 hours",
+                    u64::from(q.rate.get()) * MAX_REFILL_SECS
+                ),
+            ));
+        }
+        Ok(q)
+    }
 
     pub fn nonzero(n: u32, path: &[Seg]) -> Result<NonZeroU32, Invalid> {
         match NonZeroU32::new(n) {
