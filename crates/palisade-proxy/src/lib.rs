@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod reload;
 pub mod respond;
 pub mod server;
+pub mod stall;
 pub mod state;
 pub mod syn;
 pub mod tasks;

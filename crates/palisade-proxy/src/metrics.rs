@@ -121,6 +121,8 @@ pub struct Metrics {
     pub upstream_errors: Family<KindLabel, Counter>,
     /// Connections closed by a timeout, by kind.
     pub conn_timeouts: Family<KindLabel, Counter>,
+    /// HTTP/2 responses reset for making no progress towards the client.
+    pub stalled_responses: Counter,
     /// TLS handshakes that failed (timeouts are in `conn_timeouts`).
     pub tls_handshake_errors: Family<KindLabel, Counter>,
     /// Connections refused at accept, by reason.
@@ -246,6 +248,12 @@ impl Metrics {
             "connection_timeouts",
             "Client connections closed by a timeout",
             conn_timeouts.clone(),
+        );
+        let stalled_responses = Counter::default();
+        registry.register(
+            "stalled_responses",
+            "HTTP/2 responses reset after no progress towards the client for server.write_timeout",
+            stalled_responses.clone(),
         );
         let tls_handshake_errors = Family::default();
         registry.register(
@@ -498,6 +506,7 @@ impl Metrics {
             penalties,
             upstream_errors,
             conn_timeouts,
+            stalled_responses,
             connections,
             connections_open,
             tracked_clients,
@@ -553,7 +562,10 @@ impl Metrics {
                 &self.upstream_errors,
                 &["connect", "timeout", "slow_body", "client_body", "other"],
             ),
-            (&self.conn_timeouts, &["header", "idle", "write", "tls_handshake"]),
+            (
+                &self.conn_timeouts,
+                &["header", "idle", "write", "stalled", "tls_handshake"],
+            ),
             (
                 &self.connections_refused,
                 &[

@@ -41,6 +41,7 @@ use crate::forward::{Hop, set_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::respond::{self, UpstreamFailure};
+use crate::stall::StreamExecutor;
 use crate::state::DurableState;
 use crate::syn::SynDefense;
 use crate::tunnel::{self, TunnelMode};
@@ -78,7 +79,7 @@ pub struct Runtime {
     /// Upstreams, round-robin.
     pub upstreams: Vec<Upstream>,
     /// Connection settings for new client connections.
-    pub builder: Arc<auto::Builder<TokioExecutor>>,
+    pub builder: Arc<auto::Builder<StreamExecutor>>,
     client: Client<HttpConnector, UpstreamBody>,
     route_labels: Vec<&'static str>,
     body_limits: BodyLimits,
@@ -192,9 +193,10 @@ fn upstream_client(config: &Config) -> Client<HttpConnector, UpstreamBody> {
         .build(connector)
 }
 
-fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+fn connection_builder(config: &Config) -> auto::Builder<StreamExecutor> {
     let s = &config.server;
-    let mut b = auto::Builder::new(TokioExecutor::new());
+    // Each HTTP/2 stream runs with a progress deadline (see stall.rs).
+    let mut b = auto::Builder::new(StreamExecutor);
     b.http1()
         .timer(TokioTimer::new())
         // Header deadline is enforced by TimedIo (see io.rs).
@@ -954,6 +956,7 @@ impl Body for ResponseBody {
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             this.guard = None;
         }
+        crate::stall::body_polled(polled.is_pending());
         polled
     }
 

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use palisade_core::proxy_protocol::ProxyHeader;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +23,7 @@ use crate::io::{ConnActivity, Deadlines, TimedIo};
 use crate::maintenance::MaintenancePage;
 use crate::metrics::Metrics;
 use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime, in_error_chain};
+use crate::stall::ConnStreams;
 use crate::tasks::{Watchdog, tracked};
 
 /// A running daemon.
@@ -150,7 +150,9 @@ async fn watchdog(app: Arc<App>, cfg: WatchdogSettings, mut stop: watch::Receive
 
 /// Accepts until told to stop, then drains.
 async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
-    let graceful = GracefulShutdown::new();
+    // Each connection holds a receiver until it ends: `true` asks it to
+    // finish its requests and close; the count is what is left to drain.
+    let (drain, draining) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -165,14 +167,14 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
                     if rt.config.server.proxy_protocol {
                         // Only a trusted load balancer may speak for others.
                         if rt.shield.config().trusted_proxies.contains(peer.ip()) {
-                            tasks.spawn(tracked(proxied(app.clone(), stream, peer, graceful.watcher())));
+                            tasks.spawn(tracked(proxied(app.clone(), stream, peer, draining.clone())));
                         } else {
                             refuse(&app, stream, peer, "untrusted_proxy");
                         }
                     } else {
                         match admit(&app, peer.ip()) {
                             Ok(permit) => {
-                                tasks.spawn(tracked(connection(app.clone(), stream, peer, permit, graceful.watcher())));
+                                tasks.spawn(tracked(connection(app.clone(), stream, peer, permit, draining.clone())));
                             }
                             Err(reason) => refuse(&app, stream, peer, reason),
                         }
@@ -189,12 +191,14 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
     }
     drop(listener);
     app.ready.store(false, Ordering::Release);
-    let open = graceful.count();
+    drop(draining);
+    let _ = drain.send(true);
+    let open = drain.receiver_count();
     if open > 0 {
         tracing::info!(connections = open, "draining");
     }
     let grace = app.runtime().config.server.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, drain.closed()).await.is_err() {
         tracing::warn!(
             remaining = tasks.len(),
             "shutdown grace of {grace:?} over; closing remaining connections"
@@ -236,7 +240,7 @@ fn refuse(app: &App, stream: TcpStream, peer: SocketAddr, reason: &'static str) 
 
 /// Reads the PROXY protocol header (within the header deadline) and admits
 /// the client it names; a missing or bad header resets the connection.
-async fn proxied(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+async fn proxied(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, drain: Drain) {
     let deadline = app.runtime().config.server.header_read_timeout;
     let client = match tokio::time::timeout(deadline, palisade::read_proxy_header(&mut stream)).await {
         Ok(Ok(ProxyHeader::Proxied { source, .. })) => source,
@@ -248,14 +252,14 @@ async fn proxied(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, watcher
         Err(_) => return refuse(&app, stream, peer, "proxy_header_timeout"),
     };
     match admit(&app, client.ip()) {
-        Ok(permit) => connection(app, stream, client, permit, watcher).await,
+        Ok(permit) => connection(app, stream, client, permit, drain).await,
         Err(reason) => refuse(&app, stream, client, reason),
     }
 }
 
 /// One client connection: TLS handshake (bounded), then HTTP until done.
 /// The permit is held until the connection ends.
-async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: Permit, watcher: Watcher) {
+async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: Permit, drain: Drain) {
     let permit = Arc::new(permit);
     let m: &Metrics = &app.metrics;
     m.connections.inc();
@@ -268,10 +272,10 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: 
         return;
     }
     match &rt.config.tls {
-        None => serve_http(&app, &rt, stream, client(peer, false, &permit), watcher).await,
+        None => serve_http(&app, &rt, stream, client(peer, false, &permit), drain).await,
         Some(tls) => {
             if let Some(stream) = handshake(&app, &rt, tls, stream, peer).await {
-                serve_http(&app, &rt, stream, client(peer, true, &permit), watcher).await;
+                serve_http(&app, &rt, stream, client(peer, true, &permit), drain).await;
             }
         }
     }
@@ -331,7 +335,10 @@ fn client(peer: SocketAddr, tls: bool, permit: &Arc<Permit>) -> ClientConn {
     }
 }
 
-async fn serve_http<I>(app: &Arc<App>, rt: &Runtime, io: I, conn: ClientConn, watcher: Watcher)
+/// Asks a connection to drain when it turns `true` (or its sender goes).
+type Drain = watch::Receiver<bool>;
+
+async fn serve_http<I>(app: &Arc<App>, rt: &Runtime, io: I, conn: ClientConn, mut drain: Drain)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -349,7 +356,29 @@ where
         .builder
         .serve_connection_with_upgrades(io, service)
         .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    let streams = ConnStreams::new(s.write_timeout, app.metrics.stalled_responses.clone());
+    let mut stalled = false;
+    let served = streams.scope(async {
+        let mut conn = std::pin::pin!(conn);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                ended = conn.as_mut() => break ended,
+                _ = drain.changed(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = streams.all_stalled(), if !closing => {
+                    // Every stream held its window shut: GOAWAY, then close
+                    // once the (reset) streams are gone.
+                    closing = true;
+                    stalled = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    });
+    if let Err(e) = served.await {
         if is_parse_error(e.as_ref())
             && let Some(t) = rt
                 .shield
@@ -359,7 +388,9 @@ where
         }
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
-    if let Some(what) = activity.expired() {
+    if stalled {
+        Metrics::inc(&app.metrics.conn_timeouts, "stalled");
+    } else if let Some(what) = activity.expired() {
         Metrics::inc(&app.metrics.conn_timeouts, what.as_str());
     }
 }

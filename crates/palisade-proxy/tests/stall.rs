@@ -1,0 +1,185 @@
+//! Clients that hold responses: HTTP/2 flow-control stalls, over real
+//! sockets against the real daemon and an upstream that reports its open
+//! connections.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use common::{Harness, connect_from, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An upstream whose every request gets `size` bytes, and which counts the
+/// connections it has open (a connection ends when the proxy closes it).
+async fn big_upstream(size: usize) -> (SocketAddr, Arc<AtomicI64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicI64::new(0));
+    let counter = open.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let open = counter.clone();
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            open.fetch_sub(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                let body = vec![b'x'; size];
+                let sent = async {
+                    s.write_all(reply.as_bytes()).await?;
+                    s.write_all(&body).await?;
+                    // The proxy reads the whole body only if its client does;
+                    // either way, wait for it to hang up.
+                    while s.read(&mut buf).await? > 0 {}
+                    std::io::Result::Ok(())
+                };
+                let _ = sent.await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
+/// Polls `cond` every 50 ms for at most `bound`; whether it came true.
+async fn eventually(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + bound;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+/// The attack: an h2c client that opens no flow-control window
+/// (SETTINGS_INITIAL_WINDOW_SIZE = 0), asks for 8 large responses, never
+/// sends WINDOW_UPDATE and answers PINGs. Each response must be reset
+/// once it made no progress for `write_timeout`, its upstream connection
+/// closed, and the connection, all of whose streams stalled, sent GOAWAY
+/// and closed.
+#[tokio::test]
+async fn h2_flow_control_stall_is_reset_and_upstreams_released() {
+    let (upstream, open) = big_upstream(1_000_000).await;
+    let h = Harness::start_with_upstream(
+        &format!("http://{upstream}"),
+        "write_timeout = \"1s\"\nidle_timeout = \"60s\"",
+        "",
+        upstream,
+    )
+    .await;
+    let tcp = connect_from("127.0.0.90", h.proxy()).await;
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    // Polling the connection answers PINGs; it ends when the server closes.
+    let conn = tokio::spawn(conn);
+    let mut bodies = Vec::new();
+    for _ in 0..8 {
+        let mut ready = client.clone().ready().await.unwrap();
+        let req = http::Request::get(format!("http://{}/big", h.proxy()))
+            .body(())
+            .unwrap();
+        let (resp, _) = ready.send_request(req, true).unwrap();
+        bodies.push(resp);
+    }
+    let mut streams = Vec::new();
+    for resp in bodies {
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("no response head")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        streams.push(resp.into_body());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || open.load(Ordering::SeqCst) == 8).await,
+        "the upstream never saw 8 connections: {}",
+        open.load(Ordering::SeqCst)
+    );
+    // Never read (no WINDOW_UPDATE): each stream must end with a reset.
+    for mut body in streams {
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match body.data().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Some(e),
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("a stalled response was never reset");
+        let e = ended.expect("a stalled response ended cleanly");
+        assert!(e.is_reset() || e.is_go_away() || e.is_io(), "{e:?}");
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || open.load(Ordering::SeqCst) == 0).await,
+        "upstream connections still held: {}",
+        open.load(Ordering::SeqCst)
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(closed.is_ok(), "the stalled connection was never closed");
+    drop(client);
+    let m = h.metrics().await;
+    assert_eq!(metric(&m, "palisade_stalled_responses_total"), 8.0);
+    assert_eq!(
+        metric(&m, "palisade_connection_timeouts_total{kind=\"stalled\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+}
+
+/// A client that reads its response, however it opens its window, is
+/// not mistaken for a stalled one.
+#[tokio::test]
+async fn h2_client_that_reads_gets_the_whole_response() {
+    let (upstream, open) = big_upstream(1_000_000).await;
+    let h = Harness::start_with_upstream(
+        &format!("http://{upstream}"),
+        "write_timeout = \"1s\"",
+        "",
+        upstream,
+    )
+    .await;
+    let tcp = connect_from("127.0.0.91", h.proxy()).await;
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut ready = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{}/big", h.proxy()))
+        .body(())
+        .unwrap();
+    let (resp, _) = ready.send_request(req, true).unwrap();
+    let mut body = resp.await.unwrap().into_body();
+    let mut got = 0usize;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        got += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    assert_eq!(got, 1_000_000);
+    let m = h.metrics().await;
+    assert_eq!(metric(&m, "palisade_stalled_responses_total"), 0.0);
+    drop(open);
+    h.running.shutdown().await;
+}
