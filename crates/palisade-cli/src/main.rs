@@ -190,7 +190,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let env_token = std::env::var("PALISADE_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
-    if env_token.is_some() {
+    if let Some(token) = &env_token {
+        palisade_proxy::config::check_token(token)
+            .map_err(|m| anyhow::anyhow!("PALISADE_ADMIN_TOKEN: {m}"))?;
         config.admin.token.clone_from(&env_token);
     }
     let mut made_up_token = false;

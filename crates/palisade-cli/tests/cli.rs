@@ -273,7 +273,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t0ken-0123456789\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -293,7 +293,7 @@ fn acknowledged_scores_survive_kill_9_and_a_torn_log() {
     let config = temp_file(
         "state.toml",
         &format!(
-            "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n[admin]\ntoken = \"t0ken\"\n[state]\ndata_dir = \"{}\"\n",
+            "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n[admin]\ntoken = \"t0ken-0123456789\"\n[state]\ndata_dir = \"{}\"\n",
             dir.display()
         ),
     );
@@ -577,7 +577,7 @@ fn sighup_right_after_the_port_accepts_does_not_kill() {
                 .success()
         );
         let mut err = BufReader::new(child.0.stderr.take().unwrap());
-        let _ = proxy_addr(&mut err);
+        let (_, _, mut log) = running_addrs(&mut err);
         assert!(
             get(proxy, "/").starts_with("HTTP/1.1 200 "),
             "not serving after SIGHUP (config file: {with_file})"
@@ -595,14 +595,13 @@ fn sighup_right_after_the_port_accepts_does_not_kill() {
             status.success(),
             "exit status {status:?} (config file: {with_file})"
         );
-        let mut rest = String::new();
-        err.read_to_string(&mut rest).unwrap();
+        err.read_to_string(&mut log).unwrap();
         let expected = if with_file {
             "SIGHUP: reloading config"
         } else {
             "SIGHUP: no config file to reload"
         };
-        assert!(rest.contains(expected), "{rest}");
+        assert!(log.contains(expected), "{log}");
     }
 }
 
@@ -627,4 +626,36 @@ fn rate_limit_flag_moves_burst_window_and_flood_threshold() {
     let statuses = keepalive_statuses(proxy, 500);
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(ok, 500, "{} of 500 admitted", ok);
+}
+
+/// A token short enough to guess is refused at start, from the file or the
+/// environment. Before, `token = "t0ken"` and `PALISADE_ADMIN_TOKEN=short` ran.
+#[test]
+fn short_admin_tokens_are_refused_at_load() {
+    let config = temp_file(
+        "short-token.toml",
+        "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n[admin]\ntoken = \"t0ken\"\n",
+    );
+    let out = palisade().arg("check-config").arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with(&format!(
+            "{}:6:1: admin.token: must be at least 16 characters",
+            config.display()
+        )),
+        "{err}"
+    );
+    let out = palisade()
+        .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--upstream", "http://127.0.0.1:9"])
+        .env("PALISADE_ADMIN_TOKEN", "short")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("PALISADE_ADMIN_TOKEN: must be at least 16 characters"),
+        "{err}"
+    );
 }

@@ -42,7 +42,11 @@ fn get(ns: &Netns, from: Option<&'static str>, to: &'static str, path: &'static 
         s.connect_timeout(&to.into(), Duration::from_millis(700)).ok()?;
         let mut s: TcpStream = s.into();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         Some(out)
@@ -173,7 +177,7 @@ fn config_with(dir: &std::path::Path, firewall: &str, extra: &str) -> std::path:
         &path,
         format!(
             "[server]\nlisten = \"198.18.3.1:8080\"\nupstreams = [\"http://127.0.0.1:8081\"]\n\
-             [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t\"\n\
+             [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t0ken-0123456789\"\n\
              [state]\ndata_dir = \"{}\"\n\
              [syn]\nfirewall = \"{firewall}\"\npoll_interval = \"100ms\"\nreconcile_interval = \"300ms\"\n{xdp}{extra}",
             dir.join(firewall).display()
@@ -258,7 +262,7 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
                 &[
                     &[env!("CARGO_BIN_EXE_palisade"), "bans"][..],
                     args,
-                    &["--admin", "127.0.0.1:9090", "--token", "t"],
+                    &["--admin", "127.0.0.1:9090", "--token", "t0ken-0123456789"],
                 ]
                 .concat(),
             )

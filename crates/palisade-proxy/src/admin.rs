@@ -4,14 +4,21 @@
 //! Reads on a loopback listener need no token; everything else needs
 //! `Authorization: Bearer <token>`, except the `/healthz` and `/readyz`
 //! probes. With no token configured, changes are refused outright.
+//!
+//! The listener is bounded like the proxy's: header and idle deadlines, a
+//! connection cap, and a per-address throttle on failed token checks. A
+//! `Host` that is neither an IP literal, `localhost` nor one of
+//! `admin.allowed_hosts` is refused: a web page whose DNS name was rebound
+//! to this address would otherwise read bans, scores and the feed URL.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -22,7 +29,9 @@ use palisade_limits::reputation::Explanation;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::io::{ConnActivity, Deadlines, TimedIo};
 use crate::proxy::{App, ReloadError, Runtime};
 use crate::respond::text;
 
@@ -35,45 +44,179 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiv
         .map(|a| a.ip().is_loopback())
         .unwrap_or(false);
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let failures = Arc::new(AuthFailures::default());
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
+                let Ok((stream, peer)) = accepted else {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
+                let rt = app.runtime();
+                let cfg = &rt.config.admin;
+                // Admin connections share the process's file descriptors with
+                // the proxy: past the cap, close before reading a byte.
+                let Some(slot) = Slot::take(&open, cfg.max_connections) else {
+                    drop(stream);
+                    continue;
+                };
+                let deadlines = Deadlines {
+                    header: cfg.header_read_timeout,
+                    idle: cfg.idle_timeout,
+                    write: rt.config.server.write_timeout,
+                };
                 let app = app.clone();
                 let builder = builder.clone();
+                let failures = failures.clone();
                 crate::tasks::spawn(async move {
+                    let _slot = slot;
+                    let activity = Arc::new(ConnActivity::default());
+                    let io = TimedIo::new(stream, activity.clone(), deadlines);
                     let svc = hyper::service::service_fn(move |req| {
                         let app = app.clone();
-                        async move { Ok::<_, std::convert::Infallible>(route(&app, loopback, req).await) }
+                        let failures = failures.clone();
+                        let busy = activity.begin();
+                        async move {
+                            let conn = Conn { peer: peer.ip(), loopback, failures: &failures };
+                            let resp = route(&app, &conn, req).await;
+                            drop(busy);
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
                     });
-                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
                 });
             }
         }
     }
 }
 
-async fn route(app: &App, loopback: bool, req: Request<Incoming>) -> Resp {
+/// One admin connection's place under `admin.max_connections`.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a request's handling needs to know about its connection.
+struct Conn<'a> {
+    peer: IpAddr,
+    loopback: bool,
+    failures: &'a AuthFailures,
+}
+
+/// How long a failed token check counts against its address.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at once; past it newcomers share one strict counter.
+const MAX_TRACKED: usize = 4096;
+
+/// Failed token checks per address (IPv6 by /64) in its current minute.
+#[derive(Default)]
+struct AuthFailures(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+
+impl AuthFailures {
+    /// The wait before `ip` may try a token again, if it is throttled.
+    fn throttled(&self, ip: IpAddr, limit: u32, now: Instant) -> Option<Duration> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = Self::slot(&map, ip);
+        let &(since, count) = map.get(&key)?;
+        let left = FAILURE_WINDOW.saturating_sub(now.saturating_duration_since(since));
+        (count >= limit && !left.is_zero()).then_some(left)
+    }
+
+    fn record(&self, ip: IpAddr, now: Instant) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_TRACKED && !map.contains_key(&aggregate(ip)) {
+            map.retain(|_, (since, _)| now.saturating_duration_since(*since) < FAILURE_WINDOW);
+        }
+        let key = Self::slot(&map, ip);
+        let entry = map.entry(key).or_insert((now, 0));
+        if now.saturating_duration_since(entry.0) >= FAILURE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+
+    /// `ip`'s key, or the shared overflow key when the table is full: a
+    /// flood of addresses cannot push a guesser out to start afresh.
+    fn slot(map: &HashMap<IpAddr, (Instant, u32)>, ip: IpAddr) -> IpAddr {
+        let key = aggregate(ip);
+        if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
+            IpAddr::from([0u8; 16])
+        } else {
+            key
+        }
+    }
+}
+
+/// IPv6 addresses by /64: one host owns a whole /64.
+fn aggregate(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+    }
+}
+
+/// Whether `Host` names this listener: an IP literal, `localhost` or an
+/// allowed name, with any port. A DNS-rebinding page always sends its own
+/// name, and a request without `Host` is not HTTP/1.1.
+fn host_allowed(req: &Request<Incoming>, allowed: &[String]) -> bool {
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.host().to_owned()),
+        None => {
+            let mut all = req.headers().get_all(HOST).iter();
+            match (all.next(), all.next()) {
+                (Some(h), None) => h
+                    .to_str()
+                    .ok()
+                    .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                    .map(|a| a.host().to_owned()),
+                _ => None,
+            }
+        }
+    };
+    let Some(host) = host else {
+        return false;
+    };
+    let host = host.to_ascii_lowercase();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>().is_ok() || host == "localhost" || allowed.contains(&host)
+}
+
+async fn route(app: &App, conn: &Conn<'_>, req: Request<Incoming>) -> Resp {
+    let rt = app.runtime();
+    if !host_allowed(&req, &rt.config.admin.allowed_hosts) {
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "Host must be an IP address, localhost or one of admin.allowed_hosts",
+        );
+    }
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let reading = method == Method::GET || method == Method::HEAD;
     // Probes reveal nothing and must work from a kubelet or load balancer.
     let probe = reading && matches!(path.as_str(), "/healthz" | "/readyz");
-    if !(reading && loopback || probe)
-        && let Some(refusal) = refuse_unauthorized(app, &req)
+    // Profiles cost CPU and reveal internals: token even on loopback.
+    let profiling = reading && path == "/debug/pprof/profile";
+    if (!(reading && conn.loopback || probe) || profiling)
+        && let Some(refusal) = refuse_unauthorized(&rt, conn, &req)
     {
         return refusal;
     }
-    let rt = app.runtime();
-    if path == "/debug/pprof/profile" && reading {
-        // Profiles cost CPU and reveal internals: token even on loopback.
-        if let Some(refusal) = refuse_unauthorized(app, &req) {
-            return refusal;
-        }
+    if profiling {
         return profile(app, req.uri().query().unwrap_or("")).await;
     }
     if path == rt.config.admin.metrics_path && reading {
@@ -232,28 +375,47 @@ async fn ban(app: &App, req: Request<Incoming>) -> Resp {
 }
 
 /// The refusal for a request without the right bearer token, if any.
-fn refuse_unauthorized(app: &App, req: &Request<Incoming>) -> Option<Resp> {
-    let rt = app.runtime();
-    let Some(token) = rt.config.admin.token.as_deref() else {
+fn refuse_unauthorized(rt: &Runtime, conn: &Conn<'_>, req: &Request<Incoming>) -> Option<Resp> {
+    let cfg = &rt.config.admin;
+    let Some(token) = cfg.token.as_deref() else {
         return Some(error(
             StatusCode::FORBIDDEN,
             "no admin token configured: set PALISADE_ADMIN_TOKEN or admin.token",
         ));
     };
+    let now = Instant::now();
+    // Checked before the token, so a guesser learns nothing more once throttled.
+    if let Some(wait) = conn.failures.throttled(conn.peer, cfg.max_auth_failures, now) {
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, "too many failed token checks");
+        if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            r.headers_mut().insert(RETRY_AFTER, v);
+        }
+        return Some(r);
+    }
     let given = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer)
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         None
     } else {
+        conn.failures.record(conn.peer, now);
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         r.headers_mut()
             .insert("www-authenticate", HeaderValue::from_static("Bearer"));
         Some(r)
     }
+}
+
+/// The credentials of a `Bearer` authorization; the scheme name is
+/// case-insensitive (RFC 9110 §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

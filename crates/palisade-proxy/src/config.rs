@@ -239,6 +239,30 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Prometheus endpoint path.
     pub metrics_path: String,
+    /// Deadline for a request head, from its first byte.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Most open admin connections; more are closed at accept.
+    pub max_connections: usize,
+    /// Failed token checks per address per minute before it gets 429.
+    pub max_auth_failures: u32,
+    /// `Host` names accepted besides IP literals and `localhost`
+    /// (lowercase, without port).
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Shortest admin token accepted, from the file or the environment.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// Refuses an admin token too short to resist guessing.
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.chars().count() < MIN_TOKEN_CHARS {
+        return Err(format!(
+            "must be at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 16`)"
+        ));
+    }
+    Ok(())
 }
 
 /// Command-line values that win over the file.
@@ -524,6 +548,11 @@ struct RawAdmin {
     listen: String,
     token: String,
     metrics_path: String,
+    header_read_timeout: String,
+    idle_timeout: String,
+    max_connections: usize,
+    max_auth_failures: u32,
+    allowed_hosts: Vec<String>,
 }
 
 impl Default for RawAdmin {
@@ -532,6 +561,11 @@ impl Default for RawAdmin {
             listen: "127.0.0.1:9090".into(),
             token: String::new(),
             metrics_path: "/metrics".into(),
+            header_read_timeout: "5s".into(),
+            idle_timeout: "60s".into(),
+            max_connections: 64,
+            max_auth_failures: 10,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -664,12 +698,54 @@ impl RawConfig {
         let a = &self.admin;
         let admin = AdminConfig {
             listen: addr(&a.listen, p!("admin", "listen"))?,
-            token: (!a.token.is_empty()).then(|| a.token.clone()),
+            token: if a.token.is_empty() {
+                None
+            } else {
+                check_token(&a.token).map_err(|m| at(p!("admin", "token"), m))?;
+                Some(a.token.clone())
+            },
             metrics_path: if a.metrics_path.starts_with('/') {
                 a.metrics_path.clone()
             } else {
                 return Err(at(p!("admin", "metrics_path"), "must start with '/'"));
             },
+            header_read_timeout: positive(
+                duration(&a.header_read_timeout, p!("admin", "header_read_timeout"))?,
+                p!("admin", "header_read_timeout"),
+            )?,
+            idle_timeout: positive(
+                duration(&a.idle_timeout, p!("admin", "idle_timeout"))?,
+                p!("admin", "idle_timeout"),
+            )?,
+            max_connections: match a.max_connections {
+                1..=100_000 => a.max_connections,
+                _ => return Err(at(p!("admin", "max_connections"), "must be between 1 and 100000")),
+            },
+            max_auth_failures: match a.max_auth_failures {
+                1..=1_000_000 => a.max_auth_failures,
+                _ => {
+                    return Err(at(
+                        p!("admin", "max_auth_failures"),
+                        "must be between 1 and 1000000",
+                    ));
+                }
+            },
+            allowed_hosts: a
+                .allowed_hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let h = h.trim().to_ascii_lowercase();
+                    if h.is_empty() || h.contains([':', '/', ' ']) {
+                        Err(at(
+                            p!("admin", "allowed_hosts", i),
+                            format!("{h:?} is not a host name (no port, no scheme)"),
+                        ))
+                    } else {
+                        Ok(h)
+                    }
+                })
+                .collect::<Result<_, _>>()?,
         };
         // `server.proxy_protocol` is read with the rest of `[server]` above.
         let Protection {
@@ -902,6 +978,13 @@ fn resolve(base: Option<&Path>, s: &str) -> PathBuf {
     }
 }
 
+fn positive(d: Duration, path: &[Seg]) -> Result<Duration, Invalid> {
+    if d.is_zero() {
+        return Err(at(path, "must be more than 0s"));
+    }
+    Ok(d)
+}
+
 fn addr(s: &str, path: &[Seg]) -> Result<SocketAddr, Invalid> {
     s.parse().map_err(|_| {
         at(
@@ -1072,6 +1155,20 @@ mod tests {
         // A missing key points at what encloses it.
         let e = err("[admin]\nlisten = \"x\"\n");
         assert!(e.starts_with("test.toml:"), "{e}");
+    }
+
+    #[test]
+    fn short_admin_tokens_are_refused_with_file_line_and_key() {
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[admin]\ntoken = \"s3cret\"\n");
+        assert!(
+            e.starts_with("test.toml:4:1: admin.token: must be at least 16 characters"),
+            "{e}"
+        );
+        let ok = "[server]\nupstreams = [\"http://a:1\"]\n[admin]\ntoken = \"0123456789abcdef\"\n";
+        let c = Config::parse(ok, "t", &Overrides::default()).unwrap();
+        assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef"));
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[admin]\nallowed_hosts = [\"a.example:80\"]\n");
+        assert!(e.starts_with("test.toml:4:18: admin.allowed_hosts[0]: "), "{e}");
     }
 
     #[test]

@@ -117,8 +117,8 @@ async fn start_from_file(path: &std::path::Path) -> palisade_proxy::Running {
 
 async fn reload(admin: &mut Client) -> (StatusCode, String) {
     let req = Request::post("/api/v1/reload")
-        .header("host", "admin")
-        .header("authorization", "Bearer test-token")
+        .header("host", "localhost")
+        .header("authorization", "Bearer test-token-0123456789")
         .body(Full::new(Bytes::new()))
         .unwrap();
     let (status, _, body) = admin.send(req).await;
@@ -158,7 +158,7 @@ async fn reload_applies_live_while_a_request_is_in_flight_and_rejects_bad_files(
     let (status, body) = reload(&mut admin).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let expected = format!(
-        "{}:9:1: rate_limit.rate: must be between 1 and 10000000",
+        "{}:10:1: rate_limit.rate: must be between 1 and 10000000",
         path.display()
     );
     assert!(body.contains(&expected), "{body}");

@@ -197,8 +197,8 @@ async fn status_from(h: &Harness, source: &str) -> StatusCode {
 
 async fn set_score(h: &Harness, ip: &str, score: u8) {
     let req = http::Request::put(format!("/api/v1/reputation/{ip}"))
-        .header("host", "admin")
-        .header("authorization", "Bearer test-token")
+        .header("host", "localhost")
+        .header("authorization", "Bearer test-token-0123456789")
         .body(Full::new(Bytes::from(format!("{{\"score\": {score}}}"))))
         .unwrap();
     let (status, _, body) = h.admin_client().await.send(req).await;
@@ -443,8 +443,8 @@ async fn kernel_bans_reach_every_node() {
         let req = http::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "admin")
-            .header("authorization", "Bearer test-token")
+            .header("host", "localhost")
+            .header("authorization", "Bearer test-token-0123456789")
             .body(Full::new(Bytes::from(body.to_owned())))
             .unwrap();
         h.admin_client().await.send(req).await

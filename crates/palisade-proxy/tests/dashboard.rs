@@ -93,7 +93,7 @@ async fn profile_request(
     query: &str,
     token: Option<&str>,
 ) -> (http::StatusCode, http::HeaderMap, Vec<u8>) {
-    let mut req = http::Request::get(format!("/debug/pprof/profile?{query}")).header("host", "admin");
+    let mut req = http::Request::get(format!("/debug/pprof/profile?{query}")).header("host", "localhost");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
@@ -111,7 +111,7 @@ async fn cpu_profiles_on_demand() {
     // Token required, even on loopback.
     let (status, _, _) = profile_request(&mut admin, "seconds=1", None).await;
     assert_eq!(status, http::StatusCode::UNAUTHORIZED);
-    let (status, _, _) = profile_request(&mut admin, "seconds=99", Some("test-token")).await;
+    let (status, _, _) = profile_request(&mut admin, "seconds=99", Some("test-token-0123456789")).await;
     assert_eq!(status, http::StatusCode::BAD_REQUEST);
 
     // Some work to sample while the profile runs; a second profile waits its turn.
@@ -126,9 +126,12 @@ async fn cpu_profiles_on_demand() {
     let second = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let mut a = common::Client::connect("127.0.0.1", admin_addr).await;
-        profile_request(&mut a, "seconds=1", Some("test-token")).await.0
+        profile_request(&mut a, "seconds=1", Some("test-token-0123456789"))
+            .await
+            .0
     });
-    let (status, headers, body) = profile_request(&mut admin, "seconds=1", Some("test-token")).await;
+    let (status, headers, body) =
+        profile_request(&mut admin, "seconds=1", Some("test-token-0123456789")).await;
     assert_eq!(status, http::StatusCode::OK);
     assert_eq!(headers["content-type"], "application/octet-stream");
     let profile = pprof::protos::Profile::parse_from_bytes(&body).expect("not a pprof profile");
@@ -148,7 +151,7 @@ async fn cpu_profiles_on_demand() {
         }
     });
     let (status, headers, body) =
-        profile_request(&mut admin, "seconds=1&format=svg", Some("test-token")).await;
+        profile_request(&mut admin, "seconds=1&format=svg", Some("test-token-0123456789")).await;
     load.await.unwrap();
     assert_eq!(status, http::StatusCode::OK);
     assert_eq!(headers["content-type"], "image/svg+xml");

@@ -402,7 +402,7 @@ async fn admin_changes_need_the_token() {
     let h = Harness::start("", "").await;
     let mut admin = h.admin_client().await;
     let put = |token: Option<&'static str>| {
-        let mut r = Request::put("/api/v1/reputation/127.0.0.18").header("host", "admin");
+        let mut r = Request::put("/api/v1/reputation/127.0.0.18").header("host", "localhost");
         if let Some(t) = token {
             r = r.header("authorization", format!("Bearer {t}"));
         }
@@ -410,7 +410,7 @@ async fn admin_changes_need_the_token() {
     };
     assert_eq!(admin.send(put(None)).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(admin.send(put(Some("wrong"))).await.0, StatusCode::UNAUTHORIZED);
-    let (status, _, body) = admin.send(put(Some("test-token"))).await;
+    let (status, _, body) = admin.send(put(Some("test-token-0123456789"))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("\"blocked\":true"), "{body}");
     // The proxy enforces it at once.
@@ -419,8 +419,8 @@ async fn admin_changes_need_the_token() {
     assert_eq!((status, body.as_str()), (StatusCode::FORBIDDEN, "Access denied"));
     // DELETE resets; bad input is a clear 400.
     let del = Request::delete("/api/v1/reputation/127.0.0.18")
-        .header("host", "admin")
-        .header("authorization", "Bearer test-token")
+        .header("host", "localhost")
+        .header("authorization", "Bearer test-token-0123456789")
         .body(Full::new(Bytes::new()))
         .unwrap();
     let (status, _, body) = admin.send(del).await;
@@ -431,8 +431,8 @@ async fn admin_changes_need_the_token() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("not an IP address"));
     let bad = Request::put("/api/v1/reputation/127.0.0.18")
-        .header("host", "admin")
-        .header("authorization", "Bearer test-token")
+        .header("host", "localhost")
+        .header("authorization", "Bearer test-token-0123456789")
         .body(Full::new(Bytes::from_static(b"{\"score\": 900}")))
         .unwrap();
     assert_eq!(admin.send(bad).await.0, StatusCode::BAD_REQUEST);

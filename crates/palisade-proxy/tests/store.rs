@@ -179,9 +179,9 @@ async fn admin_pushes_deltas_and_reloads_a_rebuilt_file() {
     let path = snapshot(&dir);
     let h = Harness::start("", &format!("[store]\npath = \"{}\"\n", path.display())).await;
     let post = |path: &str, body: String, token: bool| {
-        let mut r = http::Request::post(path).header("host", "admin");
+        let mut r = http::Request::post(path).header("host", "localhost");
         if token {
-            r = r.header("authorization", "Bearer test-token");
+            r = r.header("authorization", "Bearer test-token-0123456789");
         }
         r.body(Full::new(Bytes::from(body))).unwrap()
     };
@@ -333,7 +333,7 @@ fn config_errors_name_the_store_key() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.starts_with("t.toml:9:") && err.contains("store.path") && err.contains("nope.pstore"),
+        err.starts_with("t.toml:10:") && err.contains("store.path") && err.contains("nope.pstore"),
         "{err}"
     );
     let path = snapshot(&dir);

@@ -72,7 +72,9 @@ impl Harness {
     }
 }
 
-/// A config on ephemeral loopback ports with admin token `test-token`.
+/// A config on ephemeral loopback ports with admin token
+/// `test-token-0123456789`; the admin API accepts `Host: test.local`, the
+/// name these clients send.
 /// The SYN defense stays off unless `rest` configures it: as root it would
 /// change the host's firewall, which only the namespace tests may do.
 pub fn config_text(upstream_url: &str, server: &str, rest: &str) -> String {
@@ -82,7 +84,7 @@ pub fn config_text(upstream_url: &str, server: &str, rest: &str) -> String {
         "[syn]\nenabled = false\n"
     };
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{upstream_url}\"]\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token\"\n{rest}\n{syn}"
+        "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{upstream_url}\"]\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-token-0123456789\"\nallowed_hosts = [\"test.local\"]\n{rest}\n{syn}"
     )
 }
 
@@ -137,7 +139,13 @@ impl Client {
         (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 
-    pub async fn send_raw(&mut self, req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
+    /// Sends `req`, with `Host: test.local` when it names none (as every
+    /// real HTTP/1.1 client names one).
+    pub async fn send_raw(&mut self, mut req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
+        if !req.headers().contains_key(http::header::HOST) {
+            req.headers_mut()
+                .insert(http::header::HOST, http::HeaderValue::from_static("test.local"));
+        }
         self.sender.ready().await.unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let (parts, body) = resp.into_parts();
