@@ -228,6 +228,8 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per upstream.
     pub pool_max_idle: usize,
+    /// Open connections per upstream, busy or idle; past it, 503.
+    pub max_connections: usize,
 }
 
 /// `[admin]`.
@@ -529,6 +531,7 @@ struct RawUpstream {
     response_timeout: String,
     pool_idle_timeout: String,
     pool_max_idle: usize,
+    max_connections: usize,
 }
 
 impl Default for RawUpstream {
@@ -538,6 +541,7 @@ impl Default for RawUpstream {
             response_timeout: "30s".into(),
             pool_idle_timeout: "90s".into(),
             pool_max_idle: 256,
+            max_connections: 1024,
         }
     }
 }
@@ -694,6 +698,10 @@ impl RawConfig {
             response_timeout: duration(&u.response_timeout, p!("upstream", "response_timeout"))?,
             pool_idle_timeout: duration(&u.pool_idle_timeout, p!("upstream", "pool_idle_timeout"))?,
             pool_max_idle: u.pool_max_idle,
+            max_connections: match u.max_connections {
+                0 => return Err(at(p!("upstream", "max_connections"), "must be > 0")),
+                n => n,
+            },
         };
         let a = &self.admin;
         let admin = AdminConfig {

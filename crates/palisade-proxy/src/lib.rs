@@ -16,6 +16,7 @@ pub mod admin;
 pub mod body;
 pub mod cluster;
 pub mod config;
+pub mod connector;
 pub mod demo;
 pub mod feed;
 pub mod forward;

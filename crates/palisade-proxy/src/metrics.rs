@@ -560,7 +560,14 @@ impl Metrics {
             (&self.penalties, &["flood", "error_streak", "syn_flood"]),
             (
                 &self.upstream_errors,
-                &["connect", "timeout", "slow_body", "client_body", "other"],
+                &[
+                    "connect",
+                    "timeout",
+                    "slow_body",
+                    "client_body",
+                    "at_capacity",
+                    "other",
+                ],
             ),
             (
                 &self.conn_timeouts,

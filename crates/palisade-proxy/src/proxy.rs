@@ -37,6 +37,7 @@ use tower_layer::Layer;
 use crate::body::{BodyError, BodyLimits, TimedBody};
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides};
+use crate::connector::{AtCapacity, CappedConnector};
 use crate::forward::{Hop, set_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
@@ -80,7 +81,7 @@ pub struct Runtime {
     pub upstreams: Vec<Upstream>,
     /// Connection settings for new client connections.
     pub builder: Arc<auto::Builder<StreamExecutor>>,
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<CappedConnector, UpstreamBody>,
     route_labels: Vec<&'static str>,
     body_limits: BodyLimits,
     /// Per route: the shared window of its limiter, in cluster mode.
@@ -181,7 +182,7 @@ fn store_cell(config: &Config, previous: Option<&Runtime>) -> Option<Arc<StoreCe
     }
 }
 
-fn upstream_client(config: &Config) -> Client<HttpConnector, UpstreamBody> {
+fn upstream_client(config: &Config) -> Client<CappedConnector, UpstreamBody> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.upstream.connect_timeout));
     connector.set_nodelay(true);
@@ -190,7 +191,7 @@ fn upstream_client(config: &Config) -> Client<HttpConnector, UpstreamBody> {
         .pool_max_idle_per_host(config.upstream.pool_max_idle)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector)
+        .build(CappedConnector::new(connector, config.upstream.max_connections))
 }
 
 fn connection_builder(config: &Config) -> auto::Builder<StreamExecutor> {
@@ -807,6 +808,7 @@ impl App {
             }
             Err(_) => UpstreamFailure::Timeout,
             Ok(Err(_)) if slow.load(Ordering::Acquire) => UpstreamFailure::SlowBody,
+            Ok(Err(e)) if in_error_chain(&e, |x| x.is::<AtCapacity>()) => UpstreamFailure::AtCapacity,
             Ok(Err(e)) if e.is_connect() => UpstreamFailure::Connect,
             Ok(Err(e)) if caused_by_client_body(&e) => UpstreamFailure::ClientBody,
             Ok(Err(e)) => {
@@ -815,12 +817,16 @@ impl App {
             }
         };
         let outcome = match failure {
-            UpstreamFailure::SlowBody | UpstreamFailure::ClientBody => Outcome::Ignored,
+            // Our own cap says nothing of the upstream's health.
+            UpstreamFailure::SlowBody | UpstreamFailure::ClientBody | UpstreamFailure::AtCapacity => {
+                Outcome::Ignored
+            }
             _ => Outcome::Failure,
         };
         self.finish(upstream, ticket, outcome);
         Metrics::inc(&self.metrics.upstream_errors, failure.as_str());
-        if outcome == Outcome::Failure && self.log_budget.take(self.now()) {
+        let at_capacity = matches!(failure, UpstreamFailure::AtCapacity);
+        if (outcome == Outcome::Failure || at_capacity) && self.log_budget.take(self.now()) {
             tracing::warn!(peer = %conn.peer, upstream = upstream.label, failure = failure.as_str(), "upstream failed");
         }
         respond::upstream_failure(failure).map(Either::Right)

@@ -17,6 +17,8 @@ pub enum UpstreamFailure {
     SlowBody,
     /// Reading the client's request body failed (client went away).
     ClientBody,
+    /// Every connection `upstream.max_connections` allows is open.
+    AtCapacity,
     /// Anything else (reset mid-response, protocol error).
     Other,
 }
@@ -29,6 +31,7 @@ impl UpstreamFailure {
             Self::Timeout => "timeout",
             Self::SlowBody => "slow_body",
             Self::ClientBody => "client_body",
+            Self::AtCapacity => "at_capacity",
             Self::Other => "other",
         }
     }
@@ -40,6 +43,15 @@ pub fn upstream_failure(f: UpstreamFailure) -> Response<Full<Bytes>> {
         UpstreamFailure::Connect | UpstreamFailure::Other => text(StatusCode::BAD_GATEWAY, "Bad Gateway\n"),
         UpstreamFailure::ClientBody => text(StatusCode::BAD_REQUEST, "Bad Request\n"),
         UpstreamFailure::Timeout => text(StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout\n"),
+        UpstreamFailure::AtCapacity => {
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable: upstream connection limit reached\n",
+            );
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
         UpstreamFailure::SlowBody => {
             let mut r = text(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");
             r.headers_mut()

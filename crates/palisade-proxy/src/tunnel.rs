@@ -110,7 +110,7 @@ fn start<'a>(client: Upgraded, upstream: Upgraded, activity: &'a Activity) -> (T
         }
     };
     let mut client_tcp = client.io.into_inner().into_inner();
-    let upstream = match upstream.downcast::<TokioIo<TcpStream>>() {
+    let upstream = match upstream.downcast::<crate::connector::CappedConn>() {
         Ok(parts) => parts,
         Err(upstream) => {
             let pending = client.read_buf;
@@ -124,13 +124,15 @@ fn start<'a>(client: Upgraded, upstream: Upgraded, activity: &'a Activity) -> (T
             );
         }
     };
-    let mut upstream_tcp = upstream.io.into_inner();
+    // The upstream connection keeps its place under the cap while tunnelling.
+    let (mut upstream_tcp, slot) = upstream.io.into_parts();
     let (to_upstream, to_client) = (client.read_buf, upstream.read_buf);
     #[cfg(target_os = "linux")]
     let mode = TunnelMode::Splice;
     #[cfg(not(target_os = "linux"))]
     let mode = TunnelMode::Copy;
     let moving = async move {
+        let _slot = slot;
         // Bytes hyper had already read past the HTTP heads go first.
         upstream_tcp.write_all(&to_upstream).await?;
         client_tcp.write_all(&to_client).await?;

@@ -183,3 +183,54 @@ async fn h2_client_that_reads_gets_the_whole_response() {
     drop(open);
     h.running.shutdown().await;
 }
+
+/// With `upstream.max_connections = 2` and two requests holding both
+/// upstream connections, a third is answered 503 at once (it does not
+/// wait for a connection), and the places come back when the holders go.
+#[tokio::test]
+async fn upstream_connections_are_capped_with_a_prompt_503() {
+    let h = Harness::start("", "[upstream]\nmax_connections = 2\n").await;
+    let mut holders = Vec::new();
+    for source in ["127.0.0.92", "127.0.0.93"] {
+        let mut c = common::Client::connect(source, h.proxy()).await;
+        holders.push(tokio::spawn(async move { c.get("/delay/60000").await }));
+    }
+    let hits = h.upstream_hits.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || hits.load(Ordering::SeqCst) == 2).await,
+        "the upstream never got both holders"
+    );
+    let mut c = common::Client::connect("127.0.0.94", h.proxy()).await;
+    let (status, headers, body) = tokio::time::timeout(Duration::from_secs(10), c.get("/"))
+        .await
+        .expect("a request past the upstream cap hung");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("upstream connection limit"), "{body}");
+    assert_eq!(headers["retry-after"], "1");
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_upstream_errors_total{kind=\"at_capacity\"}"),
+        1.0
+    );
+    // Our own cap is not the upstream failing: its breaker is not charged.
+    assert_eq!(
+        metric(&m, "palisade_upstream_errors_total{kind=\"connect\"}"),
+        0.0
+    );
+    // The holders give up; their upstream connections close and the
+    // places come back.
+    for held in holders {
+        held.abort();
+    }
+    let mut served = false;
+    for _ in 0..100 {
+        let mut c = common::Client::connect("127.0.0.95", h.proxy()).await;
+        if c.get("/").await.0 == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the upstream places never came back");
+    h.running.shutdown().await;
+}
