@@ -496,3 +496,43 @@ async fn ipv6_clients_are_served_and_limited_by_prefix() {
     );
     running.shutdown().await;
 }
+
+/// A client rotating through the addresses of its /64 is one client: five
+/// addresses of 2001:2::/64 (the IPv6 benchmarking range) share one limit of
+/// 3, and another /64 has its own. The addresses arrive the way they do
+/// behind a load balancer: in `X-Forwarded-For` from a trusted proxy.
+#[tokio::test]
+async fn two_addresses_of_one_ipv6_64_share_a_limit() {
+    let h = Harness::start(
+        "",
+        "[clients]\ntrusted_proxies = [\"127.0.0.41/32\"]\n[rate_limit]\nrate = 3\n",
+    )
+    .await;
+    let mut lb = h.client("127.0.0.41").await;
+    let mut statuses = Vec::new();
+    for client in [
+        "2001:2::1",
+        "2001:2::2",
+        "2001:2::ffff:3",
+        "2001:2::abcd:0:0:4",
+        "2001:2::5",
+    ] {
+        statuses.push(lb.get_with("/", &[("x-forwarded-for", client)]).await.0.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let (status, _, _) = lb.get_with("/", &[("x-forwarded-for", "2001:2:0:1::1")]).await;
+    assert_eq!(status, StatusCode::OK, "another /64 is another client");
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_decisions_total{decision=\"rate_limited\"}"),
+        2.0
+    );
+}
+
+/// The metrics helper refuses an absent series: read as 0, a misnamed
+/// metric would pass every `== 0` check (it did before).
+#[test]
+#[should_panic(expected = "no metric series palisade_no_such_total")]
+fn the_metric_helper_fails_on_an_absent_series() {
+    metric("palisade_requests_total 3\n", "palisade_no_such_total");
+}

@@ -191,9 +191,18 @@ impl Client {
     }
 }
 
-/// The value of a metric line (exact label set), or 0 when absent.
+/// The value of a metric line (exact label set). A series that is absent
+/// fails the test: read as 0, a misnamed metric would pass every `== 0`.
 pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or(0.0)
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()));
+    value.unwrap_or_else(|| {
+        let name = series.split('{').next().unwrap_or(series);
+        let family: Vec<&str> = text.lines().filter(|l| l.starts_with(name)).collect();
+        panic!(
+            "no metric series {series}; the family has:\n{}",
+            family.join("\n")
+        )
+    })
 }
