@@ -559,3 +559,158 @@ fn with_xdp_the_flood_dies_in_the_driver_hook() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The attack that turned the defense against the service: SYNs spoofed to
+/// come from the upstream's own address (hping3 `-a`). Banning that address
+/// in `prerouting` dropped the upstream's answers, and every request after
+/// the flood was a 502. The upstream runs on 198.18.3.4 in the other
+/// namespace; a legitimate client on 198.18.3.3 must get 200 every time.
+#[test]
+fn a_flood_spoofed_as_the_upstream_never_cuts_the_upstream_off() {
+    let Some((srv, att)) = topology() else { return };
+    att.run(&["ip", "addr", "add", "198.18.3.4/24", "dev", "v1"])
+        .unwrap();
+    let dir = scratch("palisade-syn-spoof-upstream");
+    let _upstream = Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                att.name(),
+                env!("CARGO_BIN_EXE_palisade"),
+                "demo-upstream",
+                "--listen",
+                "198.18.3.4:8081",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let cfg = dir.join("spoof.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"198.18.3.1:8080\"\nupstreams = [\"http://198.18.3.4:8081\"]\n\
+             [upstream]\nconnect_timeout = \"1s\"\nresponse_timeout = \"3s\"\n\
+             [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t0ken-0123456789\"\n\
+             [state]\ndata_dir = \"{}\"\n\
+             [syn]\nfirewall = \"nftables\"\npoll_interval = \"100ms\"\nxdp = \"off\"\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let daemon = start(&srv, &cfg);
+    let legit = || {
+        get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    };
+    eventually("the legit client is served", legit);
+
+    // Bounded: 3 000 SYNs at 5 000/s, every one claiming to be the upstream.
+    let out = att
+        .exec(&[
+            "hping3",
+            "-q",
+            "-S",
+            "-a",
+            "198.18.3.4",
+            "-p",
+            "8080",
+            "-i",
+            "u200",
+            "-c",
+            "3000",
+            "198.18.3.1",
+        ])
+        .expect("hping3 is needed (scripts/test installs it)");
+    assert!(out.status.code().is_some(), "hping3 was killed");
+
+    let served = (0..20).filter(|_| legit()).count();
+    let stats = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+    assert_eq!(
+        served, 20,
+        "only {served}/20 requests answered 200 after the flood: {stats}"
+    );
+    assert!(
+        !stats["bans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["net"] == "198.18.3.4/32"),
+        "the upstream was banned: {stats}"
+    );
+    assert!(
+        stats["mitigation"]["bans_refused"]["upstream"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "the refusal is not shown: {stats}"
+    );
+    let metrics = get(&srv, None, "127.0.0.1:9090", "/metrics").unwrap();
+    assert!(
+        metrics.contains("palisade_bans_refused_total{reason=\"upstream\"}"),
+        "{metrics}"
+    );
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every flooding address beyond `syn.ban_budget` a minute is refused a
+/// ban: so many "sources" are more likely forged than real, and banning
+/// each would ban bystanders. Syncookies, which need no source to be real,
+/// take over, and `/syn-stats` says why.
+#[test]
+fn past_the_ban_budget_the_flood_gets_syncookies_instead_of_bans() {
+    let Some((srv, att)) = topology() else { return };
+    att.run(&["ip", "addr", "add", "198.18.3.5/24", "dev", "v1"])
+        .unwrap();
+    srv.run(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=0"]).unwrap();
+    let dir = scratch("palisade-syn-budget");
+    let daemon = start(&srv, &config_with(&dir, "dry-run", "ban_budget = 1\n"));
+    let spoofed = |source: &str| {
+        let out = att
+            .exec(&[
+                "hping3",
+                "-q",
+                "-S",
+                "-a",
+                source,
+                "-p",
+                "8080",
+                "-i",
+                "u200",
+                "-c",
+                "3000",
+                "198.18.3.1",
+            ])
+            .expect("hping3 is needed (scripts/test installs it)");
+        assert!(out.status.code().is_some(), "hping3 was killed");
+    };
+    spoofed("198.18.3.2");
+    spoofed("198.18.3.5");
+    eventually("syncookies are switched on", || {
+        let s = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+        s["mitigation"]["syncookies_reason"] == "ban_budget"
+    });
+    let stats = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+    let bans = stats["bans"].as_array().unwrap();
+    assert_eq!(bans.len(), 1, "the budget of one ban was overspent: {stats}");
+    assert_eq!(stats["mitigation"]["state"], "syncookies_forced", "{stats}");
+    assert!(
+        stats["mitigation"]["bans_refused"]["budget"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{stats}"
+    );
+    assert_eq!(
+        out(&srv, &["sysctl", "-n", "net.ipv4.tcp_syncookies"]).trim(),
+        "1"
+    );
+    // Exit restores the namespace's own setting.
+    stop(daemon);
+    assert_eq!(
+        out(&srv, &["sysctl", "-n", "net.ipv4.tcp_syncookies"]).trim(),
+        "0"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

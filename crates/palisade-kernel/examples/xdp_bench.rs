@@ -162,7 +162,7 @@ fn main() {
 
     let none = flood(&att, &srv, seconds);
 
-    let nft = Nftables::new(Duration::from_secs(600)).in_netns(srv.name());
+    let nft = Nftables::new(Duration::from_secs(600), &[9]).in_netns(srv.name());
     nft.setup().unwrap();
     nft.ban(&[("198.18.5.2/32".parse().unwrap(), Duration::from_secs(600))])
         .unwrap();

@@ -5,18 +5,27 @@
 //! * [`Nftables`]: its own `inet palisade` table with one set per family
 //!   (`ban4`, `ban6`: prefixes, per-element timeouts) and a `prerouting`
 //!   chain at priority -300 (before connection tracking) that drops their
-//!   members. Every change is one JSON batch on `nft -j -f -`'s stdin: one
-//!   process and one kernel transaction per batch, however many addresses.
+//!   members' TCP to the protected ports. Every change is one JSON batch on
+//!   `nft -j -f -`'s stdin: one process and one kernel transaction per
+//!   batch, however many addresses.
 //! * [`Iptables`]: `ipset` sets (`palisade4`, `palisade6`, `hash:net` with
 //!   timeouts, changed through one `ipset restore`) matched by a `PALISADE`
-//!   chain in the raw table's PREROUTING.
+//!   chain in the raw table's PREROUTING, for TCP to the protected ports.
 //! * [`DryRun`]: remembers and logs, changes nothing.
 //!
+//! A ban never drops all traffic from a source: only TCP to the ports it
+//! protects. A source address is trivially spoofed, so a ban can land on
+//! an address the host itself talks to (its upstream, its resolver); its
+//! answers to our own connections must still arrive.
+//!
 //! Commands are argument vectors, never shell strings; addresses reach the
-//! tools only as parsed [`IpNet`] values.
+//! tools only as parsed [`IpNet`] values; the tools are found once, by
+//! absolute path in the system directories ([`Tools`]), never through
+//! `PATH` at each call.
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -45,6 +54,9 @@ pub enum FirewallError {
         /// What it said.
         stderr: String,
     },
+    /// No port to protect was given: a ban would have nothing to drop.
+    #[error("no listener ports to protect")]
+    NoPorts,
     /// The tool's output could not be understood.
     #[error("{tool}: unexpected output: {why}")]
     Output {
@@ -53,6 +65,61 @@ pub enum FirewallError {
         /// What was wrong.
         why: String,
     },
+}
+
+/// The directories programs are taken from: root-owned system paths, not
+/// whatever `PATH` the daemon was started with.
+const SYSTEM_DIRS: [&str; 6] = [
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+    "/usr/local/sbin",
+    "/usr/local/bin",
+];
+
+/// The absolute path of `program` in the system directories, if there.
+pub fn locate(program: &str) -> Option<PathBuf> {
+    SYSTEM_DIRS
+        .iter()
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// The programs the firewalls run, by absolute path, found once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tools {
+    /// `nft`.
+    pub nft: PathBuf,
+    /// `iptables`.
+    pub iptables: PathBuf,
+    /// `ip6tables`.
+    pub ip6tables: PathBuf,
+    /// `ipset`.
+    pub ipset: PathBuf,
+    /// `ip` (for `ip netns exec`).
+    pub ip: PathBuf,
+}
+
+impl Tools {
+    /// Each program from the system directories; one not found keeps its
+    /// conventional `/usr/sbin` path, so the error names what is missing.
+    pub fn locate() -> Self {
+        let find = |p: &str| locate(p).unwrap_or_else(|| Path::new("/usr/sbin").join(p));
+        Self {
+            nft: find("nft"),
+            iptables: find("iptables"),
+            ip6tables: find("ip6tables"),
+            ipset: find("ipset"),
+            ip: find("ip"),
+        }
+    }
+}
+
+impl Default for Tools {
+    fn default() -> Self {
+        Self::locate()
+    }
 }
 
 /// Kernel-level bans.
@@ -74,15 +141,16 @@ pub trait Firewall: Send + Sync {
 /// Runs `program args` (inside network namespace `netns` when given, via
 /// `ip netns exec`), feeding `stdin`; returns stdout.
 fn run(
+    ip: &Path,
     netns: Option<&str>,
-    program: &str,
+    program: &Path,
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, FirewallError> {
     let mut cmd = match netns {
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, program]);
+            let mut c = Command::new(ip);
+            c.args(["netns", "exec", ns]).arg(program);
             c
         }
         None => Command::new(program),
@@ -95,9 +163,9 @@ fn run(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let tool = format!("{program} {}", args.join(" "));
+    let tool = format!("{} {}", program.display(), args.join(" "));
     let mut child = cmd.spawn().map_err(|source| FirewallError::Spawn {
-        tool: program.to_owned(),
+        tool: program.display().to_string(),
         source,
     })?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
@@ -127,18 +195,39 @@ pub struct Nftables {
     table: String,
     netns: Option<String>,
     default_timeout: Duration,
+    ports: Vec<u16>,
     synproxy: Vec<u16>,
+    tools: Tools,
 }
 
 impl Nftables {
-    /// Our table in the current network namespace.
-    pub fn new(default_timeout: Duration) -> Self {
+    /// Our table in the current network namespace; bans drop TCP to
+    /// `ports` (the listeners it protects).
+    pub fn new(default_timeout: Duration, ports: &[u16]) -> Self {
         Self {
             table: "palisade".into(),
             netns: None,
             default_timeout,
+            ports: ports.to_vec(),
             synproxy: Vec::new(),
+            tools: Tools::locate(),
         }
+    }
+
+    /// Runs these programs instead of the located ones.
+    pub fn with_tools(mut self, tools: Tools) -> Self {
+        self.tools = tools;
+        self
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+        run(
+            &self.tools.ip,
+            self.netns.as_deref(),
+            &self.tools.nft,
+            args,
+            stdin,
+        )
     }
 
     /// Answers handshakes to `ports` with the kernel's SYNPROXY: a SYN gets
@@ -159,12 +248,12 @@ impl Nftables {
 
     /// Whether `nft` can be run here.
     pub fn available(&self) -> bool {
-        run(self.netns.as_deref(), "nft", &["--version"], None).is_ok()
+        self.run(&["--version"], None).is_ok()
     }
 
     fn batch(&self, commands: Vec<Value>) -> Result<(), FirewallError> {
         let doc = json!({ "nftables": commands }).to_string();
-        run(self.netns.as_deref(), "nft", &["-j", "-f", "-"], Some(&doc)).map(drop)
+        self.run(&["-j", "-f", "-"], Some(&doc)).map(drop)
     }
 
     fn set_of(net: &IpNet) -> &'static str {
@@ -183,12 +272,7 @@ impl Nftables {
     }
 
     fn set_elements(&self, set: &str) -> Result<Vec<IpNet>, FirewallError> {
-        let out = run(
-            self.netns.as_deref(),
-            "nft",
-            &["-j", "list", "set", "inet", &self.table, set],
-            None,
-        )?;
+        let out = self.run(&["-j", "list", "set", "inet", &self.table, set], None)?;
         let bad = |why: &str| FirewallError::Output {
             tool: "nft list set".into(),
             why: why.to_owned(),
@@ -230,14 +314,20 @@ impl Firewall for Nftables {
     }
 
     fn setup(&self) -> Result<(), FirewallError> {
+        if self.ports.is_empty() {
+            return Err(FirewallError::NoPorts);
+        }
         let t = &self.table;
         let timeout = self.default_timeout.as_secs().max(1);
         let set = |name: &str, kind: &str| {
             json!({"add": {"set": {"family": "inet", "table": t, "name": name, "type": kind,
                 "flags": ["interval", "timeout"], "timeout": timeout}}})
         };
+        // `tcp dport` makes nft match TCP only: a banned address's UDP
+        // (DNS answers), ICMP and its replies to our own connections pass.
         let rule = |proto: &str, set: &str| {
             json!({"add": {"rule": {"family": "inet", "table": t, "chain": "prerouting", "expr": [
+                {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": {"set": self.ports}}},
                 {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "saddr"}}, "right": format!("@{set}")}},
                 {"counter": null},
                 {"drop": null}
@@ -358,17 +448,31 @@ impl Firewall for Nftables {
 pub struct Iptables {
     netns: Option<String>,
     default_timeout: Duration,
+    ports: Vec<u16>,
+    tools: Tools,
 }
 
 const CHAIN: &str = "PALISADE";
 
 impl Iptables {
-    /// In the current network namespace.
-    pub fn new(default_timeout: Duration) -> Self {
+    /// In the current network namespace; bans drop TCP to `ports`.
+    pub fn new(default_timeout: Duration, ports: &[u16]) -> Self {
         Self {
             netns: None,
             default_timeout,
+            ports: ports.to_vec(),
+            tools: Tools::locate(),
         }
+    }
+
+    /// Runs these programs instead of the located ones.
+    pub fn with_tools(mut self, tools: Tools) -> Self {
+        self.tools = tools;
+        self
+    }
+
+    fn run(&self, program: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+        run(&self.tools.ip, self.netns.as_deref(), program, args, stdin)
     }
 
     /// Inside network namespace `ns`.
@@ -379,8 +483,8 @@ impl Iptables {
 
     /// Whether `iptables` and `ipset` can be run here.
     pub fn available(&self) -> bool {
-        run(self.netns.as_deref(), "iptables", &["--version"], None).is_ok()
-            && run(self.netns.as_deref(), "ipset", &["--version"], None).is_ok()
+        self.run(&self.tools.iptables, &["--version"], None).is_ok()
+            && self.run(&self.tools.ipset, &["--version"], None).is_ok()
     }
 
     fn set_of(net: &IpNet) -> &'static str {
@@ -391,17 +495,15 @@ impl Iptables {
     }
 
     fn ipset_restore(&self, script: &str) -> Result<(), FirewallError> {
-        run(
-            self.netns.as_deref(),
-            "ipset",
-            &["restore", "-exist"],
-            Some(script),
-        )
-        .map(drop)
+        self.run(&self.tools.ipset, &["restore", "-exist"], Some(script))
+            .map(drop)
     }
 
-    fn tables(&self) -> [(&'static str, &'static str); 2] {
-        [("iptables", "palisade4"), ("ip6tables", "palisade6")]
+    fn tables(&self) -> [(&Path, &'static str); 2] {
+        [
+            (&self.tools.iptables, "palisade4"),
+            (&self.tools.ip6tables, "palisade6"),
+        ]
     }
 }
 
@@ -411,24 +513,34 @@ impl Firewall for Iptables {
     }
 
     fn setup(&self) -> Result<(), FirewallError> {
+        if self.ports.is_empty() {
+            return Err(FirewallError::NoPorts);
+        }
         let t = self.default_timeout.as_secs().max(1);
         self.ipset_restore(&format!(
             "create palisade4 hash:net family inet timeout {t}\ncreate palisade6 hash:net family inet6 timeout {t}\n"
         ))?;
-        let ns = self.netns.as_deref();
+        // multiport takes at most 15 ports; one listener is the usual case.
+        let ports: Vec<String> = self.ports.iter().take(15).map(u16::to_string).collect();
+        let ports = ports.join(",");
         for (tool, set) in self.tables() {
             // Our chain, emptied, holding exactly one rule.
-            if run(ns, tool, &["-t", "raw", "-N", CHAIN], None).is_err() {
-                run(ns, tool, &["-t", "raw", "-F", CHAIN], None)?;
+            if self.run(tool, &["-t", "raw", "-N", CHAIN], None).is_err() {
+                self.run(tool, &["-t", "raw", "-F", CHAIN], None)?;
             }
-            run(
-                ns,
+            self.run(
                 tool,
                 &[
                     "-t",
                     "raw",
                     "-A",
                     CHAIN,
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "multiport",
+                    "--dports",
+                    &ports,
                     "-m",
                     "set",
                     "--match-set",
@@ -439,8 +551,11 @@ impl Firewall for Iptables {
                 ],
                 None,
             )?;
-            if run(ns, tool, &["-t", "raw", "-C", "PREROUTING", "-j", CHAIN], None).is_err() {
-                run(ns, tool, &["-t", "raw", "-I", "PREROUTING", "-j", CHAIN], None)?;
+            if self
+                .run(tool, &["-t", "raw", "-C", "PREROUTING", "-j", CHAIN], None)
+                .is_err()
+            {
+                self.run(tool, &["-t", "raw", "-I", "PREROUTING", "-j", CHAIN], None)?;
             }
         }
         Ok(())
@@ -478,7 +593,7 @@ impl Firewall for Iptables {
     fn list(&self) -> Result<BTreeSet<IpNet>, FirewallError> {
         let mut all = BTreeSet::new();
         for (_, set) in self.tables() {
-            let out = run(self.netns.as_deref(), "ipset", &["save", set], None)?;
+            let out = self.run(&self.tools.ipset, &["save", set], None)?;
             for line in out.lines() {
                 let mut f = line.split_whitespace();
                 if f.next() != Some("add") {
@@ -499,11 +614,10 @@ impl Firewall for Iptables {
     }
 
     fn teardown(&self) -> Result<(), FirewallError> {
-        let ns = self.netns.as_deref();
         for (tool, _) in self.tables() {
-            let _ = run(ns, tool, &["-t", "raw", "-D", "PREROUTING", "-j", CHAIN], None);
-            let _ = run(ns, tool, &["-t", "raw", "-F", CHAIN], None);
-            let _ = run(ns, tool, &["-t", "raw", "-X", CHAIN], None);
+            let _ = self.run(tool, &["-t", "raw", "-D", "PREROUTING", "-j", CHAIN], None);
+            let _ = self.run(tool, &["-t", "raw", "-F", CHAIN], None);
+            let _ = self.run(tool, &["-t", "raw", "-X", CHAIN], None);
         }
         self.ipset_restore("destroy palisade4\ndestroy palisade6\n")
     }

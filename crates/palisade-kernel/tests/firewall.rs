@@ -13,28 +13,36 @@ use palisade_kernel::netns::Netns;
 
 /// Server 198.18.0.1; attacker side 198.18.0.2 (to be banned) and
 /// 198.18.0.3 (clean).
-/// A TCP listener on 198.18.0.1:7000 in the server namespace accepts
-/// until the namespace goes away.
+/// TCP listeners on 198.18.0.1:7000 (the protected port) and :7001 (a
+/// port the firewall does not protect) accept until the namespace goes away.
 fn pair() -> Option<(Netns, Netns)> {
     let srv = Netns::for_test("srv")?;
     let att = Netns::for_test("att")?;
     srv.link(&att, "198.18.0.1/24", &["198.18.0.2/24", "198.18.0.3/24"])
         .unwrap();
-    let listener = srv
-        .enter(|| TcpListener::bind("198.18.0.1:7000").unwrap())
-        .join()
-        .unwrap();
-    std::thread::spawn(move || for _ in listener.incoming() {});
+    for port in [PROTECTED, 7001] {
+        let listener = srv
+            .enter(move || TcpListener::bind(("198.18.0.1", port)).unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || for _ in listener.incoming() {});
+    }
     Some((srv, att))
 }
 
-/// Whether a TCP handshake from `from` to the server completes.
+const PROTECTED: u16 = 7000;
+
+/// Whether a TCP handshake from `from` to the protected port completes.
 fn reaches(att: &Netns, from: &str) -> bool {
+    reaches_port(att, from, PROTECTED)
+}
+
+fn reaches_port(att: &Netns, from: &str, port: u16) -> bool {
     let from: SocketAddr = format!("{from}:0").parse().unwrap();
     att.enter(move || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         s.bind(&from.into()).unwrap();
-        let to: SocketAddr = "198.18.0.1:7000".parse().unwrap();
+        let to = SocketAddr::from(([198, 18, 0, 1], port));
         s.connect_timeout(&to.into(), Duration::from_millis(500)).is_ok()
     })
     .join()
@@ -70,6 +78,13 @@ fn exercise(fw: &dyn Firewall, srv: &Netns, att: &Netns) {
     assert!(
         reaches(att, "198.18.0.3"),
         "{}: the clean source is dropped too",
+        fw.name()
+    );
+    // A spoofer can aim a ban at any address, so a ban must not cut the
+    // host off from it: only TCP to the protected port is dropped.
+    assert!(
+        reaches_port(att, "198.18.0.2", 7001),
+        "{}: a ban dropped TCP to a port it does not protect",
         fw.name()
     );
     fw.unban(&[net("198.18.0.2/32"), net("192.0.2.9/32")]).unwrap();
@@ -118,7 +133,7 @@ fn exercise(fw: &dyn Firewall, srv: &Netns, att: &Netns) {
 #[test]
 fn nftables_bans_drop_packets_and_clean_up() {
     let Some((srv, att)) = pair() else { return };
-    let fw = Nftables::new(Duration::from_secs(600)).in_netns(srv.name());
+    let fw = Nftables::new(Duration::from_secs(600), &[PROTECTED]).in_netns(srv.name());
     assert!(
         fw.available(),
         "nft is not installed (scripts/test installs nftables)"
@@ -134,7 +149,7 @@ fn nftables_bans_drop_packets_and_clean_up() {
 #[test]
 fn iptables_bans_drop_packets_and_clean_up() {
     let Some((srv, att)) = pair() else { return };
-    let fw = Iptables::new(Duration::from_secs(600)).in_netns(srv.name());
+    let fw = Iptables::new(Duration::from_secs(600), &[PROTECTED]).in_netns(srv.name());
     assert!(
         fw.available(),
         "iptables/ipset are not installed (scripts/test installs them)"

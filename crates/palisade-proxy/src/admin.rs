@@ -359,7 +359,13 @@ async fn ban(app: &App, req: Request<Incoming>) -> Resp {
             .map_or(Duration::from_secs(600), |s| s.ban_duration),
         Some(text) => match crate::config::parse_duration(text) {
             Ok(t) if !t.is_zero() => t,
-            _ => return error(StatusCode::BAD_REQUEST, "duration: e.g. \"30s\", \"10m\", \"1h\""),
+            Ok(_) => return error(StatusCode::BAD_REQUEST, "duration: must be > 0"),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("duration: {e} (e.g. \"30s\", \"10m\", \"1h\")"),
+                );
+            }
         },
     };
     match d.ban(net, ttl) {
@@ -370,7 +376,8 @@ async fn ban(app: &App, req: Request<Incoming>) -> Resp {
                 &serde_json::json!({ "banned": net.trunc(), "seconds": ttl.as_secs() }),
             )
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(e) if e.is_refusal() => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

@@ -97,6 +97,19 @@ pub struct SynSettings {
     pub reconcile_interval: Duration,
     /// Attach the XDP program to the listener's interfaces.
     pub xdp: bool,
+    /// Networks no ban may cover, besides those the config and host imply.
+    pub never_ban: Vec<ipnet::IpNet>,
+    /// Loopback is never banned (default; a test rig may turn it off).
+    pub never_ban_loopback: bool,
+    /// Longest ban anyone (admin, cluster) may ask for.
+    pub max_ban_duration: Duration,
+    /// Widest IPv4 prefix a ban may cover.
+    pub min_prefix_v4: u8,
+    /// Widest IPv6 prefix a ban may cover.
+    pub min_prefix_v6: u8,
+    /// New per-source SYN-flood bans a minute, at most: past it, the flood
+    /// is met with syncookies instead.
+    pub ban_budget: u32,
 }
 
 /// `syn.firewall`.
@@ -359,6 +372,12 @@ struct RawSyn {
     synproxy_ports: Vec<u16>,
     reconcile_interval: String,
     xdp: String,
+    never_ban: Vec<String>,
+    never_ban_loopback: bool,
+    max_ban_duration: String,
+    min_prefix_v4: u8,
+    min_prefix_v6: u8,
+    ban_budget: u32,
 }
 
 impl Default for RawSyn {
@@ -376,6 +395,12 @@ impl Default for RawSyn {
             synproxy_ports: Vec::new(),
             reconcile_interval: "10s".into(),
             xdp: "auto".into(),
+            never_ban: Vec::new(),
+            never_ban_loopback: true,
+            max_ban_duration: "24h".into(),
+            min_prefix_v4: 16,
+            min_prefix_v6: 32,
+            ban_budget: 20,
         }
     }
 }
@@ -836,9 +861,37 @@ impl RawConfig {
         if !(y.syncookies_ratio > 0.0 && y.syncookies_ratio <= 1.0) {
             return Err(at(p!("syn", "syncookies_ratio"), "must be in (0, 1]"));
         }
+        if y.min_prefix_v4 > 32 {
+            return Err(at(p!("syn", "min_prefix_v4"), "must be between 0 and 32"));
+        }
+        if y.min_prefix_v6 > 128 {
+            return Err(at(p!("syn", "min_prefix_v6"), "must be between 0 and 128"));
+        }
+        if y.ban_budget == 0 {
+            return Err(at(p!("syn", "ban_budget"), "must be > 0"));
+        }
+        let never_ban = y
+            .never_ban
+            .iter()
+            .map(|c| raw::cidr(c).map_err(|m| at(p!("syn", "never_ban"), m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ban_duration = duration(&y.ban_duration, p!("syn", "ban_duration"))?;
+        let max_ban_duration = duration(&y.max_ban_duration, p!("syn", "max_ban_duration"))?;
+        if ban_duration > max_ban_duration {
+            return Err(at(
+                p!("syn", "ban_duration"),
+                "must not exceed syn.max_ban_duration",
+            ));
+        }
         Ok(Some(SynSettings {
+            never_ban,
+            never_ban_loopback: y.never_ban_loopback,
+            max_ban_duration,
+            min_prefix_v4: y.min_prefix_v4,
+            min_prefix_v6: y.min_prefix_v6,
+            ban_budget: y.ban_budget,
             firewall,
-            ban_duration: duration(&y.ban_duration, p!("syn", "ban_duration"))?,
+            ban_duration,
             global_threshold: y.global_threshold,
             source_threshold: y.source_threshold,
             poll_interval: duration(&y.poll_interval, p!("syn", "poll_interval"))?,
@@ -1231,6 +1284,9 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-5s").is_err());
+        // Overflow is an error, not a wrap or a silent ceiling.
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("18446744073709551615h").is_err());
     }
 
     #[test]

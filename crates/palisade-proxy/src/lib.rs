@@ -23,6 +23,7 @@ pub mod forward;
 pub mod io;
 pub mod maintenance;
 pub mod metrics;
+pub mod never_ban;
 pub mod profile;
 pub mod proxy;
 pub mod reload;

@@ -33,6 +33,13 @@ pub struct LatencyLabels {
     pub method: &'static str,
 }
 
+/// A `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The value.
+    pub reason: &'static str,
+}
+
 /// A single `reason`/`kind`/`table` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -195,6 +202,9 @@ pub struct Metrics {
     pub syn_bans: Gauge,
     /// Half-open (SYN-RECV) connections on the listener.
     pub syn_half_open: Gauge,
+    /// Bans refused by `reason` (a protected address's kind, `too_wide`,
+    /// `too_long`, `budget`).
+    pub bans_refused: Family<ReasonLabel, Counter>,
     /// The kernel's TCP counters per second, by `kind` (syncookies_sent,
     /// listen_overflows, listen_drops, syn_retrans, passive_opens, ...).
     pub kernel_tcp: Family<KindLabel, Gauge>,
@@ -453,6 +463,12 @@ impl Metrics {
             "Half-open (SYN-RECV) connections on the listener",
             syn_half_open.clone(),
         );
+        let bans_refused = Family::default();
+        registry.register(
+            "bans_refused",
+            "Bans refused (SYN defense, admin, cluster) by reason: a protected address, too wide, too long, over budget",
+            bans_refused.clone(),
+        );
         let kernel_tcp = Family::default();
         registry.register(
             "kernel_tcp_per_second",
@@ -473,6 +489,7 @@ impl Metrics {
             syn_bans_active,
             syn_bans,
             syn_half_open,
+            bans_refused,
             cluster_up,
             cluster_peers,
             cluster_events,

@@ -41,6 +41,7 @@ use crate::connector::{AtCapacity, CappedConnector};
 use crate::forward::{Hop, set_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
+use crate::never_ban::NeverBan;
 use crate::respond::{self, UpstreamFailure};
 use crate::stall::StreamExecutor;
 use crate::state::DurableState;
@@ -315,8 +316,8 @@ impl App {
             data_dir,
             penalize,
             share,
+            NeverBan::build(&rt.config),
         );
-        defense.set_exempt(syn_exempt(&rt.config));
         let _ = self.syn.set(defense.clone());
         Some(defense)
     }
@@ -429,7 +430,7 @@ impl App {
             };
             let now = palisade_core::unix_now();
             let result = if e.expires > now {
-                syn.ban_from_cluster(e.net, e.expires)
+                syn.ban_from_cluster(e.net, e.expires).map_err(|e| e.to_string())
             } else {
                 syn.unban(e.net).map(drop)
             };
@@ -506,7 +507,12 @@ impl App {
             self.metrics.zero_upstream(u.label);
         }
         if let Some(d) = self.syn.get() {
-            d.set_exempt(syn_exempt(&runtime.config));
+            // Resolves names: off the async workers.
+            let config = runtime.config.clone();
+            match tokio::task::spawn_blocking(move || NeverBan::build(&config)).await {
+                Ok(never_ban) => d.set_never_ban(never_ban),
+                Err(e) => tracing::error!("never-ban set not rebuilt, the old one stays: {e}"),
+            }
         }
         self.runtime.store(Arc::new(runtime));
         self.metrics.config_last_reload_success.set(1);
@@ -547,6 +553,11 @@ impl App {
             m.syn_bans_active.set(active as i64);
             m.syn_bans.set(i64::try_from(total).unwrap_or(i64::MAX));
             m.syn_half_open.set(half_open as i64);
+            for (reason, n) in syn.refused() {
+                let c = m.bans_refused.get_or_create(&metrics::ReasonLabel { reason });
+                // The defense counts; the counter catches up at each scrape.
+                c.inc_by(n.saturating_sub(c.get()));
+            }
             if let Some(x) = syn.xdp_stats() {
                 for (kind, v) in [("seen", x.seen), ("dropped", x.dropped), ("syns", x.syns)] {
                     m.xdp_packets
@@ -889,11 +900,6 @@ impl App {
 }
 
 /// Who the SYN defense never bans: allow-listed sources and trusted proxies.
-fn syn_exempt(config: &Config) -> Vec<ipnet::IpNet> {
-    let s = &config.shield;
-    s.allow.iter().chain(s.trusted_proxies.nets()).copied().collect()
-}
-
 /// Why a reload did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {

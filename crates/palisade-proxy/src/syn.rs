@@ -14,7 +14,7 @@
 //! Without `CAP_NET_RAW` there is no capture (counters only); without
 //! `CAP_NET_ADMIN` the firewall is a dry run. Both are said at start.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +31,7 @@ use palisade_kernel::xdp::{XdpDefense, XdpMode, XdpStats, interfaces_for};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{FirewallChoice, SynSettings};
+use crate::never_ban::NeverBan;
 
 const SYNCOOKIES: &str = "/proc/sys/net/ipv4/tcp_syncookies";
 /// Half-open connections from one source that make it an offender.
@@ -58,6 +59,57 @@ pub struct Ban {
     pub install_ms: Option<f64>,
 }
 
+/// Why a ban was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum BanError {
+    /// It overlaps an address that must stay reachable.
+    #[error("{net} overlaps {covered}, which is never banned ({reason})")]
+    Protected {
+        /// The ban asked for.
+        net: IpNet,
+        /// The protected network it overlaps.
+        covered: IpNet,
+        /// Why that one is protected.
+        reason: &'static str,
+    },
+    /// A prefix wider than `syn.min_prefix_v4`/`v6`.
+    #[error("{net} is wider than /{min} (syn.min_prefix_v4, syn.min_prefix_v6)")]
+    TooWide {
+        /// The ban asked for.
+        net: IpNet,
+        /// The widest prefix allowed for its family.
+        min: u8,
+    },
+    /// Longer than `syn.max_ban_duration`.
+    #[error("{secs}s is longer than syn.max_ban_duration ({max}s)")]
+    TooLong {
+        /// Asked for.
+        secs: u64,
+        /// Allowed.
+        max: u64,
+    },
+    /// The firewall failed.
+    #[error("{0}")]
+    Firewall(String),
+}
+
+impl BanError {
+    /// The ban was refused by policy (a client error), not failed.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, Self::Firewall(_))
+    }
+
+    /// The `reason` label of `palisade_bans_refused_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Protected { reason, .. } => reason,
+            Self::TooWide { .. } => "too_wide",
+            Self::TooLong { .. } => "too_long",
+            Self::Firewall(_) => "firewall",
+        }
+    }
+}
+
 struct Offender {
     ip: IpAddr,
     first_seen: u64,
@@ -80,6 +132,8 @@ pub struct Snapshot {
     pub syncookies: Option<u8>,
     /// We switched syncookies on (and will restore the old value).
     pub syncookies_forced: bool,
+    /// Why: `retransmits` or `ban_budget`.
+    pub syncookies_reason: Option<&'static str>,
     /// The XDP program's counters (when attached).
     pub xdp: Option<XdpStats>,
 }
@@ -93,6 +147,8 @@ pub struct SynDefense {
     capturing: bool,
     bans: Mutex<BTreeMap<IpNet, Ban>>,
     banned: ArcSwap<HashSet<IpNet>>,
+    /// Bans wider than one key (CIDR bans), checked by containment.
+    banned_wide: ArcSwap<Vec<IpNet>>,
     rates: Mutex<SynRates>,
     snapshot: Mutex<Snapshot>,
     bans_path: Option<PathBuf>,
@@ -109,10 +165,14 @@ pub struct SynDefense {
     syns: AtomicU64,
     bans_total: AtomicU64,
     attack: AtomicBool,
-    /// Never banned for SYN rates: `clients.allow` and `trusted_proxies`
-    /// (a load balancer opens many connections by design). Loopback is
-    /// always exempt: banning it cuts the host off from itself.
-    exempt: ArcSwap<Vec<IpNet>>,
+    /// What no ban may cover (see [`NeverBan`]).
+    never_ban: ArcSwap<NeverBan>,
+    /// Bans refused, by reason.
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// When the per-source SYN bans of the last minute were made.
+    budget: Mutex<VecDeque<u64>>,
+    /// More offenders than the ban budget: the poll turns syncookies on.
+    over_budget: AtomicBool,
 }
 
 impl std::fmt::Debug for SynDefense {
@@ -167,10 +227,11 @@ fn attach_xdp(listen: std::net::SocketAddr) -> Option<XdpDefense> {
 fn choose_firewall(
     choice: FirewallChoice,
     timeout: Duration,
+    port: u16,
     synproxy: &[u16],
 ) -> (Box<dyn Firewall>, Option<String>) {
-    let nft = Nftables::new(timeout).with_synproxy(synproxy);
-    let ipt = Iptables::new(timeout);
+    let nft = Nftables::new(timeout, &[port]).with_synproxy(synproxy);
+    let ipt = Iptables::new(timeout, &[port]);
     let mut why = Vec::new();
     let candidates: Vec<Box<dyn Firewall>> = match choice {
         FirewallChoice::DryRun => return (Box::new(DryRun::default()), None),
@@ -195,6 +256,8 @@ struct PollState {
     high_since: Option<u64>,
     low_since: Option<u64>,
     restore_to: Option<u8>,
+    /// Why syncookies were switched on.
+    forced_by: Option<&'static str>,
     reconciled: u64,
     xdp_last: Option<XdpStats>,
     /// Half-open sockets at the last dump.
@@ -210,6 +273,7 @@ impl PollState {
             high_since: None,
             low_since: None,
             restore_to: None,
+            forced_by: None,
             reconciled: 0,
             xdp_last: None,
             half_open_last: 0,
@@ -227,9 +291,14 @@ impl SynDefense {
         data_dir: Option<PathBuf>,
         penalize: Arc<dyn Fn(IpAddr) + Send + Sync>,
         share: Arc<dyn Fn(IpNet, u64) + Send + Sync>,
+        never_ban: NeverBan,
     ) -> Arc<Self> {
-        let (firewall, fallback) =
-            choose_firewall(settings.firewall, settings.ban_duration, &settings.synproxy_ports);
+        let (firewall, fallback) = choose_firewall(
+            settings.firewall,
+            settings.ban_duration,
+            listen.port(),
+            &settings.synproxy_ports,
+        );
         if !settings.synproxy_ports.is_empty() {
             if firewall.name() == "nftables" {
                 // SYNPROXY only sees the client's ACK if conntrack does not
@@ -273,6 +342,7 @@ impl SynDefense {
             capturing: capture.is_some(),
             bans: Mutex::new(BTreeMap::new()),
             banned: ArcSwap::from_pointee(HashSet::new()),
+            banned_wide: ArcSwap::from_pointee(Vec::new()),
             rates: Mutex::new(SynRates::new(thresholds, 100_000)),
             snapshot: Mutex::new(Snapshot::default()),
             bans_path,
@@ -285,7 +355,10 @@ impl SynDefense {
             syns: AtomicU64::new(0),
             bans_total: AtomicU64::new(0),
             attack: AtomicBool::new(false),
-            exempt: ArcSwap::from_pointee(Vec::new()),
+            never_ban: ArcSwap::from_pointee(never_ban),
+            refused: Mutex::new(BTreeMap::new()),
+            budget: Mutex::new(VecDeque::new()),
+            over_budget: AtomicBool::new(false),
             firewall,
             settings,
         });
@@ -332,22 +405,96 @@ impl SynDefense {
         }
     }
 
-    /// Sources that are never banned for their SYN rate (besides
-    /// loopback); set at start and on every reload.
-    pub fn set_exempt(&self, nets: Vec<IpNet>) {
-        self.exempt.store(Arc::new(nets));
+    /// What no ban may cover; set at start and on every reload.
+    pub fn set_never_ban(&self, never_ban: NeverBan) {
+        self.never_ban.store(Arc::new(never_ban));
     }
 
-    fn is_exempt(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_loopback() || self.exempt.load().iter().any(|n| n.contains(&ip))
+    /// Refuses `net` when it overlaps the never-ban set: counted by reason
+    /// and logged (the first, second, fourth... time per reason, so a flood
+    /// of refusals cannot flood the log).
+    fn refuse_protected(&self, net: IpNet, path: &str) -> Result<(), BanError> {
+        match self.never_ban.load().covers(&net) {
+            None => Ok(()),
+            Some((covered, why)) => {
+                let e = BanError::Protected {
+                    net,
+                    covered,
+                    reason: why.as_str(),
+                };
+                self.count_refusal(&e, path);
+                Err(e)
+            }
+        }
     }
 
-    /// Whether `ip` is banned (checked at accept and per request).
+    fn count_refusal(&self, e: &BanError, path: &str) {
+        let n = {
+            let mut refused = lock(&self.refused);
+            let n = refused.entry(e.reason()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if n.is_power_of_two() {
+            tracing::warn!(path, refused = n, reason = e.reason(), "ban refused: {e}");
+        }
+    }
+
+    /// Whether a ban asked for from outside (admin, cluster) is allowed:
+    /// not too wide, not too long, nothing protected under it.
+    fn admit(&self, net: IpNet, ttl: Duration, path: &str) -> Result<(), BanError> {
+        let min = match net {
+            IpNet::V4(_) => self.settings.min_prefix_v4,
+            IpNet::V6(_) => self.settings.min_prefix_v6,
+        };
+        let max = self.settings.max_ban_duration;
+        let e = if net.prefix_len() < min {
+            BanError::TooWide { net, min }
+        } else if ttl > max {
+            BanError::TooLong {
+                secs: ttl.as_secs(),
+                max: max.as_secs(),
+            }
+        } else {
+            return self.refuse_protected(net, path);
+        };
+        self.count_refusal(&e, path);
+        Err(e)
+    }
+
+    /// Bans refused since start, by reason.
+    pub fn refused(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.refused).iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// Whether `ip` is banned (checked at accept and per request): its own
+    /// key, or a wider ban holding it, so CIDR bans hold in user space too
+    /// (a dry run has no kernel to enforce them).
     #[inline]
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         let set = self.banned.load();
-        !set.is_empty() && set.contains(&self.key(ip))
+        if !set.is_empty() && set.contains(&self.key(ip)) {
+            return true;
+        }
+        let wide = self.banned_wide.load();
+        if wide.is_empty() {
+            return false;
+        }
+        let ip = ip.to_canonical();
+        wide.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Publishes the lookup views of `bans`.
+    fn refresh_banned(&self, bans: &BTreeMap<IpNet, Ban>) {
+        let (wide, exact): (Vec<IpNet>, Vec<IpNet>) = bans.keys().partition(|n| {
+            let key_len = match n {
+                IpNet::V4(_) => 32,
+                IpNet::V6(_) => self.v6_prefix,
+            };
+            n.prefix_len() < key_len
+        });
+        self.banned.store(Arc::new(exact.into_iter().collect()));
+        self.banned_wide.store(Arc::new(wide));
     }
 
     fn capture_loop(&self, cap: &SynCapture, tx: &mpsc::SyncSender<Offender>) {
@@ -406,7 +553,12 @@ impl SynDefense {
             }
             // The capture thread and the XDP reader may both report a source.
             let mut seen = HashSet::new();
-            batch.retain(|o| !self.is_banned(o.ip) && !self.is_exempt(o.ip) && seen.insert(self.key(o.ip)));
+            batch.retain(|o| {
+                !self.is_banned(o.ip)
+                    && seen.insert(self.key(o.ip))
+                    && self.refuse_protected(self.key(o.ip), "syn_flood").is_ok()
+                    && self.spend_budget()
+            });
             if batch.is_empty() {
                 continue;
             }
@@ -448,6 +600,41 @@ impl SynDefense {
             }
             self.persist();
         }
+    }
+
+    /// Takes one new ban from the budget of `syn.ban_budget` a minute.
+    /// Sources are trivially spoofed: a flood "from" more addresses than
+    /// that is more likely forged than real, and banning every address it
+    /// names would ban bystanders. Past the budget the offender is refused
+    /// and the poll escalates to syncookies, which need no source to be
+    /// real.
+    fn spend_budget(&self) -> bool {
+        const MINUTE: u64 = 60_000_000_000;
+        let now = self.clock.now();
+        let mut made = lock(&self.budget);
+        while made.front().is_some_and(|t| now.saturating_sub(*t) >= MINUTE) {
+            made.pop_front();
+        }
+        if made.len() < self.settings.ban_budget as usize {
+            made.push_back(now);
+            return true;
+        }
+        drop(made);
+        let n = {
+            let mut refused = lock(&self.refused);
+            let n = refused.entry("budget").or_insert(0);
+            *n += 1;
+            *n
+        };
+        if !self.over_budget.swap(true, Ordering::AcqRel) || n.is_power_of_two() {
+            tracing::warn!(
+                budget = self.settings.ban_budget,
+                refused = n,
+                "SYN flood from more sources than syn.ban_budget allows a minute (spoofed?): \
+                 no more per-source bans, syncookies instead"
+            );
+        }
+        false
     }
 
     fn xdp_ban(&self, nets: &[(IpNet, Duration)]) {
@@ -524,31 +711,40 @@ impl SynDefense {
         let mut bans = lock(&self.bans);
         bans.insert(ban.net, ban);
         self.bans_total.fetch_add(1, Ordering::Relaxed);
-        self.banned.store(Arc::new(bans.keys().copied().collect()));
+        self.refresh_banned(&bans);
     }
 
     /// Bans a network by hand (admin API); the cluster hears of it.
-    pub fn ban(&self, net: IpNet, ttl: Duration) -> Result<(), String> {
-        let until = unix_now() + ttl.as_secs();
-        self.ban_until(net.trunc(), until, "admin")?;
-        (self.share)(net.trunc(), until);
+    pub fn ban(&self, net: IpNet, ttl: Duration) -> Result<(), BanError> {
+        let net = net.trunc();
+        self.admit(net, ttl, "admin")?;
+        let until = unix_now().saturating_add(ttl.as_secs());
+        self.ban_until(net, until, "admin")?;
+        (self.share)(net, until);
         Ok(())
     }
 
-    /// Applies a ban another node made (not shared again).
-    pub fn ban_from_cluster(&self, net: IpNet, until: u64) -> Result<(), String> {
-        if lock(&self.bans)
-            .get(&net.trunc())
-            .is_some_and(|b| b.until >= until)
-        {
+    /// Applies a ban another node made (not shared again), under the same
+    /// rules as a local one: a node's word is no licence to cut this one
+    /// off from its upstream.
+    pub fn ban_from_cluster(&self, net: IpNet, until: u64) -> Result<(), BanError> {
+        let net = net.trunc();
+        if lock(&self.bans).get(&net).is_some_and(|b| b.until >= until) {
             return Ok(());
         }
-        self.ban_until(net.trunc(), until, "cluster")
+        self.admit(
+            net,
+            Duration::from_secs(until.saturating_sub(unix_now())),
+            "cluster",
+        )?;
+        self.ban_until(net, until, "cluster")
     }
 
-    fn ban_until(&self, net: IpNet, until: u64, reason: &str) -> Result<(), String> {
+    fn ban_until(&self, net: IpNet, until: u64, reason: &str) -> Result<(), BanError> {
         let ttl = Duration::from_secs(until.saturating_sub(unix_now()).max(1));
-        self.firewall.ban(&[(net, ttl)]).map_err(|e| e.to_string())?;
+        self.firewall
+            .ban(&[(net, ttl)])
+            .map_err(|e| BanError::Firewall(e.to_string()))?;
         self.xdp_ban(&[(net, ttl)]);
         self.record(Ban {
             net,
@@ -580,7 +776,7 @@ impl SynDefense {
         }
         let mut bans = lock(&self.bans);
         let had = bans.remove(&net).is_some();
-        self.banned.store(Arc::new(bans.keys().copied().collect()));
+        self.refresh_banned(&bans);
         drop(bans);
         self.persist();
         Ok(had)
@@ -623,7 +819,12 @@ impl SynDefense {
             }
         };
         let now = unix_now();
-        let live: Vec<Ban> = bans.into_iter().filter(|b| b.until > now).collect();
+        // A ban persisted before an address became protected (or before
+        // protection existed) must not come back.
+        let live: Vec<Ban> = bans
+            .into_iter()
+            .filter(|b| b.until > now && self.refuse_protected(b.net, "restore").is_ok())
+            .collect();
         let nets: Vec<(IpNet, Duration)> = live
             .iter()
             .map(|b| (b.net, Duration::from_secs(b.until - now)))
@@ -741,16 +942,34 @@ impl SynDefense {
         top.sort_by_key(|e| std::cmp::Reverse(e.1));
         top.truncate(10);
         snap.half_open_top = top;
-        // Sustained SYN-ACK retransmits: turn syncookies on; restore
-        // once the ratio has stayed below half of it as long.
+        // Sustained SYN-ACK retransmits, or a flood from more sources than
+        // the ban budget: turn syncookies on; restore once the ratio has
+        // stayed below half of it as long.
         let after = u64::try_from(self.settings.syncookies_after.as_nanos()).unwrap_or(u64::MAX);
-        if snap.retransmit_ratio > self.settings.syncookies_ratio {
+        if self.over_budget.swap(false, Ordering::AcqRel) {
+            st.low_since = None;
+            if st.restore_to.is_none() {
+                match set_syncookies(1) {
+                    Ok(old) if old != 1 => {
+                        st.restore_to = Some(old);
+                        st.forced_by = Some("ban_budget");
+                        tracing::warn!(
+                            budget = self.settings.ban_budget,
+                            "SYN flood over the ban budget: net.ipv4.tcp_syncookies=1"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("cannot set {SYNCOOKIES}: {e}"),
+                }
+            }
+        } else if snap.retransmit_ratio > self.settings.syncookies_ratio {
             st.low_since = None;
             let since = *st.high_since.get_or_insert(now);
             if now - since >= after && st.restore_to.is_none() {
                 match set_syncookies(1) {
                     Ok(old) if old != 1 => {
                         st.restore_to = Some(old);
+                        st.forced_by = Some("retransmits");
                         tracing::warn!(
                             ratio = snap.retransmit_ratio,
                             seconds = self.settings.syncookies_after.as_secs(),
@@ -769,9 +988,13 @@ impl SynDefense {
                     && now - since >= after
                 {
                     if set_syncookies(old).is_ok() {
-                        tracing::info!("SYN-ACK retransmits back to normal: net.ipv4.tcp_syncookies={old}");
+                        tracing::info!(
+                            forced_by = st.forced_by,
+                            "SYN-ACK retransmits back to normal: net.ipv4.tcp_syncookies={old}"
+                        );
                     }
                     st.restore_to = None;
+                    st.forced_by = None;
                 }
             }
         }
@@ -779,6 +1002,7 @@ impl SynDefense {
             .ok()
             .and_then(|v| v.trim().parse().ok());
         snap.syncookies_forced = st.restore_to.is_some();
+        snap.syncookies_reason = st.forced_by;
         if let Some(stats) = self.judge_xdp(dt, &mut st.xdp_last) {
             snap.xdp = Some(stats);
         }
@@ -882,7 +1106,12 @@ impl SynDefense {
                 "capture": self.capturing,
                 "syncookies": snap.syncookies,
                 "syncookies_forced": snap.syncookies_forced,
+                // retransmits: SYN-ACKs to sources that never answer
+                // dominate; ban_budget: more offenders than syn.ban_budget
+                // a minute, too many to be real; bans are left to stand.
+                "syncookies_reason": snap.syncookies_reason,
                 "active_bans": bans.len(),
+                "bans_refused": self.refused().into_iter().collect::<BTreeMap<_, _>>(),
             },
             "port": self.port,
             "capture": self.capturing,

@@ -435,7 +435,8 @@ async fn kernel_bans_reach_every_node() {
     let Some(redis) = Redis::start() else { return };
     // Dry-run firewalls: the bans are enforced at accept by each daemon,
     // the host's kernel is left alone.
-    let syn = "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\n";
+    // Loopback bans are the only ones a loopback test can observe.
+    let syn = "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\nnever_ban_loopback = false\n";
     let a = node(&redis, "a", syn).await;
     let b = node(&redis, "b", syn).await;
     all_up(&[&a, &b]).await;

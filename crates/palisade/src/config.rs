@@ -816,14 +816,19 @@ pub mod raw {
         let n: u64 = num
             .parse()
             .map_err(|_| format!("{s:?} is not a duration (e.g. \"250ms\", \"5s\", \"2m\")"))?;
+        let secs = |mul: u64| n.checked_mul(mul).map(Duration::from_secs);
         let d = match unit.trim() {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => secs(1),
+            "m" => secs(60),
+            "h" => secs(3600),
             _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
         };
-        Ok(d)
+        // A ceiling far past any sane setting: added to a clock, a longer
+        // one would overflow instead of meaning "forever".
+        const MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        d.filter(|d| *d <= MAX)
+            .ok_or_else(|| format!("{s:?} is too long (at most 100 years)"))
     }
 
     pub fn nanos(d: Duration) -> u64 {

@@ -1,0 +1,101 @@
+//! The admin ban API against the real daemon (dry-run firewall: the bans
+//! are enforced at accept, the host's kernel is left alone). A ban is a
+//! weapon; these are the ways it could be turned on the daemon itself.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Harness, metric};
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+async fn post_ban(h: &Harness, body: &str) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/bans")
+        .header("host", "localhost")
+        .header("authorization", "Bearer test-token-0123456789")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let (status, _, body) = h.admin_client().await.send(req).await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn admin_bans_that_would_cut_off_the_host_or_the_world_are_400() {
+    let h = Harness::start("", "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\n").await;
+    for (body, why) in [
+        (r#"{"ip": "0.0.0.0/0"}"#, "wider than /16"),
+        (r#"{"ip": "::/0"}"#, "wider than /32"),
+        (r#"{"ip": "10.0.0.0/8"}"#, "wider than /16"),
+        (r#"{"ip": "127.0.0.1"}"#, "loopback"),
+        (r#"{"ip": "::1"}"#, "loopback"),
+        (r#"{"ip": "::ffff:127.0.0.1"}"#, "loopback"),
+        (
+            r#"{"ip": "198.51.100.7", "duration": "18446744073709551615s"}"#,
+            "too long",
+        ),
+        (r#"{"ip": "198.51.100.7", "duration": "25h"}"#, "max_ban_duration"),
+    ] {
+        let (status, text) = post_ban(&h, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
+        assert!(text.contains(why), "{body}: {text}");
+    }
+    let (status, _, bans) = h.admin_client().await.get("/api/v1/bans").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(bans.trim(), "[]", "{bans}");
+    // The daemon still serves its loopback clients.
+    let (status, _, _) = h.client("127.0.0.2").await.get("/").await;
+    assert_eq!(status, StatusCode::OK);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_bans_refused_total{reason=\"too_wide\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric(&m, "palisade_bans_refused_total{reason=\"loopback\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric(&m, "palisade_bans_refused_total{reason=\"too_long\"}"),
+        1.0
+    );
+    // An ordinary ban is still taken.
+    let (status, text) = post_ban(&h, r#"{"ip": "198.51.100.0/24", "duration": "1h"}"#).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+}
+
+#[tokio::test]
+async fn a_cidr_ban_holds_at_accept_without_a_kernel_firewall() {
+    // Loopback bans are the only ones a loopback test can observe.
+    let h = Harness::start(
+        "",
+        "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\nnever_ban_loopback = false\n",
+    )
+    .await;
+    let (status, _, _) = h.client("127.0.9.5").await.get("/").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, text) = post_ban(&h, r#"{"ip": "127.0.9.0/24", "duration": "5m"}"#).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    // A fresh connection from inside the /24 is closed before a byte is read.
+    let mut s = common::connect_from("127.0.9.5", h.proxy()).await;
+    let answer = {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .unwrap()
+            .map(|_| buf)
+    };
+    assert!(
+        answer.is_err() || answer.as_ref().is_ok_and(|b| b.is_empty()),
+        "a client inside the banned /24 was served: {answer:?}"
+    );
+    // Outside it, served.
+    let (status, _, _) = h.client("127.0.10.5").await.get("/").await;
+    assert_eq!(status, StatusCode::OK);
+}
