@@ -9,7 +9,7 @@
 //! records), no newcomer finds no record at half fill, 0.26 % at 90 %.
 //!
 //! **Eviction.** A record changes hands only when its client is idle: its
-//! state equals a fresh one ([`Words::rate_idle`]), so forgetting it loses
+//! state equals a fresh one ([`Words::idle`]), so forgetting it loses
 //! nothing, and an evicted abuser never comes back with a full bucket.
 //! Among idle candidates the one quiet longest goes. Active clients are
 //! never evicted, so a flood of fresh keys cannot push an established
@@ -337,14 +337,14 @@ impl Clients {
         let mut best: Option<(usize, u32, u64)> = None;
         for i in self.candidates(h) {
             let w = records[i].peek();
-            if w.rate_idle(now) && best.is_none_or(|(_, _, q)| w.quiet_secs(now) > q) {
+            if w.idle(now) && best.is_none_or(|(_, _, q)| w.quiet_secs(now) > q) {
                 best = Some((i, w.tag(), w.quiet_secs(now)));
             }
         }
         if let Some((i, tag, _)) = best
             && let Some(mut w) = records[i].lock(tag)
         {
-            if !w.rate_idle(now) {
+            if !w.idle(now) {
                 // Busy again since the peek.
                 records[i].unlock(w);
             } else {
@@ -398,6 +398,16 @@ impl Clients {
             records[i].unlock(w);
             true
         })
+    }
+
+    /// Calls `f` with the words of every client that has a record (read
+    /// without locks: for gauges and listings).
+    pub fn for_each(&self, mut f: impl FnMut(Words)) {
+        for r in self.records() {
+            if r.tag() != 0 {
+                f(r.peek());
+            }
+        }
     }
 
     /// Records claimed by clients (idle ones included, until taken over).

@@ -23,6 +23,7 @@ pub mod adaptive;
 pub mod admission;
 pub mod breaker;
 pub mod clients;
+pub mod notes;
 pub mod rate;
 pub mod record;
 pub mod reputation;

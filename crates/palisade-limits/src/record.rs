@@ -3,8 +3,8 @@
 //! ```text
 //! word 0  tag:32 | lock:1 | sec:28 | spare:3
 //! word 1  tat:44 | win_prev:20
-//! word 2  reserved:44 | win_cur:20
-//! word 3  reserved:64
+//! word 2  spare:1 | score:17 | streak:8 | flood:18 | win_cur:20
+//! word 3  score_at:40 | settle:24
 //! ```
 //!
 //! - `tag` identifies the client within its table (0: no client).
@@ -23,8 +23,17 @@
 //!   previous second by the part of it still inside the window (see
 //!   [`Words::check`]; error measured in `tests/window.rs`).
 //!
-//! Words 2 and 3 keep their reserved bits at zero for the reputation and
-//! adaptive-breaker state that is still held in its own tables.
+//! - `flood`: requests seen in second `sec` (reputation's flood rule),
+//!   saturating at 2¹⁸ − 1.
+//! - `streak`: consecutive 400/401 responses.
+//! - `score`: the reputation score in thousandths of a point, plus one (0:
+//!   never scored, so at the initial score), stored at `score_at`
+//!   (milliseconds of clock time); recovery is applied when it is read.
+//! - `settle`: seconds after `score_at` until the score is back at the
+//!   initial one (2²⁴ − 1: never, recovery disabled).
+//!
+//! A limiter's table leaves the reputation fields at zero and a reputation
+//! table the limiter's, so one idleness rule serves both.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,6 +50,17 @@ const SEC_MASK: u64 = (1 << SEC_BITS) - 1;
 const TAT_SHIFT: u32 = 20;
 const TAT_BITS: u32 = 44;
 const TAT_MAX: u64 = (1 << TAT_BITS) - 1;
+
+const FLOOD_SHIFT: u32 = 20;
+/// Flood counts saturate here.
+pub const FLOOD_MAX: u64 = (1 << 18) - 1;
+const STREAK_SHIFT: u32 = 38;
+const SCORE_SHIFT: u32 = 46;
+const SCORE_MASK: u64 = (1 << 17) - 1;
+const SETTLE_MASK: u64 = (1 << 24) - 1;
+/// `settle` of a score that never recovers.
+const NEVER: u64 = SETTLE_MASK;
+const AT_SHIFT: u32 = 24;
 
 const COUNT_BITS: u32 = 20;
 /// Counts fit in 20 bits: a window limit above this acts as this limit.
@@ -199,13 +219,14 @@ impl Words {
         (now / NANOS_PER_SEC).wrapping_sub(self.sec()) & SEC_MASK
     }
 
-    /// Moves the rate state's base to `now`'s second: `tat` rebased, the
-    /// window shifted by the seconds that passed.
-    fn roll(&mut self, now: Nanos) {
+    /// Moves the per-second state to `now`'s second: `tat` rebased, the
+    /// window shifted by the seconds that passed, the flood count restarted.
+    pub fn roll(&mut self, now: Nanos) {
         let gap = self.quiet_secs(now);
         if gap == 0 {
             return;
         }
+        self.0[2] &= !(FLOOD_MAX << FLOOD_SHIFT);
         let tat = self.tat().saturating_sub(gap.saturating_mul(NANOS_PER_SEC));
         let (prev, cur) = match gap {
             1 => (self.win_cur(), 0),
@@ -215,12 +236,65 @@ impl Words {
         self.set_sec(now / NANOS_PER_SEC);
     }
 
-    /// True when the rate state equals a fresh one at `now`: nothing is lost
-    /// by forgetting the client.
-    pub fn rate_idle(&self, now: Nanos) -> bool {
+    /// True when the state equals a fresh one at `now`: nothing is lost by
+    /// forgetting the client (window empty, bucket full, no flood count or
+    /// error streak, score back at the initial one).
+    pub fn idle(&self, now: Nanos) -> bool {
         let mut w = *self;
         w.roll(now);
-        w.win_prev() == 0 && w.win_cur() == 0 && w.tat() <= now % NANOS_PER_SEC
+        w.win_prev() == 0
+            && w.win_cur() == 0
+            && w.tat() <= now % NANOS_PER_SEC
+            && w.flood() == 0
+            && w.streak() == 0
+            && w.settled(now)
+    }
+
+    /// Requests counted in the current second (call [`roll`](Self::roll) first).
+    pub fn flood(&self) -> u64 {
+        (self.0[2] >> FLOOD_SHIFT) & FLOOD_MAX
+    }
+
+    /// Counts one request for the flood rule; returns the count.
+    pub fn count_request(&mut self) -> u64 {
+        let n = (self.flood() + 1).min(FLOOD_MAX);
+        self.0[2] = (self.0[2] & !(FLOOD_MAX << FLOOD_SHIFT)) | (n << FLOOD_SHIFT);
+        n
+    }
+
+    /// Consecutive 400/401 responses.
+    pub fn streak(&self) -> u8 {
+        (self.0[2] >> STREAK_SHIFT) as u8
+    }
+
+    /// Sets the error streak.
+    pub fn set_streak(&mut self, n: u8) {
+        self.0[2] = (self.0[2] & !(0xff << STREAK_SHIFT)) | (u64::from(n) << STREAK_SHIFT);
+    }
+
+    /// The stored score (thousandths) and when it was stored (ms), if any.
+    pub fn stored_score(&self) -> Option<(i64, u64)> {
+        let s = (self.0[2] >> SCORE_SHIFT) & SCORE_MASK;
+        (s != 0).then(|| ((s - 1) as i64, self.0[3] >> AT_SHIFT))
+    }
+
+    /// Stores a score (thousandths, 0–100 000) at `now`, with the seconds
+    /// it takes to recover (`None`: never).
+    pub fn store_score(&mut self, milli: i64, settle_secs: Option<u64>, now: Nanos) {
+        let s = milli.clamp(0, 100_000) as u64 + 1;
+        self.0[2] = (self.0[2] & !(SCORE_MASK << SCORE_SHIFT)) | (s << SCORE_SHIFT);
+        let settle = settle_secs.map_or(NEVER, |t| t.min(NEVER - 1));
+        let at = (now / palisade_core::NANOS_PER_MS) & ((1 << 40) - 1);
+        self.0[3] = (at << AT_SHIFT) | settle;
+    }
+
+    /// Whether the score is back at the initial one by `now`.
+    fn settled(&self, now: Nanos) -> bool {
+        let Some((_, at_ms)) = self.stored_score() else {
+            return true;
+        };
+        let settle = self.0[3] & SETTLE_MASK;
+        settle != NEVER && now / palisade_core::NANOS_PER_MS >= at_ms + settle * 1000
     }
 
     /// Admits or rejects one request at `now`: the approximate 1 s window
@@ -369,21 +443,43 @@ mod tests {
     fn idle_once_window_and_bucket_are_clear() {
         let q = quota(1, 1, 100);
         let mut w = Words::fresh(1);
-        assert!(w.rate_idle(0));
+        assert!(w.idle(0));
         w.check(&q, 0).unwrap();
-        assert!(!w.rate_idle(500 * NANOS_PER_MS));
-        assert!(!w.rate_idle(1500 * NANOS_PER_MS));
-        assert!(w.rate_idle(2 * NANOS_PER_SEC));
+        assert!(!w.idle(500 * NANOS_PER_MS));
+        assert!(!w.idle(1500 * NANOS_PER_MS));
+        assert!(w.idle(2 * NANOS_PER_SEC));
         // A long tolerance keeps the client until its bucket is full again.
         let q = quota(1, 10, 100);
         let mut w = Words::fresh(1);
         assert_eq!(admitted(&mut w, &q, 0, 10), 10);
-        assert!(!w.rate_idle(5 * NANOS_PER_SEC));
-        assert!(w.rate_idle(10 * NANOS_PER_SEC));
+        assert!(!w.idle(5 * NANOS_PER_SEC));
+        assert!(w.idle(10 * NANOS_PER_SEC));
     }
 
     #[test]
-    fn reserved_words_stay_zero() {
+    fn reputation_fields_keep_the_client_until_settled() {
+        let mut w = Words::fresh(1);
+        w.roll(0);
+        assert_eq!((w.count_request(), w.count_request()), (1, 2));
+        assert!(!w.idle(500 * NANOS_PER_MS));
+        w.roll(NANOS_PER_SEC);
+        assert_eq!(w.flood(), 0);
+        w.set_streak(2);
+        assert!(!w.idle(NANOS_PER_SEC));
+        w.set_streak(0);
+        // 40 000 thousandths, 60 s to recover.
+        w.store_score(40_000, Some(60), NANOS_PER_SEC);
+        assert_eq!(w.stored_score(), Some((40_000, 1_000)));
+        assert!(!w.idle(60 * NANOS_PER_SEC));
+        assert!(w.idle(61 * NANOS_PER_SEC));
+        // Never recovers: never idle.
+        w.store_score(0, None, 0);
+        assert!(!w.idle(u64::MAX / 2));
+        assert_eq!(w.win_prev() + w.win_cur() + w.tat(), 0);
+    }
+
+    #[test]
+    fn the_limiter_leaves_the_reputation_fields_alone() {
         let q = quota(1_000_000, 1_000_000, 1_000_000);
         let mut w = Words::fresh(u32::MAX);
         for i in 0..10_000u64 {
@@ -391,6 +487,7 @@ mod tests {
         }
         assert_eq!(w.0[2] & !COUNT_MAX, 0);
         assert_eq!(w.0[3], 0);
+        assert!(w.idle((10_000 * 997 + 3_000) * NANOS_PER_MS));
         assert_eq!(w.tag(), u32::MAX);
     }
 }

@@ -6,24 +6,25 @@
 //! forever. The last few events that moved a score are kept with it so an
 //! operator can ask *why*.
 //!
-//! All state is atomics; the per-request path reads one word and bumps one
-//! counter.
+//! A client's score, flood count and error streak live in its 32-byte
+//! [`record`](crate::record); the events behind a score in a small side
+//! table ([`Notes`]). A client that found no record of its own (the table
+//! is full of active or penalized clients) shares an overflow record, and
+//! reputation neither counts nor penalizes it there: a shared record would
+//! turn a crowd of strangers' requests into one client's 403.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use palisade_core::{ClientKey, NANOS_PER_MS, NANOS_PER_SEC, Nanos};
+use palisade_core::{ClientKey, NANOS_PER_MS, Nanos};
 
-use crate::table::{ClientTable, Slot, Zeroable};
+use crate::clients::{Clients, Place};
+use crate::notes::Notes;
+use crate::record::{FLOOD_MAX, Words};
 
 /// Scores are kept in thousandths of a point so that slow recovery rates
 /// still move them.
 const MILLI: i64 = 1000;
 const MAX_SCORE: i64 = 100 * MILLI;
-const SCORE_BITS: u32 = 20;
-/// Marks a stored score, so that a score of 0 at time 0 is not "unset".
-const SET: u64 = 1 << 63;
-const EVENTS: usize = 4;
 
 /// Reputation rules. Defaults are the documented ones.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,19 +92,6 @@ impl EventKind {
             Self::Cluster => "cluster",
         }
     }
-
-    fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            1 => Self::Flood,
-            2 => Self::ErrorStreak,
-            3 => Self::SynFlood,
-            4 => Self::External,
-            5 => Self::AdminSet,
-            6 => Self::Restored,
-            7 => Self::Cluster,
-            _ => return None,
-        })
-    }
 }
 
 /// One recorded score change.
@@ -128,125 +116,6 @@ pub struct Explanation {
     pub events: Vec<Event>,
 }
 
-/// One client's reputation state. The fields every request touches come
-/// first, in the cache line shared with the table tag.
-#[derive(Default)]
-#[repr(C)]
-pub struct RepState {
-    /// `SET | (updated_at_ms << 20) | milli_score`; 0 means "never scored".
-    score: AtomicU64,
-    /// When the score will have recovered to the initial one (clock nanos).
-    settles_at: AtomicU64,
-    /// `(second << 32) | requests in that second`.
-    flood: AtomicU64,
-    /// Consecutive 400/401 responses.
-    streak: AtomicU32,
-    /// Where the next event goes in `events`.
-    next_event: AtomicU32,
-    /// Ring of packed events: `at_ms:40 | kind:8 | delta+128:8 | score:8`.
-    events: [AtomicU64; EVENTS],
-}
-
-impl RepState {
-    fn score_milli(&self, cfg: &Rules, now: Nanos) -> i64 {
-        let packed = self.score.load(Ordering::Acquire);
-        if packed == 0 {
-            return cfg.initial;
-        }
-        let at_ms = (packed & !SET) >> SCORE_BITS;
-        let stored = (packed & ((1 << SCORE_BITS) - 1)) as i64;
-        let elapsed_ms = (now / NANOS_PER_MS).saturating_sub(at_ms);
-        let moved = (u128::from(elapsed_ms) * u128::from(cfg.recovery_milli_per_min) / 60_000)
-            .min(MAX_SCORE as u128) as i64;
-        if stored < cfg.initial {
-            (stored + moved).min(cfg.initial)
-        } else {
-            (stored - moved).max(cfg.initial)
-        }
-    }
-
-    fn store_score(&self, cfg: &Rules, milli: i64, now: Nanos) {
-        let milli = milli.clamp(0, MAX_SCORE);
-        let distance = (milli - cfg.initial).unsigned_abs();
-        let settle = if distance == 0 {
-            0
-        } else if cfg.recovery_milli_per_min > 0 {
-            (distance * 60_000)
-                .div_ceil(cfg.recovery_milli_per_min)
-                .saturating_mul(NANOS_PER_MS)
-        } else {
-            u64::MAX
-        };
-        self.settles_at
-            .store(now.saturating_add(settle), Ordering::Release);
-        let at_ms = now / NANOS_PER_MS;
-        self.score
-            .store(SET | (at_ms << SCORE_BITS) | milli as u64, Ordering::Release);
-    }
-
-    /// Adds `delta` points; returns the new score.
-    fn adjust(&self, cfg: &Rules, delta: i64, kind: EventKind, now: Nanos) -> i64 {
-        // Penalties are rare; a lost race between two of them loses one, which
-        // is not worth a CAS loop over the whole read-modify-write.
-        let next = (self.score_milli(cfg, now) + delta * MILLI).clamp(0, MAX_SCORE);
-        self.store_score(cfg, next, now);
-        self.record(kind, delta, next, now);
-        next
-    }
-
-    fn record(&self, kind: EventKind, delta: i64, score_milli: i64, now: Nanos) {
-        let at_ms = (now / NANOS_PER_MS) & ((1 << 40) - 1);
-        let delta = (delta.clamp(-128, 127) + 128) as u64;
-        let score = (score_milli / MILLI) as u64;
-        let packed = (at_ms << 24) | (u64::from(kind as u8) << 16) | (delta << 8) | score;
-        let i = self.next_event.fetch_add(1, Ordering::AcqRel) as usize % EVENTS;
-        self.events[i].store(packed, Ordering::Release);
-    }
-
-    fn events(&self) -> Vec<Event> {
-        let next = self.next_event.load(Ordering::Acquire) as usize;
-        (1..=EVENTS)
-            .filter_map(|back| {
-                let p = self.events[(next + EVENTS - back) % EVENTS].load(Ordering::Acquire);
-                let kind = EventKind::from_u8((p >> 16) as u8)?;
-                Some(Event {
-                    at: (p >> 24) * NANOS_PER_MS,
-                    kind,
-                    delta: i16::from((p >> 8) as u8) - 128,
-                    score_after: p as u8,
-                })
-            })
-            .collect()
-    }
-}
-
-// SAFETY: only atomic integers (and arrays of them), whose zero is their default.
-unsafe impl Zeroable for RepState {}
-
-impl Slot for RepState {
-    fn is_idle(&self, now: Nanos) -> bool {
-        // Forgetting is lossless only at the initial score with no pending
-        // flood second or error streak. Scores above initial (admin grants)
-        // also decay there first.
-        let second = now / NANOS_PER_SEC;
-        let flood = self.flood.load(Ordering::Acquire);
-        self.settles_at.load(Ordering::Acquire) <= now
-            && (flood & u64::from(u32::MAX) == 0 || (flood >> 32) < second)
-            && self.streak.load(Ordering::Acquire) == 0
-    }
-
-    fn reset(&self) {
-        self.score.store(0, Ordering::Release);
-        self.settles_at.store(0, Ordering::Release);
-        self.flood.store(0, Ordering::Release);
-        self.streak.store(0, Ordering::Release);
-        for e in &self.events {
-            e.store(0, Ordering::Release);
-        }
-        self.next_event.store(0, Ordering::Release);
-    }
-}
-
 /// Rules pre-converted to the units the hot path uses.
 #[derive(Debug, Clone)]
 struct Rules {
@@ -255,11 +124,41 @@ struct Rules {
     recovery_milli_per_min: u64,
 }
 
+impl Rules {
+    fn score_milli(&self, w: &Words, now: Nanos) -> i64 {
+        let Some((stored, at_ms)) = w.stored_score() else {
+            return self.initial;
+        };
+        let elapsed_ms = (now / NANOS_PER_MS).saturating_sub(at_ms);
+        let moved = (u128::from(elapsed_ms) * u128::from(self.recovery_milli_per_min) / 60_000)
+            .min(MAX_SCORE as u128) as i64;
+        if stored < self.initial {
+            (stored + moved).min(self.initial)
+        } else {
+            (stored - moved).max(self.initial)
+        }
+    }
+
+    fn store(&self, w: &mut Words, milli: i64, now: Nanos) {
+        let milli = milli.clamp(0, MAX_SCORE);
+        let distance = (milli - self.initial).unsigned_abs();
+        let settle = if distance == 0 {
+            Some(0)
+        } else if self.recovery_milli_per_min > 0 {
+            Some((distance * 60).div_ceil(self.recovery_milli_per_min))
+        } else {
+            None
+        };
+        w.store_score(milli, settle, now);
+    }
+}
+
 /// The keyed reputation engine.
 pub struct Reputation {
     cfg: ReputationConfig,
     rules: Rules,
-    table: Arc<ClientTable<RepState>>,
+    table: Arc<Clients>,
+    notes: Arc<Notes>,
 }
 
 /// What [`Reputation::observe_request`] found.
@@ -274,20 +173,31 @@ pub struct Standing {
 }
 
 impl Reputation {
-    /// An engine tracking at most `max_clients` clients.
+    /// An engine tracking at most `max_clients` clients, with the events of
+    /// up to 1/16 of them (at least 256, at most 65 536) for explanations.
     pub fn new(cfg: ReputationConfig, max_clients: usize) -> Self {
-        Self::with_table(cfg, Arc::new(ClientTable::new(max_clients)))
+        let notes = Notes::new((max_clients / 16).clamp(256, 65_536));
+        Self::with_tables(cfg, Arc::new(Clients::new(max_clients)), Arc::new(notes))
     }
 
-    /// An engine applying `cfg` to an existing table (live reload: scores
-    /// are kept, new rules apply to them).
-    pub fn with_table(cfg: ReputationConfig, table: Arc<ClientTable<RepState>>) -> Self {
+    /// An engine applying `cfg` to `previous`'s clients (live reload:
+    /// scores and explanations are kept, new rules apply to them).
+    pub fn carrying_over(cfg: ReputationConfig, previous: &Reputation) -> Self {
+        Self::with_tables(cfg, previous.table.clone(), previous.notes.clone())
+    }
+
+    fn with_tables(cfg: ReputationConfig, table: Arc<Clients>, notes: Arc<Notes>) -> Self {
         let rules = Rules {
             initial: i64::from(cfg.initial.min(100)) * MILLI,
             block_below: i64::from(cfg.block_below.min(100)) * MILLI,
             recovery_milli_per_min: (cfg.recovery_per_minute.max(0.0) * MILLI as f64) as u64,
         };
-        Self { cfg, rules, table }
+        Self {
+            cfg,
+            rules,
+            table,
+            notes,
+        }
     }
 
     /// The rules in force.
@@ -295,30 +205,51 @@ impl Reputation {
         &self.cfg
     }
 
+    fn initial_standing(&self) -> Standing {
+        Standing {
+            score: (self.rules.initial / MILLI) as u8,
+            blocked: self.rules.initial < self.rules.block_below,
+            flooded: false,
+        }
+    }
+
+    /// Adds `delta` points and notes why; returns the new score.
+    fn adjust(&self, key: &ClientKey, w: &mut Words, delta: i64, kind: EventKind, now: Nanos) -> i64 {
+        let next = (self.rules.score_milli(w, now) + delta * MILLI).clamp(0, MAX_SCORE);
+        self.rules.store(w, next, now);
+        self.note(key, kind, delta, next, now);
+        next
+    }
+
+    fn note(&self, key: &ClientKey, kind: EventKind, delta: i64, score_milli: i64, now: Nanos) {
+        self.notes.record(
+            key,
+            Event {
+                at: now / NANOS_PER_MS * NANOS_PER_MS,
+                kind,
+                delta: delta.clamp(-128, 127) as i16,
+                score_after: (score_milli / MILLI) as u8,
+            },
+        );
+    }
+
     /// Counts one request (allowed or not) and reports the client's standing.
+    #[inline]
     pub fn observe_request(&self, key: &ClientKey, now: Nanos) -> Standing {
-        self.table.with(key, now, |slot| {
-            let second = now / NANOS_PER_SEC;
-            let prev = slot.flood.load(Ordering::Acquire);
-            let count = if prev >> 32 == second {
-                (slot.flood.fetch_add(1, Ordering::AcqRel) & u64::from(u32::MAX)) + 1
-            } else {
-                // New second: a racing reset may drop one count, which only
-                // delays a penalty by a request.
-                slot.flood.store((second << 32) | 1, Ordering::Release);
-                1
-            };
-            // Penalise once per second, on the request that crosses the line.
-            let flooded = count == u64::from(self.cfg.flood_threshold) + 1;
+        self.table.with(key, now, |w, place| {
+            if place == Place::Overflow {
+                return self.initial_standing();
+            }
+            w.roll(now);
+            let count = w.count_request();
+            // Penalise once per second, on the request that crosses the
+            // line (thresholds past the counter's range act as its top).
+            let threshold = u64::from(self.cfg.flood_threshold).min(FLOOD_MAX - 1);
+            let flooded = count == threshold + 1;
             let score = if flooded {
-                slot.adjust(
-                    &self.rules,
-                    -i64::from(self.cfg.flood_penalty),
-                    EventKind::Flood,
-                    now,
-                )
+                self.adjust(key, w, -i64::from(self.cfg.flood_penalty), EventKind::Flood, now)
             } else {
-                slot.score_milli(&self.rules, now)
+                self.rules.score_milli(w, now)
             };
             Standing {
                 score: (score / MILLI) as u8,
@@ -332,31 +263,39 @@ impl Reputation {
     /// `error_penalty`; any other status ends the streak. Returns whether a
     /// penalty was applied.
     pub fn observe_response(&self, key: &ClientKey, status: u16, now: Nanos) -> bool {
-        self.table.with(key, now, |slot| {
+        self.table.with(key, now, |w, place| {
+            if place == Place::Overflow {
+                return false;
+            }
             if matches!(status, 400 | 401) {
-                let streak = slot.streak.fetch_add(1, Ordering::AcqRel) + 1;
-                if streak >= u32::from(self.cfg.error_streak.max(1)) {
-                    slot.streak.store(0, Ordering::Release);
-                    slot.adjust(
-                        &self.rules,
+                let streak = w.streak().saturating_add(1);
+                if streak >= self.cfg.error_streak.max(1) {
+                    w.set_streak(0);
+                    self.adjust(
+                        key,
+                        w,
                         -i64::from(self.cfg.error_penalty),
                         EventKind::ErrorStreak,
                         now,
                     );
                     return true;
                 }
-            } else if slot.streak.load(Ordering::Relaxed) != 0 {
-                slot.streak.store(0, Ordering::Release);
+                w.set_streak(streak);
+            } else {
+                w.set_streak(0);
             }
             false
         })
     }
 
     /// Applies a penalty (positive `points` are subtracted) from another
-    /// component, e.g. the SYN-flood detector's −30. Returns the new score.
+    /// component, e.g. the SYN-flood detector's −30. Returns the new score
+    /// (the initial one for a client without a record of its own, which
+    /// cannot be penalized).
     pub fn penalize(&self, key: &ClientKey, points: u8, kind: EventKind, now: Nanos) -> f64 {
-        self.table.with(key, now, |slot| {
-            slot.adjust(&self.rules, -i64::from(points), kind, now)
+        self.table.with(key, now, |w, place| match place {
+            Place::Own => self.adjust(key, w, -i64::from(points), kind, now),
+            Place::Overflow => self.rules.initial,
         }) as f64
             / MILLI as f64
     }
@@ -364,12 +303,20 @@ impl Reputation {
     /// Sets a score outright (admin). Returns the new score.
     pub fn set(&self, key: &ClientKey, score: u8, now: Nanos) -> f64 {
         let target = i64::from(score.min(100)) * MILLI;
-        self.table.with(key, now, |slot| {
-            let delta = (target - slot.score_milli(&self.rules, now)) / MILLI;
-            slot.store_score(&self.rules, target, now);
-            slot.record(EventKind::AdminSet, delta, target, now);
-        });
-        target as f64 / MILLI as f64
+        self.store_recorded(key, target, EventKind::AdminSet, now)
+    }
+
+    fn store_recorded(&self, key: &ClientKey, target: i64, kind: EventKind, now: Nanos) -> f64 {
+        self.table.with(key, now, |w, place| match place {
+            Place::Own => {
+                let delta = (target - self.rules.score_milli(w, now)) / MILLI;
+                self.rules.store(w, target, now);
+                self.note(key, kind, delta, target, now);
+                target
+            }
+            Place::Overflow => self.rules.initial,
+        }) as f64
+            / MILLI as f64
     }
 
     /// Restores a score recorded `age_ms` ago (durable state after a
@@ -392,11 +339,7 @@ impl Reputation {
             (stored - moved).max(initial)
         };
         if target != initial || kind == EventKind::Cluster {
-            self.table.with(key, now, |slot| {
-                let delta = (target - slot.score_milli(&self.rules, now)) / MILLI;
-                slot.store_score(&self.rules, target, now);
-                slot.record(kind, delta, target, now);
-            });
+            return self.store_recorded(key, target, kind, now);
         }
         target as f64 / MILLI as f64
     }
@@ -404,8 +347,8 @@ impl Reputation {
     /// The client's current score (recovery included).
     pub fn score(&self, key: &ClientKey, now: Nanos) -> f64 {
         self.table
-            .get(key, |s| s.score_milli(&self.rules, now))
-            .unwrap_or(self.rules.initial) as f64
+            .get(key)
+            .map_or(self.rules.initial, |w| self.rules.score_milli(&w, now)) as f64
             / MILLI as f64
     }
 
@@ -422,36 +365,37 @@ impl Reputation {
 
     /// Forgets everything about a client (admin). Returns whether it was tracked.
     pub fn reset(&self, key: &ClientKey) -> bool {
+        self.notes.forget(key);
         self.table.remove(key)
     }
 
     /// The client's current score and the recent events behind it.
     pub fn explain(&self, key: &ClientKey, now: Nanos) -> Explanation {
-        self.table
-            .get(key, |s| Explanation {
-                score: s.score_milli(&self.rules, now) as f64 / MILLI as f64,
-                events: s.events(),
-            })
-            .unwrap_or(Explanation {
-                score: f64::from(self.cfg.initial),
-                events: Vec::new(),
-            })
+        Explanation {
+            score: self.score(key, now),
+            events: self.notes.events(key),
+        }
     }
 
     /// Current scores of all tracked clients, bucketed by tens (0–9, 10–19,
     /// …, 90–100) for the distribution metric.
     pub fn distribution(&self, now: Nanos) -> [u64; 10] {
         let mut buckets = [0u64; 10];
-        self.table.for_each(|s| {
-            let score = s.score_milli(&self.rules, now) / MILLI;
+        self.table.for_each(|w| {
+            let score = self.rules.score_milli(&w, now) / MILLI;
             buckets[(score / 10).clamp(0, 9) as usize] += 1;
         });
         buckets
     }
 
     /// The client table (for gauges).
-    pub fn table(&self) -> &Arc<ClientTable<RepState>> {
+    pub fn table(&self) -> &Arc<Clients> {
         &self.table
+    }
+
+    /// The side table of recent events.
+    pub fn notes(&self) -> &Notes {
+        &self.notes
     }
 }
 
@@ -459,7 +403,7 @@ impl Reputation {
 mod tests {
     use super::*;
 
-    const SEC: Nanos = NANOS_PER_SEC;
+    const SEC: Nanos = palisade_core::NANOS_PER_SEC;
     const K: ClientKey = ClientKey::V4(0x0a00_0001);
 
     fn rep() -> Reputation {
@@ -596,17 +540,29 @@ mod tests {
 
     #[test]
     fn penalised_clients_are_not_evicted() {
-        let r = Reputation::new(ReputationConfig::default(), 1);
-        r.penalize(&K, 50, EventKind::External, 0);
-        // The table is full of a penalised client: a newcomer overflows
-        // instead of evicting it.
-        r.observe_request(&ClientKey::V4(2), 10 * SEC);
-        assert_eq!(r.explain(&K, 10 * SEC).score.floor(), 20.0);
-        // Once recovered (50 points at 1/min), the slot can be recycled.
-        r.observe_request(&ClientKey::V4(2), 51 * 60 * SEC);
-        assert_eq!(r.explain(&ClientKey::V4(2), 51 * 60 * SEC).events.len(), 0);
-        assert_eq!(r.table().len(), 1);
-        assert!(r.table().get(&K, |_| ()).is_none());
+        // 16 records (the smallest table), all held by penalised clients.
+        let r = Reputation::new(ReputationConfig::default(), 16);
+        for k in 0..16 {
+            r.penalize(&ClientKey::V4(k), 50, EventKind::External, 0);
+        }
+        assert_eq!((r.table().len(), r.table().overflowed()), (16, 0));
+        // A newcomer overflows instead of evicting one, and is neither
+        // counted nor penalised there.
+        let newcomer = ClientKey::V4(99);
+        for _ in 0..1000 {
+            assert!(!r.observe_request(&newcomer, 10 * SEC).blocked);
+        }
+        assert!(!r.observe_response(&newcomer, 400, 10 * SEC));
+        for k in 0..16 {
+            assert_eq!(r.explain(&ClientKey::V4(k), 10 * SEC).score.floor(), 20.0);
+        }
+        // Once recovered (50 points at 1/min), a record can be taken over.
+        let later = 51 * 60 * SEC;
+        let before = r.table().overflowed();
+        r.observe_request(&newcomer, later);
+        assert_eq!(r.table().overflowed(), before);
+        assert_eq!(r.table().len(), 16);
+        assert!(r.table().get(&newcomer).is_some());
     }
 
     #[test]

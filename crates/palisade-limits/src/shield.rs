@@ -232,7 +232,7 @@ impl<C: Clock> Shield<C> {
                 .collect(),
             reputation: cfg.reputation.as_ref().map(|(rc, mode)| {
                 let rep = match previous.and_then(Shield::reputation) {
-                    Some(old) => Reputation::with_table(rc.clone(), old.table().clone()),
+                    Some(old) => Reputation::carrying_over(rc.clone(), old),
                     None => Reputation::new(rc.clone(), cfg.max_tracked_clients),
                 };
                 (rep, *mode)
