@@ -605,27 +605,32 @@ fn sighup_right_after_the_port_accepts_does_not_kill() {
     }
 }
 
-/// `--rate-limit 1000` with the built-in quickstart: a burst of 500 from one
-/// client is all admitted. Before, the quickstart pinned burst, window limit
-/// and flood threshold at 100, and about 100 of the 500 got a 200.
+/// `--rate-limit 1000`, with the built-in quickstart and with a file that
+/// sets none of the derived keys: a burst of 500 from one client is all
+/// admitted. Before, the quickstart pinned burst, window limit and flood
+/// threshold at 100, and 100 of the 500 got a 200.
 #[test]
 fn rate_limit_flag_moves_burst_window_and_flood_threshold() {
     let (demo_addr, _demo) = demo_upstream();
-    let mut child = Reaped(
-        palisade()
-            .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--rate-limit", "1000", "--upstream"])
-            .arg(format!("http://{demo_addr}"))
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let config = temp_file(
+        "rate.toml",
+        "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n[rate_limit]\nrate = 5\n",
     );
-    let mut err = BufReader::new(child.0.stderr.take().unwrap());
-    let proxy = proxy_addr(&mut err);
-    let statuses = keepalive_statuses(proxy, 500);
-    let ok = statuses.iter().filter(|s| **s == 200).count();
-    assert_eq!(ok, 500, "{} of 500 admitted", ok);
+    for with_file in [false, true] {
+        let mut cmd = palisade();
+        cmd.args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--rate-limit", "1000", "--upstream"])
+            .arg(format!("http://{demo_addr}"));
+        if with_file {
+            cmd.arg("--config").arg(&config);
+        }
+        let mut child = Reaped(cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap());
+        let mut err = BufReader::new(child.0.stderr.take().unwrap());
+        let proxy = proxy_addr(&mut err);
+        let statuses = keepalive_statuses(proxy, 500);
+        let ok = statuses.iter().filter(|s| **s == 200).count();
+        assert_eq!(ok, 500, "{ok} of 500 admitted (config file: {with_file})");
+    }
 }
 
 /// A token short enough to guess is refused at start, from the file or the
