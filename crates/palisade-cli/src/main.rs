@@ -11,7 +11,26 @@ use palisade_proxy::config::{Config, Overrides, QUICKSTART};
 use palisade_proxy::proxy::ConfigSource;
 
 mod bans;
+mod health;
+mod notify;
 mod store;
+
+/// Exit code for a config that does not load (sysexits' `EX_CONFIG`):
+/// service managers stop restarting on it (`RestartPreventExitStatus=78`).
+const EXIT_CONFIG: u8 = 78;
+
+/// A config that does not load (the file, a flag or the environment): the
+/// daemon exits with [`EXIT_CONFIG`].
+#[derive(Debug)]
+struct BadConfig(String);
+
+impl std::fmt::Display for BadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BadConfig {}
 
 /// Anti-DDoS reverse proxy: per-client rate limits, IP reputation,
 /// slow-client defense, Prometheus metrics.
@@ -53,11 +72,15 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Validate a config file: exit 0, or print FILE:LINE:COL: key: problem.
+    /// Same as `config check`.
+    #[command(hide = true)]
     CheckConfig {
         /// The file.
         file: PathBuf,
     },
+    /// Ask a running daemon whether it is ready (`/readyz`): exit 0 when
+    /// it answers 200, 1 otherwise. For container health checks and probes.
+    Health(health::HealthArgs),
     /// Kernel bans of a running daemon (admin API): list, add, del.
     Bans(bans::BansArgs),
     /// Reputation store snapshots: build, lookup, apply-delta, info.
@@ -71,6 +94,12 @@ enum Command {
 enum ConfigCommand {
     /// Print the quickstart config: every key, its default and meaning.
     Default,
+    /// Validate a config file: exit 0, or print FILE:LINE:COL: key: problem
+    /// and exit 78.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -112,16 +141,20 @@ fn main() -> ExitCode {
             print!("{QUICKSTART}");
             Ok(())
         }
-        Command::CheckConfig { file } => match Config::load(&file, &Overrides::default()) {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        }
+        | Command::CheckConfig { file } => match Config::load(&file, &Overrides::default()) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 Ok(())
             }
             Err(e) => {
                 eprintln!("{e}");
-                return ExitCode::from(1);
+                return ExitCode::from(EXIT_CONFIG);
             }
         },
+        Command::Health(args) => return health::run(&args),
         Command::Bans(args) => bans::run(args),
         Command::Store { command } => match store::run(command) {
             Ok(true) => Ok(()),
@@ -133,6 +166,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<BadConfig>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("palisade: {e:#}");
             ExitCode::from(1)
@@ -184,15 +221,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let quickstart = args.config.is_none();
     let mut config = match &args.config {
-        Some(path) => Config::load(path, &overrides)?,
-        None => Config::quickstart(&overrides)?,
+        Some(path) => Config::load(path, &overrides).map_err(|e| BadConfig(e.to_string()))?,
+        None => Config::quickstart(&overrides).map_err(|e| BadConfig(e.to_string()))?,
     };
     let env_token = std::env::var("PALISADE_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
     if let Some(token) = &env_token {
         palisade_proxy::config::check_token(token)
-            .map_err(|m| anyhow::anyhow!("PALISADE_ADMIN_TOKEN: {m}"))?;
+            .map_err(|m| BadConfig(format!("PALISADE_ADMIN_TOKEN: {m}")))?;
         config.admin.token.clone_from(&env_token);
     }
     let mut made_up_token = false;
@@ -231,6 +268,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let proxy = running.proxy_addr;
     let admin = running.admin_addr;
     tracing::info!(%proxy, %admin, upstreams = ?upstreams, "palisade running");
+    notify::ready();
     if quickstart {
         println!("Palisade quickstart (built-in config: `palisade config default` prints it)");
         let scheme = if tls { "https" } else { "http" };
@@ -276,7 +314,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         println!("Stop with Ctrl-C.");
     }
-    running.run_until(terminated(terminate)).await;
+    running
+        .run_until(async {
+            terminated(terminate).await;
+            notify::stopping();
+        })
+        .await;
     if let Some((_, task)) = demo {
         task.abort();
     }

@@ -50,8 +50,9 @@ fn check_config_names_file_line_column_and_key() {
         "bad.toml",
         "[server]\nupstreams = [\"http://127.0.0.1:1\"]\n\n[rate_limit]\nburst = 0\n",
     );
-    let out = palisade().arg("check-config").arg(&path).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let out = palisade().args(["config", "check"]).arg(&path).output().unwrap();
+    // EX_CONFIG: systemd's RestartPreventExitStatus=78 stops restarting on it.
+    assert_eq!(out.status.code(), Some(78));
     assert_eq!(
         String::from_utf8(out.stderr).unwrap(),
         format!(
@@ -63,7 +64,7 @@ fn check_config_names_file_line_column_and_key() {
         .args(["check-config", "/nonexistent/palisade.toml"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("/nonexistent/palisade.toml: "));
 }
 
@@ -642,7 +643,7 @@ fn short_admin_tokens_are_refused_at_load() {
         "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n[admin]\ntoken = \"t0ken\"\n",
     );
     let out = palisade().arg("check-config").arg(&config).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
         err.starts_with(&format!(
@@ -657,7 +658,7 @@ fn short_admin_tokens_are_refused_at_load() {
         .env("PALISADE_ADMIN_TOKEN", "short")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
         err.contains("PALISADE_ADMIN_TOKEN: must be at least 16 characters"),

@@ -164,7 +164,15 @@ int palisade_xdp(struct xdp_md *ctx)
 			return XDP_DROP;
 		}
 		if (ip->protocol == IPPROTO_TCP && !(ip->frag_off & bpf_htons(0x1fff))) {
-			struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
+			/* Only option-less headers: adding a variable offset to
+			 * a packet pointer is refused by the verifier unless the
+			 * loader has CAP_PERFMON (its Spectre hardening), and the
+			 * daemon runs with CAP_BPF and CAP_NET_ADMIN only. SYNs
+			 * with IP options are rare and still counted by the
+			 * capture socket; banned sources are dropped above. */
+			if (ip->ihl != 5)
+				return XDP_PASS;
+			struct tcphdr *tcp = (void *)(ip + 1);
 			if ((void *)(tcp + 1) > end)
 				return XDP_PASS;
 			key[10] = 0xff;

@@ -81,7 +81,7 @@ fn names_are_extracted_from_promql() {
 fn the_kubernetes_config_is_valid() {
     let path = std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/k8s/palisade.toml"
+        "/../../deploy/k8s/proxy/palisade.toml"
     ));
     let config = palisade_proxy::config::Config::load(path, &Default::default()).unwrap();
     // Probes and Prometheus reach the admin port from outside the pod.

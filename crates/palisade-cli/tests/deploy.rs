@@ -1,0 +1,543 @@
+//! The shipped deployment files, taken at their word: Palisade runs with
+//! exactly the privileges the edge systemd unit and the edge DaemonSet
+//! grant (read from the files, applied with `setpriv`), in network
+//! namespaces this test creates and always deletes, and every kernel piece
+//! has to come up: SYN capture, nftables bans, XDP, the syncookie switch.
+//! The units go through `systemd-analyze`, the Kubernetes overlays through
+//! `kubectl kustomize`, and the configs they mount through the loader.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use palisade_kernel::netns::Netns;
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+/// `nobody`: what the unit's `DynamicUser=` amounts to, an unprivileged uid.
+const NOBODY: &str = "65534";
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(Path::new(ROOT).join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// Every value of `key=` in a unit file (repeated lines add up).
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .flat_map(|v| v.split_whitespace().map(str::to_owned))
+        .collect()
+}
+
+/// `CAP_NET_ADMIN` / `NET_ADMIN` → `net_admin` (setpriv's spelling).
+fn cap_name(c: &str) -> String {
+    c.trim_matches(|c| c == '"' || c == '\'' || c == ',')
+        .trim_start_matches("CAP_")
+        .to_ascii_lowercase()
+}
+
+fn edge_unit_caps() -> Vec<String> {
+    let unit = read("deploy/systemd/palisade-edge.service");
+    let mut ambient: Vec<String> = unit_values(&unit, "AmbientCapabilities")
+        .iter()
+        .map(|c| cap_name(c))
+        .collect();
+    let mut bounding: Vec<String> = unit_values(&unit, "CapabilityBoundingSet")
+        .iter()
+        .map(|c| cap_name(c))
+        .collect();
+    ambient.sort();
+    bounding.sort();
+    assert_eq!(ambient, bounding, "the edge unit bounds what it grants");
+    ambient
+}
+
+/// The `add:` list of the DaemonSet's container capabilities.
+fn daemonset_caps() -> Vec<String> {
+    let text = read("deploy/k8s/edge/daemonset.yaml");
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("add: ["))
+        .expect("capabilities.add in the DaemonSet");
+    let list = line.split_once('[').unwrap().1.split_once(']').unwrap().0;
+    let mut caps: Vec<String> = list.split(',').map(|c| cap_name(c.trim())).collect();
+    caps.sort();
+    assert!(
+        text.contains("drop: [\"ALL\"]"),
+        "the DaemonSet drops every other capability"
+    );
+    caps
+}
+
+/// The `setpriv` prefix granting exactly `caps`, as `uid`.
+fn setpriv(uid: &str, caps: &[String]) -> Vec<String> {
+    let set = format!(
+        "-all,{}",
+        caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(",")
+    );
+    let mut args = vec![
+        "setpriv".to_owned(),
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".to_owned(),
+        // NoNewPrivileges=yes / allowPrivilegeEscalation: false.
+        "--no-new-privs".to_owned(),
+        format!("--bounding-set={set}"),
+        format!("--inh-caps={set}"),
+    ];
+    // An unprivileged user keeps capabilities across exec only as ambient
+    // ones (systemd's AmbientCapabilities=); uid 0 gets the bounding set.
+    if uid != "0" {
+        args.push(format!("--ambient-caps={set}"));
+    }
+    args
+}
+
+fn topology(tag: &str, net: u8) -> Option<(Netns, Netns)> {
+    let srv = Netns::for_test(&format!("{tag}s"))?;
+    let att = Netns::for_test(&format!("{tag}a"))?;
+    srv.link(
+        &att,
+        &format!("198.18.{net}.1/24"),
+        &[&format!("198.18.{net}.2/24"), &format!("198.18.{net}.3/24")],
+    )
+    .unwrap();
+    // SYN-ACKs to spoofed sources end in the attacker namespace.
+    srv.run(&["ip", "route", "add", "default", "via", &format!("198.18.{net}.2")])
+        .unwrap();
+    Some((srv, att))
+}
+
+fn get(ns: &Netns, from: Option<String>, to: String, path: &'static str) -> Option<String> {
+    ns.enter(move || {
+        let to: SocketAddr = to.parse().unwrap();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        if let Some(f) = from {
+            s.bind(&format!("{f}:0").parse::<SocketAddr>().unwrap().into())
+                .unwrap();
+        }
+        s.connect_timeout(&to.into(), Duration::from_millis(700)).ok()?;
+        let mut s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })
+    .join()
+    .unwrap()
+}
+
+fn syn_stats(srv: &Netns) -> serde_json::Value {
+    let r = get(srv, None, "127.0.0.1:9090".into(), "/syn-stats").unwrap();
+    serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+}
+
+fn eventually(what: &str, log: &Path, mut check: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    panic!("never happened: {what}; the daemon said:\n{log}");
+}
+
+fn hping(att: &Netns, net: u8, extra: &[&str], packets: u32, gap_us: u32) {
+    let target = format!("198.18.{net}.1");
+    let (count, gap) = (packets.to_string(), format!("u{gap_us}"));
+    let args = [
+        &["hping3", "-q", "-S", "-p", "8080", "-i", &gap, "-c", &count][..],
+        extra,
+        &[&target],
+    ]
+    .concat();
+    let out = att
+        .exec(&args)
+        .expect("hping3 is needed (scripts/test installs it)");
+    assert!(out.status.code().is_some(), "hping3 was killed");
+}
+
+/// A scratch directory the unprivileged user can write.
+fn scratch(name: &str, uid: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let id: u32 = uid.parse().unwrap();
+    std::os::unix::fs::chown(&dir, Some(id), Some(id)).unwrap();
+    std::os::unix::fs::chown(dir.join("data"), Some(id), Some(id)).unwrap();
+    dir
+}
+
+/// Palisade in `srv` under `prefix` (setpriv …); returns once it says it runs.
+fn start(srv: &Netns, prefix: &[String], config: &Path, log_file: &Path) -> (Reaped, String) {
+    let mut child = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", srv.name()])
+            .args(prefix)
+            .args([env!("CARGO_BIN_EXE_palisade"), "run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(child.0.stderr.take().unwrap());
+    let mut log = String::new();
+    // A refused BPF program brings the verifier's whole log.
+    for _ in 0..2000 {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        log.push_str(&line);
+        if line.contains("palisade running") {
+            let file = std::fs::File::create(log_file).unwrap();
+            std::thread::spawn(move || std::io::copy(&mut err, &mut &file));
+            return (child, log);
+        }
+    }
+    panic!("palisade did not start under {prefix:?}:\n{log}");
+}
+
+/// What one run under a shipped privilege set proves about the kernel side.
+fn kernel_defense_comes_up(tag: &str, net: u8, uid: &str, caps: &[String]) {
+    let Some((srv, att)) = topology(tag, net) else {
+        return;
+    };
+    let dir = scratch(&format!("palisade-deploy-{tag}"), uid);
+    let config = dir.join("palisade.toml");
+    // syncookies_after is tiny and the ratio low, so one poll that sees
+    // mostly SYN-ACK retransmits flips the switch: what is tested is the
+    // privilege to flip it, not the tuning.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"198.18.{net}.1:8080\"\nupstreams = [\"http://127.0.0.1:8081\"]\n\
+             [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t0ken-0123456789\"\n\
+             [state]\ndata_dir = \"{}\"\n\
+             [connections]\nnew_per_ip_per_second = 0\n\
+             [syn]\nfirewall = \"nftables\"\nxdp = \"auto\"\npoll_interval = \"100ms\"\n\
+             syncookies_after = \"1ms\"\nsyncookies_ratio = 0.3\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    // The namespace's own sysctl starts off, for the switch to turn on.
+    srv.run(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=0"]).unwrap();
+    srv.run(&["sysctl", "-qw", "net.ipv4.tcp_max_syn_backlog=4096"])
+        .unwrap();
+    let prefix = setpriv(uid, caps);
+    let log_file = dir.join("palisade.log");
+    let (daemon, log) = start(&srv, &prefix, &config, &log_file);
+    let pid = daemon.0.id();
+    // It really runs with these privileges (the child of ip netns exec).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().map(str::to_owned))
+        .map_or_else(String::new, |child| {
+            std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default()
+        });
+    if !status.is_empty() {
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(uid_line.split_whitespace().nth(1) == Some(uid), "{uid_line}");
+    }
+
+    let stats = syn_stats(&srv);
+    assert_eq!(
+        stats["capture"], true,
+        "no SYN capture under {caps:?}: {stats}\n{log}"
+    );
+    assert_eq!(
+        stats["firewall"], "nftables",
+        "no nftables under {caps:?}: {stats}\n{log}"
+    );
+    if palisade_kernel::xdp::XdpDefense::built() {
+        assert_eq!(
+            stats["xdp"]["interfaces"],
+            serde_json::json!(["v0"]),
+            "XDP not attached under {caps:?}: {stats}\n{log}"
+        );
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "built without the XDP program in CI"
+        );
+        eprintln!("XDP not checked: built without the XDP program (clang and libbpf-dev missing)");
+    }
+    // The exec probe of the DaemonSet, under the same privileges.
+    let health = srv
+        .exec(
+            &[
+                prefix.iter().map(String::as_str).collect::<Vec<_>>(),
+                vec![
+                    env!("CARGO_BIN_EXE_palisade"),
+                    "health",
+                    "--admin",
+                    "127.0.0.1:9090",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+
+    // First, while the SYN queue is empty: spoofed sources never answer
+    // their SYN-ACKs, the kernel retransmits them a second later, and the
+    // daemon writes net.ipv4.tcp_syncookies=1. The switch wants two polls
+    // in a row over the ratio, so the SYNs are spread over a second (600
+    // at 500/s) and all fit the queue: their retransmits are spread too.
+    let netstat = || {
+        let text = String::from_utf8(srv.exec(&["cat", "/proc/net/netstat"]).unwrap().stdout).unwrap();
+        palisade_kernel::procnet::parse_counters(&text).unwrap()
+    };
+    let before = netstat();
+    hping(&att, net, &["--rand-source"], 600, 2000);
+    // With syncookies_after this short it flips back as soon as the
+    // retransmits stop: both writes are in the log, neither refused.
+    let said = |what: &str| std::fs::read_to_string(&log_file).unwrap().contains(what);
+    let flipped = || said("net.ipv4.tcp_syncookies=1") && said("back to normal: net.ipv4.tcp_syncookies=0");
+    for _ in 0..600 {
+        if flipped() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    if !flipped() {
+        let after = netstat();
+        let delta: Vec<String> = [
+            "TcpExt.TCPSynRetrans",
+            "TcpExt.ListenDrops",
+            "TcpExt.SyncookiesSent",
+        ]
+        .iter()
+        .map(|k| {
+            format!(
+                "{k} +{}",
+                after.get(*k).unwrap_or(&0) - before.get(*k).unwrap_or(&0)
+            )
+        })
+        .collect();
+        panic!(
+            "the syncookie switch never went on and off ({delta:?}); the daemon said:\n{}",
+            std::fs::read_to_string(&log_file).unwrap()
+        );
+    }
+    assert!(
+        !said("cannot set"),
+        "{}",
+        std::fs::read_to_string(&log_file).unwrap()
+    );
+    let sysctl = srv.exec(&["cat", "/proc/sys/net/ipv4/tcp_syncookies"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "0");
+
+    // A flood from one address (not .2: the default gateway is never
+    // banned): banned in the kernel's set.
+    hping(&att, net, &["-a", &format!("198.18.{net}.3")], 3000, 200);
+    eventually("the flooding address is banned", &log_file, || {
+        syn_stats(&srv)["bans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["net"] == format!("198.18.{net}.3/32"))
+    });
+    let set = srv
+        .exec(&["nft", "-j", "list", "set", "inet", "palisade", "ban4"])
+        .unwrap();
+    let set = String::from_utf8(set.stdout).unwrap();
+    assert!(set.contains(&format!("198.18.{net}.3")), "{set}");
+
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_edge_unit_runs_the_kernel_defense_with_exactly_its_capabilities() {
+    let unit = read("deploy/systemd/palisade-edge.service");
+    let families = unit_values(&unit, "RestrictAddressFamilies");
+    for needed in ["AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"] {
+        assert!(
+            families.iter().any(|f| f == needed),
+            "{needed} missing: {families:?}"
+        );
+    }
+    // /proc/sys read-only would make the syncookie switch impossible, and
+    // a user namespace would make every capability useless on the host's network.
+    assert!(!unit_values(&unit, "ProtectKernelTunables").contains(&"yes".to_owned()));
+    assert!(!unit_values(&unit, "PrivateUsers").contains(&"yes".to_owned()));
+    assert!(unit_values(&unit, "NoNewPrivileges").contains(&"yes".to_owned()));
+    assert!(unit_values(&unit, "DynamicUser").contains(&"yes".to_owned()));
+    let caps = edge_unit_caps();
+    kernel_defense_comes_up("depu", 8, NOBODY, &caps);
+}
+
+#[test]
+fn the_edge_daemonset_runs_the_kernel_defense_with_exactly_its_capabilities() {
+    let caps = daemonset_caps();
+    assert_eq!(
+        caps,
+        edge_unit_caps(),
+        "the unit and the DaemonSet grant the same"
+    );
+    kernel_defense_comes_up("depk", 9, "0", &caps);
+}
+
+/// The unit with the binary under test in place of /usr/local/bin/palisade.
+fn unit_for_test(name: &str) -> PathBuf {
+    let text = read(&format!("deploy/systemd/{name}"))
+        .replace("/usr/local/bin/palisade", env!("CARGO_BIN_EXE_palisade"));
+    let dir = std::env::temp_dir().join(format!("palisade-units-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn have(tool: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "{tool} is missing in CI");
+        eprintln!("skipped: {tool} is not installed");
+    }
+    found
+}
+
+#[test]
+fn the_units_verify_and_the_plain_one_scores_at_most_3() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    for (name, threshold) in [("palisade.service", "30"), ("palisade-edge.service", "30")] {
+        let unit = unit_for_test(name);
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.trim().is_empty(), "{name}: {err}");
+        // The exposure score is out of 10; the threshold out of 100.
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(format!("--threshold={threshold}"))
+            .arg(&unit)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        let score = report.lines().last().unwrap_or_default();
+        eprintln!("{name}: {score}");
+        assert!(out.status.success(), "{name} is too exposed: {score}");
+        let text = read(&format!("deploy/systemd/{name}"));
+        assert!(unit_values(&text, "Type").contains(&"notify".to_owned()));
+        assert!(unit_values(&text, "RestartPreventExitStatus").contains(&"78".to_owned()));
+        assert!(text.contains("ExecStartPre=/usr/local/bin/palisade config check "));
+    }
+}
+
+/// The YAML documents of one kustomize overlay.
+fn render(overlay: &str) -> Vec<String> {
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(Path::new(ROOT).join(overlay))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split("\n---\n")
+        .map(str::to_owned)
+        .collect()
+}
+
+fn kinds(docs: &[String]) -> Vec<&str> {
+    docs.iter()
+        .filter_map(|d| d.lines().find_map(|l| l.strip_prefix("kind: ")))
+        .collect()
+}
+
+#[test]
+fn the_kubernetes_overlays_install_one_role_each() {
+    if !have("kubectl") {
+        return;
+    }
+    let proxy = render("deploy/k8s/proxy");
+    let edge = render("deploy/k8s/edge");
+    let (pk, ek) = (kinds(&proxy), kinds(&edge));
+    assert!(
+        pk.contains(&"Deployment") && pk.contains(&"PodDisruptionBudget") && !pk.contains(&"DaemonSet"),
+        "{pk:?}"
+    );
+    assert!(ek.contains(&"DaemonSet") && !ek.contains(&"Deployment"), "{ek:?}");
+    for doc in proxy.iter().chain(&edge) {
+        if doc.contains("image:") {
+            assert!(doc.contains("type: RuntimeDefault"), "no seccomp profile:\n{doc}");
+            assert!(!doc.contains(":latest"), "unpinned image:\n{doc}");
+        }
+    }
+    let ds = edge.iter().find(|d| d.contains("kind: DaemonSet")).unwrap();
+    assert!(ds.contains("requests:"), "{ds}");
+    // Only the proxy port on node IPs; the admin API stays on loopback.
+    assert_eq!(ds.matches("hostPort").count(), 1, "{ds}");
+    assert!(!ds.contains("9090, hostPort"), "{ds}");
+    assert!(ds.contains("hostPath"), "bans do not survive a restart:\n{ds}");
+}
+
+#[test]
+fn the_shipped_configs_load_and_listen_where_they_must() {
+    use palisade_proxy::config::Config;
+    let load = |rel: &str| {
+        Config::load(&Path::new(ROOT).join(rel), &Default::default()).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let docker = load("deploy/docker/palisade.toml");
+    assert!(
+        docker.server.listen.ip().is_unspecified(),
+        "-p 8080:8080 reaches nothing"
+    );
+    let edge = load("deploy/k8s/edge/palisade-edge.toml");
+    assert!(
+        edge.admin.listen.ip().is_loopback(),
+        "admin API on the node's addresses"
+    );
+    assert!(edge.state.is_some(), "bans do not survive a restart");
+    let proxy = load("deploy/k8s/proxy/palisade.toml");
+    assert!(!proxy.admin.listen.ip().is_loopback());
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("\"health\""));
+    assert!(dockerfile.contains("org.opencontainers.image.version"));
+    for from in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM ") && !l.contains(" AS skeleton") && !l.contains("FROM toolchain"))
+    {
+        let image = from.split_whitespace().nth(1).unwrap();
+        assert!(
+            image.split(':').nth(1).is_some_and(|t| t.contains('.')),
+            "unpinned base image: {from}"
+        );
+    }
+}
