@@ -3,7 +3,9 @@
 //! Four bounds: open connections overall and per client address (IPv6 by
 //! prefix), and new connections per second per address and overall. An
 //! admitted connection carries a [`Permit`]; dropping it (the connection
-//! ends) gives the slots back, so a count can never leak.
+//! ends) gives the slots back, so a count can never leak. A fifth bound,
+//! requests in flight per address over all its connections, is taken per
+//! request with [`Permit::begin_request`].
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -26,6 +28,8 @@ pub struct AdmissionConfig {
     pub new_per_ip_per_second: Option<NonZeroU32>,
     /// New connections per second overall.
     pub new_per_second: Option<NonZeroU32>,
+    /// Requests in flight per client address, all its connections together.
+    pub max_in_flight_per_ip: u32,
 }
 
 impl Default for AdmissionConfig {
@@ -35,6 +39,7 @@ impl Default for AdmissionConfig {
             max_per_ip: 100,
             new_per_ip_per_second: NonZeroU32::new(50),
             new_per_second: None,
+            max_in_flight_per_ip: 100,
         }
     }
 }
@@ -52,6 +57,8 @@ pub enum Refusal {
     GlobalRate,
     /// The address is on the deny list.
     Denylisted,
+    /// `max_in_flight_per_ip` requests of this address are in flight.
+    TooManyInFlight,
 }
 
 impl Refusal {
@@ -63,6 +70,7 @@ impl Refusal {
             Self::AddressRate => "per_ip_rate",
             Self::GlobalRate => "global_rate",
             Self::Denylisted => "denylisted",
+            Self::TooManyInFlight => "max_in_flight_per_ip",
         }
     }
 }
@@ -72,6 +80,7 @@ impl Refusal {
 #[repr(C)]
 pub struct AddressState {
     open: AtomicU32,
+    in_flight: AtomicU32,
     rate: RateState,
 }
 
@@ -85,6 +94,7 @@ impl Slot for AddressState {
 
     fn reset(&self) {
         self.open.store(0, Ordering::Release);
+        self.in_flight.store(0, Ordering::Release);
         self.rate.reset();
     }
 }
@@ -96,6 +106,7 @@ pub struct Admission {
     max_per_ip: AtomicU32,
     new_per_ip: AtomicU32,
     new_global: AtomicU32,
+    max_in_flight_per_ip: AtomicU32,
     ipv6_prefix: u8,
     open: AtomicU32,
     global_rate: RateState,
@@ -106,6 +117,50 @@ pub struct Admission {
 pub struct Permit {
     admission: Arc<Admission>,
     key: ClientKey,
+    per_address: bool,
+}
+
+impl Permit {
+    /// Takes a place for one request of this connection's address, unless
+    /// `max_in_flight_per_ip` of its requests (over all its connections)
+    /// are in flight. Trusted proxies are not bounded. The place is given
+    /// back when the returned guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> Result<RequestPermit, Refusal> {
+        let a = &self.admission;
+        let max = if self.per_address {
+            a.max_in_flight_per_ip.load(Ordering::Acquire)
+        } else {
+            u32::MAX
+        };
+        // The address has an open connection (this one), so it is where
+        // `admit` counted it.
+        let admitted = a.addresses.get_or_overflow(&self.key, |s| {
+            if s.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
+                s.in_flight.fetch_sub(1, Ordering::AcqRel);
+                return false;
+            }
+            true
+        });
+        if admitted {
+            Ok(RequestPermit(self.clone()))
+        } else {
+            Err(Refusal::TooManyInFlight)
+        }
+    }
+}
+
+/// One request's place under `max_in_flight_per_ip`.
+pub struct RequestPermit(Arc<Permit>);
+
+impl Drop for RequestPermit {
+    fn drop(&mut self) {
+        let p = &self.0;
+        p.admission.addresses.get_or_overflow(&p.key, |s| {
+            let _ = s
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        });
+    }
 }
 
 impl Drop for Permit {
@@ -129,6 +184,7 @@ impl Admission {
             max_per_ip: AtomicU32::new(0),
             new_per_ip: AtomicU32::new(0),
             new_global: AtomicU32::new(0),
+            max_in_flight_per_ip: AtomicU32::new(0),
             ipv6_prefix,
             open: AtomicU32::new(0),
             global_rate: RateState::default(),
@@ -146,6 +202,8 @@ impl Admission {
         self.new_per_ip
             .store(rate(cfg.new_per_ip_per_second), Ordering::Release);
         self.new_global.store(rate(cfg.new_per_second), Ordering::Release);
+        self.max_in_flight_per_ip
+            .store(cfg.max_in_flight_per_ip, Ordering::Release);
     }
 
     /// Open connections now.
@@ -195,6 +253,7 @@ impl Admission {
             Ok(()) => Ok(Permit {
                 admission: self.clone(),
                 key,
+                per_address,
             }),
             Err(refusal) => {
                 self.open.fetch_sub(1, Ordering::AcqRel);
@@ -225,6 +284,29 @@ mod tests {
         fn admit_ip(&self, ip: IpAddr, now: Nanos) -> Result<Permit, Refusal> {
             self.admit(ip, true, now)
         }
+    }
+
+    #[test]
+    fn requests_in_flight_are_bounded_per_address_over_all_its_connections() {
+        let g = guard(AdmissionConfig {
+            max_in_flight_per_ip: 3,
+            ..Default::default()
+        });
+        let a = Arc::new(g.admit_ip(ip("10.0.0.7"), 0).unwrap());
+        let b = Arc::new(g.admit_ip(ip("10.0.0.7"), 0).unwrap());
+        let mut held = vec![a.begin_request().unwrap(), a.begin_request().unwrap()];
+        held.push(b.begin_request().unwrap());
+        assert_eq!(b.begin_request().err(), Some(Refusal::TooManyInFlight));
+        assert_eq!(a.begin_request().err(), Some(Refusal::TooManyInFlight));
+        // Another address is not affected; a finished request frees a place.
+        let c = Arc::new(g.admit_ip(ip("10.0.0.8"), 0).unwrap());
+        assert!(c.begin_request().is_ok());
+        held.pop();
+        assert!(a.begin_request().is_ok());
+        // A trusted proxy speaks for many clients: not bounded here.
+        let proxy = Arc::new(g.admit(ip("10.0.0.9"), false, 0).unwrap());
+        let many: Vec<_> = (0..10).filter_map(|_| proxy.begin_request().ok()).collect();
+        assert_eq!(many.len(), 10);
     }
 
     #[test]
@@ -275,6 +357,7 @@ mod tests {
             max_per_ip: 3,
             new_per_ip_per_second: None,
             new_per_second: None,
+            max_in_flight_per_ip: 100,
         });
         let a: Vec<_> = (0..3).map(|_| g.admit_ip(ip("10.0.0.1"), 0).unwrap()).collect();
         assert_eq!(

@@ -27,7 +27,7 @@ use hyper_util::server::conn::auto;
 use palisade::{Finished, LocalRefusal, Pipeline, ShieldLayer, ShieldService};
 use palisade_core::{ClientKey, Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
 use palisade_limits::adaptive::AdaptiveTransition;
-use palisade_limits::admission::{Admission, Permit};
+use palisade_limits::admission::{Admission, Permit, RequestPermit};
 use palisade_limits::breaker::{Attempt, Breaker, Outcome, Transition};
 use palisade_limits::reputation::EventKind;
 use palisade_limits::shield::{Decision, Rejection, RequestFacts, Shield};
@@ -949,7 +949,7 @@ pub(crate) fn in_error_chain(
 /// the connection's idle deadline does not run during a long download.
 pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
-    guard: Option<InFlight>,
+    guard: Option<(InFlight, Option<RequestPermit>)>,
 }
 
 impl Body for ResponseBody {
@@ -1125,8 +1125,30 @@ impl tower_service::Service<Request<Incoming>> for Forward {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let (app, conn) = (self.app.clone(), self.conn.clone());
-        Box::pin(async move { Ok(app.pass(conn, req).await) })
+        Box::pin(async move {
+            if req.extensions().get::<OverInFlight>().is_some() {
+                return Ok(over_in_flight());
+            }
+            Ok(app.pass(conn, req).await)
+        })
     }
+}
+
+/// Marks a request whose address has `connections.max_in_flight_per_ip`
+/// requests in flight already: it goes through the pipeline (counted,
+/// logged) and is answered 429 instead of forwarded.
+#[derive(Clone, Copy)]
+struct OverInFlight;
+
+fn over_in_flight() -> Response<UpstreamResponseBody> {
+    let rejection = Rejection {
+        reason: RejectReason::RateLimited,
+        retry_after_secs: Some(1),
+        quota: None,
+    };
+    let mut r = respond::rejection(&rejection, "in_flight").map(Either::Right);
+    r.extensions_mut().insert(LocalRefusal(RejectReason::RateLimited));
+    r
 }
 
 /// The hyper service of one client connection.
@@ -1134,18 +1156,24 @@ impl tower_service::Service<Request<Incoming>> for Forward {
 pub struct ProxyService {
     pipeline: ShieldService<Forward, Hooks>,
     activity: Arc<ConnActivity>,
+    permit: Option<Arc<Permit>>,
 }
 
 impl ProxyService {
     /// The pipeline for a connection from `conn.peer`.
     pub fn new(app: Arc<App>, conn: ClientConn, activity: Arc<ConnActivity>) -> Self {
         let peer = conn.peer;
+        let permit = conn.permit.clone();
         let pipeline = ShieldLayer::with_pipeline(Hooks(app.clone()))
             // Nothing downstream reads it: save the allocation.
             .expose_client_ip(false)
             .layer(Forward { app, conn })
             .with_peer(peer);
-        Self { pipeline, activity }
+        Self {
+            pipeline,
+            activity,
+            permit,
+        }
     }
 }
 
@@ -1154,8 +1182,16 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
+        let request_permit = match self.permit.as_ref().map(Permit::begin_request) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                req.extensions_mut().insert(OverInFlight);
+                None
+            }
+            None => None,
+        };
         let mut pipeline = self.pipeline.clone();
         Box::pin(async move {
             // Forward is always ready; the call keeps tower's contract anyway.
@@ -1166,7 +1202,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                     Either::Left(forwarded) => forwarded,
                     Either::Right(refusal) => Either::Right(refusal),
                 },
-                guard: Some(guard),
+                guard: Some((guard, request_permit)),
             }))
         })
     }

@@ -234,3 +234,50 @@ async fn upstream_connections_are_capped_with_a_prompt_503() {
     assert!(served, "the upstream places never came back");
     h.running.shutdown().await;
 }
+
+/// With `connections.max_in_flight_per_ip = 2`, an address holding two
+/// requests on two connections gets 429 for a third (on a third
+/// connection) at once; another address is served; the places come back.
+#[tokio::test]
+async fn requests_in_flight_per_address_are_bounded_over_its_connections() {
+    let h = Harness::start("", "[connections]\nmax_in_flight_per_ip = 2\n").await;
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut c = common::Client::connect("127.0.0.96", h.proxy()).await;
+        holders.push(tokio::spawn(async move { c.get("/delay/60000").await }));
+    }
+    let hits = h.upstream_hits.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || hits.load(Ordering::SeqCst) == 2).await,
+        "the upstream never got both holders"
+    );
+    let mut c = common::Client::connect("127.0.0.96", h.proxy()).await;
+    let (status, headers, _) = tokio::time::timeout(Duration::from_secs(10), c.get("/"))
+        .await
+        .expect("a request past the in-flight bound hung");
+    assert_eq!(status, 429);
+    assert_eq!(headers["retry-after"], "1");
+    let mut other = common::Client::connect("127.0.0.97", h.proxy()).await;
+    assert_eq!(other.get("/").await.0, 200);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_requests_total{endpoint=\"default\",method=\"GET\",status=\"429\"}"
+        ),
+        1.0
+    );
+    for held in holders {
+        held.abort();
+    }
+    let mut served = false;
+    for _ in 0..100 {
+        if c.get("/").await.0 == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the in-flight places never came back");
+    h.running.shutdown().await;
+}

@@ -225,6 +225,10 @@ pub mod raw {
                 max_per_ip: c.max_per_ip,
                 new_per_ip_per_second: NonZeroU32::new(c.new_per_ip_per_second),
                 new_per_second: NonZeroU32::new(c.new_per_second),
+                max_in_flight_per_ip: match c.max_in_flight_per_ip {
+                    0 => return Err(at(p!("connections", "max_in_flight_per_ip"), "must be > 0")),
+                    n => n,
+                },
             })
         }
     }
@@ -260,6 +264,7 @@ pub mod raw {
         pub max_per_ip: u32,
         pub new_per_ip_per_second: u32,
         pub new_per_second: u32,
+        pub max_in_flight_per_ip: u32,
     }
 
     impl Default for RawConnections {
@@ -269,6 +274,7 @@ pub mod raw {
                 max_per_ip: 100,
                 new_per_ip_per_second: 50,
                 new_per_second: 0,
+                max_in_flight_per_ip: 100,
             }
         }
     }
