@@ -281,13 +281,19 @@ impl Clients {
     pub fn with<R>(&self, key: &ClientKey, now: Nanos, f: impl FnOnce(&mut Words, Place) -> R) -> R {
         let h = self.homes(key);
         let records = self.records();
-        for i in self.candidates(h) {
-            if records[i].tag() == h.tag
-                && let Some(mut w) = records[i].lock(h.tag)
-            {
-                let r = f(&mut w, Place::Own);
-                records[i].unlock(w);
-                return r;
+        // Both neighborhoods a record pair (about a cache line) at a time,
+        // so a client near the start of its second neighborhood costs two
+        // memory loads in parallel, not the first neighborhood's eight.
+        for d in (0..NEIGHBORHOOD).step_by(2) {
+            for i in [h.a + d, h.a + d + 1, h.b + d, h.b + d + 1] {
+                let r = &records[if i >= self.len { i - self.len } else { i }];
+                if r.tag() == h.tag
+                    && let Some(mut w) = r.lock(h.tag)
+                {
+                    let out = f(&mut w, Place::Own);
+                    r.unlock(w);
+                    return out;
+                }
             }
         }
         self.claim(h, now, f)
