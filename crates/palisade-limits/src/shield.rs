@@ -305,6 +305,16 @@ impl<C: Clock> Shield<C> {
 
     /// Decides one request.
     pub fn decide(&self, req: &RequestFacts<'_>) -> Decision {
+        self.decide_with(req, |_| false)
+    }
+
+    /// [`decide`](Self::decide) with an outside ban list (the kernel
+    /// defense's) asked about the resolved client right after the allow
+    /// list. The order is cheapest and most certain first, and nothing is
+    /// charged for a request that a list already refuses: allow list, outside
+    /// bans, deny list, reputation store, learned reputation, rate limit,
+    /// adaptive breaker.
+    pub fn decide_with(&self, req: &RequestFacts<'_>, banned: impl FnOnce(IpAddr) -> bool) -> Decision {
         let now = self.clock.now();
         let client_ip = self.cfg.trusted_proxies.client_ip(req.peer, req.headers);
         let ua = req
@@ -348,7 +358,7 @@ impl<C: Clock> Shield<C> {
             decision.exempt = true;
             return decision;
         }
-        if self.cfg.deny.iter().any(|n| n.contains(&client_ip)) {
+        if banned(client_ip) || self.cfg.deny.iter().any(|n| n.contains(&client_ip)) {
             decision.rejection = Some(Rejection {
                 reason: RejectReason::Denylisted,
                 retry_after_secs: None,
@@ -641,6 +651,23 @@ mod tests {
         assert_eq!(r.retry_after_secs, Some(1));
         // Another client is untouched.
         assert_eq!(run(&s, "127.0.0.3", "/", 10).0, 10);
+    }
+
+    #[test]
+    fn an_outside_ban_refuses_before_anything_is_charged() {
+        let mut cfg = ShieldConfig::default();
+        cfg.limit = Some(LimitPolicy {
+            quota: quota(5),
+            mode: Mode::Enforce,
+        });
+        let s = Shield::new(cfg, ManualClock::new());
+        let (m, h) = (Method::GET, HeaderMap::new());
+        for _ in 0..20 {
+            let d = s.decide_with(&facts("127.0.0.2", "/", &m, &h), |_| true);
+            assert_eq!(d.rejection.map(|r| r.reason), Some(RejectReason::Denylisted));
+        }
+        // The ban lifted, the client's bucket is whole.
+        assert_eq!(run(&s, "127.0.0.2", "/", 10).0, 5);
     }
 
     #[test]

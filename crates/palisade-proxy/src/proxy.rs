@@ -1016,16 +1016,12 @@ impl Pipeline for Hooks {
         &rt.shield
     }
 
+    fn banned(&self, _: &Arc<Runtime>, client: std::net::IpAddr) -> bool {
+        self.0.syn_banned(client)
+    }
+
     fn begin(&self, rt: &Arc<Runtime>, req: &RequestFacts<'_>, decision: &mut Decision) -> &'static str {
         let app = &self.0;
-        if decision.rejection.is_none() && !decision.exempt && app.syn_banned(decision.client_ip) {
-            let rejection = Rejection {
-                reason: RejectReason::Denylisted,
-                retry_after_secs: None,
-                quota: None,
-            };
-            decision.apply(rejection, palisade_core::Mode::Enforce);
-        }
         if let Some(cluster) = &app.cluster
             && decision.rejection.is_none()
             && !decision.exempt

@@ -180,3 +180,41 @@ async fn an_untrusted_client_forwarding_headers_are_replaced_by_palisades_own() 
     assert!(body.contains("x-real-ip: 198.51.100.7\n"), "{body}");
     h.running.shutdown().await;
 }
+
+/// A client the kernel defense banned is refused before the limiter or its
+/// reputation is charged: it gets the ban's 403 every time, never a 429, and
+/// nothing about it is learned from requests it was never going to get in.
+#[tokio::test]
+async fn a_kernel_banned_client_is_refused_before_any_limit_is_charged() {
+    let h = Harness::start(
+        "",
+        "[clients]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[rate_limit]\nrate = 1\n\
+         [syn]\nenabled = true\nfirewall = \"dry-run\"\n",
+    )
+    .await;
+    let mut admin = h.admin_client().await;
+    let ban = http::Request::post("/api/v1/bans")
+        .header("host", "test.local")
+        .header("authorization", "Bearer test-token-0123456789")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"ip": "198.18.0.5", "duration": "10m"}"#,
+        )))
+        .unwrap();
+    let (status, _, body) = admin.send(ban).await;
+    assert_eq!(status, 200, "{body}");
+    let mut proxy = h.client("127.0.0.1").await;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(
+            proxy
+                .get_with("/", &[("x-forwarded-for", "198.18.0.5")])
+                .await
+                .0
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [403; 10]);
+    let (_, _, body) = admin.get("/api/v1/reputation/198.18.0.5").await;
+    assert!(!body.contains("\"kind\":\"flood\""), "{body}");
+    h.running.shutdown().await;
+}

@@ -46,6 +46,12 @@ pub trait Pipeline: Clone + Send + Sync + 'static {
     fn load(&self) -> Self::Snapshot;
     /// The shield inside a snapshot.
     fn shield<'a>(&self, snapshot: &'a Self::Snapshot) -> &'a Shield<Self::Clock>;
+    /// Whether an outside ban list (the daemon's kernel bans) refuses the
+    /// resolved client. Asked right after the allow list, before any limit
+    /// or score is charged, so a banned client costs nothing but the lookup.
+    fn banned(&self, _snapshot: &Self::Snapshot, _client: IpAddr) -> bool {
+        false
+    }
     /// Runs after the shield decided and before the answer; may refuse
     /// with further checks of its own (through [`Decision::apply`]).
     fn begin(&self, snapshot: &Self::Snapshot, req: &RequestFacts<'_>, decision: &mut Decision) -> Self::Tag;
@@ -591,7 +597,7 @@ where
                 path: req.uri().path(),
                 headers: req.headers(),
             };
-            let mut decision = shield.decide(&facts);
+            let mut decision = shield.decide_with(&facts, |ip| self.pipeline.banned(&snapshot, ip));
             let tag = self.pipeline.begin(&snapshot, &facts, &mut decision);
             (decision, tag)
         };
