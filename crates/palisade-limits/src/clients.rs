@@ -157,37 +157,41 @@ impl Mapping {
         };
     }
 
-    /// Bytes of the table that are resident, from `/proc/self/smaps`
-    /// (pages only read map the shared zero page, which is not counted).
+    /// Bytes of the table that are resident.
     #[cfg(target_os = "linux")]
     fn resident(&self) -> usize {
-        let (lo, hi) = (
-            self.ptr.as_ptr() as usize,
-            self.ptr.as_ptr() as usize + self.bytes(),
-        );
-        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
-            return 0;
-        };
-        let mut inside = false;
-        let mut sum = 0;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ')
-                && let Some((a, b)) = range.split_once('-')
-                && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-            {
-                inside = a < hi && b > lo;
-            } else if inside && let Some(kb) = line.strip_prefix("Rss:") {
-                sum += kb
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<usize>()
-                    .unwrap_or(0)
-                    * 1024;
-            }
-        }
-        sum
+        let lo = self.ptr.as_ptr() as usize;
+        resident_in(lo, lo + self.bytes())
     }
+}
+
+/// Resident bytes of this process's mappings within `[lo, hi)`, from
+/// `/proc/self/smaps` (pages only read map the shared zero page, which is
+/// not counted). For gauges and tests, not the request path.
+#[cfg(target_os = "linux")]
+pub(crate) fn resident_in(lo: usize, hi: usize) -> usize {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let mut inside = false;
+    let mut sum = 0;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((a, b)) = range.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            inside = a < hi && b > lo;
+        } else if inside && let Some(kb) = line.strip_prefix("Rss:") {
+            sum += kb
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(0)
+                * 1024;
+        }
+    }
+    sum
 }
 
 impl Drop for Mapping {
