@@ -688,9 +688,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let (tmp, mut f) = create_temp(&dir, &name)?;
     let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
         f.write_all(bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
@@ -700,6 +699,36 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// A new temp file next to `name` in `dir`: mode 0600, a name no other
+/// user can guess, created with `O_EXCL` (`create_new`), so a file or
+/// symlink planted in a shared directory is never opened, followed or
+/// truncated.
+fn create_temp(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut last = None;
+    for _ in 0..16 {
+        // RandomState is keyed from the OS's random source per process.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        let tmp = dir.join(format!(".{name}.tmp.{:016x}", h.finish()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((tmp, e)),
+            Err(e) => return Err(io_err(&tmp)(e)),
+        }
+    }
+    let (tmp, e) = last.unwrap_or_else(|| (dir.join(name), std::io::ErrorKind::AlreadyExists.into()));
+    Err(io_err(&tmp)(e))
 }
 
 impl Snapshot {

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use bytemuck::{Pod, Zeroable};
@@ -167,10 +168,12 @@ impl StateLog {
             Err(e) => return Err(io_err(&snap_path)(e)),
         }
         let wal_path = dir.join(WAL_FILE);
+        // Learned state says who was penalized and why: the owner's only.
         let mut wal = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
+            .mode(0o600)
             .open(&wal_path)
             .map_err(io_err(&wal_path))?;
         let mut bytes = Vec::new();
