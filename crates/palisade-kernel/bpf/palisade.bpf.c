@@ -38,6 +38,16 @@ struct {
 	__type(value, __u32);
 } ban6 SEC(".maps");
 
+/* The listener ports a ban protects (TCP destination port, network byte
+ * order). A banned source's other traffic passes: a spoofer can aim a ban
+ * at an address the host itself talks to. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u16);
+	__type(value, __u8);
+} ports SEC(".maps");
+
 /* SYNs per source (IPv4 as ::ffff:a.b.c.d), bounded by LRU eviction. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
@@ -158,23 +168,24 @@ int palisade_xdp(struct xdp_md *ctx)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return XDP_PASS;
-		struct lpm4 k = { .prefixlen = 32, .addr = ip->saddr };
-		if (bpf_map_lookup_elem(&ban4, &k)) {
-			count(1);
-			return XDP_DROP;
-		}
 		if (ip->protocol == IPPROTO_TCP && !(ip->frag_off & bpf_htons(0x1fff))) {
 			/* Only option-less headers: adding a variable offset to
 			 * a packet pointer is refused by the verifier unless the
 			 * loader has CAP_PERFMON (its Spectre hardening), and the
 			 * daemon runs with CAP_BPF and CAP_NET_ADMIN only. SYNs
 			 * with IP options are rare and still counted by the
-			 * capture socket; banned sources are dropped above. */
+			 * capture socket, and a banned source's are dropped by
+			 * the nftables/iptables rule behind us. */
 			if (ip->ihl != 5)
 				return XDP_PASS;
 			struct tcphdr *tcp = (void *)(ip + 1);
 			if ((void *)(tcp + 1) > end)
 				return XDP_PASS;
+			struct lpm4 k = { .prefixlen = 32, .addr = ip->saddr };
+			if (bpf_map_lookup_elem(&ports, &tcp->dest) && bpf_map_lookup_elem(&ban4, &k)) {
+				count(1);
+				return XDP_DROP;
+			}
 			key[10] = 0xff;
 			key[11] = 0xff;
 			__builtin_memcpy(&key[12], &ip->saddr, 4);
@@ -189,16 +200,16 @@ int palisade_xdp(struct xdp_md *ctx)
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end)
 			return XDP_PASS;
-		struct lpm6 k = { .prefixlen = 128 };
-		__builtin_memcpy(k.addr, &ip6->saddr, 16);
-		if (bpf_map_lookup_elem(&ban6, &k)) {
-			count(1);
-			return XDP_DROP;
-		}
 		if (ip6->nexthdr == IPPROTO_TCP) {
 			struct tcphdr *tcp = (void *)(ip6 + 1);
 			if ((void *)(tcp + 1) > end)
 				return XDP_PASS;
+			struct lpm6 k = { .prefixlen = 128 };
+			__builtin_memcpy(k.addr, &ip6->saddr, 16);
+			if (bpf_map_lookup_elem(&ports, &tcp->dest) && bpf_map_lookup_elem(&ban6, &k)) {
+				count(1);
+				return XDP_DROP;
+			}
 			__builtin_memcpy(key, &ip6->saddr, 16);
 			if (tcp_syn(tcp, end)) {
 				count_syn(key);

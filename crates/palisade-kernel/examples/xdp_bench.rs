@@ -171,7 +171,7 @@ fn main() {
 
     let xdp = if XdpDefense::built() {
         let mut x = srv
-            .enter(|| XdpDefense::attach(&["v0"], XdpMode::Default))
+            .enter(|| XdpDefense::attach(&["v0"], XdpMode::Default, &[9]))
             .join()
             .unwrap()
             .unwrap();

@@ -89,11 +89,24 @@ impl XdpDefense {
 
     /// Loads the program and attaches it to every interface (generic
     /// `Skb` mode works everywhere; `Default` lets the driver choose).
-    pub fn attach(interfaces: &[&str], mode: XdpMode) -> Result<Self, XdpError> {
+    ///
+    /// Bans drop only TCP to `ports` (at most 64): a banned address's other
+    /// traffic, its answers to the host's own connections included, passes.
+    pub fn attach(interfaces: &[&str], mode: XdpMode, ports: &[u16]) -> Result<Self, XdpError> {
         if !Self::built() {
             return Err(XdpError::NotBuilt);
         }
         let mut ebpf = aya::Ebpf::load(OBJECT).map_err(err)?;
+        {
+            let mut map: aya::maps::HashMap<&mut MapData, u16, u8> =
+                aya::maps::HashMap::try_from(ebpf.map_mut("ports").ok_or_else(|| err("no ports map"))?)
+                    .map_err(err)?;
+            for port in ports {
+                // The program compares with the header's bytes as they are.
+                map.insert(u16::from_ne_bytes(port.to_be_bytes()), 1, 0)
+                    .map_err(err)?;
+            }
+        }
         let prog: &mut Xdp = ebpf
             .program_mut("palisade_xdp")
             .ok_or_else(|| err("program palisade_xdp missing from the object"))?

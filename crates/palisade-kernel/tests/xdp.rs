@@ -11,11 +11,16 @@ use palisade_kernel::netns::Netns;
 use palisade_kernel::xdp::XdpDefense;
 
 fn reaches(att: &Netns, from: &str) -> bool {
+    reaches_port(att, from, 7000)
+}
+
+/// Port 7000 is the protected listener; 7001 is not.
+fn reaches_port(att: &Netns, from: &str, port: u16) -> bool {
     let from: SocketAddr = format!("{from}:0").parse().unwrap();
     att.enter(move || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         s.bind(&from.into()).unwrap();
-        let to: SocketAddr = "198.18.4.1:7000".parse().unwrap();
+        let to = SocketAddr::from(([198, 18, 4, 1], port));
         s.connect_timeout(&to.into(), Duration::from_millis(500)).is_ok()
     })
     .join()
@@ -40,13 +45,15 @@ fn xdp_drops_banned_sources_and_counts_syns() {
     };
     srv.link(&att, "198.18.4.1/24", &["198.18.4.2/24", "198.18.4.3/24"])
         .unwrap();
-    let listener = srv
-        .enter(|| TcpListener::bind("198.18.4.1:7000").unwrap())
-        .join()
-        .unwrap();
-    std::thread::spawn(move || for _ in listener.incoming() {});
+    for port in [7000, 7001] {
+        let listener = srv
+            .enter(move || TcpListener::bind(("198.18.4.1", port)).unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || for _ in listener.incoming() {});
+    }
     let mut xdp = srv
-        .enter(|| XdpDefense::attach(&["v0"], palisade_kernel::xdp::XdpMode::Skb))
+        .enter(|| XdpDefense::attach(&["v0"], palisade_kernel::xdp::XdpMode::Skb, &[7000]))
         .join()
         .unwrap()
         .unwrap();
@@ -122,6 +129,10 @@ fn xdp_drops_banned_sources_and_counts_syns() {
 
     xdp.ban("198.18.4.2/32".parse::<IpNet>().unwrap()).unwrap();
     assert!(!reaches(&att, "198.18.4.2"), "banned source got through XDP");
+    assert!(
+        reaches_port(&att, "198.18.4.2", 7001),
+        "XDP dropped a banned source's TCP to a port it does not protect"
+    );
     assert!(reaches(&att, "198.18.4.3"), "XDP dropped a clean source");
     let stats = xdp.stats().unwrap();
     assert!(stats.dropped >= 1, "{stats:?}");

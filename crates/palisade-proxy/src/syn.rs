@@ -210,7 +210,7 @@ fn attach_xdp(listen: std::net::SocketAddr) -> Option<XdpDefense> {
         }
     };
     let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-    match XdpDefense::attach(&names, XdpMode::Default) {
+    match XdpDefense::attach(&names, XdpMode::Default, &[listen.port()]) {
         Ok(x) => {
             tracing::info!(interfaces = ?interfaces, "SYN defense: XDP program attached (banned sources dropped in the driver hook)");
             Some(x)
