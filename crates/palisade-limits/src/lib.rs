@@ -1,8 +1,12 @@
 //! Palisade's protection algorithms: pure, clock-injected, bounded.
 //!
-//! - [`rate`]: per-client limiter (token bucket + 100 ms-slot window).
+//! - [`rate`]: per-client limiter (token bucket + approximate 1 s window).
 //! - [`reputation`]: scores, penalties, recovery and explanations.
-//! - [`table`]: the bounded client table both use.
+//! - [`record`], [`clients`]: the 32-byte client record and the bounded
+//!   table of them that the limiter and reputation keep clients in;
+//!   [`notes`]: the side table of events behind scores.
+//! - [`table`]: the bucket table the adaptive breaker and the connection
+//!   guard still use.
 //! - [`shield`]: the decision pipeline the proxy runs per request.
 //!
 //! ```
