@@ -764,6 +764,46 @@ mod tests {
         assert_eq!(ds[0].rejection.unwrap().reason, RejectReason::Reputation);
     }
 
+    /// A flood of fresh addresses against a full client table: the
+    /// penalized client stays refused (its record is not taken), and no
+    /// newcomer is refused for reputation, whatever record it shares.
+    #[test]
+    fn a_key_flood_neither_frees_a_penalized_client_nor_blocks_newcomers() {
+        let clock = ManualClock::new();
+        let mut cfg = ShieldConfig::default();
+        cfg.max_tracked_clients = 1000;
+        let s = Shield::new(cfg, clock.clone());
+        for _ in 0..3 {
+            run(&s, "127.0.0.9", "/", 250);
+            clock.advance(std::time::Duration::from_secs(1));
+        }
+        let refused = |s: &Shield<ManualClock>| run(s, "127.0.0.9", "/", 1).1[0].rejection.map(|r| r.reason);
+        assert_eq!(refused(&s), Some(RejectReason::Reputation));
+        let m = Method::GET;
+        let h = HeaderMap::new();
+        let mut by_reason = std::collections::HashMap::new();
+        for i in 0..100_000u32 {
+            // Over four seconds: a shared record would collect a flood
+            // penalty each second.
+            if i % 25_000 == 0 {
+                clock.advance(std::time::Duration::from_secs(1));
+            }
+            let peer = IpAddr::from(std::net::Ipv4Addr::from(0xC612_0000 + i)).to_string();
+            for _ in 0..3 {
+                let d = s.decide(&facts(&peer, "/", &m, &h));
+                *by_reason.entry(d.rejection.map(|r| r.reason)).or_insert(0u32) += 1;
+            }
+        }
+        let rep = s.reputation().unwrap().table();
+        assert!(rep.overflowed() > 0, "the flood did not fill the table");
+        assert_eq!(
+            by_reason.get(&Some(RejectReason::Reputation)),
+            None,
+            "{by_reason:?}"
+        );
+        assert_eq!(refused(&s), Some(RejectReason::Reputation));
+    }
+
     #[test]
     fn spoofed_forwarded_for_changes_nothing() {
         let mut cfg = ShieldConfig::default();
