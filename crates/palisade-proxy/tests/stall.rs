@@ -281,3 +281,41 @@ async fn requests_in_flight_per_address_are_bounded_over_its_connections() {
     assert!(served, "the in-flight places never came back");
     h.running.shutdown().await;
 }
+
+/// A request the client abandons still ends in the metrics, once, as 499.
+#[tokio::test]
+async fn an_abandoned_request_is_counted_once_as_499() {
+    let h = Harness::start("", "").await;
+    let mut c = common::Client::connect("127.0.0.98", h.proxy()).await;
+    let held = tokio::spawn(async move { c.get("/delay/60000").await });
+    let hits = h.upstream_hits.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || hits.load(Ordering::SeqCst) == 1).await,
+        "the upstream never got the request"
+    );
+    // Dropping the client's connection abandons the request.
+    held.abort();
+    let series = "palisade_requests_total{endpoint=\"default\",method=\"GET\",status=\"499\"}";
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = h.metrics().await;
+        if m.lines().any(|l| l.starts_with(series)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        m.lines().any(|l| l.starts_with(series)),
+        "the abandoned request was never counted"
+    );
+    assert_eq!(metric(&m, series), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_request_duration_seconds_count{endpoint=\"default\",method=\"GET\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "palisade_decisions_total{decision=\"allowed\"}"), 1.0);
+    h.running.shutdown().await;
+}

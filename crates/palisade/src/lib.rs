@@ -87,8 +87,8 @@ pub use breaker::{BreakerFuture, BreakerLayer, BreakerService, BreakerSettings, 
 pub use builder::{BuildError, Builder, Palisade, PalisadeLayer};
 pub use listener::{AdmissionListener, Admitted, read_proxy_header};
 pub use shield::{
-    BadRequest, BoxError, ClientIp, Early, Fail, Finished, LocalRefusal, MissingPeer, PeerAddr, Pipeline,
-    Refused, Reply, Respond, ResponseFuture, ShieldLayer, ShieldService,
+    BadRequest, BoxError, CLIENT_CLOSED_REQUEST, ClientIp, Early, Fail, Finished, LocalRefusal, MissingPeer,
+    PeerAddr, Pipeline, Refused, Reply, Respond, ResponseFuture, ShieldLayer, ShieldService,
 };
 
 pub use ipnet::IpNet;

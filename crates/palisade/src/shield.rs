@@ -55,7 +55,8 @@ pub trait Pipeline: Clone + Send + Sync + 'static {
     /// Runs after the shield decided and before the answer; may refuse
     /// with further checks of its own (through [`Decision::apply`]).
     fn begin(&self, snapshot: &Self::Snapshot, req: &RequestFacts<'_>, decision: &mut Decision) -> Self::Tag;
-    /// Runs once per request that got an answer, refused or served.
+    /// Runs exactly once per request: refused, served, or abandoned by
+    /// the client before the answer (status [`CLIENT_CLOSED_REQUEST`]).
     fn end(&self, snapshot: &Self::Snapshot, finished: Finished<'_, Self::Tag>);
 }
 
@@ -66,7 +67,8 @@ pub struct Finished<'a, T> {
     pub decision: &'a Decision,
     /// What [`Pipeline::begin`] returned.
     pub tag: T,
-    /// The status answered (500 when the inner service failed).
+    /// The status answered (500 when the inner service failed, 499 when the
+    /// client went away before the answer).
     pub status: StatusCode,
     /// The response's extensions (empty when the inner service failed).
     pub extensions: Option<&'a Extensions>,
@@ -623,12 +625,12 @@ where
         }
         ResponseFuture::new(Answer::called(
             self.inner.call(req),
-            Some(Watch {
+            Some(Watch(Some(Watched {
                 pipeline: self.pipeline.clone(),
                 snapshot,
                 decision,
                 tag,
-            }),
+            }))),
         ))
     }
 }
@@ -663,14 +665,52 @@ fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
     http::Uri::from_parts(parts).ok()
 }
 
-struct Watch<P: Pipeline> {
+/// The status a request the client abandoned ends with (nginx's "client
+/// closed request"): its future was dropped before the inner service
+/// answered.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// A request on its way through the inner service. It ends in
+/// [`Pipeline::end`] exactly once: with the answer, or, when its future is
+/// dropped first (the client went away), as 499.
+struct Watch<P: Pipeline>(Option<Watched<P>>);
+
+struct Watched<P: Pipeline> {
     pipeline: P,
     snapshot: P::Snapshot,
     decision: Decision,
     tag: P::Tag,
 }
 
+impl<P: Pipeline> Drop for Watch<P> {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            // Neither a success nor a failure of the service: the client's
+            // score and breaker are not fed.
+            let status = StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST);
+            w.pipeline.end(
+                &w.snapshot,
+                Finished {
+                    decision: &w.decision,
+                    tag: w.tag,
+                    status,
+                    extensions: None,
+                    effects: ResponseEffects::default(),
+                },
+            );
+        }
+    }
+}
+
 impl<P: Pipeline> Watch<P> {
+    fn finish(mut self, status: StatusCode, extensions: Option<&Extensions>) {
+        if let Some(w) = self.0.take() {
+            w.finish(status, extensions);
+        }
+    }
+}
+
+impl<P: Pipeline> Watched<P> {
     fn finish(self, status: StatusCode, extensions: Option<&Extensions>) {
         let shield = self.pipeline.shield(&self.snapshot);
         // Allow-listed clients are outside every control, responses
