@@ -383,3 +383,63 @@ async fn automatic_penalties_reach_the_durable_log() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An operator who copies a new store over the old one (`cp new.pstore
+/// rep.pstore`, which truncates and rewrites the same inode) instead of
+/// renaming it must not take the daemon down: the store in force stays
+/// in force until a reload reads the new file.
+#[tokio::test]
+async fn overwriting_the_store_file_in_place_keeps_the_daemon_serving() {
+    let dir = tmp("inplace");
+    let path = snapshot(&dir);
+    let h = Harness::start("", &format!("[store]\npath = \"{}\"\n", path.display())).await;
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
+
+    let replacement = Builder::from_csv("127.0.0.9,0,,deny\n".as_bytes(), "t")
+        .unwrap()
+        .finish(BuildOptions::default())
+        .unwrap();
+    let staged = dir.join("new.pstore");
+    replacement.write_to(&staged).unwrap();
+    let new_bytes = std::fs::read(&staged).unwrap();
+    {
+        use std::io::{Seek, Write};
+        // Truncated to nothing first, then written in pieces while lookups
+        // run against the file that was open.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        for ip in ["127.0.0.2", "127.0.10.9", "127.0.0.3"] {
+            assert_eq!(status_from(&h, ip).await, StatusCode::FORBIDDEN, "{ip}");
+        }
+        for chunk in new_bytes.chunks(new_bytes.len().div_ceil(3)) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
+            assert_eq!(status_from(&h, "127.0.10.9").await, StatusCode::FORBIDDEN);
+        }
+        // Garbage past the new end, then cut short again.
+        f.write_all(&[0xAB; 4096]).unwrap();
+        f.set_len(100).unwrap();
+        assert_eq!(status_from(&h, "127.0.0.3").await, StatusCode::FORBIDDEN);
+        f.set_len(0).unwrap();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.write_all(&new_bytes).unwrap();
+    }
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
+    assert_eq!(status_from(&h, "127.0.0.9").await, StatusCode::OK);
+
+    let mut admin = h.admin_client().await;
+    let reload = http::Request::post("/api/v1/store/reload")
+        .header("host", "localhost")
+        .header("authorization", "Bearer test-token-0123456789")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = admin.send(reload).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(status_from(&h, "127.0.0.9").await, StatusCode::FORBIDDEN);
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::OK);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,6 +1,7 @@
 //! Palisade's reputation store: verdicts for tens of millions
 //! of IPv4/IPv6 addresses and CIDR prefixes, answered exactly, from a
-//! memory-mapped snapshot that is usable the moment it is opened.
+//! compact snapshot read into private memory, so that nothing done to the file
+//! on disk afterwards can change or break it.
 //!
 //! # Layout, and why
 //! * Exact IPv4 addresses are split at /16: a 65 537-entry offset table and,

@@ -17,7 +17,7 @@
 //! ```
 
 use std::fs::File;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
@@ -159,22 +159,22 @@ impl Layout {
     }
 }
 
-enum Backing {
-    Mmap(memmap2::Mmap),
-    /// `u128` so that every section offset (a multiple of 16) is aligned.
-    Heap(Vec<u128>),
+/// The snapshot's bytes, always in private memory: a shared mapping of the
+/// file would fault (SIGBUS) the moment someone truncated or rewrote it in
+/// place, and would change under the checksums already verified.
+/// `u128` so that every section offset (a multiple of 16) is aligned.
+struct Backing {
+    words: Vec<u128>,
+    len: usize,
 }
 
 impl Backing {
     fn bytes(&self) -> &[u8] {
-        match self {
-            Self::Mmap(m) => m,
-            Self::Heap(v) => bytemuck::cast_slice(v),
-        }
+        &bytemuck::cast_slice(&self.words)[..self.len]
     }
 }
 
-/// An immutable, queryable store. Cheap to open: nothing is parsed into the
+/// An immutable, queryable store. Opening reads the file once; nothing is parsed into the
 /// heap except the verdict classes and reason names.
 pub struct Snapshot {
     // Declared before `backing`: it borrows from it and must drop first.
@@ -244,27 +244,44 @@ fn header_crc(h: &Header) -> u32 {
 }
 
 impl Snapshot {
-    /// Memory-maps and verifies a snapshot file (header, both checksums,
-    /// every section inside the file). The CRC pass reads the file once;
-    /// after that, pages are touched only by lookups.
+    /// Reads a snapshot file into private memory and verifies it (header,
+    /// both checksums, every section inside the file). After this returns,
+    /// nothing done to the file on disk (rewritten in place, truncated,
+    /// deleted) can change or break the snapshot.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(io_err(path))?;
-        // SAFETY: snapshot files are replaced by rename, never modified in
-        // place (`write_to` and every Palisade command do so); a file
-        // truncated under us by someone else would fault, as for any mmap.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-        Self::from_backing(Backing::Mmap(map), path.to_owned())
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        let len = usize::try_from(len).map_err(|_| corrupt(path, format!("{len} bytes is too large")))?;
+        let mut words = vec![0u128; len.div_ceil(16)];
+        file.read_exact(&mut bytemuck::cast_slice_mut::<u128, u8>(&mut words)[..len])
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => corrupt(path, "the file shrank while it was read"),
+                _ => io_err(path)(e),
+            })?;
+        // A writer still appending would leave a mix of two files: refuse
+        // it now rather than fail a checksum with a vaguer message.
+        if file.read(&mut [0u8; 1]).map_err(io_err(path))? != 0 {
+            return Err(corrupt(path, "the file grew while it was read"));
+        }
+        Self::from_backing(Backing { words, len }, path.to_owned())
     }
 
     /// A snapshot from bytes in memory (checked like a file).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut heap = vec![0u128; bytes.len().div_ceil(16)];
-        bytemuck::cast_slice_mut::<u128, u8>(&mut heap)[..bytes.len()].copy_from_slice(bytes);
-        Self::from_backing(Backing::Heap(heap), PathBuf::from("(memory)"))
+        let mut words = vec![0u128; bytes.len().div_ceil(16)];
+        bytemuck::cast_slice_mut::<u128, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Self::from_backing(
+            Backing {
+                words,
+                len: bytes.len(),
+            },
+            PathBuf::from("(memory)"),
+        )
     }
 
-    pub(crate) fn from_heap(heap: Vec<u128>) -> Result<Self> {
-        Self::from_backing(Backing::Heap(heap), PathBuf::from("(memory)"))
+    pub(crate) fn from_heap(words: Vec<u128>) -> Result<Self> {
+        let len = words.len() * 16;
+        Self::from_backing(Backing { words, len }, PathBuf::from("(memory)"))
     }
 
     fn from_backing(backing: Backing, source: PathBuf) -> Result<Self> {
@@ -534,7 +551,7 @@ impl Snapshot {
 
     /// Writes the snapshot durably and atomically: a temporary file in the
     /// same directory, fsync, rename over `path`, fsync of the directory.
-    /// Readers of the old file (including mmaps of it) are unaffected.
+    /// Snapshots already opened from the old file are unaffected.
     pub fn write_to(&self, path: &Path) -> Result<()> {
         write_atomically(path, self.as_bytes())
     }
