@@ -1,6 +1,11 @@
 //! Maintenance mode: every connection gets a static `503` page from a file,
 //! sent with `sendfile(2)` on plain TCP (the page never enters user space),
 //! then the connection is closed.
+//!
+//! Every write has the same progress deadline as a proxied connection
+//! (`server.write_timeout`): a client that asks for the page and never reads
+//! it would otherwise hold the connection, its permit and the open file for
+//! as long as it likes.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -45,32 +50,41 @@ impl MaintenancePage {
     }
 
     /// Answers one plain-TCP connection; returns how the body was sent.
+    /// A write that makes no progress for `write_deadline` fails with
+    /// [`io::ErrorKind::TimedOut`].
     pub async fn serve_tcp(
         &self,
         mut stream: TcpStream,
         header_deadline: Duration,
+        write_deadline: Duration,
     ) -> io::Result<&'static str> {
         read_head(&mut stream, header_deadline).await;
         let file = std::fs::File::open(&self.path)?;
         let len = file.metadata()?.len();
-        stream.write_all(self.head(len).as_bytes()).await?;
+        write_all(&mut stream, self.head(len).as_bytes(), write_deadline).await?;
         #[cfg(target_os = "linux")]
         let how = {
-            sendfile::all(&stream, &file, len).await?;
+            sendfile::all(&stream, &file, len, write_deadline).await?;
             "sendfile"
         };
         #[cfg(not(target_os = "linux"))]
         let how = {
             let body = std::fs::read(&self.path)?;
-            stream.write_all(&body).await?;
+            write_all(&mut stream, &body, write_deadline).await?;
             "copy"
         };
-        stream.shutdown().await?;
+        within(write_deadline, stream.shutdown()).await?;
         Ok(how)
     }
 
-    /// Answers one connection of any kind (TLS) by copying the page.
-    pub async fn serve_copy<S>(&self, mut stream: S, header_deadline: Duration) -> io::Result<&'static str>
+    /// Answers one connection of any kind (TLS) by copying the page, with
+    /// the same write deadline as [`Self::serve_tcp`].
+    pub async fn serve_copy<S>(
+        &self,
+        mut stream: S,
+        header_deadline: Duration,
+        write_deadline: Duration,
+    ) -> io::Result<&'static str>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -78,11 +92,40 @@ impl MaintenancePage {
         // A maintenance page is small and in the page cache after the first
         // read: reading it inline costs less than a blocking-pool hop.
         let body = std::fs::read(&self.path)?;
-        stream.write_all(self.head(body.len() as u64).as_bytes()).await?;
-        stream.write_all(&body).await?;
-        stream.shutdown().await?;
+        write_all(
+            &mut stream,
+            self.head(body.len() as u64).as_bytes(),
+            write_deadline,
+        )
+        .await?;
+        write_all(&mut stream, &body, write_deadline).await?;
+        within(write_deadline, stream.flush()).await?;
+        within(write_deadline, stream.shutdown()).await?;
         Ok("copy")
     }
+}
+
+/// `step`, failed with `TimedOut` if it does not finish within `deadline`.
+async fn within<T>(deadline: Duration, step: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(deadline, step)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "write made no progress")))
+}
+
+/// Writes all of `buf`; each write must make progress within `deadline`
+/// (a slow reader is fine, a reader that stopped is not).
+async fn write_all<S: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    mut buf: &[u8],
+    deadline: Duration,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match within(deadline, stream.write(buf)).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => buf = &buf[n..],
+        }
+    }
+    Ok(())
 }
 
 /// Reads (and drops) the request head, so closing does not reset a client
@@ -110,14 +153,22 @@ mod sendfile {
     use std::io;
     use std::os::fd::AsRawFd;
 
+    use std::time::Duration;
+
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    /// Sends the first `len` bytes of `file` to `stream` with `sendfile(2)`.
-    pub async fn all(stream: &TcpStream, file: &std::fs::File, len: u64) -> io::Result<()> {
+    /// Sends the first `len` bytes of `file` to `stream` with `sendfile(2)`;
+    /// the socket must take some within each `deadline`.
+    pub async fn all(
+        stream: &TcpStream,
+        file: &std::fs::File,
+        len: u64,
+        deadline: Duration,
+    ) -> io::Result<()> {
         let mut offset: libc::off_t = 0;
         while (offset as u64) < len {
-            stream.writable().await?;
+            super::within(deadline, stream.writable()).await?;
             let left = (len - offset as u64).min(1 << 30) as usize;
             let sent = stream.try_io(Interest::WRITABLE, || {
                 // SAFETY: both descriptors are open for the call; `offset`

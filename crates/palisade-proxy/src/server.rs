@@ -19,7 +19,7 @@ use palisade_limits::admission::{Permit, Refusal};
 use crate::admin;
 use crate::config::Config;
 use crate::config::WatchdogSettings;
-use crate::io::{ConnActivity, Deadlines, TimedIo};
+use crate::io::{ConnActivity, Deadlines, Expired, TimedIo};
 use crate::maintenance::MaintenancePage;
 use crate::metrics::Metrics;
 use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime, in_error_chain};
@@ -313,16 +313,23 @@ async fn handshake(
 
 /// Maintenance mode: the static page, then close.
 async fn maintenance(app: &App, rt: &Runtime, page: &MaintenancePage, stream: TcpStream, peer: SocketAddr) {
-    let deadline = rt.config.server.header_read_timeout;
+    let (head, write) = (
+        rt.config.server.header_read_timeout,
+        rt.config.server.write_timeout,
+    );
     let served = match &rt.config.tls {
-        None => page.serve_tcp(stream, deadline).await,
+        None => page.serve_tcp(stream, head, write).await,
         Some(tls) => match handshake(app, rt, tls, stream, peer).await {
-            Some(tls_stream) => page.serve_copy(tls_stream, deadline).await,
+            Some(tls_stream) => page.serve_copy(tls_stream, head, write).await,
             None => return,
         },
     };
     match served {
         Ok(how) => Metrics::inc(&app.metrics.maintenance_responses, how),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            Metrics::inc(&app.metrics.conn_timeouts, Expired::Write.as_str());
+            tracing::debug!(%peer, "maintenance page: client stopped reading");
+        }
         Err(e) => tracing::debug!(%peer, error = %e, "maintenance page not delivered"),
     }
 }

@@ -403,6 +403,55 @@ async fn maintenance_mode_sends_the_page_with_sendfile() {
     h.running.shutdown().await;
 }
 
+/// The attack: ask for the maintenance page and never read it. The page
+/// (32 MB, more than the socket buffers of both ends hold) must be given
+/// up on once a write made no progress for `write_timeout`, and the
+/// connection closed, instead of `sendfile` waiting forever.
+#[tokio::test]
+async fn maintenance_page_to_a_client_that_never_reads_hits_the_write_deadline() {
+    let dir = std::env::temp_dir().join(format!("palisade-maint-stall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let page = dir.join("down.txt");
+    let size = 32 << 20;
+    std::fs::write(&page, vec![b'x'; size]).unwrap();
+    let h = Harness::start(
+        &format!(
+            "maintenance_page = \"{}\"\nwrite_timeout = \"1s\"",
+            page.display()
+        ),
+        "",
+    )
+    .await;
+    let mut s = connect_from("127.0.0.77", h.proxy()).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let series = "palisade_connection_timeouts_total{kind=\"write\"}";
+    let mut timed_out = false;
+    for _ in 0..400 {
+        if metric(&h.metrics().await, series) >= 1.0 {
+            timed_out = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(timed_out, "the maintenance page never hit the write deadline");
+    // What the kernel had already queued still arrives, then the close.
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("the connection was never closed")
+        .unwrap();
+    assert!(got.len() < size, "the whole page was sent: {}", got.len());
+    let m = h.metrics().await;
+    assert_eq!(metric(&m, series), 1.0);
+    assert_eq!(
+        metric(&m, "palisade_maintenance_responses_total{kind=\"sendfile\"}"),
+        0.0,
+        "a page given up on was counted as delivered"
+    );
+    h.running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn idle_tunnels_are_closed() {
     let h = Harness::start("tunnel_idle_timeout = \"300ms\"", "").await;
