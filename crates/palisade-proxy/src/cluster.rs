@@ -47,6 +47,8 @@ use crate::metrics::{KindLabel, Metrics};
 use crate::proxy::App;
 
 const TIMEOUT: Duration = Duration::from_millis(500);
+/// 9999-12-31T23:59:59Z: the latest time a shared record may name.
+const MAX_UNIX_SECS: u64 = 253_402_300_799;
 /// Clients pushed per sync at most; the rest wait for the next one.
 const PUSH_BATCH: usize = 10_000;
 const OUTBOX: usize = 10_000;
@@ -96,13 +98,20 @@ impl ScoreEvent {
             net: net.parse().ok()?,
             ban,
             score,
-            expires: parts.next()?.parse().ok()?,
-            at_ms: parts.next()?.parse().ok()?,
+            // Anything a writer to Redis sends is read back here: an expiry
+            // or stamp past the year 9999 is no real record, and would
+            // overflow the millisecond arithmetic below.
+            expires: parts.next()?.parse().ok().filter(|&e| e <= MAX_UNIX_SECS)?,
+            at_ms: parts
+                .next()?
+                .parse()
+                .ok()
+                .filter(|&t| t <= MAX_UNIX_SECS * 1000)?,
         })
     }
 
     fn live(&self, now_ms: u64) -> bool {
-        (self.expires == 0 && !self.ban) || self.expires * 1000 > now_ms
+        (self.expires == 0 && !self.ban) || self.expires.saturating_mul(1000) > now_ms
     }
 
     /// Whether it still says something to apply (a live score or ban).
@@ -835,4 +844,23 @@ async fn heartbeat(cluster: &Cluster, c: &mut Conn, now: u64) -> redis::RedisRes
         c.query::<()>(&pipe).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forged ban with a u64::MAX expiry used to overflow in `live` (a
+    /// panic in the sync task in debug builds, a wrapped expiry in release).
+    #[test]
+    fn out_of_range_times_from_redis_are_refused() {
+        let max = u64::MAX.to_string();
+        assert!(ScoreEvent::parse("198.18.0.1/32", &format!("- {max} 0"), true).is_none());
+        assert!(ScoreEvent::parse("198.18.0.1/32", &format!("5 0 {max}"), false).is_none());
+        let Some(e) = ScoreEvent::parse("198.18.0.1/32", "- 253402300799 0", true) else {
+            panic!("the largest allowed expiry parses");
+        };
+        assert!(e.live(0));
+        assert!(!e.live(u64::MAX));
+    }
 }
