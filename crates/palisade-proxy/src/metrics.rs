@@ -601,6 +601,7 @@ impl Metrics {
                     "untrusted_proxy",
                     "proxy_header",
                     "proxy_header_timeout",
+                    "proxy_header_pending",
                     "syn_flood",
                 ],
             ),

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -155,6 +155,7 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
     let (drain, draining) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
+    let pending_headers = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -166,10 +167,14 @@ async fn serve_proxy(listener: TcpListener, app: Arc<App>, mut stop: watch::Rece
                     let rt = app.runtime();
                     if rt.config.server.proxy_protocol {
                         // Only a trusted load balancer may speak for others.
-                        if rt.shield.config().trusted_proxies.contains(peer.ip()) {
-                            tasks.spawn(tracked(proxied(app.clone(), stream, peer, draining.clone())));
-                        } else {
+                        if !rt.shield.config().trusted_proxies.contains(peer.ip()) {
                             refuse(&app, stream, peer, "untrusted_proxy");
+                        } else if let Some(pending) = PendingHeader::take(&pending_headers) {
+                            tasks.spawn(tracked(proxied(app.clone(), stream, peer, pending, draining.clone())));
+                        } else {
+                            // Headers from trusted peers are read in parallel; past the cap a
+                            // stalled balancer cannot hold more sockets and tasks.
+                            refuse(&app, stream, peer, "proxy_header_pending");
                         }
                     } else {
                         match admit(&app, peer.ip()) {
@@ -238,11 +243,42 @@ fn refuse(app: &App, stream: TcpStream, peer: SocketAddr, reason: &'static str) 
     }
 }
 
+/// PROXY headers read at once, as in the library's listener.
+pub const MAX_PENDING_PROXY_HEADERS: usize = 1024;
+
+/// One PROXY header being read; the count drops when it is done.
+struct PendingHeader(Arc<AtomicUsize>);
+
+impl PendingHeader {
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_PENDING_PROXY_HEADERS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for PendingHeader {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Reads the PROXY protocol header (within the header deadline) and admits
 /// the client it names; a missing or bad header resets the connection.
-async fn proxied(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, drain: Drain) {
+async fn proxied(
+    app: Arc<App>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    pending: PendingHeader,
+    drain: Drain,
+) {
     let deadline = app.runtime().config.server.header_read_timeout;
-    let client = match tokio::time::timeout(deadline, palisade::read_proxy_header(&mut stream)).await {
+    let header = tokio::time::timeout(deadline, palisade::read_proxy_header(&mut stream)).await;
+    drop(pending);
+    let client = match header {
         Ok(Ok(ProxyHeader::Proxied { source, .. })) => source,
         Ok(Ok(ProxyHeader::Local)) => peer,
         Ok(Err(e)) => {

@@ -473,3 +473,55 @@ async fn idle_tunnels_are_closed() {
     assert_eq!(n, 0);
     h.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_trusted_balancer_cannot_hold_more_than_the_cap_of_pending_proxy_headers() {
+    let h = Harness::start(
+        "proxy_protocol = true\nheader_read_timeout = \"60s\"",
+        "[clients]\ntrusted_proxies = [\"127.0.0.72\"]\n[connections]\nmax = 5000\nnew_per_second = 0\n",
+    )
+    .await;
+    let cap = palisade_proxy::server::MAX_PENDING_PROXY_HEADERS;
+    let extra = 40;
+    // Silent connections from the trusted balancer: each waits for its header.
+    let mut silent = Vec::new();
+    for _ in 0..cap + extra {
+        // One past the cap may be reset before connect() returns.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.72:0".parse().unwrap()).unwrap();
+        if let Ok(s) = socket.connect(h.proxy()).await {
+            silent.push(s);
+        }
+    }
+    let series = "palisade_connections_refused_total{kind=\"proxy_header_pending\"}";
+    let began = Instant::now();
+    let mut refused = 0.0;
+    while began.elapsed() < Duration::from_secs(30) {
+        refused = metric(&h.metrics().await, series);
+        if refused >= extra as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused, extra as f64, "the connections past the cap are reset");
+    // Once the balancer's silent connections go, its real ones are served again.
+    drop(silent);
+    let request = [
+        b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\n".as_slice(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]
+    .concat();
+    let began = Instant::now();
+    loop {
+        let reply = exchange(&h, "127.0.0.72", &request).await;
+        if reply.starts_with("HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "never served again: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.running.shutdown().await;
+}
