@@ -525,3 +525,35 @@ async fn a_trusted_balancer_cannot_hold_more_than_the_cap_of_pending_proxy_heade
     }
     h.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_body_slower_than_body_min_rate_is_answered_408() {
+    let h = Harness::start("body_min_rate = 1000\nbody_rate_grace = \"1s\"", "").await;
+    let head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n";
+    // A client that sends its body at once is served.
+    let whole = [head.as_slice(), &vec![b'a'; 100_000]].concat();
+    let reply = exchange(&h, "127.0.0.73", &whole).await;
+    assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:.200}");
+    // A client trickling 10 bytes every 100 ms (100 B/s) is cut off.
+    let mut s = connect_from("127.0.0.74", h.proxy()).await;
+    s.write_all(head).await.unwrap();
+    // Stop writing as soon as an answer arrives: writing on would draw a
+    // reset that could discard it. Bounded: the body would take 1 000 s.
+    let mut buf = vec![0u8; 4096];
+    let began = Instant::now();
+    let n = loop {
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "no 408 for a 100 B/s body"
+        );
+        tokio::select! {
+            read = s.read(&mut buf) => break read.unwrap_or(0),
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                let _ = s.write_all(&[b'b'; 10]).await;
+            }
+        }
+    };
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408 "), "{reply:.200}");
+    h.running.shutdown().await;
+}
