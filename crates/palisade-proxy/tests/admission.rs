@@ -557,3 +557,57 @@ async fn a_request_body_slower_than_body_min_rate_is_answered_408() {
     assert!(reply.starts_with("HTTP/1.1 408 "), "{reply:.200}");
     h.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn open_connections_overall_are_capped_across_addresses() {
+    let h = Harness::start("", "[connections]\nmax = 4\n").await;
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut c = Client::connect(&format!("127.0.0.{}", 80 + i), h.proxy()).await;
+        assert_eq!(c.get("/").await.0, StatusCode::OK);
+        held.push(c);
+    }
+    // A fifth address finds no room: reset, counted.
+    assert!(!served(&h, "127.0.0.90").await, "a fifth connection was served");
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_connections_refused_total{kind=\"max_connections\"}"),
+        1.0
+    );
+    drop(held.pop());
+    let mut ok = false;
+    for _ in 0..50 {
+        if served(&h, "127.0.0.90").await {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the place was never released");
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn new_connections_overall_are_bounded_per_second_across_addresses() {
+    let h = Harness::start("", "[connections]\nnew_per_second = 5\n").await;
+    // Twenty addresses, one connection each, back to back: however fast or
+    // slow the machine, at most the rate per second (plus its burst) get in
+    // during the span measured; the rest are reset and counted.
+    let began = Instant::now();
+    let mut served_count = 0u32;
+    for i in 0..20 {
+        if served(&h, &format!("127.0.1.{}", 100 + i)).await {
+            served_count += 1;
+        }
+    }
+    let span = began.elapsed().as_secs_f64();
+    let m = h.metrics().await;
+    let refused = metric(&m, "palisade_connections_refused_total{kind=\"global_rate\"}");
+    eprintln!("global rate: {served_count} of 20 served in {span:.2} s, {refused} refused");
+    assert!(
+        f64::from(served_count) <= 5.0 * (1.0 + span),
+        "{served_count} served in {span:.2} s at 5/s"
+    );
+    assert_eq!(f64::from(20 - served_count), refused);
+    h.running.shutdown().await;
+}
