@@ -21,6 +21,18 @@ async fn served(h: &Harness, source: &str) -> bool {
     .starts_with("HTTP/1.1 200 ")
 }
 
+/// Whether a connection from `source` is served within a few seconds, once
+/// the proxy has noticed a closed connection and given its place back.
+async fn served_soon(h: &Harness, source: &str) -> bool {
+    for _ in 0..50 {
+        if served(h, source).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn rapid_connections_from_one_address_are_reset_beyond_its_rate() {
     let h = Harness::start("", "").await;
@@ -58,15 +70,10 @@ async fn open_connections_per_address_are_capped_and_released_on_close() {
     assert!(!served(&h, "127.0.0.62").await, "a fourth connection was served");
     drop(held.pop());
     // The proxy notices the close and gives the place back.
-    let mut ok = false;
-    for _ in 0..50 {
-        if served(&h, "127.0.0.62").await {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ok, "the place was never released");
+    assert!(
+        served_soon(&h, "127.0.0.62").await,
+        "the place was never released"
+    );
     h.running.shutdown().await;
 }
 
@@ -575,15 +582,10 @@ async fn open_connections_overall_are_capped_across_addresses() {
         1.0
     );
     drop(held.pop());
-    let mut ok = false;
-    for _ in 0..50 {
-        if served(&h, "127.0.0.90").await {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ok, "the place was never released");
+    assert!(
+        served_soon(&h, "127.0.0.90").await,
+        "the place was never released"
+    );
     h.running.shutdown().await;
 }
 
