@@ -57,6 +57,32 @@ impl Quota {
     }
 }
 
+/// One GCRA step: with theoretical arrival time `tat`, emission interval
+/// `t` and burst tolerance `tau`, a request at `now` is admitted while `tat`
+/// is within `tau` of `now`; the result is the next `tat`, or how long until
+/// one would be admitted. Any time origin works, as long as `tat` and `now`
+/// share it.
+#[inline]
+pub(crate) fn gcra(tat: Nanos, now: Nanos, t: Nanos, tau: Nanos) -> Result<Nanos, RateLimited> {
+    let base = tat.max(now);
+    if base - now > tau {
+        return Err(RateLimited {
+            retry_after: base - tau - now,
+        });
+    }
+    Ok(base + t)
+}
+
+/// A quota from plain numbers (tests).
+#[cfg(test)]
+pub(crate) fn quota(rate: u32, burst: u32, window: u32) -> Quota {
+    Quota {
+        rate: NonZeroU32::new(rate).unwrap(),
+        burst: NonZeroU32::new(burst).unwrap(),
+        window_limit: NonZeroU32::new(window).unwrap(),
+    }
+}
+
 /// A rejection: when trying again can succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimited {
@@ -147,22 +173,19 @@ impl RateState {
                 retry_after: self.window_retry_after(quota, cur, now),
             });
         }
-        // GCRA: admit while the theoretical arrival time is within the burst
-        // tolerance of now.
-        let t = quota.emission_interval();
-        let tau = quota.tolerance();
+        let (t, tau) = (quota.emission_interval(), quota.tolerance());
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
-            let base = tat.max(now);
-            if base - now > tau {
-                self.release(cur_tag, cur);
-                return Err(RateLimited {
-                    retry_after: base - tau - now,
-                });
-            }
+            let next = match gcra(tat, now, t, tau) {
+                Ok(next) => next,
+                Err(e) => {
+                    self.release(cur_tag, cur);
+                    return Err(e);
+                }
+            };
             match self
                 .tat
-                .compare_exchange_weak(tat, base + t, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => return Ok(()),
                 Err(seen) => tat = seen,
@@ -304,12 +327,28 @@ mod tests {
     use palisade_core::NANOS_PER_MS;
     use proptest::prelude::*;
 
-    fn quota(rate: u32, burst: u32, window: u32) -> Quota {
-        Quota {
-            rate: NonZeroU32::new(rate).unwrap(),
-            burst: NonZeroU32::new(burst).unwrap(),
-            window_limit: NonZeroU32::new(window).unwrap(),
+    /// When the requests of `gaps` ((pause in thirds of a millisecond,
+    /// requests), in turn) were admitted.
+    pub(super) fn admissions(gaps: &[(u64, u32)], mut admit: impl FnMut(Nanos) -> bool) -> Vec<Nanos> {
+        let mut now = 0;
+        let mut log = Vec::new();
+        for &(gap_ms, n) in gaps {
+            now += gap_ms * NANOS_PER_MS / 3;
+            log.extend((0..n).filter(|_| admit(now)).map(|_| now));
         }
+        log
+    }
+
+    /// Over any interval [a, b] of `log`, admitted ≤ rate·(b−a) + burst.
+    pub(super) fn within_bucket(log: &[Nanos], q: &Quota) -> Result<(), TestCaseError> {
+        let t = q.emission_interval();
+        for (i, &start) in log.iter().enumerate() {
+            for (j, &at) in log[i..].iter().enumerate() {
+                let bound = (at - start) / t + u64::from(q.burst.get());
+                prop_assert!((j as u64 + 1) <= bound, "{} admitted in {} ns", j + 1, at - start);
+            }
+        }
+        Ok(())
     }
 
     fn admitted(s: &RateState, q: &Quota, now: Nanos, n: u32) -> u32 {
@@ -403,30 +442,13 @@ mod tests {
         ) {
             let q = quota(rate, burst, window);
             let s = RateState::default();
-            let mut now = 0;
-            let mut log: Vec<Nanos> = Vec::new();
-            for (gap_ms, n) in gaps {
-                now += gap_ms * NANOS_PER_MS / 3;
-                for _ in 0..n {
-                    if s.check(&q, now).is_ok() {
-                        log.push(now);
-                    }
-                }
-            }
-            let t = q.emission_interval();
+            let log = admissions(&gaps, |now| s.check(&q, now).is_ok());
+            within_bucket(&log, &q)?;
             for (i, &start) in log.iter().enumerate() {
-                let mut count_1s = 0u64;
-                for (j, &at) in log[i..].iter().enumerate() {
-                    // Bucket bound over [start, at].
-                    let bound = (at - start) / t + u64::from(burst);
-                    prop_assert!((j as u64 + 1) <= bound, "{} admitted in {} ns", j + 1, at - start);
-                    // Window bound: slots are 100 ms aligned, so any span
-                    // shorter than 900 ms lies inside one window of 10 slots.
-                    if at - start < 900 * NANOS_PER_MS {
-                        count_1s += 1;
-                    }
-                }
-                prop_assert!(count_1s <= u64::from(window));
+                // Slots are 100 ms aligned, so any span shorter than 900 ms
+                // lies inside one window of 10 slots.
+                let count_1s = log[i..].iter().take_while(|&&at| at - start < 900 * NANOS_PER_MS).count();
+                prop_assert!(count_1s as u64 <= u64::from(window));
             }
         }
     }
@@ -437,14 +459,6 @@ mod limiter_tests {
     use super::*;
     use palisade_core::NANOS_PER_MS;
     use proptest::prelude::*;
-
-    fn quota(rate: u32, burst: u32, window: u32) -> Quota {
-        Quota {
-            rate: NonZeroU32::new(rate).unwrap(),
-            burst: NonZeroU32::new(burst).unwrap(),
-            window_limit: NonZeroU32::new(window).unwrap(),
-        }
-    }
 
     const K: ClientKey = ClientKey::V4(0x7f00_0001);
 
@@ -541,22 +555,11 @@ mod limiter_tests {
         ) {
             let q = quota(rate, burst, window);
             let l = RateLimiter::new(q, 16);
-            let mut now = 0;
-            let mut log: Vec<Nanos> = Vec::new();
-            for (gap_ms, n) in gaps {
-                now += gap_ms * NANOS_PER_MS / 3;
-                for _ in 0..n {
-                    if l.check(&K, now).is_ok() {
-                        log.push(now);
-                    }
-                }
-            }
-            let t = q.emission_interval();
+            let log = tests::admissions(&gaps, |now| l.check(&K, now).is_ok());
+            tests::within_bucket(&log, &q)?;
             for (i, &start) in log.iter().enumerate() {
                 let (mut span, mut second) = (0u64, 0u64);
-                for (j, &at) in log[i..].iter().enumerate() {
-                    let bound = (at - start) / t + u64::from(burst);
-                    prop_assert!((j as u64 + 1) <= bound, "{} admitted in {} ns", j + 1, at - start);
+                for &at in &log[i..] {
                     if at - start < NANOS_PER_SEC {
                         span += 1;
                     }

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use palisade_core::{NANOS_PER_SEC, Nanos};
 
-use crate::rate::{Quota, RateLimited};
+use crate::rate::{Quota, RateLimited, gcra};
 
 const TAG_SHIFT: u32 = 32;
 const LOCK: u64 = 1 << 31;
@@ -319,16 +319,10 @@ impl Words {
                 retry_after: window_retry_after(prev, cur, limit, into),
             });
         }
-        let t = quota.emission_interval();
         let tau = quota.tolerance().min(MAX_TOLERANCE);
         // `tat` and `now` both measured from the start of the current second.
-        let base = self.tat().max(into);
-        if base - into > tau {
-            return Err(RateLimited {
-                retry_after: base - tau - into,
-            });
-        }
-        self.set_rate(base + t, prev, cur + 1);
+        let tat = gcra(self.tat(), into, quota.emission_interval(), tau)?;
+        self.set_rate(tat, prev, cur + 1);
         Ok(())
     }
 }
@@ -356,16 +350,8 @@ fn window_retry_after(prev: u64, cur: u64, limit: u64, into: Nanos) -> Nanos {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rate::quota;
     use palisade_core::NANOS_PER_MS;
-    use std::num::NonZeroU32;
-
-    fn quota(rate: u32, burst: u32, window: u32) -> Quota {
-        Quota {
-            rate: NonZeroU32::new(rate).unwrap(),
-            burst: NonZeroU32::new(burst).unwrap(),
-            window_limit: NonZeroU32::new(window).unwrap(),
-        }
-    }
 
     fn admitted(w: &mut Words, q: &Quota, now: Nanos, n: u32) -> u32 {
         (0..n).filter(|_| w.check(q, now).is_ok()).count() as u32
