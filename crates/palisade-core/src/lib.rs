@@ -23,6 +23,7 @@
 
 mod clock;
 mod forwarded;
+mod host;
 mod key;
 mod path;
 pub mod proxy_protocol;
@@ -32,6 +33,7 @@ pub use clock::{
     Clock, ManualClock, MonotonicClock, NANOS_PER_MS, NANOS_PER_SEC, Nanos, unix_now, unix_now_ms,
 };
 pub use forwarded::{ClientIpHeader, TrustedProxies};
+pub use host::{HostError, normalize_host};
 pub use key::ClientKey;
-pub use path::{PathError, normalize_path};
+pub use path::{PathError, normalize_path, route_path};
 pub use verdict::{Mode, RejectReason};

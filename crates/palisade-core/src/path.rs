@@ -5,6 +5,9 @@
 //! and the upstream see the same resource. Spellings whose meaning depends
 //! on the server behind (an encoded `/` or `\`, an encoded NUL) are refused
 //! rather than guessed at.
+//!
+//! Routes match one step further: without the segments' `;parameters`
+//! ([`route_path`]), as Java servers route. The upstream still gets them.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -18,6 +21,14 @@ pub enum PathError {
     /// (or a terminator), another does not, so no route can be sure what
     /// the request names.
     AmbiguousEncoding,
+    /// `%25` followed by two hex digits: an upstream that decodes twice
+    /// reads `/%256Cogin` as `/login`.
+    DoubleEncoding,
+    /// A segment that is empty, `.` or `..` once its `;parameters` are
+    /// removed (`/;x/login`, `/..;/login`): a server that drops parameters
+    /// before it resolves dot segments names another resource than one that
+    /// keeps them.
+    AmbiguousParameters,
 }
 
 impl fmt::Display for PathError {
@@ -25,6 +36,8 @@ impl fmt::Display for PathError {
         f.write_str(match self {
             Self::InvalidPercentEncoding => "invalid percent-encoding in path",
             Self::AmbiguousEncoding => "encoded '/', '\\' or NUL in path",
+            Self::DoubleEncoding => "encoded '%' starting another escape in path",
+            Self::AmbiguousParameters => "empty or dot segment with parameters in path",
         })
     }
 }
@@ -70,7 +83,44 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     if trailing_slash || segments.is_empty() {
         out.push('/');
     }
+    if double_encoded(out.as_bytes()) {
+        return Err(PathError::DoubleEncoding);
+    }
     Ok(Cow::Owned(out))
+}
+
+/// The path routes match, given a [`normalize_path`] result: each segment's
+/// parameters (`;…`, RFC 3986 §3.3) removed, as Tomcat, Jetty and Spring
+/// remove them before they route, so `/login;x` counts against `/login`.
+/// Borrowed when there is no `;`.
+///
+/// A segment that would be empty (except the last: `/app/;jsessionid=1`
+/// is `/app/`) or `.`/`..` without its parameters is refused: the
+/// normalized path keeps it as a name, a parameter-dropping server would
+/// resolve it, and the two would read different resources.
+pub fn route_path(normalized: &str) -> Result<Cow<'_, str>, PathError> {
+    if !normalized.contains(';') {
+        return Ok(Cow::Borrowed(normalized));
+    }
+    let mut out = String::with_capacity(normalized.len());
+    let mut segments = normalized.split('/').skip(1).peekable();
+    while let Some(seg) = segments.next() {
+        let (name, params) = seg.split_once(';').map_or((seg, false), |(n, _)| (n, true));
+        let last = segments.peek().is_none();
+        if params && ((name.is_empty() && !last) || name == "." || name == "..") {
+            return Err(PathError::AmbiguousParameters);
+        }
+        out.push('/');
+        out.push_str(name);
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// `%25` and then two hex digits, anywhere.
+fn double_encoded(bytes: &[u8]) -> bool {
+    bytes.windows(5).any(|w| {
+        w[0] == b'%' && w[1] == b'2' && w[2] == b'5' && w[3].is_ascii_hexdigit() && w[4].is_ascii_hexdigit()
+    })
 }
 
 /// True when nothing needs rewriting: every escape already canonical, no
@@ -92,6 +142,7 @@ fn is_normal(bytes: &[u8]) -> bool {
         }
     });
     escapes_canonical
+        && !double_encoded(bytes)
         && !bytes.windows(2).any(|w| w == b"//")
         && bytes.split(|b| *b == b'/').all(|seg| seg != b"." && seg != b"..")
 }
@@ -206,13 +257,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_escaped_percent_before_hex_digits_is_refused() {
+        for p in ["/%256Cogin", "/%25%36%43ogin", "/a%252F", "/%2525"] {
+            assert_eq!(normalize_path(p), Err(PathError::DoubleEncoding), "{p}");
+        }
+        assert_eq!(n("/100%25off"), "/100%25off");
+        assert_eq!(n("/100%25"), "/100%25");
+        assert_eq!(n("/a%25%7A"), "/a%25z");
+    }
+
+    #[test]
+    fn routes_match_without_segment_parameters() {
+        let r = |p: &str| route_path(p).map(Cow::into_owned);
+        assert_eq!(r("/login;x").unwrap(), "/login");
+        assert_eq!(r("/a;b=1;c=2/login;x").unwrap(), "/a/login");
+        assert_eq!(r("/app/;jsessionid=1").unwrap(), "/app/");
+        assert_eq!(r("/;x").unwrap(), "/");
+        assert!(matches!(route_path("/login"), Ok(Cow::Borrowed(_))));
+        for p in ["/;x/login", "/..;/login", "/x/..;/login", "/.;x/login", "/x/..;"] {
+            assert_eq!(route_path(p), Err(PathError::AmbiguousParameters), "{p}");
+        }
+    }
+
     proptest::proptest! {
         #[test]
-        fn normalizing_twice_changes_nothing(p in "/[a-zA-Z0-9./%~_-]{0,40}") {
+        fn normalizing_twice_changes_nothing(p in "/[a-zA-Z0-9./%~_;-]{0,40}") {
             if let Ok(once) = normalize_path(&p) {
                 let twice = normalize_path(&once).unwrap();
                 proptest::prop_assert_eq!(&*once, &*twice);
                 proptest::prop_assert!(matches!(normalize_path(&once), Ok(Cow::Borrowed(_))));
+                // What routes match needs no further resolving: a server that
+                // drops parameters reads the resource the route matched.
+                if let Ok(route) = route_path(&once) {
+                    proptest::prop_assert!(matches!(normalize_path(&route), Ok(Cow::Borrowed(_))), "{}", route);
+                }
             }
         }
     }

@@ -1279,6 +1279,40 @@ mod tests {
     }
 
     #[test]
+    fn route_hosts_are_compared_as_requests_hosts_are() {
+        let c = parse(
+            "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"a\"\nhost = \"API.Example.\"\n[[routes]]\nname = \"b\"\nhost = \"[::1]\"\n",
+        )
+        .unwrap();
+        let r = &c.shield.routes;
+        assert_eq!(r[0].matcher.host.as_deref(), Some("api.example"));
+        assert_eq!(r[1].matcher.host.as_deref(), Some("::1"));
+        for host in ["a.example:80", "[::1]:80"] {
+            let e = err(&format!(
+                "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"a\"\nhost = \"{host}\"\n"
+            ));
+            assert!(
+                e.starts_with("test.toml:5:1: routes[0].host: write the host without its port"),
+                "{e}"
+            );
+        }
+        let e = err(
+            "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"a\"\npath_prefix = \"/login;x\"\n",
+        );
+        assert!(
+            e.starts_with("test.toml:5:1: routes[0].path_prefix: routes match the path without"),
+            "{e}"
+        );
+        let e = err(
+            "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"a\"\npath_prefix = \"/%256C\"\n",
+        );
+        assert!(
+            e.starts_with("test.toml:5:1: routes[0].path_prefix: encoded '%'"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));

@@ -76,7 +76,19 @@ async fn every_spelling_of_a_limited_path_counts_against_its_route_and_is_forwar
 #[tokio::test]
 async fn an_encoded_slash_or_a_broken_escape_in_the_path_is_400_and_never_forwarded() {
     let h = Harness::start("", "").await;
-    for p in ["/a%2Fb", "/a%2fheaders", "/a%5Cb", "/a%00", "/a%", "/a%zz"] {
+    // `%25` before two hex digits: an upstream that decodes twice reads
+    // `/%2568eaders` as `/headers`.
+    for p in [
+        "/a%2Fb",
+        "/a%2fheaders",
+        "/a%5Cb",
+        "/a%00",
+        "/a%",
+        "/a%zz",
+        "/%2568eaders",
+        "/%25%36%38eaders",
+        "/a%252F",
+    ] {
         let (status, body) = raw_get(
             &h,
             "127.0.0.21",
@@ -86,6 +98,68 @@ async fn an_encoded_slash_or_a_broken_escape_in_the_path_is_400_and_never_forwar
         assert_eq!(status, 400, "{p}: {body}");
     }
     assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    h.running.shutdown().await;
+}
+
+/// Tomcat, Jetty and Spring drop `;parameters` from each segment before
+/// they route, so to them `/headers;x` is `/headers`: the route must count
+/// it too, and the upstream gets the path as sent. A segment that is empty
+/// or a dot segment once its parameters go (`/;x/headers`, `/..;/headers`)
+/// means another resource to such a server than to one that keeps them:
+/// refused.
+#[tokio::test]
+async fn path_parameters_do_not_dodge_a_route_and_ambiguous_ones_are_400() {
+    let h = Harness::start(
+        "",
+        "[[routes]]\nname = \"hdr\"\npath_prefix = \"/headers\"\nrate = 1000\n",
+    )
+    .await;
+    let counted = ["/headers;x", "/headers;a=1;b=2/y", "/headers/;jsessionid=1"];
+    for p in counted {
+        let (status, body) = raw_get(
+            &h,
+            "127.0.0.25",
+            &format!("GET {p} HTTP/1.1\r\nHost: test.local\r\n"),
+        )
+        .await;
+        assert_ne!(status, 400, "{p}: {body}");
+    }
+    // Forwarded as sent, parameters kept.
+    let (status, body) = raw_get(
+        &h,
+        "127.0.0.25",
+        "GET /headers/;jsessionid=1 HTTP/1.1\r\nHost: test.local\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("GET /headers/;jsessionid=1 HTTP/1.1\n"),
+        "{body}"
+    );
+    let m = h.metrics().await;
+    let hdr: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("palisade_requests_total{endpoint=\"hdr\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(hdr, (counted.len() + 1) as f64, "{m}");
+    let hits = h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed);
+    for p in [
+        "/;x/headers",
+        "/..;/headers",
+        "/x/..;/headers",
+        "/.;x/headers",
+        "/%2E%2E;/headers",
+    ] {
+        let (status, body) = raw_get(
+            &h,
+            "127.0.0.25",
+            &format!("GET {p} HTTP/1.1\r\nHost: test.local\r\n"),
+        )
+        .await;
+        assert_eq!(status, 400, "{p}: {body}");
+    }
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), hits);
     h.running.shutdown().await;
 }
 
@@ -125,6 +199,74 @@ async fn two_host_headers_or_a_host_against_the_target_are_400_and_never_forward
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), http::StatusCode::BAD_REQUEST);
+    h.running.shutdown().await;
+}
+
+/// A host route is matched on the name however `Host` spells it: any case,
+/// one trailing dot (`api.test.` is the same name in DNS), the default port.
+/// A `Host` that is not ASCII must not slip past host routes: 400.
+#[tokio::test]
+async fn host_spellings_do_not_dodge_a_host_route_and_a_non_ascii_host_is_400() {
+    let h = Harness::start(
+        "",
+        "[[routes]]\nname = \"api\"\nhost = \"api.test\"\nrate = 1000\n",
+    )
+    .await;
+    let spellings = [
+        "Host: api.test\r\n",
+        "Host: API.Test\r\n",
+        "Host: api.test.\r\n",
+        "Host: api.test:80\r\n",
+        "Host: api.test.:80\r\n",
+    ];
+    for host in spellings {
+        let (status, body) = raw_get(&h, "127.0.0.26", &format!("GET / HTTP/1.1\r\n{host}")).await;
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_requests_total{endpoint=\"api\",method=\"GET\",status=\"200\"}"
+        ),
+        spellings.len() as f64,
+        "{m}"
+    );
+    let hits = h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed);
+    let text = raw_exchange(
+        "127.0.0.26",
+        h.proxy(),
+        b"GET / HTTP/1.1\r\nHost: api.t\xffest\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), hits);
+    h.running.shutdown().await;
+}
+
+/// `Host` and an absolute-form target name the same authority when they
+/// differ only by case, a trailing dot or the scheme's default port.
+#[tokio::test]
+async fn host_and_target_that_name_one_authority_are_served_others_are_400() {
+    let h = Harness::start("", "").await;
+    for head in [
+        "GET http://test.local:80/headers HTTP/1.1\r\nHost: test.local\r\n",
+        "GET http://test.local/headers HTTP/1.1\r\nHost: test.local:80\r\n",
+        "GET http://test.local./headers HTTP/1.1\r\nHost: TEST.local\r\n",
+    ] {
+        let (status, body) = raw_get(&h, "127.0.0.27", head).await;
+        assert_eq!(status, 200, "{head}: {body}");
+    }
+    let hits = h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed);
+    for head in [
+        "GET http://test.local:8080/headers HTTP/1.1\r\nHost: test.local\r\n",
+        "GET http://test.local:443/headers HTTP/1.1\r\nHost: test.local\r\n",
+        "GET http://test.local../headers HTTP/1.1\r\nHost: test.local\r\n",
+    ] {
+        let (status, body) = raw_get(&h, "127.0.0.27", head).await;
+        assert_eq!(status, 400, "{head}: {body}");
+    }
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), hits);
     h.running.shutdown().await;
 }
 

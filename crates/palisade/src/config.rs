@@ -703,7 +703,27 @@ pub mod raw {
                     }
                     Err(e) => return Err(at(p!("routes", i, "path_prefix"), e.to_string())),
                 }
+                if prefix.contains(';') {
+                    return Err(at(
+                        p!("routes", i, "path_prefix"),
+                        "routes match the path without its ;parameters: leave them out",
+                    ));
+                }
             }
+            // Requests' hosts are compared lower case, without a trailing
+            // dot or port; so is the route's.
+            let host = match &self.host {
+                None => None,
+                Some(h) => match palisade_core::normalize_host(h.as_bytes(), None) {
+                    // One colon is `name:port`; `[v6]:port` ends otherwise.
+                    Ok(h) if h.matches(':').count() == 1 || h.starts_with('[') && !h.ends_with(']') => {
+                        return Err(at(p!("routes", i, "host"), "write the host without its port"));
+                    }
+                    // Requests' IPv6 hosts are compared without brackets.
+                    Ok(h) => Some(h.trim_start_matches('[').trim_end_matches(']').to_owned()),
+                    Err(e) => return Err(at(p!("routes", i, "host"), e.to_string())),
+                },
+            };
             let methods = self
                 .methods
                 .iter()
@@ -746,7 +766,7 @@ pub mod raw {
                 matcher: RouteMatch {
                     path_prefix: self.path_prefix.clone(),
                     methods,
-                    host: self.host.clone(),
+                    host,
                     case_sensitive: self.case_sensitive,
                 },
                 limit,

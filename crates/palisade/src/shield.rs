@@ -14,7 +14,9 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::{Extensions, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use palisade_core::{Clock, MonotonicClock, PathError, RejectReason, normalize_path};
+use palisade_core::{
+    Clock, HostError, MonotonicClock, PathError, RejectReason, normalize_host, normalize_path, route_path,
+};
 use palisade_limits::adaptive::AdaptiveConfig;
 use palisade_limits::rate::Quota;
 use palisade_limits::reputation::ReputationConfig;
@@ -154,6 +156,9 @@ pub enum BadRequest {
     /// The path cannot be normalized.
     #[error(transparent)]
     Path(#[from] PathError),
+    /// A `Host` or authority that is not printable ASCII.
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// More than one `Host` line (RFC 9112 §3.2).
     #[error("more than one host header")]
     DuplicateHost,
@@ -567,9 +572,6 @@ where
             }
             return ResponseFuture::new(Answer::early(Early::missing_peer()));
         };
-        if let Err(e) = single_host(&req) {
-            return ResponseFuture::new(Answer::early(Early::bad_request(e)));
-        }
         // Routes match, and the inner service gets, one spelling of the
         // path: `/%6Cogin` and `/x/../login` are `/login` to both.
         match normalize_path(req.uri().path()) {
@@ -587,16 +589,21 @@ where
         let snapshot = self.pipeline.load();
         let shield = self.pipeline.shield(&snapshot);
         let (decision, tag) = {
-            let host = req
-                .headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
+            let host = match single_host(&req) {
+                Ok(host) => host,
+                Err(e) => return ResponseFuture::new(Answer::early(Early::bad_request(e))),
+            };
+            // Forwarded with its parameters; matched without, as servers
+            // that drop them route.
+            let path = match route_path(req.uri().path()) {
+                Ok(path) => path,
+                Err(e) => return ResponseFuture::new(Answer::early(Early::bad_request(e))),
+            };
             let facts = RequestFacts {
                 peer: peer.ip(),
                 method: req.method(),
-                host,
-                path: req.uri().path(),
+                host: host.as_deref(),
+                path: &path,
                 headers: req.headers(),
             };
             let mut decision = shield.decide_with(&facts, |ip| self.pipeline.banned(&snapshot, ip));
@@ -637,20 +644,30 @@ where
 
 /// At most one `Host`, and the same authority as the target when both are
 /// given: otherwise a route on one host and the upstream may each read
-/// another.
-fn single_host<B>(req: &Request<B>) -> Result<(), BadRequest> {
+/// another. Returns the host routes match, in its compared form (case, one
+/// trailing dot and the scheme's default port do not count).
+fn single_host<B>(req: &Request<B>) -> Result<Option<std::borrow::Cow<'_, str>>, BadRequest> {
+    let default_port = match req.uri().scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    };
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| normalize_host(a.as_str().as_bytes(), default_port))
+        .transpose()?;
     let mut hosts = req.headers().get_all(HOST).iter();
     let Some(host) = hosts.next() else {
-        return Ok(());
+        return Ok(authority);
     };
     if hosts.next().is_some() {
         return Err(BadRequest::DuplicateHost);
     }
-    match req.uri().authority() {
-        Some(a) if !a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()) => {
-            Err(BadRequest::HostMismatch)
-        }
-        _ => Ok(()),
+    let host = normalize_host(host.as_bytes(), default_port)?;
+    match authority {
+        Some(a) if a != host => Err(BadRequest::HostMismatch),
+        _ => Ok(Some(host)),
     }
 }
 
