@@ -1,9 +1,9 @@
 //! The adaptive 4-state breaker, one per client fingerprint
 //! (hash of client address key and User-Agent).
 //!
-//! Each client has a 10 s window of 100 ms buckets counting its requests and
-//! their weighted failures (upstream 5xx ×1.0, slow first byte ×1.0, TLS
-//! handshake timeout ×1.5, request-header parse failure ×2.0). With at least
+//! Each client's requests and their weighted failures (upstream 5xx ×1.0,
+//! slow first byte ×1.0, TLS handshake timeout ×1.5, request-header parse
+//! failure ×2.0) are counted over a 10 s window. With at least
 //! `min_requests` in the window:
 //!
 //! - **closed → degraded** when the weighted failure rate exceeds 0.35:
@@ -14,22 +14,53 @@
 //! - **half-open → closed** after `probes` successful probes; a failed
 //!   probe opens it again.
 //!
-//! Bucket counts are 8-bit: beyond 255 outcomes in one 100 ms bucket a
-//! client's bucket stops counting, so the window holds a sample of its first
-//! outcomes per 100 ms, which keeps the rate honest at any volume.
+//! A client's whole breaker is the three free words of one 32-byte
+//! [record](crate::record) in a [`Clients`] table of its own, keyed by
+//! fingerprint:
+//!
+//! ```text
+//! word 1  tat:44 | probes_sent:10 | probes_ok:10
+//! word 2  since:40 | state:2 | calm:1 | spare:21
+//! word 3  cur_requests:16 | cur_failures:16 | prev_requests:16 | prev_failures:16
+//! ```
+//!
+//! The window is approximate, as the rate limiter's: outcomes are counted
+//! per aligned 10 s period, and the previous period is weighted by the
+//! share of it still inside the last 10 s, so an outcome fades out over 10
+//! to 20 s instead of leaving exactly 10 s later. Counts are 16-bit (a
+//! failure counts its weight in halves): beyond 65 535 in one period a
+//! client's period stops counting, so the window holds a sample of its
+//! first outcomes, which keeps the rate honest at any volume.
+//!
+//! `tat` is the degraded limit's GCRA time, in nanoseconds after the start
+//! of the record's second. `since` (milliseconds of clock time) is when an
+//! open or half-open breaker changed state, or since when a degraded one
+//! has been calm (`calm` set).
+//!
+//! A client sharing an overflow record (the table was full of active
+//! clients) is not judged: pooling strangers' outcomes would let one of
+//! them open the breaker for all.
 
+use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use palisade_core::{NANOS_PER_MS, NANOS_PER_SEC, Nanos};
+use palisade_core::{ClientKey, NANOS_PER_MS, NANOS_PER_SEC, Nanos};
 
-use crate::rate::Quota;
-use crate::table::{ClientTable, Slot, Zeroable};
+use crate::clients::{Clients, Place};
+use crate::rate::{Quota, gcra};
+use crate::record::{MAX_TOLERANCE, Words};
 
-/// Buckets in the window.
-pub const BUCKETS: usize = 100;
-/// Width of one bucket.
-pub const BUCKET_NANOS: Nanos = 100 * NANOS_PER_MS;
+/// Length of the window (and of the periods it is counted in).
+pub const WINDOW: Nanos = 10 * NANOS_PER_SEC;
+const WINDOW_SECS: u64 = WINDOW / NANOS_PER_SEC;
+/// Outcomes (and failure half-units) counted per 10 s period, at most:
+/// a `min_requests` above it acts as it.
+pub const COUNT_MAX: u32 = u16::MAX as u32;
+const PROBES_MAX: u32 = (1 << 10) - 1;
+const TAT_MAX: u64 = (1 << 44) - 1;
+const MS_MASK: u64 = (1 << 40) - 1;
 
 /// Rules. Defaults are the documented ones.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,9 +140,10 @@ impl Signal {
 }
 
 /// A client's breaker state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum AdaptiveState {
     /// Normal.
+    #[default]
     Closed,
     /// Tighter rate limit.
     Degraded,
@@ -196,7 +228,7 @@ pub struct AdaptiveTransition {
     /// Requests in the window at that moment.
     pub requests: u32,
     /// The client's address.
-    pub ip: Option<IpAddr>,
+    pub ip: IpAddr,
 }
 
 /// What the breaker says about a request before it is forwarded.
@@ -218,211 +250,206 @@ pub enum Admission {
     },
 }
 
-/// One client's adaptive breaker.
-#[repr(C)]
-pub struct AdaptiveSlot {
-    state: AtomicU8,
-    /// The client's address family: 0 none, 4, 6.
-    family: AtomicU8,
-    probes_sent: AtomicU16,
-    probes_ok: AtomicU16,
-    /// Bucket number (100 ms units, wrapping) of the last recorded outcome.
-    last: AtomicU32,
-    /// When the state last changed.
-    changed_at: AtomicU64,
-    /// While degraded: since when the rate has been below `recover_below`
-    /// (0: it is not).
-    calm_since: AtomicU64,
-    /// GCRA time for the degraded (tighter) limit.
-    tat: AtomicU64,
-    ip_hi: AtomicU64,
-    ip_lo: AtomicU64,
-    /// `(failure_half_units << 8) | requests`, per 100 ms bucket.
-    buckets: [AtomicU16; BUCKETS],
+/// One client's breaker, decoded from its record at a moment `now`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Breaker {
+    state: AdaptiveState,
+    /// Degraded limit's GCRA time, in nanoseconds after the start of
+    /// `now`'s second.
+    tat: Nanos,
+    probes_sent: u32,
+    probes_ok: u32,
+    /// Milliseconds (wrapping at 2⁴⁰): open or half-open since, or, with
+    /// `calm`, calm since.
+    since: u64,
+    calm: bool,
+    /// (requests, failure half-units) in `now`'s 10 s period and the one before.
+    cur: (u32, u32),
+    prev: (u32, u32),
 }
 
-impl Default for AdaptiveSlot {
-    fn default() -> Self {
+fn unpack(v: u64) -> (u32, u32) {
+    ((v >> 16) as u32 & COUNT_MAX, v as u32 & COUNT_MAX)
+}
+
+fn pack((requests, half_units): (u32, u32)) -> u64 {
+    (u64::from(requests.min(COUNT_MAX)) << 16) | u64::from(half_units.min(COUNT_MAX))
+}
+
+impl Breaker {
+    /// The breaker of `w`, brought to `now`: `tat` rebased to `now`'s
+    /// second, the periods shifted by the ones that passed.
+    fn load(w: &Words, now: Nanos) -> Self {
+        let (w1, w2, w3) = (w.word(1), w.word(2), w.word(3));
+        let gap = w.quiet_secs(now);
+        let now_sec = now / NANOS_PER_SEC;
+        let periods = now_sec / WINDOW_SECS - now_sec.saturating_sub(gap) / WINDOW_SECS;
+        let (cur, prev) = (unpack(w3 >> 32), unpack(w3));
+        let (cur, prev) = match periods {
+            0 => (cur, prev),
+            1 => ((0, 0), cur),
+            _ => ((0, 0), (0, 0)),
+        };
         Self {
-            state: AtomicU8::new(0),
-            family: AtomicU8::new(0),
-            probes_sent: AtomicU16::new(0),
-            probes_ok: AtomicU16::new(0),
-            last: AtomicU32::new(0),
-            changed_at: AtomicU64::new(0),
-            calm_since: AtomicU64::new(0),
-            tat: AtomicU64::new(0),
-            ip_hi: AtomicU64::new(0),
-            ip_lo: AtomicU64::new(0),
-            buckets: std::array::from_fn(|_| AtomicU16::new(0)),
-        }
-    }
-}
-
-impl AdaptiveSlot {
-    fn state(&self) -> AdaptiveState {
-        AdaptiveState::from_u8(self.state.load(Ordering::Acquire))
-    }
-
-    fn remember_ip(&self, ip: IpAddr) {
-        let (family, bits) = match ip {
-            IpAddr::V4(v4) => (4, u128::from(v4.to_bits())),
-            IpAddr::V6(v6) => (6, v6.to_bits()),
-        };
-        if self.family.load(Ordering::Relaxed) == 0 {
-            self.ip_hi.store((bits >> 64) as u64, Ordering::Relaxed);
-            self.ip_lo.store(bits as u64, Ordering::Relaxed);
-            self.family.store(family, Ordering::Release);
+            state: AdaptiveState::from_u8(((w2 >> 40) & 3) as u8),
+            tat: (w1 >> 20).saturating_sub(gap.saturating_mul(NANOS_PER_SEC)),
+            probes_sent: ((w1 >> 10) as u32) & PROBES_MAX,
+            probes_ok: (w1 as u32) & PROBES_MAX,
+            since: w2 & MS_MASK,
+            calm: (w2 >> 42) & 1 == 1,
+            cur,
+            prev,
         }
     }
 
-    fn ip(&self) -> Option<IpAddr> {
-        let bits = (u128::from(self.ip_hi.load(Ordering::Relaxed)) << 64)
-            | u128::from(self.ip_lo.load(Ordering::Relaxed));
-        match self.family.load(Ordering::Acquire) {
-            4 => Some(IpAddr::from(std::net::Ipv4Addr::from_bits(bits as u32))),
-            6 => Some(IpAddr::from(std::net::Ipv6Addr::from_bits(bits))),
-            _ => None,
+    /// Writes the breaker back as of `now`.
+    fn store(&self, w: &mut Words, now: Nanos) {
+        w.stamp(now);
+        w.set_word(
+            1,
+            (self.tat.min(TAT_MAX) << 20)
+                | (u64::from(self.probes_sent.min(PROBES_MAX)) << 10)
+                | u64::from(self.probes_ok.min(PROBES_MAX)),
+        );
+        w.set_word(
+            2,
+            (self.since & MS_MASK) | (u64::from(self.state.as_u8()) << 40) | (u64::from(self.calm) << 42),
+        );
+        w.set_word(3, (pack(self.cur) << 32) | pack(self.prev));
+    }
+
+    /// True when the record equals a fresh one at `now`: closed, window
+    /// empty, degraded bucket full. The table's rule for handing it over.
+    fn idle(w: &Words, now: Nanos) -> bool {
+        let b = Self::load(w, now);
+        b.state == AdaptiveState::Closed
+            && b.cur == (0, 0)
+            && b.prev == (0, 0)
+            && b.tat <= now % NANOS_PER_SEC
+    }
+
+    /// Adds one outcome to the current period.
+    fn count(&mut self, signal: Signal) {
+        let half_units = u32::from(signal.half_units());
+        // A full period stops counting: it keeps a consistent sample.
+        if self.cur.0 < COUNT_MAX && self.cur.1 + half_units <= COUNT_MAX {
+            self.cur = (self.cur.0 + 1, self.cur.1 + half_units);
         }
     }
 
-    /// Adds one outcome to the current bucket, clearing buckets skipped
-    /// since the last outcome.
-    fn record(&self, signal: Signal, now: Nanos) {
-        let cur = (now / BUCKET_NANOS) as u32;
-        let last = self.last.swap(cur, Ordering::AcqRel);
-        let skipped = cur.wrapping_sub(last);
-        if skipped > 0 && skipped < u32::MAX / 2 {
-            let from = last as usize % BUCKETS;
-            for n in 1..=skipped.min(BUCKETS as u32) as usize {
-                self.buckets[(from + n) % BUCKETS].store(0, Ordering::Release);
-            }
-        }
-        let bucket = &self.buckets[cur as usize % BUCKETS];
-        let add = (signal.half_units() << 8) | 1;
-        let mut v = bucket.load(Ordering::Acquire);
-        loop {
-            let (fails, reqs) = (v >> 8, v & 0xff);
-            // A full bucket stops counting: it keeps a consistent sample.
-            if reqs == 0xff || fails + signal.half_units() > 0xff {
-                return;
-            }
-            match bucket.compare_exchange_weak(v, v + add, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return,
-                Err(seen) => v = seen,
-            }
-        }
-    }
-
-    /// (requests, weighted failure rate) over the window ending now.
+    /// (requests, weighted failure rate) over the 10 s ending now.
     fn window(&self, now: Nanos) -> (u32, f64) {
-        let cur = (now / BUCKET_NANOS) as u32;
-        let last = self.last.load(Ordering::Acquire);
-        let age = cur.wrapping_sub(last);
-        if age >= BUCKETS as u32 && age < u32::MAX / 2 {
-            return (0, 0.0);
-        }
-        // Buckets after `last` were not cleared yet: they are stale.
-        let mut requests = 0u32;
-        let mut half_units = 0u32;
-        let here = cur as usize % BUCKETS;
-        for back in age.min(BUCKETS as u32) as usize..BUCKETS {
-            let v = self.buckets[(here + BUCKETS - back) % BUCKETS].load(Ordering::Acquire);
-            requests += u32::from(v & 0xff);
-            half_units += u32::from(v >> 8);
-        }
-        let rate = if requests == 0 {
-            0.0
-        } else {
-            f64::from(half_units) / 2.0 / f64::from(requests)
-        };
-        (requests, rate)
+        let left = WINDOW - now % WINDOW;
+        let weighted = |n: u32| u64::from(n) * left / WINDOW;
+        let requests = u64::from(self.cur.0) + weighted(self.prev.0);
+        let share = left as f64 / WINDOW as f64;
+        let reqs = f64::from(self.cur.0) + f64::from(self.prev.0) * share;
+        let half_units = f64::from(self.cur.1) + f64::from(self.prev.1) * share;
+        let rate = if reqs > 0.0 { half_units / 2.0 / reqs } else { 0.0 };
+        (requests as u32, rate)
     }
 
-    fn clear_window(&self) {
-        for b in &self.buckets {
-            b.store(0, Ordering::Release);
-        }
+    /// Time since `since`, in nanoseconds (from its millisecond).
+    fn elapsed(&self, now: Nanos) -> Nanos {
+        let ms = (now / NANOS_PER_MS).wrapping_sub(self.since) & MS_MASK;
+        ms * NANOS_PER_MS + now % NANOS_PER_MS
     }
 
-    /// Moves `from` → `to` if no one else did first.
     fn switch(
-        &self,
-        from: AdaptiveState,
+        &mut self,
         to: AdaptiveState,
         reason: Reason,
         now: Nanos,
         window: (u32, f64),
-    ) -> Option<AdaptiveTransition> {
-        self.state
-            .compare_exchange(from.as_u8(), to.as_u8(), Ordering::AcqRel, Ordering::Acquire)
-            .ok()?;
-        self.changed_at.store(now, Ordering::Release);
-        self.calm_since.store(0, Ordering::Release);
+        ip: IpAddr,
+    ) -> AdaptiveTransition {
+        let from = self.state;
+        self.state = to;
+        self.since = (now / NANOS_PER_MS) & MS_MASK;
+        self.calm = false;
         if to == AdaptiveState::HalfOpen {
-            self.probes_sent.store(0, Ordering::Release);
-            self.probes_ok.store(0, Ordering::Release);
+            self.probes_sent = 0;
+            self.probes_ok = 0;
         }
         if to == AdaptiveState::Closed {
             // Start over: the failures that degraded the client are history.
-            self.clear_window();
+            self.cur = (0, 0);
+            self.prev = (0, 0);
         }
-        Some(AdaptiveTransition {
+        AdaptiveTransition {
             from,
             to,
             reason,
             rate: window.1,
             requests: window.0,
-            ip: self.ip(),
-        })
+            ip,
+        }
     }
 }
 
-// SAFETY: only atomic integers (and arrays of them), whose zero is their default.
-unsafe impl Zeroable for AdaptiveSlot {}
+/// A fingerprint and the address it was last seen from.
+type Noted = (ClientKey, IpAddr);
 
-impl Slot for AdaptiveSlot {
-    fn is_idle(&self, now: Nanos) -> bool {
-        self.state() == AdaptiveState::Closed
-            && self.tat.load(Ordering::Acquire) <= now
-            && self.window(now).0 == 0
-    }
-
-    fn reset(&self) {
-        self.state.store(0, Ordering::Release);
-        self.family.store(0, Ordering::Release);
-        self.probes_sent.store(0, Ordering::Release);
-        self.probes_ok.store(0, Ordering::Release);
-        self.last.store(0, Ordering::Release);
-        self.changed_at.store(0, Ordering::Release);
-        self.calm_since.store(0, Ordering::Release);
-        self.tat.store(0, Ordering::Release);
-        self.clear_window();
-    }
+/// The addresses of clients that left the closed state, for the admin
+/// listing (records have no room for an address). A fixed array of slots
+/// picked by a seeded hash of the fingerprint; transitions are rare, so a
+/// slot is a small mutex. A client whose slot another took is missing from
+/// the listing but keeps its state.
+struct Troubled {
+    slots: Box<[Mutex<Option<Noted>>]>,
+    hasher: foldhash::fast::RandomState,
 }
 
-/// Counts of clients per state, kept as transitions happen.
-#[derive(Debug, Default)]
-struct StateCounts([AtomicU64; 4]);
+impl Troubled {
+    fn new(clients: usize) -> Self {
+        Self {
+            slots: (0..(clients / 64).clamp(64, 4096))
+                .map(|_| Mutex::new(None))
+                .collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    fn note(&self, key: &ClientKey, ip: IpAddr) {
+        let i = (self.hasher.hash_one(key) % self.slots.len() as u64) as usize;
+        // A slot holds plain data: a panic elsewhere cannot leave it torn.
+        *self.slots[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((*key, ip));
+    }
+
+    fn each(&self, mut f: impl FnMut(ClientKey, IpAddr) -> bool) {
+        for slot in &self.slots {
+            let noted = *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((key, ip)) = noted
+                && !f(key, ip)
+            {
+                return;
+            }
+        }
+    }
+}
 
 /// The keyed adaptive breaker.
 pub struct AdaptiveBreaker {
     cfg: AdaptiveConfig,
-    table: std::sync::Arc<ClientTable<AdaptiveSlot>>,
-    counts: std::sync::Arc<StateCountsHandle>,
+    table: Arc<Clients>,
+    troubled: Arc<Troubled>,
+    counts: Arc<StateCounts>,
 }
 
-/// Shared per-state client counts (kept across reloads with the table).
+/// Clients per state, kept as transitions happen (and across reloads).
 #[derive(Debug, Default)]
-pub struct StateCountsHandle(StateCounts);
+struct StateCounts([AtomicU64; 4]);
 
 impl AdaptiveBreaker {
     /// A breaker tracking at most `max_clients` fingerprints.
     pub fn new(cfg: AdaptiveConfig, max_clients: usize) -> Self {
         Self {
             cfg,
-            table: std::sync::Arc::new(ClientTable::new(max_clients)),
-            counts: Default::default(),
+            table: Arc::new(Clients::with_idle_rule(max_clients, Breaker::idle)),
+            troubled: Arc::new(Troubled::new(max_clients)),
+            counts: Arc::default(),
         }
     }
 
@@ -431,6 +458,7 @@ impl AdaptiveBreaker {
         Self {
             cfg,
             table: previous.table.clone(),
+            troubled: previous.troubled.clone(),
             counts: previous.counts.clone(),
         }
     }
@@ -441,13 +469,13 @@ impl AdaptiveBreaker {
     }
 
     /// The table (for gauges).
-    pub fn table(&self) -> &ClientTable<AdaptiveSlot> {
+    pub fn table(&self) -> &Clients {
         &self.table
     }
 
     /// Clients per state other than closed: (degraded, open, half-open).
     pub fn state_counts(&self) -> [(AdaptiveState, u64); 3] {
-        let c = &self.counts.0.0;
+        let c = &self.counts.0;
         [
             (AdaptiveState::Degraded, c[1].load(Ordering::Relaxed)),
             (AdaptiveState::Open, c[2].load(Ordering::Relaxed)),
@@ -455,131 +483,132 @@ impl AdaptiveBreaker {
         ]
     }
 
-    fn counted(&self, t: Option<AdaptiveTransition>) -> Option<AdaptiveTransition> {
+    fn counted(&self, key: &ClientKey, t: Option<AdaptiveTransition>) -> Option<AdaptiveTransition> {
         if let Some(t) = &t {
-            let c = &self.counts.0.0;
+            let c = &self.counts.0;
             if t.from != AdaptiveState::Closed {
                 c[t.from.as_u8() as usize].fetch_sub(1, Ordering::Relaxed);
             }
             if t.to != AdaptiveState::Closed {
                 c[t.to.as_u8() as usize].fetch_add(1, Ordering::Relaxed);
+                self.troubled.note(key, t.ip);
             }
         }
         t
+    }
+
+    /// Runs `f` on the client's breaker at `now`, unless the client shares
+    /// an overflow record (then `untracked`).
+    fn with<R>(&self, key: &ClientKey, now: Nanos, untracked: R, f: impl FnOnce(&mut Breaker) -> R) -> R {
+        self.table.with(key, now, |w, place| {
+            if place == Place::Overflow {
+                return untracked;
+            }
+            let mut b = Breaker::load(w, now);
+            let r = f(&mut b);
+            b.store(w, now);
+            r
+        })
     }
 
     /// Before forwarding: may this client's request pass? `quota` is the
     /// client's normal limit (tightened when degraded).
     pub fn admit(
         &self,
-        key: &palisade_core::ClientKey,
+        key: &ClientKey,
+        ip: IpAddr,
         quota: &Quota,
         now: Nanos,
     ) -> (Admission, Option<AdaptiveTransition>) {
-        let (admission, t) = self.table.with(key, now, |s| self.admit_slot(s, quota, now));
-        (admission, self.counted(t))
+        let (admission, t) = self.with(key, now, (Admission::Pass, None), |b| {
+            self.admit_breaker(b, ip, quota, now)
+        });
+        (admission, self.counted(key, t))
     }
 
-    fn admit_slot(
+    fn admit_breaker(
         &self,
-        s: &AdaptiveSlot,
+        b: &mut Breaker,
+        ip: IpAddr,
         quota: &Quota,
         now: Nanos,
     ) -> (Admission, Option<AdaptiveTransition>) {
-        let cfg = &self.cfg;
-        match s.state() {
+        match b.state {
             AdaptiveState::Closed => (Admission::Pass, None),
             AdaptiveState::Degraded => {
                 // Recovery is judged on admission too: a calm client may
                 // have no failures left to report.
-                let window = s.window(now);
-                let t = self.calm_check(s, window, now);
+                let window = b.window(now);
+                let t = self.calm_check(b, window, now, ip);
                 if t.is_some() {
-                    return (self.probe(s, now), t);
+                    return (self.probe(b, now), t);
                 }
-                (self.tighter_limit(s, quota, now), None)
+                (self.tighter_limit(b, quota, now), None)
             }
             AdaptiveState::Open => {
-                let opened = s.changed_at.load(Ordering::Acquire);
-                let reopen = opened.saturating_add(cfg.open_for);
-                if now < reopen {
+                let elapsed = b.elapsed(now);
+                if elapsed < self.cfg.open_for {
                     return (
                         Admission::Refused {
-                            retry_after: reopen - now,
+                            retry_after: self.cfg.open_for - elapsed,
                         },
                         None,
                     );
                 }
-                let t = s.switch(
-                    AdaptiveState::Open,
-                    AdaptiveState::HalfOpen,
-                    Reason::OpenElapsed,
-                    now,
-                    s.window(now),
-                );
-                (self.probe(s, now), t)
+                let window = b.window(now);
+                let t = b.switch(AdaptiveState::HalfOpen, Reason::OpenElapsed, now, window, ip);
+                (self.probe(b, now), Some(t))
             }
-            AdaptiveState::HalfOpen => (self.probe(s, now), None),
+            AdaptiveState::HalfOpen => (self.probe(b, now), None),
         }
     }
 
-    fn probe(&self, s: &AdaptiveSlot, now: Nanos) -> Admission {
+    fn probe(&self, b: &mut Breaker, now: Nanos) -> Admission {
         // Probes whose outcome never came back (the request was refused
         // further on, or the client left) must not wedge the breaker: after
         // `open_for` without a verdict, the probes are sent again.
-        let since = s.changed_at.load(Ordering::Acquire);
-        if now.saturating_sub(since) > self.cfg.open_for {
-            s.changed_at.store(now, Ordering::Release);
-            s.probes_sent.store(0, Ordering::Release);
+        if b.elapsed(now) > self.cfg.open_for {
+            b.since = (now / NANOS_PER_MS) & MS_MASK;
+            b.probes_sent = 0;
         }
-        if u32::from(s.probes_sent.fetch_add(1, Ordering::AcqRel)) < self.cfg.probes {
+        if b.probes_sent < self.cfg.probes {
+            b.probes_sent += 1;
             Admission::Pass
         } else {
-            s.probes_sent.fetch_sub(1, Ordering::AcqRel);
             Admission::Refused { retry_after: 0 }
         }
     }
 
-    fn tighter_limit(&self, s: &AdaptiveSlot, quota: &Quota, now: Nanos) -> Admission {
+    fn tighter_limit(&self, b: &mut Breaker, quota: &Quota, now: Nanos) -> Admission {
         let tight = tighten(quota, self.cfg.degraded_rate_factor);
-        let t = (NANOS_PER_SEC / u64::from(tight.rate.get())).max(1);
-        let tau = t * u64::from(tight.burst.get() - 1);
-        let mut tat = s.tat.load(Ordering::Acquire);
-        loop {
-            let base = tat.max(now);
-            if base - now > tau {
-                return Admission::Limited {
-                    retry_after: base - tau - now,
-                    quota: tight,
-                };
+        let tau = tight.tolerance().min(MAX_TOLERANCE);
+        // `tat` and `now` both measured from the start of the current second.
+        match gcra(b.tat, now % NANOS_PER_SEC, tight.emission_interval(), tau) {
+            Ok(tat) => {
+                b.tat = tat;
+                Admission::Pass
             }
-            match s
-                .tat
-                .compare_exchange_weak(tat, base + t, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Admission::Pass,
-                Err(seen) => tat = seen,
-            }
+            Err(limited) => Admission::Limited {
+                retry_after: limited.retry_after,
+                quota: tight,
+            },
         }
     }
 
-    fn calm_check(&self, s: &AdaptiveSlot, window: (u32, f64), now: Nanos) -> Option<AdaptiveTransition> {
-        if window.1 < self.cfg.recover_below {
-            let since = s.calm_since.load(Ordering::Acquire);
-            if since == 0 {
-                // `now` may be 0 on a manual clock; 1 ns later is as good.
-                s.calm_since.store(now.max(1), Ordering::Release);
-            } else if now.saturating_sub(since) >= self.cfg.recover_after {
-                return s.switch(
-                    AdaptiveState::Degraded,
-                    AdaptiveState::HalfOpen,
-                    Reason::Calm,
-                    now,
-                    window,
-                );
-            }
-        } else {
-            s.calm_since.store(0, Ordering::Release);
+    fn calm_check(
+        &self,
+        b: &mut Breaker,
+        window: (u32, f64),
+        now: Nanos,
+        ip: IpAddr,
+    ) -> Option<AdaptiveTransition> {
+        if window.1 >= self.cfg.recover_below {
+            b.calm = false;
+        } else if !b.calm {
+            b.calm = true;
+            b.since = (now / NANOS_PER_MS) & MS_MASK;
+        } else if b.elapsed(now) >= self.cfg.recover_after {
+            return Some(b.switch(AdaptiveState::HalfOpen, Reason::Calm, now, window, ip));
         }
         None
     }
@@ -587,67 +616,67 @@ impl AdaptiveBreaker {
     /// After the response: records the outcome and applies what it changes.
     pub fn record(
         &self,
-        key: &palisade_core::ClientKey,
+        key: &ClientKey,
         ip: IpAddr,
         signal: Signal,
         now: Nanos,
     ) -> Option<AdaptiveTransition> {
-        let t = self.table.with(key, now, |s| {
-            s.remember_ip(ip);
-            self.record_slot(s, signal, now)
-        });
-        self.counted(t)
+        let t = self.with(key, now, None, |b| self.record_breaker(b, ip, signal, now));
+        self.counted(key, t)
     }
 
-    fn record_slot(&self, s: &AdaptiveSlot, signal: Signal, now: Nanos) -> Option<AdaptiveTransition> {
+    fn record_breaker(
+        &self,
+        b: &mut Breaker,
+        ip: IpAddr,
+        signal: Signal,
+        now: Nanos,
+    ) -> Option<AdaptiveTransition> {
         let cfg = &self.cfg;
-        let state = s.state();
-        if state == AdaptiveState::HalfOpen {
+        b.count(signal);
+        let window = b.window(now);
+        if b.state == AdaptiveState::HalfOpen {
             // Probes decide alone; their outcomes still enter the window.
-            s.record(signal, now);
-            let window = s.window(now);
             if signal != Signal::Success {
-                return s.switch(state, AdaptiveState::Open, Reason::ProbeFailed, now, window);
+                return Some(b.switch(AdaptiveState::Open, Reason::ProbeFailed, now, window, ip));
             }
-            let ok = u32::from(s.probes_ok.fetch_add(1, Ordering::AcqRel)) + 1;
-            if ok >= cfg.probes {
-                return s.switch(state, AdaptiveState::Closed, Reason::ProbesSucceeded, now, window);
+            b.probes_ok += 1;
+            if b.probes_ok >= cfg.probes {
+                return Some(b.switch(AdaptiveState::Closed, Reason::ProbesSucceeded, now, window, ip));
             }
             return None;
         }
-        s.record(signal, now);
-        let window = s.window(now);
         let (requests, rate) = window;
-        let enough = requests >= cfg.min_requests;
-        match state {
+        let enough = requests >= cfg.min_requests.min(COUNT_MAX);
+        match b.state {
             AdaptiveState::Closed if enough && rate > cfg.degrade_above => {
-                s.switch(state, AdaptiveState::Degraded, Reason::FailureRate, now, window)
+                Some(b.switch(AdaptiveState::Degraded, Reason::FailureRate, now, window, ip))
             }
             AdaptiveState::Degraded if enough && rate > cfg.open_above => {
-                s.switch(state, AdaptiveState::Open, Reason::FailureRate, now, window)
+                Some(b.switch(AdaptiveState::Open, Reason::FailureRate, now, window, ip))
             }
-            AdaptiveState::Degraded => self.calm_check(s, window, now),
+            AdaptiveState::Degraded => self.calm_check(b, window, now, ip),
             _ => None,
         }
     }
 
     /// A client's state, requests and weighted failure rate.
-    pub fn inspect(&self, key: &palisade_core::ClientKey, now: Nanos) -> Option<(AdaptiveState, u32, f64)> {
-        self.table.get(key, |s| {
-            let (requests, rate) = s.window(now);
-            (s.state(), requests, rate)
-        })
+    pub fn inspect(&self, key: &ClientKey, now: Nanos) -> Option<(AdaptiveState, u32, f64)> {
+        let b = Breaker::load(&self.table.get(key)?, now);
+        let (requests, rate) = b.window(now);
+        Some((b.state, requests, rate))
     }
 
     /// Up to `limit` clients not in the closed state: (ip, state, requests, rate).
-    pub fn troubled(&self, limit: usize, now: Nanos) -> Vec<(Option<IpAddr>, AdaptiveState, u32, f64)> {
+    pub fn troubled(&self, limit: usize, now: Nanos) -> Vec<(IpAddr, AdaptiveState, u32, f64)> {
         let mut out = Vec::new();
-        self.table.for_each(|s| {
-            let state = s.state();
-            if out.len() < limit && state != AdaptiveState::Closed {
-                let (requests, rate) = s.window(now);
-                out.push((s.ip(), state, requests, rate));
+        self.troubled.each(|key, ip| {
+            if let Some((state, requests, rate)) = self.inspect(&key, now)
+                && state != AdaptiveState::Closed
+            {
+                out.push((ip, state, requests, rate));
             }
+            out.len() < limit
         });
         out
     }
@@ -669,7 +698,6 @@ pub fn tighten(quota: &Quota, factor: f64) -> Quota {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use palisade_core::ClientKey;
 
     const MS: Nanos = NANOS_PER_MS;
     const SEC: Nanos = NANOS_PER_SEC;
@@ -699,6 +727,26 @@ mod tests {
             .filter_map(|i| {
                 let s = if i >= n - failing { signal } else { Signal::Success };
                 b.record(&K, ip(), s, start + Nanos::from(i) * 10 * MS)
+            })
+            .collect()
+    }
+
+    /// `n` outcomes of `key` 10 ms apart from `start`, the last `failing` failures.
+    fn feed_key(
+        b: &AdaptiveBreaker,
+        key: ClientKey,
+        start: Nanos,
+        n: u32,
+        failing: u32,
+    ) -> Vec<AdaptiveTransition> {
+        (0..n)
+            .filter_map(|i| {
+                let s = if i >= n - failing {
+                    Signal::ServerError
+                } else {
+                    Signal::Success
+                };
+                b.record(&key, ip(), s, start + Nanos::from(i) * 10 * MS)
             })
             .collect()
     }
@@ -742,7 +790,7 @@ mod tests {
         );
         assert_eq!(t.requests, 21);
         assert!((t.rate - 8.0 / 21.0).abs() < 1e-9);
-        assert_eq!(t.ip, Some(ip()));
+        assert_eq!(t.ip, ip());
     }
 
     #[test]
@@ -759,10 +807,10 @@ mod tests {
         assert_eq!(state(&b, SEC), AdaptiveState::Degraded);
         let now = 2 * SEC;
         let passed = (0..100)
-            .filter(|_| b.admit(&K, &quota(), now).0 == Admission::Pass)
+            .filter(|_| b.admit(&K, ip(), &quota(), now).0 == Admission::Pass)
             .count();
         assert_eq!(passed, 50);
-        match b.admit(&K, &quota(), now).0 {
+        match b.admit(&K, ip(), &quota(), now).0 {
             Admission::Limited { retry_after, quota } => {
                 assert_eq!(quota.rate.get(), 50);
                 assert_eq!(retry_after, 20 * MS);
@@ -782,12 +830,12 @@ mod tests {
         );
         let opened = 10 * 10 * MS;
         assert_eq!(
-            b.admit(&K, &quota(), opened + SEC).0,
+            b.admit(&K, ip(), &quota(), opened + SEC).0,
             Admission::Refused {
                 retry_after: 29 * SEC
             }
         );
-        let (a, t) = b.admit(&K, &quota(), opened + 30 * SEC);
+        let (a, t) = b.admit(&K, ip(), &quota(), opened + 30 * SEC);
         assert_eq!(a, Admission::Pass);
         assert_eq!(
             t.map(|t| (t.to, t.reason)),
@@ -798,68 +846,29 @@ mod tests {
     }
 
     #[test]
-    fn degraded_recovers_to_half_open_after_ten_calm_seconds() {
-        let b = breaker();
-        feed(&b, 0, 10, 4, Signal::ServerError);
-        assert_eq!(state(&b, 0), AdaptiveState::Degraded);
-        // The failures leave the 10 s window; successes keep coming.
-        let mut now = 0;
-        let mut transition = None;
-        while now < 30 * SEC && transition.is_none() {
-            now += 500 * MS;
-            transition = b.record(&K, ip(), Signal::Success, now);
-        }
-        let t = transition.unwrap();
-        assert_eq!((t.to, t.reason), (AdaptiveState::HalfOpen, Reason::Calm));
-        // The rate stays above 0.1 (4 failures / < 30 requests) until the
-        // failures leave the window at 10 s; calm from then, recovered 10 s later.
-        assert_eq!(now, 20 * SEC);
-    }
-
-    #[test]
-    fn calm_is_interrupted_by_a_bad_patch() {
-        let b = breaker();
-        feed(&b, 0, 10, 4, Signal::ServerError);
-        // Calm from 11 s (window empty of failures) ...
-        for i in 0..10 {
-            assert!(
-                b.record(&K, ip(), Signal::Success, 11 * SEC + i * 100 * MS)
-                    .is_none()
-            );
-        }
-        // ... a bad patch at 15 s resets the clock (3/13 = 0.23, not open) ...
-        for _ in 0..3 {
-            assert!(b.record(&K, ip(), Signal::ServerError, 15 * SEC).is_none());
-        }
-        // ... so at 22 s (11 s after the calm started) it is still degraded.
-        assert!(b.record(&K, ip(), Signal::Success, 22 * SEC).is_none());
-        assert_eq!(state(&b, 22 * SEC), AdaptiveState::Degraded);
-    }
-
-    #[test]
     fn half_open_closes_after_three_good_probes_and_reopens_on_a_bad_one() {
         let b = breaker();
         feed(&b, 0, 20, 20, Signal::ServerError);
         let now = 40 * SEC;
         for _ in 0..3 {
-            assert_eq!(b.admit(&K, &quota(), now).0, Admission::Pass);
+            assert_eq!(b.admit(&K, ip(), &quota(), now).0, Admission::Pass);
         }
         // Probes are out: the fourth waits.
         assert_eq!(
-            b.admit(&K, &quota(), now).0,
+            b.admit(&K, ip(), &quota(), now).0,
             Admission::Refused { retry_after: 0 }
         );
         assert!(b.record(&K, ip(), Signal::Success, now).is_none());
         assert!(b.record(&K, ip(), Signal::Success, now).is_none());
         let t = b.record(&K, ip(), Signal::Success, now).unwrap();
         assert_eq!((t.to, t.reason), (AdaptiveState::Closed, Reason::ProbesSucceeded));
-        assert_eq!(b.admit(&K, &quota(), now).0, Admission::Pass);
+        assert_eq!(b.admit(&K, ip(), &quota(), now).0, Admission::Pass);
         assert_eq!(b.state_counts().iter().map(|c| c.1).sum::<u64>(), 0);
 
         // Trip again; this time a probe fails.
         feed(&b, now, 20, 20, Signal::ServerError);
         let later = now + 40 * SEC;
-        assert_eq!(b.admit(&K, &quota(), later).0, Admission::Pass);
+        assert_eq!(b.admit(&K, ip(), &quota(), later).0, Admission::Pass);
         let t = b.record(&K, ip(), Signal::SlowFirstByte, later).unwrap();
         assert_eq!((t.to, t.reason), (AdaptiveState::Open, Reason::ProbeFailed));
     }
@@ -870,14 +879,14 @@ mod tests {
         feed(&b, 0, 20, 20, Signal::ServerError);
         let now = 40 * SEC;
         for _ in 0..3 {
-            assert_eq!(b.admit(&K, &quota(), now).0, Admission::Pass);
+            assert_eq!(b.admit(&K, ip(), &quota(), now).0, Admission::Pass);
         }
         // No outcome ever arrives.
         assert_eq!(
-            b.admit(&K, &quota(), now + 10 * SEC).0,
+            b.admit(&K, ip(), &quota(), now + 10 * SEC).0,
             Admission::Refused { retry_after: 0 }
         );
-        assert_eq!(b.admit(&K, &quota(), now + 31 * SEC).0, Admission::Pass);
+        assert_eq!(b.admit(&K, ip(), &quota(), now + 31 * SEC).0, Admission::Pass);
     }
 
     #[test]
@@ -895,29 +904,158 @@ mod tests {
     }
 
     #[test]
-    fn idle_only_when_closed_and_quiet() {
-        let s = AdaptiveSlot::default();
-        assert!(s.is_idle(0));
-        s.record(Signal::ServerError, 0);
-        assert!(!s.is_idle(SEC));
-        assert!(s.is_idle(10 * SEC));
+    fn degraded_recovers_to_half_open_after_ten_calm_seconds() {
+        let b = breaker();
+        feed(&b, 0, 10, 4, Signal::ServerError);
+        assert_eq!(state(&b, 0), AdaptiveState::Degraded);
+        // The failures fade out of the window; successes keep coming.
+        let mut now = 0;
+        let mut transition = None;
+        while now < 40 * SEC && transition.is_none() {
+            now += 500 * MS;
+            transition = b.record(&K, ip(), Signal::Success, now);
+        }
+        let t = transition.unwrap();
+        assert_eq!((t.to, t.reason), (AdaptiveState::HalfOpen, Reason::Calm));
+        // The first period holds 4 failures in 29 requests; 10 s + x in,
+        // it weighs w = (10 − x) / 10 beside 2x + 1 successes, and the rate
+        // 4w / (29w + 2x + 1) is below 0.1 once x > 3.23: calm from
+        // 13.5 s, recovered 10 s later.
+        assert_eq!(now, 23_500 * MS);
     }
 
     #[test]
-    fn saturated_buckets_keep_a_consistent_sample() {
-        let s = AdaptiveSlot::default();
-        for i in 0..1000 {
-            s.record(
-                if i % 2 == 0 {
+    fn calm_is_interrupted_by_a_bad_patch() {
+        // Two clients degraded alike; one has a bad patch while calm.
+        let (steady, patchy) = (ClientKey::Fingerprint(1), ClientKey::Fingerprint(2));
+        let b = breaker();
+        for k in [steady, patchy] {
+            for i in 0..10 {
+                let s = if i < 6 {
+                    Signal::Success
+                } else {
+                    Signal::ServerError
+                };
+                b.record(&k, ip(), s, i * 10 * MS);
+            }
+        }
+        let mut recovered = [None, None];
+        let mut now = 0;
+        while now < 60 * SEC {
+            now += 100 * MS;
+            for (n, k) in [steady, patchy].into_iter().enumerate() {
+                let s = if n == 1 && (8 * SEC..9 * SEC).contains(&now) {
                     Signal::ServerError
                 } else {
                     Signal::Success
-                },
-                0,
-            );
+                };
+                if let Some(t) = b.record(&k, ip(), s, now)
+                    && t.reason == Reason::Calm
+                {
+                    recovered[n].get_or_insert(now);
+                }
+            }
         }
-        let (requests, rate) = s.window(0);
-        assert_eq!(requests, 255);
+        let (steady_at, patchy_at) = (recovered[0].unwrap(), recovered[1].unwrap());
+        // 4 failures in 10 + 10 t requests: calm from 3 s, recovered 10 s
+        // later; 10 failures from 8 s lift the rate above 0.1 again, which
+        // restarts the patchy client's clock.
+        assert!((12 * SEC..15 * SEC).contains(&steady_at), "{steady_at}");
+        assert!(patchy_at >= 18 * SEC, "{patchy_at}");
+    }
+
+    #[test]
+    fn idle_only_when_closed_and_quiet() {
+        let mut w = Words::fresh(1);
+        assert!(Breaker::idle(&w, 0));
+        let mut b = Breaker::load(&w, 0);
+        b.count(Signal::ServerError);
+        b.store(&mut w, 0);
+        assert!(!Breaker::idle(&w, SEC));
+        // In the previous period until 20 s, weighing less and less.
+        assert!(!Breaker::idle(&w, 19 * SEC));
+        assert!(Breaker::idle(&w, 20 * SEC));
+        // Degraded or open: never idle, however quiet.
+        b.state = AdaptiveState::Degraded;
+        b.store(&mut w, 0);
+        assert!(!Breaker::idle(&w, 3600 * SEC));
+    }
+
+    #[test]
+    fn the_record_round_trips() {
+        let b = Breaker {
+            state: AdaptiveState::HalfOpen,
+            tat: 999_999_999,
+            probes_sent: 1000,
+            probes_ok: 999,
+            since: MS_MASK,
+            calm: true,
+            cur: (COUNT_MAX, 1),
+            prev: (7, COUNT_MAX),
+        };
+        let mut w = Words::fresh(u32::MAX);
+        b.store(&mut w, 3 * SEC + 5);
+        assert_eq!(Breaker::load(&w, 3 * SEC + 6), b);
+        assert_eq!(w.tag(), u32::MAX);
+        // A second later the bucket has drained by a second.
+        assert_eq!(Breaker::load(&w, 4 * SEC).tat, 0);
+    }
+
+    #[test]
+    fn saturated_periods_keep_a_consistent_sample() {
+        let mut b = Breaker::default();
+        for i in 0..200_000 {
+            b.count(if i % 2 == 0 {
+                Signal::ServerError
+            } else {
+                Signal::Success
+            });
+        }
+        let (requests, rate) = b.window(0);
+        assert!(requests >= COUNT_MAX - 1, "{requests}");
         assert!((rate - 0.5).abs() < 0.01, "{rate}");
+    }
+
+    /// A client without a record of its own (the table is full of active
+    /// clients) shares an overflow record: it is neither judged nor lets
+    /// its failures refuse the strangers it shares with.
+    #[test]
+    fn overflow_sharers_are_not_judged() {
+        let b = AdaptiveBreaker::new(AdaptiveConfig::default(), 16);
+        // Sixteen failing clients fill the table and stay degraded.
+        let mut k = 0u64;
+        while b.table().len() < b.table().capacity() {
+            feed_key(&b, ClientKey::Fingerprint(k), 0, 10, 10);
+            k += 1;
+        }
+        let before = b.table().overflowed();
+        let crowd: Vec<_> = (1_000..1_100).map(ClientKey::Fingerprint).collect();
+        for key in &crowd {
+            assert!(feed_key(&b, *key, 0, 50, 50).is_empty());
+            assert_eq!(b.admit(key, ip(), &quota(), SEC).0, Admission::Pass);
+        }
+        assert!(b.table().overflowed() > before);
+        // The degraded clients kept their records: still degraded.
+        assert_eq!(
+            b.inspect(&ClientKey::Fingerprint(0), SEC).unwrap().0,
+            AdaptiveState::Degraded
+        );
+    }
+
+    #[test]
+    fn troubled_clients_are_listed_with_their_address() {
+        let b = breaker();
+        feed(&b, 0, 20, 20, Signal::ServerError);
+        let listed = b.troubled(10, SEC);
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].0, listed[0].1), (ip(), AdaptiveState::Open));
+        // Closed again: no longer listed.
+        let now = 40 * SEC;
+        for _ in 0..3 {
+            b.admit(&K, ip(), &quota(), now);
+            b.record(&K, ip(), Signal::Success, now);
+        }
+        assert_eq!(state(&b, now), AdaptiveState::Closed);
+        assert!(b.troubled(10, now).is_empty());
     }
 }

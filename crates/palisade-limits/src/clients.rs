@@ -64,6 +64,8 @@ pub struct Clients {
     huge: AtomicBool,
     stripes: [AtomicBool; STRIPES],
     hasher: foldhash::fast::RandomState,
+    /// When a record's state equals a fresh one, so it may change hands.
+    idle: fn(&Words, Nanos) -> bool,
 }
 
 /// The record array: an anonymous mapping, zeroed by the kernel on first
@@ -213,6 +215,12 @@ struct Homes {
 impl Clients {
     /// A table of exactly `max_tracked` records (at least [`NEIGHBORHOOD`]).
     pub fn new(max_tracked: usize) -> Self {
+        Self::with_idle_rule(max_tracked, Words::idle)
+    }
+
+    /// A table of records laid out by their user, who says when one is idle
+    /// (its state equal to a fresh one's at `now`).
+    pub(crate) fn with_idle_rule(max_tracked: usize, idle: fn(&Words, Nanos) -> bool) -> Self {
         let len = max_tracked.max(NEIGHBORHOOD);
         let overflow_len = (len / 64).clamp(16, 4096).next_power_of_two();
         Self {
@@ -224,6 +232,7 @@ impl Clients {
             huge: AtomicBool::new(false),
             stripes: [const { AtomicBool::new(false) }; STRIPES],
             hasher: foldhash::fast::RandomState::default(),
+            idle,
         }
     }
 
@@ -347,14 +356,14 @@ impl Clients {
         let mut best: Option<(usize, u32, u64)> = None;
         for i in self.candidates(h) {
             let w = records[i].peek();
-            if w.idle(now) && best.is_none_or(|(_, _, q)| w.quiet_secs(now) > q) {
+            if (self.idle)(&w, now) && best.is_none_or(|(_, _, q)| w.quiet_secs(now) > q) {
                 best = Some((i, w.tag(), w.quiet_secs(now)));
             }
         }
         if let Some((i, tag, _)) = best
             && let Some(mut w) = records[i].lock(tag)
         {
-            if !w.idle(now) {
+            if !(self.idle)(&w, now) {
                 // Busy again since the peek.
                 records[i].unlock(w);
             } else {

@@ -182,6 +182,23 @@ impl Words {
         *self = Self::fresh(tag);
     }
 
+    /// Word `i` (1 to 3) of a record whose table lays its state out itself
+    /// (the adaptive breaker's); word 0 keeps tag, lock and second.
+    pub(crate) fn word(&self, i: usize) -> u64 {
+        self.0[i]
+    }
+
+    /// Sets word `i` (1 to 3), as [`word`](Self::word).
+    pub(crate) fn set_word(&mut self, i: usize, v: u64) {
+        debug_assert!(i > 0, "word 0 holds the tag and the lock");
+        self.0[i] = v;
+    }
+
+    /// Makes `now`'s second the record's second.
+    pub(crate) fn stamp(&mut self, now: Nanos) {
+        self.set_sec(now / NANOS_PER_SEC);
+    }
+
     /// The second of the last request (wrapping).
     pub fn sec(&self) -> u64 {
         (self.0[0] >> SEC_SHIFT) & SEC_MASK

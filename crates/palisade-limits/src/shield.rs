@@ -421,7 +421,7 @@ impl<C: Clock> Shield<C> {
         }
         if let Some((adaptive, mode)) = &self.adaptive {
             let quota = limiter.map_or_else(|| Quota::per_second(NonZeroU32::MAX), |(l, _)| *l.quota());
-            let (admission, transition) = adaptive.admit(&fingerprint, &quota, now);
+            let (admission, transition) = adaptive.admit(&fingerprint, client_ip, &quota, now);
             decision.transition = transition;
             let rejection = match admission {
                 Admission::Pass => None,

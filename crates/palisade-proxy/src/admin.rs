@@ -507,7 +507,7 @@ fn breakers(app: &App, rt: &Runtime) -> serde_json::Value {
             .into_iter()
             .map(|(ip, state, requests, rate)| {
                 serde_json::json!({
-                    "ip": ip.map(|i| i.to_string()),
+                    "ip": ip.to_string(),
                     "state": state.as_str(),
                     "requests": requests,
                     "failure_rate": (rate * 1000.0).round() / 1000.0,
