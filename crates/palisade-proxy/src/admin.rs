@@ -622,6 +622,7 @@ fn store_json(rt: &Runtime) -> Option<serde_json::Value> {
         "filter_bytes": info.filter_bytes,
         "feed": {
             "source": feed,
+            "public_key": settings.and_then(|s| s.feed_public_key).map(|k| k.to_string()),
             "poll_interval_secs": settings.map(|s| s.poll_interval.as_secs_f64()),
             "applied": status.applied,
             "rejected": status.rejected,
@@ -638,6 +639,8 @@ async fn store_update(app: &App, rt: &Runtime, path: &str, req: Request<Incoming
     let result = if path == "/api/v1/store/reload" {
         crate::feed::reload(cell, &app.metrics).await
     } else {
+        // Not signature-checked: this endpoint already needs the admin
+        // token, and a token holder can do more than any delta.
         let body = match Limited::new(req.into_body(), 512 << 20).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body unreadable or over 512 MiB"),
@@ -648,6 +651,7 @@ async fn store_update(app: &App, rt: &Runtime, path: &str, req: Request<Incoming
         crate::feed::apply(cell, &app.metrics, text, "admin API".into())
             .await
             .map(|_| ())
+            .map_err(|e| e.message)
     };
     match result {
         Ok(()) => json(StatusCode::OK, &store_json(rt).unwrap_or_default()),

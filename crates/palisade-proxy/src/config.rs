@@ -17,6 +17,7 @@ use palisade::config::raw::{
 use palisade::config::{ConfigError as FileError, Protection};
 use palisade_limits::admission::AdmissionConfig;
 use palisade_limits::shield::ShieldConfig;
+use palisade_store::sign::PublicKey;
 use serde::Deserialize;
 
 use crate::maintenance::MaintenancePage;
@@ -164,6 +165,15 @@ pub struct StoreSettings {
     pub poll_interval: Duration,
     /// PEM CA bundle for an https feed (system roots when `None`).
     pub feed_ca: Option<PathBuf>,
+    /// The key every feed delta must be signed with; `None` only with
+    /// `store.feed_unsigned = true` (or without a feed).
+    pub feed_public_key: Option<PublicKey>,
+    /// Environment variable whose value is sent as `Authorization` to a URL
+    /// feed. The name, not the value: the value stays out of the config
+    /// (and so out of anything that prints it).
+    pub feed_auth_env: Option<String>,
+    /// Largest feed body read; past it the fetch fails.
+    pub feed_max_bytes: usize,
 }
 
 /// A delta feed.
@@ -438,7 +448,16 @@ struct RawStore {
     feed: String,
     poll_interval: String,
     feed_ca: String,
+    feed_public_key: String,
+    feed_unsigned: bool,
+    feed_allow_http: bool,
+    feed_auth_env: String,
+    feed_max_bytes: usize,
 }
+
+/// Default `store.feed_max_bytes`: 64 MiB, a delta of about two million
+/// operations.
+pub const FEED_MAX_BYTES: usize = 64 << 20;
 
 impl Default for RawStore {
     fn default() -> Self {
@@ -447,6 +466,11 @@ impl Default for RawStore {
             feed: String::new(),
             poll_interval: "10s".into(),
             feed_ca: String::new(),
+            feed_public_key: String::new(),
+            feed_unsigned: false,
+            feed_allow_http: false,
+            feed_auth_env: String::new(),
+            feed_max_bytes: FEED_MAX_BYTES,
         }
     }
 }
@@ -1005,8 +1029,24 @@ impl RawConfig {
                 let uri: http::Uri = url
                     .parse()
                     .map_err(|e| at(p!("store", "feed"), format!("{url:?} is not a URL: {e}")))?;
-                if uri.host().is_none() {
+                let Some(authority) = uri.authority() else {
                     return Err(at(p!("store", "feed"), format!("{url:?} has no host")));
+                };
+                if authority.as_str().contains('@') {
+                    // The URL is logged and shown by the admin API.
+                    return Err(at(
+                        p!("store", "feed"),
+                        "no credentials in the URL: put them in the environment variable named by store.feed_auth_env",
+                    ));
+                }
+                if uri.scheme_str() == Some("http") && !s.feed_allow_http {
+                    return Err(at(
+                        p!("store", "feed"),
+                        format!(
+                            "{url:?}: a plain http:// feed can be read and rewritten on the way; use https://, \
+                             or set store.feed_allow_http = true"
+                        ),
+                    ));
                 }
                 Some(FeedSource::Url(uri))
             }
@@ -1023,11 +1063,49 @@ impl RawConfig {
                 Some(ca)
             }
         };
+        let feed_public_key = match s.feed_public_key.as_str() {
+            "" => None,
+            key => Some(PublicKey::parse(key).map_err(|m| {
+                at(
+                    p!("store", "feed_public_key"),
+                    format!("not an Ed25519 public key: {m}"),
+                )
+            })?),
+        };
+        if feed_public_key.is_some() && s.feed_unsigned {
+            return Err(at(
+                p!("store", "feed_unsigned"),
+                "contradicts store.feed_public_key: remove one",
+            ));
+        }
+        if feed.is_some() && feed_public_key.is_none() && !s.feed_unsigned {
+            return Err(at(
+                p!("store", "feed"),
+                "a feed must be signed: set store.feed_public_key (see `palisade store keygen`), \
+                 or accept unsigned deltas with store.feed_unsigned = true",
+            ));
+        }
+        let feed_auth_env = match s.feed_auth_env.as_str() {
+            "" => None,
+            _ if !matches!(feed, Some(FeedSource::Url(_))) => {
+                return Err(at(p!("store", "feed_auth_env"), "only for an http(s) feed"));
+            }
+            name => {
+                crate::feed::auth_header(name).map_err(|m| at(p!("store", "feed_auth_env"), m))?;
+                Some(name.to_owned())
+            }
+        };
+        if s.feed_max_bytes == 0 {
+            return Err(at(p!("store", "feed_max_bytes"), "must be > 0"));
+        }
         Ok(Some(StoreSettings {
             path,
             feed,
             poll_interval: duration(&s.poll_interval, p!("store", "poll_interval"))?,
             feed_ca,
+            feed_public_key,
+            feed_auth_env,
+            feed_max_bytes: s.feed_max_bytes,
         }))
     }
 }

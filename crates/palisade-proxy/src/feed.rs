@@ -15,13 +15,75 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use palisade_store::sign::{MAX_SIGNATURE_BYTES, PublicKey, signature_path};
+
 use crate::config::{FeedSource, StoreSettings};
 use crate::metrics::Metrics;
 use crate::proxy::App;
 
-/// Largest delta accepted from a feed.
-const MAX_DELTA_BYTES: usize = 512 << 20;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a feed update was not applied. `reason` is the label of
+/// `palisade_feed_rejected_total`; `message` never holds a credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedError {
+    /// `fetch`, `too_large`, `unsigned`, `bad_signature`, `malformed`,
+    /// `out_of_order` or `write`.
+    pub reason: &'static str,
+    /// What happened, naming the feed.
+    pub message: String,
+}
+
+/// Every `reason` a [`FeedError`] can have.
+pub const REJECT_REASONS: [&str; 7] = [
+    "fetch",
+    "too_large",
+    "unsigned",
+    "bad_signature",
+    "malformed",
+    "out_of_order",
+    "write",
+];
+
+impl FeedError {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FeedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<palisade_store::Error> for FeedError {
+    fn from(e: palisade_store::Error) -> Self {
+        use palisade_store::Error as E;
+        let reason = match &e {
+            E::Parse { .. } | E::TooMany { .. } => "malformed",
+            E::OutOfOrder { .. } => "out_of_order",
+            E::Io { .. } | E::Corrupt { .. } => "write",
+        };
+        Self::new(reason, e.to_string())
+    }
+}
+
+/// The `Authorization` value for a feed: the content of the environment
+/// variable `name`. Errors name the variable, never its value.
+pub fn auth_header(name: &str) -> Result<http::HeaderValue, String> {
+    let value = std::env::var(name).map_err(|_| format!("${name} is not set (or not UTF-8)"))?;
+    if value.is_empty() {
+        return Err(format!("${name} is empty"));
+    }
+    let mut header = http::HeaderValue::from_str(&value)
+        .map_err(|_| format!("the value of ${name} is not a valid header value"))?;
+    header.set_sensitive(true);
+    Ok(header)
+}
 
 /// Trust roots for an https feed: the given PEM bundle, or the system's.
 pub fn roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
@@ -80,34 +142,180 @@ pub fn file_id(path: &Path) -> Option<FileId> {
     })
 }
 
-/// Fetches the feed once. `etag`/`seen` are what the previous successful
-/// poll returned, so unchanged feeds cost one 304 or one `stat`.
+/// The feed's name in logs and errors.
+pub fn source_name(source: &FeedSource) -> String {
+    match source {
+        FeedSource::File(p) => p.display().to_string(),
+        FeedSource::Url(u) => u.to_string(),
+    }
+}
+
+/// Fetches the feed once, and with a public key configured checks the
+/// detached signature (`.sig` next to the delta) before anything is parsed.
+/// `etag`/`seen` are what the previous successful poll returned, so
+/// unchanged feeds cost one 304 or one `stat`.
 pub async fn fetch(
+    settings: &StoreSettings,
     source: &FeedSource,
-    ca: Option<&Path>,
     etag: Option<&str>,
     seen: &mut Option<FileId>,
-) -> Result<Fetched, String> {
-    match source {
+) -> Result<Fetched, FeedError> {
+    let name = source_name(source);
+    let (body, etag) = match source {
         FeedSource::File(path) => {
             let id = file_id(path);
             if id.is_some() && id == *seen {
                 return Ok(Fetched::NotModified);
             }
-            let text = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let body = read_file(path, settings.feed_max_bytes, "store.feed_max_bytes")
+                .await?
+                .ok_or_else(|| FeedError::new("fetch", format!("{name}: no such file")))?;
+            if let Some(key) = &settings.feed_public_key {
+                let sig_path = signature_path(path);
+                let sig = match read_file(&sig_path, MAX_SIGNATURE_BYTES, "a signature's size").await {
+                    Ok(Some(sig)) => sig,
+                    Ok(None) => {
+                        return Err(FeedError::new(
+                            "unsigned",
+                            format!("{name}: no signature ({} is missing)", sig_path.display()),
+                        ));
+                    }
+                    Err(e) if e.reason == "too_large" => {
+                        return Err(FeedError::new("bad_signature", e.message));
+                    }
+                    Err(e) => return Err(e),
+                };
+                check(key, &body, &sig, &name)?;
+            }
+            // Only a verified body counts as seen: a signature that arrives
+            // after its delta is picked up at the next poll.
             *seen = id;
-            Ok(Fetched::Delta { text, etag: None })
+            (body, None)
         }
-        FeedSource::Url(uri) => tokio::time::timeout(FETCH_TIMEOUT, get(uri, ca, etag))
-            .await
-            .map_err(|_| format!("{uri}: no complete answer within {FETCH_TIMEOUT:?}"))?,
-    }
+        FeedSource::Url(uri) => {
+            match tokio::time::timeout(FETCH_TIMEOUT, get_signed(settings, uri, etag)).await {
+                Err(_) => {
+                    return Err(FeedError::new(
+                        "fetch",
+                        format!("{uri}: no complete answer within {FETCH_TIMEOUT:?}"),
+                    ));
+                }
+                Ok(got) => match got? {
+                    None => return Ok(Fetched::NotModified),
+                    Some(found) => found,
+                },
+            }
+        }
+    };
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| FeedError::new("malformed", format!("{name}: the delta is not UTF-8")))?;
+    Ok(Fetched::Delta { text, etag })
 }
 
-async fn get(uri: &http::Uri, ca: Option<&Path>, etag: Option<&str>) -> Result<Fetched, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("{uri}: {e}");
+fn check(key: &PublicKey, body: &[u8], sig: &[u8], name: &str) -> Result<(), FeedError> {
+    key.verify(body, sig)
+        .map_err(|e| FeedError::new("bad_signature", format!("{name}: {e}; rejected whole")))
+}
+
+/// Reads a whole file, at most `max` bytes of it. `None`: it does not exist.
+async fn read_file(path: &Path, max: usize, bound: &str) -> Result<Option<Bytes>, FeedError> {
+    use tokio::io::AsyncReadExt as _;
+    let fail = |e: std::io::Error| FeedError::new("fetch", format!("{}: {e}", path.display()));
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(fail(e)),
+    };
+    let mut body = Vec::new();
+    // One byte more than allowed tells "exactly max" from "larger".
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    file.take(limit).read_to_end(&mut body).await.map_err(fail)?;
+    if body.len() > max {
+        return Err(too_large(&path.display(), max, bound));
+    }
+    Ok(Some(Bytes::from(body)))
+}
+
+fn too_large(name: &dyn std::fmt::Display, max: usize, bound: &str) -> FeedError {
+    FeedError::new(
+        "too_large",
+        format!("{name}: the body is larger than {max} bytes ({bound}); not read further"),
+    )
+}
+
+/// `uri` with `.sig` appended to its path (the query kept).
+fn signature_uri(uri: &http::Uri) -> Result<http::Uri, FeedError> {
+    let path = uri.path();
+    let pq = match uri.query() {
+        Some(q) => format!("{path}.sig?{q}"),
+        None => format!("{path}.sig"),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|e| FeedError::new("fetch", format!("{uri}: {e}")))?,
+    );
+    http::Uri::from_parts(parts).map_err(|e| FeedError::new("fetch", format!("{uri}: {e}")))
+}
+
+/// The delta at `uri` and, with a public key, its verified signature.
+/// `None`: unchanged since `etag`.
+async fn get_signed(
+    settings: &StoreSettings,
+    uri: &http::Uri,
+    etag: Option<&str>,
+) -> Result<Option<(Bytes, Option<String>)>, FeedError> {
+    let auth = match &settings.feed_auth_env {
+        Some(name) => Some(auth_header(name).map_err(|m| FeedError::new("fetch", format!("{uri}: {m}")))?),
+        None => None,
+    };
+    let ca = settings.feed_ca.as_deref();
+    let (body, tag) = match get(uri, ca, etag, auth.as_ref(), settings.feed_max_bytes).await? {
+        Got::NotModified => return Ok(None),
+        Got::Body(body, tag) => (body, tag),
+        Got::Status(status) => return Err(FeedError::new("fetch", format!("{uri}: HTTP {status}"))),
+    };
+    if let Some(key) = &settings.feed_public_key {
+        let sig_uri = signature_uri(uri)?;
+        let sig = match get(&sig_uri, ca, None, auth.as_ref(), MAX_SIGNATURE_BYTES).await {
+            Ok(Got::Body(sig, _)) => sig,
+            Ok(Got::Status(http::StatusCode::NOT_FOUND)) => {
+                return Err(FeedError::new(
+                    "unsigned",
+                    format!("{uri}: no signature ({sig_uri} answered 404)"),
+                ));
+            }
+            Ok(Got::Status(status)) => {
+                return Err(FeedError::new("fetch", format!("{sig_uri}: HTTP {status}")));
+            }
+            Ok(Got::NotModified) => {
+                return Err(FeedError::new("fetch", format!("{sig_uri}: unexpected 304")));
+            }
+            Err(e) if e.reason == "too_large" => {
+                return Err(FeedError::new("bad_signature", e.message));
+            }
+            Err(e) => return Err(e),
+        };
+        check(key, &body, &sig, &uri.to_string())?;
+    }
+    Ok(Some((body, tag)))
+}
+
+/// What one GET answered.
+enum Got {
+    NotModified,
+    Body(Bytes, Option<String>),
+    Status(http::StatusCode),
+}
+
+async fn get(
+    uri: &http::Uri,
+    ca: Option<&Path>,
+    etag: Option<&str>,
+    auth: Option<&http::HeaderValue>,
+    max: usize,
+) -> Result<Got, FeedError> {
+    let fail = |e: &dyn std::fmt::Display| FeedError::new("fetch", format!("{uri}: {e}"));
     let host = uri.host().ok_or_else(|| fail(&"no host"))?;
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -123,13 +331,16 @@ async fn get(uri: &http::Uri, ca: Option<&Path>, etag: Option<&str>) -> Result<F
     if let Some(tag) = etag {
         req = req.header(http::header::IF_NONE_MATCH, tag);
     }
+    if let Some(auth) = auth {
+        req = req.header(http::header::AUTHORIZATION, auth.clone());
+    }
     let req = req.body(Empty::<Bytes>::new()).map_err(|e| fail(&e))?;
     let resp = if https {
         let config =
             rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .map_err(|e| fail(&e))?
-                .with_root_certificates(roots(ca)?)
+                .with_root_certificates(roots(ca).map_err(|e| fail(&e))?)
                 .with_no_client_auth();
         let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned()).map_err(|e| fail(&e))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -142,22 +353,36 @@ async fn get(uri: &http::Uri, ca: Option<&Path>, etag: Option<&str>) -> Result<F
     }
     .map_err(|e| fail(&e))?;
     match resp.status() {
-        http::StatusCode::NOT_MODIFIED => Ok(Fetched::NotModified),
+        http::StatusCode::NOT_MODIFIED => Ok(Got::NotModified),
         http::StatusCode::OK => {
             let etag = resp
                 .headers()
                 .get(http::header::ETAG)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let body = Limited::new(resp.into_body(), MAX_DELTA_BYTES)
+            // A declared length past the bound fails before any byte is read.
+            let declared = resp
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max as u64) {
+                return Err(too_large(uri, max, "store.feed_max_bytes"));
+            }
+            // Streamed into memory chunk by chunk, stopped at the bound.
+            let body = Limited::new(resp.into_body(), max)
                 .collect()
                 .await
-                .map_err(|e| fail(&format!("reading the body: {e}")))?
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        too_large(uri, max, "store.feed_max_bytes")
+                    } else {
+                        fail(&format!("reading the body: {e}"))
+                    }
+                })?
                 .to_bytes();
-            let text = String::from_utf8(body.to_vec()).map_err(|_| fail(&"the delta is not UTF-8"))?;
-            Ok(Fetched::Delta { text, etag })
+            Ok(Got::Body(body, etag))
         }
-        status => Err(fail(&format!("HTTP {status}"))),
+        status => Ok(Got::Status(status)),
     }
 }
 
@@ -182,11 +407,11 @@ pub async fn apply(
     metrics: &Metrics,
     text: String,
     source: String,
-) -> Result<bool, String> {
+) -> Result<bool, FeedError> {
     let src = source.clone();
     let result = tokio::task::spawn_blocking(move || cell.apply_delta(&text, &src, BuildOptions::default()))
         .await
-        .map_err(|e| format!("delta task failed: {e}"))?;
+        .map_err(|e| FeedError::new("write", format!("delta task failed: {e}")))?;
     let kind = match &result {
         Ok(true) => "applied",
         Ok(false) => "unchanged",
@@ -198,7 +423,7 @@ pub async fn apply(
         Ok(false) => tracing::debug!(%source, "reputation delta already applied"),
         Err(e) => tracing::error!(%source, "reputation delta rejected, the store keeps its data: {e}"),
     }
-    result.map_err(|e| e.to_string())
+    result.map_err(FeedError::from)
 }
 
 /// Re-opens the snapshot file (replaced by `palisade store build`).
@@ -227,8 +452,11 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut etag: Option<String> = None;
     let mut feed_seen: Option<FileId> = None;
     let mut snapshot_seen: Option<(PathBuf, Option<FileId>)> = None;
-    // A feed that stays broken is reported once, not at every poll.
-    let mut failing: Option<String> = None;
+    // A feed that stays broken is reported once, not at every poll: the
+    // last fetch error, and the last delta that was rejected (its digest and
+    // the watermark it was tried on; it may follow a later one).
+    let mut failing: Option<FeedError> = None;
+    let mut rejected: Option<(ring::digest::Digest, u64)> = None;
     loop {
         let rt = app.runtime();
         let interval = rt
@@ -248,23 +476,37 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                 _ => {}
             }
             if let Some(feed) = &settings.feed {
-                match fetch(feed, settings.feed_ca.as_deref(), etag.as_deref(), &mut feed_seen).await {
+                match fetch(&settings, feed, etag.as_deref(), &mut feed_seen).await {
                     Ok(Fetched::NotModified) => failing = None,
                     Ok(Fetched::Delta { text, etag: tag }) => {
                         failing = None;
-                        let name = match feed {
-                            FeedSource::File(p) => p.display().to_string(),
-                            FeedSource::Url(u) => u.to_string(),
-                        };
-                        if apply(cell.clone(), &app.metrics, text, name).await.is_ok() {
-                            etag = tag;
+                        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+                        let watermark = cell.load().watermark();
+                        let seen_before = rejected
+                            .as_ref()
+                            .is_some_and(|(d, w)| d.as_ref() == digest.as_ref() && *w == watermark);
+                        if !seen_before {
+                            match apply(cell.clone(), &app.metrics, text, source_name(feed)).await {
+                                Ok(_) => {
+                                    etag = tag;
+                                    rejected = None;
+                                }
+                                Err(e) => {
+                                    app.metrics.rejected_feed(e.reason);
+                                    rejected = Some((digest, watermark));
+                                }
+                            }
                         }
                     }
                     Err(e) if failing.as_ref() == Some(&e) => {}
                     Err(e) => {
                         Metrics::inc(&app.metrics.store_updates, "rejected");
+                        app.metrics.rejected_feed(e.reason);
                         cell.reject(&e);
-                        tracing::warn!("reputation feed: {e}");
+                        tracing::warn!(
+                            reason = e.reason,
+                            "reputation feed update rejected, the store keeps its data: {e}"
+                        );
                         failing = Some(e);
                     }
                 }

@@ -177,6 +177,9 @@ pub struct Metrics {
     /// Store updates by result (`applied`, `rejected`, `unchanged`,
     /// `reloaded`).
     pub store_updates: Family<KindLabel, Counter>,
+    /// Feed updates rejected whole, by `reason` (see
+    /// [`crate::feed::REJECT_REASONS`]).
+    pub feed_rejected: Family<ReasonLabel, Counter>,
     /// Learned-state log records by result (`written`, `dropped`, `failed`).
     pub state_records: Family<KindLabel, Counter>,
     /// Clients with durable learned state.
@@ -395,6 +398,12 @@ impl Metrics {
             "Reputation store updates by result (applied, rejected, unchanged, reloaded)",
             store_updates.clone(),
         );
+        let feed_rejected = Family::default();
+        registry.register(
+            "feed_rejected",
+            "Reputation feed updates rejected whole (the store in force stays), by reason",
+            feed_rejected.clone(),
+        );
         let state_records = Family::default();
         registry.register(
             "state_records",
@@ -499,6 +508,7 @@ impl Metrics {
             store_watermark,
             store_bytes,
             store_updates,
+            feed_rejected,
             state_records,
             state_entries,
             tasks_alive,
@@ -541,6 +551,9 @@ impl Metrics {
         use palisade_limits::adaptive::{AdaptiveState as A, Reason as R};
         for kind in ["applied", "rejected", "unchanged", "reloaded"] {
             let _ = self.store_updates.get_or_create(&KindLabel { kind });
+        }
+        for reason in crate::feed::REJECT_REASONS {
+            let _ = self.feed_rejected.get_or_create(&ReasonLabel { reason });
         }
         for kind in ["written", "dropped", "failed"] {
             let _ = self.state_records.get_or_create(&KindLabel { kind });
@@ -668,6 +681,11 @@ impl Metrics {
     /// Counts a kind-labelled event.
     pub fn inc(family: &Family<KindLabel, Counter>, kind: &'static str) {
         family.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts a feed update rejected for `reason`.
+    pub fn rejected_feed(&self, reason: &'static str) {
+        self.feed_rejected.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Prometheus text exposition.

@@ -15,7 +15,11 @@ use bytes::Bytes;
 use common::{Harness, metric};
 use http::StatusCode;
 use http_body_util::Full;
+use palisade_store::sign::SigningKey;
 use palisade_store::{Action, BuildOptions, Builder, Delta, Op, Snapshot};
+
+/// Config lines for the tests that are not about signatures or transport.
+const UNSIGNED_HTTP: &str = "feed_unsigned = true\nfeed_allow_http = true\n";
 
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("palisade-store-it-{name}-{}", std::process::id()));
@@ -89,7 +93,7 @@ async fn entries_decide_and_a_file_feed_updates_them() {
     let h = Harness::start(
         "",
         &format!(
-            "[store]\npath = \"{}\"\nfeed = \"{}\"\npoll_interval = \"50ms\"\n",
+            "[store]\npath = \"{}\"\nfeed = \"{}\"\npoll_interval = \"50ms\"\nfeed_unsigned = true\n",
             path.display(),
             feed.display()
         ),
@@ -235,65 +239,95 @@ async fn admin_pushes_deltas_and_reloads_a_rebuilt_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A feed server answering with an ETag and honouring If-None-Match.
-async fn feed_server(
-    body: Arc<std::sync::Mutex<String>>,
+/// A feed host on loopback: serves whatever the test put at a path (404
+/// otherwise) with an ETag, honours If-None-Match, and remembers the
+/// `Authorization` headers it was sent.
+#[derive(Clone, Default)]
+struct FeedServer {
+    files: Arc<std::sync::Mutex<std::collections::HashMap<String, Bytes>>>,
     full: Arc<AtomicU64>,
     cached: Arc<AtomicU64>,
-) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (body, full, cached) = (body.clone(), full.clone(), cached.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let text = body.lock().unwrap().clone();
-                    let etag = format!("\"{:08x}\"", crc(&text));
-                    let unchanged = req
-                        .headers()
-                        .get("if-none-match")
-                        .is_some_and(|v| v.as_bytes() == etag.as_bytes());
-                    let resp = if unchanged {
-                        cached.fetch_add(1, Ordering::SeqCst);
-                        http::Response::builder()
-                            .status(304)
-                            .body(Full::new(Bytes::new()))
-                    } else {
-                        full.fetch_add(1, Ordering::SeqCst);
-                        http::Response::builder()
-                            .header("etag", etag)
-                            .body(Full::new(Bytes::from(text)))
-                    };
-                    async move { Ok::<_, Infallible>(resp.unwrap()) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    auth: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-fn crc(s: &str) -> u32 {
-    s.bytes().fold(0u32, |h, b| h.rotate_left(5) ^ u32::from(b))
+impl FeedServer {
+    async fn start() -> (Self, SocketAddr) {
+        let server = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let this = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let this = this.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let resp = this.answer(&req);
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (server, addr)
+    }
+
+    fn put(&self, path: &str, body: impl Into<Bytes>) {
+        self.files.lock().unwrap().insert(path.into(), body.into());
+    }
+
+    fn answer(&self, req: &http::Request<hyper::body::Incoming>) -> http::Response<Full<Bytes>> {
+        if let Some(v) = req.headers().get("authorization") {
+            self.auth
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        }
+        let Some(body) = self.files.lock().unwrap().get(req.uri().path()).cloned() else {
+            return http::Response::builder()
+                .status(404)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+        };
+        let etag = format!("\"{:08x}\"", crc(&body));
+        let unchanged = req
+            .headers()
+            .get("if-none-match")
+            .is_some_and(|v| v.as_bytes() == etag.as_bytes());
+        if unchanged {
+            self.cached.fetch_add(1, Ordering::SeqCst);
+            http::Response::builder()
+                .status(304)
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        } else {
+            self.full.fetch_add(1, Ordering::SeqCst);
+            http::Response::builder()
+                .header("etag", etag)
+                .body(Full::new(body))
+                .unwrap()
+        }
+    }
+}
+
+fn crc(s: &[u8]) -> u32 {
+    s.iter().fold(0u32, |h, &b| h.rotate_left(5) ^ u32::from(b))
 }
 
 #[tokio::test]
 async fn an_http_feed_is_polled_with_etags() {
     let dir = tmp("http");
     let path = snapshot(&dir);
-    let body = Arc::new(std::sync::Mutex::new(delta(0, 1, vec![deny("127.0.0.9/32")])));
-    let (full, cached) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let addr = feed_server(body.clone(), full.clone(), cached.clone()).await;
+    let (feed, addr) = FeedServer::start().await;
+    feed.put("/delta", delta(0, 1, vec![deny("127.0.0.9/32")]));
     let h = Harness::start(
         "",
         &format!(
-            "[store]\npath = \"{}\"\nfeed = \"http://{addr}/delta\"\npoll_interval = \"50ms\"\n",
+            "[store]\npath = \"{}\"\nfeed = \"http://{addr}/delta\"\npoll_interval = \"50ms\"\n{UNSIGNED_HTTP}",
             path.display()
         ),
     )
@@ -303,20 +337,106 @@ async fn an_http_feed_is_polled_with_etags() {
     })
     .await;
     eventually("unchanged polls answered 304", async || {
-        cached.load(Ordering::SeqCst) >= 3
+        feed.cached.load(Ordering::SeqCst) >= 3
     })
     .await;
     assert_eq!(
-        full.load(Ordering::SeqCst),
+        feed.full.load(Ordering::SeqCst),
         1,
         "the unchanged delta was downloaded again"
     );
-    *body.lock().unwrap() = delta(1, 2, vec![Op::Delete("127.0.0.9/32".parse().unwrap())]);
+    feed.put(
+        "/delta",
+        delta(1, 2, vec![Op::Delete("127.0.0.9/32".parse().unwrap())]),
+    );
     eventually("the next delta applied", async || {
         status_from(&h, "127.0.0.9").await == StatusCode::OK
     })
     .await;
     assert_eq!(store_info(&h).await["watermark"], 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Everything at or above 0.0.0.0/0: exempt from every control.
+fn allow_everyone() -> Op {
+    Op::Upsert {
+        net: "0.0.0.0/0".parse().unwrap(),
+        score: 100,
+        action: Action::Allow,
+        reason: String::new(),
+        expires: 0,
+    }
+}
+
+/// Someone between the publisher and the daemon (or on the feed host)
+/// rewrites a delta into `+,0.0.0.0/0,100,,allow`, with a correct
+/// checksum and the next watermark. Before signatures it was applied and
+/// every client, denied ones included, skipped every control. Now the
+/// publisher's signature does not cover it: rejected whole, counted, and
+/// the store in force stays.
+#[tokio::test]
+async fn a_tampered_delta_is_rejected_whole() {
+    let dir = tmp("tamper");
+    let path = snapshot(&dir);
+    let (publisher, _) = SigningKey::generate().unwrap();
+    let genuine = delta(0, 1, vec![deny("127.0.0.9/32")]);
+    let tampered = delta(0, 1, vec![allow_everyone()]);
+    assert!(tampered.contains("+,0.0.0.0/0,100,,allow"), "{tampered}");
+    let (feed, addr) = FeedServer::start().await;
+    feed.put("/delta", tampered.clone());
+    feed.put("/delta.sig", publisher.sign(genuine.as_bytes()));
+    let h = Harness::start(
+        "",
+        &format!(
+            "[store]\npath = \"{}\"\nfeed = \"http://{addr}/delta\"\npoll_interval = \"50ms\"\n\
+             feed_allow_http = true\nfeed_public_key = \"{}\"\n",
+            path.display(),
+            publisher.public_key()
+        ),
+    )
+    .await;
+    eventually("the tampered delta handled", async || {
+        let info = store_info(&h).await;
+        info["feed"]["rejected"].as_u64() >= Some(1) || info["watermark"] != 0
+    })
+    .await;
+    let info = store_info(&h).await;
+    assert_eq!(info["watermark"], 0, "the tampered delta was applied: {info}");
+    assert!(
+        info["feed"]["last_error"].as_str().unwrap().contains("signature"),
+        "{info}"
+    );
+    // The store in force still decides: denied and low-scored clients
+    // are refused, and an unlisted client is still rate limited.
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
+    assert_eq!(status_from(&h, "127.0.0.3").await, StatusCode::FORBIDDEN);
+    let mut c = h.client("127.0.0.5").await;
+    let mut limited = 0;
+    for _ in 0..300 {
+        if c.get("/").await.0 == StatusCode::TOO_MANY_REQUESTS {
+            limited += 1;
+        }
+    }
+    assert!(
+        limited > 0,
+        "300 requests from one client all passed a 100/s limit"
+    );
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_feed_rejected_total{reason=\"bad_signature\"}"),
+        1.0,
+        "a feed that stays tampered is counted once"
+    );
+    assert_eq!(metric(&m, "palisade_store_updates_total{kind=\"applied\"}"), 0.0);
+
+    // The publisher's own delta, with its signature, goes through.
+    feed.put("/delta", genuine);
+    eventually("the genuine delta applied", async || {
+        status_from(&h, "127.0.0.9").await == StatusCode::FORBIDDEN
+    })
+    .await;
+    assert_eq!(store_info(&h).await["watermark"], 1);
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -346,6 +466,81 @@ fn config_errors_name_the_store_key() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("store.feed") && err.contains("only http"), "{err}");
+
+    // Each of these is refused at load, naming the file, the line and the key.
+    let key = SigningKey::generate().unwrap().0.public_key();
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            "feed = \"https://feeds.test/d\"\n".into(),
+            "store.feed",
+            "must be signed",
+        ),
+        (
+            format!("feed = \"http://feeds.test/d\"\nfeed_public_key = \"{key}\"\n"),
+            "store.feed",
+            "feed_allow_http",
+        ),
+        (
+            format!("feed = \"https://user:secret@feeds.test/d\"\nfeed_public_key = \"{key}\"\n"),
+            "store.feed",
+            "no credentials in the URL",
+        ),
+        (
+            "feed = \"https://feeds.test/d\"\nfeed_public_key = \"c2hvcnQ=\"\n".into(),
+            "store.feed_public_key",
+            "32 bytes, this is 5",
+        ),
+        (
+            "feed = \"https://feeds.test/d\"\nfeed_public_key = \"not a key!\"\n".into(),
+            "store.feed_public_key",
+            "not an Ed25519 public key",
+        ),
+        (
+            format!("feed = \"https://feeds.test/d\"\nfeed_public_key = \"{key}\"\nfeed_unsigned = true\n"),
+            "store.feed_unsigned",
+            "contradicts",
+        ),
+        (
+            format!(
+                "feed = \"https://feeds.test/d\"\nfeed_public_key = \"{key}\"\n\
+                 feed_auth_env = \"PALISADE_TEST_UNSET_FEED_TOKEN\"\n"
+            ),
+            "store.feed_auth_env",
+            "$PALISADE_TEST_UNSET_FEED_TOKEN is not set",
+        ),
+        (
+            format!("feed = \"https://feeds.test/d\"\nfeed_public_key = \"{key}\"\nfeed_max_bytes = 0\n"),
+            "store.feed_max_bytes",
+            "must be > 0",
+        ),
+    ];
+    for (lines, key_name, problem) in cases {
+        let text = common::config_text(
+            "http://127.0.0.1:1",
+            "",
+            &format!("[store]\npath = \"{}\"\n{lines}", path.display()),
+        );
+        let err = palisade_proxy::config::Config::parse(&text, "t.toml", &Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("t.toml:") && err.contains(key_name) && err.contains(problem),
+            "{lines}: {err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+    }
+    // Signed https, and plain http when asked for, load.
+    for lines in [
+        format!("feed = \"https://feeds.test/d\"\nfeed_public_key = \"{key}\"\n"),
+        "feed = \"http://feeds.test/d\"\nfeed_unsigned = true\nfeed_allow_http = true\n".into(),
+    ] {
+        let text = common::config_text(
+            "http://127.0.0.1:1",
+            "",
+            &format!("[store]\npath = \"{}\"\n{lines}", path.display()),
+        );
+        palisade_proxy::config::Config::parse(&text, "t.toml", &Default::default()).unwrap();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

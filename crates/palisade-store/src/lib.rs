@@ -37,6 +37,7 @@ mod csv;
 mod delta;
 mod filter;
 mod flatten;
+pub mod sign;
 mod snapshot;
 mod wal;
 
