@@ -440,6 +440,120 @@ async fn a_tampered_delta_is_rejected_whole() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A feed host that answers every request with an endless chunked body
+/// (no length declared). It records the most bytes it sent on one
+/// connection; it stops when the client hangs up, or at 1 GiB.
+async fn endless_feed() -> (SocketAddr, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let most = Arc::new(AtomicU64::new(0));
+    let record = most.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(start).await.is_err() {
+                    return;
+                }
+                let mut chunk = b"4000\r\n".to_vec();
+                chunk.extend(std::iter::repeat_n(b'#', 0x4000));
+                chunk.extend_from_slice(b"\r\n");
+                let mut sent = 0u64;
+                while sent < 1 << 30 && s.write_all(&chunk).await.is_ok() {
+                    sent += 0x4000;
+                    record.fetch_max(sent, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, most)
+}
+
+/// A feed body past `store.feed_max_bytes` is refused with a clear error:
+/// at once when its length is declared, and after at most the bound (plus
+/// what the socket buffers hold) when it is streamed without one, however
+/// long the sender would go on.
+#[tokio::test]
+async fn an_oversized_feed_body_is_refused() {
+    let dir = tmp("big");
+    let path = snapshot(&dir);
+    let max = 100_000;
+    let start = |addr: SocketAddr| {
+        let path = path.clone();
+        async move {
+            Harness::start(
+                "",
+                &format!(
+                    "[store]\npath = \"{}\"\nfeed = \"http://{addr}/delta\"\npoll_interval = \"50ms\"\n\
+                     feed_max_bytes = {max}\n{UNSIGNED_HTTP}",
+                    path.display()
+                ),
+            )
+            .await
+        }
+    };
+    // Declared: a well-formed delta of about 200 kB.
+    let (feed, addr) = FeedServer::start().await;
+    let ops = (0..8000u32)
+        .map(|i| deny(&format!("10.{}.{}.1/32", i / 250, i % 250)))
+        .collect();
+    let big = delta(0, 1, ops);
+    assert!(big.len() > 2 * max, "{}", big.len());
+    feed.put("/delta", big);
+    let h = start(addr).await;
+    eventually("the declared oversized body refused", async || {
+        store_info(&h).await["feed"]["rejected"] == 1
+    })
+    .await;
+    let info = store_info(&h).await;
+    let error = info["feed"]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("larger than 100000 bytes") && error.contains("store.feed_max_bytes"),
+        "{info}"
+    );
+    assert_eq!(info["watermark"], 0);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_feed_rejected_total{reason=\"too_large\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+
+    // Streamed: no length, no end.
+    let (addr, most) = endless_feed().await;
+    let h = start(addr).await;
+    eventually("the endless body refused", async || {
+        store_info(&h).await["feed"]["rejected"].as_u64() >= Some(1)
+    })
+    .await;
+    let info = store_info(&h).await;
+    assert!(
+        info["feed"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("larger than 100000 bytes"),
+        "{info}"
+    );
+    let m = h.metrics().await;
+    assert!(metric(&m, "palisade_feed_rejected_total{reason=\"too_large\"}") >= 1.0);
+    // The daemon hung up on each poll's connection after the bound plus
+    // what loopback socket buffers hold (a few MiB), far short of 1 GiB.
+    let most = most.load(Ordering::SeqCst);
+    assert!(most < 32 << 20, "{most} bytes sent on one connection");
+    eprintln!("endless feed: at most {most} bytes sent on one connection");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn config_errors_name_the_store_key() {
     let dir = tmp("cfg");
