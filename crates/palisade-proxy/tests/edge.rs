@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Harness, metric, raw_exchange};
+use common::{Harness, get_requests, raw_exchange};
 
 /// One request on its own connection; the status code and the body.
 async fn raw_get(h: &Harness, source: &str, head: &str) -> (u16, String) {
@@ -55,21 +55,8 @@ async fn every_spelling_of_a_limited_path_counts_against_its_route_and_is_forwar
     let (status, _) = raw_get(&h, "127.0.0.20", "GET /Headers HTTP/1.1\r\nHost: test.local\r\n").await;
     assert_eq!(status, 404);
     let m = h.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "palisade_requests_total{endpoint=\"hdr\",method=\"GET\",status=\"200\"}"
-        ),
-        spellings.len() as f64,
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "palisade_requests_total{endpoint=\"hdr\",method=\"GET\",status=\"404\"}"
-        ),
-        1.0
-    );
+    assert_eq!(get_requests(&m, "hdr", 200), spellings.len() as f64, "{m}");
+    assert_eq!(get_requests(&m, "hdr", 404), 1.0);
     h.running.shutdown().await;
 }
 
@@ -224,14 +211,7 @@ async fn host_spellings_do_not_dodge_a_host_route_and_a_non_ascii_host_is_400() 
         assert_eq!(status, 200, "{host}: {body}");
     }
     let m = h.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "palisade_requests_total{endpoint=\"api\",method=\"GET\",status=\"200\"}"
-        ),
-        spellings.len() as f64,
-        "{m}"
-    );
+    assert_eq!(get_requests(&m, "api", 200), spellings.len() as f64, "{m}");
     let hits = h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed);
     let text = raw_exchange(
         "127.0.0.26",

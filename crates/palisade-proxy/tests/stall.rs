@@ -10,9 +10,45 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use common::{Harness, connect_from, metric};
+use bytes::Bytes;
+use common::{Harness, connect_from, get_requests, metric};
+use h2::client::SendRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// An h2c connection from `source` to the proxy, set up by `builder`. Its
+/// connection task is spawned: polling it answers PINGs, and it ends (with
+/// the GOAWAY's reason, if any) when the server closes.
+async fn h2_client(
+    h: &Harness,
+    source: &str,
+    builder: &h2::client::Builder,
+) -> (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>) {
+    let tcp = connect_from(source, h.proxy()).await;
+    let (client, conn) = builder.handshake::<_, Bytes>(tcp).await.unwrap();
+    (client, tokio::spawn(conn))
+}
+
+/// A GET of `path` on the proxy, as an h2 client sends it.
+fn h2_get(h: &Harness, path: &str) -> http::Request<()> {
+    http::Request::get(format!("http://{}{path}", h.proxy()))
+        .body(())
+        .unwrap()
+}
+
+/// Whether a new connection from `source` is served a `GET /` within ten
+/// seconds, once the proxy has given back the places its holders had.
+async fn served_again(h: &Harness, source: &str) -> bool {
+    for _ in 0..100 {
+        let mut c = common::Client::connect(source, h.proxy()).await;
+        if c.get("/").await.0 == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
 
 /// An upstream whose every request gets `size` bytes, and which counts the
 /// connections it has open (a connection ends when the proxy closes it).
@@ -86,21 +122,16 @@ async fn h2_flow_control_stall_is_reset_and_upstreams_released() {
         upstream,
     )
     .await;
-    let tcp = connect_from("127.0.0.90", h.proxy()).await;
-    let (client, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    // Polling the connection answers PINGs; it ends when the server closes.
-    let conn = tokio::spawn(conn);
+    let (client, conn) = h2_client(
+        &h,
+        "127.0.0.90",
+        h2::client::Builder::new().initial_window_size(0),
+    )
+    .await;
     let mut bodies = Vec::new();
     for _ in 0..8 {
         let mut ready = client.clone().ready().await.unwrap();
-        let req = http::Request::get(format!("http://{}/big", h.proxy()))
-            .body(())
-            .unwrap();
-        let (resp, _) = ready.send_request(req, true).unwrap();
+        let (resp, _) = ready.send_request(h2_get(&h, "/big"), true).unwrap();
         bodies.push(resp);
     }
     let mut streams = Vec::new();
@@ -162,14 +193,9 @@ async fn h2_client_that_reads_gets_the_whole_response() {
         upstream,
     )
     .await;
-    let tcp = connect_from("127.0.0.91", h.proxy()).await;
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
+    let (client, _conn) = h2_client(&h, "127.0.0.91", &h2::client::Builder::new()).await;
     let mut ready = client.ready().await.unwrap();
-    let req = http::Request::get(format!("http://{}/big", h.proxy()))
-        .body(())
-        .unwrap();
-    let (resp, _) = ready.send_request(req, true).unwrap();
+    let (resp, _) = ready.send_request(h2_get(&h, "/big"), true).unwrap();
     let mut body = resp.await.unwrap().into_body();
     let mut got = 0usize;
     while let Some(chunk) = body.data().await {
@@ -222,16 +248,10 @@ async fn upstream_connections_are_capped_with_a_prompt_503() {
     for held in holders {
         held.abort();
     }
-    let mut served = false;
-    for _ in 0..100 {
-        let mut c = common::Client::connect("127.0.0.95", h.proxy()).await;
-        if c.get("/").await.0 == 200 {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(served, "the upstream places never came back");
+    assert!(
+        served_again(&h, "127.0.0.95").await,
+        "the upstream places never came back"
+    );
     h.running.shutdown().await;
 }
 
@@ -260,25 +280,14 @@ async fn requests_in_flight_per_address_are_bounded_over_its_connections() {
     let mut other = common::Client::connect("127.0.0.97", h.proxy()).await;
     assert_eq!(other.get("/").await.0, 200);
     let m = h.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "palisade_requests_total{endpoint=\"default\",method=\"GET\",status=\"429\"}"
-        ),
-        1.0
-    );
+    assert_eq!(get_requests(&m, "default", 429), 1.0);
     for held in holders {
         held.abort();
     }
-    let mut served = false;
-    for _ in 0..100 {
-        if c.get("/").await.0 == 200 {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(served, "the in-flight places never came back");
+    assert!(
+        served_again(&h, "127.0.0.96").await,
+        "the in-flight places never came back"
+    );
     h.running.shutdown().await;
 }
 
@@ -317,5 +326,54 @@ async fn an_abandoned_request_is_counted_once_as_499() {
         1.0
     );
     assert_eq!(metric(&m, "palisade_decisions_total{decision=\"allowed\"}"), 1.0);
+    h.running.shutdown().await;
+}
+
+/// Opens `n` streams on `client` and resets each at once, without yielding:
+/// the HEADERS and RST_STREAM frames go out together, so the server reads
+/// the resets before it has accepted the streams (the "rapid reset"
+/// pattern).
+fn open_and_reset(h: &Harness, client: &SendRequest<Bytes>, n: usize) {
+    for _ in 0..n {
+        // A fresh handle has no stream of its own waiting to open, so it is
+        // ready without a trip through the connection task.
+        let mut handle = client.clone();
+        let (resp, mut stream) = handle.send_request(h2_get(h, "/"), false).unwrap();
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+    }
+}
+
+/// Rapid reset (CVE-2023-44487): a client may reset 20 streams the server
+/// has not accepted yet; with the 21st the connection gets GOAWAY with
+/// ENHANCE_YOUR_CALM and closes. Up to the bound it stays and serves.
+#[tokio::test]
+async fn h2_rapid_reset_past_twenty_streams_gets_goaway_enhance_your_calm() {
+    let h = Harness::start("", "").await;
+    let builder = h2::client::Builder::new();
+    let (client, conn) = h2_client(&h, "127.0.0.99", &builder).await;
+    open_and_reset(&h, &client, 20);
+    let mut ready = client.clone().ready().await.unwrap();
+    let (resp, _) = ready.send_request(h2_get(&h, "/"), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no answer after 20 resets")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        !conn.is_finished(),
+        "the connection closed within the bound: {:?}",
+        conn.await
+    );
+
+    let (client, conn) = h2_client(&h, "127.0.0.99", &builder).await;
+    open_and_reset(&h, &client, 21);
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the connection was kept past the reset bound")
+        .unwrap();
+    let e = ended.expect_err("the connection closed without GOAWAY");
+    assert!(e.is_go_away() && e.is_remote(), "{e:?}");
+    assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{e:?}");
     h.running.shutdown().await;
 }

@@ -206,3 +206,12 @@ pub fn metric(text: &str, series: &str) -> f64 {
         )
     })
 }
+
+/// `palisade_requests_total` of GET requests on `endpoint` answered
+/// `status`; absent fails, as in [`metric`].
+pub fn get_requests(text: &str, endpoint: &str, status: u16) -> f64 {
+    metric(
+        text,
+        &format!("palisade_requests_total{{endpoint=\"{endpoint}\",method=\"GET\",status=\"{status}\"}}"),
+    )
+}
