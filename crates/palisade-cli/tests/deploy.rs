@@ -7,26 +7,19 @@
 //! `kubectl kustomize`, and the configs they mount through the loader.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use palisade_kernel::netns::Netns;
 
+mod common;
+use common::{Reaped, get};
+
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 /// `nobody`: what the unit's `DynamicUser=` amounts to, an unprivileged uid.
 const NOBODY: &str = "65534";
-
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(Path::new(ROOT).join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
@@ -119,32 +112,8 @@ fn topology(tag: &str, net: u8) -> Option<(Netns, Netns)> {
     Some((srv, att))
 }
 
-fn get(ns: &Netns, from: Option<String>, to: String, path: &'static str) -> Option<String> {
-    ns.enter(move || {
-        let to: SocketAddr = to.parse().unwrap();
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        if let Some(f) = from {
-            s.bind(&format!("{f}:0").parse::<SocketAddr>().unwrap().into())
-                .unwrap();
-        }
-        s.connect_timeout(&to.into(), Duration::from_millis(700)).ok()?;
-        let mut s: TcpStream = s.into();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    })
-    .join()
-    .unwrap()
-}
-
 fn syn_stats(srv: &Netns) -> serde_json::Value {
-    let r = get(srv, None, "127.0.0.1:9090".into(), "/syn-stats").unwrap();
+    let r = get(srv, None, "127.0.0.1:9090", "/syn-stats").unwrap();
     serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()
 }
 

@@ -5,21 +5,15 @@
 //! on 198.18.3.3 must keep getting answers.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use palisade_kernel::netns::Netns;
 
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{Reaped, get};
 
 fn topology() -> Option<(Netns, Netns)> {
     let srv = Netns::for_test("synsrv")?;
@@ -29,37 +23,16 @@ fn topology() -> Option<(Netns, Netns)> {
     Some((srv, att))
 }
 
-/// `GET path` over a fresh connection from inside `ns`, optionally bound
-/// to `from`: the raw response, or None when the connection fails.
-fn get(ns: &Netns, from: Option<&'static str>, to: &'static str, path: &'static str) -> Option<String> {
-    ns.enter(move || {
-        let to: SocketAddr = to.parse().unwrap();
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        if let Some(f) = from {
-            s.bind(&format!("{f}:0").parse::<SocketAddr>().unwrap().into())
-                .unwrap();
-        }
-        s.connect_timeout(&to.into(), Duration::from_millis(700)).ok()?;
-        let mut s: TcpStream = s.into();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    })
-    .join()
-    .unwrap()
-}
-
 fn json(resp: &str) -> serde_json::Value {
     serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap()
 }
 
 fn start(srv: &Netns, config: &std::path::Path) -> Reaped {
+    start_logging(srv, config, None)
+}
+
+/// Starts the daemon; what it logs after starting goes to `log_file`.
+fn start_logging(srv: &Netns, config: &std::path::Path, log_file: Option<&std::path::Path>) -> Reaped {
     let mut child = Reaped(
         Command::new("ip")
             .args([
@@ -85,7 +58,15 @@ fn start(srv: &Netns, config: &std::path::Path) -> Reaped {
         }
         log.push_str(&line);
         if line.contains("palisade running") {
-            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+            match log_file {
+                Some(path) => {
+                    let file = std::fs::File::create(path).unwrap();
+                    std::thread::spawn(move || std::io::copy(&mut err, &mut &file));
+                }
+                None => {
+                    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+                }
+            }
             return child;
         }
     }
@@ -713,4 +694,127 @@ fn past_the_ban_budget_the_flood_gets_syncookies_instead_of_bans() {
         "0"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A spoofed SYN flood whose SYN-ACKs are never answered: the kernel
+/// retransmits them, the retransmit ratio stays high for
+/// `syncookies_after`, and the daemon switches the namespace's own
+/// `net.ipv4.tcp_syncookies` on; once the retransmits stop it stays low as
+/// long, and the daemon puts the old value back. Each step is in the log
+/// with its reason and in `/syn-stats`.
+#[test]
+fn sustained_syn_ack_retransmits_switch_syncookies_on_and_recovery_back() {
+    let Some((srv, att)) = topology() else { return };
+    // Off, for the daemon to switch on; two SYN-ACK retransmits (1 s and
+    // 3 s after a SYN, the request dropped at 7 s) instead of five (63 s),
+    // so the retransmits end seconds after the flood.
+    srv.run(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=0"]).unwrap();
+    srv.run(&["sysctl", "-qw", "net.ipv4.tcp_synack_retries=2"])
+        .unwrap();
+    // The SYN-ACKs must have a way out: with no route back to a spoofed
+    // source the kernel drops its SYN before queueing it (ListenDrops),
+    // nothing is ever retransmitted and TCPSynRetrans stays 0. Routed to
+    // the attacker namespace, which does not forward, they end there
+    // unanswered.
+    srv.run(&["ip", "route", "add", "default", "via", "198.18.3.2"])
+        .unwrap();
+    let dir = scratch("palisade-syn-cookies");
+    let log_file = dir.join("palisade.log");
+    let daemon = start_logging(
+        &srv,
+        &config_with(&dir, "dry-run", "syncookies_after = \"2s\"\n"),
+        Some(&log_file),
+    );
+    let stats = || json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+    let sysctl = || {
+        out(&srv, &["sysctl", "-n", "net.ipv4.tcp_syncookies"])
+            .trim()
+            .to_owned()
+    };
+    let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
+    // Bounded: 8 000 SYNs at 1 000/s from random sources.
+    let flood = {
+        let name = att.name().to_owned();
+        std::thread::spawn(move || {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &name,
+                    "hping3",
+                    "-q",
+                    "-S",
+                    "--rand-source",
+                    "-p",
+                    "8080",
+                    "-i",
+                    "u1000",
+                    "-c",
+                    "8000",
+                    "198.18.3.1",
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    let explain = || format!("/syn-stats: {}\nthe daemon said:\n{}", stats(), log());
+    wait_for(
+        "syncookies switched on for the retransmits",
+        60,
+        || stats()["mitigation"]["syncookies_forced"] == true,
+        explain,
+    );
+    let on = stats();
+    assert_eq!(on["mitigation"]["syncookies_reason"], "retransmits", "{on}");
+    assert_eq!(on["mitigation"]["state"], "syncookies_forced", "{on}");
+    assert_eq!(sysctl(), "1");
+    let hping = flood.join().unwrap();
+    assert!(hping.status.code().is_some(), "hping3 was killed");
+    wait_for(
+        "syncookies switched back after the flood",
+        90,
+        || stats()["mitigation"]["syncookies_forced"] == false,
+        explain,
+    );
+    assert_eq!(sysctl(), "0", "the old value is back");
+    let done = stats();
+    let steps = done["mitigation"]["syncookie_steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{done}");
+    assert_eq!(
+        (&steps[0]["syncookies"], &steps[0]["reason"]),
+        (&serde_json::json!(1), &serde_json::json!("retransmits")),
+        "{done}"
+    );
+    assert!(steps[0]["ratio"].as_f64().unwrap() > 0.85, "{done}");
+    assert_eq!(
+        (&steps[1]["syncookies"], &steps[1]["reason"]),
+        (&serde_json::json!(0), &serde_json::json!("recovered")),
+        "{done}"
+    );
+    assert!(steps[1]["ratio"].as_f64().unwrap() < 0.425, "{done}");
+    let said = log();
+    let line = |what: &str| said.lines().find(|l| l.contains(what)).map(str::to_owned);
+    let on_line = line("net.ipv4.tcp_syncookies=1").unwrap_or_else(|| panic!("{said}"));
+    assert!(on_line.contains("retransmits"), "{on_line}");
+    let off_line = line("back to normal").unwrap_or_else(|| panic!("{said}"));
+    assert!(
+        off_line.contains("recovered") && off_line.contains("tcp_syncookies=0"),
+        "{off_line}"
+    );
+    eprintln!(
+        "spoofed flood of 8 000 SYNs at 1 000/s: switched on at ratio {}, back at ratio {}",
+        steps[0]["ratio"], steps[1]["ratio"]
+    );
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_for(what: &str, seconds: u64, mut check: impl FnMut() -> bool, explain: impl Fn() -> String) {
+    for _ in 0..seconds * 10 {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("never happened within {seconds} s: {what}\n{}", explain());
 }

@@ -78,6 +78,8 @@ pub struct TcpCounters {
     pub listen_drops: u64,
     /// SYN queue full, cookies sent instead.
     pub req_q_full_do_cookies: u64,
+    /// SYN queue full, syncookies off: the SYN was dropped.
+    pub req_q_full_drop: u64,
     /// SYN-ACKs retransmitted (the client never answered).
     pub syn_retrans: u64,
     /// Connections accepted (passive opens).
@@ -99,6 +101,7 @@ impl TcpCounters {
             listen_overflows: get(netstat, "TcpExt.ListenOverflows"),
             listen_drops: get(netstat, "TcpExt.ListenDrops"),
             req_q_full_do_cookies: get(netstat, "TcpExt.TCPReqQFullDoCookies"),
+            req_q_full_drop: get(netstat, "TcpExt.TCPReqQFullDrop"),
             syn_retrans: get(netstat, "TcpExt.TCPSynRetrans"),
             passive_opens: get(snmp, "Tcp.PassiveOpens"),
             out_segs: get(snmp, "Tcp.OutSegs"),
@@ -129,6 +132,7 @@ impl TcpCounters {
             req_q_full_do_cookies: self
                 .req_q_full_do_cookies
                 .saturating_sub(earlier.req_q_full_do_cookies),
+            req_q_full_drop: self.req_q_full_drop.saturating_sub(earlier.req_q_full_drop),
             syn_retrans: self.syn_retrans.saturating_sub(earlier.syn_retrans),
             passive_opens: self.passive_opens.saturating_sub(earlier.passive_opens),
             out_segs: self.out_segs.saturating_sub(earlier.out_segs),

@@ -568,6 +568,7 @@ impl Metrics {
             "listen_overflows",
             "listen_drops",
             "req_q_full_do_cookies",
+            "req_q_full_drop",
             "syn_retrans",
             "passive_opens",
             "retrans_segs",

@@ -573,6 +573,7 @@ impl App {
                 ("listen_overflows", k.listen_overflows),
                 ("listen_drops", k.listen_drops),
                 ("req_q_full_do_cookies", k.req_q_full_do_cookies),
+                ("req_q_full_drop", k.req_q_full_drop),
                 ("syn_retrans", k.syn_retrans),
                 ("passive_opens", k.passive_opens),
                 ("retrans_segs", k.retrans_segs),

@@ -7,9 +7,9 @@
 //!   records how long after the source's first SYN the ban landed, takes
 //!   `reputation_penalty` points from it, and persists the ban list.
 //! * A poll task reads the kernel's TCP counters and half-open sockets,
-//!   switches `tcp_syncookies` on when SYN-ACK retransmits dominate for
-//!   long enough (and back when they stop), expires bans, and reconciles
-//!   the kernel's set with our list.
+//!   switches `tcp_syncookies` on when failed handshakes dominate for
+//!   long enough (and back when they stop; judged by `CookieJudge`),
+//!   expires bans, and reconciles the kernel's set with our list.
 //!
 //! Without `CAP_NET_RAW` there is no capture (counters only); without
 //! `CAP_NET_ADMIN` the firewall is a dry run. Both are said at start.
@@ -126,7 +126,8 @@ pub struct Snapshot {
     pub half_open: usize,
     /// Sources with the most half-open connections.
     pub half_open_top: Vec<(IpAddr, usize)>,
-    /// SYN-ACK retransmits ÷ (retransmits + passive opens), last poll.
+    /// Failed handshakes (SYN-ACK retransmits, SYNs dropped for a full SYN
+    /// queue, unanswered cookies) ÷ (failed + passive opens), last second.
     pub retransmit_ratio: f64,
     /// `net.ipv4.tcp_syncookies` now (None: unreadable).
     pub syncookies: Option<u8>,
@@ -134,6 +135,8 @@ pub struct Snapshot {
     pub syncookies_forced: bool,
     /// Why: `retransmits` or `ban_budget`.
     pub syncookies_reason: Option<&'static str>,
+    /// The switch's last steps, oldest first.
+    pub syncookie_steps: Vec<CookieStep>,
     /// The XDP program's counters (when attached).
     pub xdp: Option<XdpStats>,
 }
@@ -248,16 +251,116 @@ fn choose_firewall(
     (Box::new(DryRun::default()), Some(why.join("; ")))
 }
 
+/// One change of `net.ipv4.tcp_syncookies`, for `/syn-stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CookieStep {
+    /// Unix seconds.
+    pub at: u64,
+    /// The value written.
+    pub syncookies: u8,
+    /// `retransmits`, `ban_budget` (on) or `recovered` (back).
+    pub reason: &'static str,
+    /// The retransmit ratio over the last second then.
+    pub ratio: f64,
+}
+
+/// How far back the failed-handshake ratio looks: one 100 ms poll may see
+/// no failure even under a steady flood (the kernel retransmits a SYN-ACK
+/// 1, 3, 7... seconds after its SYN); a second of polls does.
+const RATIO_WINDOW: u64 = 1_000_000_000;
+/// Switch steps kept for `/syn-stats`.
+const STEPS_KEPT: usize = 16;
+
+/// A change of `net.ipv4.tcp_syncookies` the judge asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switch {
+    /// Turn it on, for this reason (`retransmits`, `ban_budget`).
+    On(&'static str),
+    /// Put back what it was: the ratio stayed low long enough.
+    Off,
+}
+
+/// Judges from counter deltas when syncookies must be forced on and when
+/// they may go back: a pure function of what it is shown and when, so its
+/// timing is tested without sleeping; the sysctl is written by the caller.
+#[derive(Debug, Default)]
+struct CookieJudge {
+    /// (when, failed handshakes, passive opens) per poll, last second.
+    window: VecDeque<(u64, u64, u64)>,
+    high_since: Option<u64>,
+    low_since: Option<u64>,
+    /// Why we forced it on (None: we did not).
+    forced: Option<&'static str>,
+}
+
+impl CookieJudge {
+    /// Failed handshakes ÷ (failed + passive opens) over the window.
+    fn ratio(&self) -> f64 {
+        let (r, o) = self
+            .window
+            .iter()
+            .fold((0u64, 0u64), |(r, o), (_, dr, dop)| (r + dr, o + dop));
+        if r + o == 0 {
+            0.0
+        } else {
+            r as f64 / (r + o) as f64
+        }
+    }
+
+    /// One poll's deltas at `now` (ns): handshakes that failed (see
+    /// [`failed_handshakes`]) and passive opens. Above `threshold` for `after`:
+    /// on; below half of it for `after` while forced: off; in between
+    /// neither clock runs. A flood from more sources than the ban budget
+    /// (`over_budget`) turns it on at once.
+    fn observe(
+        &mut self,
+        now: u64,
+        failed: u64,
+        opens: u64,
+        over_budget: bool,
+        threshold: f64,
+        after: u64,
+    ) -> (f64, Option<Switch>) {
+        self.window.push_back((now, failed, opens));
+        while self
+            .window
+            .front()
+            .is_some_and(|(t, ..)| now.saturating_sub(*t) >= RATIO_WINDOW)
+        {
+            self.window.pop_front();
+        }
+        let ratio = self.ratio();
+        if over_budget {
+            self.low_since = None;
+            return (ratio, self.forced.is_none().then_some(Switch::On("ban_budget")));
+        }
+        if ratio > threshold {
+            self.low_since = None;
+            let since = *self.high_since.get_or_insert(now);
+            let due = now.saturating_sub(since) >= after && self.forced.is_none();
+            return (ratio, due.then_some(Switch::On("retransmits")));
+        }
+        self.high_since = None;
+        if ratio >= threshold / 2.0 {
+            self.low_since = None;
+            return (ratio, None);
+        }
+        let since = *self.low_since.get_or_insert(now);
+        let due = now.saturating_sub(since) >= after && self.forced.is_some();
+        (ratio, due.then_some(Switch::Off))
+    }
+}
+
 /// What the counter poll carries from one look to the next.
 struct PollState {
     last: Option<TcpCounters>,
     diag_failed: bool,
     last_at: u64,
-    high_since: Option<u64>,
-    low_since: Option<u64>,
+    judge: CookieJudge,
+    /// The sysctl's value before we forced it on.
     restore_to: Option<u8>,
-    /// Why syncookies were switched on.
-    forced_by: Option<&'static str>,
+    /// The last switch steps, oldest first.
+    steps: VecDeque<CookieStep>,
     reconciled: u64,
     xdp_last: Option<XdpStats>,
     /// Half-open sockets at the last dump.
@@ -270,14 +373,25 @@ impl PollState {
             last: TcpCounters::read().ok(),
             diag_failed: false,
             last_at: now,
-            high_since: None,
-            low_since: None,
+            judge: CookieJudge::default(),
             restore_to: None,
-            forced_by: None,
+            steps: VecDeque::new(),
             reconciled: 0,
             xdp_last: None,
             half_open_last: 0,
         }
+    }
+
+    fn step(&mut self, syncookies: u8, reason: &'static str, ratio: f64) {
+        if self.steps.len() == STEPS_KEPT {
+            self.steps.pop_front();
+        }
+        self.steps.push_back(CookieStep {
+            at: unix_now(),
+            syncookies,
+            reason,
+            ratio: (ratio * 1000.0).round() / 1000.0,
+        });
     }
 }
 
@@ -890,9 +1004,11 @@ impl SynDefense {
         // with 14 000 TIME-WAIT sockets here), so it waits for a sign that
         // a handshake hangs, or for the last dump to have found some.
         let mut suspect = true;
+        let mut deltas = TcpCounters::default();
         if let Ok(current) = TcpCounters::read() {
             if let Some(prev) = &st.last {
                 let d = current.since(prev);
+                deltas = d;
                 suspect = handshakes_may_hang(&d);
                 let per_sec = |v: u64| (v as f64 / dt).round() as u64;
                 snap.rates = TcpCounters {
@@ -902,16 +1018,11 @@ impl SynDefense {
                     listen_overflows: per_sec(d.listen_overflows),
                     listen_drops: per_sec(d.listen_drops),
                     req_q_full_do_cookies: per_sec(d.req_q_full_do_cookies),
+                    req_q_full_drop: per_sec(d.req_q_full_drop),
                     syn_retrans: per_sec(d.syn_retrans),
                     passive_opens: per_sec(d.passive_opens),
                     out_segs: per_sec(d.out_segs),
                     retrans_segs: per_sec(d.retrans_segs),
-                };
-                let attempts = d.syn_retrans + d.passive_opens;
-                snap.retransmit_ratio = if attempts == 0 {
-                    0.0
-                } else {
-                    d.syn_retrans as f64 / attempts as f64
                 };
             }
             st.last = Some(current);
@@ -942,67 +1053,64 @@ impl SynDefense {
         top.sort_by_key(|e| std::cmp::Reverse(e.1));
         top.truncate(10);
         snap.half_open_top = top;
-        // Sustained SYN-ACK retransmits, or a flood from more sources than
-        // the ban budget: turn syncookies on; restore once the ratio has
-        // stayed below half of it as long.
         let after = u64::try_from(self.settings.syncookies_after.as_nanos()).unwrap_or(u64::MAX);
-        if self.over_budget.swap(false, Ordering::AcqRel) {
-            st.low_since = None;
-            if st.restore_to.is_none() {
-                match set_syncookies(1) {
-                    Ok(old) if old != 1 => {
-                        st.restore_to = Some(old);
-                        st.forced_by = Some("ban_budget");
-                        tracing::warn!(
-                            budget = self.settings.ban_budget,
-                            "SYN flood over the ban budget: net.ipv4.tcp_syncookies=1"
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("cannot set {SYNCOOKIES}: {e}"),
+        let (ratio, switch) = st.judge.observe(
+            now,
+            failed_handshakes(&deltas),
+            deltas.passive_opens,
+            self.over_budget.swap(false, Ordering::AcqRel),
+            self.settings.syncookies_ratio,
+            after,
+        );
+        snap.retransmit_ratio = ratio;
+        match switch {
+            Some(Switch::On(reason)) => match set_syncookies(1) {
+                Ok(old) if old != 1 => {
+                    st.restore_to = Some(old);
+                    st.judge.forced = Some(reason);
+                    st.step(1, reason, ratio);
+                    tracing::warn!(
+                        reason,
+                        ratio,
+                        threshold = self.settings.syncookies_ratio,
+                        seconds = self.settings.syncookies_after.as_secs_f64(),
+                        budget = self.settings.ban_budget,
+                        "{}: net.ipv4.tcp_syncookies=1",
+                        if reason == "ban_budget" {
+                            "SYN flood over the ban budget"
+                        } else {
+                            "SYN-ACK retransmits dominate"
+                        }
+                    );
                 }
-            }
-        } else if snap.retransmit_ratio > self.settings.syncookies_ratio {
-            st.low_since = None;
-            let since = *st.high_since.get_or_insert(now);
-            if now - since >= after && st.restore_to.is_none() {
-                match set_syncookies(1) {
-                    Ok(old) if old != 1 => {
-                        st.restore_to = Some(old);
-                        st.forced_by = Some("retransmits");
-                        tracing::warn!(
-                            ratio = snap.retransmit_ratio,
-                            seconds = self.settings.syncookies_after.as_secs(),
-                            "SYN-ACK retransmits dominate: net.ipv4.tcp_syncookies=1"
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("cannot set {SYNCOOKIES}: {e}"),
-                }
-            }
-        } else {
-            st.high_since = None;
-            if snap.retransmit_ratio < self.settings.syncookies_ratio / 2.0 {
-                let since = *st.low_since.get_or_insert(now);
-                if let Some(old) = st.restore_to
-                    && now - since >= after
-                {
-                    if set_syncookies(old).is_ok() {
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot set {SYNCOOKIES}: {e}"),
+            },
+            Some(Switch::Off) => {
+                let old = st.restore_to.take().unwrap_or(1);
+                let forced_by = st.judge.forced.take();
+                match set_syncookies(old) {
+                    Ok(_) => {
+                        st.step(old, "recovered", ratio);
                         tracing::info!(
-                            forced_by = st.forced_by,
+                            reason = "recovered",
+                            forced_by,
+                            ratio,
+                            seconds = self.settings.syncookies_after.as_secs_f64(),
                             "SYN-ACK retransmits back to normal: net.ipv4.tcp_syncookies={old}"
                         );
                     }
-                    st.restore_to = None;
-                    st.forced_by = None;
+                    Err(e) => tracing::warn!("cannot restore {SYNCOOKIES}: {e}"),
                 }
             }
+            None => {}
         }
         snap.syncookies = std::fs::read_to_string(SYNCOOKIES)
             .ok()
             .and_then(|v| v.trim().parse().ok());
         snap.syncookies_forced = st.restore_to.is_some();
-        snap.syncookies_reason = st.forced_by;
+        snap.syncookies_reason = st.judge.forced;
+        snap.syncookie_steps = st.steps.iter().cloned().collect();
         if let Some(stats) = self.judge_xdp(dt, &mut st.xdp_last) {
             snap.xdp = Some(stats);
         }
@@ -1110,6 +1218,8 @@ impl SynDefense {
                 // dominate; ban_budget: more offenders than syn.ban_budget
                 // a minute, too many to be real; bans are left to stand.
                 "syncookies_reason": snap.syncookies_reason,
+                // Each switch on and back, with why and the ratio then.
+                "syncookie_steps": snap.syncookie_steps,
                 "active_bans": bans.len(),
                 "bans_refused": self.refused().into_iter().collect::<BTreeMap<_, _>>(),
             },
@@ -1169,11 +1279,28 @@ impl SynDefense {
     }
 }
 
-/// Writes the sysctl; returns the value it had.
+/// Writes the sysctl (unless it holds `value` already); returns the value
+/// it had.
 fn set_syncookies(value: u8) -> std::io::Result<u8> {
     let old = std::fs::read_to_string(SYNCOOKIES)?.trim().parse().unwrap_or(1);
-    std::fs::write(SYNCOOKIES, format!("{value}\n"))?;
+    if old != value {
+        std::fs::write(SYNCOOKIES, format!("{value}\n"))?;
+    }
     Ok(old)
+}
+
+/// Handshakes that did not complete, from counter deltas: SYN-ACKs
+/// retransmitted (no answer within a second), SYNs dropped because the SYN
+/// queue was full with syncookies off, and cookies sent but never
+/// answered. Retransmits alone are no steady sign: with a full queue the
+/// kernel stops queueing, and the queued SYN-ACKs are retransmitted in
+/// bursts seconds apart (measured: 129 at once, then silence for 2 s, with
+/// the listener's backlog of 128), while the dropped SYNs, or once
+/// syncookies are on the unanswered cookies, keep coming.
+fn failed_handshakes(d: &TcpCounters) -> u64 {
+    d.syn_retrans
+        .saturating_add(d.req_q_full_drop)
+        .saturating_add(d.syncookies_sent.saturating_sub(d.syncookies_recv))
 }
 
 /// Whether counter deltas show handshakes that may be left half-open: one
@@ -1181,7 +1308,7 @@ fn set_syncookies(value: u8) -> std::io::Result<u8> {
 /// and a full SYN queue sends cookies or drops. Without any of these, every
 /// half-open socket is under a second old and on its way to completing.
 fn handshakes_may_hang(d: &TcpCounters) -> bool {
-    d.syn_retrans + d.syncookies_sent + d.req_q_full_do_cookies + d.listen_drops > 0
+    d.syn_retrans + d.syncookies_sent + d.req_q_full_do_cookies + d.req_q_full_drop + d.listen_drops > 0
 }
 
 /// Sockets in SYN-RECV: from sock_diag (the kernel filters by state), or,
@@ -1211,6 +1338,108 @@ fn half_open_sockets(diag_failed: &mut bool) -> Vec<palisade_kernel::procnet::So
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    /// Feeds `judge` one poll every 100 ms from `start` for `polls` polls
+    /// with these deltas; returns every switch asked for, with its time.
+    fn feed(judge: &mut CookieJudge, start: u64, polls: u64, retrans: u64, opens: u64) -> Vec<(u64, Switch)> {
+        let mut out = Vec::new();
+        for i in 0..polls {
+            let now = start + i * 100 * MS;
+            if let (_, Some(s)) = judge.observe(now, retrans, opens, false, 0.85, 2_000 * MS) {
+                // The caller records what it did.
+                match s {
+                    Switch::On(reason) => judge.forced = Some(reason),
+                    Switch::Off => judge.forced = None,
+                }
+                out.push((now, s));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn sustained_retransmits_switch_syncookies_on_and_recovery_back() {
+        let mut j = CookieJudge::default();
+        // Healthy: handshakes complete, the odd retransmit.
+        assert!(feed(&mut j, 0, 50, 1, 40).is_empty());
+        // A spoofed flood: retransmits only. On after 2 s of it, not before.
+        let on = feed(&mut j, 5_000 * MS, 40, 300, 0);
+        assert_eq!(on.len(), 1, "{on:?}");
+        let (at, step) = on[0];
+        assert_eq!(step, Switch::On("retransmits"));
+        // The window first holds 1 s of healthy polls, so the ratio
+        // crosses 0.85 a few polls in; on 2 s after that.
+        assert!((7_000 * MS..=7_600 * MS).contains(&at), "{at}");
+        // It stops: the window empties in a second, then 2 s low: back.
+        let off = feed(&mut j, 9_000 * MS, 50, 0, 30);
+        assert_eq!(off.len(), 1, "{off:?}");
+        assert_eq!(off[0].1, Switch::Off);
+        assert!((11_000 * MS..=12_100 * MS).contains(&off[0].0), "{:?}", off[0]);
+    }
+
+    #[test]
+    fn polls_without_retransmits_inside_a_flood_do_not_reset_the_clock() {
+        // The kernel retransmits in bursts (1 s, 3 s... after each SYN):
+        // one poll in five sees them. Per poll the ratio would jump
+        // between 0 and 1 and never be high for 2 s in a row.
+        let mut j = CookieJudge::default();
+        let mut switched = Vec::new();
+        for i in 0..40u64 {
+            let now = i * 100 * MS;
+            let retrans = if i % 5 == 0 { 500 } else { 0 };
+            if let (_, Some(s)) = j.observe(now, retrans, 1, false, 0.85, 2_000 * MS) {
+                switched.push((now, s));
+                j.forced = Some("retransmits");
+            }
+        }
+        assert_eq!(switched, vec![(2_000 * MS, Switch::On("retransmits"))]);
+    }
+
+    #[test]
+    fn a_ratio_between_the_thresholds_holds_both_clocks_still() {
+        let mut j = CookieJudge::default();
+        // 60 % retransmits: not high enough to switch on...
+        assert!(feed(&mut j, 0, 100, 60, 40).is_empty());
+        // ...and once on, not low enough to switch back.
+        j.forced = Some("retransmits");
+        assert!(feed(&mut j, 20_000 * MS, 100, 60, 40).is_empty());
+        // A quiet server (nothing at all) is low: back after 2 s.
+        let off = feed(&mut j, 40_000 * MS, 40, 0, 0);
+        assert_eq!(off.iter().map(|s| s.1).collect::<Vec<_>>(), vec![Switch::Off]);
+    }
+
+    #[test]
+    fn failed_handshakes_count_drops_and_unanswered_cookies_not_answered_ones() {
+        let d = TcpCounters {
+            syn_retrans: 3,
+            req_q_full_drop: 100,
+            syncookies_sent: 50,
+            syncookies_recv: 45,
+            passive_opens: 45,
+            ..TcpCounters::default()
+        };
+        assert_eq!(failed_handshakes(&d), 108);
+        // A legitimate burst over a full queue: every cookie comes back.
+        let burst = TcpCounters {
+            syncookies_sent: 500,
+            syncookies_recv: 500,
+            passive_opens: 500,
+            ..TcpCounters::default()
+        };
+        assert_eq!(failed_handshakes(&burst), 0);
+    }
+
+    #[test]
+    fn over_the_ban_budget_switches_on_at_once_and_only_once() {
+        let mut j = CookieJudge::default();
+        let (_, s) = j.observe(0, 0, 10, true, 0.85, 2_000 * MS);
+        assert_eq!(s, Some(Switch::On("ban_budget")));
+        j.forced = Some("ban_budget");
+        let (_, s) = j.observe(100 * MS, 0, 10, true, 0.85, 2_000 * MS);
+        assert_eq!(s, None);
+    }
 
     #[test]
     fn only_hanging_handshakes_call_for_a_socket_dump() {

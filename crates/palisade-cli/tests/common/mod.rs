@@ -1,0 +1,46 @@
+//! Helpers the namespace tests share.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Child;
+use std::time::Duration;
+
+use palisade_kernel::netns::Netns;
+
+/// A child process killed and reaped when dropped, whatever the test did.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET path` over a fresh connection from inside `ns`, optionally bound
+/// to `from`: the raw response, or None when the connection fails.
+pub fn get(ns: &Netns, from: Option<&str>, to: &str, path: &str) -> Option<String> {
+    let (from, to, path) = (from.map(str::to_owned), to.to_owned(), path.to_owned());
+    ns.enter(move || {
+        let to: SocketAddr = to.parse().unwrap();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        if let Some(f) = from {
+            s.bind(&format!("{f}:0").parse::<SocketAddr>().unwrap().into())
+                .unwrap();
+        }
+        s.connect_timeout(&to.into(), Duration::from_millis(700)).ok()?;
+        let mut s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })
+    .join()
+    .unwrap()
+}
