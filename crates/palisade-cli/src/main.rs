@@ -83,7 +83,8 @@ enum Command {
     Health(health::HealthArgs),
     /// Kernel bans of a running daemon (admin API): list, add, del.
     Bans(bans::BansArgs),
-    /// Reputation store snapshots: build, lookup, apply-delta, info.
+    /// Reputation store snapshots and feeds: build, lookup, apply-delta, info,
+    /// keygen, sign, verify.
     Store {
         #[command(subcommand)]
         command: store::StoreCommand,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Subcommand;
 use palisade_core::{Clock as _, MonotonicClock};
+use palisade_store::sign::{PublicKey, SigningKey, signature_path};
 use palisade_store::{Action, BuildOptions, Builder, Delta, Snapshot};
 
 #[derive(Subcommand)]
@@ -52,6 +53,38 @@ pub enum StoreCommand {
         /// The snapshot.
         file: PathBuf,
     },
+    /// Make an Ed25519 key pair for signing a feed: the private key goes to
+    /// a new file (mode 0600, never overwritten), the public key (for
+    /// `store.feed_public_key`) to stdout.
+    Keygen {
+        /// The private key file to create (PKCS#8 PEM).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Sign a delta (or any file): writes FILE.sig next to it, replaced
+    /// atomically. Publish FILE first, then FILE.sig.
+    Sign {
+        /// The file to sign.
+        file: PathBuf,
+        /// The private key (from `store keygen`, or `openssl genpkey -algorithm ed25519`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Where the signature goes (default: FILE.sig).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Check FILE against its signature as the daemon would: exit 0 when it
+    /// verifies, 1 otherwise.
+    Verify {
+        /// The signed file.
+        file: PathBuf,
+        /// The public key, base64 or hex (as `store keygen` prints it).
+        #[arg(long)]
+        public_key: String,
+        /// The signature file (default: FILE.sig).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: StoreCommand) -> anyhow::Result<bool> {
@@ -72,6 +105,80 @@ pub fn run(cmd: StoreCommand) -> anyhow::Result<bool> {
             let s = Snapshot::open(&file)?;
             print_info(&s);
             Ok(true)
+        }
+        StoreCommand::Keygen { output } => keygen(&output).map(|()| true),
+        StoreCommand::Sign { file, key, output } => {
+            let output = output.unwrap_or_else(|| signature_path(&file));
+            sign(&file, &key, &output).map(|()| true)
+        }
+        StoreCommand::Verify {
+            file,
+            public_key,
+            signature,
+        } => {
+            let signature = signature.unwrap_or_else(|| signature_path(&file));
+            verify(&file, &public_key, &signature)
+        }
+    }
+}
+
+fn keygen(output: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (key, pem) = SigningKey::generate().map_err(anyhow::Error::msg)?;
+    // create_new: an existing key (or a planted symlink) is never overwritten.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(output)
+        .with_context(|| output.display().to_string())?;
+    f.write_all(pem.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| output.display().to_string())?;
+    println!("{}", key.public_key());
+    eprintln!(
+        "{}: private key written (mode 0600); keep it off the feed host. \
+         The public key above goes in store.feed_public_key.",
+        output.display()
+    );
+    Ok(())
+}
+
+fn sign(file: &Path, key: &Path, output: &Path) -> anyhow::Result<()> {
+    let pem = std::fs::read_to_string(key).with_context(|| key.display().to_string())?;
+    let key = SigningKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let body = std::fs::read(file).with_context(|| file.display().to_string())?;
+    let sig = key.sign(&body);
+    // Through a temporary file and a rename, so a poll never reads half a
+    // signature; readable like any file published next to it.
+    let mut tmp = output.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, &sig)
+        .and_then(|()| std::fs::rename(&tmp, output))
+        .with_context(|| output.display().to_string())?;
+    eprintln!(
+        "{}: signed {} bytes of {} (public key {})",
+        output.display(),
+        body.len(),
+        file.display(),
+        key.public_key()
+    );
+    Ok(())
+}
+
+fn verify(file: &Path, public_key: &str, signature: &Path) -> anyhow::Result<bool> {
+    let key = PublicKey::parse(public_key).map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
+    let body = std::fs::read(file).with_context(|| file.display().to_string())?;
+    let sig = std::fs::read(signature).with_context(|| signature.display().to_string())?;
+    match key.verify(&body, &sig) {
+        Ok(()) => {
+            println!("{}: signature ok", file.display());
+            Ok(true)
+        }
+        Err(e) => {
+            eprintln!("{}: {e} ({})", file.display(), signature.display());
+            Ok(false)
         }
     }
 }

@@ -665,3 +665,341 @@ fn short_admin_tokens_are_refused_at_load() {
         "{err}"
     );
 }
+
+/// A feed host on loopback: serves `files` by path to requests carrying
+/// exactly `auth` as `Authorization` (401 otherwise), one request per
+/// connection, and records every `Authorization` it was sent.
+type Files = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+
+fn feed_host(
+    files: Files,
+    auth: &'static str,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut reader = BufReader::new(s.try_clone().unwrap());
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let mut sent_auth = None;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("authorization")
+                {
+                    sent_auth = Some(value.trim().to_owned());
+                }
+            }
+            log.lock().unwrap().push(sent_auth.clone().unwrap_or_default());
+            let body = files.lock().unwrap().get(&path).cloned();
+            let (status, body) = match body {
+                _ if sent_auth.as_deref() != Some(auth) => ("401 Unauthorized", Vec::new()),
+                Some(b) => ("200 OK", b),
+                None => ("404 Not Found", Vec::new()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).and_then(|()| s.write_all(&body));
+        }
+    });
+    (addr, seen)
+}
+
+fn delta_text(ops: &str) -> String {
+    let body = format!("palisade-delta 1 from=0 to=1\n{ops}");
+    let n = ops.lines().count();
+    format!("{body}end ops={n} crc32={:08x}\n", crc32(body.as_bytes()))
+}
+
+/// Polls the admin API until `check` holds (generous: 30 s).
+fn wait_for_store(
+    admin: SocketAddr,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..300 {
+        let store = json_body(&http(admin, "GET", "/api/v1/store", ""));
+        if check(&store) {
+            return store;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("never happened: {what}");
+}
+
+/// The way an operator publishes a feed: `store keygen`, `store sign`, and
+/// the daemon, fetching over HTTP with a credential from its environment,
+/// applies the signed delta. One flipped byte and the delta is rejected
+/// whole (logged, counted, the store unchanged). The credential appears in
+/// no log line (at debug level), no error and no admin answer.
+#[test]
+fn a_signed_feed_end_to_end() {
+    const SECRET: &str = "Bearer feed-credential-5f3a9c1e77";
+    let dir = std::env::temp_dir().join(format!("palisade-cli-feed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let key = dir.join("feed.key");
+    let out = palisade()
+        .args(["store", "keygen", "--output"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(public.len(), 44, "{public}");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let pem = std::fs::read(&key).unwrap();
+    let again = palisade()
+        .args(["store", "keygen", "--output"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1), "an existing key was overwritten");
+    assert_eq!(std::fs::read(&key).unwrap(), pem);
+
+    let store = dir.join("rep.pstore");
+    let csv = dir.join("rep.csv");
+    std::fs::write(&csv, "192.0.2.1,10,spam\n").unwrap();
+    let out = palisade()
+        .args(["store", "build", "--input"])
+        .arg(&csv)
+        .arg("--output")
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let genuine = delta_text("+,198.51.100.7,0,feed,deny\n");
+    let delta = dir.join("rep.delta");
+    std::fs::write(&delta, &genuine).unwrap();
+    let out = palisade()
+        .args(["store", "sign"])
+        .arg(&delta)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sig = std::fs::read(dir.join("rep.delta.sig")).unwrap();
+    let verify = |file: &std::path::Path| {
+        palisade()
+            .args(["store", "verify"])
+            .arg(file)
+            .args(["--public-key", &public, "--signature"])
+            .arg(dir.join("rep.delta.sig"))
+            .output()
+            .unwrap()
+    };
+    let out = verify(&delta);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // One byte of the address flipped: 198.51.100.7 becomes 198.51.100.6.
+    let mut flipped = genuine.clone().into_bytes();
+    let at = genuine.find("100.7").unwrap() + 4;
+    flipped[at] ^= 1;
+    let tampered = dir.join("tampered.delta");
+    std::fs::write(&tampered, &flipped).unwrap();
+    let out = verify(&tampered);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The feed host serves the tampered delta with the genuine signature.
+    let files: Files = Default::default();
+    files.lock().unwrap().insert("/rep.delta".into(), flipped);
+    files.lock().unwrap().insert("/rep.delta.sig".into(), sig);
+    let (host, auth_seen) = feed_host(files.clone(), SECRET);
+    let config = dir.join("feed.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n\
+             [admin]\ntoken = \"t0ken-0123456789\"\n\
+             [store]\npath = \"{}\"\nfeed = \"http://{host}/rep.delta\"\nfeed_allow_http = true\n\
+             feed_public_key = \"{public}\"\nfeed_auth_env = \"PALISADE_TEST_FEED_AUTH\"\npoll_interval = \"100ms\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    // The variable must exist when the config loads; the error names the key.
+    let out = palisade()
+        .args(["config", "check"])
+        .arg(&config)
+        .env_remove("PALISADE_TEST_FEED_AUTH")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("store.feed_auth_env") && err.contains("is not set"),
+        "{err}"
+    );
+
+    let mut child = palisade()
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&config)
+        .env("PALISADE_TEST_FEED_AUTH", SECRET)
+        .env("RUST_LOG", "debug")
+        .env_remove("PALISADE_ADMIN_TOKEN")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let child = Reaped(child);
+    let (_, admin, first_lines) = running_addrs(&mut err);
+    let log = std::sync::Arc::new(std::sync::Mutex::new(first_lines));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap_or(0) > 0 {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+
+    let rejected = wait_for_store(admin, "the tampered delta rejected", |s| {
+        s["feed"]["rejected"].as_u64() >= Some(1)
+    });
+    assert_eq!(rejected["watermark"], 0, "{rejected}");
+    let error = rejected["feed"]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("signature does not match") && error.contains("rejected whole"),
+        "{rejected}"
+    );
+    assert_eq!(rejected["feed"]["public_key"], public.as_str());
+    let metrics = http(admin, "GET", "/metrics", "");
+    assert!(
+        metrics.contains("palisade_feed_rejected_total{reason=\"bad_signature\"} 1"),
+        "{metrics}"
+    );
+    let explain = http(admin, "GET", "/api/v1/reputation/198.51.100.6", "");
+    assert_eq!(json_body(&explain)["store"], serde_json::Value::Null, "{explain}");
+
+    // The publisher's delta goes through.
+    files
+        .lock()
+        .unwrap()
+        .insert("/rep.delta".into(), genuine.into_bytes());
+    let applied = wait_for_store(admin, "the genuine delta applied", |s| s["watermark"] == 1);
+    let explain = json_body(&http(admin, "GET", "/api/v1/reputation/198.51.100.7", ""));
+    assert_eq!(explain["store"]["action"], "deny", "{explain}");
+
+    let seen = auth_seen.lock().unwrap().clone();
+    assert!(seen.len() >= 4, "{seen:?}");
+    assert!(
+        seen.iter().all(|a| a == SECRET),
+        "a request went without the credential: {seen:?}"
+    );
+    let metrics = http(admin, "GET", "/metrics", "");
+    drop(child);
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.contains("reputation feed update rejected") && log.contains("bad_signature"),
+        "the rejection was not logged:\n{log}"
+    );
+    let secret = SECRET.trim_start_matches("Bearer ");
+    for (what, text) in [
+        ("the log", log.as_str()),
+        ("/api/v1/store", &rejected.to_string()),
+        ("/api/v1/store", &applied.to_string()),
+        ("/metrics", &metrics),
+    ] {
+        assert!(!text.contains(secret), "the credential is in {what}:\n{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A key made by OpenSSL signs with `palisade store sign`, and a
+/// signature made by OpenSSL verifies with `palisade store verify`: the
+/// key and signature formats are the standard ones.
+#[test]
+fn openssl_keys_and_signatures_interoperate() {
+    let dir = std::env::temp_dir().join(format!("palisade-cli-openssl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", "k.pem"]);
+    let der = openssl(&["pkey", "-in", "k.pem", "-pubout", "-outform", "DER"]);
+    // SubjectPublicKeyInfo for Ed25519: a 12-byte prefix, then the 32 key bytes.
+    let public: String = der[der.len() - 32..].iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(
+        dir.join("body"),
+        "palisade-delta 1 from=0 to=1\nend ops=0 crc32=00000000\n",
+    )
+    .unwrap();
+    let out = palisade()
+        .current_dir(&dir)
+        .args(["store", "sign", "body", "--key", "k.pem"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ok = |sig: &str| {
+        palisade()
+            .current_dir(&dir)
+            .args([
+                "store",
+                "verify",
+                "body",
+                "--public-key",
+                &public,
+                "--signature",
+                sig,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(ok("body.sig"));
+    let raw = openssl(&["pkeyutl", "-sign", "-inkey", "k.pem", "-rawin", "-in", "body"]);
+    assert_eq!(raw.len(), 64);
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(dir.join("openssl.sig"), hex).unwrap();
+    assert!(ok("openssl.sig"));
+    let mut wrong = raw.clone();
+    wrong[0] ^= 1;
+    let hex: String = wrong.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(dir.join("wrong.sig"), hex).unwrap();
+    assert!(!ok("wrong.sig"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
