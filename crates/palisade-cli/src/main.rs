@@ -145,7 +145,7 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file },
         }
-        | Command::CheckConfig { file } => match Config::load(&file, &Overrides::default()) {
+        | Command::CheckConfig { file } => match Config::load(&file, &Overrides::default().with_env()) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 Ok(())
@@ -219,7 +219,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tls_cert: args.tls_cert.map(std::path::absolute).transpose()?,
         tls_key: args.tls_key.map(std::path::absolute).transpose()?,
         redis: args.redis,
-    };
+        cluster_key: None,
+    }
+    .with_env();
     let quickstart = args.config.is_none();
     let mut config = match &args.config {
         Some(path) => Config::load(path, &overrides).map_err(|e| BadConfig(e.to_string()))?,

@@ -494,7 +494,16 @@ fn the_shipped_configs_load_and_listen_where_they_must() {
         "admin API on the node's addresses"
     );
     assert!(edge.state.is_some(), "bans do not survive a restart");
-    let proxy = load("deploy/k8s/proxy/palisade.toml");
+    // Cluster mode refuses to start unsigned: the key comes from a Secret.
+    let path = Path::new(ROOT).join("deploy/k8s/proxy/palisade.toml");
+    let e = Config::load(&path, &Default::default()).unwrap_err().to_string();
+    assert!(e.contains("cluster.key: cluster mode needs a key"), "{e}");
+    let with_key = palisade_proxy::config::Overrides {
+        cluster_key: Some("k".repeat(64)),
+        ..Default::default()
+    };
+    let proxy = Config::load(&path, &with_key).unwrap_or_else(|e| panic!("{e}"));
+    assert!(proxy.cluster.is_some_and(|c| c.key.is_some()));
     assert!(!proxy.admin.listen.ip().is_loopback());
     let dockerfile = read("Dockerfile");
     assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("\"health\""));

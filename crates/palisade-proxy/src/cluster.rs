@@ -24,6 +24,21 @@
 //! the stream each interval and applies what other nodes did; a node that
 //! starts or reconnects reads the hash first, so it catches up.
 //!
+//! **Trust.** Whoever can write to Redis is not trusted. Every shared record
+//! (counter, event, ban, score, heartbeat) carries an HMAC-SHA256 under the
+//! cluster key over its Redis key name, its field and every value in it, so
+//! it cannot be forged, altered, or moved to another key or client (a ban of
+//! one address copied to the field of `0.0.0.0/0` fails its check). A
+//! record that fails its check, does not parse or names impossible values
+//! is ignored, counted by reason and logged within a budget; it never stops
+//! the sync. An authentic record can still be *replayed* verbatim: it then
+//! says what it said, no more. A ban ends at its signed expiry, a node
+//! applies for each client only records newer than the last one it applied
+//! (so a replayed ban cannot undo a later lift on a node that saw the lift),
+//! a heartbeat is live only while its signed time is recent, and a counter
+//! is bound to its second. Authentic records obey this node's policy too:
+//! the never-ban set, the prefix minimums and the longest ban.
+//!
 //! **Failure.** Redis slow or down: the sync fails (bounded by timeouts),
 //! the node says so once, counts it, and limits go local-only
 //! (`failure_mode = "open"`) or assume every other live node admitted as
@@ -42,8 +57,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{ClusterSettings, FailureMode};
-use crate::metrics::{KindLabel, Metrics};
+use arc_swap::ArcSwap;
+use ring::hmac;
+
+use crate::config::{ClusterKey, ClusterSettings, FailureMode};
+use crate::metrics::{KindLabel, Metrics, ReasonLabel};
+use crate::never_ban::NeverBan;
 use crate::proxy::App;
 
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -56,15 +75,168 @@ const OUTBOX: usize = 10_000;
 const STREAM_LEN: usize = 100_000;
 /// A node is live if it sent a heartbeat this recently.
 const PEER_TTL_MS: u64 = 5_000;
+/// How far ahead of this node's clock a record's time may be: clocks of
+/// real nodes differ a little; a record from the future would otherwise
+/// hold (a score that never starts recovering, a peer that never dies).
+const MAX_SKEW_MS: u64 = 60_000;
 
-/// `KEYS[1]` this second's counter, `KEYS[2]` the previous second's;
-/// `ARGV[1]` admissions to add, `ARGV[2]` expiry in ms.
+/// `KEYS[1]` this second's counters (a hash, one field per node),
+/// `KEYS[2]` the previous second's; `ARGV[1]` this node, `ARGV[2]` its
+/// signed count, `ARGV[3]` expiry in ms. A key of another type (planted by
+/// someone who can write to Redis) is dropped rather than failing the
+/// whole pipeline, which would stop every client's sync.
 const PUSH: &str = r"
-local c = redis.call('INCRBY', KEYS[1], ARGV[1])
-if c == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-local p = tonumber(redis.call('GET', KEYS[2]) or '0')
-return {c, p}
+local function odd(k)
+  local t = redis.call('TYPE', k).ok
+  return t ~= 'hash' and t ~= 'none'
+end
+if odd(KEYS[1]) then redis.call('DEL', KEYS[1]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local p = {}
+if not odd(KEYS[2]) then p = redis.call('HGETALL', KEYS[2]) end
+return {redis.call('HGETALL', KEYS[1]), p}
 ";
+
+/// Why a shared record was ignored: the `reason` label of
+/// `palisade_cluster_records_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rejected {
+    /// No MAC, or one that does not match the record under the cluster key.
+    Unauthenticated,
+    /// Not a record of its kind (wrong number of fields, not a number, not
+    /// a network).
+    Malformed,
+    /// Authentic in form but impossible: a time past the year 9999 or too
+    /// far in the future, a negative or oversized count.
+    OutOfRange,
+    /// Refused by this node's policy: the never-ban set, a prefix wider
+    /// than the minimum, a ban longer than the longest allowed.
+    Refused,
+    /// Older than what this node already applied for that client.
+    Stale,
+}
+
+impl Rejected {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "unauthenticated",
+            Self::Malformed => "malformed",
+            Self::OutOfRange => "out_of_range",
+            Self::Refused => "refused",
+            Self::Stale => "stale",
+        }
+    }
+
+    const ALL: [Self; 5] = [
+        Self::Unauthenticated,
+        Self::Malformed,
+        Self::OutOfRange,
+        Self::Refused,
+        Self::Stale,
+    ];
+}
+
+const MAC_DOMAIN: &[u8] = b"palisade cluster record v1";
+
+/// The MAC of a shared record: HMAC-SHA256 under `secret` over the record's
+/// parts (Redis key name, field, values), each length-prefixed so that no
+/// two different records sign the same bytes; lowercase hex.
+pub fn record_mac(secret: &[u8], parts: &[&str]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    hex(hmac::sign(&key, &mac_message(parts)).as_ref())
+}
+
+fn mac_message(parts: &[&str]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(MAC_DOMAIN.len() + parts.iter().map(|p| p.len() + 8).sum::<usize>());
+    msg.extend_from_slice(MAC_DOMAIN);
+    for p in parts {
+        msg.extend_from_slice(&(p.len() as u64).to_be_bytes());
+        msg.extend_from_slice(p.as_bytes());
+    }
+    msg
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// Signs and checks records; without a key (`cluster.insecure`) signs
+/// nothing and takes everything.
+struct Signer(Option<hmac::Key>);
+
+impl Signer {
+    fn new(key: Option<&ClusterKey>) -> Self {
+        Self(key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k.secret())))
+    }
+
+    /// `value` with the MAC of `parts` and `value` appended (` mac`), or
+    /// alone when insecure.
+    fn signed(&self, parts: &[&str], value: &str) -> String {
+        let mut all = parts.to_vec();
+        all.push(value);
+        match &self.0 {
+            Some(key) => format!("{value} {}", hex(hmac::sign(key, &mac_message(&all)).as_ref())),
+            None => value.to_owned(),
+        }
+    }
+
+    /// The MAC of `parts` alone (a separate stream field), empty when
+    /// insecure.
+    fn mac(&self, parts: &[&str]) -> String {
+        self.0
+            .as_ref()
+            .map(|key| hex(hmac::sign(key, &mac_message(parts)).as_ref()))
+            .unwrap_or_default()
+    }
+
+    /// Whether `mac` is the MAC of `parts` (constant time).
+    fn check(&self, parts: &[&str], mac: Option<&str>) -> Result<(), Rejected> {
+        let Some(key) = &self.0 else { return Ok(()) };
+        let tag = mac.and_then(unhex).ok_or(Rejected::Unauthenticated)?;
+        hmac::verify(key, &mac_message(parts), &tag).map_err(|_| Rejected::Unauthenticated)
+    }
+
+    /// Splits a stored `value mac` (`fields` values before the MAC) and
+    /// checks it; returns the value's fields.
+    fn open<'a>(&self, parts: &[&str], stored: &'a str, fields: usize) -> Result<Vec<&'a str>, Rejected> {
+        let all: Vec<&str> = stored.split(' ').collect();
+        let (values, mac) = match all.len() {
+            n if n == fields => (&all[..], None),
+            n if n == fields + 1 => (&all[..fields], Some(all[fields])),
+            _ => {
+                // Forged or broken; with a key it cannot be told apart.
+                return Err(if self.0.is_some() {
+                    Rejected::Unauthenticated
+                } else {
+                    Rejected::Malformed
+                });
+            }
+        };
+        let value = values.join(" ");
+        let mut signed: Vec<&str> = parts.to_vec();
+        signed.push(&value);
+        self.check(&signed, mac)?;
+        Ok(values.to_vec())
+    }
+}
 
 /// A score change or a kernel ban, as it travels between nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,25 +260,32 @@ impl ScoreEvent {
         format!("{score} {} {}", self.expires, self.at_ms)
     }
 
-    fn parse(net: &str, value: &str, ban: bool) -> Option<Self> {
-        let mut parts = value.split(' ');
-        let score = match parts.next()? {
-            "-" => None,
-            s => Some(s.parse::<u8>().ok()?.min(100)),
+    /// A record's values (`score expires at_ms`, checked already).
+    fn parse(net: &str, fields: &[&str], ban: bool, now_ms: u64) -> Result<Self, Rejected> {
+        let [score, expires, at_ms] = fields else {
+            return Err(Rejected::Malformed);
         };
-        Some(Self {
-            net: net.parse().ok()?,
+        let score = match *score {
+            "-" => None,
+            s => Some(s.parse::<u8>().map_err(|_| Rejected::Malformed)?),
+        };
+        if score.is_some_and(|s| s > 100) {
+            return Err(Rejected::OutOfRange);
+        }
+        let number = |t: &str| t.parse::<u64>().map_err(|_| Rejected::Malformed);
+        let (expires, at_ms) = (number(expires)?, number(at_ms)?);
+        // An expiry or stamp past the year 9999 is no real record, and
+        // would overflow the millisecond arithmetic below; one from the
+        // future would never start to age.
+        if expires > MAX_UNIX_SECS || at_ms > now_ms.saturating_add(MAX_SKEW_MS).min(MAX_UNIX_SECS * 1000) {
+            return Err(Rejected::OutOfRange);
+        }
+        Ok(Self {
+            net: net.parse().map_err(|_| Rejected::Malformed)?,
             ban,
             score,
-            // Anything a writer to Redis sends is read back here: an expiry
-            // or stamp past the year 9999 is no real record, and would
-            // overflow the millisecond arithmetic below.
-            expires: parts.next()?.parse().ok().filter(|&e| e <= MAX_UNIX_SECS)?,
-            at_ms: parts
-                .next()?
-                .parse()
-                .ok()
-                .filter(|&t| t <= MAX_UNIX_SECS * 1000)?,
+            expires,
+            at_ms,
         })
     }
 
@@ -253,6 +432,15 @@ pub struct Cluster {
     applied: AtomicU64,
     errors: AtomicU64,
     last_sync_ms: AtomicU64,
+    signer: Signer,
+    /// What no shared score may touch (the SYN defense keeps its own copy
+    /// for bans); rebuilt on reload.
+    never_ban: ArcSwap<NeverBan>,
+    /// Per client and kind, the stamp (Unix ms) and expiry of the newest
+    /// record applied or made here: older ones are replays or overtaken.
+    latest: Mutex<HashMap<(IpNet, bool), (u64, u64)>>,
+    /// Records rejected per reason, for the log budget.
+    rejected: Mutex<HashMap<Rejected, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -286,7 +474,6 @@ impl Cluster {
         };
         let (outbox, inbox) = mpsc::channel(OUTBOX);
         Self {
-            settings,
             node,
             max_clients,
             windows: Mutex::new(HashMap::new()),
@@ -299,7 +486,74 @@ impl Cluster {
             applied: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             last_sync_ms: AtomicU64::new(0),
+            signer: Signer::new(settings.key.as_ref()),
+            never_ban: ArcSwap::from_pointee(NeverBan::default()),
+            latest: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
+            settings,
         }
+    }
+
+    /// What no shared score may touch; set at start and on every reload.
+    pub fn set_never_ban(&self, never_ban: NeverBan) {
+        self.never_ban.store(Arc::new(never_ban));
+    }
+
+    /// Why a score for `net` is refused: it overlaps a protected network.
+    pub fn protected(&self, net: &IpNet) -> Option<String> {
+        self.never_ban.load().covers(net).map(|(covered, why)| {
+            format!(
+                "{net} overlaps {covered}, which is never banned ({})",
+                why.as_str()
+            )
+        })
+    }
+
+    /// Counts a rejected record and logs it: the first, second, fourth...
+    /// per reason, so that a Redis full of garbage cannot flood the log.
+    fn reject(&self, metrics: &Metrics, why: Rejected, record: &str, detail: &str) {
+        metrics
+            .cluster_records_rejected
+            .get_or_create(&ReasonLabel { reason: why.as_str() })
+            .inc();
+        let n = {
+            let mut counts = lock(&self.rejected);
+            let n = counts.entry(why).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if n.is_power_of_two() {
+            // The record's text is attacker-chosen: bounded, and Debug-escaped.
+            let record: String = record.chars().take(120).collect();
+            tracing::warn!(
+                node = %self.node,
+                reason = why.as_str(),
+                rejected = n,
+                "cluster record ignored: {record:?} {detail}"
+            );
+        }
+    }
+
+    /// Whether `e` is newer than what this node applied or made for its
+    /// client; notes it when it is. Equal stamps are the same record read
+    /// again (`Ok(false)`: skip quietly).
+    fn fresh(&self, e: &ScoreEvent) -> Result<bool, Rejected> {
+        let mut latest = lock(&self.latest);
+        let key = (e.net, e.ban);
+        match latest.get(&key) {
+            Some(&(at, _)) if e.at_ms == at => return Ok(false),
+            Some(&(at, _)) if e.at_ms < at => return Err(Rejected::Stale),
+            _ => {}
+        }
+        if latest.len() >= self.max_clients && !latest.contains_key(&key) {
+            let now_s = unix_now_ms() / 1000;
+            // Past its expiry a record does nothing, replayed or not.
+            latest.retain(|_, (_, exp)| *exp == 0 || *exp > now_s);
+        }
+        if latest.len() < self.max_clients || latest.contains_key(&key) {
+            latest.insert(key, (e.at_ms, e.expires));
+        }
+        Ok(true)
     }
 
     /// The settings it was started with.
@@ -352,6 +606,8 @@ impl Cluster {
 
     /// Sends a score change to the other nodes (queued; never waits).
     pub fn publish(&self, event: ScoreEvent, metrics: &Metrics) {
+        // A replay of an older record must not undo this change here.
+        let _ = self.fresh(&event);
         {
             let mut known = lock(&self.known);
             let key = (event.net, event.ban);
@@ -388,10 +644,31 @@ impl Cluster {
         format!("{{{}}}:{parts}", self.settings.key_prefix)
     }
 
-    /// A client's counter for one second (hash-tagged per client, spread
-    /// across a Redis Cluster).
+    /// A client's counters for one second, one field per node
+    /// (hash-tagged per client, spread across a Redis Cluster).
     fn counter_key(&self, tag: &str, sec: u64) -> String {
-        format!("{}:rl:{{{tag}}}:{sec}", self.settings.key_prefix)
+        format!("{}:rc:{{{tag}}}:{sec}", self.settings.key_prefix)
+    }
+
+    /// The other nodes' admissions in one counter hash (flattened field,
+    /// value pairs), each checked; bad ones are counted and left out.
+    fn others(&self, key: &str, flat: &[String], metrics: &Metrics) -> u64 {
+        let mut sum = 0u64;
+        for pair in flat.chunks(2) {
+            let [node, stored] = pair else { break };
+            if *node == self.node {
+                continue;
+            }
+            let count = self.signer.open(&[key, node], stored, 1).and_then(|f| {
+                let n = f[0].parse::<i64>().map_err(|_| Rejected::Malformed)?;
+                u32::try_from(n).map_err(|_| Rejected::OutOfRange)
+            });
+            match count {
+                Ok(n) => sum = sum.saturating_add(u64::from(n)),
+                Err(why) => self.reject(metrics, why, &format!("{key} {node} {stored}"), ""),
+            }
+        }
+        sum.min(LOW)
     }
 }
 
@@ -505,6 +782,28 @@ pub async fn run(cluster: Arc<Cluster>, app: Arc<App>, mut stop: watch::Receiver
     let Some(mut inbox) = lock(&cluster.inbox).take() else {
         return;
     };
+    for why in Rejected::ALL {
+        metrics
+            .cluster_records_rejected
+            .get_or_create(&ReasonLabel { reason: why.as_str() })
+            .inc_by(0);
+    }
+    if cluster.signer.0.is_none() {
+        tracing::warn!(
+            node = %cluster.node,
+            "CLUSTER RECORDS ARE NOT AUTHENTICATED (cluster.insecure = true): anyone who can write \
+             to Redis can ban addresses, set scores and skew shared limits on every node; \
+             set cluster.key or PALISADE_CLUSTER_KEY"
+        );
+    }
+    {
+        // Resolves names: off the async workers.
+        let config = app.runtime().config.clone();
+        match tokio::task::spawn_blocking(move || NeverBan::build(&config)).await {
+            Ok(never_ban) => cluster.set_never_ban(never_ban),
+            Err(e) => tracing::error!("cluster never-ban set not built: {e}"),
+        }
+    }
     let mut conn: Option<Conn> = None;
     let mut pending: Vec<ScoreEvent> = Vec::new();
     let mut stream_id = String::from("$");
@@ -537,12 +836,12 @@ pub async fn run(cluster: Arc<Cluster>, app: Arc<App>, mut stop: watch::Receiver
                 catch_up(&cluster, c, &app, &mut stream_id).await?;
                 synced_once = true;
             }
-            push_counts(&cluster, c).await?;
+            push_counts(&cluster, c, metrics).await?;
             publish(&cluster, c, &mut pending).await?;
             read_events(&cluster, c, &app, &mut stream_id).await?;
             let now = unix_now_ms();
             if now >= last_heartbeat + 1000 {
-                heartbeat(&cluster, c, now).await?;
+                heartbeat(&cluster, c, now, metrics).await?;
                 last_heartbeat = now;
             }
             redis::RedisResult::Ok(())
@@ -563,6 +862,12 @@ pub async fn run(cluster: Arc<Cluster>, app: Arc<App>, mut stop: watch::Receiver
             }
             Err(e) => {
                 down(&cluster, metrics, &mut was_up, &e.to_string());
+                if wrong_type(&e)
+                    && let Some(c) = conn.as_mut()
+                    && let Err(e) = repair(&cluster, c, metrics).await
+                {
+                    tracing::debug!("repairing shared keys failed: {e}");
+                }
                 if cluster.settings.redis_cluster {
                     // Topology may have changed: start over.
                     conn = None;
@@ -596,9 +901,12 @@ fn down(cluster: &Cluster, metrics: &Metrics, was_up: &mut bool, why: &str) {
 }
 
 /// Pushes every client's new admissions and learns the others' counts.
-async fn push_counts(cluster: &Cluster, c: &mut Conn) -> redis::RedisResult<()> {
+async fn push_counts(cluster: &Cluster, c: &mut Conn, metrics: &Metrics) -> redis::RedisResult<()> {
     let windows: Vec<Arc<Window>> = lock(&cluster.windows).values().cloned().collect();
-    let mut batch: Vec<(Pushed, u32)> = Vec::new();
+    // Each node writes its own total for the second (signed), never an
+    // increment of a shared number: a record says exactly what one node
+    // admitted, and nobody else's count can be changed.
+    let mut batch: Vec<(Pushed, u32, u32)> = Vec::new();
     for w in &windows {
         w.table.for_each(|s| {
             if batch.len() >= PUSH_BATCH {
@@ -616,6 +924,7 @@ async fn push_counts(cluster: &Cluster, c: &mut Conn) -> redis::RedisResult<()> 
                         sec: s.sec.load(Ordering::Acquire),
                     },
                     n,
+                    s.pushed.load(Ordering::Acquire).saturating_add(n),
                 )),
                 None => {
                     s.unsynced.fetch_add(n, Ordering::AcqRel);
@@ -626,26 +935,37 @@ async fn push_counts(cluster: &Cluster, c: &mut Conn) -> redis::RedisResult<()> 
     if batch.is_empty() {
         return Ok(());
     }
-    let cmds = batch
+    let keys: Vec<(String, String)> = batch
         .iter()
-        .map(|(p, n)| {
+        .map(|(p, _, _)| {
             // One hash tag per client: both seconds live in one slot.
             let tag = format!("{}:{}", p.window.name, client_name(&p.key));
+            (
+                cluster.counter_key(&tag, p.sec),
+                cluster.counter_key(&tag, p.sec.saturating_sub(1)),
+            )
+        })
+        .collect();
+    let cmds = batch
+        .iter()
+        .zip(&keys)
+        .map(|((_, _, total), (curr, prev))| {
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(PUSH)
                 .arg(2)
-                .arg(cluster.counter_key(&tag, p.sec))
-                .arg(cluster.counter_key(&tag, p.sec.saturating_sub(1)))
-                .arg(*n)
+                .arg(curr)
+                .arg(prev)
+                .arg(&cluster.node)
+                .arg(cluster.signer.signed(&[curr, &cluster.node], &total.to_string()))
                 .arg(3000);
             cmd
         })
         .collect();
-    let totals: Vec<(u64, u64)> = match c.each(cmds).await {
+    let replies: Vec<(Vec<String>, Vec<String>)> = match c.each(cmds).await {
         Ok(t) => t,
         Err(e) => {
             // Not counted in Redis: keep them for the next sync.
-            for (p, n) in &batch {
+            for (p, n, _) in &batch {
                 p.window
                     .table
                     .get(&p.key, |s| s.unsynced.fetch_add(*n, Ordering::AcqRel));
@@ -653,15 +973,14 @@ async fn push_counts(cluster: &Cluster, c: &mut Conn) -> redis::RedisResult<()> 
             return Err(e);
         }
     };
-    for ((p, n), (curr, prev)) in batch.iter().zip(totals) {
+    for (((p, n, _), (curr_key, prev_key)), (curr, prev)) in batch.iter().zip(&keys).zip(replies) {
+        let others_curr = cluster.others(curr_key, &curr, metrics);
+        let others_prev = cluster.others(prev_key, &prev, metrics);
         p.window.table.get(&p.key, |s| {
             if s.sec.load(Ordering::Acquire) != p.sec {
                 return;
             }
-            let pushed = u64::from(s.pushed.fetch_add(*n, Ordering::AcqRel) + *n);
-            let own_prev = s.own.load(Ordering::Acquire) & LOW;
-            let others_curr = curr.saturating_sub(pushed).min(LOW);
-            let others_prev = prev.saturating_sub(own_prev).min(LOW);
+            s.pushed.fetch_add(*n, Ordering::AcqRel);
             s.remote
                 .store((others_curr << 32) | others_prev, Ordering::Release);
         });
@@ -680,6 +999,9 @@ async fn publish(cluster: &Cluster, c: &mut Conn, pending: &mut Vec<ScoreEvent>)
     let mut pipe = redis::pipe();
     for e in pending.iter() {
         let net = e.net.to_string();
+        let kind = if e.ban { "ban" } else { "score" };
+        let value = e.value();
+        let mac = cluster.signer.mac(&[&stream, &cluster.node, &net, kind, &value]);
         pipe.cmd("XADD")
             .arg(&stream)
             .arg("MAXLEN")
@@ -691,13 +1013,19 @@ async fn publish(cluster: &Cluster, c: &mut Conn, pending: &mut Vec<ScoreEvent>)
             .arg("net")
             .arg(&net)
             .arg("k")
-            .arg(if e.ban { "ban" } else { "score" })
+            .arg(kind)
             .arg("v")
-            .arg(e.value())
+            .arg(&value)
+            .arg("mac")
+            .arg(mac)
             .ignore();
         let hash = cluster.key(if e.ban { "bans" } else { "rep" });
         if e.current(now) {
-            pipe.cmd("HSET").arg(&hash).arg(&net).arg(e.value()).ignore();
+            pipe.cmd("HSET")
+                .arg(&hash)
+                .arg(&net)
+                .arg(cluster.signer.signed(&[&hash, &net], &value))
+                .ignore();
         } else {
             pipe.cmd("HDEL").arg(&hash).arg(&net).ignore();
         }
@@ -719,36 +1047,81 @@ async fn read_events(
     app: &App,
     stream_id: &mut String,
 ) -> redis::RedisResult<()> {
+    let stream = cluster.key("events");
     loop {
         let mut pipe = redis::pipe();
         pipe.cmd("XREAD")
             .arg("COUNT")
             .arg(1000)
             .arg("STREAMS")
-            .arg(cluster.key("events"))
+            .arg(&stream)
             .arg(&*stream_id);
         let (reply,): (StreamReply,) = c.query(&pipe).await?;
         let Some(streams) = reply else { return Ok(()) };
         let mut got = 0;
+        let now = unix_now_ms();
         for (_, entries) in streams {
             for (id, fields) in entries {
                 got += 1;
                 *stream_id = id;
-                if fields.get("node").map(String::as_str) == Some(cluster.node.as_str()) {
+                let field = |k: &str| fields.get(k).map(String::as_str);
+                if field("node") == Some(cluster.node.as_str()) {
                     continue;
                 }
-                let ban = fields.get("k").map(String::as_str) == Some("ban");
-                if let (Some(net), Some(v)) = (fields.get("net"), fields.get("v"))
-                    && let Some(e) = ScoreEvent::parse(net, v, ban)
-                {
-                    app.apply_cluster_event(&e);
-                    cluster.applied.fetch_add(1, Ordering::AcqRel);
-                }
+                let event = stream_event(cluster, &stream, &fields, now);
+                take(cluster, app, event, || format!("{fields:?}"));
             }
         }
         if got < 1000 {
             return Ok(());
         }
+    }
+}
+
+/// A stream entry as an event, checked.
+fn stream_event(
+    cluster: &Cluster,
+    stream: &str,
+    fields: &HashMap<String, String>,
+    now_ms: u64,
+) -> Result<ScoreEvent, Rejected> {
+    let field = |k: &str| fields.get(k).map(String::as_str);
+    let (Some(node), Some(net), Some(kind), Some(value)) =
+        (field("node"), field("net"), field("k"), field("v"))
+    else {
+        return Err(if cluster.signer.0.is_some() {
+            Rejected::Unauthenticated
+        } else {
+            Rejected::Malformed
+        });
+    };
+    cluster
+        .signer
+        .check(&[stream, node, net, kind, value], field("mac"))?;
+    let ban = match kind {
+        "ban" => true,
+        "score" => false,
+        _ => return Err(Rejected::Malformed),
+    };
+    ScoreEvent::parse(net, &value.split(' ').collect::<Vec<_>>(), ban, now_ms)
+}
+
+/// Applies a checked event, or counts and logs why not.
+fn take(cluster: &Cluster, app: &App, event: Result<ScoreEvent, Rejected>, record: impl Fn() -> String) {
+    let metrics = &app.metrics;
+    let e = match event.and_then(|e| cluster.fresh(&e).map(|new| (e, new))) {
+        Ok((e, true)) => e,
+        Ok((_, false)) => return,
+        Err(why) => {
+            cluster.reject(metrics, why, &record(), "");
+            return;
+        }
+    };
+    match app.apply_cluster_event(&e) {
+        Ok(()) => {
+            cluster.applied.fetch_add(1, Ordering::AcqRel);
+        }
+        Err(refused) => cluster.reject(metrics, Rejected::Refused, &record(), &refused),
     }
 }
 
@@ -771,10 +1144,11 @@ async fn catch_up(
         for e in &mine {
             // Only where the hash does not hold something newer.
             let hash = cluster.key(if e.ban { "bans" } else { "rep" });
+            let net = e.net.to_string();
             pipe.cmd("HSETNX")
                 .arg(&hash)
-                .arg(e.net.to_string())
-                .arg(e.value())
+                .arg(&net)
+                .arg(cluster.signer.signed(&[&hash, &net], &e.value()))
                 .ignore();
         }
         c.query::<()>(&pipe).await?;
@@ -801,12 +1175,15 @@ async fn catch_up(
         total += all.len();
         let mut expired = Vec::new();
         for (net, v) in &all {
-            match ScoreEvent::parse(net, v, ban) {
-                Some(e) if e.current(now) => {
-                    app.apply_cluster_event(&e);
-                    cluster.applied.fetch_add(1, Ordering::AcqRel);
-                }
-                _ => expired.push(net.clone()),
+            let event = cluster
+                .signer
+                .open(&[&hash, net], v, 3)
+                .and_then(|fields| ScoreEvent::parse(net, &fields, ban, now));
+            match event {
+                // Only authentic records are cleaned up: a node with the
+                // wrong key must not wipe the others' state.
+                Ok(e) if !e.current(now) => expired.push(net.clone()),
+                event => take(cluster, app, event, || format!("{hash} {net} {v}")),
             }
         }
         if !expired.is_empty() {
@@ -819,25 +1196,81 @@ async fn catch_up(
     Ok(())
 }
 
+/// Whether a command (alone or in a pipeline) met a key of the wrong type.
+fn wrong_type(e: &redis::RedisError) -> bool {
+    e.clone()
+        .into_server_errors()
+        .is_some_and(|errs| errs.iter().any(|(_, e)| e.code() == "WRONGTYPE"))
+}
+
+/// Drops shared keys of the wrong type (planted by a writer to Redis):
+/// every command on them would fail, and with it every sync from now on.
+/// Their content was never a record of ours.
+async fn repair(cluster: &Cluster, c: &mut Conn, metrics: &Metrics) -> redis::RedisResult<()> {
+    let keys = [
+        ("events", "stream"),
+        ("rep", "hash"),
+        ("bans", "hash"),
+        ("nodes", "hash"),
+    ];
+    let mut pipe = redis::pipe();
+    for (name, _) in keys {
+        pipe.cmd("TYPE").arg(cluster.key(name));
+    }
+    let types: Vec<String> = c.query(&pipe).await?;
+    for ((name, want), got) in keys.iter().zip(types) {
+        if got != *want && got != "none" {
+            let key = cluster.key(name);
+            cluster.reject(
+                metrics,
+                Rejected::Malformed,
+                &key,
+                &format!("is a {got}, not a {want}: deleted"),
+            );
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL").arg(&key).ignore();
+            c.query::<()>(&pipe).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Says this node is alive and counts the others.
-async fn heartbeat(cluster: &Cluster, c: &mut Conn, now: u64) -> redis::RedisResult<()> {
+async fn heartbeat(cluster: &Cluster, c: &mut Conn, now: u64, metrics: &Metrics) -> redis::RedisResult<()> {
     let nodes = cluster.key("nodes");
     let mut pipe = redis::pipe();
-    pipe.cmd("HSET").arg(&nodes).arg(&cluster.node).arg(now).ignore();
+    let stamp = now.to_string();
+    pipe.cmd("HSET")
+        .arg(&nodes)
+        .arg(&cluster.node)
+        .arg(cluster.signer.signed(&[&nodes, &cluster.node], &stamp))
+        .ignore();
     pipe.cmd("HGETALL").arg(&nodes);
-    let (all,): (HashMap<String, u64>,) = c.query(&pipe).await?;
-    let live = all
-        .iter()
-        .filter(|(n, t)| **n != cluster.node && now.saturating_sub(**t) < PEER_TTL_MS)
-        .count();
+    // Read as text: one field that is not a number must not fail the reply.
+    let (all,): (HashMap<String, String>,) = c.query(&pipe).await?;
+    let mut live = 0usize;
+    let mut gone = Vec::new();
+    for (node, stored) in &all {
+        if *node == cluster.node {
+            continue;
+        }
+        let at = cluster.signer.open(&[&nodes, node], stored, 1).and_then(|f| {
+            let at = f[0].parse::<u64>().map_err(|_| Rejected::Malformed)?;
+            if at > now.saturating_add(MAX_SKEW_MS) {
+                return Err(Rejected::OutOfRange);
+            }
+            Ok(at)
+        });
+        match at {
+            Ok(at) if now.saturating_sub(at) < PEER_TTL_MS => live += 1,
+            Ok(at) if now.saturating_sub(at) > 60_000 => gone.push(node),
+            Ok(_) => {}
+            Err(why) => cluster.reject(metrics, why, &format!("{nodes} {node} {stored}"), ""),
+        }
+    }
     cluster
         .peers
         .store(u32::try_from(live).unwrap_or(u32::MAX), Ordering::Release);
-    let gone: Vec<&String> = all
-        .iter()
-        .filter(|(_, t)| now.saturating_sub(**t) > 60_000)
-        .map(|(n, _)| n)
-        .collect();
     if !gone.is_empty() {
         let mut pipe = redis::pipe();
         pipe.cmd("HDEL").arg(&nodes).arg(gone).ignore();
@@ -850,17 +1283,149 @@ async fn heartbeat(cluster: &Cluster, c: &mut Conn, now: u64) -> redis::RedisRes
 mod tests {
     use super::*;
 
+    fn fields(v: &str) -> Vec<&str> {
+        v.split(' ').collect()
+    }
+
     /// A forged ban with a u64::MAX expiry used to overflow in `live` (a
     /// panic in the sync task in debug builds, a wrapped expiry in release).
     #[test]
     fn out_of_range_times_from_redis_are_refused() {
         let max = u64::MAX.to_string();
-        assert!(ScoreEvent::parse("198.18.0.1/32", &format!("- {max} 0"), true).is_none());
-        assert!(ScoreEvent::parse("198.18.0.1/32", &format!("5 0 {max}"), false).is_none());
-        let Some(e) = ScoreEvent::parse("198.18.0.1/32", "- 253402300799 0", true) else {
+        let now = 1_800_000_000_000;
+        let parse = |v: &str, ban| ScoreEvent::parse("198.18.0.1/32", &fields(v), ban, now);
+        assert_eq!(parse(&format!("- {max} 0"), true), Err(Rejected::OutOfRange));
+        assert_eq!(parse("- 253402300800 0", true), Err(Rejected::OutOfRange));
+        assert_eq!(parse(&format!("5 0 {max}"), false), Err(Rejected::OutOfRange));
+        assert_eq!(parse("5 0 18446744073709551616", false), Err(Rejected::Malformed));
+        // A stamp from the future would never start to recover.
+        assert_eq!(
+            parse(&format!("0 0 {}", now + 3_600_000), false),
+            Err(Rejected::OutOfRange)
+        );
+        assert_eq!(parse("101 0 0", false), Err(Rejected::OutOfRange));
+        assert_eq!(parse("-5 0 0", false), Err(Rejected::Malformed));
+        assert_eq!(parse("5 0", false), Err(Rejected::Malformed));
+        let Ok(e) = parse("- 253402300799 0", true) else {
             panic!("the largest allowed expiry parses");
         };
         assert!(e.live(0));
         assert!(!e.live(u64::MAX));
+    }
+
+    /// Counter records of other nodes: forged, negative, huge and garbage
+    /// ones are left out of the sum (and counted), authentic ones add up.
+    #[test]
+    fn only_authentic_counts_of_other_nodes_add_up() {
+        let Ok(key) = ClusterKey::new("0123456789abcdef0123456789abcdef") else {
+            panic!("a 32-character key is accepted");
+        };
+        let settings = ClusterSettings {
+            redis: vec!["redis://127.0.0.1:1".into()],
+            redis_cluster: false,
+            sync_interval: Duration::from_millis(50),
+            node_name: "me".into(),
+            failure_mode: FailureMode::Open,
+            key_prefix: "palisade".into(),
+            redis_ca: None,
+            key: Some(key.clone()),
+        };
+        let cluster = Cluster::new(settings, 100);
+        let metrics = Metrics::new();
+        let k = "palisade:rc:{default:198.18.0.1}:1800000000";
+        let signed = |node: &str, n: &str| cluster.signer.signed(&[k, node], n);
+        let flat: Vec<String> = [
+            ("me", signed("me", "1000")),
+            ("b", signed("b", "7")),
+            ("c", signed("c", "5")),
+            ("d", "9".to_owned()),
+            ("e", signed("e", "-3")),
+            ("f", signed("f", "4294967296")),
+            ("g", signed("g", "many")),
+            ("h", signed("b", "7")),
+        ]
+        .into_iter()
+        .flat_map(|(n, v)| [n.to_owned(), v])
+        .collect();
+        assert_eq!(cluster.others(k, &flat, &metrics), 12);
+        // Bound to its second: the same record one second later is forged.
+        assert_eq!(
+            cluster.others(
+                "palisade:rc:{default:198.18.0.1}:1800000001",
+                &flat[2..4],
+                &metrics
+            ),
+            0
+        );
+        let rejected = |r: &'static str| {
+            metrics
+                .cluster_records_rejected
+                .get_or_create(&ReasonLabel { reason: r })
+                .get()
+        };
+        assert_eq!(rejected("unauthenticated"), 3);
+        assert_eq!(rejected("out_of_range"), 2);
+        assert_eq!(rejected("malformed"), 1);
+    }
+
+    #[test]
+    fn a_record_is_bound_to_its_key_field_and_values() {
+        let Ok(key) = ClusterKey::new("0123456789abcdef0123456789abcdef") else {
+            panic!("a 32-character key is accepted");
+        };
+        let signer = Signer::new(Some(&key));
+        let hash = "{palisade}:bans";
+        let stored = signer.signed(&[hash, "198.18.0.1/32"], "- 2000000000 1000");
+        assert_eq!(
+            signer.open(&[hash, "198.18.0.1/32"], &stored, 3),
+            Ok(vec!["-", "2000000000", "1000"])
+        );
+        // Copied to the field of the whole Internet, or to the score hash.
+        assert_eq!(
+            signer.open(&[hash, "0.0.0.0/0"], &stored, 3),
+            Err(Rejected::Unauthenticated)
+        );
+        assert_eq!(
+            signer.open(&["{palisade}:rep", "198.18.0.1/32"], &stored, 3),
+            Err(Rejected::Unauthenticated)
+        );
+        // A longer ban under the same MAC.
+        let longer = stored.replacen("2000000000", "2000000001", 1);
+        assert_eq!(
+            signer.open(&[hash, "198.18.0.1/32"], &longer, 3),
+            Err(Rejected::Unauthenticated)
+        );
+        // No MAC, a MAC that is not hex, another key's MAC.
+        for forged in [
+            "- 2000000000 1000".to_owned(),
+            "- 2000000000 1000 zz".to_owned(),
+            format!(
+                "- 2000000000 1000 {}",
+                record_mac(
+                    b"another key, also 32 characters!",
+                    &[hash, "198.18.0.1/32", "- 2000000000 1000"]
+                )
+            ),
+        ] {
+            assert_eq!(
+                signer.open(&[hash, "198.18.0.1/32"], &forged, 3),
+                Err(Rejected::Unauthenticated),
+                "{forged}"
+            );
+        }
+        // The public helper signs as the nodes do.
+        assert_eq!(
+            stored,
+            format!(
+                "- 2000000000 1000 {}",
+                record_mac(key.secret(), &[hash, "198.18.0.1/32", "- 2000000000 1000"])
+            )
+        );
+        // Length prefixes: moving a boundary between parts changes the MAC.
+        assert_ne!(record_mac(b"k", &["ab", "c"]), record_mac(b"k", &["a", "bc"]));
+        // Insecure: nothing is checked, a garbled record is malformed.
+        let open = Signer::new(None);
+        assert_eq!(open.open(&[hash, "x"], "- 1 2", 3), Ok(vec!["-", "1", "2"]));
+        assert_eq!(open.open(&[hash, "x"], "- 1 2 3 4", 3), Err(Rejected::Malformed));
     }
 }

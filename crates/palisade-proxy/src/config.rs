@@ -143,6 +143,40 @@ pub struct ClusterSettings {
     pub key_prefix: String,
     /// PEM CA bundle trusted for `rediss://` (default: the public roots).
     pub redis_ca: Option<PathBuf>,
+    /// The key every shared record is signed with; `None` only with
+    /// `cluster.insecure = true`.
+    pub key: Option<ClusterKey>,
+}
+
+/// Shortest `cluster.key` accepted, in characters.
+pub const MIN_CLUSTER_KEY_CHARS: usize = 32;
+
+/// The cluster's shared secret. Its `Debug` never shows it: configs are
+/// logged and printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterKey(Vec<u8>);
+
+impl ClusterKey {
+    /// A key from its text, at least [`MIN_CLUSTER_KEY_CHARS`] characters.
+    pub fn new(text: &str) -> Result<Self, String> {
+        if text.chars().count() < MIN_CLUSTER_KEY_CHARS {
+            return Err(format!(
+                "must be at least {MIN_CLUSTER_KEY_CHARS} characters (e.g. `openssl rand -hex 32`)"
+            ));
+        }
+        Ok(Self(text.as_bytes().to_vec()))
+    }
+
+    /// The secret's bytes.
+    pub fn secret(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(..)")
+    }
 }
 
 /// Limits while Redis is unreachable.
@@ -308,6 +342,20 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     /// `--redis`: cluster mode through this Redis.
     pub redis: Option<String>,
+    /// `PALISADE_CLUSTER_KEY` (see [`Self::with_env`]); wins over
+    /// `cluster.key`.
+    pub cluster_key: Option<String>,
+}
+
+impl Overrides {
+    /// Adds what the environment says: `PALISADE_CLUSTER_KEY`.
+    #[must_use]
+    pub fn with_env(mut self) -> Self {
+        self.cluster_key = std::env::var("PALISADE_CLUSTER_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
+        self
+    }
 }
 
 impl Config {
@@ -365,6 +413,9 @@ struct RawConfig {
     cluster: RawCluster,
     syn: RawSyn,
     routes: Vec<RawRoute>,
+    /// `PALISADE_CLUSTER_KEY`, never read from the file.
+    #[serde(skip)]
+    env_cluster_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +476,8 @@ struct RawCluster {
     failure_mode: String,
     key_prefix: String,
     redis_ca: String,
+    key: String,
+    insecure: bool,
 }
 
 impl Default for RawCluster {
@@ -437,6 +490,8 @@ impl Default for RawCluster {
             failure_mode: "open".into(),
             key_prefix: "palisade".into(),
             redis_ca: String::new(),
+            key: String::new(),
+            insecure: false,
         }
     }
 }
@@ -649,6 +704,7 @@ impl RawConfig {
         if let Some(redis) = &o.redis {
             self.cluster.redis.clone_from(redis);
         }
+        self.env_cluster_key.clone_from(&o.cluster_key);
     }
 
     fn sections(&self) -> raw::Sections<'_> {
@@ -998,7 +1054,24 @@ impl RawConfig {
                 Some(ca)
             }
         };
+        let key = match (&self.env_cluster_key, c.key.as_str()) {
+            (Some(env), _) => Some(
+                ClusterKey::new(env)
+                    .map_err(|m| at(p!("cluster", "key"), format!("PALISADE_CLUSTER_KEY {m}")))?,
+            ),
+            (None, "") => None,
+            (None, text) => Some(ClusterKey::new(text).map_err(|m| at(p!("cluster", "key"), m))?),
+        };
+        if key.is_none() && !c.insecure {
+            return Err(at(
+                p!("cluster", "key"),
+                "cluster mode needs a key to sign what the nodes share: set cluster.key or \
+                 PALISADE_CLUSTER_KEY (at least 32 characters, the same on every node), or \
+                 cluster.insecure = true to trust anyone who can write to Redis",
+            ));
+        }
         Ok(Some(ClusterSettings {
+            key,
             redis_ca,
             redis,
             redis_cluster: c.redis_cluster,
@@ -1248,6 +1321,52 @@ mod tests {
         let cfg = parse("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nrate = 5000000\n").unwrap();
         let q = cfg.shield.limit.unwrap().quota;
         assert_eq!((q.rate.get(), q.window_limit.get()), (5_000_000, 1_000_000));
+    }
+
+    #[test]
+    fn cluster_mode_needs_a_long_enough_key_or_says_insecure() {
+        let base = "[server]\nupstreams = [\"http://a:1\"]\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\n";
+        let e = err(base);
+        assert!(
+            e.starts_with("test.toml:3:2: cluster.key: cluster mode needs a key"),
+            "{e}"
+        );
+        let e = err(&format!("{base}key = \"short\"\n"));
+        assert_eq!(
+            e,
+            "test.toml:5:1: cluster.key: must be at least 32 characters (e.g. `openssl rand -hex 32`)"
+        );
+        let long = "k".repeat(32);
+        let c = parse(&format!("{base}key = \"{long}\"\n"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.key.as_ref().map(ClusterKey::secret), Some(long.as_bytes()));
+        // Configs are printed: the key is not.
+        assert!(!format!("{c:?}").contains(&long));
+        let c = parse(&format!("{base}insecure = true\n"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert!(c.key.is_none());
+        // The environment wins over the file, and is checked too.
+        let env = |k: &str| Overrides {
+            cluster_key: Some(k.into()),
+            ..Default::default()
+        };
+        let c = Config::parse(&format!("{base}key = \"{long}\"\n"), "t", &env(&"e".repeat(40)))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(
+            c.key.as_ref().map(ClusterKey::secret),
+            Some("e".repeat(40).as_bytes())
+        );
+        let e = Config::parse(base, "t", &env("short")).unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.key: PALISADE_CLUSTER_KEY must be at least 32"),
+            "{e}"
+        );
     }
 
     #[test]

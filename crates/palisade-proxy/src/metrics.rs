@@ -195,6 +195,9 @@ pub struct Metrics {
     pub cluster_sync_errors: Counter,
     /// Requests refused by the shared (cluster) limit.
     pub cluster_limited: Counter,
+    /// Shared records ignored, by `reason`: `unauthenticated`, `malformed`,
+    /// `out_of_range`, `refused` (policy), `stale`.
+    pub cluster_records_rejected: Family<ReasonLabel, Counter>,
     /// SYNs to the listener seen by the capture socket since start.
     pub syn_seen: Gauge,
     /// SYNs per second to the listener (last 100 ms).
@@ -442,6 +445,12 @@ impl Metrics {
             "Requests refused by a shared (cluster-wide) limit",
             cluster_limited.clone(),
         );
+        let cluster_records_rejected = Family::default();
+        registry.register(
+            "cluster_records_rejected",
+            "Shared cluster records ignored by reason: unauthenticated, malformed, out_of_range, refused (policy), stale (replayed or overtaken)",
+            cluster_records_rejected.clone(),
+        );
         let syn_seen = Gauge::default();
         registry.register(
             "syn_seen",
@@ -504,6 +513,7 @@ impl Metrics {
             cluster_events,
             cluster_sync_errors,
             cluster_limited,
+            cluster_records_rejected,
             store_entries,
             store_watermark,
             store_bytes,

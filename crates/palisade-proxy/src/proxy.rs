@@ -421,26 +421,49 @@ impl App {
         }
     }
 
-    /// Applies a score change or ban another node published.
-    pub fn apply_cluster_event(&self, e: &ScoreEvent) {
+    /// Applies a score change or ban another node published; `Err` says
+    /// why this node's policy refuses it (never-ban set, prefix minimums,
+    /// longest ban), whoever signed it.
+    pub fn apply_cluster_event(&self, e: &ScoreEvent) -> Result<(), String> {
         if e.ban {
             let Some(syn) = self.syn.get() else {
                 tracing::debug!(net = %e.net, "cluster ban ignored: the SYN defense is off here");
-                return;
+                return Ok(());
             };
             let now = palisade_core::unix_now();
             let result = if e.expires > now {
-                syn.ban_from_cluster(e.net, e.expires).map_err(|e| e.to_string())
+                syn.ban_from_cluster(e.net, e.expires)
             } else {
-                syn.unban(e.net).map(drop)
+                return syn.unban(e.net).map(drop).or_else(|err| {
+                    tracing::error!(net = %e.net, "cluster unban not applied: {err}");
+                    Ok(())
+                });
             };
-            if let Err(err) = result {
-                tracing::error!(net = %e.net, "cluster ban not applied: {err}");
-            }
-            return;
+            return match result {
+                Ok(()) => Ok(()),
+                Err(err) if err.is_refusal() => Err(err.to_string()),
+                Err(err) => {
+                    tracing::error!(net = %e.net, "cluster ban not applied: {err}");
+                    Ok(())
+                }
+            };
         }
         let rt = self.runtime();
-        let Some(rep) = rt.shield.reputation() else { return };
+        let Some(rep) = rt.shield.reputation() else {
+            return Ok(());
+        };
+        // A score is about one client: an address, or an IPv6 prefix no
+        // wider than this node's client key.
+        let narrowest = match e.net {
+            ipnet::IpNet::V4(_) => 32,
+            ipnet::IpNet::V6(_) => rt.config.shield.ipv6_prefix,
+        };
+        if e.net.prefix_len() < narrowest {
+            return Err(format!("{} is wider than one client (/{narrowest})", e.net));
+        }
+        if let Some(why) = self.cluster.as_ref().and_then(|c| c.protected(&e.net)) {
+            return Err(why);
+        }
         let key = ClientKey::from_ip(e.net.addr(), rt.config.shield.ipv6_prefix);
         let now = self.now();
         match e.score {
@@ -452,6 +475,7 @@ impl App {
                 rep.reset(&key);
             }
         }
+        Ok(())
     }
 
     /// The runtime in force (config, shield, upstreams).
@@ -506,11 +530,18 @@ impl App {
         for u in runtime.upstreams.iter().filter(|u| u.breaker.is_some()) {
             self.metrics.zero_upstream(u.label);
         }
-        if let Some(d) = self.syn.get() {
+        if self.syn.get().is_some() || self.cluster.is_some() {
             // Resolves names: off the async workers.
             let config = runtime.config.clone();
             match tokio::task::spawn_blocking(move || NeverBan::build(&config)).await {
-                Ok(never_ban) => d.set_never_ban(never_ban),
+                Ok(never_ban) => {
+                    if let Some(c) = &self.cluster {
+                        c.set_never_ban(never_ban.clone());
+                    }
+                    if let Some(d) = self.syn.get() {
+                        d.set_never_ban(never_ban);
+                    }
+                }
                 Err(e) => tracing::error!("never-ban set not rebuilt, the old one stays: {e}"),
             }
         }

@@ -100,6 +100,18 @@ impl Redis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// Runs one command with `redis-cli`, as anyone who can write to this
+    /// Redis could; returns its output.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli (redis-tools) is needed");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
 }
 
 impl Drop for Redis {
@@ -152,11 +164,21 @@ impl RedisCluster {
     }
 }
 
+/// The cluster key of these tests.
+const KEY: &str = "test-cluster-key-0123456789abcdef";
+
 async fn node(redis: &Redis, name: &str, extra: &str) -> Harness {
+    node_with(redis, name, "sync_interval = \"20ms\"\n", extra).await
+}
+
+/// A node with more `[cluster]` keys. Without a `[syn]` table in `extra`,
+/// [`SYN`]: loopback is never banned nor scored by the cluster otherwise.
+async fn node_with(redis: &Redis, name: &str, cluster: &str, extra: &str) -> Harness {
+    let syn = if extra.contains("[syn]") { "" } else { SYN };
     Harness::start(
         "",
         &format!(
-            "[cluster]\nredis = \"{}\"\nsync_interval = \"20ms\"\nnode_name = \"{name}\"\n{extra}",
+            "[cluster]\nredis = \"{}\"\nnode_name = \"{name}\"\nkey = \"{KEY}\"\n{cluster}{extra}\n{syn}",
             redis.url()
         ),
     )
@@ -203,6 +225,15 @@ async fn set_score(h: &Harness, ip: &str, score: u8) {
         .unwrap();
     let (status, _, body) = h.admin_client().await.send(req).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Dry-run firewalls: the bans are enforced at accept by each daemon, the
+/// host's kernel is left alone. Loopback bans are the only ones a loopback
+/// test can observe.
+const SYN: &str = "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\nnever_ban_loopback = false\n";
+
+async fn bans_of(h: &Harness) -> String {
+    h.admin_request("GET", "/api/v1/bans", "").await.1
 }
 
 const LIMITS: &str =
@@ -330,7 +361,7 @@ async fn a_redis_cluster_works_too() {
         Harness::start(
             "",
             &format!(
-                "[cluster]\nredis = \"{}\"\nredis_cluster = true\nsync_interval = \"20ms\"\nnode_name = \"{name}\"\n{LIMITS}",
+                "[cluster]\nredis = \"{}\"\nredis_cluster = true\nsync_interval = \"20ms\"\nnode_name = \"{name}\"\nkey = \"{KEY}\"\n{LIMITS}{SYN}",
                 rc.urls()
             ),
         )
@@ -408,7 +439,7 @@ async fn rediss_with_a_private_ca() {
     let ca = redis.dir.join("cert.pem");
     let cfg = |ca: &str| {
         format!(
-            "[cluster]\nredis = \"rediss://127.0.0.1:{}\"\nsync_interval = \"20ms\"\nredis_ca = \"{ca}\"\n",
+            "[cluster]\nredis = \"rediss://127.0.0.1:{}\"\nsync_interval = \"20ms\"\nredis_ca = \"{ca}\"\nkey = \"{KEY}\"\n",
             redis.port
         )
     };
@@ -421,7 +452,7 @@ async fn rediss_with_a_private_ca() {
     let untrusted = Harness::start(
         "",
         &format!(
-            "[cluster]\nredis = \"rediss://127.0.0.1:{}\"\nsync_interval = \"20ms\"\n",
+            "[cluster]\nredis = \"rediss://127.0.0.1:{}\"\nsync_interval = \"20ms\"\nkey = \"{KEY}\"\n",
             redis.port
         ),
     )
@@ -441,53 +472,28 @@ async fn rediss_with_a_private_ca() {
 #[tokio::test]
 async fn kernel_bans_reach_every_node() {
     let Some(redis) = Redis::start() else { return };
-    // Dry-run firewalls: the bans are enforced at accept by each daemon,
-    // the host's kernel is left alone.
-    // Loopback bans are the only ones a loopback test can observe.
-    let syn = "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\nnever_ban_loopback = false\n";
+    let syn = SYN;
     let a = node(&redis, "a", syn).await;
     let b = node(&redis, "b", syn).await;
     all_up(&[&a, &b]).await;
-    let send = async |h: &Harness, method: &str, path: &str, body: &str| {
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost")
-            .header("authorization", "Bearer test-token-0123456789")
-            .body(Full::new(Bytes::from(body.to_owned())))
-            .unwrap();
-        h.admin_client().await.send(req).await
-    };
-    let listed = async |h: &Harness| send(h, "GET", "/api/v1/bans", "").await.2;
-    let (status, _, body) = send(
-        &a,
-        "POST",
-        "/api/v1/bans",
-        r#"{"ip": "127.0.0.50", "duration": "5m"}"#,
-    )
-    .await;
+    let (status, body) = a
+        .admin_request(
+            "POST",
+            "/api/v1/bans",
+            r#"{"ip": "127.0.0.50", "duration": "5m"}"#,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let took = eventually("B holds A's ban", async || {
-        listed(&b).await.contains("127.0.0.50/32")
+        bans_of(&b).await.contains("127.0.0.50/32")
     })
     .await;
     eprintln!("kernel ban on node A held by node B after {took:?}");
-    assert!(listed(&b).await.contains("\"reason\":\"cluster\""));
+    assert!(bans_of(&b).await.contains("\"reason\":\"cluster\""));
     // B refuses the banned address at accept.
-    let mut s = common::connect_from("127.0.0.50", b.proxy()).await;
-    let answer = {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        let mut buf = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-            .await
-            .unwrap()
-            .map(|_| buf)
-    };
-    assert!(
-        answer.is_err() || answer.as_ref().is_ok_and(|b| b.is_empty()),
-        "B served a banned client: {answer:?}"
-    );
+    if let Err(answer) = common::refused_at_accept("127.0.0.50", b.proxy()).await {
+        panic!("B served a banned client: {answer}");
+    }
     assert!(
         metric(
             &b.metrics().await,
@@ -497,15 +503,184 @@ async fn kernel_bans_reach_every_node() {
     // A late node learns it from Redis; lifting it on A lifts it everywhere.
     let late = node(&redis, "late", syn).await;
     eventually("the late node holds the ban", async || {
-        listed(&late).await.contains("127.0.0.50/32")
+        bans_of(&late).await.contains("127.0.0.50/32")
     })
     .await;
-    let (status, _, body) = send(&a, "DELETE", "/api/v1/bans/127.0.0.50", "").await;
+    let (status, body) = a.admin_request("DELETE", "/api/v1/bans/127.0.0.50", "").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     for h in [&b, &late] {
         eventually("the ban is lifted everywhere", async || {
-            !listed(h).await.contains("127.0.0.50/32")
+            !bans_of(h).await.contains("127.0.0.50/32")
         })
         .await;
     }
+}
+
+/// Someone who can write to Redis but does not hold the cluster key: a
+/// real ban copied to the field of a whole /24, an unsigned ban of the
+/// whole Internet, an unsigned score of 0, a heartbeat that is not a
+/// number; and a key holder asking for what policy refuses (a ban of
+/// `0.0.0.0/0`, a score of 0 for a never-banned address). Before records
+/// were signed the copied ban took every 127.0.1.x client off both nodes,
+/// the score was applied, and the heartbeat failed every sync.
+#[tokio::test]
+async fn forged_records_in_redis_are_ignored_and_counted() {
+    let Some(redis) = Redis::start() else { return };
+    let syn = format!("{SYN}never_ban = [\"127.0.0.80\"]\n");
+    let a = node(&redis, "a", &syn).await;
+    let b = node(&redis, "b", &syn).await;
+    all_up(&[&a, &b]).await;
+    let (status, body) = a
+        .admin_request(
+            "POST",
+            "/api/v1/bans",
+            r#"{"ip": "127.0.0.50", "duration": "5m"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually("B holds A's ban", async || {
+        bans_of(&b).await.contains("127.0.0.50/32")
+    })
+    .await;
+
+    let (events, bans, rep, nodes) = (
+        "{palisade}:events",
+        "{palisade}:bans",
+        "{palisade}:rep",
+        "{palisade}:nodes",
+    );
+    let real = redis.cli(&["HGET", bans, "127.0.0.50/32"]);
+    assert_eq!(real.split(' ').count(), 4, "a ban record carries its MAC: {real}");
+    let value = real.rsplit_once(' ').unwrap().0.to_owned();
+    let now = palisade_core::unix_now_ms();
+    let ban_value = format!("- {} {now}", now / 1000 + 600);
+    let score_value = format!("0 0 {now}");
+    // Unsigned, or signed for another record.
+    for (hash, net, kind, v, stored) in [
+        (bans, "127.0.1.0/24", "ban", value.as_str(), real.as_str()),
+        (bans, "0.0.0.0/0", "ban", &ban_value, &ban_value),
+        (rep, "127.0.0.70/32", "score", &score_value, &score_value),
+    ] {
+        redis.cli(&["HSET", hash, net, stored]);
+        let copied_mac = real.rsplit(' ').next().unwrap();
+        redis.cli(&[
+            "XADD", events, "*", "node", "mallory", "net", net, "k", kind, "v", v, "mac", copied_mac,
+        ]);
+    }
+    // Signed with the cluster key, refused by policy on every node.
+    let sign = |parts: &[&str]| palisade_proxy::cluster::record_mac(KEY.as_bytes(), parts);
+    for (hash, net, kind, v) in [
+        (bans, "0.0.0.0/0", "ban", &ban_value),
+        (rep, "127.0.0.80/32", "score", &score_value),
+    ] {
+        let mac = sign(&[events, "mallory", net, kind, v]);
+        redis.cli(&[
+            "XADD", events, "*", "node", "mallory", "net", net, "k", kind, "v", v, "mac", &mac,
+        ]);
+        if net != "0.0.0.0/0" {
+            redis.cli(&["HSET", hash, net, &format!("{v} {}", sign(&[hash, net, v]))]);
+        }
+    }
+    redis.cli(&["HSET", nodes, "mallory", "not-a-number"]);
+    let errors_before = cluster_status(&b).await["errors"].as_u64().unwrap();
+
+    // The sync goes on: a real ban made afterwards still reaches B.
+    let (status, body) = a
+        .admin_request(
+            "POST",
+            "/api/v1/bans",
+            r#"{"ip": "127.0.0.51", "duration": "5m"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually("B holds A's second ban", async || {
+        bans_of(&b).await.contains("127.0.0.51/32")
+    })
+    .await;
+    // A heartbeat round (once a second) has read the garbage field.
+    eventually("B counts the forged heartbeat", async || {
+        metric(
+            &b.metrics().await,
+            "palisade_cluster_records_rejected_total{reason=\"unauthenticated\"}",
+        ) >= 4.0
+    })
+    .await;
+    // And a late node that catches up from the hashes.
+    let late = node(&redis, "late", &syn).await;
+    eventually("the late node holds the real bans", async || {
+        let bans = bans_of(&late).await;
+        bans.contains("127.0.0.50/32") && bans.contains("127.0.0.51/32")
+    })
+    .await;
+    for h in [&a, &b, &late] {
+        assert_eq!(cluster_status(h).await["up"], true);
+        let bans = bans_of(h).await;
+        assert!(
+            !bans.contains("127.0.1.0/24") && !bans.contains("0.0.0.0/0"),
+            "{bans}"
+        );
+        for client in ["127.0.1.60", "127.0.0.70", "127.0.0.80"] {
+            assert_eq!(status_from(h, client).await, StatusCode::OK, "{client}");
+        }
+        let score = async |ip: &str| {
+            let (_, explain) = h
+                .admin_request("GET", &format!("/api/v1/reputation/{ip}"), "")
+                .await;
+            let v: serde_json::Value = serde_json::from_str(&explain).unwrap();
+            (v["score"].as_f64().unwrap(), explain)
+        };
+        let (untouched, _) = score("127.0.0.71").await;
+        for ip in ["127.0.0.70", "127.0.0.80"] {
+            let (s, explain) = score(ip).await;
+            assert_eq!(s, untouched, "a forged score was applied: {explain}");
+        }
+    }
+    let errors_after = cluster_status(&b).await["errors"].as_u64().unwrap();
+    assert_eq!(
+        errors_before, errors_after,
+        "the forged heartbeat failed B's syncs"
+    );
+    let m = b.metrics().await;
+    // The copy, the /0, the score (stream), the heartbeat.
+    assert!(
+        metric(
+            &m,
+            "palisade_cluster_records_rejected_total{reason=\"unauthenticated\"}"
+        ) >= 4.0
+    );
+    // The signed /0 and the signed score of a never-banned address.
+    assert_eq!(
+        metric(&m, "palisade_cluster_records_rejected_total{reason=\"refused\"}"),
+        2.0
+    );
+    // Shared keys of the wrong type are dropped, not a reason to stop.
+    for key in [nodes, rep, events] {
+        redis.cli(&["DEL", key]);
+        redis.cli(&["SET", key, "garbage"]);
+    }
+    let (status, body) = a
+        .admin_request(
+            "POST",
+            "/api/v1/bans",
+            r#"{"ip": "127.0.0.52", "duration": "5m"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually("B holds a ban made after the keys were clobbered", async || {
+        bans_of(&b).await.contains("127.0.0.52/32")
+    })
+    .await;
+    all_up(&[&a, &b]).await;
+    let m = late.metrics().await;
+    // From the hashes: the copy, the /0, the score; and the heartbeat.
+    assert!(
+        metric(
+            &m,
+            "palisade_cluster_records_rejected_total{reason=\"unauthenticated\"}"
+        ) >= 4.0
+    );
+    assert_eq!(
+        metric(&m, "palisade_cluster_records_rejected_total{reason=\"refused\"}"),
+        1.0
+    );
 }

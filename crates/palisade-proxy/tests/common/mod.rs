@@ -70,6 +70,37 @@ impl Harness {
     pub async fn metrics(&self) -> String {
         self.admin_client().await.get("/metrics").await.2
     }
+
+    /// An authenticated admin API request.
+    pub async fn admin_request(&self, method: &str, path: &str, body: &str) -> (StatusCode, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("authorization", "Bearer test-token-0123456789")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let (status, _, body) = self.admin_client().await.send(req).await;
+        (status, body)
+    }
+}
+
+/// Whether a fresh connection from `source` to `to` is closed before it is
+/// answered (how a banned address is refused at accept); `Err` holds what
+/// the server answered.
+pub async fn refused_at_accept(source: &str, to: SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = connect_from(source, to).await;
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the server neither answered nor closed the connection in 5 s");
+    match read {
+        Err(_) => Ok(()),
+        Ok(_) if buf.is_empty() => Ok(()),
+        Ok(_) => Err(String::from_utf8_lossy(&buf).into_owned()),
+    }
 }
 
 /// A config on ephemeral loopback ports with admin token
