@@ -1003,3 +1003,113 @@ fn openssl_keys_and_signatures_interoperate() {
     assert!(!ok("wrong.sig"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The task-leak watchdog end to end: connections that never end, opened
+/// after the watchdog's first sample, grow the live task count; a minute
+/// later the spawn site of client connections is named in a log line and
+/// in `palisade_task_growth_alerts_total{site}`, once.
+#[test]
+fn a_leaking_task_site_is_named_in_the_log_and_the_alert_metric() {
+    let (demo, _demo) = demo_upstream();
+    let config = temp_file(
+        "watchdog.toml",
+        &format!(
+            "[server]\nupstreams = [\"http://{demo}\"]\nidle_timeout = \"10m\"\n[syn]\nenabled = false\n\
+             [admin]\ntoken = \"t0ken-0123456789\"\n[connections]\nnew_per_ip_per_second = 0\n\
+             [watchdog]\ninterval = \"1s\"\nmin_tasks = 20\n"
+        ),
+    );
+    let mut child = Reaped(
+        palisade()
+            .args([
+                "--log-format",
+                "json",
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Log lines, read on a thread so that waiting for one is bounded.
+    let (lines, log) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stderr = BufReader::new(child.0.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines() {
+            let Ok(line) = line else { return };
+            if let Ok(v) = serde_json::from_str(&line)
+                && lines.send(v).is_err()
+            {
+                return;
+            }
+        }
+    });
+    // Waits at most `bound` for each line until one says `message`.
+    let next = |message: &str, bound: Duration| -> serde_json::Value {
+        loop {
+            match log.recv_timeout(bound) {
+                Ok(v) if v["message"] == message => return v,
+                Ok(_) => {}
+                Err(e) => panic!("no {message:?} log line: {e}"),
+            }
+        }
+    };
+    let running = next("palisade running", Duration::from_secs(30));
+    let addr = |field: &str| running[field].as_str().unwrap().parse::<SocketAddr>().unwrap();
+    let (proxy, admin) = (addr("proxy"), addr("admin"));
+    let metrics = || http(admin, "GET", "/metrics", "");
+    let alive = |m: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("palisade_tasks_alive ")?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    // The baseline: the watchdog's first sample, before the leak.
+    let mut sampled = false;
+    for _ in 0..100 {
+        if alive(&metrics()) > 0.0 {
+            sampled = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(sampled, "the watchdog never sampled");
+    let before = alive(&metrics());
+    // The leak: 60 keep-alive connections, each served once and then held.
+    let held: Vec<BufReader<TcpStream>> = (0..60)
+        .map(|_| {
+            let mut s = BufReader::new(TcpStream::connect(proxy).unwrap());
+            s.get_ref()
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            write!(s.get_mut(), "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut status = String::new();
+            s.read_line(&mut status).unwrap();
+            assert!(status.starts_with("HTTP/1.1 200 "), "{status}");
+            s
+        })
+        .collect();
+    // Growth counts against the sample a minute old: the alert comes a
+    // minute after the baseline, and only then.
+    let alert = next("task count growing: possible leak", Duration::from_secs(180));
+    let site = alert["site"].as_str().unwrap().to_owned();
+    assert!(
+        site.starts_with("crates/palisade-proxy/src/server.rs:"),
+        "{alert}"
+    );
+    assert!(alert["grew_by"].as_i64().unwrap() >= 60, "{alert}");
+    assert!(
+        alert["tasks_a_minute_ago"].as_f64().unwrap() <= before + 5.0,
+        "{alert} {before}"
+    );
+    let m = metrics();
+    let series = format!("palisade_task_growth_alerts_total{{site=\"{site}\"}} ");
+    let count: Vec<&str> = m.lines().filter_map(|l| l.strip_prefix(&series)).collect();
+    assert_eq!(count, ["1"], "{m}");
+    drop(held);
+}
