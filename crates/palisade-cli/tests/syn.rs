@@ -112,6 +112,26 @@ fn stop(mut p: Reaped) {
     let _ = p.0.wait();
 }
 
+/// `palisade bans ARGS` against the daemon in `srv`; its output.
+fn bans_cli(srv: &Netns, args: &[&str]) -> String {
+    let out = srv
+        .exec(
+            &[
+                &[env!("CARGO_BIN_EXE_palisade"), "bans"][..],
+                args,
+                &["--admin", "127.0.0.1:9090", "--token", "t0ken-0123456789"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bans {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..200 {
         if check() {
@@ -237,24 +257,7 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
     });
 
     // The operator's view and hands: palisade bans list|del|add.
-    let cli = |args: &[&str]| {
-        let out = srv
-            .exec(
-                &[
-                    &[env!("CARGO_BIN_EXE_palisade"), "bans"][..],
-                    args,
-                    &["--admin", "127.0.0.1:9090", "--token", "t0ken-0123456789"],
-                ]
-                .concat(),
-            )
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "bans {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| bans_cli(&srv, args);
     let listed = cli(&["list"]);
     assert!(
         listed.contains("198.18.3.2/32") && listed.contains("syn_flood"),
@@ -279,6 +282,75 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
     let set = out(&srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
     assert!(set.contains("198.18.3.2"), "ban not restored: {set}");
     stop(again);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `kill -9` leaves no chance to clean up or save: the kernel set keeps the
+/// bans while the daemon is dead (nftables), and the restarted daemon
+/// takes them back from `bans.json` in the `[state]` directory with their
+/// original expiry, in the kernel (nftables) or at accept (dry run).
+#[test]
+fn bans_survive_kill_9_and_a_restart() {
+    let Some((srv, att)) = topology() else { return };
+    let dir = scratch("palisade-syn-kill");
+    let _demo = demo(&srv);
+    for firewall in ["nftables", "dry-run"] {
+        let cfg = config(&dir, firewall);
+        let mut daemon = start(&srv, &cfg);
+        eventually("the legit client is served", || {
+            get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/")
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        });
+        bans_cli(&srv, &["add", "198.18.3.2", "--duration", "10m"]);
+        assert!(
+            get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none(),
+            "{firewall}: the ban did not hold"
+        );
+        let expires_in = |srv: &Netns| {
+            let stats = json(&get(srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+            stats["bans"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["net"] == "198.18.3.2/32")
+                .map(|b| b["expires_in_secs"].as_u64().unwrap())
+        };
+        let before = expires_in(&srv).expect("the ban is listed");
+        // Long enough that a ban made afresh at restart would expire later.
+        std::thread::sleep(Duration::from_secs(2));
+        let kernel_set = || out(&srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
+
+        daemon.0.kill().unwrap();
+        let _ = daemon.0.wait();
+        if firewall == "nftables" {
+            assert!(
+                kernel_set().contains("198.18.3.2"),
+                "the dead daemon's ban is gone from the kernel"
+            );
+        }
+        let again = start(&srv, &cfg);
+        let after = expires_in(&srv).expect("the ban is listed after the restart");
+        assert!(
+            after < before,
+            "{firewall}: the ban was not restored as it was ({before} s, then {after} s)"
+        );
+        if firewall == "nftables" {
+            assert!(
+                kernel_set().contains("198.18.3.2"),
+                "ban not in the kernel after the restart"
+            );
+        } else {
+            let tables = out(&srv, &["nft", "list", "tables"]);
+            assert!(tables.trim().is_empty(), "a dry run changed the kernel: {tables}");
+        }
+        assert!(
+            get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none(),
+            "{firewall}: served after the restart"
+        );
+        let legit = get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").unwrap();
+        assert!(legit.starts_with("HTTP/1.1 200"), "{legit}");
+        stop(again);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -684,3 +684,119 @@ async fn forged_records_in_redis_are_ignored_and_counted() {
         1.0
     );
 }
+
+/// What `failure_mode = "closed"` promises: with Redis gone, each node
+/// assumes every other live node admitted as much as it did, so two nodes
+/// each admit about half the shared limit; `"open"` nodes each admit the
+/// whole limit. Both pairs share one Redis (different key prefixes), which
+/// is killed under them.
+#[tokio::test]
+async fn with_redis_down_closed_nodes_admit_their_share_and_open_ones_the_whole_limit() {
+    let Some(mut redis) = Redis::start() else { return };
+    let pair = async |mode: &str| {
+        let cluster =
+            format!("sync_interval = \"20ms\"\nfailure_mode = \"{mode}\"\nkey_prefix = \"{mode}\"\n");
+        let a = node_with(&redis, &format!("{mode}-a"), &cluster, LIMITS).await;
+        let b = node_with(&redis, &format!("{mode}-b"), &cluster, LIMITS).await;
+        (a, b)
+    };
+    let (closed, closed_peer) = pair("closed").await;
+    let (open, open_peer) = pair("open").await;
+    all_up(&[&closed, &closed_peer, &open, &open_peer]).await;
+    for h in [&closed, &open] {
+        eventually("the node sees its peer", async || {
+            cluster_status(h).await["peers"] == 1
+        })
+        .await;
+    }
+    redis.kill();
+    for h in [&closed, &open] {
+        eventually("the node notices Redis is gone", async || {
+            cluster_status(h).await["up"] == false
+        })
+        .await;
+    }
+    // One client as fast as it goes to one node of each pair (limit 50/s),
+    // counted over the measured span: an open node admits about 50 × (1 +
+    // span) of the 150, more than any closed one may, as long as the 150
+    // take less than about 5 s.
+    let mut admitted = Vec::new();
+    for (h, client) in [(&closed, "127.0.0.20"), (&open, "127.0.0.21")] {
+        let mut c = h.client(client).await;
+        let start = Instant::now();
+        let mut ok = 0u32;
+        for _ in 0..150 {
+            if c.get("/").await.0 == StatusCode::OK {
+                ok += 1;
+            }
+        }
+        admitted.push((ok, start.elapsed().as_secs_f64()));
+    }
+    let [(closed_ok, closed_span), (open_ok, open_span)] = admitted[..] else {
+        unreachable!()
+    };
+    eprintln!(
+        "Redis down, limit 50/s, 150 requests: closed node admitted {closed_ok} in {closed_span:.3} s, \
+         open node {open_ok} in {open_span:.3} s"
+    );
+    // Half the sliding limit over the span (the peer is assumed to have
+    // admitted as much), one request of rounding.
+    let closed_bound = 25.0 * (1.0 + closed_span) + 1.0;
+    assert!(
+        f64::from(closed_ok) <= closed_bound,
+        "closed: {closed_ok} admitted, bound {closed_bound:.0}"
+    );
+    assert!(closed_ok >= 20, "closed: only {closed_ok} admitted");
+    // Open: the node's own limit alone, more than a closed node's share.
+    assert!(
+        f64::from(open_ok) <= 50.0 * (1.0 + open_span) + 1.0,
+        "open: {open_ok} admitted"
+    );
+    assert!(
+        f64::from(open_ok) > 25.0 * (1.0 + open_span) + 1.0,
+        "open: {open_ok} admitted in {open_span:.3} s, no more than a closed node may"
+    );
+}
+
+/// A ban made on node A is held by node B within one second, at the
+/// default `sync_interval` (50 ms): measured from A's answer to B listing
+/// it, polled every 10 ms through B's admin API. Both kinds: a kernel ban
+/// and a score of 0.
+#[tokio::test]
+async fn a_ban_reaches_the_other_node_within_a_second() {
+    let Some(redis) = Redis::start() else { return };
+    let a = node_with(&redis, "a", "", "").await;
+    let b = node_with(&redis, "b", "", "").await;
+    all_up(&[&a, &b]).await;
+    let mut kernel = Vec::new();
+    let mut score = Vec::new();
+    for i in 0..5 {
+        let ip = format!("127.0.0.{}", 100 + i);
+        let body = format!(r#"{{"ip": "{ip}", "duration": "5m"}}"#);
+        let (status, text) = a.admin_request("POST", "/api/v1/bans", &body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        kernel.push(
+            eventually("B holds the ban", async || {
+                bans_of(&b).await.contains(&format!("{ip}/32"))
+            })
+            .await,
+        );
+
+        let ip = format!("127.0.0.{}", 110 + i);
+        set_score(&a, &ip, 0).await;
+        score.push(
+            eventually("B has the score", async || {
+                let (_, body) = b
+                    .admin_request("GET", &format!("/api/v1/reputation/{ip}"), "")
+                    .await;
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                v["score"].as_f64().is_some_and(|s| s < 1.0)
+            })
+            .await,
+        );
+    }
+    eprintln!("ban on A held by B after: kernel bans {kernel:?}, scores {score:?}");
+    for took in kernel.iter().chain(&score) {
+        assert!(*took < Duration::from_secs(1), "a ban took {took:?} to reach B");
+    }
+}
