@@ -787,6 +787,15 @@ fn a_signed_feed_end_to_end() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // With a feed key the snapshot must be signed too.
+    let out = palisade()
+        .args(["store", "sign"])
+        .arg(&store)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let genuine = delta_text("+,198.51.100.7,0,feed,deny\n");
     let delta = dir.join("rep.delta");
     std::fs::write(&delta, &genuine).unwrap();

@@ -1094,8 +1094,19 @@ impl RawConfig {
             return Ok(None);
         }
         let path = resolve(base, &s.path);
-        // Checked now so that a bad file is a config error with a line.
-        palisade_store::Snapshot::open(&path).map_err(|e| at(p!("store", "path"), e.to_string()))?;
+        let feed_public_key = match s.feed_public_key.as_str() {
+            "" => None,
+            key => Some(PublicKey::parse(key).map_err(|m| {
+                at(
+                    p!("store", "feed_public_key"),
+                    format!("not an Ed25519 public key: {m}"),
+                )
+            })?),
+        };
+        // Checked now so that a bad (or, with a key, unsigned) file is a
+        // config error with a line.
+        palisade_store::Snapshot::open_trusted(&path, feed_public_key.as_ref())
+            .map_err(|e| at(p!("store", "path"), e.to_string()))?;
         let feed = match s.feed.as_str() {
             "" => None,
             url if url.starts_with("http://") || url.starts_with("https://") => {
@@ -1135,15 +1146,6 @@ impl RawConfig {
                 crate::feed::roots(Some(&ca)).map_err(|m| at(p!("store", "feed_ca"), m))?;
                 Some(ca)
             }
-        };
-        let feed_public_key = match s.feed_public_key.as_str() {
-            "" => None,
-            key => Some(PublicKey::parse(key).map_err(|m| {
-                at(
-                    p!("store", "feed_public_key"),
-                    format!("not an Ed25519 public key: {m}"),
-                )
-            })?),
         };
         if feed_public_key.is_some() && s.feed_unsigned {
             return Err(at(

@@ -66,6 +66,8 @@ impl From<palisade_store::Error> for FeedError {
         let reason = match &e {
             E::Parse { .. } | E::TooMany { .. } => "malformed",
             E::OutOfOrder { .. } => "out_of_order",
+            E::Untrusted { missing: true, .. } => "unsigned",
+            E::Untrusted { missing: false, .. } => "bad_signature",
             E::Io { .. } | E::Corrupt { .. } => "write",
         };
         Self::new(reason, e.to_string())
@@ -439,6 +441,9 @@ pub async fn reload(cell: Arc<StoreCell>, metrics: &Metrics) -> Result<(), Strin
         }
         Err(e) => {
             Metrics::inc(&metrics.store_updates, "rejected");
+            if let palisade_store::Error::Untrusted { missing, .. } = e {
+                metrics.rejected_feed(if *missing { "unsigned" } else { "bad_signature" });
+            }
             tracing::error!("reputation store reload failed, keeping the loaded one: {e}");
         }
     }
@@ -451,7 +456,9 @@ pub async fn reload(cell: Arc<StoreCell>, metrics: &Metrics) -> Result<(), Strin
 pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut etag: Option<String> = None;
     let mut feed_seen: Option<FileId> = None;
-    let mut snapshot_seen: Option<(PathBuf, Option<FileId>)> = None;
+    // The snapshot file and its signature: a signature that lands after its
+    // snapshot triggers the reload again.
+    let mut snapshot_seen: Option<(PathBuf, [Option<FileId>; 2])> = None;
     // A feed that stays broken is reported once, not at every poll: the
     // last fetch error, and the last delta that was rejected (its digest and
     // the watermark it was tried on; it may follow a later one).
@@ -468,9 +475,10 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let cell = rt.shield.config().store.clone();
         drop(rt);
         if let (Some(settings), Some(cell)) = (settings, cell) {
-            let now_id = file_id(&settings.path);
+            let ids = |path: &Path| [file_id(path), file_id(&signature_path(path))];
+            let now_id = ids(&settings.path);
             match &snapshot_seen {
-                Some((path, id)) if *path == settings.path && *id != now_id && now_id.is_some() => {
+                Some((path, id)) if *path == settings.path && *id != now_id && now_id[0].is_some() => {
                     let _ = reload(cell.clone(), &app.metrics).await;
                 }
                 _ => {}
@@ -513,7 +521,7 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             }
             // Our own writes (applied deltas) change the file too; seeing
             // them here keeps them from counting as a replacement.
-            snapshot_seen = Some((settings.path.clone(), file_id(&settings.path)));
+            snapshot_seen = Some((settings.path.clone(), ids(&settings.path)));
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

@@ -160,10 +160,11 @@ fn store_cell(config: &Config, previous: Option<&Runtime>) -> Option<Arc<StoreCe
     let settings = config.store.as_ref()?;
     if let Some(cell) = previous.and_then(|p| p.shield.config().store.clone())
         && cell.path() == Some(settings.path.as_path())
+        && cell.key() == settings.feed_public_key
     {
         return Some(cell);
     }
-    match StoreCell::open(&settings.path) {
+    match StoreCell::open_trusted(&settings.path, settings.feed_public_key) {
         Ok(cell) => {
             let info = cell.load().info();
             tracing::info!(

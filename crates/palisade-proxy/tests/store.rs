@@ -56,6 +56,12 @@ fn deny(ip: &str) -> Op {
     }
 }
 
+/// Writes `file`.sig, as `palisade store sign` does.
+fn sign_file(key: &SigningKey, file: &std::path::Path) {
+    let sig = key.sign(&std::fs::read(file).unwrap());
+    std::fs::write(palisade_store::sign::signature_path(file), sig).unwrap();
+}
+
 /// Replaces the feed file by rename, as a feed writer should: a poll never
 /// reads it half-written.
 fn publish(feed: &std::path::Path, text: &str) {
@@ -379,6 +385,7 @@ async fn a_tampered_delta_is_rejected_whole() {
     let dir = tmp("tamper");
     let path = snapshot(&dir);
     let (publisher, _) = SigningKey::generate().unwrap();
+    sign_file(&publisher, &path);
     let genuine = delta(0, 1, vec![deny("127.0.0.9/32")]);
     let tampered = delta(0, 1, vec![allow_everyone()]);
     assert!(tampered.contains("+,0.0.0.0/0,100,,allow"), "{tampered}");
@@ -554,6 +561,136 @@ async fn an_oversized_feed_body_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// With a feed key, the snapshot file must be signed too: someone who can
+/// replace `store.path` (a compromised sync job, a tampered download of the
+/// publisher's full snapshot) cannot swap in `0.0.0.0/0 allow`. The
+/// daemon's own write-backs of verified deltas stay loadable across a
+/// restart without a signature.
+#[tokio::test]
+async fn a_replaced_snapshot_needs_the_publisher_signature() {
+    let dir = tmp("snapsig");
+    let path = snapshot(&dir);
+    let (publisher, _) = SigningKey::generate().unwrap();
+    let sign = |file: &std::path::Path| sign_file(&publisher, file);
+    let feed = dir.join("feed.delta");
+    let config = format!(
+        "[store]\npath = \"{}\"\nfeed = \"{}\"\npoll_interval = \"50ms\"\nfeed_public_key = \"{}\"\n",
+        path.display(),
+        feed.display(),
+        publisher.public_key()
+    );
+    let parse = || {
+        palisade_proxy::config::Config::parse(
+            &common::config_text("http://127.0.0.1:1", "", &config),
+            "t.toml",
+            &Default::default(),
+        )
+    };
+    // Unsigned: refused at load, naming the file, the line and the key.
+    let err = parse().unwrap_err().to_string();
+    assert!(
+        err.starts_with("t.toml:10:") && err.contains("store.path") && err.contains("rep.pstore.sig"),
+        "{err}"
+    );
+    sign(&path);
+    parse().unwrap();
+    let h = Harness::start("", &config).await;
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
+
+    // A signed delta is applied and written back to the file.
+    let text = delta(0, 1, vec![deny("127.0.0.9/32")]);
+    std::fs::write(
+        palisade_store::sign::signature_path(&feed),
+        publisher.sign(text.as_bytes()),
+    )
+    .unwrap();
+    publish(&feed, &text);
+    eventually("the signed delta applied", async || {
+        status_from(&h, "127.0.0.9").await == StatusCode::FORBIDDEN
+    })
+    .await;
+    assert_eq!(Snapshot::open(&path).unwrap().watermark(), 1);
+
+    // Someone replaces the file (by rename, as a sync job would) with a
+    // store that lets everyone through.
+    let forged = dir.join("forged.pstore");
+    Builder::from_csv("0.0.0.0/0,100,,allow\n".as_bytes(), "forged")
+        .unwrap()
+        .finish(BuildOptions::default())
+        .unwrap()
+        .write_to(&forged)
+        .unwrap();
+    let before = store_info(&h).await["feed"]["rejected"].as_u64().unwrap();
+    std::fs::rename(&forged, &path).unwrap();
+    eventually("the forged snapshot refused", async || {
+        store_info(&h).await["feed"]["rejected"].as_u64() > Some(before)
+    })
+    .await;
+    let info = store_info(&h).await;
+    assert_eq!(info["watermark"], 1, "{info}");
+    assert!(
+        info["feed"]["last_error"].as_str().unwrap().contains("signature"),
+        "{info}"
+    );
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
+    assert_eq!(status_from(&h, "127.0.0.9").await, StatusCode::FORBIDDEN);
+    let mut admin = h.admin_client().await;
+    let reload = || {
+        http::Request::post("/api/v1/store/reload")
+            .header("host", "localhost")
+            .header("authorization", "Bearer test-token-0123456789")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let (status, _, body) = admin.send(reload()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
+    let m = h.metrics().await;
+    assert!(metric(&m, "palisade_feed_rejected_total{reason=\"bad_signature\"}") >= 1.0);
+
+    // The publisher's own replacement, signed, is taken.
+    let next = dir.join("next.pstore");
+    let mut builder = Builder::from_csv("127.0.0.8,0,,deny\n".as_bytes(), "next").unwrap();
+    builder.watermark(5);
+    builder
+        .finish(BuildOptions::default())
+        .unwrap()
+        .write_to(&next)
+        .unwrap();
+    sign(&next);
+    std::fs::rename(
+        palisade_store::sign::signature_path(&next),
+        palisade_store::sign::signature_path(&path),
+    )
+    .unwrap();
+    std::fs::rename(&next, &path).unwrap();
+    let (status, _, body) = admin.send(reload()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(status_from(&h, "127.0.0.8").await, StatusCode::FORBIDDEN);
+    assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::OK);
+
+    // A signed delta on top, written back; the daemon restarts and loads
+    // its own write-back though the signature next to it is the
+    // publisher's for the file before.
+    let text = delta(5, 6, vec![deny("127.0.0.10/32")]);
+    std::fs::write(
+        palisade_store::sign::signature_path(&feed),
+        publisher.sign(text.as_bytes()),
+    )
+    .unwrap();
+    publish(&feed, &text);
+    eventually("the second signed delta applied", async || {
+        store_info(&h).await["watermark"] == 6
+    })
+    .await;
+    h.running.shutdown().await;
+    parse().unwrap();
+    let h = Harness::start("", &config).await;
+    assert_eq!(store_info(&h).await["watermark"], 6);
+    assert_eq!(status_from(&h, "127.0.0.10").await, StatusCode::FORBIDDEN);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn config_errors_name_the_store_key() {
     let dir = tmp("cfg");
@@ -582,7 +719,9 @@ fn config_errors_name_the_store_key() {
     assert!(err.contains("store.feed") && err.contains("only http"), "{err}");
 
     // Each of these is refused at load, naming the file, the line and the key.
-    let key = SigningKey::generate().unwrap().0.public_key();
+    let (signer, _) = SigningKey::generate().unwrap();
+    sign_file(&signer, &path);
+    let key = signer.public_key();
     let cases: Vec<(String, &str, &str)> = vec![
         (
             "feed = \"https://feeds.test/d\"\n".into(),

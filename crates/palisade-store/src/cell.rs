@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
 
+use crate::sign::PublicKey;
 use crate::{BuildOptions, Delta, Result, Snapshot, Verdict};
 
 /// What the feed has done, for `GET /api/v1/store` and metrics.
@@ -28,6 +29,9 @@ pub struct StoreCell {
     current: ArcSwap<Snapshot>,
     /// Where applied deltas are persisted (the snapshot's own file).
     path: Option<PathBuf>,
+    /// With a key, a snapshot read from `path` must be signed by it (or
+    /// written by us).
+    key: Option<PublicKey>,
     /// Serialises writers: two deltas must not both build on one base.
     writer: Mutex<FeedStatus>,
 }
@@ -39,13 +43,28 @@ impl StoreCell {
         Self {
             current: ArcSwap::from_pointee(snapshot),
             path,
+            key: None,
             writer: Mutex::new(FeedStatus::default()),
         }
     }
 
     /// Opens a snapshot file; deltas will be persisted to it.
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self::new(Snapshot::open(path)?, Some(path.to_owned())))
+        Self::open_trusted(path, None)
+    }
+
+    /// Opens a snapshot file that, with `key`, must be signed by it (see
+    /// [`Snapshot::open_trusted`]); so must every file [`Self::reload`]
+    /// reads later. Deltas will be persisted to it, and recorded as ours.
+    pub fn open_trusted(path: &Path, key: Option<PublicKey>) -> Result<Self> {
+        let mut cell = Self::new(Snapshot::open_trusted(path, key.as_ref())?, Some(path.to_owned()));
+        cell.key = key;
+        Ok(cell)
+    }
+
+    /// The key snapshots must be signed with.
+    pub fn key(&self) -> Option<PublicKey> {
+        self.key
     }
 
     fn status_lock(&self) -> MutexGuard<'_, FeedStatus> {
@@ -90,7 +109,7 @@ impl StoreCell {
     /// Re-opens the backing file (after `palisade store build` replaced it).
     pub fn reload(&self) -> Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
-        let snapshot = Snapshot::open(path).inspect_err(|e| self.reject(e))?;
+        let snapshot = Snapshot::open_trusted(path, self.key.as_ref()).inspect_err(|e| self.reject(e))?;
         self.replace(snapshot);
         Ok(())
     }
@@ -108,6 +127,11 @@ impl StoreCell {
             };
             let next = match &self.path {
                 Some(path) => {
+                    if self.key.is_some() {
+                        // Unsigned, but built here from a verified base and
+                        // verified deltas: a restart must accept it.
+                        crate::sign::record_written(path, next.as_bytes())?;
+                    }
                     next.write_to(path)?;
                     // Serve from the page cache of the persisted file rather
                     // than keep a second, heap copy.

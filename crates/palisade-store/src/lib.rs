@@ -160,6 +160,17 @@ pub enum Error {
         /// The store's watermark.
         current: u64,
     },
+    /// A snapshot that must be signed is not, or not by the configured key
+    /// (and is not one this store wrote itself).
+    #[error("{path}: {why}")]
+    Untrusted {
+        /// The snapshot file.
+        path: PathBuf,
+        /// No signature at all (rather than a wrong one).
+        missing: bool,
+        /// What is wrong.
+        why: String,
+    },
     /// More distinct reasons or verdicts than the format can index.
     #[error("too many distinct {what} (at most {max})")]
     TooMany {

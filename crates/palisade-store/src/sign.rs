@@ -143,6 +143,75 @@ pub fn signature_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Where a store records the snapshots it wrote itself (applied deltas):
+/// `path` + `.written`, one SHA-256 per line, newest first.
+pub fn written_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".written");
+    PathBuf::from(s)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Records that this store is about to write `bytes` to `path`. The
+/// previous record is kept: a crash between this and the rename leaves
+/// whichever file is there loadable.
+pub(crate) fn record_written(path: &Path, bytes: &[u8]) -> crate::Result<()> {
+    let record = written_path(path);
+    let previous = std::fs::read_to_string(&record).unwrap_or_default();
+    let mut text = sha256_hex(bytes);
+    text.push('\n');
+    if let Some(last) = previous.lines().next() {
+        text.push_str(last);
+        text.push('\n');
+    }
+    crate::write_atomically(&record, text.as_bytes())
+}
+
+/// Whether the snapshot `bytes`, read from `path`, may be served under
+/// `key`: `path.sig` verifies, or the bytes are a snapshot this store wrote
+/// itself there (a delta applied on top of a signed one; see
+/// [`written_path`]). The record is trusted like the store's directory.
+pub(crate) fn check_snapshot(path: &Path, bytes: &[u8], key: &PublicKey) -> crate::Result<()> {
+    use std::io::Read as _;
+    let digest = sha256_hex(bytes);
+    let record = std::fs::read_to_string(written_path(path)).unwrap_or_default();
+    if record.lines().any(|l| l.trim() == digest) {
+        return Ok(());
+    }
+    let sig_path = signature_path(path);
+    let untrusted = |missing: bool, why: String| crate::Error::Untrusted {
+        path: path.to_owned(),
+        missing,
+        why,
+    };
+    let mut sig = Vec::new();
+    match std::fs::File::open(&sig_path) {
+        Ok(f) => f
+            .take(MAX_SIGNATURE_BYTES as u64)
+            .read_to_end(&mut sig)
+            .map_err(|e| untrusted(false, format!("{}: {e}", sig_path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(untrusted(
+                true,
+                format!(
+                    "not signed: {} is missing (store.feed_public_key is set; sign the snapshot with `palisade store sign`)",
+                    sig_path.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(untrusted(false, format!("{}: {e}", sig_path.display()))),
+    };
+    key.verify(bytes, &sig)
+        .map_err(|e| untrusted(false, format!("{e} ({})", sig_path.display())))
+}
+
 fn pem(der: &[u8]) -> String {
     let b64 = encode_base64(der);
     let mut s = format!("{PEM_BEGIN}\n");
@@ -264,5 +333,33 @@ mod tests {
         ));
         assert!(PublicKey::parse("abc").is_err());
         assert!(PublicKey::parse(&encode_base64(&[1; 31])).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_is_trusted_when_signed_or_written_here() {
+        let dir = std::env::temp_dir().join(format!("palisade-sign-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.pstore");
+        let (key, _) = SigningKey::generate().unwrap();
+        let public = key.public_key();
+        let untrusted = |bytes: &[u8]| match check_snapshot(&path, bytes, &public) {
+            Err(crate::Error::Untrusted { missing, .. }) => Some(missing),
+            Err(e) => panic!("{e}"),
+            Ok(()) => None,
+        };
+        assert_eq!(untrusted(b"one"), Some(true), "no signature, no record");
+        std::fs::write(signature_path(&path), key.sign(b"one")).unwrap();
+        assert_eq!(untrusted(b"one"), None);
+        assert_eq!(untrusted(b"two"), Some(false));
+        // Our own writes: the newest and the one before stay trusted (a
+        // crash between the record and the rename leaves either in place).
+        record_written(&path, b"two").unwrap();
+        record_written(&path, b"three").unwrap();
+        assert_eq!(untrusted(b"two"), None);
+        assert_eq!(untrusted(b"three"), None);
+        record_written(&path, b"four").unwrap();
+        assert_eq!(untrusted(b"two"), Some(false), "only two records are kept");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -266,6 +266,17 @@ impl Snapshot {
         Self::from_backing(Backing { words, len }, path.to_owned())
     }
 
+    /// [`Self::open`], and with `key` also checks the snapshot may be
+    /// served: signed by `key` (`path.sig`), or written there by this store
+    /// itself after applying deltas.
+    pub fn open_trusted(path: &Path, key: Option<&crate::sign::PublicKey>) -> Result<Self> {
+        let snapshot = Self::open(path)?;
+        if let Some(key) = key {
+            crate::sign::check_snapshot(path, snapshot.as_bytes(), key)?;
+        }
+        Ok(snapshot)
+    }
+
     /// A snapshot from bytes in memory (checked like a file).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let mut words = vec![0u128; bytes.len().div_ceil(16)];
