@@ -270,7 +270,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     on_sighup(hangup, running.app.clone(), reloadable);
     let proxy = running.proxy_addr;
     let admin = running.admin_addr;
-    tracing::info!(%proxy, %admin, upstreams = ?upstreams, "palisade running");
+    match running.metrics_addr {
+        Some(metrics) => tracing::info!(%proxy, %admin, %metrics, upstreams = ?upstreams, "palisade running"),
+        None => tracing::info!(%proxy, %admin, upstreams = ?upstreams, "palisade running"),
+    }
     notify::ready();
     if quickstart {
         println!("Palisade quickstart (built-in config: `palisade config default` prints it)");

@@ -519,3 +519,107 @@ fn the_shipped_configs_load_and_listen_where_they_must() {
         );
     }
 }
+
+/// `key: value` of the first line in `doc` with that key (after `- `).
+fn yaml_value<'a>(doc: &'a str, key: &str) -> Option<&'a str> {
+    doc.lines().find_map(|l| {
+        let l = l.trim_start().trim_start_matches("- ");
+        l.strip_prefix(key)?
+            .strip_prefix(": ")
+            .map(|v| v.trim_matches('"'))
+    })
+}
+
+#[test]
+fn prometheus_finds_the_metrics_port_without_token() {
+    if !have("kubectl") {
+        return;
+    }
+    use palisade_proxy::config::Config;
+    let config = Config::load(
+        &Path::new(ROOT).join("deploy/k8s/proxy/palisade.toml"),
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let metrics = config
+        .admin
+        .metrics_listen
+        .expect("the proxy config sets admin.metrics_listen");
+    assert!(
+        metrics.ip().is_unspecified(),
+        "Prometheus scrapes from outside the pod"
+    );
+    let port = metrics.port().to_string();
+
+    let proxy = render("deploy/k8s/proxy");
+    let deployment = proxy
+        .iter()
+        .find(|d| d.contains("kind: Deployment") && d.contains("name: palisade\n"))
+        .unwrap();
+    assert_eq!(
+        yaml_value(deployment, "prometheus.io/port"),
+        Some(port.as_str()),
+        "{deployment}"
+    );
+    assert_eq!(yaml_value(deployment, "prometheus.io/path"), Some("/metrics"));
+    // The container port named `metrics` is that port.
+    let lines: Vec<&str> = deployment.lines().collect();
+    let named = lines
+        .windows(2)
+        .find(|w| w[1].trim() == "name: metrics")
+        .map(|w| w[0].trim().trim_start_matches("- "));
+    assert_eq!(
+        named,
+        Some(format!("containerPort: {port}").as_str()),
+        "{deployment}"
+    );
+
+    // The ServiceMonitor is a CRD: kubernetes-validate has no schema for it
+    // (it warns and passes), so kustomize parses it here and the test checks
+    // that it selects the metrics Service by its port name.
+    let dir = std::env::temp_dir().join(format!("palisade-servicemonitor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("servicemonitor.yaml"),
+        read("deploy/k8s/proxy/servicemonitor.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "resources:\n  - servicemonitor.yaml\n",
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let monitor = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(yaml_value(&monitor, "kind"), Some("ServiceMonitor"));
+    assert_eq!(
+        yaml_value(&monitor, "apiVersion"),
+        Some("monitoring.coreos.com/v1")
+    );
+    assert_eq!(yaml_value(&monitor, "port"), Some("metrics"));
+    assert_eq!(yaml_value(&monitor, "path"), Some("/metrics"));
+    let service = proxy
+        .iter()
+        .find(|d| d.contains("name: palisade-metrics"))
+        .unwrap();
+    assert_eq!(yaml_value(service, "kind"), Some("Service"));
+    let selector = monitor.split("matchLabels:").nth(1).unwrap();
+    for label in selector.lines().map(str::trim).filter(|l| l.contains(": ")) {
+        assert!(
+            service.lines().any(|l| l.trim() == label),
+            "the Service lacks {label}:\n{service}"
+        );
+    }
+    assert_eq!(yaml_value(service, "targetPort"), Some("metrics"));
+    assert_eq!(
+        yaml_value(service, "clusterIP"),
+        Some("None"),
+        "each pod is a target"
+    );
+}

@@ -214,6 +214,25 @@ fn a_syn_flood_is_banned_in_the_kernel_and_the_legit_client_is_served() {
     let state = stats["mitigation"]["state"].as_str().unwrap();
     assert!(matches!(state, "bans_active" | "banning_offenders"), "{stats}");
     assert!(stats["syns_total"].as_u64().unwrap() >= 100, "{stats}");
+    // The same counts as counters in the metrics, read after the stats.
+    let counter = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    let metrics = get(&srv, None, "127.0.0.1:9090", "/metrics").unwrap();
+    assert!(
+        metrics.contains("# TYPE palisade_syn_seen_total counter"),
+        "{metrics}"
+    );
+    let seen = counter(&metrics, "palisade_syn_seen_total");
+    assert!(seen >= stats["syns_total"].as_u64().unwrap(), "{seen} vs {stats}");
+    assert!(counter(&metrics, "palisade_syn_bans_installed_total") >= 1);
+    eventually("the kernel's counters reach the metrics", || {
+        let m = get(&srv, None, "127.0.0.1:9090", "/metrics").unwrap();
+        counter(&m, "palisade_kernel_tcp_total{kind=\"passive_opens\"}") >= 1
+            && counter(&m, "palisade_syn_seen_total") >= seen
+    });
     let latency = ban["ban_latency_ms"].as_f64().unwrap();
     let install = ban["install_ms"].as_f64().unwrap();
     // The kernel set holds it, and its rule dropped the rest of the flood.

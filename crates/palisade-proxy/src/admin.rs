@@ -4,6 +4,8 @@
 //! Reads on a loopback listener need no token; everything else needs
 //! `Authorization: Bearer <token>`, except the `/healthz` and `/readyz`
 //! probes. With no token configured, changes are refused outright.
+//! `admin.metrics_listen`, when set, is a second listener that answers only
+//! the metrics, without a token, so Prometheus need not hold the token.
 //!
 //! The listener is bounded like the proxy's: header and idle deadlines, a
 //! connection cap, and a per-address throttle on failed token checks. A
@@ -18,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -37,8 +39,30 @@ use crate::respond::text;
 
 type Resp = Response<Full<Bytes>>;
 
+/// What a listener answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The whole admin API.
+    Admin,
+    /// `GET admin.metrics_path` without a token, 404 for anything else.
+    MetricsOnly,
+}
+
 /// Serves the admin API until `stop` flips.
-pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, app: Arc<App>, stop: watch::Receiver<bool>) {
+    serve_as(listener, app, stop, Role::Admin).await;
+}
+
+/// Serves only the metrics, without token, until `stop` flips
+/// (`admin.metrics_listen`): Prometheus can scrape it without the admin
+/// token, which opens everything else. Bounded like the admin listener
+/// (same deadlines and cap, with a count of its own so a flood of
+/// scrapers cannot lock operators out of the admin API).
+pub async fn serve_metrics(listener: TcpListener, app: Arc<App>, stop: watch::Receiver<bool>) {
+    serve_as(listener, app, stop, Role::MetricsOnly).await;
+}
+
+async fn serve_as(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>, role: Role) {
     let loopback = listener
         .local_addr()
         .map(|a| a.ip().is_loopback())
@@ -80,7 +104,10 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiv
                         let busy = activity.begin();
                         async move {
                             let conn = Conn { peer: peer.ip(), loopback, failures: &failures };
-                            let resp = route(&app, &conn, req).await;
+                            let resp = match role {
+                                Role::Admin => route(&app, &conn, req).await,
+                                Role::MetricsOnly => metrics_only(&app, &req),
+                            };
                             drop(busy);
                             Ok::<_, std::convert::Infallible>(resp)
                         }
@@ -220,13 +247,7 @@ async fn route(app: &App, conn: &Conn<'_>, req: Request<Incoming>) -> Resp {
         return profile(app, req.uri().query().unwrap_or("")).await;
     }
     if path == rt.config.admin.metrics_path && reading {
-        app.refresh_gauges();
-        let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())));
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
-        return r;
+        return metrics(app, &req);
     }
     match (path.as_str(), reading) {
         ("/healthz", true) => return text(StatusCode::OK, "ok\n"),
@@ -312,6 +333,44 @@ async fn route(app: &App, conn: &Conn<'_>, req: Request<Incoming>) -> Resp {
         };
     }
     error(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// The metrics listener: the exposition and nothing else, not even the
+/// probes (they belong to the admin listener, which the kubelet reaches).
+fn metrics_only(app: &App, req: &Request<Incoming>) -> Resp {
+    let rt = app.runtime();
+    if !host_allowed(req, &rt.config.admin.allowed_hosts) {
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "Host must be an IP address, localhost or one of admin.allowed_hosts",
+        );
+    }
+    let reading = req.method() == Method::GET || req.method() == Method::HEAD;
+    if reading && req.uri().path() == rt.config.admin.metrics_path {
+        metrics(app, req)
+    } else {
+        error(StatusCode::NOT_FOUND, "no such endpoint")
+    }
+}
+
+/// The exposition, in OpenMetrics when the scraper asks for it (Prometheus
+/// does), else in the Prometheus text format that every reader knows.
+fn metrics(app: &App, req: &Request<Incoming>) -> Resp {
+    let openmetrics = req.headers().get_all(ACCEPT).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.contains("application/openmetrics-text"))
+    });
+    app.refresh_gauges();
+    let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode(openmetrics))));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(if openmetrics {
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        } else {
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+        }),
+    );
+    r
 }
 
 fn parse_net(s: &str) -> Result<ipnet::IpNet, ()> {

@@ -294,6 +294,9 @@ pub struct UpstreamConfig {
 pub struct AdminConfig {
     /// Admin listener.
     pub listen: SocketAddr,
+    /// A second listener that serves only `GET metrics_path`, without
+    /// token, for Prometheus (`None`: metrics only on the admin listener).
+    pub metrics_listen: Option<SocketAddr>,
     /// Bearer token for changes; `None` refuses changes.
     pub token: Option<String>,
     /// Prometheus endpoint path.
@@ -654,6 +657,7 @@ impl Default for RawUpstream {
 #[serde(default, deny_unknown_fields)]
 struct RawAdmin {
     listen: String,
+    metrics_listen: String,
     token: String,
     metrics_path: String,
     header_read_timeout: String,
@@ -667,6 +671,7 @@ impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9090".into(),
+            metrics_listen: String::new(),
             token: String::new(),
             metrics_path: "/metrics".into(),
             header_read_timeout: "5s".into(),
@@ -809,8 +814,26 @@ impl RawConfig {
             },
         };
         let a = &self.admin;
+        let admin_listen = addr(&a.listen, p!("admin", "listen"))?;
+        let metrics_listen = match a.metrics_listen.trim() {
+            "" => None,
+            text => {
+                let m = addr(text, p!("admin", "metrics_listen"))?;
+                // Port 0 picks a free port each time, so only a fixed port clashes.
+                for (taken, key) in [(admin_listen, "admin.listen"), (server.listen, "server.listen")] {
+                    if m.port() != 0 && m == taken {
+                        return Err(at(
+                            p!("admin", "metrics_listen"),
+                            format!("{m} is also {key}: give the metrics a port of their own"),
+                        ));
+                    }
+                }
+                Some(m)
+            }
+        };
         let admin = AdminConfig {
-            listen: addr(&a.listen, p!("admin", "listen"))?,
+            listen: admin_listen,
+            metrics_listen,
             token: if a.token.is_empty() {
                 None
             } else {
@@ -1415,6 +1438,24 @@ mod tests {
         // A missing key points at what encloses it.
         let e = err("[admin]\nlisten = \"x\"\n");
         assert!(e.starts_with("test.toml:"), "{e}");
+    }
+
+    #[test]
+    fn the_metrics_listener_needs_a_port_of_its_own() {
+        let base = "[server]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"http://a:1\"]\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+        let e = err(&format!("{base}metrics_listen = \"127.0.0.1:9090\"\n"));
+        assert_eq!(
+            e,
+            "test.toml:6:1: admin.metrics_listen: 127.0.0.1:9090 is also admin.listen: give the metrics a port of their own"
+        );
+        let e = err(&format!("{base}metrics_listen = \"127.0.0.1:8080\"\n"));
+        assert!(e.contains("is also server.listen"), "{e}");
+        let e = err(&format!("{base}metrics_listen = \"9091\"\n"));
+        assert!(e.starts_with("test.toml:6:1: admin.metrics_listen: "), "{e}");
+        let c = parse(&format!("{base}metrics_listen = \"0.0.0.0:9091\"\n")).unwrap();
+        assert_eq!(c.admin.metrics_listen, Some("0.0.0.0:9091".parse().unwrap()));
+        let c = parse(base).unwrap();
+        assert_eq!(c.admin.metrics_listen, None);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod io;
 pub mod maintenance;
 pub mod metrics;
 pub mod never_ban;
+mod process;
 pub mod profile;
 pub mod proxy;
 pub mod reload;
@@ -37,3 +38,9 @@ pub mod tls;
 pub mod tunnel;
 
 pub use server::{Running, start, start_reloadable};
+
+/// Whether this build carries the XDP program (clang and libbpf-dev were
+/// present when it was compiled).
+pub fn xdp_built() -> bool {
+    palisade_kernel::xdp::XdpDefense::built()
+}

@@ -198,24 +198,42 @@ pub struct Metrics {
     /// Shared records ignored, by `reason`: `unauthenticated`, `malformed`,
     /// `out_of_range`, `refused` (policy), `stale`.
     pub cluster_records_rejected: Family<ReasonLabel, Counter>,
-    /// SYNs to the listener seen by the capture socket since start.
-    pub syn_seen: Gauge,
-    /// SYNs per second to the listener (last 100 ms).
-    pub syn_per_second: Gauge,
+    /// SYNs to the listener seen by the capture socket since start (set
+    /// from the defense's own count at each scrape).
+    pub syn_seen: Counter,
     /// Active SYN-flood (and admin) bans.
     pub syn_bans_active: Gauge,
-    /// Bans installed since start.
-    pub syn_bans: Gauge,
+    /// Bans installed since start (set from the defense's count).
+    pub syn_bans: Counter,
     /// Half-open (SYN-RECV) connections on the listener.
     pub syn_half_open: Gauge,
     /// Bans refused by `reason` (a protected address's kind, `too_wide`,
     /// `too_long`, `budget`).
     pub bans_refused: Family<ReasonLabel, Counter>,
-    /// The kernel's TCP counters per second, by `kind` (syncookies_sent,
-    /// listen_overflows, listen_drops, syn_retrans, passive_opens, ...).
-    pub kernel_tcp: Family<KindLabel, Gauge>,
+    /// The kernel's cumulative TCP counters at the last poll, by `kind`
+    /// (syncookies_sent, listen_overflows, listen_drops, syn_retrans,
+    /// passive_opens, ...).
+    pub kernel_tcp: Family<KindLabel, Counter>,
     /// XDP program counters by `kind`: `seen`, `dropped`, `syns`.
-    pub xdp_packets: Family<KindLabel, Gauge>,
+    pub xdp_packets: Family<KindLabel, Counter>,
+    /// Unix time of the last config load that applied (start included).
+    pub last_reload_success_timestamp: Gauge<f64, AtomicU64>,
+}
+
+/// `palisade_build_info` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    /// Whether this build carries the XDP program.
+    xdp: &'static str,
+}
+
+/// Counters the daemon does not count itself but mirrors from another
+/// count (the SYN defense's, the kernel's, the XDP program's) are set to
+/// that count at each scrape. Callers serialize the refresh, so a counter
+/// never goes back between two scrapes unless its source was reset.
+pub fn set_counter(counter: &Counter, value: u64) {
+    counter.inner().store(value, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Score buckets, matching `Reputation::distribution`.
@@ -226,7 +244,8 @@ pub const SCORE_BUCKETS: [&str; 10] = [
 impl Metrics {
     /// Registers every metric under the `palisade_` prefix.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("palisade");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("palisade");
         let requests = Family::default();
         registry.register("requests", "Requests answered", requests.clone());
         let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
@@ -451,17 +470,11 @@ impl Metrics {
             "Shared cluster records ignored by reason: unauthenticated, malformed, out_of_range, refused (policy), stale (replayed or overtaken)",
             cluster_records_rejected.clone(),
         );
-        let syn_seen = Gauge::default();
+        let syn_seen = Counter::default();
         registry.register(
             "syn_seen",
             "SYNs to the listener seen by the capture socket since start",
             syn_seen.clone(),
-        );
-        let syn_per_second = Gauge::default();
-        registry.register(
-            "syn_per_second",
-            "SYNs per second to the listener (last 100 ms)",
-            syn_per_second.clone(),
         );
         let syn_bans_active = Gauge::default();
         registry.register(
@@ -469,7 +482,7 @@ impl Metrics {
             "Active kernel bans (SYN flood and admin)",
             syn_bans_active.clone(),
         );
-        let syn_bans = Gauge::default();
+        let syn_bans = Counter::default();
         registry.register(
             "syn_bans_installed",
             "Kernel bans installed since start",
@@ -489,8 +502,8 @@ impl Metrics {
         );
         let kernel_tcp = Family::default();
         registry.register(
-            "kernel_tcp_per_second",
-            "The kernel's TCP counters per second (SYN defense poll)",
+            "kernel_tcp",
+            "The kernel's cumulative TCP counters (network namespace, since boot) at the SYN defense's last poll",
             kernel_tcp.clone(),
         );
         let xdp_packets = Family::default();
@@ -499,11 +512,31 @@ impl Metrics {
             "XDP program counters: packets seen, dropped (banned source), SYNs",
             xdp_packets.clone(),
         );
+        let last_reload_success_timestamp = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "last_reload_success_timestamp_seconds",
+            "Unix time of the last config load that applied (the start counts)",
+            last_reload_success_timestamp.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1: the version and whether the XDP program is compiled in",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                xdp: if crate::xdp_built() { "true" } else { "false" },
+            })
+            .set(1);
+        root.register_collector(Box::new(crate::process::Process));
+        let registry = root;
         let m = Self {
+            last_reload_success_timestamp,
             xdp_packets,
             kernel_tcp,
             syn_seen,
-            syn_per_second,
             syn_bans_active,
             syn_bans,
             syn_half_open,
@@ -699,11 +732,16 @@ impl Metrics {
         self.feed_rejected.get_or_create(&ReasonLabel { reason }).inc();
     }
 
-    /// Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    /// The exposition: OpenMetrics when `openmetrics`, else the Prometheus
+    /// text format 0.0.4 (what curl, promtool and older scrapers read).
+    pub fn encode(&self, openmetrics: bool) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = if openmetrics {
+            prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        } else {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        };
         out
     }
 }

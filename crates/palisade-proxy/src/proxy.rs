@@ -221,6 +221,11 @@ fn connection_builder(config: &Config) -> auto::Builder<StreamExecutor> {
     b
 }
 
+/// Wall-clock Unix time in seconds, for timestamps that dashboards show.
+fn unix_seconds() -> f64 {
+    palisade_core::unix_now_ms() as f64 / 1000.0
+}
+
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReloadReport {
@@ -242,6 +247,7 @@ pub struct App {
     runtime: ArcSwap<Runtime>,
     source: Option<ConfigSource>,
     reloading: tokio::sync::Mutex<()>,
+    refreshing: std::sync::Mutex<()>,
     next_upstream: AtomicUsize,
     log_budget: LogBudget,
     transition_log_budget: LogBudget,
@@ -262,6 +268,7 @@ impl App {
         let clock = MonotonicClock::new();
         let metrics = Metrics::new();
         metrics.config_last_reload_success.set(1);
+        metrics.last_reload_success_timestamp.set(unix_seconds());
         for u in config.server.upstreams.iter().filter_map(|u| u.authority()) {
             metrics.zero_upstream(intern(u.as_str()));
         }
@@ -284,6 +291,7 @@ impl App {
             profiling: AtomicBool::new(false),
             source,
             reloading: tokio::sync::Mutex::new(()),
+            refreshing: std::sync::Mutex::new(()),
             next_upstream: AtomicUsize::new(0),
             log_budget: LogBudget::default(),
             transition_log_budget: LogBudget::default(),
@@ -517,6 +525,9 @@ impl App {
         if config.admin.listen != old.config.admin.listen {
             needs_restart.push("admin.listen");
         }
+        if config.admin.metrics_listen != old.config.admin.metrics_listen {
+            needs_restart.push("admin.metrics_listen");
+        }
         if config.state != old.config.state {
             needs_restart.push("state");
         }
@@ -548,6 +559,7 @@ impl App {
         }
         self.runtime.store(Arc::new(runtime));
         self.metrics.config_last_reload_success.set(1);
+        self.metrics.last_reload_success_timestamp.set(unix_seconds());
         Metrics::inc(&self.metrics.config_reloads, "ok");
         for key in &needs_restart {
             tracing::warn!("{key} changed: takes effect after a restart");
@@ -558,6 +570,9 @@ impl App {
 
     /// Refreshes the gauges that are computed from tables rather than counted.
     pub fn refresh_gauges(&self) {
+        // Mirrored counters are stored, not added to: two scrapes refreshing
+        // at once could otherwise store an older reading after a newer one.
+        let _one_at_a_time = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         let rt = self.runtime();
         let m = &self.metrics;
         let now = self.now();
@@ -579,25 +594,20 @@ impl App {
         let addresses = self.admission.addresses();
         self.table_gauges("connections".into(), addresses.len(), addresses.overflowed());
         if let Some(syn) = self.syn.get() {
-            let (seen, rate, active, total, half_open) = syn.gauges();
-            m.syn_seen.set(i64::try_from(seen).unwrap_or(i64::MAX));
-            m.syn_per_second.set(i64::try_from(rate).unwrap_or(i64::MAX));
+            let (seen, active, total, half_open) = syn.gauges();
+            metrics::set_counter(&m.syn_seen, seen);
             m.syn_bans_active.set(active as i64);
-            m.syn_bans.set(i64::try_from(total).unwrap_or(i64::MAX));
+            metrics::set_counter(&m.syn_bans, total);
             m.syn_half_open.set(half_open as i64);
             for (reason, n) in syn.refused() {
-                let c = m.bans_refused.get_or_create(&metrics::ReasonLabel { reason });
-                // The defense counts; the counter catches up at each scrape.
-                c.inc_by(n.saturating_sub(c.get()));
+                metrics::set_counter(&m.bans_refused.get_or_create(&metrics::ReasonLabel { reason }), n);
             }
             if let Some(x) = syn.xdp_stats() {
                 for (kind, v) in [("seen", x.seen), ("dropped", x.dropped), ("syns", x.syns)] {
-                    m.xdp_packets
-                        .get_or_create(&metrics::KindLabel { kind })
-                        .set(i64::try_from(v).unwrap_or(i64::MAX));
+                    metrics::set_counter(&m.xdp_packets.get_or_create(&metrics::KindLabel { kind }), v);
                 }
             }
-            let k = syn.kernel_rates();
+            let k = syn.kernel_totals();
             for (kind, v) in [
                 ("syncookies_sent", k.syncookies_sent),
                 ("syncookies_recv", k.syncookies_recv),
@@ -610,9 +620,7 @@ impl App {
                 ("passive_opens", k.passive_opens),
                 ("retrans_segs", k.retrans_segs),
             ] {
-                m.kernel_tcp
-                    .get_or_create(&metrics::KindLabel { kind })
-                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+                metrics::set_counter(&m.kernel_tcp.get_or_create(&metrics::KindLabel { kind }), v);
             }
         }
         if let Some(cell) = &rt.shield.config().store {

@@ -32,11 +32,14 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     /// Where the admin API listens (port resolved).
     pub admin_addr: SocketAddr,
+    /// Where the metrics-only listener listens, when `admin.metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     /// Shared state (for tests and the admin API).
     pub app: Arc<App>,
     stop: watch::Sender<bool>,
     proxy: tokio::task::JoinHandle<()>,
     admin: tokio::task::JoinHandle<()>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -46,6 +49,9 @@ impl Running {
         let _ = self.stop.send(true);
         let _ = self.proxy.await;
         let _ = self.admin.await;
+        if let Some(metrics) = self.metrics {
+            let _ = metrics.await;
+        }
         // Our firewall rules and XDP program go before the process does
         // (the SYN defense's own task may not get to run again).
         if let Some(defense) = self.app.syn().cloned() {
@@ -70,6 +76,10 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
 pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> std::io::Result<Running> {
     let proxy_listener = bind(config.server.listen, "proxy").await?;
     let admin_listener = bind(config.admin.listen, "admin").await?;
+    let metrics_listener = match config.admin.metrics_listen {
+        Some(addr) => Some(bind(addr, "admin.metrics_listen").await?),
+        None => None,
+    };
     let watched = source.as_ref().map(|s| s.path.clone());
     let app = Arc::new(App::new(config, source));
     app.open_state().map_err(std::io::Error::other)?;
@@ -87,9 +97,17 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     if let Some(defense) = app.start_syn_defense(proxy_listener.local_addr()?) {
         crate::tasks::spawn(defense.run(stopped.clone()));
     }
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+    let metrics =
+        metrics_listener.map(|l| crate::tasks::spawn(admin::serve_metrics(l, app.clone(), stopped.clone())));
     let running = Running {
         proxy_addr: proxy_listener.local_addr()?,
         admin_addr: admin_listener.local_addr()?,
+        metrics_addr,
+        metrics,
         proxy: crate::tasks::spawn(serve_proxy(proxy_listener, app.clone(), stopped.clone())),
         admin: crate::tasks::spawn(admin::serve(admin_listener, app.clone(), stopped)),
         app,

@@ -122,6 +122,10 @@ struct Offender {
 pub struct Snapshot {
     /// Per second over the last poll.
     pub rates: TcpCounters,
+    /// The counters as read at the last poll, for `/metrics` (which leaves
+    /// rates to the query).
+    #[serde(skip)]
+    pub totals: TcpCounters,
     /// SYN-RECV sockets on our port.
     pub half_open: usize,
     /// Sources with the most half-open connections.
@@ -1027,6 +1031,9 @@ impl SynDefense {
             }
             st.last = Some(current);
         }
+        // A failed read keeps the last totals: a counter read as 0 would be
+        // taken for a reset.
+        snap.totals = st.last.unwrap_or_default();
         let sockets = if suspect || st.half_open_last > 0 {
             half_open_sockets(&mut st.diag_failed)
         } else {
@@ -1246,9 +1253,10 @@ impl SynDefense {
         })
     }
 
-    /// The kernel's TCP counters per second over the last poll.
-    pub fn kernel_rates(&self) -> TcpCounters {
-        lock(&self.snapshot).rates
+    /// The kernel's cumulative TCP counters at the last poll (zero before
+    /// the first).
+    pub fn kernel_totals(&self) -> TcpCounters {
+        lock(&self.snapshot).totals
     }
 
     /// The firewall in use (`nftables`, `iptables`, `dry-run`).
@@ -1266,12 +1274,10 @@ impl SynDefense {
         lock(&self.snapshot).xdp
     }
 
-    /// Figures for `/metrics`: (SYNs seen, SYN/s, active bans, bans total, half-open).
-    pub fn gauges(&self) -> (u64, u64, usize, u64, usize) {
-        let now = self.clock.now();
+    /// Figures for `/metrics`: (SYNs seen, active bans, bans total, half-open).
+    pub fn gauges(&self) -> (u64, usize, u64, usize) {
         (
             self.syns.load(Ordering::Relaxed),
-            lock(&self.rates).global_per_sec(now),
             lock(&self.bans).len(),
             self.bans_total.load(Ordering::Relaxed),
             lock(&self.snapshot).half_open,
