@@ -535,12 +535,14 @@ fn prometheus_finds_the_metrics_port_without_token() {
     if !have("kubectl") {
         return;
     }
-    use palisade_proxy::config::Config;
-    let config = Config::load(
-        &Path::new(ROOT).join("deploy/k8s/proxy/palisade.toml"),
-        &Default::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    use palisade_proxy::config::{Config, Overrides};
+    // Cluster mode needs the shared key, which comes from the environment.
+    let key = Overrides {
+        cluster_key: Some("k".repeat(32)),
+        ..Overrides::default()
+    };
+    let config = Config::load(&Path::new(ROOT).join("deploy/k8s/proxy/palisade.toml"), &key)
+        .unwrap_or_else(|e| panic!("{e}"));
     let metrics = config
         .admin
         .metrics_listen
