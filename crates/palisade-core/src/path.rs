@@ -29,6 +29,9 @@ pub enum PathError {
     /// before it resolves dot segments names another resource than one that
     /// keeps them.
     AmbiguousParameters,
+    /// A raw `\`: IIS, ASP.NET and WHATWG URL parsers read it as `/`,
+    /// others as a name byte, the same doubt as `%5C`.
+    Backslash,
 }
 
 impl fmt::Display for PathError {
@@ -38,6 +41,7 @@ impl fmt::Display for PathError {
             Self::AmbiguousEncoding => "encoded '/', '\\' or NUL in path",
             Self::DoubleEncoding => "encoded '%' starting another escape in path",
             Self::AmbiguousParameters => "empty or dot segment with parameters in path",
+            Self::Backslash => "'\\' in path",
         })
     }
 }
@@ -54,6 +58,9 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Ok(Cow::Borrowed(path));
+    }
+    if bytes.contains(&b'\\') {
+        return Err(PathError::Backslash);
     }
     if is_normal(bytes) {
         return Ok(Cow::Borrowed(path));
@@ -251,6 +258,9 @@ mod tests {
     fn ambiguous_and_broken_escapes_are_refused() {
         for p in ["/a%2Fb", "/a%2fb", "/a%5Cb", "/a%00"] {
             assert_eq!(normalize_path(p), Err(PathError::AmbiguousEncoding), "{p}");
+        }
+        for p in ["/a\\b", "/x\\..\\login", "/\\login"] {
+            assert_eq!(normalize_path(p), Err(PathError::Backslash), "{p}");
         }
         for p in ["/a%", "/a%4", "/a%zz", "/%G0"] {
             assert_eq!(normalize_path(p), Err(PathError::InvalidPercentEncoding), "{p}");

@@ -88,6 +88,25 @@ async fn an_encoded_slash_or_a_broken_escape_in_the_path_is_400_and_never_forwar
     h.running.shutdown().await;
 }
 
+/// IIS, ASP.NET and WHATWG URL parsers (Node's `URL`) read a raw `\\` in a
+/// path as `/`, so to them `/x\\..\\headers` is `/headers`: refused like
+/// `%5C`, never forwarded and never left to the default route.
+#[tokio::test]
+async fn a_raw_backslash_in_the_path_is_400_and_never_forwarded() {
+    let h = Harness::start("", "").await;
+    for p in ["/x\\..\\headers", "/x/..\\headers", "/\\headers", "/headers\\"] {
+        let (status, body) = raw_get(
+            &h,
+            "127.0.0.40",
+            &format!("GET {p} HTTP/1.1\r\nHost: test.local\r\n"),
+        )
+        .await;
+        assert_eq!(status, 400, "{p}: {body}");
+    }
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    h.running.shutdown().await;
+}
+
 /// Tomcat, Jetty and Spring drop `;parameters` from each segment before
 /// they route, so to them `/headers;x` is `/headers`: the route must count
 /// it too, and the upstream gets the path as sent. A segment that is empty
