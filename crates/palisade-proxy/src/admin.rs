@@ -663,10 +663,9 @@ fn store_json(rt: &Runtime) -> Option<serde_json::Value> {
     let info = cell.load().info();
     let status = cell.status();
     let settings = rt.config.store.as_ref();
-    let feed = settings.and_then(|s| s.feed.as_ref()).map(|f| match f {
-        crate::config::FeedSource::File(p) => p.display().to_string(),
-        crate::config::FeedSource::Url(u) => u.to_string(),
-    });
+    let feed = settings
+        .and_then(|s| s.feed.as_ref())
+        .map(crate::feed::source_name);
     Some(serde_json::json!({
         "path": info.source,
         "watermark": info.watermark,

@@ -144,11 +144,26 @@ pub fn file_id(path: &Path) -> Option<FileId> {
     })
 }
 
-/// The feed's name in logs and errors.
+/// The feed's name in logs, errors and the admin API.
 pub fn source_name(source: &FeedSource) -> String {
     match source {
         FeedSource::File(p) => p.display().to_string(),
-        FeedSource::Url(u) => u.to_string(),
+        FeedSource::Url(u) => shown(u),
+    }
+}
+
+/// A feed URL as logs and answers show it: without its query string, where
+/// a publisher may have put a token.
+pub fn shown(uri: &http::Uri) -> String {
+    let base = format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("https"),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    );
+    match uri.query() {
+        Some(_) => format!("{base}?…"),
+        None => base,
     }
 }
 
@@ -199,7 +214,7 @@ pub async fn fetch(
                 Err(_) => {
                     return Err(FeedError::new(
                         "fetch",
-                        format!("{uri}: no complete answer within {FETCH_TIMEOUT:?}"),
+                        format!("{name}: no complete answer within {FETCH_TIMEOUT:?}"),
                     ));
                 }
                 Ok(got) => match got? {
@@ -255,9 +270,9 @@ fn signature_uri(uri: &http::Uri) -> Result<http::Uri, FeedError> {
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(
         pq.parse()
-            .map_err(|e| FeedError::new("fetch", format!("{uri}: {e}")))?,
+            .map_err(|e| FeedError::new("fetch", format!("{}: {e}", shown(uri))))?,
     );
-    http::Uri::from_parts(parts).map_err(|e| FeedError::new("fetch", format!("{uri}: {e}")))
+    http::Uri::from_parts(parts).map_err(|e| FeedError::new("fetch", format!("{}: {e}", shown(uri))))
 }
 
 /// The delta at `uri` and, with a public key, its verified signature.
@@ -267,38 +282,42 @@ async fn get_signed(
     uri: &http::Uri,
     etag: Option<&str>,
 ) -> Result<Option<(Bytes, Option<String>)>, FeedError> {
+    let uri_shown = shown(uri);
     let auth = match &settings.feed_auth_env {
-        Some(name) => Some(auth_header(name).map_err(|m| FeedError::new("fetch", format!("{uri}: {m}")))?),
+        Some(name) => {
+            Some(auth_header(name).map_err(|m| FeedError::new("fetch", format!("{uri_shown}: {m}")))?)
+        }
         None => None,
     };
     let ca = settings.feed_ca.as_deref();
     let (body, tag) = match get(uri, ca, etag, auth.as_ref(), settings.feed_max_bytes).await? {
         Got::NotModified => return Ok(None),
         Got::Body(body, tag) => (body, tag),
-        Got::Status(status) => return Err(FeedError::new("fetch", format!("{uri}: HTTP {status}"))),
+        Got::Status(status) => return Err(FeedError::new("fetch", format!("{uri_shown}: HTTP {status}"))),
     };
     if let Some(key) = &settings.feed_public_key {
         let sig_uri = signature_uri(uri)?;
+        let sig_shown = shown(&sig_uri);
         let sig = match get(&sig_uri, ca, None, auth.as_ref(), MAX_SIGNATURE_BYTES).await {
             Ok(Got::Body(sig, _)) => sig,
             Ok(Got::Status(http::StatusCode::NOT_FOUND)) => {
                 return Err(FeedError::new(
                     "unsigned",
-                    format!("{uri}: no signature ({sig_uri} answered 404)"),
+                    format!("{uri_shown}: no signature ({sig_shown} answered 404)"),
                 ));
             }
             Ok(Got::Status(status)) => {
-                return Err(FeedError::new("fetch", format!("{sig_uri}: HTTP {status}")));
+                return Err(FeedError::new("fetch", format!("{sig_shown}: HTTP {status}")));
             }
             Ok(Got::NotModified) => {
-                return Err(FeedError::new("fetch", format!("{sig_uri}: unexpected 304")));
+                return Err(FeedError::new("fetch", format!("{sig_shown}: unexpected 304")));
             }
             Err(e) if e.reason == "too_large" => {
                 return Err(FeedError::new("bad_signature", e.message));
             }
             Err(e) => return Err(e),
         };
-        check(key, &body, &sig, &uri.to_string())?;
+        check(key, &body, &sig, &uri_shown)?;
     }
     Ok(Some((body, tag)))
 }
@@ -317,7 +336,8 @@ async fn get(
     auth: Option<&http::HeaderValue>,
     max: usize,
 ) -> Result<Got, FeedError> {
-    let fail = |e: &dyn std::fmt::Display| FeedError::new("fetch", format!("{uri}: {e}"));
+    let name = shown(uri);
+    let fail = |e: &dyn std::fmt::Display| FeedError::new("fetch", format!("{name}: {e}"));
     let host = uri.host().ok_or_else(|| fail(&"no host"))?;
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -368,7 +388,7 @@ async fn get(
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             if declared.is_some_and(|n| n > max as u64) {
-                return Err(too_large(uri, max, "store.feed_max_bytes"));
+                return Err(too_large(&name, max, "store.feed_max_bytes"));
             }
             // Streamed into memory chunk by chunk, stopped at the bound.
             let body = Limited::new(resp.into_body(), max)
@@ -376,7 +396,7 @@ async fn get(
                 .await
                 .map_err(|e| {
                     if e.is::<http_body_util::LengthLimitError>() {
-                        too_large(uri, max, "store.feed_max_bytes")
+                        too_large(&name, max, "store.feed_max_bytes")
                     } else {
                         fail(&format!("reading the body: {e}"))
                     }

@@ -247,13 +247,13 @@ async fn admin_pushes_deltas_and_reloads_a_rebuilt_file() {
 
 /// A feed host on loopback: serves whatever the test put at a path (404
 /// otherwise) with an ETag, honours If-None-Match, and remembers the
-/// `Authorization` headers it was sent.
+/// query strings it was sent.
 #[derive(Clone, Default)]
 struct FeedServer {
     files: Arc<std::sync::Mutex<std::collections::HashMap<String, Bytes>>>,
     full: Arc<AtomicU64>,
     cached: Arc<AtomicU64>,
-    auth: Arc<std::sync::Mutex<Vec<String>>>,
+    queries: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl FeedServer {
@@ -287,12 +287,10 @@ impl FeedServer {
     }
 
     fn answer(&self, req: &http::Request<hyper::body::Incoming>) -> http::Response<Full<Bytes>> {
-        if let Some(v) = req.headers().get("authorization") {
-            self.auth
-                .lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
-        }
+        self.queries
+            .lock()
+            .unwrap()
+            .push(req.uri().query().unwrap_or_default().to_owned());
         let Some(body) = self.files.lock().unwrap().get(req.uri().path()).cloned() else {
             return http::Response::builder()
                 .status(404)
@@ -333,7 +331,7 @@ async fn an_http_feed_is_polled_with_etags() {
     let h = Harness::start(
         "",
         &format!(
-            "[store]\npath = \"{}\"\nfeed = \"http://{addr}/delta\"\npoll_interval = \"50ms\"\n{UNSIGNED_HTTP}",
+            "[store]\npath = \"{}\"\nfeed = \"http://{addr}/delta?token=q-secret-77\"\npoll_interval = \"50ms\"\n{UNSIGNED_HTTP}",
             path.display()
         ),
     )
@@ -360,6 +358,22 @@ async fn an_http_feed_is_polled_with_etags() {
     })
     .await;
     assert_eq!(store_info(&h).await["watermark"], 2);
+    // A token a publisher put in the query string is sent, never shown.
+    assert!(
+        feed.queries
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|q| q == "token=q-secret-77")
+    );
+    feed.put("/delta", "garbage");
+    eventually("the bad delta rejected", async || {
+        !store_info(&h).await["feed"]["last_error"].is_null()
+    })
+    .await;
+    let info = store_info(&h).await.to_string();
+    assert!(info.contains(&format!("http://{addr}/delta?…")), "{info}");
+    assert!(!info.contains("q-secret"), "{info}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
