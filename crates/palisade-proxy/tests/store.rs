@@ -404,8 +404,8 @@ async fn a_tampered_delta_is_rejected_whole() {
     let tampered = delta(0, 1, vec![allow_everyone()]);
     assert!(tampered.contains("+,0.0.0.0/0,100,,allow"), "{tampered}");
     let (feed, addr) = FeedServer::start().await;
+    // First without a signature at all.
     feed.put("/delta", tampered.clone());
-    feed.put("/delta.sig", publisher.sign(genuine.as_bytes()));
     let h = Harness::start(
         "",
         &format!(
@@ -416,9 +416,25 @@ async fn a_tampered_delta_is_rejected_whole() {
         ),
     )
     .await;
+    eventually("the unsigned delta refused", async || {
+        metric(
+            &h.metrics().await,
+            "palisade_feed_rejected_total{reason=\"unsigned\"}",
+        ) == 1.0
+    })
+    .await;
+    assert!(
+        store_info(&h).await["feed"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no signature"),
+    );
+    assert_eq!(store_info(&h).await["watermark"], 0);
+    // Then with the publisher's signature of what it really published.
+    feed.put("/delta.sig", publisher.sign(genuine.as_bytes()));
     eventually("the tampered delta handled", async || {
         let info = store_info(&h).await;
-        info["feed"]["rejected"].as_u64() >= Some(1) || info["watermark"] != 0
+        info["feed"]["rejected"].as_u64() >= Some(2) || info["watermark"] != 0
     })
     .await;
     let info = store_info(&h).await;
