@@ -469,6 +469,51 @@ fn the_kubernetes_overlays_install_one_role_each() {
             assert!(!doc.contains(":latest"), "unpinned image:\n{doc}");
         }
     }
+    // Cluster mode: the key and the Redis password come from a Secret,
+    // Redis has no default user and only Palisade's pods may reach it.
+    let deployment = proxy
+        .iter()
+        .find(|d| d.contains("kind: Deployment") && d.contains("name: palisade\n"))
+        .unwrap();
+    for env in ["PALISADE_CLUSTER_KEY", "REDIS_PASSWORD"] {
+        let at = deployment
+            .find(&format!("name: {env}"))
+            .unwrap_or_else(|| panic!("no {env}:\n{deployment}"));
+        assert!(
+            deployment[at..]
+                .lines()
+                .nth(2)
+                .is_some_and(|l| l.contains("secretKeyRef")),
+            "{env} is not from a Secret"
+        );
+    }
+    assert!(
+        deployment.contains("redis://palisade:$(REDIS_PASSWORD)@palisade-redis:6379"),
+        "{deployment}"
+    );
+    let redis = proxy
+        .iter()
+        .find(|d| d.contains("name: palisade-redis\n") && d.contains("kind: Deployment"))
+        .unwrap();
+    // The ACL that tests/cluster.rs (an_acl_user_limited_to_palisade_keys_is_enough) runs against.
+    let args: Vec<&str> = redis
+        .lines()
+        .skip_while(|l| !l.trim_start().trim_start_matches("- ").starts_with("args:"))
+        .skip(1)
+        .map_while(|l| l.trim_start().strip_prefix("- "))
+        .map(|a| a.trim_matches(['"', '\'']))
+        .collect();
+    let acl = args.join(" ");
+    assert!(acl.contains("--user default off --user palisade on >$(REDIS_PASSWORD) ~{palisade}:* ~palisade:* resetchannels +@all -@dangerous"), "{acl}");
+    let policy = proxy
+        .iter()
+        .find(|d| d.contains("kind: NetworkPolicy"))
+        .expect("no NetworkPolicy for Redis");
+    assert!(
+        policy.contains("app.kubernetes.io/name: palisade-redis")
+            && policy.contains("app.kubernetes.io/name: palisade\n"),
+        "{policy}"
+    );
     let ds = edge.iter().find(|d| d.contains("kind: DaemonSet")).unwrap();
     assert!(ds.contains("requests:"), "{ds}");
     // Only the proxy port on node IPs; the admin API stays on loopback.

@@ -800,3 +800,99 @@ async fn a_ban_reaches_the_other_node_within_a_second() {
         assert!(*took < Duration::from_secs(1), "a ban took {took:?} to reach B");
     }
 }
+
+/// Redis with its default user off and an ACL user limited to Palisade's
+/// keys and to non-dangerous commands, as in the Kubernetes example: the
+/// nodes log in with `redis://user:password@host`, share limits and bans,
+/// and nothing fails for want of a permission; a wrong password never
+/// connects; the user cannot run FLUSHALL.
+#[tokio::test]
+async fn an_acl_user_limited_to_palisade_keys_is_enough() {
+    let Some(redis) = Redis::start_with(|_, _| {
+        // One token per argument: redis-server joins them into its
+        // config line.
+        "--user default off --user palisade on >redis-password-0123 ~{palisade}:* ~palisade:* \
+         resetchannels +@all -@dangerous"
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    }) else {
+        return;
+    };
+    let start = async |name: &str, password: &str| {
+        Harness::start(
+            "",
+            &format!(
+                "[cluster]\nredis = \"redis://palisade:{password}@127.0.0.1:{}\"\nsync_interval = \"20ms\"\n\
+                 node_name = \"{name}\"\nkey = \"{KEY}\"\n{LIMITS}{SYN}",
+                redis.port
+            ),
+        )
+        .await
+    };
+    let a = start("a", "redis-password-0123").await;
+    let b = start("b", "redis-password-0123").await;
+    all_up(&[&a, &b]).await;
+    for i in 0..20 {
+        let h = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(status_from(h, "127.0.0.30").await, StatusCode::OK);
+    }
+    let (status, body) = a
+        .admin_request(
+            "POST",
+            "/api/v1/bans",
+            r#"{"ip": "127.0.0.31", "duration": "5m"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually("B holds A's ban", async || {
+        bans_of(&b).await.contains("127.0.0.31/32")
+    })
+    .await;
+    set_score(&a, "127.0.0.32", 0).await;
+    eventually("B has A's score", async || {
+        status_from(&b, "127.0.0.32").await == StatusCode::FORBIDDEN
+    })
+    .await;
+    // The counters went through too (a refused EVAL would fail the sync).
+    let counted = redis.cli(&[
+        "--user",
+        "palisade",
+        "--pass",
+        "redis-password-0123",
+        "--no-auth-warning",
+        "--scan",
+        "--pattern",
+        "palisade:rc:*",
+    ]);
+    assert!(!counted.is_empty(), "no shared counters");
+    for h in [&a, &b] {
+        assert_eq!(
+            metric(&h.metrics().await, "palisade_cluster_sync_errors_total"),
+            0.0
+        );
+    }
+    let wrong = start("wrong", "not-the-password").await;
+    eventually("the wrong password is refused", async || {
+        cluster_status(&wrong).await["errors"].as_u64() > Some(0)
+    })
+    .await;
+    assert_eq!(cluster_status(&wrong).await["up"], false);
+    let denied = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--user",
+            "palisade",
+            "--pass",
+            "redis-password-0123",
+        ])
+        .args(["--no-auth-warning", "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&denied.stdout).contains("NOPERM"),
+        "{}",
+        String::from_utf8_lossy(&denied.stdout)
+    );
+}
