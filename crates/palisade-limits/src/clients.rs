@@ -60,6 +60,7 @@ pub struct Clients {
     claimed: AtomicUsize,
     overflow: Box<[Record]>,
     overflowed: AtomicU64,
+    taken_over: AtomicU64,
     /// Set once the table has asked for huge pages.
     huge: AtomicBool,
     stripes: [AtomicBool; STRIPES],
@@ -229,6 +230,7 @@ impl Clients {
             claimed: AtomicUsize::new(0),
             overflow: (0..overflow_len).map(|_| Record::default()).collect(),
             overflowed: AtomicU64::new(0),
+            taken_over: AtomicU64::new(0),
             huge: AtomicBool::new(false),
             stripes: [const { AtomicBool::new(false) }; STRIPES],
             hasher: foldhash::fast::RandomState::default(),
@@ -367,6 +369,7 @@ impl Clients {
                 // Busy again since the peek.
                 records[i].unlock(w);
             } else {
+                self.taken_over.fetch_add(1, Ordering::Relaxed);
                 w.retag(h.tag);
                 let r = f(&mut w, Place::Own);
                 records[i].unlock(w);
@@ -463,6 +466,11 @@ impl Clients {
     /// How many times a client had to share an overflow record.
     pub fn overflowed(&self) -> u64 {
         self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// How many times an idle client's record went to a new client.
+    pub fn taken_over(&self) -> u64 {
+        self.taken_over.load(Ordering::Relaxed)
     }
 }
 
@@ -578,10 +586,12 @@ mod tests {
         // Once the flood is quiet and the clients too, the table recycles.
         let later = 10 * NANOS_PER_SEC;
         let before = t.overflowed();
+        let taken = t.taken_over();
         for k in 3_000_000..3_005_000 {
             assert_eq!(hit(&t, k, &q, later), (true, Place::Own));
         }
         assert_eq!(t.overflowed(), before);
+        assert_eq!(t.taken_over() - taken, 5_000);
     }
 
     #[test]

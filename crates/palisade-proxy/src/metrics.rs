@@ -57,7 +57,7 @@ pub struct DecisionLabel {
 /// Table labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabel {
-    /// `reputation` or `limiter:<route>`.
+    /// `limiter:<route>`, `reputation`, `adaptive_breaker` or `connections`.
     pub table: String,
 }
 
@@ -154,6 +154,8 @@ pub struct Metrics {
     pub tracked_clients: Family<TableLabel, Gauge>,
     /// New clients that had to share an overflow slot, by table.
     pub table_overflows: Family<TableLabel, Counter<u64, AtomicU64>>,
+    /// Records handed from an idle client to a new one, by table.
+    pub table_takeovers: Family<TableLabel, Counter<u64, AtomicU64>>,
     /// Tracked clients by reputation score bucket (refreshed at scrape).
     pub reputation_scores: Family<ScoreLabel, Gauge>,
     /// Upstream breaker state: 0 closed, 1 open, 2 half-open.
@@ -353,6 +355,12 @@ impl Metrics {
             "client_table_overflows",
             "New clients charged to a shared overflow slot because the table was full",
             table_overflows.clone(),
+        );
+        let table_takeovers = Family::default();
+        registry.register(
+            "client_table_takeovers",
+            "Records handed from an idle client (state equal to a fresh one) to a new client",
+            table_takeovers.clone(),
         );
         let reputation_scores = Family::default();
         registry.register(
@@ -581,6 +589,7 @@ impl Metrics {
             connections_open,
             tracked_clients,
             table_overflows,
+            table_takeovers,
             reputation_scores,
         };
         m.zero_known_series();

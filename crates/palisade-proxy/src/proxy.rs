@@ -577,14 +577,10 @@ impl App {
         let m = &self.metrics;
         let now = self.now();
         for (name, limiter) in rt.shield.limiters() {
-            self.table_gauges(
-                format!("limiter:{name}"),
-                limiter.table().len(),
-                limiter.table().overflowed(),
-            );
+            self.record_table_gauges(format!("limiter:{name}"), limiter.table());
         }
         if let Some(rep) = rt.shield.reputation() {
-            self.table_gauges("reputation".into(), rep.table().len(), rep.table().overflowed());
+            self.record_table_gauges("reputation".into(), rep.table());
             for (bucket, n) in metrics::SCORE_BUCKETS.iter().zip(rep.distribution(now)) {
                 m.reputation_scores
                     .get_or_create(&metrics::ScoreLabel { bucket })
@@ -639,8 +635,7 @@ impl App {
                     })
                     .set(n as i64);
             }
-            let t = adaptive.table();
-            self.table_gauges("adaptive_breaker".into(), t.len(), t.overflowed());
+            self.record_table_gauges("adaptive_breaker".into(), adaptive.table());
         }
         for u in &rt.upstreams {
             if let Some(b) = &u.breaker {
@@ -682,11 +677,18 @@ impl App {
 
     /// A client table's size and overflow count (a counter kept in step
     /// with the table's own).
-    fn table_gauges(&self, table: String, len: usize, overflowed: u64) {
+    fn table_gauges(&self, table: String, len: usize, overflowed: u64) -> metrics::TableLabel {
         let label = metrics::TableLabel { table };
         self.metrics.tracked_clients.get_or_create(&label).set(len as i64);
         let c = self.metrics.table_overflows.get_or_create(&label);
         c.inc_by(overflowed.saturating_sub(c.get()));
+        label
+    }
+
+    fn record_table_gauges(&self, table: String, t: &palisade_limits::clients::Clients) {
+        let label = self.table_gauges(table, t.len(), t.overflowed());
+        let c = self.metrics.table_takeovers.get_or_create(&label);
+        c.inc_by(t.taken_over().saturating_sub(c.get()));
     }
 
     fn breaker_transition(&self, upstream: &'static str, t: Transition) {

@@ -71,6 +71,63 @@ async fn about_100_of_150_rapid_requests_pass_and_the_rest_get_429() {
     h.running.shutdown().await;
 }
 
+/// The client tables' gauges and counters, scraped from the daemon: tables
+/// of 16 records fill with distinct clients behind a trusted proxy, the
+/// next clients share overflow records, and once the first ones are idle
+/// their records go to newcomers.
+#[tokio::test]
+async fn client_tables_report_tracked_overflowed_and_taken_over_clients() {
+    let h = Harness::start(
+        "",
+        "[clients]\ntrusted_proxies = [\"127.0.0.1/32\"]\nmax_tracked = 16\n",
+    )
+    .await;
+    let mut c = h.client("127.0.0.1").await;
+    for i in 0..40 {
+        let xff = format!("198.51.100.{i}");
+        assert_eq!(
+            c.get_with("/", &[("x-forwarded-for", &xff)]).await.0,
+            StatusCode::OK
+        );
+    }
+    let tables = ["limiter:default", "reputation", "adaptive_breaker"];
+    let series = |name: &str, table: &str| format!("palisade_{name}{{table=\"{table}\"}}");
+    let m = h.metrics().await;
+    for table in tables {
+        assert_eq!(metric(&m, &series("tracked_clients", table)), 16.0, "{table}");
+        let overflows = metric(&m, &series("client_table_overflows_total", table));
+        assert!(overflows >= 24.0, "{table}: {overflows} overflows");
+        assert_eq!(metric(&m, &series("client_table_takeovers_total", table)), 0.0);
+    }
+    // A newcomer now and then until every table has handed an idle
+    // client's record over (the adaptive breaker's window empties last,
+    // 10 to 20 s after a client's last outcome).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut i = 0u32;
+    loop {
+        i += 1;
+        let xff = format!("203.0.113.{}", i % 250);
+        assert_eq!(
+            c.get_with("/", &[("x-forwarded-for", &xff)]).await.0,
+            StatusCode::OK
+        );
+        let m = h.metrics().await;
+        let taken: Vec<f64> = tables
+            .iter()
+            .map(|t| metric(&m, &series("client_table_takeovers_total", t)))
+            .collect();
+        if taken.iter().all(|&n| n > 0.0) {
+            for t in tables {
+                assert_eq!(metric(&m, &series("tracked_clients", t)), 16.0, "{t}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "takeovers so far: {taken:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn spoofed_forwarded_for_from_untrusted_peer_changes_nothing() {
     let h = Harness::start(
