@@ -243,6 +243,45 @@ async fn host_spellings_do_not_dodge_a_host_route_and_a_non_ascii_host_is_400() 
     h.running.shutdown().await;
 }
 
+/// A `Host` (or target authority) that is not a name, an IP literal and a
+/// port is 400 (RFC 9112 §3.2): WHATWG and Go URL parsers read
+/// `u@api.test`, `api.test/x`, `api.test#x`, `api.test?` and `api%2etest` as
+/// `api.test`, so an upstream routing by such a parse gets the host route's
+/// traffic without its limit.
+#[tokio::test]
+async fn a_host_that_is_not_a_host_name_is_400_and_never_forwarded() {
+    let h = Harness::start(
+        "",
+        "[[routes]]\nname = \"api\"\nhost = \"api.test\"\nrate = 1000\n",
+    )
+    .await;
+    for head in [
+        "GET / HTTP/1.1\r\nHost: u@api.test\r\n",
+        "GET / HTTP/1.1\r\nHost: api.test/x\r\n",
+        "GET / HTTP/1.1\r\nHost: api.test#x\r\n",
+        "GET / HTTP/1.1\r\nHost: api.test?\r\n",
+        "GET / HTTP/1.1\r\nHost: api%2etest\r\n",
+        "GET / HTTP/1.1\r\nHost: api.test,x\r\n",
+        "GET / HTTP/1.1\r\nHost: api.test:x\r\n",
+        "GET / HTTP/1.1\r\nHost: [api.test]\r\n",
+        "GET http://u@api.test/ HTTP/1.1\r\nHost: u@api.test\r\n",
+    ] {
+        let (status, body) = raw_get(&h, "127.0.0.41", head).await;
+        assert_eq!(status, 400, "{head}: {body}");
+    }
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    for head in [
+        "GET / HTTP/1.1\r\nHost: api.test:8080\r\n",
+        "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n",
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+        "GET / HTTP/1.1\r\nHost: my_host.internal\r\n",
+    ] {
+        let (status, body) = raw_get(&h, "127.0.0.41", head).await;
+        assert_eq!(status, 200, "{head}: {body}");
+    }
+    h.running.shutdown().await;
+}
+
 /// `Host` and an absolute-form target name the same authority when they
 /// differ only by case, a trailing dot or the scheme's default port.
 #[tokio::test]
