@@ -376,9 +376,20 @@ fn metrics(app: &App, req: &Request<Incoming>) -> Resp {
 fn parse_net(s: &str) -> Result<ipnet::IpNet, ()> {
     // `/` in a path arrives percent-encoded or as a path segment.
     let s = s.replace("%2F", "/").replace("%2f", "/");
-    s.parse::<ipnet::IpNet>()
+    let net = s
+        .parse::<ipnet::IpNet>()
         .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
-        .map_err(drop)
+        .map_err(drop)?;
+    // `::ffff:a.b.c.d/n` is the IPv4 network it maps: otherwise it escapes
+    // the IPv4 minimum prefix, and neither the kernel's IPv4 rule nor the
+    // check at accept (which sees IPv4 clients as IPv4) would hold it.
+    Ok(match net {
+        ipnet::IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+            Some(a) => ipnet::IpNet::new(IpAddr::V4(a), n.prefix_len() - 96).unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    })
 }
 
 #[derive(Deserialize)]

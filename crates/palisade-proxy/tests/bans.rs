@@ -76,3 +76,30 @@ async fn a_cidr_ban_holds_at_accept_without_a_kernel_firewall() {
     let (status, _, _) = h.client("127.0.10.5").await.get("/").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// An IPv4-mapped IPv6 ban (`::ffff:a.b.c.d`, as dual-stack logs print
+/// clients) is the IPv4 ban it names: it holds against that client, and the
+/// IPv4 minimum prefix applies (`::ffff:64.0.0.0/99` is `64.0.0.0/3`).
+#[tokio::test]
+async fn an_ipv4_mapped_ban_is_its_ipv4_ban() {
+    let h = Harness::start(
+        "",
+        "[syn]\nfirewall = \"dry-run\"\nxdp = \"off\"\nnever_ban_loopback = false\n",
+    )
+    .await;
+    let (status, text) = post_ban(&h, r#"{"ip": "::ffff:64.0.0.0/99"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("wider than /16"), "{text}");
+    let (status, text) = post_ban(&h, r#"{"ip": "::ffff:127.0.11.0/120", "duration": "5m"}"#).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    if let Err(answer) = common::refused_at_accept("127.0.11.5", h.proxy()).await {
+        panic!("a client inside the banned ::ffff:127.0.11.0/120 was served: {answer}");
+    }
+    let (status, _, _) = h.client("127.0.12.5").await.get("/").await;
+    assert_eq!(status, StatusCode::OK);
+    // Lifted by either spelling.
+    let (status, text) = h
+        .admin_request("DELETE", "/api/v1/bans/127.0.11.0%2F24", "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+}
