@@ -1368,6 +1368,42 @@ mod tests {
         assert_eq!(rejected("malformed"), 1);
     }
 
+    /// Per client and kind the newest stamp wins: a replay of an older
+    /// record is stale, the same record read again is skipped quietly.
+    #[test]
+    fn older_records_than_the_last_applied_are_stale() {
+        let settings = ClusterSettings {
+            redis: vec!["redis://127.0.0.1:1".into()],
+            redis_cluster: false,
+            sync_interval: Duration::from_millis(50),
+            node_name: "me".into(),
+            failure_mode: FailureMode::Open,
+            key_prefix: "palisade".into(),
+            redis_ca: None,
+            key: None,
+        };
+        let cluster = Cluster::new(settings, 2);
+        let event = |net: &str, ban, at_ms| ScoreEvent {
+            net: net.parse().unwrap(),
+            ban,
+            score: None,
+            expires: 0,
+            at_ms,
+        };
+        assert_eq!(cluster.fresh(&event("198.18.0.1/32", true, 2000)), Ok(true));
+        assert_eq!(cluster.fresh(&event("198.18.0.1/32", true, 2000)), Ok(false));
+        assert_eq!(
+            cluster.fresh(&event("198.18.0.1/32", true, 1000)),
+            Err(Rejected::Stale)
+        );
+        // A score is another record than a ban.
+        assert_eq!(cluster.fresh(&event("198.18.0.1/32", false, 1000)), Ok(true));
+        assert_eq!(cluster.fresh(&event("198.18.0.1/32", true, 3000)), Ok(true));
+        // Bounded: past max_clients (2) new clients are not remembered.
+        assert_eq!(cluster.fresh(&event("198.18.0.2/32", true, 1000)), Ok(true));
+        assert_eq!(lock(&cluster.latest).len(), 2);
+    }
+
     #[test]
     fn a_record_is_bound_to_its_key_field_and_values() {
         let Ok(key) = ClusterKey::new("0123456789abcdef0123456789abcdef") else {

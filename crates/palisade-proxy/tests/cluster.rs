@@ -569,8 +569,11 @@ async fn forged_records_in_redis_are_ignored_and_counted() {
     }
     // Signed with the cluster key, refused by policy on every node.
     let sign = |parts: &[&str]| palisade_proxy::cluster::record_mac(KEY.as_bytes(), parts);
+    // Longer than syn.max_ban_duration (24 h).
+    let long_ban = format!("- {} {now}", now / 1000 + 48 * 3600);
     for (hash, net, kind, v) in [
         (bans, "0.0.0.0/0", "ban", &ban_value),
+        (bans, "127.0.0.90/32", "ban", &long_ban),
         (rep, "127.0.0.80/32", "score", &score_value),
     ] {
         let mac = sign(&[events, "mallory", net, kind, v]);
@@ -616,7 +619,7 @@ async fn forged_records_in_redis_are_ignored_and_counted() {
         assert_eq!(cluster_status(h).await["up"], true);
         let bans = bans_of(h).await;
         assert!(
-            !bans.contains("127.0.1.0/24") && !bans.contains("0.0.0.0/0"),
+            !bans.contains("127.0.1.0/24") && !bans.contains("0.0.0.0/0") && !bans.contains("127.0.0.90"),
             "{bans}"
         );
         for client in ["127.0.1.60", "127.0.0.70", "127.0.0.80"] {
@@ -648,10 +651,11 @@ async fn forged_records_in_redis_are_ignored_and_counted() {
             "palisade_cluster_records_rejected_total{reason=\"unauthenticated\"}"
         ) >= 4.0
     );
-    // The signed /0 and the signed score of a never-banned address.
+    // The signed /0, the signed 48 h ban and the signed score of a
+    // never-banned address.
     assert_eq!(
         metric(&m, "palisade_cluster_records_rejected_total{reason=\"refused\"}"),
-        2.0
+        3.0
     );
     // Shared keys of the wrong type are dropped, not a reason to stop.
     for key in [nodes, rep, events] {
@@ -679,9 +683,10 @@ async fn forged_records_in_redis_are_ignored_and_counted() {
             "palisade_cluster_records_rejected_total{reason=\"unauthenticated\"}"
         ) >= 4.0
     );
+    // The signed 48 h ban and score (the /0 was only in the stream).
     assert_eq!(
         metric(&m, "palisade_cluster_records_rejected_total{reason=\"refused\"}"),
-        1.0
+        2.0
     );
 }
 
@@ -895,4 +900,52 @@ async fn an_acl_user_limited_to_palisade_keys_is_enough() {
         "{}",
         String::from_utf8_lossy(&denied.stdout)
     );
+}
+
+/// An authentic record copied back verbatim says what it said, no more: a
+/// node that saw a ban lifted does not take the ban back from a replay of
+/// the original, neither from the stream nor from the hash.
+#[tokio::test]
+async fn a_replayed_ban_does_not_undo_a_later_lift() {
+    let Some(redis) = Redis::start() else { return };
+    let a = node(&redis, "a", "").await;
+    let b = node(&redis, "b", "").await;
+    all_up(&[&a, &b]).await;
+    let ban = async |ip: &str| {
+        let body = format!(r#"{{"ip": "{ip}", "duration": "5m"}}"#);
+        let (status, text) = a.admin_request("POST", "/api/v1/bans", &body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        eventually("B holds A's ban", async || {
+            bans_of(&b).await.contains(&format!("{ip}/32"))
+        })
+        .await;
+    };
+    ban("127.0.0.55").await;
+    // The ban as it went through the stream and into the hash, MAC and all.
+    let stream = redis.cli(&["XRANGE", "{palisade}:events", "-", "+"]);
+    let lines: Vec<&str> = stream.lines().collect();
+    let fields: Vec<&str> = lines
+        .chunks(11)
+        .find(|e| e.contains(&"127.0.0.55/32") && e.contains(&"ban"))
+        .map(|e| e[1..].to_vec())
+        .unwrap_or_else(|| panic!("the ban is not in the stream: {stream}"));
+    let hashed = redis.cli(&["HGET", "{palisade}:bans", "127.0.0.55/32"]);
+    let (status, text) = a.admin_request("DELETE", "/api/v1/bans/127.0.0.55", "").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    eventually("B lifts it", async || {
+        !bans_of(&b).await.contains("127.0.0.55/32")
+    })
+    .await;
+
+    redis.cli(&[&["XADD", "{palisade}:events", "*"][..], &fields].concat());
+    redis.cli(&["HSET", "{palisade}:bans", "127.0.0.55/32", &hashed]);
+    // Stream entries are read in order: once a later ban arrives, the
+    // replay has been read.
+    ban("127.0.0.56").await;
+    assert!(
+        !bans_of(&b).await.contains("127.0.0.55/32"),
+        "the replay banned again"
+    );
+    let m = b.metrics().await;
+    assert!(metric(&m, "palisade_cluster_records_rejected_total{reason=\"stale\"}") >= 1.0);
 }
