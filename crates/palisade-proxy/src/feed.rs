@@ -135,13 +135,18 @@ pub struct FileId {
 
 /// The identity of `path` now, if it exists.
 pub fn file_id(path: &Path) -> Option<FileId> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileId {
-        ino: m.ino(),
-        len: m.len(),
-        modified: m.modified().ok(),
-    })
+    std::fs::metadata(path).ok().map(|m| FileId::of(&m))
+}
+
+impl FileId {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self {
+            ino: m.ino(),
+            len: m.len(),
+            modified: m.modified().ok(),
+        }
+    }
 }
 
 /// The feed's name in logs, errors and the admin API.
@@ -495,14 +500,22 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let cell = rt.shield.config().store.clone();
         drop(rt);
         if let (Some(settings), Some(cell)) = (settings, cell) {
-            let ids = |path: &Path| [file_id(path), file_id(&signature_path(path))];
-            let now_id = ids(&settings.path);
+            let now_id = [file_id(&settings.path), file_id(&signature_path(&settings.path))];
+            // Our own write-back (an applied delta) changes the file too,
+            // and is no replacement; anything else is, however soon after.
+            let ours = cell.written().map(|m| FileId::of(&m));
             match &snapshot_seen {
-                Some((path, id)) if *path == settings.path && *id != now_id && now_id[0].is_some() => {
+                Some((path, id))
+                    if *path == settings.path
+                        && *id != now_id
+                        && now_id[0].is_some()
+                        && !(now_id[0] == ours && id[1] == now_id[1]) =>
+                {
                     let _ = reload(cell.clone(), &app.metrics).await;
                 }
                 _ => {}
             }
+            snapshot_seen = Some((settings.path.clone(), now_id));
             if let Some(feed) = &settings.feed {
                 match fetch(&settings, feed, etag.as_deref(), &mut feed_seen).await {
                     Ok(Fetched::NotModified) => failing = None,
@@ -539,9 +552,6 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                     }
                 }
             }
-            // Our own writes (applied deltas) change the file too; seeing
-            // them here keeps them from counting as a replacement.
-            snapshot_seen = Some((settings.path.clone(), ids(&settings.path)));
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

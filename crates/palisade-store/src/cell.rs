@@ -34,6 +34,8 @@ pub struct StoreCell {
     key: Option<PublicKey>,
     /// Serialises writers: two deltas must not both build on one base.
     writer: Mutex<FeedStatus>,
+    /// The file the latest applied delta was written to, as it was written.
+    written: Mutex<Option<std::fs::Metadata>>,
 }
 
 impl StoreCell {
@@ -45,6 +47,7 @@ impl StoreCell {
             path,
             key: None,
             writer: Mutex::new(FeedStatus::default()),
+            written: Mutex::new(None),
         }
     }
 
@@ -132,10 +135,11 @@ impl StoreCell {
                         // verified deltas: a restart must accept it.
                         crate::sign::record_written(path, next.as_bytes())?;
                     }
-                    next.write_to(path)?;
-                    // Serve from the page cache of the persisted file rather
-                    // than keep a second, heap copy.
-                    Snapshot::open(path)?
+                    let meta = crate::snapshot::write_atomically_meta(path, next.as_bytes())?;
+                    *self.written.lock().unwrap_or_else(PoisonError::into_inner) = Some(meta);
+                    // Served from memory as built, not read back: a file
+                    // renamed over ours meanwhile must not be served unchecked.
+                    next.named(path)
                 }
                 None => next,
             };
@@ -168,6 +172,16 @@ impl StoreCell {
     /// Counters and the latest error.
     pub fn status(&self) -> FeedStatus {
         self.status_lock().clone()
+    }
+
+    /// Metadata (inode, length, mtime) of the file the latest applied delta
+    /// was written to: a file at [`Self::path`] that does not match it was
+    /// put there by someone else.
+    pub fn written(&self) -> Option<std::fs::Metadata> {
+        self.written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The file deltas are persisted to.

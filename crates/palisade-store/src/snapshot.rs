@@ -277,6 +277,12 @@ impl Snapshot {
         Ok(snapshot)
     }
 
+    /// The same snapshot, named after the file it was written to.
+    pub(crate) fn named(mut self, path: &Path) -> Self {
+        path.clone_into(&mut self.source);
+        self
+    }
+
     /// A snapshot from bytes in memory (checked like a file).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let mut words = vec![0u128; bytes.len().div_ceil(16)];
@@ -708,6 +714,13 @@ pub(crate) fn v6_filter_key(ip: u128) -> u64 {
 /// Writes a file durably and atomically: a temporary file in the same
 /// directory, fsync, rename over `path`, fsync of the directory.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically_meta(path, bytes).map(drop)
+}
+
+/// [`write_atomically`], returning the written file's metadata, taken
+/// before the rename (which keeps inode, length and mtime): a caller can
+/// tell its own file from one that replaced it right after.
+pub(crate) fn write_atomically_meta(path: &Path, bytes: &[u8]) -> Result<std::fs::Metadata> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
@@ -720,8 +733,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let result = (|| {
         f.write_all(bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
+        let meta = f.metadata().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&dir))?;
+        Ok(meta)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
