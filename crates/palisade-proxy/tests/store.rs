@@ -282,6 +282,47 @@ impl FeedServer {
         (server, addr)
     }
 
+    /// The same over TLS, with this certificate chain and key (PEM).
+    async fn start_tls(cert_pem: &str, key_pem: &str) -> (Self, SocketAddr) {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let server = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let this = server.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (this, acceptor) = (this.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    // A client that does not trust us fails here.
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let resp = this.answer(&req);
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        (server, addr)
+    }
+
     fn put(&self, path: &str, body: impl Into<Bytes>) {
         self.files.lock().unwrap().insert(path.into(), body.into());
     }
@@ -374,6 +415,63 @@ async fn an_http_feed_is_polled_with_etags() {
     let info = store_info(&h).await.to_string();
     assert!(info.contains(&format!("http://{addr}/delta?…")), "{info}");
     assert!(!info.contains("q-secret"), "{info}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The default transport: a signed feed over https, trusted through
+/// `store.feed_ca`. The same host is not trusted without that CA (its
+/// certificate is self-signed): nothing is fetched, the store stays.
+#[tokio::test]
+async fn a_signed_feed_over_https() {
+    let dir = tmp("https");
+    let path = snapshot(&dir);
+    let (publisher, _) = SigningKey::generate().unwrap();
+    sign_file(&publisher, &path);
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let (feed, addr) = FeedServer::start_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem()).await;
+    let text = delta(0, 1, vec![deny("127.0.0.9/32")]);
+    feed.put("/delta.sig", publisher.sign(text.as_bytes()));
+    feed.put("/delta", text);
+    let config = |ca_line: &str| {
+        format!(
+            "[store]\npath = \"{}\"\nfeed = \"https://{addr}/delta\"\npoll_interval = \"50ms\"\n\
+             feed_public_key = \"{}\"\n{ca_line}",
+            path.display(),
+            publisher.public_key()
+        )
+    };
+    let untrusted = Harness::start("", &config("")).await;
+    eventually("the untrusted host refused", async || {
+        metric(
+            &untrusted.metrics().await,
+            "palisade_feed_rejected_total{reason=\"fetch\"}",
+        ) == 1.0
+    })
+    .await;
+    let info = store_info(&untrusted).await;
+    assert_eq!(info["watermark"], 0, "{info}");
+    // Unknown issuer, or (on a machine without a system trust store) no
+    // roots at all: either way the host is not trusted.
+    let error = info["feed"]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("certificate") || error.contains("no system trust roots"),
+        "{info}"
+    );
+    assert_eq!(
+        feed.full.load(Ordering::SeqCst),
+        0,
+        "a delta was served to an untrusting client"
+    );
+    untrusted.running.shutdown().await;
+
+    let h = Harness::start("", &config(&format!("feed_ca = \"{}\"\n", ca.display()))).await;
+    eventually("the https delta applied", async || {
+        status_from(&h, "127.0.0.9").await == StatusCode::FORBIDDEN
+    })
+    .await;
+    assert_eq!(store_info(&h).await["watermark"], 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
