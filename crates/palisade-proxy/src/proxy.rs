@@ -1168,6 +1168,13 @@ impl tower_service::Service<Request<Incoming>> for Forward {
             if req.extensions().get::<OverInFlight>().is_some() {
                 return Ok(over_in_flight());
             }
+            // A reverse proxy tunnels nothing on request: forwarded, a
+            // CONNECT reached the upstream naming the upstream itself.
+            if req.method() == http::Method::CONNECT {
+                return Ok(
+                    respond::text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n").map(Either::Right),
+                );
+            }
             Ok(app.pass(conn, req).await)
         })
     }

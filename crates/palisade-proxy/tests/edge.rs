@@ -107,6 +107,23 @@ async fn a_raw_backslash_in_the_path_is_400_and_never_forwarded() {
     h.running.shutdown().await;
 }
 
+/// A reverse proxy has no business tunnelling `CONNECT`: it was forwarded
+/// to the upstream as `CONNECT upstream-address`, and the client got its
+/// connection closed without an answer. Now 405, never forwarded.
+#[tokio::test]
+async fn connect_is_405_and_never_forwarded() {
+    let h = Harness::start("", "").await;
+    for head in [
+        "CONNECT test.local:80 HTTP/1.1\r\nHost: test.local:80\r\n",
+        "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n",
+    ] {
+        let (status, body) = raw_get(&h, "127.0.0.42", head).await;
+        assert_eq!(status, 405, "{head}: {body}");
+    }
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    h.running.shutdown().await;
+}
+
 /// Tomcat, Jetty and Spring drop `;parameters` from each segment before
 /// they route, so to them `/headers;x` is `/headers`: the route must count
 /// it too, and the upstream gets the path as sent. A segment that is empty
