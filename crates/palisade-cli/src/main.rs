@@ -37,6 +37,11 @@ impl std::error::Error for BadConfig {}
 #[derive(Parser)]
 #[command(name = "palisade", version)]
 struct Cli {
+    /// Log level on stderr: error, warn, info, debug, trace or off, or
+    /// directives in RUST_LOG syntax (`palisade_proxy=debug,hyper=warn`).
+    /// Wins over RUST_LOG; without either, info.
+    #[arg(long, global = true, env = "PALISADE_LOG_LEVEL", value_name = "LEVEL")]
+    log_level: Option<String>,
     /// Log format on stderr: `text` or `json` (one object per line).
     #[arg(
         long,
@@ -83,6 +88,19 @@ enum Command {
     Health(health::HealthArgs),
     /// Kernel bans of a running daemon (admin API): list, add, del.
     Bans(bans::BansArgs),
+    /// Print a shell completion script, e.g.
+    /// `palisade completions bash > /etc/bash_completion.d/palisade`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `palisade man | man -l -`.
+    Man {
+        /// Write palisade.1 and a page per subcommand (palisade-run.1, ...)
+        /// into this directory instead, e.g. /usr/local/share/man/man1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Reputation store snapshots and feeds: build, lookup, apply-delta, info,
     /// keygen, sign, verify.
     Store {
@@ -133,9 +151,82 @@ struct RunArgs {
     redis: Option<String>,
 }
 
+/// `0.1.0 (XDP: compiled in)`: whether the kernel defense can drop floods
+/// in the driver is fixed at build time, so `--version` says it.
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        let xdp = if palisade_proxy::xdp_built() {
+            "XDP: compiled in"
+        } else {
+            "XDP: not compiled in, clang and libbpf-dev were missing at build time"
+        };
+        format!("{} ({xdp})", env!("CARGO_PKG_VERSION"))
+    })
+}
+
+/// The command line as clap sees it (also for completions and the man page).
+fn command() -> clap::Command {
+    use clap::CommandFactory as _;
+    Cli::command().version(version())
+}
+
+/// Levels accepted alone; anything else must be a directive.
+const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// The log filter: `--log-level` (or `PALISADE_LOG_LEVEL`), else RUST_LOG,
+/// else info. A bare word that is not a level is refused: the filter would
+/// take it for a target name and log nothing else.
+fn log_filter(level: Option<&str>, source: &str) -> Result<tracing_subscriber::EnvFilter, BadConfig> {
+    use tracing_subscriber::EnvFilter;
+    let Some(level) = level.map(str::trim) else {
+        return Ok(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    };
+    let hint =
+        "levels: error, warn, info, debug, trace, off; or directives such as palisade_proxy=debug,hyper=warn";
+    if !level.contains(['=', ',', '[']) && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+        return Err(BadConfig(format!("{source} {level:?}: not a log level ({hint})")));
+    }
+    EnvFilter::try_new(level).map_err(|e| BadConfig(format!("{source} {level:?}: {e} ({hint})")))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::FromArgMatches as _;
+    let matches = command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let source = match matches.value_source("log_level") {
+        Some(clap::parser::ValueSource::EnvVariable) => "PALISADE_LOG_LEVEL",
+        _ => "--log-level",
+    };
+    // Checked whatever the command, so a typo never waits for the next restart.
+    let filter = match log_filter(cli.log_level.as_deref(), source) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("palisade: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let result = match cli.command {
+        // Built in memory, then written: clap_complete panics on a write error
+        // (`palisade completions bash | head`).
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command(), "palisade", &mut script);
+            print_bytes(&script)
+        }
+        Command::Man { dir: Some(dir) } => std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::generate_to(command(), &dir))
+            .with_context(|| format!("writing man pages to {}", dir.display())),
+        Command::Man { dir: None } => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command())
+                .render(&mut page)
+                .context("rendering the man page")
+                .and_then(|()| print_bytes(&page))
+        }
         Command::Config {
             command: ConfigCommand::Default,
         } => {
@@ -162,8 +253,10 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
-        Command::DemoUpstream { listen } => runtime(cli.log_format).and_then(|rt| rt.block_on(demo(listen))),
-        Command::Run(args) => runtime(cli.log_format).and_then(|rt| rt.block_on(run(args))),
+        Command::DemoUpstream { listen } => {
+            runtime(cli.log_format, filter).and_then(|rt| rt.block_on(demo(listen)))
+        }
+        Command::Run(args) => runtime(cli.log_format, filter).and_then(|rt| rt.block_on(run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -178,10 +271,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime(format: LogFormat) -> anyhow::Result<tokio::runtime::Runtime> {
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}
+
+fn runtime(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+) -> anyhow::Result<tokio::runtime::Runtime> {
     use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);
@@ -282,7 +384,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some((addr, _)) = &demo {
             println!("  demo         http://{addr}  (/, /status/{{code}}, /delay/{{ms}}, /bytes/{{n}})");
         }
-        println!("  metrics      http://{admin}{metrics_path}");
+        println!("  metrics      curl -s http://{admin}{metrics_path}");
         println!("  reputation   curl http://{admin}/api/v1/reputation/127.0.0.1");
         match running.app.syn() {
             Some(d) => println!(
@@ -309,11 +411,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!(
             "  curl -s{insecure} -o /dev/null -w '%{{http_code}}\\n' '{scheme}://{proxy}/?[1-150]' | sort | uniq -c"
         );
+        // The breaker's 10 s window would still hold the burst's 100
+        // successes, and 60 % failures would take 150 more requests.
         println!(
-            "A failing upstream trips the circuit breaker (5 requests, 60 % failures, in a 10 s window):"
+            "A failing upstream trips the circuit breaker (5 requests, 60 % failures, in a 10 s window;"
         );
+        println!("the wait lets the burst above leave the window):");
         println!(
-            "  for i in $(seq 8); do curl -s{insecure} -o /dev/null -w '%{{http_code}} ' {scheme}://{proxy}/status/500; done; echo"
+            "  sleep 10; for i in $(seq 8); do curl -s{insecure} -o /dev/null -w '%{{http_code}} ' {scheme}://{proxy}/status/500; done; echo"
         );
         println!(
             "  -> five 500s, then 503 without calling the upstream for 30 s: curl -s http://{admin}/api/v1/breakers"
