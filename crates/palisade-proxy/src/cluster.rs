@@ -280,8 +280,11 @@ impl ScoreEvent {
         if expires > MAX_UNIX_SECS || at_ms > now_ms.saturating_add(MAX_SKEW_MS).min(MAX_UNIX_SECS * 1000) {
             return Err(Rejected::OutOfRange);
         }
+        let net: IpNet = net.parse().map_err(|_| Rejected::Malformed)?;
         Ok(Self {
-            net: net.parse().map_err(|_| Rejected::Malformed)?,
+            // `::ffff:a.b.c.d/n` is the IPv4 network it maps, or it would
+            // escape the IPv4 prefix minimum and hold nowhere.
+            net: crate::never_ban::canonical(&net),
             ban,
             score,
             expires,
@@ -1306,6 +1309,8 @@ mod tests {
         assert_eq!(parse("101 0 0", false), Err(Rejected::OutOfRange));
         assert_eq!(parse("-5 0 0", false), Err(Rejected::Malformed));
         assert_eq!(parse("5 0", false), Err(Rejected::Malformed));
+        let mapped = ScoreEvent::parse("::ffff:64.0.0.0/99", &fields("- 0 0"), true, now);
+        assert_eq!(mapped.map(|e| e.net.to_string()), Ok("64.0.0.0/3".to_owned()));
         let Ok(e) = parse("- 253402300799 0", true) else {
             panic!("the largest allowed expiry parses");
         };

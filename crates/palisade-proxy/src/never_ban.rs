@@ -162,7 +162,7 @@ impl NeverBan {
 
 /// An IPv4-mapped IPv6 network as its IPv4 self: `::ffff:10.0.0.1` is
 /// `10.0.0.1` to the kernel's IPv4 rule.
-fn canonical(net: &IpNet) -> IpNet {
+pub(crate) fn canonical(net: &IpNet) -> IpNet {
     match net {
         IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
             Some(a) => IpNet::new(IpAddr::V4(a), n.prefix_len() - 96).unwrap_or(*net),
