@@ -416,6 +416,8 @@ pub struct Status {
     pub applied: u64,
     /// Failed syncs.
     pub errors: u64,
+    /// Shared records ignored since start, by reason.
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// This node's membership in a cluster.
@@ -638,6 +640,13 @@ impl Cluster {
             published: self.published.load(Ordering::Acquire),
             applied: self.applied.load(Ordering::Acquire),
             errors: self.errors.load(Ordering::Acquire),
+            rejected: {
+                let counts = lock(&self.rejected);
+                Rejected::ALL
+                    .iter()
+                    .map(|r| (r.as_str(), counts.get(r).copied().unwrap_or(0)))
+                    .collect()
+            },
         }
     }
 

@@ -638,6 +638,12 @@ async fn forged_records_in_redis_are_ignored_and_counted() {
             assert_eq!(s, untouched, "a forged score was applied: {explain}");
         }
     }
+    let status = cluster_status(&b).await;
+    assert!(
+        status["rejected"]["unauthenticated"].as_u64() >= Some(4),
+        "{status}"
+    );
+    assert_eq!(status["rejected"]["refused"], 3, "{status}");
     let errors_after = cluster_status(&b).await["errors"].as_u64().unwrap();
     assert_eq!(
         errors_before, errors_after,
