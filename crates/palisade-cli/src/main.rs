@@ -405,7 +405,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             println!("  admin token  {t}  (PALISADE_ADMIN_TOKEN chooses your own)");
         }
         println!();
-        println!("Try it: 150 requests at once from one client; about 50 get 429 (limit 100/s):");
+        println!("Try it: 150 requests in a row from one client; about 50 get 429 (limit 100/s):");
         // -k: a certificate given with --tls-cert is likely self-signed here.
         let insecure = if tls { "k" } else { "" };
         println!(
