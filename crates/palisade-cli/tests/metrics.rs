@@ -441,3 +441,26 @@ fn counters_are_counters_and_the_process_reports_itself() {
     // The file watcher may have tried the broken file too.
     assert!(e.get("palisade_config_reloads_total{kind=\"error\"}") >= 1.0);
 }
+
+#[test]
+fn the_metrics_listener_closes_a_request_head_that_never_ends() {
+    use std::io::Write as _;
+    // admin.header_read_timeout holds on the metrics listener: a head that
+    // never completes is closed, where the hour-long idle timeout would not.
+    let config = temp_file(
+        "deadline.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\nidle_timeout = \"1h\"\n",
+    );
+    let d = start(&config);
+    let mut s = TcpStream::connect(d.metrics.unwrap()).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // Generous: the point is that it closes at all.
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    let answer = String::from_utf8_lossy(&rest);
+    assert!(!answer.contains("200 OK"), "{answer}");
+}
