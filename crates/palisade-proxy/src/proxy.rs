@@ -1230,6 +1230,18 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
+        // RFC 9112 §3.2. Forwarded, it would match no host route and reach
+        // the upstream with the upstream's own address as its host.
+        if req.version() == Version::HTTP_11
+            && req.uri().authority().is_none()
+            && !req.headers().contains_key(HOST)
+        {
+            let r = respond::text(StatusCode::BAD_REQUEST, "Bad Request: no Host\n");
+            return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody {
+                inner: Either::Right(b),
+                guard: Some((guard, None)),
+            }))));
+        }
         let request_permit = match self.permit.as_ref().map(Permit::begin_request) {
             Some(Ok(p)) => Some(p),
             Some(Err(_)) => {

@@ -299,6 +299,26 @@ async fn a_host_that_is_not_a_host_name_is_400_and_never_forwarded() {
     h.running.shutdown().await;
 }
 
+/// An HTTP/1.1 request with no `Host` (and no absolute-form target) is 400
+/// (RFC 9112 §3.2). Forwarded, it matched no host route and the upstream
+/// got its own internal address as `Host`, so an upstream whose default
+/// site is a limited host served it without that host's limit.
+#[tokio::test]
+async fn an_http11_request_without_host_is_400_and_never_forwarded() {
+    let h = Harness::start(
+        "",
+        "[[routes]]\nname = \"api\"\nhost = \"api.test\"\nrate = 1000\n",
+    )
+    .await;
+    let (status, body) = raw_get(&h, "127.0.0.43", "GET /headers HTTP/1.1\r\n").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // The target's authority stands in for it.
+    let (status, body) = raw_get(&h, "127.0.0.43", "GET http://api.test/headers HTTP/1.1\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    h.running.shutdown().await;
+}
+
 /// `Host` and an absolute-form target name the same authority when they
 /// differ only by case, a trailing dot or the scheme's default port.
 #[tokio::test]
