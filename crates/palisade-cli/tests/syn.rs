@@ -6,7 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead as _, BufReader};
-use std::net::SocketAddr;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -908,4 +909,135 @@ fn wait_for(what: &str, seconds: u64, mut check: impl FnMut() -> bool, explain: 
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("never happened within {seconds} s: {what}\n{}", explain());
+}
+
+/// A counter or gauge from `/metrics` (0 when absent).
+fn metric(srv: &Netns, name: &str) -> f64 {
+    let text = get(srv, None, "127.0.0.1:9090", "/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `POST /api/v1/bans` from inside the server namespace's thread; the
+/// status line, or what went wrong.
+fn post_ban(ip: &str) -> String {
+    let body = format!("{{\"ip\": \"{ip}\", \"duration\": \"10m\"}}");
+    let exchange = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect("127.0.0.1:9090")?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        write!(
+            s,
+            "POST /api/v1/bans HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t0ken-0123456789\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out.lines().next().unwrap_or_default().to_owned())
+    };
+    exchange().unwrap_or_else(|e| format!("{ip}: {e}"))
+}
+
+/// Every admin ban used to be its own `nft` process and its own fsync of
+/// `bans.json`, run on the async worker that answered the request. Now a
+/// ban thread takes whatever queued while its last batch ran: 1 000 bans
+/// asked at once (50 connections, under `admin.max_connections`, 20 bans
+/// each, each answered once its ban is in the kernel) come to far fewer firewall transactions, and the
+/// proxy answers a client throughout.
+#[test]
+fn a_burst_of_admin_bans_is_installed_in_few_batches_while_the_proxy_answers() {
+    let Some((srv, att)) = topology() else { return };
+    let dir = scratch("palisade-syn-burst");
+    let _demo = demo(&srv);
+    let daemon = start(&srv, &config(&dir, "nftables"));
+    let legit = || get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/");
+    eventually("the legit client is served", || {
+        legit().is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
+    let batches_before = metric(&srv, "palisade_ban_batches_total");
+    let asked_before = metric(&srv, "palisade_ban_requests_total");
+
+    let burst_over = std::sync::atomic::AtomicBool::new(false);
+    let (statuses, (during, answers)) = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            let (mut during, mut answers) = (0u32, Vec::new());
+            loop {
+                let was_over = burst_over.load(std::sync::atomic::Ordering::Acquire);
+                let r = get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/");
+                answers.push(r.map(|r| r.lines().next().unwrap_or_default().to_owned()));
+                if was_over {
+                    break;
+                }
+                during += 1;
+                // Under the per-address limit of new connections (50/s).
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (during, answers)
+        });
+        let statuses = srv
+            .enter(|| {
+                let workers: Vec<_> = (0..50u32)
+                    .map(|w| {
+                        std::thread::spawn(move || {
+                            (0..20u32)
+                                .map(|k| {
+                                    let j = w * 20 + k;
+                                    post_ban(&format!("198.19.{}.{}", j / 250, j % 250 + 1))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().unwrap_or_else(|_| vec!["a worker panicked".into()]))
+                    .collect::<Vec<_>>()
+            })
+            .join()
+            .unwrap_or_else(|_| vec!["the burst panicked".into()]);
+        burst_over.store(true, std::sync::atomic::Ordering::Release);
+        (statuses, client.join().unwrap())
+    });
+
+    let refused: Vec<&String> = statuses.iter().filter(|s| !s.contains(" 200 ")).collect();
+    assert!(
+        refused.is_empty(),
+        "{} bans not taken: {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    let batches = metric(&srv, "palisade_ban_batches_total") - batches_before;
+    let asked = metric(&srv, "palisade_ban_requests_total") - asked_before;
+    let set = out(&srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
+    let in_kernel = set.matches("\"198.19.").count();
+    let persisted: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("nftables").join("bans.json")).unwrap())
+            .unwrap();
+    eprintln!(
+        "1 000 admin bans from 50 connections: {batches} firewall batches for {asked} changes; \
+         {in_kernel} in the kernel set, {} persisted; the client got {} answers, {during} during the burst",
+        persisted.len(),
+        answers.len()
+    );
+    assert!(asked >= 1000.0, "{asked} changes counted");
+    assert_eq!(in_kernel, 1000, "{set}");
+    assert_eq!(persisted.len(), 1000);
+    // Each ban alone would be 1 000 transactions.
+    assert!(
+        batches >= 1.0 && batches * 4.0 <= 1000.0,
+        "{batches} batches for 1 000 bans"
+    );
+    assert!(during >= 1, "the client asked nothing during the burst");
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !a.as_deref().is_some_and(|s| s.contains(" 200 ")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "the proxy failed the client during the burst: {failed:?} of {}",
+        answers.len()
+    );
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
 }

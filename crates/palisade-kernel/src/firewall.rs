@@ -132,6 +132,13 @@ pub trait Firewall: Send + Sync {
     fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError>;
     /// Lifts bans (absent ones are ignored).
     fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError>;
+    /// Bans and lifts in one go: one kernel transaction where the tool
+    /// allows it (nftables, ipset), so a batch of changes costs one process.
+    /// `ban` and `unban` must not share a network.
+    fn apply(&self, ban: &[(IpNet, Duration)], unban: &[IpNet]) -> Result<(), FirewallError> {
+        self.ban(ban)?;
+        self.unban(unban)
+    }
     /// What the kernel holds now.
     fn list(&self) -> Result<BTreeSet<IpNet>, FirewallError>;
     /// Removes everything `setup` created.
@@ -390,9 +397,21 @@ impl Firewall for Nftables {
     }
 
     fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError> {
-        if bans.is_empty() {
-            return Ok(());
-        }
+        self.apply(bans, &[])
+    }
+
+    fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError> {
+        self.apply(&[], nets)
+    }
+
+    fn apply(&self, bans: &[(IpNet, Duration)], unban: &[IpNet]) -> Result<(), FirewallError> {
+        // Deleting an absent element fails the whole batch: delete only
+        // what the kernel holds.
+        let present = if unban.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.list()?
+        };
         let mut commands = Vec::new();
         for set in ["ban4", "ban6"] {
             let elems: Vec<Value> = bans
@@ -403,23 +422,13 @@ impl Firewall for Nftables {
             if !elems.is_empty() {
                 commands.push(json!({"add": {"element": {"family": "inet", "table": self.table, "name": set, "elem": elems}}}));
             }
-        }
-        self.batch(commands)
-    }
-
-    fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError> {
-        // Deleting an absent element fails the whole batch: delete only
-        // what the kernel holds.
-        let present = self.list()?;
-        let mut commands = Vec::new();
-        for set in ["ban4", "ban6"] {
-            let elems: Vec<Value> = nets
+            let gone: Vec<Value> = unban
                 .iter()
                 .filter(|n| Self::set_of(n) == set && present.contains(n))
                 .map(Self::elem)
                 .collect();
-            if !elems.is_empty() {
-                commands.push(json!({"delete": {"element": {"family": "inet", "table": self.table, "name": set, "elem": elems}}}));
+            if !gone.is_empty() {
+                commands.push(json!({"delete": {"element": {"family": "inet", "table": self.table, "name": set, "elem": gone}}}));
             }
         }
         if commands.is_empty() {
@@ -562,10 +571,18 @@ impl Firewall for Iptables {
     }
 
     fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError> {
-        if bans.is_empty() {
+        self.apply(bans, &[])
+    }
+
+    fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError> {
+        self.apply(&[], nets)
+    }
+
+    fn apply(&self, bans: &[(IpNet, Duration)], unban: &[IpNet]) -> Result<(), FirewallError> {
+        if bans.is_empty() && unban.is_empty() {
             return Ok(());
         }
-        let script: String = bans
+        let mut script: String = bans
             .iter()
             .map(|(n, ttl)| {
                 format!(
@@ -576,17 +593,11 @@ impl Firewall for Iptables {
                 )
             })
             .collect();
-        self.ipset_restore(&script)
-    }
-
-    fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError> {
-        if nets.is_empty() {
-            return Ok(());
-        }
-        let script: String = nets
-            .iter()
-            .map(|n| format!("del {} {}\n", Self::set_of(n), n.trunc()))
-            .collect();
+        script.extend(
+            unban
+                .iter()
+                .map(|n| format!("del {} {}\n", Self::set_of(n), n.trunc())),
+        );
         self.ipset_restore(&script)
     }
 

@@ -121,6 +121,17 @@ fn exercise(fw: &dyn Firewall, srv: &Netns, att: &Netns) {
         single[single.len() - 1]
     );
     assert!(fw.list().unwrap().len() >= 1000);
+    // Bans and lifts together, in one go; an absent lift is ignored.
+    fw.apply(
+        &[(net("198.18.0.2/32"), ttl)],
+        &[many[0].0, many[1].0, net("192.0.2.9/32")],
+    )
+    .unwrap();
+    let listed = fw.list().unwrap();
+    assert!(listed.contains(&net("198.18.0.2/32")), "{}", fw.name());
+    assert!(!listed.contains(&many[0].0) && !listed.contains(&many[1].0));
+    assert!(listed.contains(&many[2].0));
+    assert!(!reaches(att, "198.18.0.2"), "{}", fw.name());
     fw.teardown().unwrap();
     assert!(
         reaches(att, "198.18.0.2"),

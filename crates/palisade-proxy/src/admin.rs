@@ -326,7 +326,7 @@ async fn route(app: &App, conn: &Conn<'_>, req: Request<Incoming>) -> Resp {
         let Ok(net) = parse_net(net) else {
             return error(StatusCode::BAD_REQUEST, "not an IP address or CIDR");
         };
-        return match d.unban_shared(net) {
+        return match d.unban_shared(net).await {
             Ok(true) => json(StatusCode::OK, &serde_json::json!({ "unbanned": net })),
             Ok(false) => error(StatusCode::NOT_FOUND, "not banned"),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
@@ -438,7 +438,7 @@ async fn ban(app: &App, req: Request<Incoming>) -> Resp {
             }
         },
     };
-    match d.ban(net, ttl) {
+    match d.ban(net, ttl).await {
         Ok(()) => {
             tracing::info!(%net, seconds = ttl.as_secs(), "banned by admin");
             json(

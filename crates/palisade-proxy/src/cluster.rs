@@ -609,23 +609,33 @@ impl Cluster {
         })
     }
 
-    /// Sends a score change to the other nodes (queued; never waits).
+    /// Sends a score change to the other nodes (queued; never waits). It
+    /// is called on the request path (penalties), so it takes no lock and
+    /// scans nothing: the sync task remembers what it sends.
     pub fn publish(&self, event: ScoreEvent, metrics: &Metrics) {
-        // A replay of an older record must not undo this change here.
-        let _ = self.fresh(&event);
-        {
-            let mut known = lock(&self.known);
-            let key = (event.net, event.ban);
-            if known.len() >= self.max_clients && !known.contains_key(&key) {
-                let now = unix_now_ms();
-                known.retain(|_, e| e.current(now));
-            }
-            if known.len() < self.max_clients {
-                known.insert(key, event);
-            }
-        }
         if self.outbox.try_send(event).is_err() {
             Metrics::inc(&metrics.cluster_events, "dropped");
+        }
+    }
+
+    /// Notes events this node sends, for re-publishing after Redis comes
+    /// back empty. Full of live entries, it makes room by dropping lapsed
+    /// ones at most once a call, not once an event.
+    fn remember(&self, events: &[ScoreEvent]) {
+        let mut known = lock(&self.known);
+        let mut pruned = false;
+        for e in events {
+            // A replay of an older record must not undo this change here.
+            let _ = self.fresh(e);
+            let key = (e.net, e.ban);
+            if known.len() >= self.max_clients && !known.contains_key(&key) && !pruned {
+                let now = unix_now_ms();
+                known.retain(|_, e| e.current(now));
+                pruned = true;
+            }
+            if known.len() < self.max_clients || known.contains_key(&key) {
+                known.insert(key, *e);
+            }
         }
     }
 
@@ -827,12 +837,14 @@ pub async fn run(cluster: Arc<Cluster>, app: Arc<App>, mut stop: watch::Receiver
             _ = tokio::time::sleep(cluster.settings.sync_interval) => {}
             _ = stop.changed() => return,
         }
+        let queued = pending.len();
         while pending.len() < OUTBOX {
             match inbox.try_recv() {
                 Ok(e) => pending.push(e),
                 Err(_) => break,
             }
         }
+        cluster.remember(&pending[queued..]);
         if conn.is_none() {
             match connect(&cluster.settings).await {
                 Ok(c) => conn = Some(c),
@@ -1081,7 +1093,7 @@ async fn read_events(
                     continue;
                 }
                 let event = stream_event(cluster, &stream, &fields, now);
-                take(cluster, app, event, || format!("{fields:?}"));
+                take(cluster, app, event, || format!("{fields:?}")).await;
             }
         }
         if got < 1000 {
@@ -1119,7 +1131,7 @@ fn stream_event(
 }
 
 /// Applies a checked event, or counts and logs why not.
-fn take(cluster: &Cluster, app: &App, event: Result<ScoreEvent, Rejected>, record: impl Fn() -> String) {
+async fn take(cluster: &Cluster, app: &App, event: Result<ScoreEvent, Rejected>, record: impl Fn() -> String) {
     let metrics = &app.metrics;
     let e = match event.and_then(|e| cluster.fresh(&e).map(|new| (e, new))) {
         Ok((e, true)) => e,
@@ -1129,7 +1141,7 @@ fn take(cluster: &Cluster, app: &App, event: Result<ScoreEvent, Rejected>, recor
             return;
         }
     };
-    match app.apply_cluster_event(&e) {
+    match app.apply_cluster_event(&e).await {
         Ok(()) => {
             cluster.applied.fetch_add(1, Ordering::AcqRel);
         }
@@ -1195,7 +1207,7 @@ async fn catch_up(
                 // Only authentic records are cleaned up: a node with the
                 // wrong key must not wipe the others' state.
                 Ok(e) if !e.current(now) => expired.push(net.clone()),
-                event => take(cluster, app, event, || format!("{hash} {net} {v}")),
+                event => take(cluster, app, event, || format!("{hash} {net} {v}")).await,
             }
         }
         if !expired.is_empty() {

@@ -209,6 +209,10 @@ pub struct Metrics {
     pub syn_bans: Counter,
     /// Half-open (SYN-RECV) connections on the listener.
     pub syn_half_open: Gauge,
+    /// Firewall transactions made by the ban thread.
+    pub ban_batches: Counter,
+    /// Bans and lifts asked of the ban thread.
+    pub ban_requests: Counter,
     /// Bans refused by `reason` (a protected address's kind, `too_wide`,
     /// `too_long`, `budget`).
     pub bans_refused: Family<ReasonLabel, Counter>,
@@ -502,6 +506,18 @@ impl Metrics {
             "Half-open (SYN-RECV) connections on the listener",
             syn_half_open.clone(),
         );
+        let ban_batches = Counter::default();
+        registry.register(
+            "ban_batches",
+            "Firewall transactions of the ban thread (each holds every ban and lift queued meanwhile)",
+            ban_batches.clone(),
+        );
+        let ban_requests = Counter::default();
+        registry.register(
+            "ban_requests",
+            "Bans and lifts asked of the ban thread (SYN defense, admin, cluster, expiry)",
+            ban_requests.clone(),
+        );
         let bans_refused = Family::default();
         registry.register(
             "bans_refused",
@@ -548,6 +564,8 @@ impl Metrics {
             syn_bans_active,
             syn_bans,
             syn_half_open,
+            ban_batches,
+            ban_requests,
             bans_refused,
             cluster_up,
             cluster_peers,

@@ -432,8 +432,9 @@ impl App {
 
     /// Applies a score change or ban another node published; `Err` says
     /// why this node's policy refuses it (never-ban set, prefix minimums,
-    /// longest ban), whoever signed it.
-    pub fn apply_cluster_event(&self, e: &ScoreEvent) -> Result<(), String> {
+    /// longest ban), whoever signed it. A ban is queued for the ban
+    /// thread, waiting only for room in its queue.
+    pub async fn apply_cluster_event(&self, e: &ScoreEvent) -> Result<(), String> {
         if e.ban {
             let Some(syn) = self.syn.get() else {
                 tracing::debug!(net = %e.net, "cluster ban ignored: the SYN defense is off here");
@@ -441,9 +442,9 @@ impl App {
             };
             let now = palisade_core::unix_now();
             let result = if e.expires > now {
-                syn.ban_from_cluster(e.net, e.expires)
+                syn.ban_from_cluster(e.net, e.expires).await
             } else {
-                return syn.unban(e.net).map(drop).or_else(|err| {
+                return syn.unban_from_cluster(e.net).await.or_else(|err| {
                     tracing::error!(net = %e.net, "cluster unban not applied: {err}");
                     Ok(())
                 });
@@ -595,6 +596,9 @@ impl App {
             m.syn_bans_active.set(active as i64);
             metrics::set_counter(&m.syn_bans, total);
             m.syn_half_open.set(half_open as i64);
+            let (batches, requests) = syn.batch_counts();
+            metrics::set_counter(&m.ban_batches, batches);
+            metrics::set_counter(&m.ban_requests, requests);
             for (reason, n) in syn.refused() {
                 metrics::set_counter(&m.bans_refused.get_or_create(&metrics::ReasonLabel { reason }), n);
             }

@@ -3,13 +3,16 @@
 //! * A capture thread reads every SYN to our listener from an `AF_PACKET`
 //!   socket (palisade-kernel's BPF filter) and flags a source the moment it
 //!   and the global rate are over their thresholds.
-//! * A ban thread installs what queued meanwhile as one firewall batch,
-//!   records how long after the source's first SYN the ban landed, takes
-//!   `reputation_penalty` points from it, and persists the ban list.
+//! * A ban thread is the only one to run the firewall and write the ban
+//!   list after start: offenders, admin and cluster bans and lifts, expiry
+//!   and reconciliation all queue for it, and it installs what queued
+//!   meanwhile as one firewall transaction and one `bans.json` write,
+//!   then answers who waits. For offenders it records how long after the
+//!   first SYN the ban landed and takes `reputation_penalty` points.
 //! * A poll task reads the kernel's TCP counters and half-open sockets,
 //!   switches `tcp_syncookies` on when failed handshakes dominate for
-//!   long enough (and back when they stop; judged by `CookieJudge`),
-//!   expires bans, and reconciles the kernel's set with our list.
+//!   long enough (and back when they stop; judged by `CookieJudge`), and
+//!   asks the ban thread to expire bans and reconcile the kernel's set.
 //!
 //! Without `CAP_NET_RAW` there is no capture (counters only); without
 //! `CAP_NET_ADMIN` the firewall is a dry run. Both are said at start.
@@ -18,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -29,6 +32,7 @@ use palisade_kernel::firewall::{DryRun, Firewall, Iptables, Nftables};
 use palisade_kernel::procnet::{TcpCounters, half_open, parse_tcp_table};
 use palisade_kernel::xdp::{XdpDefense, XdpMode, XdpStats, interfaces_for};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{FirewallChoice, SynSettings};
 use crate::never_ban::NeverBan;
@@ -117,6 +121,122 @@ struct Offender {
     global: u64,
 }
 
+/// Jobs the ban thread holds at most; past that, offenders are dropped and
+/// asking callers wait (asynchronously) for room.
+const JOBS: usize = 4096;
+/// Jobs one batch takes at most.
+const MAX_BATCH: usize = 4096;
+
+/// What the ban thread is asked to do.
+enum Job {
+    /// A source the capture thread, the XDP reader or the poll flagged.
+    Offender(Offender),
+    /// A ban asked for (admin, cluster), admitted already.
+    Ban {
+        ban: Ban,
+        /// Only where it outlasts the ban in force (a cluster ban).
+        only_if_longer: bool,
+        /// Tell the cluster once it is in.
+        share: bool,
+        done: Option<oneshot::Sender<Result<(), BanError>>>,
+    },
+    /// A lift asked for; answers whether there was a ban.
+    Unban {
+        net: IpNet,
+        share: bool,
+        done: Option<oneshot::Sender<Result<bool, String>>>,
+    },
+    /// Lift the bans that lapsed.
+    Expire,
+    /// Make the kernel's set match our list.
+    Reconcile,
+    /// Shutting down.
+    Stop,
+}
+
+/// Who asked for a change in a batch, to be answered after it.
+enum Origin {
+    Offender(Offender),
+    Ban {
+        share: bool,
+        done: Option<oneshot::Sender<Result<(), BanError>>>,
+    },
+    Unban {
+        share: bool,
+        done: Option<oneshot::Sender<Result<bool, String>>>,
+    },
+    Expiry,
+}
+
+/// One change asked of the ban list.
+#[derive(Debug, Clone, PartialEq)]
+enum Change {
+    Ban { ban: Ban, only_if_longer: bool },
+    Unban(IpNet),
+}
+
+/// What a batch of changes comes to: one install and one lift per
+/// network, whatever the batch asked of it in between.
+#[derive(Debug, Default, PartialEq)]
+struct Plan {
+    /// Bans to put in (new, or replacing the one in force).
+    install: Vec<Ban>,
+    /// Networks to lift.
+    lift: Vec<IpNet>,
+    /// Per change, in order: for a ban, whether it took effect; for a
+    /// lift, whether there was a ban to lift.
+    outcome: Vec<bool>,
+}
+
+/// Folds `changes`, in order, over the bans in force: the last word on a
+/// network wins, a cluster ban yields to a longer one, and a lift reports
+/// whether the ban it lifts existed (in force or earlier in the batch).
+fn plan(current: &BTreeMap<IpNet, Ban>, changes: &[Change]) -> Plan {
+    let mut last: BTreeMap<IpNet, Option<Ban>> = BTreeMap::new();
+    let mut outcome = Vec::with_capacity(changes.len());
+    for change in changes {
+        let net = match change {
+            Change::Ban { ban, .. } => ban.net,
+            Change::Unban(net) => *net,
+        };
+        let now = match last.get(&net) {
+            Some(b) => b.as_ref(),
+            None => current.get(&net),
+        };
+        match change {
+            Change::Ban { ban, only_if_longer } => {
+                if *only_if_longer && now.is_some_and(|b| b.until >= ban.until) {
+                    outcome.push(false);
+                } else {
+                    last.insert(net, Some(ban.clone()));
+                    outcome.push(true);
+                }
+            }
+            Change::Unban(_) => {
+                outcome.push(now.is_some());
+                last.insert(net, None);
+            }
+        }
+    }
+    let mut plan = Plan {
+        outcome,
+        ..Plan::default()
+    };
+    for (net, ban) in last {
+        match ban {
+            Some(b) => plan.install.push(b),
+            // The kernel may hold a ban we do not (the firewall ignores
+            // absent ones), so a lift always goes through.
+            None => plan.lift.push(net),
+        }
+    }
+    plan
+}
+
+fn stopped() -> BanError {
+    BanError::Firewall("the SYN defense is shutting down".into())
+}
+
 /// The latest kernel view, for `/syn-stats`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Snapshot {
@@ -165,8 +285,13 @@ pub struct SynDefense {
     share: Arc<dyn Fn(IpNet, u64) + Send + Sync>,
     /// The XDP layer, when attached.
     xdp: Mutex<Option<XdpDefense>>,
-    /// Where offenders go (the capture thread and the XDP map reader).
-    offenders: Mutex<Option<mpsc::SyncSender<Offender>>>,
+    /// The ban thread's queue: offenders (capture, XDP, poll), bans and
+    /// lifts asked for (admin, cluster), expiry and reconciliation.
+    jobs: mpsc::Sender<Job>,
+    /// Firewall transactions the ban thread made.
+    batches: AtomicU64,
+    /// Changes asked of the ban thread (bans and lifts).
+    ban_requests: AtomicU64,
     /// Retransmitted SYNs per source at the last XDP read.
     xdp_retrans: Mutex<HashMap<IpAddr, u64>>,
     syns: AtomicU64,
@@ -454,6 +579,7 @@ impl SynDefense {
         let bans_path = data_dir.map(|d| d.join("bans.json"));
         let xdp = if settings.xdp { attach_xdp(listen) } else { None };
         let port = listen.port();
+        let (jobs, rx) = mpsc::channel::<Job>(JOBS);
         let defense = Arc::new(Self {
             port,
             v6_prefix,
@@ -468,7 +594,9 @@ impl SynDefense {
             stop: Arc::new(AtomicBool::new(false)),
             share,
             xdp: Mutex::new(xdp),
-            offenders: Mutex::new(None),
+            jobs,
+            batches: AtomicU64::new(0),
+            ban_requests: AtomicU64::new(0),
             xdp_retrans: Mutex::new(HashMap::new()),
             syns: AtomicU64::new(0),
             bans_total: AtomicU64::new(0),
@@ -481,13 +609,11 @@ impl SynDefense {
             settings,
         });
         defense.restore();
-        let (tx, rx) = mpsc::sync_channel::<Offender>(4096);
-        *lock(&defense.offenders) = Some(tx.clone());
         {
             let d = defense.clone();
             let spawned = std::thread::Builder::new()
                 .name("palisade-bans".into())
-                .spawn(move || d.ban_loop(&rx, &*penalize));
+                .spawn(move || d.ban_loop(rx, &*penalize));
             if let Err(e) = spawned {
                 tracing::error!("SYN defense: cannot start the ban thread: {e}");
             }
@@ -496,7 +622,7 @@ impl SynDefense {
             let d = defense.clone();
             let spawned = std::thread::Builder::new()
                 .name("palisade-syn".into())
-                .spawn(move || d.capture_loop(&cap, &tx));
+                .spawn(move || d.capture_loop(&cap));
             if let Err(e) = spawned {
                 tracing::error!("SYN defense: cannot start the capture thread: {e}");
             }
@@ -615,7 +741,7 @@ impl SynDefense {
         self.banned_wide.store(Arc::new(wide));
     }
 
-    fn capture_loop(&self, cap: &SynCapture, tx: &mpsc::SyncSender<Offender>) {
+    fn capture_loop(&self, cap: &SynCapture) {
         let mut first_seen: HashMap<IpAddr, u64> = HashMap::new();
         let mut reported: HashSet<IpAddr> = HashSet::new();
         while !self.stop.load(Ordering::Acquire) {
@@ -653,7 +779,7 @@ impl SynDefense {
             );
             if seen.offender && !reported.contains(&source) && !self.is_banned(source) {
                 reported.insert(source);
-                let _ = tx.try_send(Offender {
+                self.offender(Offender {
                     ip: source,
                     first_seen: first_seen.get(&source).copied().unwrap_or(now),
                     rate: seen.source_per_sec,
@@ -663,61 +789,203 @@ impl SynDefense {
         }
     }
 
-    fn ban_loop(&self, rx: &mpsc::Receiver<Offender>, penalize: &(dyn Fn(IpAddr) + Send + Sync)) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while let Ok(o) = rx.try_recv() {
-                batch.push(o);
+    /// Queues an offender for the ban thread; a full queue drops it (the
+    /// capture reports it again while it floods).
+    fn offender(&self, o: Offender) {
+        let _ = self.jobs.try_send(Job::Offender(o));
+    }
+
+    /// The ban thread: takes what queued while the last batch ran (up to
+    /// `MAX_BATCH` jobs), turns it into one firewall transaction, one
+    /// `bans.json` write and one new lookup view, then answers whoever
+    /// waits. Nobody else runs the firewall after start, so async callers
+    /// never wait on a process or an fsync, only on this thread's answer.
+    fn ban_loop(&self, mut rx: mpsc::Receiver<Job>, penalize: &(dyn Fn(IpAddr) + Send + Sync)) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH
+                && let Ok(j) = rx.try_recv()
+            {
+                jobs.push(j);
             }
-            // The capture thread and the XDP reader may both report a source.
-            let mut seen = HashSet::new();
-            batch.retain(|o| {
-                !self.is_banned(o.ip)
-                    && seen.insert(self.key(o.ip))
-                    && self.refuse_protected(self.key(o.ip), "syn_flood").is_ok()
-                    && self.spend_budget()
-            });
-            if batch.is_empty() {
-                continue;
+            if !self.run_batch(jobs, penalize) {
+                return;
             }
-            let ttl = self.settings.ban_duration;
-            let nets: Vec<(IpNet, Duration)> = batch.iter().map(|o| (self.key(o.ip), ttl)).collect();
-            let started = self.clock.now();
-            if let Err(e) = self.firewall.ban(&nets) {
-                tracing::error!("SYN defense: ban failed: {e}");
-                continue;
+        }
+    }
+
+    /// One batch; false once asked to stop.
+    fn run_batch(&self, jobs: Vec<Job>, penalize: &(dyn Fn(IpAddr) + Send + Sync)) -> bool {
+        let now = unix_now();
+        let ttl = self.settings.ban_duration;
+        let mut changes = Vec::new();
+        let mut origins = Vec::new();
+        let (mut reconcile, mut go_on) = (false, true);
+        // The capture thread and the XDP reader may both report a source.
+        let mut seen = HashSet::new();
+        for job in jobs {
+            match job {
+                Job::Offender(o) => {
+                    let net = self.key(o.ip);
+                    if self.is_banned(o.ip)
+                        || !seen.insert(net)
+                        || self.refuse_protected(net, "syn_flood").is_err()
+                        || !self.spend_budget()
+                    {
+                        continue;
+                    }
+                    changes.push(Change::Ban {
+                        ban: Ban {
+                            net,
+                            until: now.saturating_add(ttl.as_secs()),
+                            reason: "syn_flood".into(),
+                            rate: o.rate,
+                            latency_ms: None,
+                            install_ms: None,
+                        },
+                        only_if_longer: false,
+                    });
+                    origins.push(Origin::Offender(o));
+                }
+                Job::Ban {
+                    ban,
+                    only_if_longer,
+                    share,
+                    done,
+                } => {
+                    changes.push(Change::Ban { ban, only_if_longer });
+                    origins.push(Origin::Ban { share, done });
+                }
+                Job::Unban { net, share, done } => {
+                    changes.push(Change::Unban(net));
+                    origins.push(Origin::Unban { share, done });
+                }
+                Job::Expire => {
+                    for b in lock(&self.bans).values().filter(|b| b.until <= now) {
+                        changes.push(Change::Unban(b.net));
+                        origins.push(Origin::Expiry);
+                    }
+                }
+                Job::Reconcile => reconcile = true,
+                Job::Stop => go_on = false,
             }
-            self.xdp_ban(&nets);
-            let done = self.clock.now();
-            let install = done.saturating_sub(started) as f64 / 1e6;
-            let until = unix_now() + ttl.as_secs();
-            for o in &batch {
-                let latency = done.saturating_sub(o.first_seen) as f64 / 1e6;
-                tracing::warn!(
-                    source = %o.ip,
-                    syn_per_sec = o.rate,
-                    global_syn_per_sec = o.global,
-                    latency_ms = latency,
-                    install_ms = install,
-                    batch = batch.len(),
-                    firewall = self.firewall.name(),
-                    "SYN flood: source banned for {}s",
-                    ttl.as_secs()
-                );
-                self.record(Ban {
-                    net: self.key(o.ip),
-                    until,
-                    reason: "syn_flood".into(),
-                    rate: o.rate,
-                    latency_ms: Some(latency),
-                    install_ms: Some(install),
-                });
-                lock(&self.rates).forget(&o.ip);
-                penalize(o.ip);
-                (self.share)(self.key(o.ip), until);
-            }
+        }
+        self.ban_requests
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        let started = self.clock.now();
+        let outcomes = self.install(&changes);
+        let done_at = self.clock.now();
+        let install_ms = done_at.saturating_sub(started) as f64 / 1e6;
+        if outcomes.iter().any(Result::is_ok) {
             self.persist();
         }
+        let batch = changes.len();
+        for ((change, origin), outcome) in changes.into_iter().zip(origins).zip(outcomes) {
+            match (origin, change) {
+                (Origin::Offender(o), Change::Ban { ban, .. }) => {
+                    if let Err(e) = outcome {
+                        tracing::error!(source = %o.ip, "SYN defense: ban failed: {e}");
+                        continue;
+                    }
+                    let latency = done_at.saturating_sub(o.first_seen) as f64 / 1e6;
+                    if let Some(b) = lock(&self.bans).get_mut(&ban.net) {
+                        b.latency_ms = Some(latency);
+                        b.install_ms = Some(install_ms);
+                    }
+                    tracing::warn!(
+                        source = %o.ip,
+                        syn_per_sec = o.rate,
+                        global_syn_per_sec = o.global,
+                        latency_ms = latency,
+                        install_ms,
+                        batch,
+                        firewall = self.firewall.name(),
+                        "SYN flood: source banned for {}s",
+                        ttl.as_secs()
+                    );
+                    lock(&self.rates).forget(&o.ip);
+                    penalize(o.ip);
+                    (self.share)(ban.net, ban.until);
+                }
+                (Origin::Ban { share, done }, Change::Ban { ban, .. }) => {
+                    if outcome.is_ok() && share {
+                        (self.share)(ban.net, ban.until);
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(outcome.map(drop).map_err(BanError::Firewall));
+                    }
+                }
+                (Origin::Unban { share, done }, Change::Unban(net)) => {
+                    if outcome.is_ok() && share {
+                        (self.share)(net, 1);
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(outcome);
+                    }
+                }
+                (Origin::Expiry, Change::Unban(net)) => {
+                    if let Err(e) = outcome {
+                        tracing::error!(%net, "SYN defense: lifting an expired ban failed: {e}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        if reconcile {
+            self.reconcile();
+        }
+        go_on
+    }
+
+    /// Makes `changes` in the firewall and the list, as one transaction;
+    /// if that fails, each alone, so one the kernel refuses does not sink
+    /// the others. Per change: what [`plan`] said, or why it failed.
+    fn install(&self, changes: &[Change]) -> Vec<Result<bool, String>> {
+        if changes.is_empty() {
+            return Vec::new();
+        }
+        let plan = plan(&lock(&self.bans), changes);
+        match self.apply(&plan) {
+            Ok(()) => plan.outcome.into_iter().map(Ok).collect(),
+            Err(_) if changes.len() > 1 => changes
+                .iter()
+                .flat_map(|c| self.install(std::slice::from_ref(c)))
+                .collect(),
+            Err(e) => vec![Err(e.to_string())],
+        }
+    }
+
+    fn apply(&self, plan: &Plan) -> Result<(), palisade_kernel::firewall::FirewallError> {
+        if plan.install.is_empty() && plan.lift.is_empty() {
+            return Ok(());
+        }
+        let now = unix_now();
+        let nets: Vec<(IpNet, Duration)> = plan
+            .install
+            .iter()
+            .map(|b| (b.net, Duration::from_secs(b.until.saturating_sub(now).max(1))))
+            .collect();
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.firewall.apply(&nets, &plan.lift)?;
+        self.xdp_ban(&nets);
+        if let Some(x) = lock(&self.xdp).as_mut() {
+            for net in &plan.lift {
+                if let Err(e) = x.unban(*net) {
+                    tracing::error!("SYN defense: XDP unban of {net} failed: {e}");
+                }
+            }
+        }
+        let mut bans = lock(&self.bans);
+        for b in &plan.install {
+            bans.insert(b.net, b.clone());
+        }
+        for net in &plan.lift {
+            bans.remove(net);
+        }
+        self.bans_total
+            .fetch_add(plan.install.len() as u64, Ordering::Relaxed);
+        self.refresh_banned(&bans);
+        Ok(())
     }
 
     /// Takes one new ban from the budget of `syn.ban_budget` a minute.
@@ -782,7 +1050,6 @@ impl SynDefense {
         drop(guard);
         // SPEC F15: 64 half-open handshakes, or more than 80 % of a source's
         // SYNs being retransmits, make it an offender whatever the rates.
-        let tx = lock(&self.offenders).clone();
         let syns_of: HashMap<IpAddr, u64> = sources.iter().copied().collect();
         let mut previous = lock(&self.xdp_retrans);
         let mut current = HashMap::with_capacity(handshakes.len());
@@ -791,11 +1058,8 @@ impl SynDefense {
             current.insert(ip, st.retrans);
             let syns = syns_of.get(&ip).copied().unwrap_or(0);
             let retransmitting = syns >= 20 && retrans as f64 > 0.8 * syns as f64;
-            if (st.half_open >= HALF_OPEN_OFFENDER as i64 || retransmitting)
-                && !self.is_banned(ip)
-                && let Some(tx) = &tx
-            {
-                let _ = tx.try_send(Offender {
+            if (st.half_open >= HALF_OPEN_OFFENDER as i64 || retransmitting) && !self.is_banned(ip) {
+                self.offender(Offender {
                     ip,
                     first_seen: self.clock.now().saturating_sub((dt * 1e9) as u64),
                     rate: (syns as f64 / dt) as u64,
@@ -810,11 +1074,8 @@ impl SynDefense {
         }
         for (ip, n) in sources {
             let rate = (n as f64 / dt) as u64;
-            if rate >= self.settings.source_threshold
-                && !self.is_banned(ip)
-                && let Some(tx) = &tx
-            {
-                let _ = tx.try_send(Offender {
+            if rate >= self.settings.source_threshold && !self.is_banned(ip) {
+                self.offender(Offender {
                     ip,
                     first_seen: self.clock.now().saturating_sub((dt * 1e9) as u64),
                     rate,
@@ -825,27 +1086,34 @@ impl SynDefense {
         Some(stats)
     }
 
-    fn record(&self, ban: Ban) {
-        let mut bans = lock(&self.bans);
-        bans.insert(ban.net, ban);
-        self.bans_total.fetch_add(1, Ordering::Relaxed);
-        self.refresh_banned(&bans);
-    }
-
-    /// Bans a network by hand (admin API); the cluster hears of it.
-    pub fn ban(&self, net: IpNet, ttl: Duration) -> Result<(), BanError> {
+    /// Bans a network by hand (admin API), answering once the ban is in
+    /// the kernel and persisted; the cluster hears of it.
+    pub async fn ban(&self, net: IpNet, ttl: Duration) -> Result<(), BanError> {
         let net = net.trunc();
         self.admit(net, ttl, "admin")?;
-        let until = unix_now().saturating_add(ttl.as_secs());
-        self.ban_until(net, until, "admin")?;
-        (self.share)(net, until);
-        Ok(())
+        let ban = Ban {
+            net,
+            until: unix_now().saturating_add(ttl.as_secs()),
+            reason: "admin".into(),
+            rate: 0,
+            latency_ms: None,
+            install_ms: None,
+        };
+        let (done, answer) = oneshot::channel();
+        self.ask(Job::Ban {
+            ban,
+            only_if_longer: false,
+            share: true,
+            done: Some(done),
+        })
+        .await?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Applies a ban another node made (not shared again), under the same
     /// rules as a local one: a node's word is no licence to cut this one
-    /// off from its upstream.
-    pub fn ban_from_cluster(&self, net: IpNet, until: u64) -> Result<(), BanError> {
+    /// off from its upstream. Queued, not waited for: the sync goes on.
+    pub async fn ban_from_cluster(&self, net: IpNet, until: u64) -> Result<(), BanError> {
         let net = net.trunc();
         if lock(&self.bans).get(&net).is_some_and(|b| b.until >= until) {
             return Ok(());
@@ -855,54 +1123,63 @@ impl SynDefense {
             Duration::from_secs(until.saturating_sub(unix_now())),
             "cluster",
         )?;
-        self.ban_until(net, until, "cluster")
-    }
-
-    fn ban_until(&self, net: IpNet, until: u64, reason: &str) -> Result<(), BanError> {
-        let ttl = Duration::from_secs(until.saturating_sub(unix_now()).max(1));
-        self.firewall
-            .ban(&[(net, ttl)])
-            .map_err(|e| BanError::Firewall(e.to_string()))?;
-        self.xdp_ban(&[(net, ttl)]);
-        self.record(Ban {
+        let ban = Ban {
             net,
             until,
-            reason: reason.into(),
+            reason: "cluster".into(),
             rate: 0,
             latency_ms: None,
             install_ms: None,
-        });
-        self.persist();
-        Ok(())
+        };
+        self.ask(Job::Ban {
+            ban,
+            only_if_longer: true,
+            share: false,
+            done: None,
+        })
+        .await
     }
 
-    /// Lifts a ban by hand (admin API); the cluster hears of it.
-    pub fn unban_shared(&self, net: IpNet) -> Result<bool, String> {
-        let had = self.unban(net)?;
-        (self.share)(net.trunc(), 1);
-        Ok(had)
+    /// Lifts a ban by hand (admin API); the cluster hears of it. Returns
+    /// whether there was one, once it is out of the kernel.
+    pub async fn unban_shared(&self, net: IpNet) -> Result<bool, String> {
+        let (done, answer) = oneshot::channel();
+        self.ask(Job::Unban {
+            net: net.trunc(),
+            share: true,
+            done: Some(done),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        answer.await.map_err(|_| stopped().to_string())?
     }
 
-    /// Lifts a ban. Returns whether there was one.
-    pub fn unban(&self, net: IpNet) -> Result<bool, String> {
-        let net = net.trunc();
-        self.firewall.unban(&[net]).map_err(|e| e.to_string())?;
-        if let Some(x) = lock(&self.xdp).as_mut()
-            && let Err(e) = x.unban(net)
-        {
-            tracing::error!("SYN defense: XDP unban failed: {e}");
-        }
-        let mut bans = lock(&self.bans);
-        let had = bans.remove(&net).is_some();
-        self.refresh_banned(&bans);
-        drop(bans);
-        self.persist();
-        Ok(had)
+    /// Lifts a ban another node lifted (queued, not waited for).
+    pub async fn unban_from_cluster(&self, net: IpNet) -> Result<(), BanError> {
+        self.ask(Job::Unban {
+            net: net.trunc(),
+            share: false,
+            done: None,
+        })
+        .await
+    }
+
+    /// Hands a job to the ban thread, waiting (asynchronously) for room.
+    async fn ask(&self, job: Job) -> Result<(), BanError> {
+        self.jobs.send(job).await.map_err(|_| stopped())
     }
 
     /// Active bans.
     pub fn bans(&self) -> Vec<Ban> {
         lock(&self.bans).values().cloned().collect()
+    }
+
+    /// (firewall transactions, changes asked) by the ban thread so far.
+    pub fn batch_counts(&self) -> (u64, u64) {
+        (
+            self.batches.load(Ordering::Relaxed),
+            self.ban_requests.load(Ordering::Relaxed),
+        )
     }
 
     fn persist(&self) {
@@ -953,9 +1230,10 @@ impl SynDefense {
         }
         self.xdp_ban(&nets);
         let n = live.len();
-        for b in live {
-            self.record(b);
-        }
+        let mut bans = lock(&self.bans);
+        bans.extend(live.into_iter().map(|b| (b.net, b)));
+        self.refresh_banned(&bans);
+        drop(bans);
         if n > 0 {
             tracing::info!(bans = n, "SYN defense: bans restored");
         }
@@ -1044,16 +1322,14 @@ impl SynDefense {
         st.half_open_last = total;
         // A source holding many half-open connections is flooding
         // whatever its SYN rate (SPEC F15: 64).
-        if let Some(tx) = lock(&self.offenders).clone() {
-            for (ip, n) in &per_source {
-                if *n >= HALF_OPEN_OFFENDER && !self.is_banned(*ip) {
-                    let _ = tx.try_send(Offender {
-                        ip: *ip,
-                        first_seen: now,
-                        rate: 0,
-                        global: 0,
-                    });
-                }
+        for (ip, n) in &per_source {
+            if *n >= HALF_OPEN_OFFENDER && !self.is_banned(*ip) {
+                self.offender(Offender {
+                    ip: *ip,
+                    first_seen: now,
+                    rate: 0,
+                    global: 0,
+                });
             }
         }
         let mut top: Vec<(IpAddr, usize)> = per_source.into_iter().collect();
@@ -1122,24 +1398,16 @@ impl SynDefense {
             snap.xdp = Some(stats);
         }
         *lock(&self.snapshot) = snap;
-        self.expire();
-        if now.saturating_sub(st.reconciled) >= self.settings.reconcile_interval.as_nanos() as u64 {
-            st.reconciled = now;
-            self.reconcile();
+        // Both run on the ban thread, between batches; a full queue means
+        // it is busy, and the next poll asks again.
+        let unix = unix_now();
+        if lock(&self.bans).values().any(|b| b.until <= unix) {
+            let _ = self.jobs.try_send(Job::Expire);
         }
-    }
-
-    fn expire(&self) {
-        let now = unix_now();
-        let expired: Vec<IpNet> = lock(&self.bans)
-            .values()
-            .filter(|b| b.until <= now)
-            .map(|b| b.net)
-            .collect();
-        for net in expired {
-            if let Err(e) = self.unban(net) {
-                tracing::error!("SYN defense: lifting an expired ban failed: {e}");
-            }
+        if now.saturating_sub(st.reconciled) >= self.settings.reconcile_interval.as_nanos() as u64
+            && self.jobs.try_send(Job::Reconcile).is_ok()
+        {
+            st.reconciled = now;
         }
     }
 
@@ -1162,8 +1430,10 @@ impl SynDefense {
                 unknown = extra.len(),
                 "SYN defense: kernel bans drifted from ours; repairing"
             );
-            let _ = self.firewall.ban(&missing);
-            let _ = self.firewall.unban(&extra);
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.firewall.apply(&missing, &extra) {
+                tracing::error!("SYN defense: repairing the kernel's bans failed: {e}");
+            }
         }
     }
 
@@ -1172,6 +1442,8 @@ impl SynDefense {
         if self.stop.swap(true, Ordering::AcqRel) {
             return;
         }
+        // The ban thread stops at its next batch.
+        let _ = self.jobs.try_send(Job::Stop);
         if let Err(e) = self.firewall.teardown() {
             tracing::warn!("SYN defense: removing firewall rules: {e}");
         }
@@ -1344,6 +1616,106 @@ fn half_open_sockets(diag_failed: &mut bool) -> Vec<palisade_kernel::procnet::So
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ban(net: &str, until: u64, reason: &str) -> Ban {
+        Ban {
+            net: net.parse().unwrap_or_else(|e| panic!("{net}: {e}")),
+            until,
+            reason: reason.into(),
+            rate: 0,
+            latency_ms: None,
+            install_ms: None,
+        }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn a_burst_of_bans_is_one_install() {
+        // 1 000 admin bans queued while the last batch ran: 500
+        // networks, each asked twice.
+        let addr = |j: u32| format!("198.19.{}.{}/32", j / 250, j % 250 + 1);
+        let changes: Vec<Change> = (0..1000u32)
+            .map(|i| Change::Ban {
+                ban: ban(&addr(i % 500), 100 + u64::from(i), "admin"),
+                only_if_longer: false,
+            })
+            .collect();
+        let p = plan(&BTreeMap::new(), &changes);
+        // One entry per network, the last word on each.
+        assert_eq!(p.install.len(), 500);
+        for b in &p.install {
+            let j = (0..500).find(|j| net(&addr(*j)) == b.net).unwrap_or(u32::MAX);
+            assert_eq!(b.until, 600 + u64::from(j), "{b:?}");
+        }
+        assert!(p.lift.is_empty());
+        assert!(p.outcome.iter().all(|o| *o));
+        let twice: Vec<Change> = [
+            Change::Ban {
+                ban: ban("198.19.0.1/32", 100, "admin"),
+                only_if_longer: false,
+            },
+            Change::Ban {
+                ban: ban("198.19.0.1/32", 50, "admin"),
+                only_if_longer: false,
+            },
+        ]
+        .into();
+        let p = plan(&BTreeMap::new(), &twice);
+        assert_eq!(p.install, vec![ban("198.19.0.1/32", 50, "admin")]);
+        assert_eq!(p.outcome, vec![true, true]);
+    }
+
+    #[test]
+    fn bans_and_lifts_in_one_batch_keep_their_order() {
+        let mut current = BTreeMap::new();
+        current.insert(net("198.19.1.1/32"), ban("198.19.1.1/32", 500, "syn_flood"));
+        let p = plan(
+            &current,
+            &[
+                // Lifted, then banned again: the ban stands.
+                Change::Unban(net("198.19.1.1/32")),
+                Change::Ban {
+                    ban: ban("198.19.1.1/32", 900, "admin"),
+                    only_if_longer: false,
+                },
+                // Banned, then lifted in the same batch: lifted, and the
+                // lift knew of the ban before it.
+                Change::Ban {
+                    ban: ban("198.19.2.2/32", 900, "admin"),
+                    only_if_longer: false,
+                },
+                Change::Unban(net("198.19.2.2/32")),
+                // A lift of what nobody banned.
+                Change::Unban(net("198.19.3.3/32")),
+            ],
+        );
+        assert_eq!(p.install, vec![ban("198.19.1.1/32", 900, "admin")]);
+        assert_eq!(p.lift, vec![net("198.19.2.2/32"), net("198.19.3.3/32")]);
+        assert_eq!(p.outcome, vec![true, true, true, true, false]);
+    }
+
+    #[test]
+    fn a_cluster_ban_yields_to_a_longer_one() {
+        let mut current = BTreeMap::new();
+        current.insert(net("198.19.1.1/32"), ban("198.19.1.1/32", 500, "admin"));
+        let shorter = Change::Ban {
+            ban: ban("198.19.1.1/32", 400, "cluster"),
+            only_if_longer: true,
+        };
+        let longer = Change::Ban {
+            ban: ban("198.19.1.1/32", 600, "cluster"),
+            only_if_longer: true,
+        };
+        let p = plan(&current, std::slice::from_ref(&shorter));
+        assert!(p.install.is_empty() && p.lift.is_empty(), "{p:?}");
+        assert_eq!(p.outcome, vec![false]);
+        let p = plan(&current, &[longer, shorter]);
+        assert_eq!(p.install, vec![ban("198.19.1.1/32", 600, "cluster")]);
+        assert_eq!(p.outcome, vec![true, false]);
+    }
 
     const MS: u64 = 1_000_000;
 
