@@ -1131,7 +1131,12 @@ fn stream_event(
 }
 
 /// Applies a checked event, or counts and logs why not.
-async fn take(cluster: &Cluster, app: &App, event: Result<ScoreEvent, Rejected>, record: impl Fn() -> String) {
+async fn take(
+    cluster: &Cluster,
+    app: &App,
+    event: Result<ScoreEvent, Rejected>,
+    record: impl Fn() -> String,
+) {
     let metrics = &app.metrics;
     let e = match event.and_then(|e| cluster.fresh(&e).map(|new| (e, new))) {
         Ok((e, true)) => e,
