@@ -62,7 +62,7 @@ async fn about_100_of_150_rapid_requests_pass_and_the_rest_get_429() {
     );
     assert_eq!(get_requests(&m, "default", 429), limited.len() as f64);
     assert!(m.contains(
-        "palisade_request_duration_seconds_bucket{le=\"0.0005\",endpoint=\"default\",method=\"GET\"}"
+        "palisade_request_duration_seconds_bucket{endpoint=\"default\",method=\"GET\",le=\"0.0005\"}"
     ));
     assert_eq!(
         metric(&m, "palisade_tracked_clients{table=\"limiter:default\"}"),
