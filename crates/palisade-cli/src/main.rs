@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use palisade_proxy::config::{Config, Overrides, QUICKSTART};
+use palisade_proxy::config::{Config, Overrides, QUICKSTART, Secret};
 use palisade_proxy::proxy::ConfigSource;
 
 mod bans;
@@ -335,11 +335,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(token) = &env_token {
         palisade_proxy::config::check_token(token)
             .map_err(|m| BadConfig(format!("PALISADE_ADMIN_TOKEN: {m}")))?;
-        config.admin.token.clone_from(&env_token);
+        config.admin.token = Some(Secret::new(token.clone()));
     }
     let mut made_up_token = false;
     if quickstart && config.admin.token.is_none() {
-        config.admin.token = Some(random_token()?);
+        config.admin.token = Some(Secret::new(random_token()?));
         made_up_token = true;
     }
     // The demo upstream runs only in the quickstart, where it is the upstream.
@@ -364,7 +364,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = args.config.map(|path| ConfigSource {
         path,
         overrides: overrides.clone(),
-        token: env_token,
+        token: env_token.map(Secret::new),
     });
     let reloadable = source.is_some();
     let running = palisade_proxy::start_reloadable(config, source).await?;
@@ -402,7 +402,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None => println!("  SYN defense  off"),
         }
         if let (true, Some(t)) = (made_up_token, &token) {
-            println!("  admin token  {t}  (PALISADE_ADMIN_TOKEN chooses your own)");
+            println!(
+                "  admin token  {}  (PALISADE_ADMIN_TOKEN chooses your own)",
+                t.expose()
+            );
         }
         println!();
         println!("Try it: 150 requests in a row from one client; about 50 get 429 (limit 100/s):");

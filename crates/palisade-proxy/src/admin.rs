@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::config::Secret;
 use crate::io::{ConnActivity, Deadlines, TimedIo};
 use crate::proxy::{App, ReloadError, Runtime};
 use crate::respond::text;
@@ -454,7 +455,7 @@ async fn ban(app: &App, req: Request<Incoming>) -> Resp {
 /// The refusal for a request without the right bearer token, if any.
 fn refuse_unauthorized(rt: &Runtime, conn: &Conn<'_>, req: &Request<Incoming>) -> Option<Resp> {
     let cfg = &rt.config.admin;
-    let Some(token) = cfg.token.as_deref() else {
+    let Some(token) = cfg.token.as_ref().map(Secret::expose) else {
         return Some(error(
             StatusCode::FORBIDDEN,
             "no admin token configured: set PALISADE_ADMIN_TOKEN or admin.token",

@@ -127,7 +127,7 @@ pub enum FirewallChoice {
 }
 
 /// `[cluster]`: shared limits and reputation through Redis.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct ClusterSettings {
     /// Redis URLs (`redis://` or `rediss://`); several are Cluster seeds.
     pub redis: Vec<String>,
@@ -146,6 +146,69 @@ pub struct ClusterSettings {
     /// The key every shared record is signed with; `None` only with
     /// `cluster.insecure = true`.
     pub key: Option<ClusterKey>,
+}
+
+// By hand: a Redis URL may carry a password. Destructured so that a new
+// field cannot be left out.
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            redis,
+            redis_cluster,
+            sync_interval,
+            node_name,
+            failure_mode,
+            key_prefix,
+            redis_ca,
+            key,
+        } = self;
+        let redis: Vec<String> = redis.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("ClusterSettings")
+            .field("redis", &redis)
+            .field("redis_cluster", redis_cluster)
+            .field("sync_interval", sync_interval)
+            .field("node_name", node_name)
+            .field("failure_mode", failure_mode)
+            .field("key_prefix", key_prefix)
+            .field("redis_ca", redis_ca)
+            .field("key", key)
+            .finish()
+    }
+}
+
+/// `url` with its user and password (if any) replaced by `<redacted>`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// A secret from the config (the admin token). Its `Debug` never shows it:
+/// configs are logged and printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `text`.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+
+    /// The secret itself, for the one place that compares or sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Shortest `cluster.key` accepted, in characters.
@@ -175,7 +238,7 @@ impl ClusterKey {
 
 impl std::fmt::Debug for ClusterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClusterKey(..)")
+        f.write_str("<redacted>")
     }
 }
 
@@ -211,12 +274,22 @@ pub struct StoreSettings {
 }
 
 /// A delta feed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum FeedSource {
     /// A local file, re-read when it changes.
     File(PathBuf),
     /// An http:// or https:// URL, fetched with `If-None-Match`.
     Url(http::Uri),
+}
+
+// By hand: a feed URL's query may hold a publisher's token.
+impl std::fmt::Debug for FeedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(p) => f.debug_tuple("File").field(p).finish(),
+            Self::Url(u) => f.debug_tuple("Url").field(&crate::feed::shown(u)).finish(),
+        }
+    }
 }
 
 /// `[state]`: where learned state survives restarts.
@@ -298,7 +371,7 @@ pub struct AdminConfig {
     /// token, for Prometheus (`None`: metrics only on the admin listener).
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer token for changes; `None` refuses changes.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Prometheus endpoint path.
     pub metrics_path: String,
     /// Deadline for a request head, from its first byte.
@@ -328,7 +401,7 @@ pub fn check_token(token: &str) -> Result<(), String> {
 }
 
 /// Command-line values that win over the file.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Overrides {
     /// `--listen`.
     pub listen: Option<SocketAddr>,
@@ -348,6 +421,32 @@ pub struct Overrides {
     /// `PALISADE_CLUSTER_KEY` (see [`Self::with_env`]); wins over
     /// `cluster.key`.
     pub cluster_key: Option<String>,
+}
+
+// By hand, destructured: the Redis URL and the cluster key are secrets.
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            listen,
+            admin,
+            upstreams,
+            rate_limit,
+            tls_cert,
+            tls_key,
+            redis,
+            cluster_key,
+        } = self;
+        f.debug_struct("Overrides")
+            .field("listen", listen)
+            .field("admin", admin)
+            .field("upstreams", upstreams)
+            .field("rate_limit", rate_limit)
+            .field("tls_cert", tls_cert)
+            .field("tls_key", tls_key)
+            .field("redis", &redis.as_deref().map(redact_url))
+            .field("cluster_key", &cluster_key.as_ref().map(|_| Secret::new("")))
+            .finish()
+    }
 }
 
 impl Overrides {
@@ -838,7 +937,7 @@ impl RawConfig {
                 None
             } else {
                 check_token(&a.token).map_err(|m| at(p!("admin", "token"), m))?;
-                Some(a.token.clone())
+                Some(Secret::new(a.token.clone()))
             },
             metrics_path: if a.metrics_path.starts_with('/') {
                 a.metrics_path.clone()
@@ -1039,7 +1138,7 @@ impl RawConfig {
                 .ok_or_else(|| {
                     at(
                         p!("cluster", "redis"),
-                        format!("{url:?} is not a redis:// or rediss:// URL"),
+                        format!("{:?} is not a redis:// or rediss:// URL", redact_url(url)),
                     )
                 })?;
         }
@@ -1294,6 +1393,79 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_shows_no_secret() {
+        // Configs reach logs through `{:?}`; none of these may be in them.
+        let token = "admin-token-0123456789abcdef";
+        let file_key = "file-cluster-key-0123456789abcdef-0123";
+        let env_key = "env-cluster-key-0123456789abcdef-01234";
+        let file_redis_password = "file-redis-password-42";
+        let flag_redis_password = "flag-redis-password-43";
+        let feed_token = "feed-query-token-44";
+        let dir = std::env::temp_dir().join(format!("palisade-config-debug-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = dir.join("rep.pstore");
+        palisade_store::Builder::from_csv(&b"192.0.2.1,0,abuse,deny\n"[..], "t.csv")
+            .unwrap()
+            .finish(palisade_store::BuildOptions::default())
+            .unwrap()
+            .write_to(&store)
+            .unwrap();
+        let src = format!(
+            "{MINIMAL}[admin]\ntoken = \"{token}\"\n\
+             [cluster]\nredis = \"redis://palisade:{file_redis_password}@127.0.0.1:6379/0\"\n\
+             key = \"{file_key}\"\n\
+             [store]\npath = \"{}\"\nfeed = \"https://feeds.test/d?token={feed_token}\"\n\
+             feed_unsigned = true\n",
+            store.display()
+        );
+        let from_file = parse(&src).unwrap();
+        let overrides = Overrides {
+            redis: Some(format!("rediss://:{flag_redis_password}@redis.test:6380")),
+            cluster_key: Some(env_key.into()),
+            ..Default::default()
+        };
+        let from_flags = Config::parse(&src, "test.toml", &overrides).unwrap();
+        let shown = format!("{from_file:?}\n{from_flags:?}\n{overrides:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        for secret in [
+            token,
+            file_key,
+            env_key,
+            file_redis_password,
+            flag_redis_password,
+            feed_token,
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        // Still useful: where things are, just not the secrets.
+        assert!(shown.contains("redis://<redacted>@127.0.0.1:6379/0"), "{shown}");
+        assert!(shown.contains("rediss://<redacted>@redis.test:6380"), "{shown}");
+        assert!(shown.contains("https://feeds.test/d?…"), "{shown}");
+        assert_eq!(from_file.admin.token.as_ref().map(Secret::expose), Some(token));
+        let key = |c: &Config| {
+            c.cluster
+                .as_ref()
+                .unwrap()
+                .key
+                .as_ref()
+                .unwrap()
+                .secret()
+                .to_vec()
+        };
+        assert_eq!(key(&from_flags), env_key.as_bytes());
+    }
+
+    #[test]
+    fn redact_url_hides_only_the_userinfo() {
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(redact_url("redis://u:p@h:1"), "redis://<redacted>@h:1");
+        assert_eq!(redact_url("redis://:p@ss@h:1/0"), "redis://<redacted>@h:1/0");
+        assert_eq!(redact_url("redis://h:1/a@b"), "redis://h:1/a@b");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
     fn rate_override_moves_derived_defaults() {
         let o = Overrides {
             rate_limit: NonZeroU32::new(10),
@@ -1467,7 +1639,10 @@ mod tests {
         );
         let ok = "[server]\nupstreams = [\"http://a:1\"]\n[admin]\ntoken = \"0123456789abcdef\"\n";
         let c = Config::parse(ok, "t", &Overrides::default()).unwrap();
-        assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef"));
+        assert_eq!(
+            c.admin.token.as_ref().map(Secret::expose),
+            Some("0123456789abcdef")
+        );
         let e = err("[server]\nupstreams = [\"http://a:1\"]\n[admin]\nallowed_hosts = [\"a.example:80\"]\n");
         assert!(e.starts_with("test.toml:4:18: admin.allowed_hosts[0]: "), "{e}");
     }

@@ -36,7 +36,7 @@ use tower_layer::Layer;
 
 use crate::body::{BodyError, BodyLimits, TimedBody};
 use crate::cluster::{Cluster, ScoreEvent, Window};
-use crate::config::{Config, ConfigError, Overrides};
+use crate::config::{Config, ConfigError, Overrides, Secret};
 use crate::connector::{AtCapacity, CappedConnector};
 use crate::forward::{Hop, set_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
@@ -59,7 +59,7 @@ pub struct ConfigSource {
     /// Command-line values that win over the file.
     pub overrides: Overrides,
     /// An admin token from the environment, which wins over the file.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 /// One upstream and its breaker.
