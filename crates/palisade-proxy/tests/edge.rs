@@ -8,6 +8,32 @@ mod common;
 
 use common::{Harness, get_requests, raw_exchange};
 
+/// A GET head for `path` on `Host: test.local`.
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n")
+}
+
+/// Each head, on its own connection, is answered 200.
+async fn all_served<S: AsRef<str>>(h: &Harness, source: &str, heads: impl IntoIterator<Item = S>) {
+    for head in heads {
+        let head = head.as_ref();
+        let (status, body) = raw_get(h, source, head).await;
+        assert_eq!(status, 200, "{head}: {body}");
+    }
+}
+
+/// Each head, on its own connection, is answered 400 and never reaches the
+/// upstream.
+async fn all_400_unforwarded<S: AsRef<str>>(h: &Harness, source: &str, heads: impl IntoIterator<Item = S>) {
+    let hits = h.hits();
+    for head in heads {
+        let head = head.as_ref();
+        let (status, body) = raw_get(h, source, head).await;
+        assert_eq!(status, 400, "{head}: {body}");
+    }
+    assert_eq!(h.hits(), hits);
+}
+
 /// One request on its own connection; the status code and the body.
 async fn raw_get(h: &Harness, source: &str, head: &str) -> (u16, String) {
     let text = raw_exchange(
@@ -65,7 +91,7 @@ async fn an_encoded_slash_or_a_broken_escape_in_the_path_is_400_and_never_forwar
     let h = Harness::start("", "").await;
     // `%25` before two hex digits: an upstream that decodes twice reads
     // `/%2568eaders` as `/headers`.
-    for p in [
+    let paths = [
         "/a%2Fb",
         "/a%2fheaders",
         "/a%5Cb",
@@ -75,16 +101,8 @@ async fn an_encoded_slash_or_a_broken_escape_in_the_path_is_400_and_never_forwar
         "/%2568eaders",
         "/%25%36%38eaders",
         "/a%252F",
-    ] {
-        let (status, body) = raw_get(
-            &h,
-            "127.0.0.21",
-            &format!("GET {p} HTTP/1.1\r\nHost: test.local\r\n"),
-        )
-        .await;
-        assert_eq!(status, 400, "{p}: {body}");
-    }
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    ];
+    all_400_unforwarded(&h, "127.0.0.21", paths.map(get)).await;
     h.running.shutdown().await;
 }
 
@@ -94,16 +112,8 @@ async fn an_encoded_slash_or_a_broken_escape_in_the_path_is_400_and_never_forwar
 #[tokio::test]
 async fn a_raw_backslash_in_the_path_is_400_and_never_forwarded() {
     let h = Harness::start("", "").await;
-    for p in ["/x\\..\\headers", "/x/..\\headers", "/\\headers", "/headers\\"] {
-        let (status, body) = raw_get(
-            &h,
-            "127.0.0.40",
-            &format!("GET {p} HTTP/1.1\r\nHost: test.local\r\n"),
-        )
-        .await;
-        assert_eq!(status, 400, "{p}: {body}");
-    }
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let paths = ["/x\\..\\headers", "/x/..\\headers", "/\\headers", "/headers\\"];
+    all_400_unforwarded(&h, "127.0.0.40", paths.map(get)).await;
     h.running.shutdown().await;
 }
 
@@ -120,7 +130,7 @@ async fn connect_is_405_and_never_forwarded() {
         let (status, body) = raw_get(&h, "127.0.0.42", head).await;
         assert_eq!(status, 405, "{head}: {body}");
     }
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(h.hits(), 0);
     h.running.shutdown().await;
 }
 
@@ -166,38 +176,26 @@ async fn path_parameters_do_not_dodge_a_route_and_ambiguous_ones_are_400() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(hdr, (counted.len() + 1) as f64, "{m}");
-    let hits = h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed);
-    for p in [
+    let ambiguous = [
         "/;x/headers",
         "/..;/headers",
         "/x/..;/headers",
         "/.;x/headers",
         "/%2E%2E;/headers",
-    ] {
-        let (status, body) = raw_get(
-            &h,
-            "127.0.0.25",
-            &format!("GET {p} HTTP/1.1\r\nHost: test.local\r\n"),
-        )
-        .await;
-        assert_eq!(status, 400, "{p}: {body}");
-    }
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), hits);
+    ];
+    all_400_unforwarded(&h, "127.0.0.25", ambiguous.map(get)).await;
     h.running.shutdown().await;
 }
 
 #[tokio::test]
 async fn two_host_headers_or_a_host_against_the_target_are_400_and_never_forwarded() {
     let h = Harness::start("", "").await;
-    for head in [
+    let heads = [
         "GET /headers HTTP/1.1\r\nHost: test.local\r\nHost: evil.example\r\n",
         "GET /headers HTTP/1.1\r\nHost: test.local\r\nHost: test.local\r\n",
         "GET http://evil.example/headers HTTP/1.1\r\nHost: test.local\r\n",
-    ] {
-        let (status, body) = raw_get(&h, "127.0.0.22", head).await;
-        assert_eq!(status, 400, "{head}: {body}");
-    }
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    ];
+    all_400_unforwarded(&h, "127.0.0.22", heads).await;
     // An absolute-form target that agrees with Host is served.
     let (status, body) = raw_get(
         &h,
@@ -208,14 +206,7 @@ async fn two_host_headers_or_a_host_against_the_target_are_400_and_never_forward
     assert_eq!(status, 200, "{body}");
 
     // HTTP/2: a Host line that disagrees with :authority.
-    let stream = common::connect_from("127.0.0.22", h.proxy()).await;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = common::h2_client("127.0.0.22", h.proxy()).await;
     let req = http::Request::get("http://test.local/headers")
         .header("host", "evil.example")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -242,13 +233,15 @@ async fn host_spellings_do_not_dodge_a_host_route_and_a_non_ascii_host_is_400() 
         "Host: api.test:80\r\n",
         "Host: api.test.:80\r\n",
     ];
-    for host in spellings {
-        let (status, body) = raw_get(&h, "127.0.0.26", &format!("GET / HTTP/1.1\r\n{host}")).await;
-        assert_eq!(status, 200, "{host}: {body}");
-    }
+    all_served(
+        &h,
+        "127.0.0.26",
+        spellings.map(|host| format!("GET / HTTP/1.1\r\n{host}")),
+    )
+    .await;
     let m = h.metrics().await;
     assert_eq!(get_requests(&m, "api", 200), spellings.len() as f64, "{m}");
-    let hits = h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed);
+    let hits = h.hits();
     let text = raw_exchange(
         "127.0.0.26",
         h.proxy(),
@@ -256,7 +249,7 @@ async fn host_spellings_do_not_dodge_a_host_route_and_a_non_ascii_host_is_400() 
     )
     .await;
     assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), hits);
+    assert_eq!(h.hits(), hits);
     h.running.shutdown().await;
 }
 
@@ -272,7 +265,7 @@ async fn a_host_that_is_not_a_host_name_is_400_and_never_forwarded() {
         "[[routes]]\nname = \"api\"\nhost = \"api.test\"\nrate = 1000\n",
     )
     .await;
-    for head in [
+    let heads = [
         "GET / HTTP/1.1\r\nHost: u@api.test\r\n",
         "GET / HTTP/1.1\r\nHost: api.test/x\r\n",
         "GET / HTTP/1.1\r\nHost: api.test#x\r\n",
@@ -282,20 +275,15 @@ async fn a_host_that_is_not_a_host_name_is_400_and_never_forwarded() {
         "GET / HTTP/1.1\r\nHost: api.test:x\r\n",
         "GET / HTTP/1.1\r\nHost: [api.test]\r\n",
         "GET http://u@api.test/ HTTP/1.1\r\nHost: u@api.test\r\n",
-    ] {
-        let (status, body) = raw_get(&h, "127.0.0.41", head).await;
-        assert_eq!(status, 400, "{head}: {body}");
-    }
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
-    for head in [
+    ];
+    all_400_unforwarded(&h, "127.0.0.41", heads).await;
+    let served = [
         "GET / HTTP/1.1\r\nHost: api.test:8080\r\n",
         "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n",
         "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n",
         "GET / HTTP/1.1\r\nHost: my_host.internal\r\n",
-    ] {
-        let (status, body) = raw_get(&h, "127.0.0.41", head).await;
-        assert_eq!(status, 200, "{head}: {body}");
-    }
+    ];
+    all_served(&h, "127.0.0.41", served).await;
     h.running.shutdown().await;
 }
 
@@ -312,7 +300,7 @@ async fn an_http11_request_without_host_is_400_and_never_forwarded() {
     .await;
     let (status, body) = raw_get(&h, "127.0.0.43", "GET /headers HTTP/1.1\r\n").await;
     assert_eq!(status, 400, "{body}");
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(h.hits(), 0);
     // The target's authority stands in for it.
     let (status, body) = raw_get(&h, "127.0.0.43", "GET http://api.test/headers HTTP/1.1\r\n").await;
     assert_eq!(status, 200, "{body}");
@@ -324,24 +312,18 @@ async fn an_http11_request_without_host_is_400_and_never_forwarded() {
 #[tokio::test]
 async fn host_and_target_that_name_one_authority_are_served_others_are_400() {
     let h = Harness::start("", "").await;
-    for head in [
+    let served = [
         "GET http://test.local:80/headers HTTP/1.1\r\nHost: test.local\r\n",
         "GET http://test.local/headers HTTP/1.1\r\nHost: test.local:80\r\n",
         "GET http://test.local./headers HTTP/1.1\r\nHost: TEST.local\r\n",
-    ] {
-        let (status, body) = raw_get(&h, "127.0.0.27", head).await;
-        assert_eq!(status, 200, "{head}: {body}");
-    }
-    let hits = h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed);
-    for head in [
+    ];
+    all_served(&h, "127.0.0.27", served).await;
+    let heads = [
         "GET http://test.local:8080/headers HTTP/1.1\r\nHost: test.local\r\n",
         "GET http://test.local:443/headers HTTP/1.1\r\nHost: test.local\r\n",
         "GET http://test.local../headers HTTP/1.1\r\nHost: test.local\r\n",
-    ] {
-        let (status, body) = raw_get(&h, "127.0.0.27", head).await;
-        assert_eq!(status, 400, "{head}: {body}");
-    }
-    assert_eq!(h.upstream_hits.load(std::sync::atomic::Ordering::Relaxed), hits);
+    ];
+    all_400_unforwarded(&h, "127.0.0.27", heads).await;
     h.running.shutdown().await;
 }
 

@@ -401,14 +401,7 @@ async fn a_stalled_request_body_gets_408() {
 #[tokio::test]
 async fn h2c_prior_knowledge_is_served() {
     let h = Harness::start("", "").await;
-    let stream = connect_from("127.0.0.16", h.proxy()).await;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = common::h2_client("127.0.0.16", h.proxy()).await;
     let req = Request::get(format!("http://{}/headers", h.proxy()))
         .body(Full::new(Bytes::new()))
         .unwrap();

@@ -151,6 +151,24 @@ pub async fn raw_exchange(source: &str, to: SocketAddr, bytes: &[u8]) -> String 
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// An HTTP/2 (prior knowledge, h2c) client to `to` from `source`.
+pub async fn h2_client(source: &str, to: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = connect_from(source, to).await;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+impl Harness {
+    /// Requests the demo upstream has answered so far.
+    pub fn hits(&self) -> u64 {
+        self.upstream_hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 pub struct Client {
     sender: http1::SendRequest<Full<Bytes>>,
 }
