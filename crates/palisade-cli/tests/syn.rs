@@ -1041,3 +1041,38 @@ fn a_burst_of_admin_bans_is_installed_in_few_batches_while_the_proxy_answers() {
     stop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Seconds the kernel's nftables set still holds `ip` for.
+fn kernel_expiry(srv: &Netns, ip: &str) -> Option<u64> {
+    let set = out(srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
+    let doc: serde_json::Value = serde_json::from_str(&set).ok()?;
+    doc["nftables"].as_array()?.iter().find_map(|i| i.get("set"))?["elem"]
+        .as_array()?
+        .iter()
+        .find(|e| e["elem"]["val"] == ip)
+        .and_then(|e| e["elem"]["expires"].as_u64())
+}
+
+/// An address banned again for longer stays banned in the kernel for the
+/// new duration, and for a shorter one the kernel follows too (Linux
+/// before 6.10 kept an element's first timeout when it was added again).
+#[test]
+fn an_admin_reban_sets_the_kernel_expiry_to_the_new_duration() {
+    let Some((srv, _att)) = topology() else { return };
+    let dir = scratch("palisade-syn-reban");
+    let daemon = start(&srv, &config(&dir, "nftables"));
+    bans_cli(&srv, &["add", "198.19.7.7", "--duration", "1m"]);
+    let first = kernel_expiry(&srv, "198.19.7.7").expect("the ban is in the kernel");
+    assert!(first <= 60, "{first}");
+    bans_cli(&srv, &["add", "198.19.7.7", "--duration", "2h"]);
+    let longer = kernel_expiry(&srv, "198.19.7.7").expect("the re-ban is in the kernel");
+    assert!(longer > 3600, "re-banned for 2 h, the kernel holds it {longer} s");
+    bans_cli(&srv, &["add", "198.19.7.7", "--duration", "30s"]);
+    let shorter = kernel_expiry(&srv, "198.19.7.7").expect("the re-ban is in the kernel");
+    assert!(
+        shorter <= 30,
+        "re-banned for 30 s, the kernel holds it {shorter} s"
+    );
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}

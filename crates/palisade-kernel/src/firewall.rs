@@ -128,16 +128,19 @@ pub trait Firewall: Send + Sync {
     fn name(&self) -> &'static str;
     /// Creates the table/sets/rules (idempotent: replaces our own rules).
     fn setup(&self) -> Result<(), FirewallError>;
-    /// Bans networks for the given time, in one batch.
+    /// Bans networks for the given time, in one batch. One banned already
+    /// may keep its old expiry: to change it, give it to [`Self::apply`]
+    /// in both lists.
     fn ban(&self, bans: &[(IpNet, Duration)]) -> Result<(), FirewallError>;
     /// Lifts bans (absent ones are ignored).
     fn unban(&self, nets: &[IpNet]) -> Result<(), FirewallError>;
     /// Bans and lifts in one go: one kernel transaction where the tool
     /// allows it (nftables, ipset), so a batch of changes costs one process.
-    /// `ban` and `unban` must not share a network.
+    /// A network in both is replaced: it holds for its new duration,
+    /// whatever the one in force said.
     fn apply(&self, ban: &[(IpNet, Duration)], unban: &[IpNet]) -> Result<(), FirewallError> {
-        self.ban(ban)?;
-        self.unban(unban)
+        self.unban(unban)?;
+        self.ban(ban)
     }
     /// What the kernel holds now.
     fn list(&self) -> Result<BTreeSet<IpNet>, FirewallError>;
@@ -278,6 +281,53 @@ impl Nftables {
         }
     }
 
+    /// The batch that bans `bans`, lifts those of `unban` the kernel holds
+    /// (`present`: deleting an absent element fails the whole batch) and
+    /// replaces those in both, as one transaction.
+    ///
+    /// Adding an element the set holds is a no-op before Linux 6.10: it
+    /// would keep its old timeout. So a replaced one is first added (a
+    /// no-op when present), then deleted (now always present), then added
+    /// with its own timeout; inside the transaction no packet sees the gap,
+    /// and the kernel need not be asked whether it holds it.
+    fn changes(&self, bans: &[(IpNet, Duration)], unban: &[IpNet], present: &BTreeSet<IpNet>) -> Vec<Value> {
+        let element = |verb: &str, set: &str, elems: Vec<Value>| json!({verb: {"element": {"family": "inet", "table": self.table, "name": set, "elem": elems}}});
+        let mut commands = Vec::new();
+        for set in ["ban4", "ban6"] {
+            let banned: Vec<&(IpNet, Duration)> =
+                bans.iter().filter(|(n, _)| Self::set_of(n) == set).collect();
+            let replaced: Vec<IpNet> = banned
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| unban.contains(n))
+                .collect();
+            if !replaced.is_empty() {
+                let placeholders = replaced
+                    .iter()
+                    .map(|n| json!({"elem": {"val": Self::elem(n), "timeout": 1}}))
+                    .collect();
+                commands.push(element("add", set, placeholders));
+                commands.push(element("delete", set, replaced.iter().map(Self::elem).collect()));
+            }
+            let gone: Vec<Value> = unban
+                .iter()
+                .filter(|n| Self::set_of(n) == set && !replaced.contains(n) && present.contains(n))
+                .map(Self::elem)
+                .collect();
+            if !gone.is_empty() {
+                commands.push(element("delete", set, gone));
+            }
+            if !banned.is_empty() {
+                let elems = banned
+                    .iter()
+                    .map(|(n, ttl)| json!({"elem": {"val": Self::elem(n), "timeout": ttl.as_secs().max(1)}}))
+                    .collect();
+                commands.push(element("add", set, elems));
+            }
+        }
+        commands
+    }
+
     fn set_elements(&self, set: &str) -> Result<Vec<IpNet>, FirewallError> {
         let out = self.run(&["-j", "list", "set", "inet", &self.table, set], None)?;
         let bad = |why: &str| FirewallError::Output {
@@ -405,32 +455,13 @@ impl Firewall for Nftables {
     }
 
     fn apply(&self, bans: &[(IpNet, Duration)], unban: &[IpNet]) -> Result<(), FirewallError> {
-        // Deleting an absent element fails the whole batch: delete only
-        // what the kernel holds.
-        let present = if unban.is_empty() {
-            BTreeSet::new()
-        } else {
+        let lifted_only = unban.iter().any(|n| !bans.iter().any(|(b, _)| b == n));
+        let present = if lifted_only {
             self.list()?
+        } else {
+            BTreeSet::new()
         };
-        let mut commands = Vec::new();
-        for set in ["ban4", "ban6"] {
-            let elems: Vec<Value> = bans
-                .iter()
-                .filter(|(n, _)| Self::set_of(n) == set)
-                .map(|(n, ttl)| json!({"elem": {"val": Self::elem(n), "timeout": ttl.as_secs().max(1)}}))
-                .collect();
-            if !elems.is_empty() {
-                commands.push(json!({"add": {"element": {"family": "inet", "table": self.table, "name": set, "elem": elems}}}));
-            }
-            let gone: Vec<Value> = unban
-                .iter()
-                .filter(|n| Self::set_of(n) == set && present.contains(n))
-                .map(Self::elem)
-                .collect();
-            if !gone.is_empty() {
-                commands.push(json!({"delete": {"element": {"family": "inet", "table": self.table, "name": set, "elem": gone}}}));
-            }
-        }
+        let commands = self.changes(bans, unban, &present);
         if commands.is_empty() {
             return Ok(());
         }
@@ -582,22 +613,19 @@ impl Firewall for Iptables {
         if bans.is_empty() && unban.is_empty() {
             return Ok(());
         }
-        let mut script: String = bans
+        // Lifts first, so a network in both is replaced.
+        let mut script: String = unban
             .iter()
-            .map(|(n, ttl)| {
-                format!(
-                    "add {} {} timeout {}\n",
-                    Self::set_of(n),
-                    n.trunc(),
-                    ttl.as_secs().max(1)
-                )
-            })
+            .map(|n| format!("del {} {}\n", Self::set_of(n), n.trunc()))
             .collect();
-        script.extend(
-            unban
-                .iter()
-                .map(|n| format!("del {} {}\n", Self::set_of(n), n.trunc())),
-        );
+        script.extend(bans.iter().map(|(n, ttl)| {
+            format!(
+                "add {} {} timeout {}\n",
+                Self::set_of(n),
+                n.trunc(),
+                ttl.as_secs().max(1)
+            )
+        }));
         self.ipset_restore(&script)
     }
 
@@ -683,5 +711,58 @@ impl Firewall for DryRun {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_replaced_ban_is_deleted_and_added_again_in_one_batch() {
+        // Kernels before 6.10 keep an element's old timeout when it is
+        // added again; the namespace test runs on whatever kernel CI has.
+        let fw = Nftables::new(Duration::from_secs(600), &[80]);
+        let again: IpNet = "192.0.2.1/32".parse().unwrap();
+        let new: IpNet = "192.0.2.2/32".parse().unwrap();
+        let gone: IpNet = "2001:db8::/64".parse().unwrap();
+        let absent: IpNet = "2001:db8:1::/64".parse().unwrap();
+        let ttl = Duration::from_secs(7200);
+        let batch = fw.changes(
+            &[(again, ttl), (new, ttl)],
+            &[again, gone, absent],
+            &BTreeSet::from([gone]),
+        );
+        let shape: Vec<(&str, &str, Vec<Value>)> = batch
+            .iter()
+            .map(|c| {
+                let (verb, body) = c.as_object().unwrap().iter().next().unwrap();
+                let e = &body["element"];
+                (
+                    verb.as_str(),
+                    e["name"].as_str().unwrap(),
+                    e["elem"].as_array().unwrap().clone(),
+                )
+            })
+            .collect();
+        let timed = |a: &str, t: u64| json!({"elem": {"val": a, "timeout": t}});
+        assert_eq!(
+            shape,
+            vec![
+                ("add", "ban4", vec![timed("192.0.2.1", 1)]),
+                ("delete", "ban4", vec![json!("192.0.2.1")]),
+                (
+                    "add",
+                    "ban4",
+                    vec![timed("192.0.2.1", 7200), timed("192.0.2.2", 7200)]
+                ),
+                (
+                    "delete",
+                    "ban6",
+                    vec![json!({"prefix": {"addr": "2001:db8::", "len": 64}})]
+                ),
+            ]
+        );
     }
 }

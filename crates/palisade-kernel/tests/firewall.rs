@@ -192,3 +192,72 @@ fn dry_run_changes_nothing_in_the_kernel() {
     let tables = srv.exec(&["nft", "list", "tables"]).unwrap();
     assert!(String::from_utf8_lossy(&tables.stdout).trim().is_empty());
 }
+
+/// Seconds left on `198.18.0.2`'s ban, as the kernel reports it.
+fn expires_in(srv: &Netns, fw: &dyn Firewall) -> u64 {
+    if fw.name() == "nftables" {
+        let out = srv
+            .exec(&["nft", "-j", "list", "set", "inet", "palisade", "ban4"])
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let set = doc["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|i| i.get("set"))
+            .unwrap();
+        let elem = set["elem"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["elem"]["val"] == "198.18.0.2")
+            .unwrap_or_else(|| panic!("198.18.0.2 not in {set}"));
+        elem["elem"]["expires"].as_u64().unwrap()
+    } else {
+        let out = srv.exec(&["ipset", "save", "palisade4"]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains(" 198.18.0.2 "))
+            .unwrap_or_else(|| panic!("198.18.0.2 not in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+}
+
+/// A ban given again with another duration holds for the new one in the
+/// kernel, longer or shorter, not for whatever the first one said.
+fn reban(fw: &dyn Firewall, srv: &Netns) {
+    fw.setup().unwrap();
+    let addr = net("198.18.0.2/32");
+    fw.ban(&[(addr, Duration::from_secs(60))]).unwrap();
+    assert!(expires_in(srv, fw) <= 60, "{}", fw.name());
+    fw.apply(&[(addr, Duration::from_secs(7200))], &[addr]).unwrap();
+    let longer = expires_in(srv, fw);
+    assert!(
+        (3600..=7200).contains(&longer),
+        "{}: a re-ban for 2 h left {longer}s",
+        fw.name()
+    );
+    fw.apply(&[(addr, Duration::from_secs(30))], &[addr, net("198.18.0.3/32")])
+        .unwrap();
+    let shorter = expires_in(srv, fw);
+    assert!(shorter <= 30, "{}: a re-ban for 30 s left {shorter}s", fw.name());
+    assert_eq!(fw.list().unwrap().len(), 1, "{}", fw.name());
+    fw.teardown().unwrap();
+}
+
+#[test]
+fn nftables_reban_sets_the_new_timeout() {
+    let Some((srv, _att)) = pair() else { return };
+    let fw = Nftables::new(Duration::from_secs(600), &[PROTECTED]).in_netns(srv.name());
+    assert!(fw.available(), "nft is not installed");
+    reban(&fw, &srv);
+}
+
+#[test]
+fn iptables_reban_sets_the_new_timeout() {
+    let Some((srv, _att)) = pair() else { return };
+    let fw = Iptables::new(Duration::from_secs(600), &[PROTECTED]).in_netns(srv.name());
+    assert!(fw.available(), "iptables/ipset are not installed");
+    reban(&fw, &srv);
+}

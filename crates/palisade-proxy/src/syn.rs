@@ -965,8 +965,20 @@ impl SynDefense {
             .iter()
             .map(|b| (b.net, Duration::from_secs(b.until.saturating_sub(now).max(1))))
             .collect();
+        // A ban in force given again is replaced, so the kernel holds it
+        // for the new duration.
+        let mut lift = plan.lift.clone();
+        {
+            let bans = lock(&self.bans);
+            lift.extend(
+                plan.install
+                    .iter()
+                    .map(|b| b.net)
+                    .filter(|n| bans.contains_key(n)),
+            );
+        }
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.firewall.apply(&nets, &plan.lift)?;
+        self.firewall.apply(&nets, &lift)?;
         self.xdp_ban(&nets);
         if let Some(x) = lock(&self.xdp).as_mut() {
             for net in &plan.lift {
