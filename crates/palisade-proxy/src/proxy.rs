@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::StatusCode;
-use http::header::{CONNECTION, HOST, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -824,6 +824,17 @@ impl App {
             Err(_) => return respond::upstream_failure(UpstreamFailure::Other).map(Either::Right),
         };
         parts.version = Version::HTTP_11;
+        // Hyper's client sends a GET or HEAD body of unknown length as a
+        // length of 0, dropping a chunked (or HTTP/2) body the client sent;
+        // asking for chunked keeps it, framed as the client framed it.
+        if !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+            && !parts.headers.contains_key(CONTENT_LENGTH)
+        {
+            parts
+                .headers
+                .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
         let slow = Arc::new(AtomicBool::new(false));
         let body = if body.is_end_stream() {
             Either::Right(Empty::new())
@@ -1246,6 +1257,20 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 guard: Some((guard, None)),
             }))));
         }
+        if !chunked_alone(req.headers()) {
+            let mut r = respond::text(
+                StatusCode::BAD_REQUEST,
+                "Bad Request: Transfer-Encoding other than chunked\n",
+            );
+            // The body is left unread: where the next request starts is
+            // exactly what is in doubt.
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody {
+                inner: Either::Right(b),
+                guard: Some((guard, None)),
+            }))));
+        }
         let request_permit = match self.permit.as_ref().map(Permit::begin_request) {
             Some(Ok(p)) => Some(p),
             Some(Err(_)) => {
@@ -1267,6 +1292,21 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 guard: Some((guard, request_permit)),
             }))
         })
+    }
+}
+
+/// Whether the request's `Transfer-Encoding`, if any, is one `chunked`
+/// and nothing else (RFC 9112 §6.1). Hyper reads any list ending in
+/// `chunked` as chunked and undoes only that coding: forwarded, the body of
+/// `gzip, chunked` would reach the upstream still gzipped but framed as
+/// plain, and parsers disagree on what `identity, chunked`, `chunked`
+/// twice or two header lines mean.
+fn chunked_alone(headers: &http::HeaderMap) -> bool {
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(te), None) => te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
     }
 }
 
