@@ -410,13 +410,22 @@ impl Clients {
 
     /// Resets a client's state (admin). Returns whether it had a record.
     pub fn remove(&self, key: &ClientKey) -> bool {
+        self.update(key, |w| w.retag(w.tag()))
+    }
+
+    /// Runs `f` on the client's locked record if it has one of its own;
+    /// never creates one. Returns whether it had one.
+    pub fn update(&self, key: &ClientKey, f: impl FnOnce(&mut Words)) -> bool {
         let h = self.homes(key);
         let records = self.records();
+        let mut f = Some(f);
         self.candidates(h).any(|i| {
             let Some(mut w) = records[i].lock(h.tag) else {
                 return false;
             };
-            w.retag(h.tag);
+            if let Some(f) = f.take() {
+                f(&mut w);
+            }
             records[i].unlock(w);
             true
         })

@@ -32,8 +32,10 @@
 //! - `settle`: seconds after `score_at` until the score is back at the
 //!   initial one (2²⁴ − 1: never, recovery disabled).
 //!
-//! A limiter's table leaves the reputation fields at zero and a reputation
-//! table the limiter's, so one idleness rule serves both.
+//! The default limiter and reputation share one table and so each client's
+//! record: the limiter uses the rate fields, reputation the others, and
+//! one idleness rule serves both. A route's own limiter leaves the
+//! reputation fields at zero.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -293,6 +295,13 @@ impl Words {
     pub fn stored_score(&self) -> Option<(i64, u64)> {
         let s = (self.0[2] >> SCORE_SHIFT) & SCORE_MASK;
         (s != 0).then(|| ((s - 1) as i64, self.0[3] >> AT_SHIFT))
+    }
+
+    /// Forgets the reputation fields (score, flood count, error streak),
+    /// leaving the limiter's.
+    pub fn clear_reputation(&mut self) {
+        self.0[2] &= COUNT_MAX;
+        self.0[3] = 0;
     }
 
     /// Stores a score (thousandths, 0–100 000) at `now`, with the seconds

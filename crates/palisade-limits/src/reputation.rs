@@ -7,8 +7,9 @@
 //! operator can ask *why*.
 //!
 //! A client's score, flood count and error streak live in its 32-byte
-//! [`record`](crate::record); the events behind a score in a small side
-//! table ([`Notes`]). A client that found no record of its own (the table
+//! [`record`](crate::record), in the table the default rate limiter keeps
+//! its state in too (see [`Reputation::with_table`]); the events behind a
+//! score in a small side table ([`Notes`]). A client that found no record of its own (the table
 //! is full of active or penalized clients) shares an overflow record, and
 //! reputation neither counts nor penalizes it there: a shared record would
 //! turn a crowd of strangers' requests into one client's 403.
@@ -176,8 +177,15 @@ impl Reputation {
     /// An engine tracking at most `max_clients` clients, with the events of
     /// up to 1/16 of them (at least 256, at most 65 536) for explanations.
     pub fn new(cfg: ReputationConfig, max_clients: usize) -> Self {
-        let notes = Notes::new((max_clients / 16).clamp(256, 65_536));
-        Self::with_tables(cfg, Arc::new(Clients::new(max_clients)), Arc::new(notes))
+        Self::with_table(cfg, Arc::new(Clients::new(max_clients)))
+    }
+
+    /// An engine keeping its clients in `table`, whose records it shares
+    /// with whoever else uses the table's other fields (the default rate
+    /// limiter: one record, one lookup per client for both).
+    pub fn with_table(cfg: ReputationConfig, table: Arc<Clients>) -> Self {
+        let notes = Notes::new((table.capacity() / 16).clamp(256, 65_536));
+        Self::with_tables(cfg, table, Arc::new(notes))
     }
 
     /// An engine applying `cfg` to `previous`'s clients (live reload:
@@ -236,27 +244,34 @@ impl Reputation {
     /// Counts one request (allowed or not) and reports the client's standing.
     #[inline]
     pub fn observe_request(&self, key: &ClientKey, now: Nanos) -> Standing {
-        self.table.with(key, now, |w, place| {
-            if place == Place::Overflow {
-                return self.initial_standing();
-            }
-            w.roll(now);
-            let count = w.count_request();
-            // Penalise once per second, on the request that crosses the
-            // line (thresholds past the counter's range act as its top).
-            let threshold = u64::from(self.cfg.flood_threshold).min(FLOOD_MAX - 1);
-            let flooded = count == threshold + 1;
-            let score = if flooded {
-                self.adjust(key, w, -i64::from(self.cfg.flood_penalty), EventKind::Flood, now)
-            } else {
-                self.rules.score_milli(w, now)
-            };
-            Standing {
-                score: (score / MILLI) as u8,
-                blocked: score < self.rules.block_below,
-                flooded,
-            }
-        })
+        self.table
+            .with(key, now, |w, place| self.observe_in(key, w, place, now))
+    }
+
+    /// [`observe_request`](Self::observe_request) on the client's record
+    /// already locked from this engine's table, for a caller that has more
+    /// to do in the same record.
+    #[inline]
+    pub(crate) fn observe_in(&self, key: &ClientKey, w: &mut Words, place: Place, now: Nanos) -> Standing {
+        if place == Place::Overflow {
+            return self.initial_standing();
+        }
+        w.roll(now);
+        let count = w.count_request();
+        // Penalise once per second, on the request that crosses the
+        // line (thresholds past the counter's range act as its top).
+        let threshold = u64::from(self.cfg.flood_threshold).min(FLOOD_MAX - 1);
+        let flooded = count == threshold + 1;
+        let score = if flooded {
+            self.adjust(key, w, -i64::from(self.cfg.flood_penalty), EventKind::Flood, now)
+        } else {
+            self.rules.score_milli(w, now)
+        };
+        Standing {
+            score: (score / MILLI) as u8,
+            blocked: score < self.rules.block_below,
+            flooded,
+        }
     }
 
     /// Feeds a response status back: `error_streak` consecutive 400/401 cost
@@ -363,10 +378,12 @@ impl Reputation {
             .then(|| (distance * 60).div_ceil(self.rules.recovery_milli_per_min))
     }
 
-    /// Forgets everything about a client (admin). Returns whether it was tracked.
+    /// Forgets the client's score, flood count, error streak and events
+    /// (admin); a rate limiter sharing its record keeps its state. Returns
+    /// whether it was tracked.
     pub fn reset(&self, key: &ClientKey) -> bool {
         self.notes.forget(key);
-        self.table.remove(key)
+        self.table.update(key, Words::clear_reputation)
     }
 
     /// The client's current score and the recent events behind it.

@@ -19,6 +19,7 @@ use std::num::NonZeroU32;
 use palisade_core::NANOS_PER_SEC;
 
 use crate::adaptive::{AdaptiveBreaker, AdaptiveConfig, AdaptiveTransition, Admission, Signal};
+use crate::clients::Clients;
 use crate::rate::{Quota, RateLimiter};
 use crate::reputation::{Reputation, ReputationConfig};
 
@@ -212,7 +213,19 @@ impl<C: Clock> Shield<C> {
     /// changed `max_tracked_clients` starts them afresh.
     pub fn carrying_over(cfg: ShieldConfig, clock: C, previous: Option<&Shield<C>>) -> Self {
         let previous = previous.filter(|p| p.cfg.max_tracked_clients == cfg.max_tracked_clients);
-        let limiter = |name: &str, p: &LimitPolicy| {
+        // The default limiter and reputation keep their clients in one
+        // table: their fields are disjoint parts of one record, so a
+        // decision finds and locks each client once for both.
+        let shared = std::cell::OnceCell::new();
+        let clients = || {
+            Arc::clone(shared.get_or_init(|| {
+                previous
+                    .and_then(Shield::clients)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Clients::new(cfg.max_tracked_clients)))
+            }))
+        };
+        let route_limiter = |name: &str, p: &LimitPolicy| {
             let old = previous.and_then(|prev| prev.limiters().find(|(n, _)| *n == name));
             let limiter = match old {
                 Some((_, l)) => RateLimiter::with_table(p.quota, l.table().clone()),
@@ -221,19 +234,23 @@ impl<C: Clock> Shield<C> {
             (limiter, p.mode)
         };
         Self {
-            default_limiter: cfg.limit.as_ref().map(|p| limiter("default", p)),
+            default_limiter: cfg
+                .limit
+                .as_ref()
+                .map(|p| (RateLimiter::with_table(p.quota, clients()), p.mode)),
             routes: cfg
                 .routes
                 .iter()
                 .map(|r| Route {
                     config: r.clone(),
-                    limiter: r.limit.as_ref().map(|p| limiter(&r.name, p)),
+                    limiter: r.limit.as_ref().map(|p| route_limiter(&r.name, p)),
                 })
                 .collect(),
             reputation: cfg.reputation.as_ref().map(|(rc, mode)| {
                 let rep = match previous.and_then(Shield::reputation) {
+                    // Its table is the previous shield's shared one.
                     Some(old) => Reputation::carrying_over(rc.clone(), old),
-                    None => Reputation::new(rc.clone(), cfg.max_tracked_clients),
+                    None => Reputation::with_table(rc.clone(), clients()),
                 };
                 (rep, *mode)
             }),
@@ -281,6 +298,15 @@ impl<C: Clock> Shield<C> {
     /// The reputation engine, when enabled.
     pub fn reputation(&self) -> Option<&Reputation> {
         self.reputation.as_ref().map(|(r, _)| r)
+    }
+
+    /// The table the default limiter and reputation keep their clients
+    /// in, when either is enabled.
+    pub fn clients(&self) -> Option<&Arc<Clients>> {
+        self.reputation
+            .as_ref()
+            .map(|(r, _)| r.table())
+            .or_else(|| self.default_limiter.as_ref().map(|(l, _)| l.table()))
     }
 
     /// The adaptive breaker, when enabled.
@@ -332,11 +358,19 @@ impl<C: Clock> Shield<C> {
         };
         let route = self.route_for(req);
         let limiter = self.limiter_for(route);
+        // Reputation and the route's limiter in the same record (the
+        // default limiter's): one lookup serves both.
+        let together = match (&self.reputation, limiter) {
+            (Some((rep, _)), Some((l, _))) => Arc::ptr_eq(rep.table(), l.table()),
+            _ => false,
+        };
         // Up to three tables are consulted below: start all their loads now.
         if let Some((rep, _)) = &self.reputation {
             rep.table().prefetch(&key);
         }
-        if let Some((l, _)) = limiter {
+        if let Some((l, _)) = limiter
+            && !together
+        {
             l.table().prefetch(&key);
         }
         if let Some((adaptive, _)) = &self.adaptive {
@@ -393,8 +427,22 @@ impl<C: Clock> Shield<C> {
                 }
             }
         }
+        // The limiter's verdict when it was reached in reputation's lookup.
+        let mut checked = None;
         if let Some((rep, mode)) = &self.reputation {
-            let standing = rep.observe_request(&key, now);
+            let standing = match limiter {
+                Some((l, _)) if together => {
+                    let (standing, limited) = rep.table().with(&key, now, |w, place| {
+                        let standing = rep.observe_in(&key, w, place, now);
+                        // An enforced reputation refusal charges no rate limit.
+                        let refused = standing.blocked && *mode == Mode::Enforce;
+                        (standing, (!refused).then(|| w.check(l.quota(), now)))
+                    });
+                    checked = limited;
+                    standing
+                }
+                _ => rep.observe_request(&key, now),
+            };
             decision.flooded = standing.flooded;
             if standing.blocked {
                 let rejection = Rejection {
@@ -408,7 +456,7 @@ impl<C: Clock> Shield<C> {
             }
         }
         if let Some((limiter, mode)) = limiter
-            && let Err(limited) = limiter.check(&key, now)
+            && let Err(limited) = checked.unwrap_or_else(|| limiter.check(&key, now))
         {
             let rejection = Rejection {
                 reason: RejectReason::RateLimited,
@@ -802,6 +850,44 @@ mod tests {
             "{by_reason:?}"
         );
         assert_eq!(refused(&s), Some(RejectReason::Reputation));
+    }
+
+    /// The default limiter and reputation keep each client in one record.
+    /// A key flood against the full table evicts neither a client whose
+    /// only state is a spent rate limit nor one whose only state is a low
+    /// score, and an admin reputation reset leaves the rate limit spent.
+    #[test]
+    fn one_record_holds_a_clients_rate_limit_and_score() {
+        let mut cfg = ShieldConfig::default();
+        cfg.max_tracked_clients = 1000;
+        let s = Shield::new(cfg, ManualClock::new());
+        let clients = s.clients().unwrap();
+        let (_, limiter) = s.limiters().next().unwrap();
+        assert!(Arc::ptr_eq(clients, limiter.table()));
+        assert!(Arc::ptr_eq(clients, s.reputation().unwrap().table()));
+        let reason = |peer: &str| run(&s, peer, "/", 1).1[0].rejection.map(|r| r.reason);
+        // Spent rate limit, initial score.
+        assert_eq!(run(&s, "127.0.0.7", "/", 101).0, 100);
+        // Low score, full bucket.
+        let penalized = s.key_for_ip("127.0.0.8".parse().unwrap());
+        s.reputation().unwrap().set(&penalized, 10, 0);
+        assert_eq!(clients.len(), 2);
+        let (m, h) = (Method::GET, HeaderMap::new());
+        for i in 0..100_000u32 {
+            let peer = IpAddr::from(std::net::Ipv4Addr::from(0xC612_0000 + i)).to_string();
+            let d = s.decide(&facts(&peer, "/", &m, &h));
+            // Those sharing an overflow record share its rate limit.
+            let reason = d.rejection.map(|r| r.reason);
+            assert_ne!(reason, Some(RejectReason::Reputation), "newcomer {peer}");
+        }
+        assert!(clients.overflowed() > 0, "the flood did not fill the table");
+        assert_eq!(reason("127.0.0.7"), Some(RejectReason::RateLimited));
+        assert_eq!(reason("127.0.0.8"), Some(RejectReason::Reputation));
+        let limited = s.key_for_ip("127.0.0.7".parse().unwrap());
+        assert!(s.reputation().unwrap().reset(&limited));
+        assert!(s.reputation().unwrap().reset(&penalized));
+        assert_eq!(reason("127.0.0.7"), Some(RejectReason::RateLimited));
+        assert_eq!(reason("127.0.0.8"), None);
     }
 
     #[test]

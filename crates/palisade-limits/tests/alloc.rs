@@ -166,8 +166,8 @@ fn a_million_distinct_clients_stay_within_the_bound() {
         let (_, limiter) = shield.limiters().next().unwrap();
         // The tables' bucket arrays are their own mappings, fixed at
         // creation; the heap (counted above) holds the rest.
-        let tables = rep.bucket_bytes()
-            + limiter.table().bucket_bytes()
+        // The limiter and reputation share one table.
+        let tables = shield.clients().unwrap().bucket_bytes()
             + shield.adaptive().map_or(0, |a| a.table().bucket_bytes());
         assert!(rep.len() <= rep.capacity() && rep.capacity() < CAP + 128);
         assert!(limiter.table().len() <= limiter.table().capacity());
