@@ -791,3 +791,218 @@ async fn http10_with_transfer_encoding_is_400() {
     ])
     .await;
 }
+
+/// How the daemon ended one HTTP/2 stream.
+#[derive(Debug, PartialEq)]
+enum H2End {
+    /// A response head; its `:status` when HPACK-encoded as a static-table
+    /// index (how hyper writes 200 and 400), else 0.
+    Status(u16),
+    /// RST_STREAM with this error code.
+    Reset(u32),
+    /// GOAWAY with this error code.
+    GoAway(u32),
+    /// The connection closed first.
+    Closed,
+}
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A header block of literal fields without indexing or Huffman coding,
+/// so any name and value can be sent, as a polite encoder would refuse to.
+fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        out.push(0);
+        for s in [name, value] {
+            out.push(u8::try_from(s.len()).unwrap());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+    out
+}
+
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PROTOCOL_ERROR: u32 = 0x1;
+
+/// Opens stream 1 with `fields` and then `data` as DATA frames (the last
+/// one with END_STREAM; none: the HEADERS frame ends the stream), all in
+/// one write; how the daemon ended the stream.
+async fn h2_stream(source: &str, proxy: SocketAddr, fields: &[(&str, &str)], data: &[&[u8]]) -> H2End {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    let flags = if data.is_empty() {
+        END_HEADERS | END_STREAM
+    } else {
+        END_HEADERS
+    };
+    out.extend(frame(0x1, flags, 1, &hpack(fields)));
+    for (i, d) in data.iter().enumerate() {
+        let last = i + 1 == data.len();
+        out.extend(frame(0x0, if last { END_STREAM } else { 0 }, 1, d));
+    }
+    let mut s = connect_from(source, proxy).await;
+    s.write_all(&out).await.unwrap();
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while buf.len() >= 9 {
+                let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                let payload: Vec<u8> = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                let code = |at: usize| u32::from_be_bytes(payload[at..at + 4].try_into().unwrap());
+                match (kind, stream) {
+                    (0x4, 0) if flags & 0x1 == 0 => {
+                        let _ = s.write_all(&frame(0x4, 0x1, 0, &[])).await;
+                    }
+                    (0x1, 1) => {
+                        let status = match payload.first() {
+                            Some(b @ 0x88..=0x8e) => {
+                                [200, 204, 206, 304, 400, 404, 500][usize::from(b - 0x88)]
+                            }
+                            _ => 0,
+                        };
+                        return H2End::Status(status);
+                    }
+                    (0x3, 1) => return H2End::Reset(code(0)),
+                    (0x7, 0) => return H2End::GoAway(code(4)),
+                    _ => {}
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return H2End::Closed,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the daemon neither answered nor ended the stream in 10 s")
+}
+
+/// A name, the header fields and the DATA frames of one HTTP/2 stream.
+type H2Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<&'a [u8]>);
+
+/// HTTP/2 requests RFC 9113 calls malformed: a `content-length` the DATA
+/// does not add up to (§8.1.1), connection-specific fields and `te` other
+/// than `trailers` (§8.2.2). Each stream is reset with PROTOCOL_ERROR
+/// before the daemon answers, and no whole request reaches the upstream.
+/// A well-formed stream on the same raw client is served, so the client is
+/// not what refuses the others.
+#[tokio::test]
+async fn malformed_http2_requests_are_reset_and_never_complete_upstream() {
+    let upstream = Recorder::start().await;
+    let h = daemon(&upstream).await;
+    let post = |extra: &[(&'static str, &'static str)]| {
+        let mut f = vec![
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "test.local"),
+            (":path", "/a"),
+        ];
+        f.extend_from_slice(extra);
+        f
+    };
+    let smuggled_chunks = format!("0\r\n\r\n{SMUGGLED}");
+    let chunks: &[u8] = smuggled_chunks.as_bytes();
+    let refused: Vec<H2Case> = vec![
+        (
+            "content-length over the DATA",
+            post(&[("content-length", "10")]),
+            vec![b"abcde"],
+        ),
+        (
+            "content-length under the DATA",
+            post(&[("content-length", "5")]),
+            vec![b"abcdefghij"],
+        ),
+        (
+            "content-length passed by a second DATA",
+            post(&[("content-length", "5")]),
+            vec![b"abcde", b"fghij"],
+        ),
+        (
+            "content-length short at an empty last DATA",
+            post(&[("content-length", "10")]),
+            vec![b"abcde", b""],
+        ),
+        (
+            "content-length 0 with DATA",
+            post(&[("content-length", "0")]),
+            vec![b"abcde"],
+        ),
+        (
+            "content-length with no DATA",
+            post(&[("content-length", "5")]),
+            vec![],
+        ),
+        (
+            "transfer-encoding chunked",
+            post(&[("transfer-encoding", "chunked")]),
+            vec![chunks],
+        ),
+        (
+            "transfer-encoding and content-length",
+            post(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+            vec![chunks],
+        ),
+        (
+            "connection",
+            post(&[("connection", "keep-alive")]),
+            vec![b"abcde"],
+        ),
+        ("keep-alive", post(&[("keep-alive", "timeout=5")]), vec![b"abcde"]),
+        (
+            "proxy-connection",
+            post(&[("proxy-connection", "keep-alive")]),
+            vec![b"abcde"],
+        ),
+        ("upgrade", post(&[("upgrade", "h2c")]), vec![b"abcde"]),
+        ("te gzip", post(&[("te", "gzip")]), vec![b"abcde"]),
+    ];
+    let mut failures = Vec::new();
+    for (i, (name, fields, data)) in refused.iter().enumerate() {
+        let before = upstream.seen().len();
+        let source = format!("127.0.2.{}", i + 2);
+        let end = h2_stream(&source, h.proxy(), fields, data).await;
+        let seen = settle(&h, &upstream, before).await;
+        let whole: Vec<&Seen> = seen.iter().filter(|s| s.complete).collect();
+        if !matches!(end, H2End::Reset(PROTOCOL_ERROR) | H2End::GoAway(PROTOCOL_ERROR)) || !whole.is_empty() {
+            failures.push(format!(
+                "{name}: the daemon ended it {end:?}; the upstream saw {seen:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    for (name, fields, data) in [
+        (
+            "matching content-length",
+            post(&[("content-length", "5"), ("te", "trailers")]),
+            vec![&b"abcde"[..]],
+        ),
+        ("no content-length", post(&[]), vec![&b"abc"[..], &b"de"[..]]),
+    ] {
+        let before = upstream.seen().len();
+        let end = h2_stream("127.0.2.200", h.proxy(), &fields, &data).await;
+        assert_eq!(end, H2End::Status(200), "{name}");
+        let seen = settle(&h, &upstream, before).await;
+        assert_eq!(seen.len(), 1, "{name}: {seen:?}");
+        assert_eq!(seen[0].body, b"abcde", "{name}: {seen:?}");
+        assert!(seen[0].te.is_empty() || seen[0].cl.is_empty(), "{name}: {seen:?}");
+    }
+    h.running.shutdown().await;
+}
