@@ -1008,6 +1008,26 @@ pub(crate) fn in_error_chain(
 pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
     guard: Option<(InFlight, Option<RequestPermit>)>,
+    /// What is left of an upstream chunk handed out a frame at a time.
+    rest: Option<Bytes>,
+}
+
+/// The most of an upstream chunk an HTTP/2 stream gets per poll (the
+/// protocol's default frame size). Its stall deadline counts polls: hyper
+/// polls again only once the previous chunk has gone out, and a chunk of
+/// hundreds of KiB through a small window took longer than `write_timeout`
+/// for a client that reads steadily, which was then reset.
+const H2_STEP: usize = 16 * 1024;
+
+impl ResponseBody {
+    /// A response of our own, answered before any upstream is asked.
+    fn local(body: Full<Bytes>, guard: InFlight) -> Self {
+        Self {
+            inner: Either::Right(body),
+            guard: Some((guard, None)),
+            rest: None,
+        }
+    }
 }
 
 impl Body for ResponseBody {
@@ -1019,6 +1039,14 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(rest) = &mut this.rest {
+            let piece = rest.split_to(rest.len().min(H2_STEP));
+            if rest.is_empty() {
+                this.rest = None;
+            }
+            crate::stall::body_polled(false);
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
         let polled = match &mut this.inner {
             Either::Left(b) => Pin::new(b).poll_frame(cx),
             Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
@@ -1027,15 +1055,35 @@ impl Body for ResponseBody {
             this.guard = None;
         }
         crate::stall::body_polled(polled.is_pending());
-        polled
+        match polled {
+            Poll::Ready(Some(Ok(frame))) if crate::stall::watched() => match frame.into_data() {
+                Ok(mut data) if data.len() > H2_STEP => {
+                    this.rest = Some(data.split_off(H2_STEP));
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let Some(rest) = &self.rest else {
+            return inner;
+        };
+        let rest = rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -1252,10 +1300,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             && !req.headers().contains_key(HOST)
         {
             let r = respond::text(StatusCode::BAD_REQUEST, "Bad Request: no Host\n");
-            return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody {
-                inner: Either::Right(b),
-                guard: Some((guard, None)),
-            }))));
+            return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody::local(b, guard)))));
         }
         if !chunked_alone(req.headers()) {
             let mut r = respond::text(
@@ -1266,10 +1311,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             // exactly what is in doubt.
             r.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
-            return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody {
-                inner: Either::Right(b),
-                guard: Some((guard, None)),
-            }))));
+            return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody::local(b, guard)))));
         }
         let request_permit = match self.permit.as_ref().map(Permit::begin_request) {
             Some(Ok(p)) => Some(p),
@@ -1290,6 +1332,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                     Either::Right(refusal) => Either::Right(refusal),
                 },
                 guard: Some((guard, request_permit)),
+                rest: None,
             }))
         })
     }

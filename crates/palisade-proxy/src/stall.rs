@@ -110,6 +110,11 @@ pub fn body_polled(pending: bool) {
     });
 }
 
+/// Whether the caller runs as a watched HTTP/2 stream.
+pub fn watched() -> bool {
+    STREAM.try_with(|_| ()).is_ok()
+}
+
 /// The executor of client connections: HTTP/2 streams spawned inside a
 /// [`ConnStreams::scope`] get a progress deadline.
 #[derive(Debug, Clone, Copy, Default)]

@@ -210,6 +210,47 @@ async fn h2_client_that_reads_gets_the_whole_response() {
     h.running.shutdown().await;
 }
 
+/// A client that reads steadily but slowly, through a small window, is not
+/// a stalled one: with a 16 KiB stream window opened every 100 ms, ten
+/// times within `write_timeout`, it gets its whole response. The upstream
+/// writes the body at once, so the proxy reads it in chunks of hundreds of
+/// KiB; counted as one step of progress each, such a chunk took longer than
+/// `write_timeout` to drain through this window and the stream was reset
+/// half way (as it would be for a browser on a link slower than about
+/// 40 KB/s with the default 10 s).
+#[tokio::test]
+async fn h2_client_reading_slowly_through_a_small_window_is_not_reset() {
+    let (upstream, open) = big_upstream(800_000).await;
+    let h = Harness::start_with_upstream(
+        &format!("http://{upstream}"),
+        "write_timeout = \"1s\"",
+        "",
+        upstream,
+    )
+    .await;
+    let (client, _conn) = h2_client(
+        &h,
+        "127.0.0.89",
+        h2::client::Builder::new().initial_window_size(16_384),
+    )
+    .await;
+    let mut ready = client.ready().await.unwrap();
+    let (resp, _) = ready.send_request(h2_get(&h, "/big"), true).unwrap();
+    let mut body = resp.await.unwrap().into_body();
+    let mut got = 0usize;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap_or_else(|e| panic!("reset after {got} bytes: {e:?}"));
+        got += chunk.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    assert_eq!(got, 800_000);
+    let m = h.metrics().await;
+    assert_eq!(metric(&m, "palisade_stalled_responses_total"), 0.0);
+    drop(open);
+    h.running.shutdown().await;
+}
+
 /// With `upstream.max_connections = 2` and two requests holding both
 /// upstream connections, a third is answered 503 at once (it does not
 /// wait for a connection), and the places come back when the holders go.
