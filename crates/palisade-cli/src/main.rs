@@ -298,12 +298,12 @@ fn runtime(
 }
 
 async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
-    let Signals { terminate, .. } = Signals::install();
+    let Signals { mut terminate, .. } = Signals::install();
     let (addr, serve) = palisade_proxy::demo::bind(listen).await?;
     tracing::info!("demo upstream on http://{addr}");
     tokio::select! {
         _ = serve => {}
-        () = terminated(terminate) => {}
+        () = terminate.recv() => {}
     }
     Ok(())
 }
@@ -368,7 +368,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let reloadable = source.is_some();
     let running = palisade_proxy::start_reloadable(config, source).await?;
-    let Signals { hangup, terminate } = signals;
+    let Signals {
+        hangup,
+        mut terminate,
+    } = signals;
     on_sighup(hangup, running.app.clone(), reloadable);
     let proxy = running.proxy_addr;
     let admin = running.admin_addr;
@@ -426,14 +429,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!(
             "  -> five 500s, then 503 without calling the upstream for 30 s: curl -s http://{admin}/api/v1/breakers"
         );
-        println!("Stop with Ctrl-C.");
+        println!("Stop with Ctrl-C (twice to skip the drain delay).");
     }
-    running
-        .run_until(async {
-            terminated(terminate).await;
-            notify::stopping();
-        })
-        .await;
+    terminate.recv().await;
+    tracing::info!("shutdown requested: draining");
+    notify::stopping();
+    running.drain(terminate.recv()).await;
     if let Some((_, task)) = demo {
         task.abort();
     }
@@ -450,8 +451,14 @@ type Stream = Option<()>;
 /// from then on a signal is queued for us, never the default action.
 struct Signals {
     hangup: Stream,
-    /// SIGTERM and SIGINT.
-    terminate: (Stream, Stream),
+    terminate: Terminate,
+}
+
+/// SIGTERM and SIGINT, which mean the same: the first drains, a second
+/// hurries the drain along.
+struct Terminate {
+    term: Stream,
+    int: Stream,
 }
 
 impl Signals {
@@ -468,16 +475,19 @@ impl Signals {
             };
             Self {
                 hangup: register(SignalKind::hangup(), "SIGHUP"),
-                terminate: (
-                    register(SignalKind::terminate(), "SIGTERM"),
-                    register(SignalKind::interrupt(), "SIGINT"),
-                ),
+                terminate: Terminate {
+                    term: register(SignalKind::terminate(), "SIGTERM"),
+                    int: register(SignalKind::interrupt(), "SIGINT"),
+                },
             }
         }
         #[cfg(not(unix))]
         Self {
             hangup: None,
-            terminate: (None, None),
+            terminate: Terminate {
+                term: None,
+                int: None,
+            },
         }
     }
 }
@@ -505,30 +515,30 @@ fn on_sighup(hangup: Stream, app: std::sync::Arc<palisade_proxy::proxy::App>, re
     let _ = (hangup, app, reloadable);
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn terminated(streams: (Stream, Stream)) {
-    #[cfg(unix)]
-    {
-        let (term, int) = streams;
-        let recv = |s: Stream| async move {
-            match s {
-                Some(mut s) => {
-                    s.recv().await;
+impl Terminate {
+    /// Completes on the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Stream) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-                None => std::future::pending::<()>().await,
             }
-        };
-        tokio::select! {
-            () = recv(term) => {}
-            () = recv(int) => {}
+            tokio::select! {
+                () = recv(&mut self.term) => {}
+                () = recv(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (&self.term, &self.int);
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = streams;
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutdown requested: draining");
 }
 
 fn random_token() -> anyhow::Result<String> {

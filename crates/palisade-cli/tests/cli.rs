@@ -96,6 +96,40 @@ fn get(addr: SocketAddr, path: &str) -> String {
     }
 }
 
+/// SIGTERM, then, once `/readyz` shows the drain has begun, a second one
+/// (Ctrl-C twice): the daemon stops without waiting out `server.drain_delay`.
+fn terminate_twice(pid: &str, admin: SocketAddr) {
+    let kill = || {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let ready = || {
+        let Ok(mut s) = TcpStream::connect(admin) else {
+            return false;
+        };
+        let mut out = String::new();
+        write!(
+            s,
+            "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .and_then(|()| s.read_to_string(&mut out))
+        .is_ok_and(|_| out.starts_with("HTTP/1.1 200 "))
+    };
+    kill();
+    for _ in 0..500 {
+        if !ready() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill();
+}
+
 #[test]
 fn run_serves_then_exits_cleanly_on_sigterm() {
     let (demo_addr, _demo) = {
@@ -135,7 +169,7 @@ fn run_serves_then_exits_cleanly_on_sigterm() {
             .unwrap(),
     );
     let mut err = BufReader::new(child.0.stderr.take().unwrap());
-    let proxy = proxy_addr(&mut err);
+    let (proxy, admin, _) = running_addrs(&mut err);
     let statuses: Vec<String> = (0..5)
         .map(|_| get(proxy, "/").lines().next().unwrap_or_default().to_string())
         .collect();
@@ -174,13 +208,7 @@ fn run_serves_then_exits_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(denied, "SIGHUP did not apply the new deny list");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    terminate_twice(&pid, admin);
     let status = child.0.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     let mut rest = String::new();
@@ -578,19 +606,13 @@ fn sighup_right_after_the_port_accepts_does_not_kill() {
                 .success()
         );
         let mut err = BufReader::new(child.0.stderr.take().unwrap());
-        let (_, _, mut log) = running_addrs(&mut err);
+        let (_, admin, mut log) = running_addrs(&mut err);
         assert!(
             get(proxy, "/").starts_with("HTTP/1.1 200 "),
             "not serving after SIGHUP (config file: {with_file})"
         );
         assert!(child.0.try_wait().unwrap().is_none());
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        terminate_twice(&pid, admin);
         let status = child.0.wait().unwrap();
         assert!(
             status.success(),

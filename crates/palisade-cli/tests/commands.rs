@@ -95,7 +95,7 @@ fn the_quickstart_banner_commands_work_as_printed() {
             banner.join("")
         );
         banner.push(line.clone());
-        if line.starts_with("Stop with Ctrl-C.") {
+        if line.starts_with("Stop with Ctrl-C") {
             break;
         }
     }
@@ -164,15 +164,41 @@ fn the_quickstart_banner_commands_work_as_printed() {
         assert!(!out.stdout.is_empty(), "{cmd} printed nothing");
     }
 
-    // Ctrl-C as the banner says: the daemon drains and exits 0.
+    // Ctrl-C twice, as the banner says: the first turns /readyz to 503 and
+    // starts the drain delay, the second ends it; the daemon exits 0.
     let pid = daemon.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
+    let ctrl_c = || {
+        assert!(
+            Command::new("kill")
+                .args(["-INT", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    ctrl_c();
+    let health = || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                env!("CARGO_BIN_EXE_palisade"),
+                "health",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()
             .unwrap()
             .success()
-    );
+    };
+    let mut tries = 0;
+    while health() {
+        tries += 1;
+        assert!(tries < 300, "still ready after Ctrl-C");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    ctrl_c();
     let status = daemon.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }

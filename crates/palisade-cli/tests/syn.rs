@@ -179,6 +179,7 @@ fn config_with(dir: &std::path::Path, firewall: &str, extra: &str) -> std::path:
         &path,
         format!(
             "[server]\nlisten = \"198.18.3.1:8080\"\nupstreams = [\"http://127.0.0.1:8081\"]\n\
+             drain_delay = \"0s\"\n\
              [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t0ken-0123456789\"\n\
              [state]\ndata_dir = \"{}\"\n\
              [syn]\nfirewall = \"{firewall}\"\npoll_interval = \"100ms\"\nreconcile_interval = \"300ms\"\n{xdp}{extra}",
@@ -664,6 +665,7 @@ fn a_flood_spoofed_as_the_upstream_never_cuts_the_upstream_off() {
         &cfg,
         format!(
             "[server]\nlisten = \"198.18.3.1:8080\"\nupstreams = [\"http://198.18.3.4:8081\"]\n\
+             drain_delay = \"0s\"\n\
              [upstream]\nconnect_timeout = \"1s\"\nresponse_timeout = \"3s\"\n\
              [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t0ken-0123456789\"\n\
              [state]\ndata_dir = \"{}\"\n\

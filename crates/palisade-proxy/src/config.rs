@@ -335,6 +335,9 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// HTTP/2 concurrent streams.
     pub h2_max_concurrent_streams: u32,
+    /// After SIGTERM, how long the proxy goes on accepting and serving
+    /// while `/readyz` answers 503 (zero: stop accepting at once).
+    pub drain_delay: Duration,
     /// Drain limit on shutdown.
     pub shutdown_grace: Duration,
     /// Connections start with a PROXY protocol header (v1 or v2) from a
@@ -702,6 +705,7 @@ struct RawServer {
     max_header_bytes: usize,
     max_headers: usize,
     h2_max_concurrent_streams: u32,
+    drain_delay: String,
     shutdown_grace: String,
     proxy_protocol: bool,
     maintenance_page: String,
@@ -722,6 +726,7 @@ impl Default for RawServer {
             max_header_bytes: 65536,
             max_headers: 100,
             h2_max_concurrent_streams: 128,
+            drain_delay: "5s".into(),
             shutdown_grace: "10s".into(),
             proxy_protocol: false,
             maintenance_page: String::new(),
@@ -890,6 +895,7 @@ impl RawConfig {
                 0 => return Err(at(p!("server", "h2_max_concurrent_streams"), "must be > 0")),
                 n => n,
             },
+            drain_delay: parse_duration(&s.drain_delay).map_err(|m| at(p!("server", "drain_delay"), m))?,
             shutdown_grace: duration(&s.shutdown_grace, p!("server", "shutdown_grace"))?,
             proxy_protocol: s.proxy_protocol,
             tunnel_idle_timeout: duration(&s.tunnel_idle_timeout, p!("server", "tunnel_idle_timeout"))?,
@@ -1463,6 +1469,18 @@ mod tests {
         assert_eq!(redact_url("redis://:p@ss@h:1/0"), "redis://<redacted>@h:1/0");
         assert_eq!(redact_url("redis://h:1/a@b"), "redis://h:1/a@b");
         assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn drain_delay_may_be_zero_but_needs_a_unit() {
+        assert_eq!(parse(MINIMAL).unwrap().server.drain_delay, Duration::from_secs(5));
+        let off = parse(&format!("{MINIMAL}drain_delay = \"0s\"\n")).unwrap();
+        assert_eq!(off.server.drain_delay, Duration::ZERO);
+        let e = err(&format!("{MINIMAL}drain_delay = \"5\"\n"));
+        assert!(
+            e.starts_with("test.toml:3:1: server.drain_delay: \"5\": unit must be"),
+            "{e}"
+        );
     }
 
     #[test]

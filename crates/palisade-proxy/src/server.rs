@@ -59,6 +59,26 @@ impl Running {
         }
     }
 
+    /// Drains without dropping a request: `/readyz` answers 503 at once so
+    /// load balancers and Kubernetes endpoints take us out of rotation; in
+    /// the meantime the proxy goes on accepting and serving for
+    /// `server.drain_delay` (requests still routed to us by a balancer that
+    /// has not noticed yet are answered, not refused). Then
+    /// [`shutdown`](Self::shutdown). `skip` completing ends the delay early
+    /// (a second SIGTERM or Ctrl-C).
+    pub async fn drain(self, skip: impl Future<Output = ()>) {
+        self.app.ready.store(false, Ordering::Release);
+        let delay = self.app.runtime().config.server.drain_delay;
+        if !delay.is_zero() {
+            tracing::info!("not ready; still serving for {delay:?} (server.drain_delay)");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = skip => tracing::info!("drain delay cut short"),
+            }
+        }
+        self.shutdown().await;
+    }
+
     /// Runs until `signal` completes, then shuts down.
     pub async fn run_until(self, signal: impl Future<Output = ()>) {
         signal.await;
