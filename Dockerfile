@@ -3,6 +3,8 @@
 # Debian image as an unprivileged user.
 #   docker build -t palisade:0.1.0 .
 #   docker run -p 8080:8080 palisade:0.1.0 run --config /etc/palisade/palisade.toml --upstream http://app:3000
+# docker stop waits 10 s before it kills; the drain needs 15 s by default
+# (docs/operations.md#stopping-without-dropping-requests): add --stop-timeout 30.
 # The kernel defense ([syn]: SYN capture, nftables/iptables bans, XDP) needs
 # NET_ADMIN, NET_RAW and BPF and the host network:
 #   docker run --network host --user 0 --cap-drop ALL \

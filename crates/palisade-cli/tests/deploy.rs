@@ -565,6 +565,72 @@ fn the_shipped_configs_load_and_listen_where_they_must() {
     }
 }
 
+/// What a service manager must wait for before it kills: the drain delay
+/// (still serving), then the grace for in-flight requests, plus room for
+/// the process to exit.
+fn stop_budget(config: &palisade_proxy::config::Config) -> Duration {
+    const MARGIN: Duration = Duration::from_secs(5);
+    config.server.drain_delay + config.server.shutdown_grace + MARGIN
+}
+
+#[test]
+fn service_managers_wait_out_the_drain_before_they_kill() {
+    use palisade_proxy::config::{Config, Overrides, parse_duration};
+    let key = Overrides {
+        cluster_key: Some("k".repeat(32)),
+        ..Overrides::default()
+    };
+    for (manifest, config) in [
+        (
+            "deploy/k8s/proxy/deployment.yaml",
+            "deploy/k8s/proxy/palisade.toml",
+        ),
+        (
+            "deploy/k8s/edge/daemonset.yaml",
+            "deploy/k8s/edge/palisade-edge.toml",
+        ),
+    ] {
+        let config = Config::load(&Path::new(ROOT).join(config), &key).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!config.server.drain_delay.is_zero(), "{manifest}: no drain delay");
+        let text = read(manifest);
+        let grace: u64 = yaml_value(&text, "terminationGracePeriodSeconds")
+            .unwrap_or_else(|| panic!("{manifest}: no terminationGracePeriodSeconds"))
+            .parse()
+            .unwrap();
+        let needed = stop_budget(&config);
+        assert!(
+            Duration::from_secs(grace) >= needed,
+            "{manifest}: terminationGracePeriodSeconds {grace} < {needed:?}"
+        );
+        // The grace period counts from the start of preStop: a sleep there
+        // would come on top of the daemon's own drain delay.
+        assert!(
+            !text.contains("preStop:"),
+            "{manifest}: server.drain_delay already does a preStop sleep's waiting"
+        );
+    }
+    // The units read the operator's /etc/palisade/palisade.toml: the defaults.
+    let defaults = Config::quickstart(&Overrides::default()).unwrap();
+    for unit in [
+        "deploy/systemd/palisade.service",
+        "deploy/systemd/palisade-edge.service",
+    ] {
+        let values = unit_values(&read(unit), "TimeoutStopSec");
+        let [value] = values.as_slice() else {
+            panic!("{unit}: TimeoutStopSec {values:?}");
+        };
+        // systemd reads a bare number as seconds.
+        let timeout = if value.bytes().all(|b| b.is_ascii_digit()) {
+            parse_duration(&format!("{value}s"))
+        } else {
+            parse_duration(value)
+        }
+        .unwrap_or_else(|e| panic!("{unit}: {e}"));
+        let needed = stop_budget(&defaults);
+        assert!(timeout >= needed, "{unit}: TimeoutStopSec={value} < {needed:?}");
+    }
+}
+
 /// `key: value` of the first line in `doc` with that key (after `- `).
 fn yaml_value<'a>(doc: &'a str, key: &str) -> Option<&'a str> {
     doc.lines().find_map(|l| {
