@@ -315,6 +315,9 @@ pub struct WatchdogSettings {
 pub struct ServerConfig {
     /// Client listener.
     pub listen: SocketAddr,
+    /// The listener's accept queue length, as asked of `listen(2)` (the
+    /// kernel caps it at `net.core.somaxconn`).
+    pub backlog: u32,
     /// Upstream base URIs.
     pub upstreams: Vec<Uri>,
     /// Whole-header deadline.
@@ -695,6 +698,7 @@ impl Default for RawTls {
 #[serde(default, deny_unknown_fields)]
 struct RawServer {
     listen: String,
+    backlog: u32,
     upstreams: Vec<String>,
     header_read_timeout: String,
     write_timeout: String,
@@ -716,6 +720,7 @@ impl Default for RawServer {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            backlog: 4096,
             upstreams: Vec::new(),
             header_read_timeout: "5s".into(),
             write_timeout: "10s".into(),
@@ -890,6 +895,10 @@ impl RawConfig {
                 _ => {
                     return Err(at(p!("server", "max_headers"), "must be between 1 and 1000"));
                 }
+            },
+            backlog: match s.backlog {
+                n @ 1..=65535 => n,
+                _ => return Err(at(p!("server", "backlog"), "must be between 1 and 65535")),
             },
             h2_max_concurrent_streams: match s.h2_max_concurrent_streams {
                 0 => return Err(at(p!("server", "h2_max_concurrent_streams"), "must be > 0")),

@@ -523,6 +523,9 @@ impl App {
         if config.server.listen != old.config.server.listen {
             needs_restart.push("server.listen");
         }
+        if config.server.backlog != old.config.server.backlog {
+            needs_restart.push("server.backlog");
+        }
         if config.admin.listen != old.config.admin.listen {
             needs_restart.push("admin.listen");
         }

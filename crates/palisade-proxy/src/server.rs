@@ -94,7 +94,7 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
 /// Like [`start`]; with a `source`, the config file is watched and can be
 /// reloaded (file change, `POST /api/v1/reload`, or [`App::reload`]).
 pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> std::io::Result<Running> {
-    let proxy_listener = bind(config.server.listen, "proxy").await?;
+    let proxy_listener = bind_with_backlog(config.server.listen, config.server.backlog, "proxy")?;
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let metrics_listener = match config.admin.metrics_listen {
         Some(addr) => Some(bind(addr, "admin.metrics_listen").await?),
@@ -134,6 +134,25 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
         stop,
     };
     Ok(running)
+}
+
+/// The client listener, with an accept queue of `backlog`: tokio's `bind`
+/// asks for 128, which a SYN burst fills before the accept loop wakes.
+fn bind_with_backlog(addr: SocketAddr, backlog: u32, what: &str) -> std::io::Result<TcpListener> {
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        // As tokio's bind does: a restart must not wait out TIME_WAIT.
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+        TcpListener::from_std(socket.into())
+    };
+    listen().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {

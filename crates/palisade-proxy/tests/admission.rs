@@ -613,3 +613,34 @@ async fn new_connections_overall_are_bounded_per_second_across_addresses() {
     assert_eq!(f64::from(20 - served_count), refused);
     h.running.shutdown().await;
 }
+
+/// The accept queue `ss` reports for the listener on `addr` (its Send-Q).
+fn listen_backlog(addr: std::net::SocketAddr) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("ss (iproute2) is needed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains(&addr.to_string()))
+        .unwrap_or_else(|| panic!("{addr} not listening: {text}"));
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+/// tokio's `bind` asks `listen(2)` for 128, which a SYN burst fills before
+/// the accept loop wakes: the listener asks for `server.backlog` (4 096),
+/// which the kernel caps at `net.core.somaxconn`.
+#[tokio::test]
+async fn the_listener_queues_server_backlog_connections() {
+    let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let h = Harness::start("", "").await;
+    assert_eq!(listen_backlog(h.proxy()), somaxconn.min(4096));
+    let small = Harness::start("backlog = 300\n", "").await;
+    assert_eq!(listen_backlog(small.proxy()), somaxconn.min(300));
+    assert!(served(&small, "127.0.0.2").await);
+}
