@@ -47,6 +47,8 @@ struct Log {
     seen: Mutex<Vec<Seen>>,
     /// Connections whose reading has ended, by accept order.
     ended: Mutex<Vec<usize>>,
+    /// Request heads read whole, bodies read or not.
+    heads: Mutex<usize>,
     changed: tokio::sync::Notify,
 }
 
@@ -74,6 +76,26 @@ impl Recorder {
 
     fn seen(&self) -> Vec<Seen> {
         self.log.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` request heads have been read whole.
+    async fn wait_heads(&self, n: usize) {
+        let arrived = async {
+            loop {
+                let changed = self.log.changed.notified();
+                if *self.log.heads.lock().unwrap() >= n {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), arrived)
+            .await
+            .expect("the request head never reached the upstream");
+    }
+
+    fn heads(&self) -> usize {
+        *self.log.heads.lock().unwrap()
     }
 
     /// Waits until every connection accepted before `conn` has been read to
@@ -149,7 +171,7 @@ async fn record(conn: usize, mut w: Wire, log: &Log) {
             body: Vec::new(),
             complete: false,
         };
-        let complete = read_rest(&mut w, &mut seen).await;
+        let complete = read_rest(&mut w, &mut seen, log).await;
         seen.complete = complete;
         let both = !seen.te.is_empty() && !seen.cl.is_empty();
         log.seen.lock().unwrap().push(seen);
@@ -167,7 +189,7 @@ async fn record(conn: usize, mut w: Wire, log: &Log) {
 }
 
 /// Reads the headers and body of `seen`; whether all of it arrived.
-async fn read_rest(w: &mut Wire, seen: &mut Seen) -> bool {
+async fn read_rest(w: &mut Wire, seen: &mut Seen, log: &Log) -> bool {
     loop {
         let Some(h) = w.line().await else { return false };
         if h.is_empty() {
@@ -183,6 +205,8 @@ async fn read_rest(w: &mut Wire, seen: &mut Seen) -> bool {
             seen.cl.push(value);
         }
     }
+    *log.heads.lock().unwrap() += 1;
+    log.changed.notify_waiters();
     if !seen.te.is_empty() {
         if seen.te != ["chunked"] {
             return false;
@@ -837,20 +861,31 @@ const PROTOCOL_ERROR: u32 = 0x1;
 /// one with END_STREAM; none: the HEADERS frame ends the stream), all in
 /// one write; how the daemon ended the stream.
 async fn h2_stream(source: &str, proxy: SocketAddr, fields: &[(&str, &str)], data: &[&[u8]]) -> H2End {
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(0x4, 0, 0, &[]));
-    let flags = if data.is_empty() {
-        END_HEADERS | END_STREAM
-    } else {
-        END_HEADERS
-    };
-    out.extend(frame(0x1, flags, 1, &hpack(fields)));
+    let mut out = h2_open(fields, data.is_empty());
     for (i, d) in data.iter().enumerate() {
         let last = i + 1 == data.len();
         out.extend(frame(0x0, if last { END_STREAM } else { 0 }, 1, d));
     }
     let mut s = connect_from(source, proxy).await;
     s.write_all(&out).await.unwrap();
+    h2_end(&mut s).await
+}
+
+/// The preface, our SETTINGS and a HEADERS frame opening stream 1.
+fn h2_open(fields: &[(&str, &str)], end_stream: bool) -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    let flags = if end_stream {
+        END_HEADERS | END_STREAM
+    } else {
+        END_HEADERS
+    };
+    out.extend(frame(0x1, flags, 1, &hpack(fields)));
+    out
+}
+
+/// Reads frames (acknowledging the daemon's SETTINGS) until stream 1 ends.
+async fn h2_end(s: &mut TcpStream) -> H2End {
     let read = async {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -1003,6 +1038,104 @@ async fn malformed_http2_requests_are_reset_and_never_complete_upstream() {
         assert_eq!(seen.len(), 1, "{name}: {seen:?}");
         assert_eq!(seen[0].body, b"abcde", "{name}: {seen:?}");
         assert!(seen[0].te.is_empty() || seen[0].cl.is_empty(), "{name}: {seen:?}");
+    }
+    h.running.shutdown().await;
+}
+
+/// A body that breaks after part of it was forwarded: the daemon has sent
+/// the upstream the head (and may have sent the start of the body) when
+/// the rest turns out wrong. The client gets a refusal and the upstream
+/// connection ends without a whole request, never a request padded or cut
+/// to look whole.
+#[tokio::test]
+async fn a_body_that_breaks_after_forwarding_began_never_completes_upstream() {
+    let upstream = Recorder::start().await;
+    let h = daemon(&upstream).await;
+    let head = "POST /a HTTP/1.1\r\nHost: test.local\r\n";
+    for (i, (name, first, then)) in [
+        (
+            "bad chunk after a good one",
+            format!("{head}Transfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n"),
+            format!("zz\r\n{SMUGGLED}"),
+        ),
+        (
+            "chunk data without CRLF",
+            format!("{head}Transfer-Encoding: chunked\r\n\r\n5\r\nabc"),
+            format!("deX0\r\n\r\n{SMUGGLED}"),
+        ),
+        (
+            "length cut by the client's close",
+            format!("{head}Content-Length: 10\r\n\r\nabcde"),
+            String::new(),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = upstream.seen().len();
+        let heads = upstream.heads();
+        let mut s = connect_from(&format!("127.0.3.{}", i + 2), h.proxy()).await;
+        s.write_all(first.as_bytes()).await.unwrap();
+        upstream.wait_heads(heads + 1).await;
+        if then.is_empty() {
+            s.shutdown().await.unwrap();
+        } else {
+            s.write_all(then.as_bytes()).await.unwrap();
+        }
+        let mut buf = Vec::new();
+        let read = async {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the daemon kept the connection open 10 s");
+        let answers = parse_answers(&buf);
+        let seen = settle(&h, &upstream, before).await;
+        // A client that closed mid-body may get no answer at all.
+        let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+        assert!(
+            statuses == [400] || (then.is_empty() && statuses.is_empty()),
+            "{name}: {answers:?}"
+        );
+        assert_eq!(seen.len(), 1, "{name}: {seen:?}");
+        assert!(!seen[0].complete, "{name}: {seen:?}");
+    }
+
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "test.local"),
+        (":path", "/a"),
+        ("content-length", "10"),
+    ];
+    for (name, first, then) in [
+        (
+            "h2 content-length passed by a later DATA",
+            &b"abcde"[..],
+            &b"fghijk"[..],
+        ),
+        (
+            "h2 content-length short at END_STREAM",
+            &b"abcde"[..],
+            &b"fgh"[..],
+        ),
+    ] {
+        let before = upstream.seen().len();
+        let heads = upstream.heads();
+        let mut s = connect_from("127.0.3.100", h.proxy()).await;
+        let mut out = h2_open(&fields, false);
+        out.extend(frame(0x0, 0, 1, first));
+        s.write_all(&out).await.unwrap();
+        upstream.wait_heads(heads + 1).await;
+        s.write_all(&frame(0x0, END_STREAM, 1, then)).await.unwrap();
+        let end = h2_end(&mut s).await;
+        let seen = settle(&h, &upstream, before).await;
+        assert_eq!(end, H2End::Reset(PROTOCOL_ERROR), "{name}: {seen:?}");
+        assert_eq!(seen.len(), 1, "{name}: {seen:?}");
+        assert!(!seen[0].complete, "{name}: {seen:?}");
     }
     h.running.shutdown().await;
 }
