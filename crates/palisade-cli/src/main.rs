@@ -370,9 +370,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let running = palisade_proxy::start_reloadable(config, source).await?;
     let Signals {
         hangup,
+        user1,
         mut terminate,
     } = signals;
     on_sighup(hangup, running.app.clone(), reloadable);
+    on_sigusr1(user1, running.app.clone());
     let proxy = running.proxy_addr;
     let admin = running.admin_addr;
     match running.metrics_addr {
@@ -451,6 +453,8 @@ type Stream = Option<()>;
 /// from then on a signal is queued for us, never the default action.
 struct Signals {
     hangup: Stream,
+    /// SIGUSR1: reopen the access log.
+    user1: Stream,
     terminate: Terminate,
 }
 
@@ -475,6 +479,7 @@ impl Signals {
             };
             Self {
                 hangup: register(SignalKind::hangup(), "SIGHUP"),
+                user1: register(SignalKind::user_defined1(), "SIGUSR1"),
                 terminate: Terminate {
                     term: register(SignalKind::terminate(), "SIGTERM"),
                     int: register(SignalKind::interrupt(), "SIGINT"),
@@ -484,6 +489,7 @@ impl Signals {
         #[cfg(not(unix))]
         Self {
             hangup: None,
+            user1: None,
             terminate: Terminate {
                 term: None,
                 int: None,
@@ -513,6 +519,21 @@ fn on_sighup(hangup: Stream, app: std::sync::Arc<palisade_proxy::proxy::App>, re
     }
     #[cfg(not(unix))]
     let _ = (hangup, app, reloadable);
+}
+
+/// SIGUSR1 reopens the access log file (logrotate's `postrotate`).
+fn on_sigusr1(user1: Stream, app: std::sync::Arc<palisade_proxy::proxy::App>) {
+    #[cfg(unix)]
+    if let Some(mut usr1) = user1 {
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                tracing::info!("SIGUSR1: reopening the access log");
+                app.reopen_access_log();
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (user1, app);
 }
 
 impl Terminate {

@@ -60,6 +60,8 @@ fn decide(shield: &Shield<MonotonicClock>, i: u32) -> Decision {
         method: &Method::GET,
         host: Some("example.com"),
         path: "/api/items",
+        target: "/",
+        version: http::Version::HTTP_11,
         headers: &HEADERS,
     })
 }

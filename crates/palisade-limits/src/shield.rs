@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Version};
 use ipnet::IpNet;
 use palisade_core::{ClientKey, Clock, Mode, Nanos, RejectReason, TrustedProxies, unix_now};
 use palisade_store::{Action, StoreCell};
@@ -131,6 +131,11 @@ pub struct RequestFacts<'a> {
     pub host: Option<&'a str>,
     /// Request path.
     pub path: &'a str,
+    /// The target as forwarded (path and query), for the caller's logs;
+    /// no decision reads it.
+    pub target: &'a str,
+    /// HTTP version, for the caller's logs.
+    pub version: Version,
     /// Request headers (forwarding headers, User-Agent).
     pub headers: &'a HeaderMap,
 }
@@ -652,6 +657,8 @@ mod tests {
             method,
             host: Some("example.com:8080"),
             path,
+            target: path,
+            version: Version::HTTP_11,
             headers,
         }
     }

@@ -99,6 +99,8 @@ fn steady_state_decisions_allocate_nothing() {
                 method: &method,
                 host: Some("example.com:443"),
                 path: if i.is_multiple_of(3) { "/api/items" } else { "/" },
+                target: "/",
+                version: http::Version::HTTP_11,
                 headers,
             };
             let direct: &'static HeaderMap = Box::leak(Box::new(direct));
@@ -147,6 +149,8 @@ fn a_million_distinct_clients_stay_within_the_bound() {
                 method: &method,
                 host: None,
                 path: "/",
+                target: "/",
+                version: http::Version::HTTP_11,
                 headers: &headers,
             })
         };

@@ -41,6 +41,8 @@ fn a_shield_holds_each_tracked_client_in_a_few_dozen_bytes() {
             method: &method,
             host: None,
             path: "/",
+            target: "/",
+            version: http::Version::HTTP_11,
             headers: &headers,
         });
         assert!(d.rejection.is_none());

@@ -20,6 +20,7 @@ use palisade_limits::shield::ShieldConfig;
 use palisade_store::sign::PublicKey;
 use serde::Deserialize;
 
+use crate::access_log::{AccessLogSettings, Destination, Format};
 use crate::maintenance::MaintenancePage;
 use crate::tasks::WatchdogConfig;
 use crate::tls::TlsConfig;
@@ -71,6 +72,8 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// SYN-flood defense; `None` when off.
     pub syn: Option<SynSettings>,
+    /// The access log; `None` when off.
+    pub access_log: Option<AccessLogSettings>,
 }
 
 /// `[syn]`: SYN-flood detection and kernel bans.
@@ -520,6 +523,7 @@ struct RawConfig {
     state: RawState,
     cluster: RawCluster,
     syn: RawSyn,
+    access_log: RawAccessLog,
     routes: Vec<RawRoute>,
     /// `PALISADE_CLUSTER_KEY`, never read from the file.
     #[serde(skip)]
@@ -634,6 +638,26 @@ impl Default for RawStore {
             feed_allow_http: false,
             feed_auth_env: String::new(),
             feed_max_bytes: FEED_MAX_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAccessLog {
+    enabled: bool,
+    format: String,
+    path: String,
+    refusal_budget: u32,
+}
+
+impl Default for RawAccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            format: "combined".into(),
+            path: "stderr".into(),
+            refusal_budget: 100,
         }
     }
 }
@@ -1027,6 +1051,7 @@ impl RawConfig {
         let store = self.store(base)?;
         let cluster = self.cluster(base)?;
         let syn = self.syn()?;
+        let access_log = self.access_log(base)?;
         let state = match self.state.data_dir.as_str() {
             "" => None,
             dir => {
@@ -1052,7 +1077,35 @@ impl RawConfig {
             state,
             cluster,
             syn,
+            access_log,
         })
+    }
+
+    fn access_log(&self, base: Option<&Path>) -> Result<Option<AccessLogSettings>, Invalid> {
+        let a = &self.access_log;
+        if !a.enabled {
+            return Ok(None);
+        }
+        let format = match a.format.as_str() {
+            "combined" => Format::Combined,
+            "json" => Format::Json,
+            other => {
+                return Err(at(
+                    p!("access_log", "format"),
+                    format!("{other:?}: expected combined or json"),
+                ));
+            }
+        };
+        let destination = match a.path.as_str() {
+            "" => return Err(at(p!("access_log", "path"), "a file, or \"stderr\"")),
+            "stderr" => Destination::Stderr,
+            path => Destination::File(resolve(base, path)),
+        };
+        Ok(Some(AccessLogSettings {
+            format,
+            destination,
+            refusal_budget: a.refusal_budget,
+        }))
     }
 
     fn syn(&self) -> Result<Option<SynSettings>, Invalid> {
@@ -1393,6 +1446,7 @@ mod tests {
         assert_eq!(q.connections, AdmissionConfig::default());
         assert_eq!(q.connections, d.connections);
         assert_eq!(q.watchdog, d.watchdog);
+        assert_eq!(q.access_log, d.access_log);
         assert_eq!(q.watchdog.unwrap().rules, crate::tasks::WatchdogConfig::default());
         let b = q.breaker.unwrap();
         assert_eq!(b.rules, BreakerConfig::default());

@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cluster;

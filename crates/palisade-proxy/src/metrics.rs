@@ -120,6 +120,8 @@ pub struct Metrics {
     pub latency: Family<LatencyLabels, Histogram>,
     /// Protection outcomes.
     pub decisions: Family<DecisionLabel, Counter>,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
     /// What shadow-mode controls would have refused.
     pub would_block: Family<KindLabel, Counter>,
     /// Reputation penalties by reason.
@@ -266,6 +268,12 @@ impl Metrics {
         );
         let decisions = Family::default();
         registry.register("decisions", "Protection decisions", decisions.clone());
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped: the writer (disk) fell behind and its queue was full",
+            access_log_dropped.clone(),
+        );
         let would_block = Family::default();
         registry.register(
             "would_block",
@@ -598,6 +606,7 @@ impl Metrics {
             requests,
             latency,
             decisions,
+            access_log_dropped,
             would_block,
             penalties,
             upstream_errors,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::StatusCode;
-use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, REFERER, TRANSFER_ENCODING, UPGRADE, USER_AGENT};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -34,6 +34,7 @@ use palisade_limits::shield::{Decision, Rejection, RequestFacts, Shield};
 use palisade_store::StoreCell;
 use tower_layer::Layer;
 
+use crate::access_log::{self, AccessLog, Pending, RequestInfo};
 use crate::body::{BodyError, BodyLimits, TimedBody};
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
@@ -259,6 +260,8 @@ pub struct App {
     pub cluster: Option<Arc<Cluster>>,
     /// SYN-flood defense, when `[syn]` is on.
     syn: std::sync::OnceLock<Arc<SynDefense>>,
+    /// The access log, when `[access_log]` is on.
+    access_log: std::sync::OnceLock<AccessLog>,
 }
 
 impl App {
@@ -298,6 +301,7 @@ impl App {
             refusal_log_budget: LogBudget::default(),
             state: std::sync::OnceLock::new(),
             syn: std::sync::OnceLock::new(),
+            access_log: std::sync::OnceLock::new(),
         }
     }
 
@@ -379,6 +383,25 @@ impl App {
         );
         let _ = self.state.set(state);
         Ok(())
+    }
+
+    /// Opens the access log (when configured) and starts its writer.
+    /// Call once, before serving.
+    pub fn open_access_log(&self) -> std::io::Result<()> {
+        let rt = self.runtime();
+        let Some(settings) = &rt.config.access_log else {
+            return Ok(());
+        };
+        let log = AccessLog::start(settings, self.metrics.access_log_dropped.clone())?;
+        let _ = self.access_log.set(log);
+        Ok(())
+    }
+
+    /// Reopens the access log file (SIGUSR1, after logrotate moved it).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = self.access_log.get() {
+            log.reopen();
+        }
     }
 
     /// The learned-state log, when configured.
@@ -537,6 +560,9 @@ impl App {
         }
         if config.cluster != old.config.cluster {
             needs_restart.push("cluster");
+        }
+        if config.access_log != old.config.access_log {
+            needs_restart.push("access_log");
         }
         if config.shield.max_tracked_clients != old.config.shield.max_tracked_clients {
             tracing::warn!("clients.max_tracked changed: client tables start afresh");
@@ -824,7 +850,9 @@ impl App {
         );
         parts.uri = match Uri::from_parts(uri) {
             Ok(u) => u,
-            Err(_) => return respond::upstream_failure(UpstreamFailure::Other).map(Either::Right),
+            Err(_) => {
+                return not_forwarded(respond::upstream_failure(UpstreamFailure::Other).map(Either::Right));
+            }
         };
         parts.version = Version::HTTP_11;
         // Hyper's client sends a GET or HEAD body of unknown length as a
@@ -901,7 +929,7 @@ impl App {
         if (outcome == Outcome::Failure || at_capacity) && self.log_budget.take(self.now()) {
             tracing::warn!(peer = %conn.peer, upstream = upstream.label, failure = failure.as_str(), "upstream failed");
         }
-        respond::upstream_failure(failure).map(Either::Right)
+        not_forwarded(respond::upstream_failure(failure).map(Either::Right))
     }
 
     /// Runs the byte tunnel of an upgraded connection in its own task. The
@@ -1114,8 +1142,7 @@ pub struct Hooks(pub Arc<App>);
 impl Pipeline for Hooks {
     type Clock = MonotonicClock;
     type Snapshot = Arc<Runtime>;
-    /// The method label, read while the request is at hand.
-    type Tag = &'static str;
+    type Tag = Tag;
 
     fn load(&self) -> Arc<Runtime> {
         self.0.runtime()
@@ -1129,7 +1156,7 @@ impl Pipeline for Hooks {
         self.0.syn_banned(client)
     }
 
-    fn begin(&self, rt: &Arc<Runtime>, req: &RequestFacts<'_>, decision: &mut Decision) -> &'static str {
+    fn begin(&self, rt: &Arc<Runtime>, req: &RequestFacts<'_>, decision: &mut Decision) -> Tag {
         let app = &self.0;
         if let Some(cluster) = &app.cluster
             && decision.rejection.is_none()
@@ -1174,10 +1201,32 @@ impl Pipeline for Hooks {
         {
             tracing::info!(client = %decision.client_ip, reason = %rej.reason, endpoint, "refused");
         }
-        metrics::method_label(req.method)
+        let log = app.access_log.get().and_then(|log| {
+            // Refused already: whether it gets a line is known now, before
+            // any formatting.
+            if let Some(rej) = &decision.rejection
+                && !log.allow_refusal(start, rej.reason)
+            {
+                return None;
+            }
+            let header = |name| req.headers.get(name).map(HeaderValue::as_bytes);
+            Some(log.begin(&RequestInfo {
+                client: decision.client_ip,
+                peer: req.peer,
+                method: req.method.as_str(),
+                target: req.target,
+                version: req.version,
+                referer: header(REFERER),
+                user_agent: header(USER_AGENT),
+            }))
+        });
+        Tag {
+            method: metrics::method_label(req.method),
+            log,
+        }
     }
 
-    fn end(&self, rt: &Arc<Runtime>, f: Finished<'_, &'static str>) {
+    fn end(&self, rt: &Arc<Runtime>, f: Finished<'_, Tag>) {
         let app = &self.0;
         let d = f.decision;
         if f.effects.penalized {
@@ -1193,23 +1242,67 @@ impl Pipeline for Hooks {
             .or_else(|| f.extensions.and_then(|e| e.get::<LocalRefusal>()).map(|r| r.0));
         app.metrics.decision(refused);
         let endpoint = rt.route_labels.get(d.route).copied().unwrap_or("default");
+        let Tag { method, log } = f.tag;
         app.metrics
             .requests
             .get_or_create(&RequestLabels {
                 endpoint,
-                method: f.tag,
+                method,
                 status: f.status.as_u16(),
             })
             .inc();
-        let elapsed = app.now().saturating_sub(d.started) as f64 / NANOS_PER_SEC as f64;
+        let now = app.now();
+        let elapsed = now.saturating_sub(d.started);
         app.metrics
             .latency
-            .get_or_create(&LatencyLabels {
-                endpoint,
-                method: f.tag,
-            })
-            .observe(elapsed);
+            .get_or_create(&LatencyLabels { endpoint, method })
+            .observe(elapsed as f64 / NANOS_PER_SEC as f64);
+        if let (Some(pending), Some(out)) = (log, app.access_log.get()) {
+            // A refusal only the answer knew of (in-flight cap, breakers)
+            // takes its place in the budget now.
+            if let Some(reason) = refused
+                && d.rejection.is_none()
+                && !out.allow_refusal(now, reason)
+            {
+                out.discard(pending);
+                return;
+            }
+            let status = f.status.as_u16();
+            let forwarded =
+                refused.is_none() && f.extensions.is_some_and(|e| e.get::<NotForwarded>().is_none());
+            // No body goes with these, whatever Content-Length says.
+            let bodiless = method == "HEAD" || status < 200 || status == 204 || status == 304;
+            out.finish(
+                pending,
+                &access_log::Outcome {
+                    status,
+                    bytes: if bodiless { Some(0) } else { f.body_len },
+                    decision: refused.map_or("allowed", RejectReason::as_str),
+                    upstream_status: forwarded.then_some(status),
+                    latency: elapsed,
+                    unix_ms: palisade_core::unix_now_ms(),
+                },
+            );
+        }
     }
+}
+
+/// What [`Hooks::begin`] hands to [`Hooks::end`].
+pub struct Tag {
+    /// The method label, read while the request is at hand.
+    method: &'static str,
+    /// The request's side of its access log line, when it gets one.
+    log: Option<Pending>,
+}
+
+/// A response extension: the proxy answered itself (an upstream failure,
+/// a refused CONNECT), so it carries no upstream status.
+#[derive(Clone, Copy)]
+struct NotForwarded;
+
+fn not_forwarded(mut r: Response<UpstreamResponseBody>) -> Response<UpstreamResponseBody> {
+    r.extensions_mut().insert(NotForwarded);
+    r
 }
 
 /// The innermost service: forwards what the shield admitted.
@@ -1237,9 +1330,9 @@ impl tower_service::Service<Request<Incoming>> for Forward {
             // A reverse proxy tunnels nothing on request: forwarded, a
             // CONNECT reached the upstream naming the upstream itself.
             if req.method() == http::Method::CONNECT {
-                return Ok(
+                return Ok(not_forwarded(
                     respond::text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n").map(Either::Right),
-                );
+                ));
             }
             Ok(app.pass(conn, req).await)
         })

@@ -103,6 +103,7 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     let watched = source.as_ref().map(|s| s.path.clone());
     let app = Arc::new(App::new(config, source));
     app.open_state().map_err(std::io::Error::other)?;
+    app.open_access_log()?;
     let (stop, stopped) = watch::channel(false);
     crate::tasks::spawn(crate::feed::run(app.clone(), stopped.clone()));
     if let Some(cluster) = app.cluster.clone() {

@@ -129,6 +129,7 @@ struct RawFile {
     state: IgnoredAny,
     cluster: IgnoredAny,
     syn: IgnoredAny,
+    access_log: IgnoredAny,
 }
 
 /// `[server]` as the library reads it: unknown keys are the daemon's.

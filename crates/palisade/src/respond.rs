@@ -2,7 +2,7 @@
 //! the daemon alike: small static plain-text bodies, no per-request logging.
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use palisade_core::RejectReason;
@@ -16,6 +16,9 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // Stated, so what answered it (and its access log) knows the size.
+    r.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     r
 }
 

@@ -74,6 +74,9 @@ pub struct Finished<'a, T> {
     pub status: StatusCode,
     /// The response's extensions (empty when the inner service failed).
     pub extensions: Option<&'a Extensions>,
+    /// The body length the response declared (`Content-Length`, or the
+    /// exact size of a local answer); `None` when it streams without one.
+    pub body_len: Option<u64>,
     /// What the response changed (reputation penalty, breaker change).
     pub effects: ResponseEffects,
 }
@@ -599,11 +602,19 @@ where
                 Ok(path) => path,
                 Err(e) => return ResponseFuture::new(Answer::early(Early::bad_request(e))),
             };
+            let uri = req.uri();
+            let target = match uri.path_and_query() {
+                Some(pq) => pq.as_str(),
+                // CONNECT's authority form.
+                None => uri.authority().map_or("", |a| a.as_str()),
+            };
             let facts = RequestFacts {
                 peer: peer.ip(),
                 method: req.method(),
                 host: host.as_deref(),
                 path: &path,
+                target,
+                version: req.version(),
                 headers: req.headers(),
             };
             let mut decision = shield.decide_with(&facts, |ip| self.pipeline.banned(&snapshot, ip));
@@ -622,6 +633,7 @@ where
                     tag,
                     status: early.response.status(),
                     extensions: Some(early.response.extensions()),
+                    body_len: http_body::Body::size_hint(early.response.body()).exact(),
                     effects: ResponseEffects::default(),
                 },
             );
@@ -712,6 +724,7 @@ impl<P: Pipeline> Drop for Watch<P> {
                     tag: w.tag,
                     status,
                     extensions: None,
+                    body_len: Some(0),
                     effects: ResponseEffects::default(),
                 },
             );
@@ -720,15 +733,15 @@ impl<P: Pipeline> Drop for Watch<P> {
 }
 
 impl<P: Pipeline> Watch<P> {
-    fn finish(mut self, status: StatusCode, extensions: Option<&Extensions>) {
+    fn finish(mut self, status: StatusCode, extensions: Option<&Extensions>, body_len: Option<u64>) {
         if let Some(w) = self.0.take() {
-            w.finish(status, extensions);
+            w.finish(status, extensions, body_len);
         }
     }
 }
 
 impl<P: Pipeline> Watched<P> {
-    fn finish(self, status: StatusCode, extensions: Option<&Extensions>) {
+    fn finish(self, status: StatusCode, extensions: Option<&Extensions>, body_len: Option<u64>) {
         let shield = self.pipeline.shield(&self.snapshot);
         // Allow-listed clients are outside every control, responses
         // included; a layer's own refusal says nothing about the client.
@@ -745,6 +758,7 @@ impl<P: Pipeline> Watched<P> {
                 tag: self.tag,
                 status,
                 extensions,
+                body_len,
                 effects,
             },
         );
@@ -754,8 +768,14 @@ impl<P: Pipeline> Watched<P> {
 impl<P: Pipeline, B, E> Finish<B, E> for Watch<P> {
     fn finish(self, result: &Result<Response<B>, E>) {
         match result {
-            Ok(r) => Watch::finish(self, r.status(), Some(r.extensions())),
-            Err(_) => Watch::finish(self, StatusCode::INTERNAL_SERVER_ERROR, None),
+            Ok(r) => {
+                let len = r
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                Watch::finish(self, r.status(), Some(r.extensions()), len)
+            }
+            Err(_) => Watch::finish(self, StatusCode::INTERNAL_SERVER_ERROR, None, None),
         }
     }
 }
