@@ -3,6 +3,7 @@
 //! grant (read from the files, applied with `setpriv`), in network
 //! namespaces this test creates and always deletes, and every kernel piece
 //! has to come up: SYN capture, nftables bans, XDP, the syncookie switch.
+//! Under the plain unit's (none) the proxy has to serve.
 //! The units go through `systemd-analyze`, the Kubernetes overlays through
 //! `kubectl kustomize`, and the configs they mount through the loader.
 #![allow(clippy::unwrap_used)]
@@ -75,10 +76,10 @@ fn daemonset_caps() -> Vec<String> {
 
 /// The `setpriv` prefix granting exactly `caps`, as `uid`.
 fn setpriv(uid: &str, caps: &[String]) -> Vec<String> {
-    let set = format!(
-        "-all,{}",
-        caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(",")
-    );
+    let set = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut args = vec![
         "setpriv".to_owned(),
         format!("--reuid={uid}"),
@@ -216,17 +217,8 @@ fn kernel_defense_comes_up(tag: &str, net: u8, uid: &str, caps: &[String]) {
     let log_file = dir.join("palisade.log");
     let (daemon, log) = start(&srv, &prefix, &config, &log_file);
     let pid = daemon.0.id();
-    // It really runs with these privileges (the child of ip netns exec).
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .ok()
-        .and_then(|c| c.split_whitespace().next().map(str::to_owned))
-        .map_or_else(String::new, |child| {
-            std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default()
-        });
-    if !status.is_empty() {
-        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-        assert!(uid_line.split_whitespace().nth(1) == Some(uid), "{uid_line}");
-    }
+    // It really runs with these privileges, no more and no fewer.
+    assert_privileges(pid, uid, caps);
 
     let stats = syn_stats(&srv);
     assert_eq!(
@@ -370,6 +362,124 @@ fn the_edge_daemonset_runs_the_kernel_defense_with_exactly_its_capabilities() {
         "the unit and the DaemonSet grant the same"
     );
     kernel_defense_comes_up("depk", 9, "0", &caps);
+}
+
+/// `/proc/PID/status` of the daemon started as `pid`: `ip netns exec`
+/// either execs setpriv, which execs the daemon, or runs it as its child.
+fn daemon_status(pid: u32) -> Option<String> {
+    let child = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let candidates = std::iter::once(pid.to_string()).chain(child.split_whitespace().map(str::to_owned));
+    candidates
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .find(|s| s.lines().next() == Some("Name:\tpalisade"))
+}
+
+/// The mask `/proc/PID/status` shows for `caps` (numbers from
+/// linux/capability.h).
+fn cap_mask(caps: &[String]) -> String {
+    let bit = |c: &str| match c {
+        "net_bind_service" => 10,
+        "net_admin" => 12,
+        "net_raw" => 13,
+        "bpf" => 39,
+        other => panic!("{other}: add its number from linux/capability.h"),
+    };
+    format!("{:016x}", caps.iter().fold(0u64, |m, c| m | 1 << bit(c)))
+}
+
+/// The daemon started as `pid` runs as `uid` with exactly `caps`, and can
+/// gain no other (bounding set, no_new_privs).
+fn assert_privileges(pid: u32, uid: &str, caps: &[String]) {
+    let status = daemon_status(pid).expect("the daemon's /proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(field("Uid:").split_whitespace().next(), Some(uid), "{status}");
+    let mask = cap_mask(caps);
+    for set in ["CapPrm:", "CapEff:", "CapBnd:"] {
+        assert_eq!(field(set), mask, "{set} for {caps:?}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+}
+
+/// The plain unit grants no capability (`CapabilityBoundingSet=` empty,
+/// which is not the same as absent: absent grants them all) and runs as a
+/// dynamic unprivileged user. The application proxy must serve under
+/// exactly that, and the SYN defense must fall back to reading the
+/// kernel's counters instead of failing the start.
+#[test]
+fn the_plain_unit_serves_with_no_capabilities() {
+    let unit = read("deploy/systemd/palisade.service");
+    for key in ["CapabilityBoundingSet", "AmbientCapabilities"] {
+        assert!(
+            unit.lines().any(|l| l.trim() == format!("{key}=")),
+            "the plain unit must set {key}= to nothing"
+        );
+    }
+    assert!(unit_values(&unit, "DynamicUser").contains(&"yes".to_owned()));
+    let Some(srv) = Netns::for_test("depp") else {
+        return;
+    };
+    srv.run(&["ip", "link", "set", "lo", "up"]).unwrap();
+    let _upstream = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", srv.name()])
+            .args([
+                env!("CARGO_BIN_EXE_palisade"),
+                "demo-upstream",
+                "--listen",
+                "127.0.0.1:8081",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dir = scratch("palisade-deploy-plain", NOBODY);
+    let config = dir.join("palisade.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"http://127.0.0.1:8081\"]\n\
+             [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t0ken-0123456789\"\n\
+             [state]\ndata_dir = \"{}\"\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let log_file = dir.join("palisade.log");
+    let (daemon, log) = start(&srv, &setpriv(NOBODY, &[]), &config, &log_file);
+    assert_privileges(daemon.0.id(), NOBODY, &[]);
+
+    // The demo upstream may still be starting.
+    eventually("the proxy answers 200", &log_file, || {
+        get(&srv, None, "127.0.0.1:8080", "/").is_some_and(|a| a.starts_with("HTTP/1.1 200"))
+    });
+    assert!(!log.contains("ERROR"), "{log}");
+    // Without CAP_NET_RAW and CAP_NET_ADMIN: no capture, decisions only.
+    let stats = syn_stats(&srv);
+    assert_eq!(stats["capture"], false, "{stats}");
+    assert_eq!(stats["firewall"], "dry-run", "{stats}");
+    assert!(
+        srv.exec(&[
+            env!("CARGO_BIN_EXE_palisade"),
+            "health",
+            "--admin",
+            "127.0.0.1:9090"
+        ])
+        .unwrap()
+        .status
+        .success()
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status();
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The unit with the binary under test in place of /usr/local/bin/palisade.
