@@ -435,6 +435,109 @@ async fn shutdown_drains_in_flight_requests() {
     shutdown.await.unwrap();
 }
 
+/// An upstream whose `/slow` reports its arrival on `arrived`, then answers
+/// only once `release` is notified; anything else answers `ok` at once.
+async fn gated_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    std::sync::Arc<tokio::sync::Notify>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (arrived_tx, gate) = (arrived_tx.clone(), gate.clone());
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (arrived_tx, gate) = (arrived_tx.clone(), gate.clone());
+                async move {
+                    let slow = req.uri().path() == "/slow";
+                    if slow {
+                        let _ = arrived_tx.send(());
+                        gate.notified().await;
+                    }
+                    let body = if slow { "slow\n" } else { "ok\n" };
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, arrived, release)
+}
+
+/// HTTP/2 through a drain: served during the delay, on the open connection
+/// and on a new one; when the delay ends the stream in flight completes and
+/// the connection is closed cleanly after GOAWAY (the client's connection
+/// task ends without error), and new connections are refused.
+#[tokio::test]
+async fn an_h2_connection_is_served_through_the_drain_delay_then_goes_away_cleanly() {
+    let (upstream, mut arrived, release) = gated_upstream().await;
+    let h = Harness::start_with_upstream(
+        &format!("http://{upstream}"),
+        "drain_delay = \"1h\"",
+        "",
+        upstream,
+    )
+    .await;
+    let (proxy, admin) = (h.proxy(), h.admin());
+    let stream = connect_from("127.0.0.21", proxy).await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("http://{proxy}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(
+        sender.send_request(get("/")).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    let (skip, skipped) = tokio::sync::oneshot::channel::<()>();
+    let drain = tokio::spawn(h.running.drain(async {
+        let _ = skipped.await;
+    }));
+    let mut probe = common::Client::connect("127.0.0.1", admin).await;
+    while probe.get("/readyz").await.0 != StatusCode::SERVICE_UNAVAILABLE {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        sender.send_request(get("/")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let mut fresh = common::h2_client("127.0.0.22", proxy).await;
+    assert_eq!(
+        fresh.send_request(get("/")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let slow = tokio::spawn(sender.send_request(get("/slow")));
+    arrived.recv().await.unwrap();
+
+    skip.send(()).unwrap();
+    while tokio::net::TcpStream::connect(proxy).await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    release.notify_one();
+    let resp = slow.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"slow\n");
+    conn.await.unwrap().unwrap();
+    drain.await.unwrap();
+}
+
 #[tokio::test]
 async fn admin_changes_need_the_token() {
     let h = Harness::start("", "").await;
