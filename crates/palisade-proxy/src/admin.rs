@@ -8,14 +8,16 @@
 //! the metrics, without a token, so Prometheus need not hold the token.
 //!
 //! The listener is bounded like the proxy's: header and idle deadlines, a
-//! connection cap, and a per-address throttle on failed token checks. A
+//! connection cap (past it, the oldest connection with no request in
+//! flight gives way, so holders of idle connections cannot lock operators
+//! out), and a per-address throttle on failed token checks. A
 //! `Host` that is neither an IP literal, `localhost` nor one of
 //! `admin.allowed_hosts` is refused: a web page whose DNS name was rebound
 //! to this address would otherwise read bans, scores and the feed URL.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +32,7 @@ use palisade_core::NANOS_PER_MS;
 use palisade_limits::reputation::Explanation;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::config::Secret;
@@ -70,7 +72,7 @@ async fn serve_as(listener: TcpListener, app: Arc<App>, mut stop: watch::Receive
         .unwrap_or(false);
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let failures = Arc::new(AuthFailures::default());
-    let open = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(Open::default());
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -82,8 +84,9 @@ async fn serve_as(listener: TcpListener, app: Arc<App>, mut stop: watch::Receive
                 let rt = app.runtime();
                 let cfg = &rt.config.admin;
                 // Admin connections share the process's file descriptors with
-                // the proxy: past the cap, close before reading a byte.
-                let Some(slot) = Slot::take(&open, cfg.max_connections) else {
+                // the proxy: past the cap, when no connection can give way,
+                // close before reading a byte.
+                let Some(place) = open.admit(cfg.max_connections) else {
                     drop(stream);
                     continue;
                 };
@@ -96,8 +99,7 @@ async fn serve_as(listener: TcpListener, app: Arc<App>, mut stop: watch::Receive
                 let builder = builder.clone();
                 let failures = failures.clone();
                 crate::tasks::spawn(async move {
-                    let _slot = slot;
-                    let activity = Arc::new(ConnActivity::default());
+                    let activity = place.held.activity.clone();
                     let io = TimedIo::new(stream, activity.clone(), deadlines);
                     let svc = hyper::service::service_fn(move |req| {
                         let app = app.clone();
@@ -113,29 +115,68 @@ async fn serve_as(listener: TcpListener, app: Arc<App>, mut stop: watch::Receive
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
-                    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+                    // Dropping the connection closes it.
+                    tokio::select! {
+                        _ = builder.serve_connection(TokioIo::new(io), svc) => {}
+                        () = place.held.evict.notified() => {}
+                    }
+                    drop(place);
                 });
             }
         }
     }
 }
 
-/// One admin connection's place under `admin.max_connections`.
-struct Slot(Arc<AtomicUsize>);
+/// The open connections of one listener, oldest first.
+#[derive(Default)]
+struct Open(Mutex<Vec<Arc<Held>>>);
 
-impl Slot {
-    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
+/// One open connection.
+#[derive(Default)]
+struct Held {
+    activity: Arc<ConnActivity>,
+    /// Tells the connection to close: it gave way to a newer one.
+    evict: Notify,
+    evicted: AtomicBool,
+}
+
+impl Open {
+    /// A place for a new connection under `max`. At the cap, the oldest
+    /// connection with no request in flight is told to close and the new
+    /// one takes its place: an idle keep-alive connection (or one still
+    /// reading its head) costs its holder nothing to keep, so refusing
+    /// newcomers instead would let whoever holds them all lock operators
+    /// out. `None` when every connection is in the middle of a request.
+    fn admit(self: &Arc<Self>, max: usize) -> Option<Place> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let staying = open.iter().filter(|h| !h.evicted.load(Ordering::Acquire)).count();
+        if staying >= max {
+            let victim = open
+                .iter()
+                .find(|h| !h.evicted.load(Ordering::Acquire) && h.activity.idle())?;
+            victim.evicted.store(true, Ordering::Release);
+            // Stored as a permit if the connection is not waiting yet.
+            victim.evict.notify_one();
+        }
+        let held = Arc::new(Held::default());
+        open.push(held.clone());
+        Some(Place {
+            open: self.clone(),
+            held,
         })
-        .ok()
-        .map(|_| Self(open.clone()))
     }
 }
 
-impl Drop for Slot {
+/// A connection's place in [`Open`], given back when dropped.
+struct Place {
+    open: Arc<Open>,
+    held: Arc<Held>,
+}
+
+impl Drop for Place {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut open = self.open.0.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|h| !Arc::ptr_eq(h, &self.held));
     }
 }
 

@@ -387,7 +387,7 @@ pub struct AdminConfig {
     pub header_read_timeout: Duration,
     /// A connection with no request in flight is closed after this long.
     pub idle_timeout: Duration,
-    /// Most open admin connections; more are closed at accept.
+    /// Most open admin connections; past it the oldest idle one gives way.
     pub max_connections: usize,
     /// Failed token checks per address per minute before it gets 429.
     pub max_auth_failures: u32,

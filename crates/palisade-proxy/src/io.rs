@@ -39,6 +39,12 @@ impl ConnActivity {
         InFlight(self.clone())
     }
 
+    /// No request is in flight (the connection waits for one, or reads its
+    /// head).
+    pub fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
     /// Which deadline closed the connection, if one did.
     pub fn expired(&self) -> Option<Expired> {
         match self.expired.load(Ordering::Acquire) {

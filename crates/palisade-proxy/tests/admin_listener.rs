@@ -63,15 +63,39 @@ async fn partial_heads_and_silent_connections_are_closed_at_the_deadlines() {
     assert_eq!(status(&answered), 200, "{answered}");
 }
 
+/// A connection in the middle of a request: an authenticated PUT whose
+/// body never comes. Returned once the server asked for the body (its
+/// `100 Continue`), so the request is surely in flight.
+async fn busy_admin_connection(h: &Harness) -> tokio::net::TcpStream {
+    let mut s = connect_from("127.0.0.1", h.admin()).await;
+    s.write_all(
+        format!(
+            "PUT /api/v1/reputation/198.18.0.7 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the body was never asked for")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100 "),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s
+}
+
 /// Before: every connection was served, so idle admin connections could
-/// take the file descriptors the proxy needs.
+/// take the file descriptors the proxy needs. When every connection is in
+/// the middle of a request, one more is closed before it is read.
 #[tokio::test]
 async fn connections_past_the_cap_are_closed_unanswered() {
     let h = Harness::start("", "max_connections = 2\nheader_read_timeout = \"60s\"\n").await;
-    let held = [
-        connect_from("127.0.0.1", h.admin()).await,
-        connect_from("127.0.0.1", h.admin()).await,
-    ];
+    let held = [busy_admin_connection(&h).await, busy_admin_connection(&h).await];
     let mut third = connect_from("127.0.0.1", h.admin()).await;
     // Written before the server can have closed it: the bytes are ignored.
     let _ = third
@@ -90,6 +114,32 @@ async fn connections_past_the_cap_are_closed_unanswered() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(served, "the admin listener never took connections again");
+}
+
+/// Before: one address that held every admin connection open, asking for
+/// `/healthz` (no token needed) more often than `idle_timeout`, locked the
+/// operator out for as long as it liked. Past the cap, the oldest
+/// connection with no request in flight now gives way to the new one, as
+/// nginx reuses idle keep-alive connections.
+#[tokio::test]
+async fn keep_alive_holders_cannot_lock_the_operator_out() {
+    let h = Harness::start("", "max_connections = 2\nidle_timeout = \"60s\"\n").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.50", h.admin()).await;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(status(&String::from_utf8_lossy(&buf[..n])), 200);
+        held.push(s);
+    }
+    let text = admin_request(&h, "127.0.0.1", "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n").await;
+    assert_eq!(status(&text), 200, "the operator was locked out: {text:?}");
+    // The oldest holder was the one closed.
+    let first = held.remove(0);
+    assert!(closed_by_server(first).await.is_empty());
 }
 
 /// Before: any `Host` read the admin API, so a page whose DNS name was
