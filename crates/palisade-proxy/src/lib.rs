@@ -8,7 +8,10 @@
 //! let config = Config::quickstart(&Overrides::default())?;
 //! let running = palisade_proxy::start(config).await?;
 //! println!("proxy on {}", running.proxy_addr);
-//! running.run_until(async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! tokio::signal::ctrl_c().await?;
+//! // /readyz says 503 and requests are still served for server.drain_delay
+//! // (or until a second Ctrl-C); then in-flight requests finish.
+//! running.drain(async { let _ = tokio::signal::ctrl_c().await; }).await;
 //! # Ok(()) }
 //! ```
 

@@ -78,12 +78,6 @@ impl Running {
         }
         self.shutdown().await;
     }
-
-    /// Runs until `signal` completes, then shuts down.
-    pub async fn run_until(self, signal: impl Future<Output = ()>) {
-        signal.await;
-        self.shutdown().await;
-    }
 }
 
 /// Binds the proxy and admin listeners and starts serving a fixed config.
