@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use palisade::{Finished, LocalRefusal, Pipeline, ShieldLayer, ShieldService};
-use palisade_core::{ClientKey, Clock, MonotonicClock, NANOS_PER_SEC, RejectReason};
+use palisade_core::{ClientKey, Clock, NANOS_PER_SEC, RejectReason};
 use palisade_limits::adaptive::AdaptiveTransition;
 use palisade_limits::admission::{Admission, Permit, RequestPermit};
 use palisade_limits::breaker::{Attempt, Breaker, Outcome, Transition};
@@ -36,6 +36,7 @@ use tower_layer::Layer;
 
 use crate::access_log::{self, AccessLog, Pending, RequestInfo};
 use crate::body::{BodyError, BodyLimits, TimedBody};
+use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
 use crate::connector::{AtCapacity, CappedConnector};
@@ -78,7 +79,7 @@ pub struct Runtime {
     /// The config in force.
     pub config: Config,
     /// The protection pipeline.
-    pub shield: Shield<MonotonicClock>,
+    pub shield: Shield<TokioClock>,
     /// Upstreams, round-robin.
     pub upstreams: Vec<Upstream>,
     /// Connection settings for new client connections.
@@ -96,7 +97,7 @@ impl Runtime {
     /// stay, and the upstream connection pool when its settings are equal.
     pub fn build(
         config: Config,
-        clock: MonotonicClock,
+        clock: TokioClock,
         previous: Option<&Runtime>,
         cluster: Option<&Cluster>,
     ) -> Self {
@@ -244,7 +245,7 @@ pub struct App {
     pub ready: AtomicBool,
     /// A CPU profile is being taken (one at a time).
     pub profiling: AtomicBool,
-    clock: MonotonicClock,
+    clock: TokioClock,
     runtime: ArcSwap<Runtime>,
     source: Option<ConfigSource>,
     reloading: tokio::sync::Mutex<()>,
@@ -268,7 +269,7 @@ impl App {
     /// Builds the shared state from a validated config; `source` makes it
     /// reloadable.
     pub fn new(config: Config, source: Option<ConfigSource>) -> Self {
-        let clock = MonotonicClock::new();
+        let clock = TokioClock::new();
         let metrics = Metrics::new();
         metrics.config_last_reload_success.set(1);
         metrics.last_reload_success_timestamp.set(unix_seconds());
@@ -753,7 +754,7 @@ impl App {
     fn choose_upstream<'r>(
         &self,
         rt: &'r Runtime,
-    ) -> Result<(&'r Upstream, Option<Attempt<MonotonicClock>>), u64> {
+    ) -> Result<(&'r Upstream, Option<Attempt<TokioClock>>), u64> {
         let n = rt.upstreams.len();
         let start = self.next_upstream.fetch_add(1, Ordering::Relaxed);
         let mut retry_after = u64::MAX;
@@ -796,7 +797,7 @@ impl App {
         &self,
         rt: &Runtime,
         upstream: &Upstream,
-        ticket: Option<Attempt<MonotonicClock>>,
+        ticket: Option<Attempt<TokioClock>>,
         conn: &ClientConn,
         mut req: Request<Incoming>,
     ) -> Response<UpstreamResponseBody> {
@@ -979,7 +980,7 @@ impl App {
         });
     }
 
-    fn finish(&self, upstream: &Upstream, ticket: Option<Attempt<MonotonicClock>>, outcome: Outcome) {
+    fn finish(&self, upstream: &Upstream, ticket: Option<Attempt<TokioClock>>, outcome: Outcome) {
         if let Some(t) = ticket
             && let Some(transition) = t.finish(outcome)
         {
@@ -1140,7 +1141,7 @@ pub type UpstreamResponseBody = Either<Incoming, Full<Bytes>>;
 pub struct Hooks(pub Arc<App>);
 
 impl Pipeline for Hooks {
-    type Clock = MonotonicClock;
+    type Clock = TokioClock;
     type Snapshot = Arc<Runtime>;
     type Tag = Tag;
 
@@ -1148,7 +1149,7 @@ impl Pipeline for Hooks {
         self.0.runtime()
     }
 
-    fn shield<'a>(&self, rt: &'a Arc<Runtime>) -> &'a Shield<MonotonicClock> {
+    fn shield<'a>(&self, rt: &'a Arc<Runtime>) -> &'a Shield<TokioClock> {
         &rt.shield
     }
 

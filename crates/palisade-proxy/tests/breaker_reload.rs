@@ -13,7 +13,9 @@ use http_body_util::Full;
 use palisade_proxy::config::{Config, Overrides};
 use palisade_proxy::proxy::ConfigSource;
 
-#[tokio::test]
+/// On paused time: the breaker's open period passes by `advance`, not by
+/// a sleep (the daemon's clock is tokio's).
+#[tokio::test(start_paused = true)]
 async fn failing_upstream_trips_the_breaker_then_probes_close_it() {
     let h = Harness::start("", "[breaker]\nopen_for = \"1s\"\n").await;
     let upstream = h.upstream.to_string();
@@ -52,7 +54,7 @@ async fn failing_upstream_trips_the_breaker_then_probes_close_it() {
     assert!(body.contains("\"state\":\"open\""), "{body}");
 
     // After open_for, three probes succeed and close it.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     for _ in 0..3 {
         assert_eq!(c.get("/").await.0, StatusCode::OK);
     }
@@ -72,7 +74,9 @@ async fn failing_upstream_trips_the_breaker_then_probes_close_it() {
     h.running.shutdown().await;
 }
 
-#[tokio::test]
+/// On paused time, as above; the upstream's delay and the response
+/// timeout race on it too, so no answer's lateness depends on the host.
+#[tokio::test(start_paused = true)]
 async fn a_failed_probe_reopens_and_slow_answers_count_as_timeouts() {
     let h = Harness::start(
         "",
@@ -84,10 +88,13 @@ async fn a_failed_probe_reopens_and_slow_answers_count_as_timeouts() {
         assert_eq!(c.get("/delay/900").await.0, StatusCode::GATEWAY_TIMEOUT);
     }
     assert_eq!(c.get("/").await.0, StatusCode::SERVICE_UNAVAILABLE);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    // The probe fails: open again at once.
-    assert_eq!(c.get("/status/503").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    // The probe reaches the upstream (an open breaker's 503 would look the
+    // same) and fails: open again at once.
     let hits = h.upstream_hits.load(Ordering::Relaxed);
+    assert_eq!(c.get("/status/503").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h.upstream_hits.load(Ordering::Relaxed), hits + 1);
+    let hits = hits + 1;
     assert_eq!(c.get("/").await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(h.upstream_hits.load(Ordering::Relaxed), hits);
     h.running.shutdown().await;
