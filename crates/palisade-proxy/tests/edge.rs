@@ -86,6 +86,26 @@ async fn every_spelling_of_a_limited_path_counts_against_its_route_and_is_forwar
     h.running.shutdown().await;
 }
 
+/// `case_sensitive = true` is a route's own choice: `/Headers` then is
+/// another path, counted on the default route, while every other spelling
+/// of `/headers` still counts against the route.
+#[tokio::test]
+async fn a_case_sensitive_route_counts_only_its_own_case() {
+    let h = Harness::start(
+        "",
+        "[[routes]]\nname = \"hdr\"\npath_prefix = \"/headers\"\ncase_sensitive = true\nrate = 1000\n",
+    )
+    .await;
+    for p in ["/headers", "/%68eaders", "/Headers", "/HEADERS"] {
+        let (status, body) = raw_get(&h, "127.0.0.44", &get(p)).await;
+        assert_ne!(status, 400, "{p}: {body}");
+    }
+    let m = h.metrics().await;
+    assert_eq!(get_requests(&m, "hdr", 200), 2.0, "{m}");
+    assert_eq!(get_requests(&m, "default", 404), 2.0, "{m}");
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_encoded_slash_or_a_broken_escape_in_the_path_is_400_and_never_forwarded() {
     let h = Harness::start("", "").await;
