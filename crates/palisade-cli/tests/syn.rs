@@ -1078,3 +1078,46 @@ fn an_admin_reban_sets_the_kernel_expiry_to_the_new_duration() {
     stop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A spoofed SYN flood gets one address of a network banned (here by
+/// hand, as the SYN defense would); the operator then bans the whole
+/// network. nftables refuses an interval that overlaps one it holds, so
+/// the wider ban used to fail as a whole (500, and no ban at all, not even
+/// at accept): an attacker could shield its network from a ban by getting
+/// one of its addresses banned first. And the other way round: an address
+/// inside a banned network, banned again on its own, must not fail.
+#[test]
+fn a_ban_overlapping_one_in_force_still_holds() {
+    let Some((srv, att)) = topology() else { return };
+    let dir = scratch("palisade-syn-overlap");
+    let _demo = demo(&srv);
+    let daemon = start(&srv, &config(&dir, "nftables"));
+    eventually("the legit client is served", || {
+        get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
+    bans_cli(&srv, &["add", "198.18.3.2", "--duration", "10m"]);
+    bans_cli(&srv, &["add", "198.18.3.0/30", "--duration", "1h"]);
+    assert!(
+        get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none(),
+        "the address banned first is served"
+    );
+    // 198.18.3.3 is in the /30 too.
+    assert!(
+        get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_none(),
+        "the network ban does not hold"
+    );
+    let set = out(&srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
+    assert!(set.contains("\"len\": 30"), "{set}");
+    // An address inside the banned network, banned on its own.
+    bans_cli(&srv, &["add", "198.18.3.3", "--duration", "2h"]);
+    // Lifting the network leaves the addresses banned on their own.
+    bans_cli(&srv, &["del", "198.18.3.0/30"]);
+    assert!(get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none());
+    assert!(get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_none());
+    bans_cli(&srv, &["del", "198.18.3.3"]);
+    eventually("the lifted address is served again", || {
+        get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}

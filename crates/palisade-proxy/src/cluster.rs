@@ -80,11 +80,46 @@ const PEER_TTL_MS: u64 = 5_000;
 /// hold (a score that never starts recovering, a peer that never dies).
 const MAX_SKEW_MS: u64 = 60_000;
 
+/// Longest field name or value of any shared record, in bytes. Ours are
+/// under 200 (a node name, a network, three numbers and a MAC); anything
+/// longer was put there by someone who can write to Redis, and is deleted
+/// unread: a few values of hundreds of MB took a node from 25 MB to 418 MB
+/// resident and the sync down for good (every read timed out).
+const MAX_RECORD_BYTES: usize = 1024;
+/// Nodes read from the heartbeat hash, and other nodes' counts from one
+/// counter hash, at most.
+const MAX_NODES: usize = 1024;
+/// Stream pages (1 000 entries each) read in one sync at most: a writer
+/// that floods the stream must not keep the sync reading it forever.
+const MAX_STREAM_PAGES: usize = 10;
+
+/// `bounded(key, max, most)`: the fields and values of hash `key`, at most
+/// `most` of them, flattened; any field or value longer than `max` bytes
+/// is deleted without being read (lengths come from `HSTRLEN`). Returns
+/// them and how many were deleted. Not a hash: nothing.
+const BOUNDED: &str = r"
+local function bounded(k, max, most)
+  local out, dropped = {}, 0
+  if redis.call('TYPE', k).ok ~= 'hash' then return out, dropped end
+  for _, f in ipairs(redis.call('HKEYS', k)) do
+    if #f > max or redis.call('HSTRLEN', k, f) > max then
+      redis.call('HDEL', k, f)
+      dropped = dropped + 1
+    elseif #out < most * 2 then
+      out[#out + 1] = f
+      out[#out + 1] = redis.call('HGET', k, f)
+    end
+  end
+  return out, dropped
+end
+";
+
 /// `KEYS[1]` this second's counters (a hash, one field per node),
 /// `KEYS[2]` the previous second's; `ARGV[1]` this node, `ARGV[2]` its
-/// signed count, `ARGV[3]` expiry in ms. A key of another type (planted by
-/// someone who can write to Redis) is dropped rather than failing the
-/// whole pipeline, which would stop every client's sync.
+/// signed count, `ARGV[3]` expiry in ms, `ARGV[4]`, `ARGV[5]` the bounds of
+/// [`BOUNDED`]. A key of another type (planted by someone who can write to
+/// Redis) is dropped rather than failing the whole pipeline, which would
+/// stop every client's sync.
 const PUSH: &str = r"
 local function odd(k)
   local t = redis.call('TYPE', k).ok
@@ -93,10 +128,55 @@ end
 if odd(KEYS[1]) then redis.call('DEL', KEYS[1]) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local p = {}
-if not odd(KEYS[2]) then p = redis.call('HGETALL', KEYS[2]) end
-return {redis.call('HGETALL', KEYS[1]), p}
+local max, most = tonumber(ARGV[4]), tonumber(ARGV[5])
+local c, dc = bounded(KEYS[1], max, most)
+local p, dp = bounded(KEYS[2], max, most)
+return {c, p, dc + dp}
 ";
+
+/// `KEYS[1]` a hash; `ARGV` the bounds of [`BOUNDED`]: how many oversized
+/// fields were deleted, then the rest, flattened.
+const READ_HASH: &str = r"
+local out, dropped = bounded(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+return {dropped, out}
+";
+
+/// `KEYS[1]` the events stream: up to `ARGV[2]` entries after id `ARGV[1]`.
+/// An entry with a field or value over `ARGV[3]` bytes is deleted and
+/// comes back as its id alone (counted as unauthenticated, the sync moves
+/// past it). Not a stream: nothing.
+const READ_STREAM: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'stream' then return {} end
+local max, out = tonumber(ARGV[3]), {}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])) do
+  local fit = true
+  for _, x in ipairs(e[2]) do
+    if #x > max then fit = false end
+  end
+  if fit then
+    out[#out + 1] = e
+  else
+    redis.call('XDEL', KEYS[1], e[1])
+    out[#out + 1] = {e[1], {}}
+  end
+end
+return out
+";
+
+/// `KEYS[1]` the events stream: its last entry's id, without the entry.
+const LAST_ID: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'stream' then return false end
+local e = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if e[1] then return e[1][1] end
+return false
+";
+
+/// `EVAL script` with [`BOUNDED`] in front, on one or two keys.
+fn eval(script: &str, keys: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(format!("{BOUNDED}{script}")).arg(keys.len()).arg(keys);
+    cmd
+}
 
 /// Why a shared record was ignored: the `reason` label of
 /// `palisade_cluster_records_rejected_total`.
@@ -539,6 +619,34 @@ impl Cluster {
         }
     }
 
+    /// Counts the fields of `key` deleted for their size, if any.
+    fn oversized(&self, metrics: &Metrics, key: &str, dropped: u64) {
+        if dropped == 0 {
+            return;
+        }
+        metrics
+            .cluster_records_rejected
+            .get_or_create(&ReasonLabel {
+                reason: Rejected::Malformed.as_str(),
+            })
+            .inc_by(dropped);
+        let n = {
+            let mut counts = lock(&self.rejected);
+            let n = counts.entry(Rejected::Malformed).or_insert(0);
+            *n += dropped;
+            *n
+        };
+        // Within the same budget as one by one: when a power of two is passed.
+        if (n - dropped + 1).next_power_of_two() <= n {
+            tracing::warn!(
+            node = %self.node,
+            reason = Rejected::Malformed.as_str(),
+            rejected = n,
+                "cluster records ignored: {dropped} fields of {key} over {MAX_RECORD_BYTES} bytes, deleted unread"
+            );
+        }
+    }
+
     /// Whether `e` is newer than what this node applied or made for its
     /// client; notes it when it is. Equal stamps are the same record read
     /// again (`Ok(false)`: skip quietly).
@@ -974,18 +1082,16 @@ async fn push_counts(cluster: &Cluster, c: &mut Conn, metrics: &Metrics) -> redi
         .iter()
         .zip(&keys)
         .map(|((_, _, total), (curr, prev))| {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(PUSH)
-                .arg(2)
-                .arg(curr)
-                .arg(prev)
-                .arg(&cluster.node)
+            let mut cmd = eval(PUSH, &[curr, prev]);
+            cmd.arg(&cluster.node)
                 .arg(cluster.signer.signed(&[curr, &cluster.node], &total.to_string()))
-                .arg(3000);
+                .arg(3000)
+                .arg(MAX_RECORD_BYTES)
+                .arg(MAX_NODES);
             cmd
         })
         .collect();
-    let replies: Vec<(Vec<String>, Vec<String>)> = match c.each(cmds).await {
+    let replies: Vec<(Vec<String>, Vec<String>, u64)> = match c.each(cmds).await {
         Ok(t) => t,
         Err(e) => {
             // Not counted in Redis: keep them for the next sync.
@@ -997,7 +1103,8 @@ async fn push_counts(cluster: &Cluster, c: &mut Conn, metrics: &Metrics) -> redi
             return Err(e);
         }
     };
-    for (((p, n, _), (curr_key, prev_key)), (curr, prev)) in batch.iter().zip(&keys).zip(replies) {
+    for (((p, n, _), (curr_key, prev_key)), (curr, prev, dropped)) in batch.iter().zip(&keys).zip(replies) {
+        cluster.oversized(metrics, curr_key, dropped);
         let others_curr = cluster.others(curr_key, &curr, metrics);
         let others_prev = cluster.others(prev_key, &prev, metrics);
         p.window.table.get(&p.key, |s| {
@@ -1062,7 +1169,7 @@ async fn publish(cluster: &Cluster, c: &mut Conn, pending: &mut Vec<ScoreEvent>)
     Ok(())
 }
 
-type StreamReply = Option<Vec<(String, Vec<(String, HashMap<String, String>)>)>>;
+type StreamReply = Vec<(String, HashMap<String, String>)>;
 
 /// Applies what other nodes published since `stream_id`.
 async fn read_events(
@@ -1072,34 +1179,29 @@ async fn read_events(
     stream_id: &mut String,
 ) -> redis::RedisResult<()> {
     let stream = cluster.key("events");
-    loop {
+    for _ in 0..MAX_STREAM_PAGES {
         let mut pipe = redis::pipe();
-        pipe.cmd("XREAD")
-            .arg("COUNT")
+        pipe.add_command(eval(READ_STREAM, &[&stream]))
+            .arg(&*stream_id)
             .arg(1000)
-            .arg("STREAMS")
-            .arg(&stream)
-            .arg(&*stream_id);
-        let (reply,): (StreamReply,) = c.query(&pipe).await?;
-        let Some(streams) = reply else { return Ok(()) };
-        let mut got = 0;
+            .arg(MAX_RECORD_BYTES);
+        let (entries,): (StreamReply,) = c.query(&pipe).await?;
+        let got = entries.len();
         let now = unix_now_ms();
-        for (_, entries) in streams {
-            for (id, fields) in entries {
-                got += 1;
-                *stream_id = id;
-                let field = |k: &str| fields.get(k).map(String::as_str);
-                if field("node") == Some(cluster.node.as_str()) {
-                    continue;
-                }
-                let event = stream_event(cluster, &stream, &fields, now);
-                take(cluster, app, event, || format!("{fields:?}")).await;
+        for (id, fields) in entries {
+            *stream_id = id;
+            let field = |k: &str| fields.get(k).map(String::as_str);
+            if field("node") == Some(cluster.node.as_str()) {
+                continue;
             }
+            let event = stream_event(cluster, &stream, &fields, now);
+            take(cluster, app, event, || format!("{fields:?}")).await;
         }
         if got < 1000 {
             return Ok(());
         }
     }
+    Ok(())
 }
 
 /// A stream entry as an event, checked.
@@ -1183,24 +1285,13 @@ async fn catch_up(
         c.query::<()>(&pipe).await?;
     }
     let mut pipe = redis::pipe();
-    pipe.cmd("XREVRANGE")
-        .arg(cluster.key("events"))
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1);
-    let (last,): (Vec<(String, HashMap<String, String>)>,) = c.query(&pipe).await?;
-    if let Some((id, _)) = last.into_iter().next() {
-        *stream_id = id;
-    } else {
-        *stream_id = "0-0".into();
-    }
+    pipe.add_command(eval(LAST_ID, &[&cluster.key("events")]));
+    let (last,): (Option<String>,) = c.query(&pipe).await?;
+    *stream_id = last.unwrap_or_else(|| "0-0".into());
     let mut total = 0;
     for (name, ban) in [("rep", false), ("bans", true)] {
         let hash = cluster.key(name);
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGETALL").arg(&hash);
-        let (all,): (HashMap<String, String>,) = c.query(&pipe).await?;
+        let all = read_hash(cluster, c, &app.metrics, &hash, cluster.max_clients).await?;
         total += all.len();
         let mut expired = Vec::new();
         for (net, v) in &all {
@@ -1264,6 +1355,29 @@ async fn repair(cluster: &Cluster, c: &mut Conn, metrics: &Metrics) -> redis::Re
     Ok(())
 }
 
+/// Up to `most` fields of hash `key`, oversized ones deleted unread and
+/// counted.
+async fn read_hash(
+    cluster: &Cluster,
+    c: &mut Conn,
+    metrics: &Metrics,
+    key: &str,
+    most: usize,
+) -> redis::RedisResult<HashMap<String, String>> {
+    let mut pipe = redis::pipe();
+    pipe.add_command(eval(READ_HASH, &[key]))
+        .arg(MAX_RECORD_BYTES)
+        .arg(most);
+    let ((dropped, flat),): ((u64, Vec<String>),) = c.query(&pipe).await?;
+    cluster.oversized(metrics, key, dropped);
+    let mut all = HashMap::with_capacity(flat.len() / 2);
+    let mut pairs = flat.into_iter();
+    while let (Some(f), Some(v)) = (pairs.next(), pairs.next()) {
+        all.insert(f, v);
+    }
+    Ok(all)
+}
+
 /// Says this node is alive and counts the others.
 async fn heartbeat(cluster: &Cluster, c: &mut Conn, now: u64, metrics: &Metrics) -> redis::RedisResult<()> {
     let nodes = cluster.key("nodes");
@@ -1274,9 +1388,9 @@ async fn heartbeat(cluster: &Cluster, c: &mut Conn, now: u64, metrics: &Metrics)
         .arg(&cluster.node)
         .arg(cluster.signer.signed(&[&nodes, &cluster.node], &stamp))
         .ignore();
-    pipe.cmd("HGETALL").arg(&nodes);
+    c.query::<()>(&pipe).await?;
     // Read as text: one field that is not a number must not fail the reply.
-    let (all,): (HashMap<String, String>,) = c.query(&pipe).await?;
+    let all = read_hash(cluster, c, metrics, &nodes, MAX_NODES).await?;
     let mut live = 0usize;
     let mut gone = Vec::new();
     for (node, stored) in &all {

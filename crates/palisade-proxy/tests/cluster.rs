@@ -955,3 +955,95 @@ async fn a_replayed_ban_does_not_undo_a_later_lift() {
     let m = b.metrics().await;
     assert!(metric(&m, "palisade_cluster_records_rejected_total{reason=\"stale\"}") >= 1.0);
 }
+
+/// This process's resident or peak resident memory (`VmRSS:`, `VmHWM:`), KiB.
+fn memory_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap()
+}
+
+/// Someone who can write to Redis but has no key puts values of 32 MiB in
+/// every shared hash and the stream. Each node used to read them all at
+/// every sync (HGETALL, XREAD): 4 such values in the heartbeat hash took a
+/// node from 25 MB to 418 MB resident, every read timed out and the sync
+/// stayed down for good. Now a field or value over 1 KiB is deleted in
+/// Redis unread, counted as malformed, and the sync goes on.
+#[tokio::test]
+async fn huge_records_in_redis_are_dropped_unread() {
+    let Some(redis) = Redis::start() else { return };
+    let a = node(&redis, "a", "").await;
+    let b = node(&redis, "b", "").await;
+    all_up(&[&a, &b]).await;
+    // The value goes to redis-cli from a file: this process never holds it.
+    let file = redis.dir.join("huge");
+    {
+        use std::io::Write as _;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        for _ in 0..32 {
+            f.write_all(&[b'7'; 1 << 20]).unwrap();
+        }
+    }
+    let plant = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "-x"])
+            .args(args)
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let peak_before = memory_kib("VmHWM:");
+    for i in 0..3 {
+        plant(&["HSET", "{palisade}:nodes", &format!("mallory{i}")]);
+        plant(&["HSET", "{palisade}:bans", &format!("127.0.0.{}/32", 60 + i)]);
+        plant(&["HSET", "{palisade}:rep", &format!("127.0.0.{}/32", 70 + i)]);
+    }
+    plant(&["XADD", "{palisade}:events", "*", "node", "mallory", "v"]);
+    // A restart reads the bans and scores hashes too.
+    let c = node(&redis, "c", "").await;
+    // The sync goes on: a ban made now reaches the other nodes.
+    let (status, body) = a
+        .admin_request(
+            "POST",
+            "/api/v1/bans",
+            r#"{"ip": "127.0.0.52", "duration": "5m"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for h in [&b, &c] {
+        eventually("the ban reaches the node", async || {
+            bans_of(h).await.contains("127.0.0.52/32")
+        })
+        .await;
+    }
+    all_up(&[&a, &b, &c]).await;
+    // Whichever node met them first deleted them.
+    let mut malformed = 0;
+    for h in [&a, &b, &c] {
+        malformed += cluster_status(h).await["rejected"]["malformed"].as_u64().unwrap();
+    }
+    assert!(malformed >= 9, "{malformed} oversized records counted");
+    for key in ["{palisade}:nodes", "{palisade}:bans", "{palisade}:rep"] {
+        let longest: usize = redis
+            .cli(&["HVALS", key])
+            .lines()
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        assert!(longest < 1024, "{key} still holds a value of {longest} bytes");
+    }
+    let grew_mib = memory_kib("VmHWM:").saturating_sub(peak_before) / 1024;
+    eprintln!("peak resident memory grew {grew_mib} MiB for 10 planted values of 32 MiB");
+    // Three nodes reading 10 values of 32 MiB once each would be 960 MiB.
+    assert!(grew_mib < 64, "peak resident memory grew {grew_mib} MiB");
+}
