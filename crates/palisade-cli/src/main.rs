@@ -65,6 +65,11 @@ enum LogFormat {
 enum Command {
     /// Run the proxy. Without --config: the built-in quickstart (proxy on
     /// 127.0.0.1:8080, demo upstream on 127.0.0.1:8081, admin on 127.0.0.1:9090).
+    ///
+    /// SIGTERM or SIGINT: /readyz answers 503, requests are still served for
+    /// server.drain_delay (a second signal ends it), then in-flight requests
+    /// finish within server.shutdown_grace and the exit code is 0. SIGHUP
+    /// reloads the config file; SIGUSR1 reopens the access log file.
     Run(RunArgs),
     /// Run only the demo upstream (`/`, `/status/{code}`, `/delay/{ms}`, `/bytes/{n}`).
     DemoUpstream {
