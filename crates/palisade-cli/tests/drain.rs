@@ -150,12 +150,13 @@ struct Daemon {
     proxy: SocketAddr,
     admin: SocketAddr,
     log: Arc<Mutex<String>>,
+    dir: PathBuf,
 }
 
 fn start(upstream: SocketAddr, drain_delay: &str) -> Daemon {
-    let dir = std::env::temp_dir().join(format!("palisade-drain-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("palisade-drain-{}-{drain_delay}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let config: PathBuf = dir.join(format!("{}.toml", drain_delay.replace(' ', "")));
+    let config = dir.join("palisade.toml");
     std::fs::write(
         &config,
         format!(
@@ -204,6 +205,7 @@ fn start(upstream: SocketAddr, drain_delay: &str) -> Daemon {
         proxy: addrs.0,
         admin: addrs.1,
         log,
+        dir,
     }
 }
 
@@ -251,6 +253,7 @@ impl Daemon {
     fn exits_0(mut self) {
         let status = self.child.0.wait().unwrap();
         assert!(status.success(), "exit status {status:?}; log:\n{}", self.log());
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 
     fn log(&self) -> String {
