@@ -15,12 +15,17 @@ struct Daemon {
     child: Child,
     proxy: SocketAddr,
     admin: SocketAddr,
+    dir: PathBuf,
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test's files stay, to be read.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -76,6 +81,7 @@ fn start(dir: &Path, extra: &str) -> Daemon {
         child,
         proxy: unknown,
         admin: unknown,
+        dir: dir.to_owned(),
     };
     let mut err = BufReader::new(d.child.stderr.take().unwrap());
     let mut seen = String::new();
@@ -507,4 +513,121 @@ fn refusals_over_the_budget_are_counted_not_written() {
     assert!(!summaries.is_empty());
     assert_eq!(requests_total(d.admin), burst.len() as u64);
     assert_eq!(metric(d.admin, "palisade_access_log_dropped_total"), 0.0);
+}
+
+/// `fail2ban-regex LOG FILTER`: the count of lines the filter matched
+/// (and every matched line's host), or `None` when fail2ban is not
+/// installed (a failure under CI).
+fn fail2ban_matches(log: &Path, filter: &Path) -> Option<usize> {
+    let Ok(out) = Command::new("fail2ban-regex")
+        .arg("--print-all-matched")
+        .arg(log)
+        .arg(filter)
+        .output()
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "fail2ban-regex (Debian package fail2ban) is missing in CI"
+        );
+        eprintln!("skipped fail2ban-regex: fail2ban is not installed");
+        return None;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fail2ban-regex {}: {text}",
+        filter.display()
+    );
+    // "Lines: 12 lines, 0 ignored, 3 matched, 9 missed"
+    let summary = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Lines: "))
+        .unwrap_or_else(|| panic!("no summary from fail2ban-regex:\n{text}"));
+    let matched = summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" matched"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The fake line inside a target never matches as a line of its own.
+    assert!(!text.contains("203.0.113."), "a forged host matched:\n{text}");
+    Some(matched)
+}
+
+fn stock_filter(name: &str) -> PathBuf {
+    Path::new("/etc/fail2ban/filter.d").join(name)
+}
+
+/// fail2ban's own nginx filters, unchanged, read Palisade's combined lines:
+/// bot scans of admin paths (404 from the upstream) and the requests
+/// Palisade itself answers 400 (ambiguous path or Host, no Host, a
+/// Transfer-Encoding it will not forward), which also get their line and
+/// their `palisade_requests_total` count. The shipped filter for refusals
+/// matches the rate-limited lines.
+#[test]
+fn fail2ban_stock_nginx_filters_match_palisade_lines() {
+    let dir = temp_dir("fail2ban");
+    let log = dir.join("access.log");
+    let d = start(
+        &dir,
+        &format!(
+            "[access_log]\nenabled = true\npath = \"access.log\"\n\
+             [rate_limit]\nrate = 20\nburst = 20\n{NO_REPUTATION}"
+        ),
+    );
+    let proxy = d.proxy;
+    // Scans: the upstream has none of these (404).
+    for (flags, path) in [
+        (&[][..], "/wp-login.php"),
+        (&["-I"][..], "/phpmyadmin/index.php"),
+        (&[][..], "/cgi-bin/test.cgi"),
+    ] {
+        assert_eq!(curl(flags, &format!("http://{proxy}{path}")), [404], "{path}");
+    }
+    // Not scans: a page, a 404 on an ordinary path, and one whose target
+    // carries a fake scan line from another host.
+    assert_eq!(curl(&[], &format!("http://{proxy}/")), [200]);
+    assert_eq!(curl(&[], &format!("http://{proxy}/status/404")), [404]);
+    assert_eq!(raw_request(proxy, HOSTILE), "HTTP/1.1 404 Not Found");
+    let bad: [&[u8]; 4] = [
+        b"GET /%zz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    ];
+    for r in bad {
+        assert_eq!(
+            raw_request(proxy, r),
+            "HTTP/1.1 400 Bad Request",
+            "{}",
+            String::from_utf8_lossy(r)
+        );
+    }
+    // Past the limit of 20: some 429s.
+    let burst = curl(&[], &format!("http://{proxy}/?[1-30]"));
+    let limited = burst.iter().filter(|s| **s == 429).count();
+    assert!(limited > 0, "{burst:?}");
+    let total = 6 + bad.len() + burst.len();
+    let lines = lines_at_least(&log, total);
+    assert_eq!(lines.len(), total, "{lines:#?}");
+    assert_eq!(requests_total(d.admin), total as u64);
+    let parsed: Vec<Combined> = lines.iter().map(|l| parse_combined(l)).collect();
+    let bad_lines: Vec<&Combined> = parsed.iter().filter(|c| c.status == 400).collect();
+    assert_eq!(bad_lines.len(), bad.len());
+    for c in &bad_lines {
+        assert_eq!(c.extra["decision"], "bad_request");
+        assert_eq!(c.extra["upstream_status"], "-");
+        assert_eq!(c.client, "127.0.0.1");
+    }
+    assert_eq!(bad_lines[0].request, "GET /%zz HTTP/1.1");
+
+    let Some(scans) = fail2ban_matches(&log, &stock_filter("nginx-botsearch.conf")) else {
+        return;
+    };
+    assert_eq!(scans, 3, "the three scans of admin paths");
+    let bad_requests = fail2ban_matches(&log, &stock_filter("nginx-bad-request.conf")).unwrap();
+    assert_eq!(bad_requests, bad.len());
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/fail2ban/palisade-refused.conf");
+    let refused = fail2ban_matches(&log, &shipped).unwrap();
+    assert_eq!(refused, limited);
 }

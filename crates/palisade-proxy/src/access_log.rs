@@ -63,23 +63,43 @@ pub struct AccessLogSettings {
     pub refusal_budget: u32,
 }
 
-/// The decisions a refusal can have, in the order suppression lines name
-/// them.
-const REFUSALS: [RejectReason; 5] = [
-    RejectReason::RateLimited,
-    RejectReason::Reputation,
-    RejectReason::Denylisted,
-    RejectReason::BreakerOpen,
-    RejectReason::ClientBreakerOpen,
-];
+/// The decision of a request answered 400 before any control: its path
+/// or `Host` was ambiguous (no decision was made).
+pub const BAD_REQUEST: &str = "bad_request";
 
-fn refusal_index(r: RejectReason) -> usize {
-    match r {
-        RejectReason::RateLimited => 0,
-        RejectReason::Reputation => 1,
-        RejectReason::Denylisted => 2,
-        RejectReason::BreakerOpen => 3,
-        RejectReason::ClientBreakerOpen => 4,
+/// What a line not written for the budget was, in the order suppression
+/// lines name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Refused by a control.
+    Decision(RejectReason),
+    /// Answered 400 before any control ([`BAD_REQUEST`]).
+    BadRequest,
+}
+
+const REFUSALS: usize = 6;
+
+impl Refusal {
+    fn index(self) -> usize {
+        match self {
+            Self::Decision(RejectReason::RateLimited) => 0,
+            Self::Decision(RejectReason::Reputation) => 1,
+            Self::Decision(RejectReason::Denylisted) => 2,
+            Self::Decision(RejectReason::BreakerOpen) => 3,
+            Self::Decision(RejectReason::ClientBreakerOpen) => 4,
+            Self::BadRequest => 5,
+        }
+    }
+
+    fn name(index: usize) -> &'static str {
+        match index {
+            0 => RejectReason::RateLimited.as_str(),
+            1 => RejectReason::Reputation.as_str(),
+            2 => RejectReason::Denylisted.as_str(),
+            3 => RejectReason::BreakerOpen.as_str(),
+            4 => RejectReason::ClientBreakerOpen.as_str(),
+            _ => BAD_REQUEST,
+        }
     }
 }
 
@@ -90,7 +110,7 @@ pub struct RefusalBudget {
     per_second: u64,
     /// `(second << 32) | lines granted in it`.
     state: AtomicU64,
-    suppressed: [AtomicU64; REFUSALS.len()],
+    suppressed: [AtomicU64; REFUSALS],
 }
 
 impl RefusalBudget {
@@ -105,7 +125,7 @@ impl RefusalBudget {
 
     /// Whether a refusal at `now` (clock nanos) may be written; when not,
     /// it is counted for the next suppression line.
-    pub fn take(&self, now: Nanos, reason: RejectReason) -> bool {
+    pub fn take(&self, now: Nanos, refusal: Refusal) -> bool {
         let second = now / NANOS_PER_SEC;
         let mut cur = self.state.load(Ordering::Relaxed);
         loop {
@@ -114,7 +134,7 @@ impl RefusalBudget {
             let fresh = cur >> 32 < second;
             let used = if fresh { 0 } else { cur & u64::from(u32::MAX) };
             if used >= self.per_second {
-                self.suppressed[refusal_index(reason)].fetch_add(1, Ordering::Relaxed);
+                self.suppressed[refusal.index()].fetch_add(1, Ordering::Relaxed);
                 return false;
             }
             let next = if fresh { (second << 32) | 1 } else { cur + 1 };
@@ -131,12 +151,12 @@ impl RefusalBudget {
     /// The refusals suppressed since the last call, by decision (only
     /// those with any), and resets them.
     pub fn drain_suppressed(&self) -> Vec<(&'static str, u64)> {
-        REFUSALS
+        self.suppressed
             .iter()
-            .zip(&self.suppressed)
-            .filter_map(|(r, n)| match n.swap(0, Ordering::Relaxed) {
+            .enumerate()
+            .filter_map(|(i, n)| match n.swap(0, Ordering::Relaxed) {
                 0 => None,
-                n => Some((r.as_str(), n)),
+                n => Some((Refusal::name(i), n)),
             })
             .collect()
     }
@@ -218,8 +238,8 @@ impl AccessLog {
     }
 
     /// Whether a refusal line may be written now (see [`RefusalBudget`]).
-    pub fn allow_refusal(&self, now: Nanos, reason: RejectReason) -> bool {
-        self.budget.take(now, reason)
+    pub fn allow_refusal(&self, now: Nanos, refusal: Refusal) -> bool {
+        self.budget.take(now, refusal)
     }
 
     /// Formats what the client sent, into a pooled buffer.
@@ -692,7 +712,7 @@ mod tests {
                 } else {
                     RejectReason::Reputation
                 };
-                b.take(5 * s + 10, reason)
+                b.take(5 * s + 10, Refusal::Decision(reason))
             })
             .count();
         assert_eq!(granted, 3);
@@ -703,18 +723,19 @@ mod tests {
         );
         assert_eq!(b.drain_suppressed(), vec![]);
         // A late reading of the past second counts against the current one.
-        assert!(!b.take(4 * s, RejectReason::Denylisted));
+        assert!(!b.take(4 * s, Refusal::Decision(RejectReason::Denylisted)));
         assert_eq!(b.drain_suppressed(), vec![("denylisted", 1)]);
         // A new second, a new budget.
-        assert!((0..3).all(|_| b.take(6 * s, RejectReason::RateLimited)));
-        assert!(!b.take(6 * s + s - 1, RejectReason::RateLimited));
+        assert!((0..3).all(|_| b.take(6 * s, Refusal::BadRequest)));
+        assert!(!b.take(6 * s + s - 1, Refusal::Decision(RejectReason::RateLimited)));
+        assert_eq!(b.drain_suppressed(), vec![("rate_limited", 1)]);
     }
 
     #[test]
     fn zero_budget_writes_no_refusal() {
         let b = RefusalBudget::new(0);
-        assert!(!b.take(NANOS_PER_SEC, RejectReason::RateLimited));
-        assert!(!b.take(9 * NANOS_PER_SEC, RejectReason::RateLimited));
+        assert!(!b.take(NANOS_PER_SEC, Refusal::Decision(RejectReason::RateLimited)));
+        assert!(!b.take(9 * NANOS_PER_SEC, Refusal::Decision(RejectReason::RateLimited)));
         assert_eq!(b.drain_suppressed(), vec![("rate_limited", 2)]);
     }
 

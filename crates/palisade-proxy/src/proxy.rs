@@ -24,7 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use palisade::{Finished, LocalRefusal, Pipeline, ShieldLayer, ShieldService};
+use palisade::{Finished, LocalRefusal, Malformed, Pipeline, ShieldLayer, ShieldService};
 use palisade_core::{ClientKey, Clock, NANOS_PER_SEC, RejectReason};
 use palisade_limits::adaptive::AdaptiveTransition;
 use palisade_limits::admission::{Admission, Permit, RequestPermit};
@@ -34,7 +34,7 @@ use palisade_limits::shield::{Decision, Rejection, RequestFacts, Shield};
 use palisade_store::StoreCell;
 use tower_layer::Layer;
 
-use crate::access_log::{self, AccessLog, Pending, RequestInfo};
+use crate::access_log::{self, AccessLog, Pending, Refusal, RequestInfo};
 use crate::body::{BodyError, BodyLimits, TimedBody};
 use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
@@ -396,6 +396,47 @@ impl App {
         let log = AccessLog::start(settings, self.metrics.access_log_dropped.clone())?;
         let _ = self.access_log.set(log);
         Ok(())
+    }
+
+    /// Counts and logs a request answered 400 before any control: like
+    /// every request, it has its `palisade_requests_total` count and, on
+    /// the refusal budget, its access log line.
+    fn answered_bad_request(&self, m: &Malformed<'_>) {
+        let method = metrics::method_label(m.method);
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint: "default",
+                method,
+                status: m.status.as_u16(),
+            })
+            .inc();
+        let Some(log) = self.access_log.get() else { return };
+        if !log.allow_refusal(self.now(), Refusal::BadRequest) {
+            return;
+        }
+        let rt = self.runtime();
+        let header = |name| m.headers.get(name).map(HeaderValue::as_bytes);
+        let pending = log.begin(&RequestInfo {
+            client: rt.shield.config().trusted_proxies.client_ip(m.peer, m.headers),
+            peer: m.peer,
+            method: m.method.as_str(),
+            target: m.target,
+            version: m.version,
+            referer: header(REFERER),
+            user_agent: header(USER_AGENT),
+        });
+        log.finish(
+            pending,
+            &access_log::Outcome {
+                status: m.status.as_u16(),
+                bytes: m.body_len,
+                decision: access_log::BAD_REQUEST,
+                upstream_status: None,
+                latency: 0,
+                unix_ms: palisade_core::unix_now_ms(),
+            },
+        );
     }
 
     /// Reopens the access log file (SIGUSR1, after logrotate moved it).
@@ -1206,7 +1247,7 @@ impl Pipeline for Hooks {
             // Refused already: whether it gets a line is known now, before
             // any formatting.
             if let Some(rej) = &decision.rejection
-                && !log.allow_refusal(start, rej.reason)
+                && !log.allow_refusal(start, Refusal::Decision(rej.reason))
             {
                 return None;
             }
@@ -1263,7 +1304,7 @@ impl Pipeline for Hooks {
             // takes its place in the budget now.
             if let Some(reason) = refused
                 && d.rejection.is_none()
-                && !out.allow_refusal(now, reason)
+                && !out.allow_refusal(now, Refusal::Decision(reason))
             {
                 out.discard(pending);
                 return;
@@ -1285,6 +1326,10 @@ impl Pipeline for Hooks {
                 },
             );
         }
+    }
+
+    fn bad_request(&self, m: &Malformed<'_>) {
+        self.0.answered_bad_request(m);
     }
 }
 
@@ -1363,6 +1408,8 @@ pub struct ProxyService {
     pipeline: ShieldService<Forward, Hooks>,
     activity: Arc<ConnActivity>,
     permit: Option<Arc<Permit>>,
+    app: Arc<App>,
+    peer: SocketAddr,
 }
 
 impl ProxyService {
@@ -1373,13 +1420,32 @@ impl ProxyService {
         let pipeline = ShieldLayer::with_pipeline(Hooks(app.clone()))
             // Nothing downstream reads it: save the allocation.
             .expose_client_ip(false)
-            .layer(Forward { app, conn })
+            .layer(Forward {
+                app: app.clone(),
+                conn,
+            })
             .with_peer(peer);
         Self {
             pipeline,
             activity,
             permit,
+            app,
+            peer,
         }
+    }
+
+    /// Tells the metrics and the access log of a request this service
+    /// answers itself, before the pipeline.
+    fn answered_early<B>(&self, req: &Request<B>, r: &Response<Full<Bytes>>) {
+        self.app.answered_bad_request(&Malformed {
+            peer: self.peer.ip(),
+            method: req.method(),
+            target: palisade::request_target(req.uri()),
+            version: req.version(),
+            headers: req.headers(),
+            status: r.status(),
+            body_len: r.body().size_hint().exact(),
+        });
     }
 }
 
@@ -1397,6 +1463,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             && !req.headers().contains_key(HOST)
         {
             let r = respond::text(StatusCode::BAD_REQUEST, "Bad Request: no Host\n");
+            self.answered_early(&req, &r);
             return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody::local(b, guard)))));
         }
         if !chunked_alone(req.headers()) {
@@ -1408,6 +1475,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             // exactly what is in doubt.
             r.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
+            self.answered_early(&req, &r);
             return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody::local(b, guard)))));
         }
         let request_permit = match self.permit.as_ref().map(Permit::begin_request) {

@@ -60,6 +60,38 @@ pub trait Pipeline: Clone + Send + Sync + 'static {
     /// Runs exactly once per request: refused, served, or abandoned by
     /// the client before the answer (status [`CLIENT_CLOSED_REQUEST`]).
     fn end(&self, snapshot: &Self::Snapshot, finished: Finished<'_, Self::Tag>);
+    /// Runs instead of [`begin`](Self::begin) and [`end`](Self::end) for
+    /// a request answered 400 before any control looked at it (see
+    /// [`BadRequest`]): nothing was charged to the client.
+    fn bad_request(&self, _request: &Malformed<'_>) {}
+}
+
+/// What [`Pipeline::bad_request`] learns about a request refused with 400
+/// before any control.
+#[derive(Debug)]
+pub struct Malformed<'a> {
+    /// The TCP peer (no forwarding header was believed).
+    pub peer: IpAddr,
+    /// Request method.
+    pub method: &'a http::Method,
+    /// The target as received (path and query).
+    pub target: &'a str,
+    /// HTTP version.
+    pub version: http::Version,
+    /// Request headers.
+    pub headers: &'a http::HeaderMap,
+    /// The status answered.
+    pub status: StatusCode,
+    /// The answer's body length.
+    pub body_len: Option<u64>,
+}
+
+/// The target as logs show it: path and query, or CONNECT's authority.
+pub fn request_target(uri: &http::Uri) -> &str {
+    match uri.path_and_query() {
+        Some(pq) => pq.as_str(),
+        None => uri.authority().map_or("", |a| a.as_str()),
+    }
 }
 
 /// What [`Pipeline::end`] learns about a request.
@@ -550,6 +582,23 @@ impl<S, P, M> ShieldService<S, P, M> {
     }
 }
 
+impl<S, P: Pipeline, M> ShieldService<S, P, M> {
+    /// The 400 for a request no control may look at, told to the pipeline.
+    fn malformed<B>(&self, peer: SocketAddr, req: &Request<B>, e: impl Into<BadRequest>) -> Early {
+        let early = Early::bad_request(e);
+        self.pipeline.bad_request(&Malformed {
+            peer: peer.ip(),
+            method: req.method(),
+            target: request_target(req.uri()),
+            version: req.version(),
+            headers: req.headers(),
+            status: early.response.status(),
+            body_len: http_body::Body::size_hint(early.response.body()).exact(),
+        });
+        early
+    }
+}
+
 /// Warned about once per process: a server set up without peer addresses
 /// answers 500 to everything, which must not go unnoticed, nor flood logs.
 static MISSING_PEER_WARNED: AtomicBool = AtomicBool::new(false);
@@ -581,33 +630,30 @@ where
             Ok(std::borrow::Cow::Borrowed(_)) => {}
             Ok(std::borrow::Cow::Owned(path)) => {
                 let Some(uri) = with_path(req.uri(), &path) else {
-                    return ResponseFuture::new(Answer::early(Early::bad_request(
+                    return ResponseFuture::new(Answer::early(self.malformed(
+                        peer,
+                        &req,
                         PathError::InvalidPercentEncoding,
                     )));
                 };
                 *req.uri_mut() = uri;
             }
-            Err(e) => return ResponseFuture::new(Answer::early(Early::bad_request(e))),
+            Err(e) => return ResponseFuture::new(Answer::early(self.malformed(peer, &req, e))),
         }
         let snapshot = self.pipeline.load();
         let shield = self.pipeline.shield(&snapshot);
         let (decision, tag) = {
             let host = match single_host(&req) {
                 Ok(host) => host,
-                Err(e) => return ResponseFuture::new(Answer::early(Early::bad_request(e))),
+                Err(e) => return ResponseFuture::new(Answer::early(self.malformed(peer, &req, e))),
             };
             // Forwarded with its parameters; matched without, as servers
             // that drop them route.
             let path = match route_path(req.uri().path()) {
                 Ok(path) => path,
-                Err(e) => return ResponseFuture::new(Answer::early(Early::bad_request(e))),
+                Err(e) => return ResponseFuture::new(Answer::early(self.malformed(peer, &req, e))),
             };
-            let uri = req.uri();
-            let target = match uri.path_and_query() {
-                Some(pq) => pq.as_str(),
-                // CONNECT's authority form.
-                None => uri.authority().map_or("", |a| a.as_str()),
-            };
+            let target = request_target(req.uri());
             let facts = RequestFacts {
                 peer: peer.ip(),
                 method: req.method(),
