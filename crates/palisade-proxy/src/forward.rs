@@ -1,13 +1,14 @@
 //! Request/response rewriting between client and upstream: hop-by-hop
 //! headers removed, forwarding headers appended (from trusted proxies) or
-//! replaced by Palisade's own (from anyone else).
+//! replaced by Palisade's own (from anyone else), HTTP/2 cookie crumbs
+//! joined for HTTP/1.1.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::HeaderMap;
 use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, FORWARDED, HOST, HeaderName, HeaderValue, TE, TRAILER,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, FORWARDED, HOST, HeaderName, HeaderValue, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 
@@ -58,6 +59,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
+    }
+}
+
+/// Joins the `Cookie` fields of an HTTP/2 request into one, separated by
+/// `; `, as it must be before it goes out as HTTP/1.1 (RFC 9113 §8.2.3):
+/// HTTP/2 clients may send one field per cookie, and an HTTP/1.1 server
+/// reads one `Cookie` line.
+pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for crumb in headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    // Each crumb was a valid value, so their join with "; " is one too.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, v);
     }
 }
 
@@ -147,6 +170,21 @@ fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &str, host: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookie_crumbs_are_joined_into_one_field() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("a=1"));
+        h.append(COOKIE, HeaderValue::from_static("b=2"));
+        h.append(COOKIE, HeaderValue::from_static("c=3"));
+        join_cookie_crumbs(&mut h);
+        let all: Vec<_> = h.get_all(COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        let mut one = HeaderMap::new();
+        one.append(COOKIE, HeaderValue::from_static("a=1; b=2"));
+        join_cookie_crumbs(&mut one);
+        assert_eq!(one.get_all(COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+    }
 
     #[test]
     fn connection_named_headers_are_removed() {

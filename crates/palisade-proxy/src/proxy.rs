@@ -40,7 +40,7 @@ use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
 use crate::connector::{AtCapacity, CappedConnector};
-use crate::forward::{Hop, set_forwarded, strip_hop_by_hop};
+use crate::forward::{Hop, join_cookie_crumbs, set_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::never_ban::NeverBan;
@@ -854,6 +854,9 @@ impl App {
             parts.headers.insert(HOST, v);
         }
         strip_hop_by_hop(&mut parts.headers);
+        if parts.version == Version::HTTP_2 {
+            join_cookie_crumbs(&mut parts.headers);
+        }
         if let Some((proto, _)) = &upgrade {
             parts.headers.insert(UPGRADE, proto.clone());
             parts

@@ -347,6 +347,33 @@ async fn host_and_target_that_name_one_authority_are_served_others_are_400() {
     h.running.shutdown().await;
 }
 
+/// HTTP/2 clients may split `Cookie` into one field per cookie (RFC 9113
+/// §8.2.3, browsers do, to compress them better); passed on to HTTP/1.1
+/// they must be one line joined by `; `. Forwarded as several `Cookie`
+/// lines, an upstream that reads the first (or joins them with `, `) lost
+/// the client's other cookies, its session among them.
+#[tokio::test]
+async fn h2_cookie_crumbs_reach_the_upstream_as_one_cookie_line() {
+    let h = Harness::start("", "").await;
+    let mut sender = common::h2_client("127.0.0.45", h.proxy()).await;
+    let req = http::Request::get("http://test.local/headers")
+        .header("cookie", "a=1")
+        .header("cookie", "session=s3cr3t")
+        .header("cookie", "b=2")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    let cookies: Vec<&str> = body.lines().filter(|l| l.starts_with("cookie:")).collect();
+    assert_eq!(cookies, ["cookie: a=1; session=s3cr3t; b=2"], "{body}");
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn connection_cannot_name_host_for_removal() {
     let h = Harness::start("", "").await;
