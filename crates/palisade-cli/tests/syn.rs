@@ -1110,8 +1110,23 @@ fn a_ban_overlapping_one_in_force_still_holds() {
     assert!(set.contains("\"len\": 30"), "{set}");
     // An address inside the banned network, banned on its own.
     bans_cli(&srv, &["add", "198.18.3.3", "--duration", "2h"]);
-    // Lifting the network leaves the addresses banned on their own.
+    // A restart restores all three (one failed transaction lost them all).
+    let mut daemon = daemon;
+    daemon.0.kill().unwrap();
+    let _ = daemon.0.wait();
+    let daemon = start(&srv, &config(&dir, "nftables"));
+    let listed = bans_cli(&srv, &["list"]);
+    for net in ["198.18.3.2", "198.18.3.3", "198.18.3.0/30"] {
+        assert!(listed.contains(net), "{net} not restored: {listed}");
+    }
+    assert!(kernel_expiry(&srv, "198.18.3.2").is_none(), "the /30 holds it");
+    // Lifting the network puts the addresses banned on their own into the
+    // kernel, each for what is left of its own ban.
     bans_cli(&srv, &["del", "198.18.3.0/30"]);
+    let left = kernel_expiry(&srv, "198.18.3.2").expect("198.18.3.2 in the kernel");
+    assert!(left <= 600, "{left}");
+    let left = kernel_expiry(&srv, "198.18.3.3").expect("198.18.3.3 in the kernel");
+    assert!(left > 3600, "{left}");
     assert!(get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none());
     assert!(get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_none());
     bans_cli(&srv, &["del", "198.18.3.3"]);

@@ -17,7 +17,7 @@
 //! Without `CAP_NET_RAW` there is no capture (counters only); without
 //! `CAP_NET_ADMIN` the firewall is a dry run. Both are said at start.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -231,6 +231,84 @@ fn plan(current: &BTreeMap<IpNet, Ban>, changes: &[Change]) -> Plan {
         }
     }
     plan
+}
+
+/// Whether a ban wider than `net` is in `held`.
+fn covered(net: &IpNet, held: impl Fn(&IpNet) -> bool) -> bool {
+    (0..net.prefix_len()).any(|len| IpNet::new(net.addr(), len).is_ok_and(|wider| held(&wider.trunc())))
+}
+
+/// The networks of `bans` strictly inside `net`.
+fn inside<'a>(bans: &'a BTreeMap<IpNet, Ban>, net: &IpNet) -> impl Iterator<Item = IpNet> + 'a {
+    let (lo, hi) = (
+        IpNet::new(net.network(), 0).unwrap_or(*net),
+        IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(*net),
+    );
+    let net = *net;
+    bans.range(lo..=hi)
+        .map(|(n, _)| *n)
+        .filter(move |n| *n != net && net.contains(n))
+}
+
+/// The bans the kernel holds: those no wider ban covers. nftables refuses
+/// an interval that overlaps one it holds, so a ban of `198.51.100.0/24`
+/// while `198.51.100.7` was banned used to fail whole (and an attacker
+/// could shield its network by getting one address of it banned first).
+/// A ban inside a wider one stays out of the kernel, whose wider element
+/// drops its packets, and goes in when the wider one is lifted. In user
+/// space every ban holds, at accept, whatever the kernel has.
+fn kernel_view(bans: &BTreeMap<IpNet, Ban>, now: u64) -> Vec<(IpNet, Duration)> {
+    bans.values()
+        .filter(|b| !covered(&b.net, |n| bans.contains_key(n)))
+        .map(|b| (b.net, Duration::from_secs(b.until.saturating_sub(now).max(1))))
+        .collect()
+}
+
+/// What the kernel must change for `plan` to move the bans from `before`
+/// (see [`kernel_view`]): bans to put in, and lifts. A network in both is
+/// replaced (a re-ban, for its new duration). Only networks the plan
+/// touches, and those inside them, are looked at.
+fn kernel_changes(
+    before: &BTreeMap<IpNet, Ban>,
+    plan: &Plan,
+    now: u64,
+) -> (Vec<(IpNet, Duration)>, Vec<IpNet>) {
+    let installed: BTreeMap<IpNet, &Ban> = plan.install.iter().map(|b| (b.net, b)).collect();
+    let lifted: HashSet<IpNet> = plan.lift.iter().copied().collect();
+    let held_after = |n: &IpNet| installed.contains_key(n) || (before.contains_key(n) && !lifted.contains(n));
+    let mut affected: BTreeSet<IpNet> = installed.keys().copied().chain(lifted.iter().copied()).collect();
+    for touched in installed.keys().chain(lifted.iter()) {
+        affected.extend(inside(before, touched));
+        affected.extend(
+            installed
+                .keys()
+                .filter(|n| *n != touched && touched.contains(*n))
+                .copied(),
+        );
+    }
+    let ttl = |until: u64| Duration::from_secs(until.saturating_sub(now).max(1));
+    let (mut ban, mut lift) = (Vec::new(), Vec::new());
+    for net in affected {
+        let was = before.contains_key(&net) && !covered(&net, |n| before.contains_key(n));
+        let is = held_after(&net) && !covered(&net, held_after);
+        let until = installed
+            .get(&net)
+            .map(|b| b.until)
+            .or_else(|| before.get(&net).map(|b| b.until));
+        match (was, is, until) {
+            (false, true, Some(until)) => ban.push((net, ttl(until))),
+            (true, true, Some(until)) if installed.contains_key(&net) => {
+                ban.push((net, ttl(until)));
+                lift.push(net);
+            }
+            (true, false, _) => lift.push(net),
+            // The kernel may hold a ban we do not (the firewall ignores
+            // absent ones), so a lift of one we do not know goes through.
+            (false, false, _) if lifted.contains(&net) && !before.contains_key(&net) => lift.push(net),
+            _ => {}
+        }
+    }
+    (ban, lift)
 }
 
 fn stopped() -> BanError {
@@ -965,20 +1043,9 @@ impl SynDefense {
             .iter()
             .map(|b| (b.net, Duration::from_secs(b.until.saturating_sub(now).max(1))))
             .collect();
-        // A ban in force given again is replaced, so the kernel holds it
-        // for the new duration.
-        let mut lift = plan.lift.clone();
-        {
-            let bans = lock(&self.bans);
-            lift.extend(
-                plan.install
-                    .iter()
-                    .map(|b| b.net)
-                    .filter(|n| bans.contains_key(n)),
-            );
-        }
+        let (kernel_ban, kernel_lift) = kernel_changes(&lock(&self.bans), plan, now);
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.firewall.apply(&nets, &lift)?;
+        self.firewall.apply(&kernel_ban, &kernel_lift)?;
         self.xdp_ban(&nets);
         if let Some(x) = lock(&self.xdp).as_mut() {
             for net in &plan.lift {
@@ -1236,7 +1303,8 @@ impl SynDefense {
             .iter()
             .map(|b| (b.net, Duration::from_secs(b.until - now)))
             .collect();
-        if let Err(e) = self.firewall.ban(&nets) {
+        let restored: BTreeMap<IpNet, Ban> = live.iter().map(|b| (b.net, b.clone())).collect();
+        if let Err(e) = self.firewall.ban(&kernel_view(&restored, now)) {
             tracing::error!("SYN defense: restoring {} bans failed: {e}", nets.len());
             return;
         }
@@ -1428,13 +1496,19 @@ impl SynDefense {
     fn reconcile(&self) {
         let Ok(kernel) = self.firewall.list() else { return };
         let now = unix_now();
-        let ours = self.bans();
+        let ours: Vec<(IpNet, Duration)> = {
+            let bans = lock(&self.bans);
+            kernel_view(&bans, now)
+                .into_iter()
+                .filter(|(n, _)| bans.get(n).is_some_and(|b| b.until > now))
+                .collect()
+        };
         let missing: Vec<(IpNet, Duration)> = ours
             .iter()
-            .filter(|b| !kernel.contains(&b.net) && b.until > now)
-            .map(|b| (b.net, Duration::from_secs(b.until - now)))
+            .filter(|(n, _)| !kernel.contains(n))
+            .copied()
             .collect();
-        let known: HashSet<IpNet> = ours.iter().map(|b| b.net).collect();
+        let known: HashSet<IpNet> = ours.iter().map(|(n, _)| *n).collect();
         let extra: Vec<IpNet> = kernel.iter().filter(|n| !known.contains(n)).copied().collect();
         if !missing.is_empty() || !extra.is_empty() {
             tracing::warn!(
@@ -1642,6 +1716,48 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn the_kernel_holds_only_bans_no_wider_one_covers() {
+        let held =
+            |bans: &[Ban]| -> BTreeMap<IpNet, Ban> { bans.iter().map(|b| (b.net, b.clone())).collect() };
+        let inner = ban("198.51.100.7/32", 1600, "syn_flood");
+        let wide = ban("198.51.100.0/24", 4600, "admin");
+        let secs = |s: u64| Duration::from_secs(s);
+        let changes = |before: &BTreeMap<IpNet, Ban>, changes: &[Change]| {
+            kernel_changes(before, &plan(before, changes), 1000)
+        };
+        let ban_of = |b: &Ban| Change::Ban {
+            ban: b.clone(),
+            only_if_longer: false,
+        };
+        // A wider ban takes the place of the one inside it, in one go.
+        assert_eq!(
+            changes(&held(std::slice::from_ref(&inner)), &[ban_of(&wide)]),
+            (vec![(wide.net, secs(3600))], vec![inner.net])
+        );
+        // One inside a wider ban changes nothing in the kernel...
+        let both = held(&[inner.clone(), wide.clone()]);
+        assert_eq!(
+            changes(&held(std::slice::from_ref(&wide)), &[ban_of(&inner)]),
+            (vec![], vec![])
+        );
+        assert_eq!(kernel_view(&both, 1000), vec![(wide.net, secs(3600))]);
+        // ...until the wider one goes, and it comes back for what is left.
+        assert_eq!(
+            changes(&both, &[Change::Unban(wide.net)]),
+            (vec![(inner.net, secs(600))], vec![wide.net])
+        );
+        // A re-ban is a replacement; a lift of what nobody holds still goes.
+        let again = ban("198.51.100.0/24", 9000, "admin");
+        let stranger = net("192.0.2.1/32");
+        assert_eq!(
+            changes(&both, &[ban_of(&again), Change::Unban(stranger)]),
+            (vec![(wide.net, secs(8000))], vec![stranger, wide.net])
+        );
+        // Lifting the inner one while the wide one holds: nothing to do.
+        assert_eq!(changes(&both, &[Change::Unban(inner.net)]), (vec![], vec![]));
     }
 
     #[test]
