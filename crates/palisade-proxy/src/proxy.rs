@@ -1383,9 +1383,30 @@ impl tower_service::Service<Request<Incoming>> for Forward {
                     respond::text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n").map(Either::Right),
                 ));
             }
+            // hyper bounds the fields of an HTTP/1.1 head, but an HTTP/2
+            // header block only by its size: without this, an h2 client
+            // sent the upstream as many fields as fit in max_header_bytes.
+            if req.version() == Version::HTTP_2
+                && forwarded_fields(req.headers()) > app.runtime().config.server.max_headers
+            {
+                return Ok(not_forwarded(
+                    respond::text(
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "Request Header Fields Too Large\n",
+                    )
+                    .map(Either::Right),
+                ));
+            }
             Ok(app.pass(conn, req).await)
         })
     }
+}
+
+/// The header lines `headers` makes on HTTP/1.1, where an HTTP/2 client's
+/// cookie crumbs are one `Cookie` line.
+fn forwarded_fields(headers: &http::HeaderMap) -> usize {
+    let cookies = headers.get_all(http::header::COOKIE).iter().count();
+    headers.len() - cookies.saturating_sub(1)
 }
 
 /// Marks a request whose address has `connections.max_in_flight_per_ip`

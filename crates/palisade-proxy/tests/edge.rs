@@ -374,6 +374,89 @@ async fn h2_cookie_crumbs_reach_the_upstream_as_one_cookie_line() {
     h.running.shutdown().await;
 }
 
+/// An upstream that takes heads of any size (hyper's own server would
+/// refuse more than 100 fields) and records how many header lines each
+/// request had.
+async fn field_counting_upstream() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<usize>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut s = tokio::io::BufReader::new(s);
+                loop {
+                    let mut fields = 0usize;
+                    let mut line = String::new();
+                    if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        fields += 1;
+                    }
+                    log.lock().unwrap().push(fields);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if s.get_mut().write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// `server.max_headers` holds for HTTP/2 as for HTTP/1.1 (where hyper
+/// answers 431): an h2c request with 150 fields under `max_headers = 100`
+/// reached the upstream with all of them. Cookie crumbs count as the one
+/// line they are forwarded as.
+#[tokio::test]
+async fn h2_requests_with_more_fields_than_max_headers_are_431_and_never_forwarded() {
+    let (upstream, seen) = field_counting_upstream().await;
+    let h =
+        Harness::start_with_upstream(&format!("http://{upstream}"), "max_headers = 100", "", upstream).await;
+    let mut sender = common::h2_client("127.0.0.46", h.proxy()).await;
+    let mut req = http::Request::get("http://test.local/");
+    for i in 0..150 {
+        req = req.header(format!("x-f{i}"), "v");
+    }
+    let resp = sender
+        .send_request(req.body(http_body_util::Full::new(bytes::Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "forwarded: {:?}",
+        seen.lock().unwrap()
+    );
+    let mut req = http::Request::get("http://test.local/");
+    for i in 0..90 {
+        req = req.header(format!("x-f{i}"), "v");
+    }
+    for i in 0..30 {
+        req = req.header("cookie", format!("c{i}=1"));
+    }
+    let resp = sender
+        .send_request(req.body(http_body_util::Full::new(bytes::Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    // 90 fields, one Cookie line, Host and Palisade's five forwarding headers.
+    assert_eq!(*seen.lock().unwrap(), [97]);
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn connection_cannot_name_host_for_removal() {
     let h = Harness::start("", "").await;
