@@ -65,7 +65,7 @@ impl From<palisade_store::Error> for FeedError {
         use palisade_store::Error as E;
         let reason = match &e {
             E::Parse { .. } | E::TooMany { .. } => "malformed",
-            E::OutOfOrder { .. } => "out_of_order",
+            E::OutOfOrder { .. } | E::Rollback { .. } => "out_of_order",
             E::Untrusted { missing: true, .. } => "unsigned",
             E::Untrusted { missing: false, .. } => "bad_signature",
             E::Io { .. } | E::Corrupt { .. } => "write",
@@ -466,8 +466,12 @@ pub async fn reload(cell: Arc<StoreCell>, metrics: &Metrics) -> Result<(), Strin
         }
         Err(e) => {
             Metrics::inc(&metrics.store_updates, "rejected");
-            if let palisade_store::Error::Untrusted { missing, .. } = e {
-                metrics.rejected_feed(if *missing { "unsigned" } else { "bad_signature" });
+            match e {
+                palisade_store::Error::Untrusted { missing, .. } => {
+                    metrics.rejected_feed(if *missing { "unsigned" } else { "bad_signature" });
+                }
+                palisade_store::Error::Rollback { .. } => metrics.rejected_feed("out_of_order"),
+                _ => {}
             }
             tracing::error!("reputation store reload failed, keeping the loaded one: {e}");
         }

@@ -1019,3 +1019,67 @@ async fn overwriting_the_store_file_in_place_keeps_the_daemon_serving() {
     assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::OK);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The publisher's snapshots and their signatures are public (every
+/// daemon downloads them). Someone who can replace the store file (a sync
+/// job, a download path) puts back an older one, signed as it was: the
+/// daemon took it, the store went back in time (an address denied since
+/// was let through again), and the old signed deltas from its watermark
+/// could be replayed one by one. A signed replacement must not go back in
+/// watermark.
+#[tokio::test]
+async fn an_older_signed_snapshot_cannot_roll_the_store_back() {
+    let dir = tmp("rollback");
+    let path = snapshot(&dir);
+    let (publisher, _) = SigningKey::generate().unwrap();
+    sign_file(&publisher, &path);
+    // The attacker keeps the publisher's snapshot at watermark 0.
+    let old = dir.join("old.pstore");
+    std::fs::copy(&path, &old).unwrap();
+    std::fs::copy(
+        palisade_store::sign::signature_path(&path),
+        palisade_store::sign::signature_path(&old),
+    )
+    .unwrap();
+    let feed = dir.join("feed.delta");
+    let config = format!(
+        "[store]\npath = \"{}\"\nfeed = \"{}\"\npoll_interval = \"50ms\"\nfeed_public_key = \"{}\"\n",
+        path.display(),
+        feed.display(),
+        publisher.public_key()
+    );
+    let h = Harness::start("", &config).await;
+    let text = delta(0, 1, vec![deny("127.0.0.9/32")]);
+    std::fs::write(
+        palisade_store::sign::signature_path(&feed),
+        publisher.sign(text.as_bytes()),
+    )
+    .unwrap();
+    publish(&feed, &text);
+    eventually("the signed delta applied", async || {
+        status_from(&h, "127.0.0.9").await == StatusCode::FORBIDDEN
+    })
+    .await;
+
+    let before = store_info(&h).await["feed"]["rejected"].as_u64().unwrap();
+    std::fs::rename(
+        palisade_store::sign::signature_path(&old),
+        palisade_store::sign::signature_path(&path),
+    )
+    .unwrap();
+    std::fs::rename(&old, &path).unwrap();
+    eventually("the older snapshot refused", async || {
+        store_info(&h).await["feed"]["rejected"].as_u64() > Some(before)
+    })
+    .await;
+    let info = store_info(&h).await;
+    assert_eq!(info["watermark"], 1, "{info}");
+    assert!(
+        info["feed"]["last_error"].as_str().unwrap().contains("watermark"),
+        "{info}"
+    );
+    assert_eq!(status_from(&h, "127.0.0.9").await, StatusCode::FORBIDDEN);
+    let m = h.metrics().await;
+    assert!(metric(&m, "palisade_feed_rejected_total{reason=\"out_of_order\"}") >= 1.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -110,9 +110,23 @@ impl StoreCell {
     }
 
     /// Re-opens the backing file (after `palisade store build` replaced it).
+    /// With a key, the file must not be older than the store in force: the
+    /// publisher's old snapshots and signatures are public, and one put
+    /// back would undo every change since (and let its old deltas be
+    /// replayed).
     pub fn reload(&self) -> Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
         let snapshot = Snapshot::open_trusted(path, self.key.as_ref()).inspect_err(|e| self.reject(e))?;
+        let current = self.current.load().watermark();
+        if self.key.is_some() && snapshot.watermark() < current {
+            let e = crate::Error::Rollback {
+                path: path.clone(),
+                watermark: snapshot.watermark(),
+                current,
+            };
+            self.reject(&e);
+            return Err(e);
+        }
         self.replace(snapshot);
         Ok(())
     }

@@ -160,6 +160,19 @@ pub enum Error {
         /// The store's watermark.
         current: u64,
     },
+    /// A signed snapshot put in place of the one in force is older (a lower
+    /// watermark): an old signed file cannot take the store back in time.
+    #[error(
+        "{path}: watermark {watermark} is older than the store's {current}; a replacement must not go back"
+    )]
+    Rollback {
+        /// The snapshot file.
+        path: PathBuf,
+        /// Its watermark.
+        watermark: u64,
+        /// The store's.
+        current: u64,
+    },
     /// A snapshot that must be signed is not, or not by the configured key
     /// (and is not one this store wrote itself).
     #[error("{path}: {why}")]
