@@ -283,6 +283,12 @@ impl AccessLog {
         }
     }
 
+    /// Line buffers back from the writer, ready for reuse: in steady
+    /// state a line allocates nothing.
+    pub fn idle_buffers(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Closes and reopens the file (after logrotate moved it).
     pub fn reopen(&self) {
         self.reopen.store(true, Ordering::Release);

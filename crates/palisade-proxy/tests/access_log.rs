@@ -1,0 +1,119 @@
+//! A line of the access log allocates nothing once the writer has handed
+//! its buffers back, proven with a counting allocator (per thread: the
+//! writer thread's own work is not the request path's).
+#![allow(clippy::unwrap_used)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::Duration;
+
+use http::Version;
+use palisade_proxy::access_log::{AccessLog, AccessLogSettings, Destination, Format, Outcome, RequestInfo};
+use prometheus_client::metrics::counter::Counter;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: delegates to the system allocator; only adds a thread-local
+// counter, which neither allocates nor unwinds.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocs() -> u64 {
+    ALLOCS.with(Cell::get)
+}
+
+const LINES: usize = 200;
+
+fn lines(log: &AccessLog, n: usize) {
+    let ua = b"Mozilla/5.0 (X11; Linux x86_64) \"quoted\" \xff".as_slice();
+    for i in 0..n {
+        let p = log.begin(&RequestInfo {
+            client: "203.0.113.9".parse().unwrap(),
+            peer: "2001:db8::1".parse().unwrap(),
+            method: "GET",
+            target: "/search?q=palisade&page=2",
+            version: Version::HTTP_11,
+            referer: Some(b"https://example.com/"),
+            user_agent: Some(ua),
+        });
+        log.finish(
+            p,
+            &Outcome {
+                status: 200,
+                bytes: Some(i as u64),
+                decision: "allowed",
+                upstream_status: Some(200),
+                latency: 1_234_567,
+                unix_ms: 1_796_302_224_005,
+            },
+        );
+    }
+}
+
+fn steady_state_allocations(format: Format) -> u64 {
+    let path = std::env::temp_dir().join(format!("palisade-access-alloc-{}-{format:?}", std::process::id()));
+    let dropped = Counter::default();
+    let log = AccessLog::start(
+        &AccessLogSettings {
+            format,
+            destination: Destination::File(path.clone()),
+            refusal_budget: 100,
+        },
+        dropped.clone(),
+    )
+    .unwrap();
+    lines(&log, LINES);
+    // The writer returns each buffer once its line is written.
+    for _ in 0..3000 {
+        if log.idle_buffers() >= LINES {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(log.idle_buffers() >= LINES, "{} buffers back", log.idle_buffers());
+    let before = allocs();
+    lines(&log, LINES);
+    let n = allocs() - before;
+    assert_eq!(dropped.get(), 0);
+    for _ in 0..3000 {
+        if std::fs::read_to_string(&path).unwrap().lines().count() == 2 * LINES {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 2 * LINES);
+    std::fs::remove_file(&path).unwrap();
+    n
+}
+
+#[test]
+fn a_combined_line_allocates_nothing_in_steady_state() {
+    assert_eq!(steady_state_allocations(Format::Combined), 0);
+}
+
+#[test]
+fn a_json_line_allocates_nothing_in_steady_state() {
+    assert_eq!(steady_state_allocations(Format::Json), 0);
+}
