@@ -277,7 +277,9 @@ async fn host_spellings_do_not_dodge_a_host_route_and_a_non_ascii_host_is_400() 
 /// port is 400 (RFC 9112 §3.2): WHATWG and Go URL parsers read
 /// `u@api.test`, `api.test/x`, `api.test#x`, `api.test?` and `api%2etest` as
 /// `api.test`, so an upstream routing by such a parse gets the host route's
-/// traffic without its limit.
+/// traffic without its limit. A name with an empty label (`api.test..`,
+/// `.api.test`, `api..test`) is no DNS name either; one that trims every
+/// trailing dot reads `api.test..` as `api.test`.
 #[tokio::test]
 async fn a_host_that_is_not_a_host_name_is_400_and_never_forwarded() {
     let h = Harness::start(
@@ -294,6 +296,9 @@ async fn a_host_that_is_not_a_host_name_is_400_and_never_forwarded() {
         "GET / HTTP/1.1\r\nHost: api.test,x\r\n",
         "GET / HTTP/1.1\r\nHost: api.test:x\r\n",
         "GET / HTTP/1.1\r\nHost: [api.test]\r\n",
+        "GET / HTTP/1.1\r\nHost: api.test..\r\n",
+        "GET / HTTP/1.1\r\nHost: .api.test\r\n",
+        "GET / HTTP/1.1\r\nHost: api..test\r\n",
         "GET http://u@api.test/ HTTP/1.1\r\nHost: u@api.test\r\n",
     ];
     all_400_unforwarded(&h, "127.0.0.41", heads).await;
