@@ -1081,7 +1081,7 @@ fn an_admin_reban_sets_the_kernel_expiry_to_the_new_duration() {
 
 /// A spoofed SYN flood gets one address of a network banned (here by
 /// hand, as the SYN defense would); the operator then bans the whole
-/// network. nftables refuses an interval that overlaps one it holds, so
+/// network (a /31 of two attacker addresses). nftables refuses an interval that overlaps one it holds, so
 /// the wider ban used to fail as a whole (500, and no ban at all, not even
 /// at accept): an attacker could shield its network from a ban by getting
 /// one of its addresses banned first. And the other way round: an address
@@ -1089,50 +1089,110 @@ fn an_admin_reban_sets_the_kernel_expiry_to_the_new_duration() {
 #[test]
 fn a_ban_overlapping_one_in_force_still_holds() {
     let Some((srv, att)) = topology() else { return };
+    for extra in ["198.18.3.6/24", "198.18.3.7/24"] {
+        att.run(&["ip", "addr", "add", extra, "dev", "v1"]).unwrap();
+    }
     let dir = scratch("palisade-syn-overlap");
     let _demo = demo(&srv);
     let daemon = start(&srv, &config(&dir, "nftables"));
     eventually("the legit client is served", || {
-        get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        get(&att, Some("198.18.3.7"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
     });
-    bans_cli(&srv, &["add", "198.18.3.2", "--duration", "10m"]);
-    bans_cli(&srv, &["add", "198.18.3.0/30", "--duration", "1h"]);
+    bans_cli(&srv, &["add", "198.18.3.6", "--duration", "10m"]);
+    bans_cli(&srv, &["add", "198.18.3.6/31", "--duration", "1h"]);
     assert!(
-        get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none(),
+        get(&att, Some("198.18.3.6"), "198.18.3.1:8080", "/").is_none(),
         "the address banned first is served"
     );
-    // 198.18.3.3 is in the /30 too.
+    // 198.18.3.7 is in the /31 too.
     assert!(
-        get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_none(),
+        get(&att, Some("198.18.3.7"), "198.18.3.1:8080", "/").is_none(),
         "the network ban does not hold"
     );
     let set = out(&srv, &["nft", "-j", "list", "set", "inet", "palisade", "ban4"]);
-    assert!(set.contains("\"len\": 30"), "{set}");
+    assert!(set.contains("\"len\": 31"), "{set}");
+    let legit = get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").unwrap_or_default();
+    assert!(legit.starts_with("HTTP/1.1 200"), "{legit}");
     // An address inside the banned network, banned on its own.
-    bans_cli(&srv, &["add", "198.18.3.3", "--duration", "2h"]);
+    bans_cli(&srv, &["add", "198.18.3.7", "--duration", "2h"]);
     // A restart restores all three (one failed transaction lost them all).
     let mut daemon = daemon;
     daemon.0.kill().unwrap();
     let _ = daemon.0.wait();
     let daemon = start(&srv, &config(&dir, "nftables"));
     let listed = bans_cli(&srv, &["list"]);
-    for net in ["198.18.3.2", "198.18.3.3", "198.18.3.0/30"] {
+    for net in ["198.18.3.6", "198.18.3.7", "198.18.3.6/31"] {
         assert!(listed.contains(net), "{net} not restored: {listed}");
     }
-    assert!(kernel_expiry(&srv, "198.18.3.2").is_none(), "the /30 holds it");
+    assert!(kernel_expiry(&srv, "198.18.3.6").is_none(), "the /31 holds it");
     // Lifting the network puts the addresses banned on their own into the
     // kernel, each for what is left of its own ban.
-    bans_cli(&srv, &["del", "198.18.3.0/30"]);
-    let left = kernel_expiry(&srv, "198.18.3.2").expect("198.18.3.2 in the kernel");
+    bans_cli(&srv, &["del", "198.18.3.6/31"]);
+    let left = kernel_expiry(&srv, "198.18.3.6").expect("198.18.3.6 in the kernel");
     assert!(left <= 600, "{left}");
-    let left = kernel_expiry(&srv, "198.18.3.3").expect("198.18.3.3 in the kernel");
+    let left = kernel_expiry(&srv, "198.18.3.7").expect("198.18.3.7 in the kernel");
     assert!(left > 3600, "{left}");
-    assert!(get(&att, Some("198.18.3.2"), "198.18.3.1:8080", "/").is_none());
-    assert!(get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_none());
-    bans_cli(&srv, &["del", "198.18.3.3"]);
+    assert!(get(&att, Some("198.18.3.6"), "198.18.3.1:8080", "/").is_none());
+    assert!(get(&att, Some("198.18.3.7"), "198.18.3.1:8080", "/").is_none());
+    bans_cli(&srv, &["del", "198.18.3.7"]);
     eventually("the lifted address is served again", || {
-        get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        get(&att, Some("198.18.3.7"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
     });
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A SYN flood spoofed as the host's own address: the kernel drops such
+/// packets (a martian source) only after the capture has counted them, so
+/// the address got banned, and then everything on the host that reaches
+/// the listener through that address (a health check, a local agent, the
+/// service calling its own public URL) was cut off. The host's own
+/// addresses are never banned.
+#[test]
+fn a_flood_spoofed_as_the_host_itself_never_bans_it() {
+    let Some((srv, att)) = topology() else { return };
+    let dir = scratch("palisade-syn-spoof-self");
+    let _demo = demo(&srv);
+    let daemon = start(&srv, &config(&dir, "nftables"));
+    let local = || {
+        get(&srv, Some("198.18.3.1"), "198.18.3.1:8080", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    };
+    eventually("the host reaches its own listener", local);
+    let out = att
+        .exec(&[
+            "hping3",
+            "-q",
+            "-S",
+            "-a",
+            "198.18.3.1",
+            "-p",
+            "8080",
+            "-i",
+            "u200",
+            "-c",
+            "3000",
+            "198.18.3.1",
+        ])
+        .expect("hping3 is needed (scripts/test installs it)");
+    assert!(out.status.code().is_some(), "hping3 was killed");
+    let stats = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+    assert!(
+        !stats["bans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["net"] == "198.18.3.1/32"),
+        "the host's own address was banned: {stats}"
+    );
+    let served = (0..20).filter(|_| local()).count();
+    assert_eq!(
+        served, 20,
+        "the host reached its listener {served}/20 times: {stats}"
+    );
+    assert!(
+        stats["mitigation"]["bans_refused"]["local"].as_u64().unwrap_or(0) >= 1,
+        "the refusal is not shown: {stats}"
+    );
     stop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,7 +9,8 @@
 //!
 //! The set is built at start and on every reload from the config (allow
 //! list, trusted proxies, upstreams, Redis, the feed host, names resolved),
-//! the host (resolvers in `/etc/resolv.conf`, default gateways) and
+//! the host (its own addresses, resolvers in `/etc/resolv.conf`, default
+//! gateways) and
 //! `syn.never_ban`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs as _};
@@ -38,6 +39,9 @@ pub enum Protected {
     Resolver,
     /// A default gateway.
     Gateway,
+    /// An address of this host (a spoofed SYN "from" it is counted before
+    /// the kernel drops it as a martian).
+    Local,
     /// `syn.never_ban`.
     Configured,
 }
@@ -54,6 +58,7 @@ impl Protected {
             Self::Feed => "feed",
             Self::Resolver => "resolver",
             Self::Gateway => "gateway",
+            Self::Local => "local",
             Self::Configured => "never_ban",
         }
     }
@@ -132,6 +137,20 @@ impl NeverBan {
             gateways
                 .into_iter()
                 .map(|ip| (IpNet::from(ip), Protected::Gateway)),
+        );
+        let mut local = Vec::new();
+        if let Ok(text) = std::fs::read_to_string("/proc/net/fib_trie") {
+            local.extend(local_ipv4(&text));
+        }
+        if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
+            local.extend(local_ipv6(&text));
+        }
+        // Loopback is the loopback rule's (a test rig may turn it off).
+        nets.extend(
+            local
+                .into_iter()
+                .filter(|ip| !ip.is_loopback())
+                .map(|ip| (IpNet::from(ip), Protected::Local)),
         );
         if let Some(s) = syn {
             nets.extend(s.never_ban.iter().map(|n| (*n, Protected::Configured)));
@@ -226,6 +245,33 @@ pub fn ipv6_gateways(text: &str) -> Vec<IpAddr> {
         .collect()
 }
 
+/// This host's IPv4 addresses: the `/32 host LOCAL` leaves of
+/// `/proc/net/fib_trie` (each under the `|-- ADDR` line naming it).
+pub fn local_ipv4(text: &str) -> Vec<IpAddr> {
+    let mut found = Vec::new();
+    let mut last: Option<IpAddr> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            last = addr.parse().ok();
+        } else if line.starts_with("/32 host LOCAL")
+            && let Some(ip) = last
+            && !found.contains(&ip)
+        {
+            found.push(ip);
+        }
+    }
+    found
+}
+
+/// This host's IPv6 addresses: the first field of `/proc/net/if_inet6`.
+pub fn local_ipv6(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| u128::from_str_radix(l.split_whitespace().next()?, 16).ok())
+        .map(|a| IpAddr::V6(Ipv6Addr::from(a)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +328,23 @@ mod tests {
         let route6 = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
                       00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000002 00000000 00000003     eth0\n";
         assert_eq!(ipv6_gateways(route6), vec!["fd00::1".parse::<IpAddr>().unwrap()]);
+        let trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n\
+                    \x20    +-- 198.18.3.0/24 2 0 2\n        |-- 198.18.3.0\n           /24 link UNICAST\n\
+                    \x20       |-- 198.18.3.1\n           /32 host LOCAL\n\
+                    \x20    |-- 198.18.3.255\n        /32 link BROADCAST\n\
+                    Local:\n        |-- 198.18.3.1\n           /32 host LOCAL\n        |-- 127.0.0.1\n           /32 host LOCAL\n";
+        assert_eq!(
+            local_ipv4(trie),
+            vec![
+                "198.18.3.1".parse::<IpAddr>().unwrap(),
+                "127.0.0.1".parse().unwrap()
+            ]
+        );
+        let inet6 = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                     fe800000000000000000000000000001 02 40 20 80     eth0\n";
+        assert_eq!(
+            local_ipv6(inet6),
+            vec!["::1".parse::<IpAddr>().unwrap(), "fe80::1".parse().unwrap()]
+        );
     }
 }
