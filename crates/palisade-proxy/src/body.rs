@@ -1,11 +1,12 @@
-//! Request body deadlines: a bounded pause between chunks and a minimum
+//! Request body bounds: a bounded pause between chunks and a minimum
 //! average rate, so a client cannot hold an upstream connection open by
-//! sending a body one byte at a time. Bodies still stream: nothing is
+//! sending a body one byte at a time, and a largest size, so it cannot
+//! stream an endless one to the upstream. Bodies still stream: nothing is
 //! buffered here.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ pub struct BodyLimits {
     pub min_rate: u64,
     /// When the rate starts to count.
     pub grace: Duration,
+    /// Most bytes (0 = no limit).
+    pub max_size: u64,
 }
 
 /// Why a body was cut off.
@@ -30,13 +33,44 @@ pub enum BodyError {
     /// The client paused too long or sent too slowly.
     #[error("request body too slow")]
     TooSlow,
+    /// The body grew past `max_size`.
+    #[error("request body too large")]
+    TooLarge,
     /// The client's connection failed.
     #[error("request body: {0}")]
     Client(#[from] hyper::Error),
 }
 
-/// Set when a body was cut off for being slow, so the response can say 408.
-pub type SlowFlag = Arc<AtomicBool>;
+/// Why a body was cut off, if it was: read by the forwarder once the
+/// upstream request failed, so the answer can say 408 or 413 (the error
+/// itself reaches it wrapped in hyper's, if at all).
+#[derive(Debug, Default)]
+pub struct CutReason(AtomicU8);
+
+impl CutReason {
+    /// The bound the body broke, if any.
+    pub fn get(&self) -> Option<Cut> {
+        match self.0.load(Ordering::Acquire) {
+            1 => Some(Cut::TooSlow),
+            2 => Some(Cut::TooLarge),
+            _ => None,
+        }
+    }
+
+    fn set(&self, cut: Cut) {
+        self.0.store(cut as u8, Ordering::Release);
+    }
+}
+
+/// A bound a request body broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Cut {
+    /// Too slow (408).
+    TooSlow = 1,
+    /// Too large (413).
+    TooLarge = 2,
+}
 
 /// A request body with read deadlines.
 pub struct TimedBody<B> {
@@ -46,12 +80,12 @@ pub struct TimedBody<B> {
     received: u64,
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
-    slow: SlowFlag,
+    cut: Arc<CutReason>,
 }
 
 impl<B> TimedBody<B> {
     /// Wraps `inner`; the clock starts now.
-    pub fn new(inner: B, limits: BodyLimits, slow: SlowFlag) -> Self {
+    pub fn new(inner: B, limits: BodyLimits, cut: Arc<CutReason>) -> Self {
         Self {
             inner,
             limits,
@@ -59,12 +93,12 @@ impl<B> TimedBody<B> {
             received: 0,
             timer: None,
             armed: false,
-            slow,
+            cut,
         }
     }
 
     fn too_slow(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.slow.store(true, Ordering::Release);
+        self.cut.set(Cut::TooSlow);
         Poll::Ready(Some(Err(BodyError::TooSlow)))
     }
 }
@@ -85,6 +119,12 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;
+                    // The chunk that crosses the limit is not passed on:
+                    // the upstream never gets more than `max_size`.
+                    if this.limits.max_size > 0 && this.received > this.limits.max_size {
+                        this.cut.set(Cut::TooLarge);
+                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                    }
                 }
                 let now = Instant::now();
                 let elapsed = now - this.started;

@@ -335,6 +335,8 @@ pub struct ServerConfig {
     pub body_min_rate: u64,
     /// When the body rate starts to be checked.
     pub body_rate_grace: Duration,
+    /// Largest request body in bytes (0 = no limit).
+    pub max_body_size: u64,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// Most header fields.
@@ -730,6 +732,7 @@ struct RawServer {
     body_read_timeout: String,
     body_min_rate: u64,
     body_rate_grace: String,
+    max_body_size: u64,
     max_header_bytes: usize,
     max_headers: usize,
     h2_max_concurrent_streams: u32,
@@ -752,6 +755,7 @@ impl Default for RawServer {
             body_read_timeout: "10s".into(),
             body_min_rate: 1024,
             body_rate_grace: "5s".into(),
+            max_body_size: 8 * 1024 * 1024,
             max_header_bytes: 65536,
             max_headers: 100,
             h2_max_concurrent_streams: 128,
@@ -905,6 +909,7 @@ impl RawConfig {
             body_read_timeout: duration(&s.body_read_timeout, p!("server", "body_read_timeout"))?,
             body_min_rate: s.body_min_rate,
             body_rate_grace: duration(&s.body_rate_grace, p!("server", "body_rate_grace"))?,
+            max_body_size: s.max_body_size,
             max_header_bytes: match s.max_header_bytes {
                 n @ 8192..=1_048_576 => n,
                 _ => {

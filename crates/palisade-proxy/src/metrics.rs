@@ -674,6 +674,7 @@ impl Metrics {
                     "connect",
                     "timeout",
                     "slow_body",
+                    "body_too_large",
                     "client_body",
                     "at_capacity",
                     "other",

@@ -35,7 +35,7 @@ use palisade_store::StoreCell;
 use tower_layer::Layer;
 
 use crate::access_log::{self, AccessLog, Pending, Refusal, RequestInfo};
-use crate::body::{BodyError, BodyLimits, TimedBody};
+use crate::body::{BodyError, BodyLimits, Cut, CutReason, TimedBody};
 use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
@@ -145,6 +145,7 @@ impl Runtime {
                 gap: config.server.body_read_timeout,
                 min_rate: config.server.body_min_rate,
                 grace: config.server.body_rate_grace,
+                max_size: config.server.max_body_size,
             },
             upstreams,
             route_labels,
@@ -911,11 +912,11 @@ impl App {
                 .headers
                 .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
-        let slow = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(CutReason::default());
         let body = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
-            Either::Left(TimedBody::new(body, rt.body_limits, slow.clone()))
+            Either::Left(TimedBody::new(body, rt.body_limits, cut.clone()))
         };
         let sent = rt.client.request(Request::from_parts(parts, body));
         let failure = match tokio::time::timeout(rt.config.upstream.response_timeout, sent).await {
@@ -952,7 +953,8 @@ impl App {
                 return resp.map(Either::Left);
             }
             Err(_) => UpstreamFailure::Timeout,
-            Ok(Err(_)) if slow.load(Ordering::Acquire) => UpstreamFailure::SlowBody,
+            Ok(Err(_)) if cut.get() == Some(Cut::TooSlow) => UpstreamFailure::SlowBody,
+            Ok(Err(_)) if cut.get() == Some(Cut::TooLarge) => UpstreamFailure::BodyTooLarge,
             Ok(Err(e)) if in_error_chain(&e, |x| x.is::<AtCapacity>()) => UpstreamFailure::AtCapacity,
             Ok(Err(e)) if e.is_connect() => UpstreamFailure::Connect,
             Ok(Err(e)) if caused_by_client_body(&e) => UpstreamFailure::ClientBody,
@@ -963,9 +965,10 @@ impl App {
         };
         let outcome = match failure {
             // Our own cap says nothing of the upstream's health.
-            UpstreamFailure::SlowBody | UpstreamFailure::ClientBody | UpstreamFailure::AtCapacity => {
-                Outcome::Ignored
-            }
+            UpstreamFailure::SlowBody
+            | UpstreamFailure::BodyTooLarge
+            | UpstreamFailure::ClientBody
+            | UpstreamFailure::AtCapacity => Outcome::Ignored,
             _ => Outcome::Failure,
         };
         self.finish(upstream, ticket, outcome);
@@ -1397,6 +1400,15 @@ impl tower_service::Service<Request<Incoming>> for Forward {
                     .map(Either::Right),
                 ));
             }
+            if declares_too_large(&req, app.runtime().config.server.max_body_size) {
+                Metrics::inc(
+                    &app.metrics.upstream_errors,
+                    UpstreamFailure::BodyTooLarge.as_str(),
+                );
+                return Ok(not_forwarded(
+                    respond::upstream_failure(UpstreamFailure::BodyTooLarge).map(Either::Right),
+                ));
+            }
             Ok(app.pass(conn, req).await)
         })
     }
@@ -1407,6 +1419,19 @@ impl tower_service::Service<Request<Incoming>> for Forward {
 fn forwarded_fields(headers: &http::HeaderMap) -> usize {
     let cookies = headers.get_all(http::header::COOKIE).iter().count();
     headers.len() - cookies.saturating_sub(1)
+}
+
+/// Whether the request's `Content-Length` is over `max` (0 = no limit):
+/// it is refused before the upstream is asked. A body without one is
+/// counted as it streams (see body.rs).
+fn declares_too_large(req: &Request<Incoming>, max: u64) -> bool {
+    max > 0
+        && req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|len| len > max)
 }
 
 /// Marks a request whose address has `connections.max_in_flight_per_ip`

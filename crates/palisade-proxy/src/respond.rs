@@ -15,6 +15,8 @@ pub enum UpstreamFailure {
     Timeout,
     /// The client's request body was too slow.
     SlowBody,
+    /// The client's request body is larger than `server.max_body_size`.
+    BodyTooLarge,
     /// Reading the client's request body failed (client went away).
     ClientBody,
     /// Every connection `upstream.max_connections` allows is open.
@@ -30,6 +32,7 @@ impl UpstreamFailure {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
             Self::SlowBody => "slow_body",
+            Self::BodyTooLarge => "body_too_large",
             Self::ClientBody => "client_body",
             Self::AtCapacity => "at_capacity",
             Self::Other => "other",
@@ -52,8 +55,16 @@ pub fn upstream_failure(f: UpstreamFailure) -> Response<Full<Bytes>> {
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
+        // The rest of the body is never read: the connection cannot carry
+        // another request.
         UpstreamFailure::SlowBody => {
             let mut r = text(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        UpstreamFailure::BodyTooLarge => {
+            let mut r = text(StatusCode::PAYLOAD_TOO_LARGE, "Content Too Large\n");
             r.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
             r
