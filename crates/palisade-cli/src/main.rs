@@ -151,8 +151,10 @@ struct RunArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Cluster mode: share limits and reputation through this Redis
-    /// (redis:// or rediss://; wins over the file's cluster.redis).
-    #[arg(long, value_name = "URL")]
+    /// (redis:// or rediss://; wins over the file's cluster.redis). A
+    /// password in it is readable by every local user in the process's
+    /// command line: give it in PALISADE_REDIS_URL instead.
+    #[arg(long, value_name = "URL", env = "PALISADE_REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
 }
 

@@ -1144,3 +1144,82 @@ fn a_leaking_task_site_is_named_in_the_log_and_the_alert_metric() {
     assert_eq!(count, ["1"], "{m}");
     drop(held);
 }
+
+/// `--redis redis://user:PASSWORD@host` put the Redis password in the
+/// daemon's command line, which every local user reads in
+/// `/proc/PID/cmdline` (and `ps`); the Kubernetes example did that, so
+/// every user on the node had it. `PALISADE_REDIS_URL` gives the URL in
+/// the environment, readable only by the daemon's own user.
+#[test]
+fn the_redis_url_from_the_environment_stays_out_of_the_command_line() {
+    if Command::new("redis-server").arg("--version").output().is_err() {
+        assert!(std::env::var("CI").is_err(), "redis-server is missing in CI");
+        eprintln!("skipped: redis-server is not installed");
+        return;
+    }
+    let password = "redis-password-in-env-0123";
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("palisade-cli-redis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _redis = Reaped(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--requirepass", password])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (upstream, _up) = demo_upstream();
+    let config = temp_file(
+        "redis-env.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"http://{upstream}\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t0ken-0123456789\"\n\
+             [cluster]\nredis = \"redis://127.0.0.1:1\"\nsync_interval = \"20ms\"\n\
+             key = \"cli-cluster-key-0123456789abcdef-0\"\n"
+        ),
+    );
+    let mut child = palisade()
+        .args(["run", "--config"])
+        .arg(&config)
+        .env(
+            "PALISADE_REDIS_URL",
+            format!("redis://:{password}@127.0.0.1:{port}"),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let daemon = Reaped(child);
+    let (_, admin, _) = running_addrs(&mut err);
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let mut up = false;
+    for _ in 0..250 {
+        let status = json_body(&http(admin, "GET", "/api/v1/cluster", ""));
+        if status["up"] == true {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(up, "the daemon never reached redis through PALISADE_REDIS_URL");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(password),
+        "the password is in the command line"
+    );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -597,9 +597,22 @@ fn the_kubernetes_overlays_install_one_role_each() {
             "{env} is not from a Secret"
         );
     }
+    // In the environment, after REDIS_PASSWORD (which it expands), and not
+    // in args: a command line is readable by every user on the node.
+    let url = deployment
+        .find("name: PALISADE_REDIS_URL")
+        .unwrap_or_else(|| panic!("no PALISADE_REDIS_URL:\n{deployment}"));
     assert!(
-        deployment.contains("redis://palisade:$(REDIS_PASSWORD)@palisade-redis:6379"),
+        deployment[url..]
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("value: redis://palisade:$(REDIS_PASSWORD)@palisade-redis:6379")),
         "{deployment}"
+    );
+    assert!(deployment.find("name: REDIS_PASSWORD").is_some_and(|p| p < url));
+    assert!(
+        !deployment.contains("--redis"),
+        "the password in args:\n{deployment}"
     );
     let redis = proxy
         .iter()
