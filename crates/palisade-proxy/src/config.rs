@@ -214,6 +214,9 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Longest `cluster.node_name`, in bytes.
+pub const MAX_NODE_NAME_BYTES: usize = 255;
+
 /// Shortest `cluster.key` accepted, in characters.
 pub const MIN_CLUSTER_KEY_CHARS: usize = 32;
 
@@ -1235,6 +1238,14 @@ impl RawConfig {
                 ));
             }
         };
+        // Shared records longer than 1 KiB are deleted unread, and a node
+        // name is in every one of its records.
+        if c.node_name.len() > MAX_NODE_NAME_BYTES {
+            return Err(at(
+                p!("cluster", "node_name"),
+                format!("at most {MAX_NODE_NAME_BYTES} bytes"),
+            ));
+        }
         if c.key_prefix.is_empty() || c.key_prefix.contains(['{', '}', ' ']) {
             return Err(at(
                 p!("cluster", "key_prefix"),
@@ -1632,6 +1643,11 @@ mod tests {
             .cluster
             .unwrap();
         assert!(c.key.is_none());
+        // Every record carries the node name; past 1 KiB records are dropped.
+        let name = "n".repeat(MAX_NODE_NAME_BYTES);
+        parse(&format!("{base}insecure = true\nnode_name = \"{name}\"\n")).unwrap();
+        let e = err(&format!("{base}insecure = true\nnode_name = \"{name}n\"\n"));
+        assert!(e.contains("cluster.node_name: at most 255 bytes"), "{e}");
         // The environment wins over the file, and is checked too.
         let env = |k: &str| Overrides {
             cluster_key: Some(k.into()),
