@@ -9,7 +9,7 @@
 //! and is proportional to the half-open connections alone.
 
 use std::io::{self, Read};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 
@@ -55,6 +55,93 @@ pub fn syn_recv() -> io::Result<Vec<Socket>> {
         }
     }
     Ok(out)
+}
+
+/// The user that owns the TCP socket at `peer` connected to `local`, both
+/// on this host (a loopback client of one of our listeners): one exact
+/// `sock_diag` lookup. `None` when the kernel knows no such socket.
+pub fn owner(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<u32>> {
+    let sock = RawSocket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(NETLINK_SOCK_DIAG)),
+    )?;
+    sock.send(&lookup(peer, local))?;
+    let mut buf = vec![0u8; 8 * 1024];
+    let n = (&sock).read(&mut buf)?;
+    match messages_with_uid(&buf[..n]) {
+        Ok(uid) => Ok(uid),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A request for the one socket whose own end is `src` and whose other end
+/// is `dst`, in any state.
+fn lookup(src: SocketAddr, dst: SocketAddr) -> [u8; NLMSG_HDR + 56] {
+    const LEN: usize = NLMSG_HDR + 56;
+    let octets = |a: SocketAddr| -> [u8; 16] {
+        match a.ip().to_canonical() {
+            IpAddr::V4(v4) => {
+                let mut o = [0u8; 16];
+                o[..4].copy_from_slice(&v4.octets());
+                o
+            }
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    };
+    let family = match src.ip().to_canonical() {
+        IpAddr::V4(_) => libc::AF_INET as u8,
+        IpAddr::V6(_) => libc::AF_INET6 as u8,
+    };
+    let mut m = [0u8; LEN];
+    m[0..4].copy_from_slice(&(LEN as u32).to_ne_bytes());
+    m[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    m[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // struct inet_diag_req_v2: family, protocol, ext, pad, states, then
+    // the id: sport, dport (big-endian), src[16], dst[16], interface,
+    // cookie (INET_DIAG_NOCOOKIE: any).
+    m[16] = family;
+    m[17] = libc::IPPROTO_TCP as u8;
+    m[20..24].copy_from_slice(&u32::MAX.to_ne_bytes());
+    m[24..26].copy_from_slice(&src.port().to_be_bytes());
+    m[26..28].copy_from_slice(&dst.port().to_be_bytes());
+    m[28..44].copy_from_slice(&octets(src));
+    m[44..60].copy_from_slice(&octets(dst));
+    m[64..72].copy_from_slice(&[0xff; 8]);
+    m
+}
+
+/// The `idiag_uid` of the first socket in a reply.
+fn messages_with_uid(buf: &[u8]) -> io::Result<Option<u32>> {
+    if buf.len() < NLMSG_HDR {
+        return Err(bad("truncated message"));
+    }
+    let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+    if len < NLMSG_HDR || len > buf.len() {
+        return Err(bad("truncated message"));
+    }
+    let payload = &buf[NLMSG_HDR..len];
+    match kind {
+        NLMSG_ERROR => {
+            let errno = payload
+                .get(0..4)
+                .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+            Err(io::Error::from_raw_os_error(-errno))
+        }
+        SOCK_DIAG_BY_FAMILY if payload.len() >= INET_DIAG_MSG => {
+            // After the id: expires, rqueue, wqueue, then uid.
+            Ok(Some(u32::from_ne_bytes([
+                payload[64],
+                payload[65],
+                payload[66],
+                payload[67],
+            ])))
+        }
+        _ => Err(bad("unexpected reply")),
+    }
 }
 
 /// A dump request for TCP sockets of `family` in SYN-RECV.
@@ -200,6 +287,31 @@ mod tests {
         m[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
         let e = messages(&m).err().map(|e| e.raw_os_error());
         assert_eq!(e, Some(Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn the_owner_of_a_loopback_client_is_this_process_user() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let local = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        // A socket belongs to the filesystem uid that made it: as root,
+        // make the client as nobody, so a reply read as zeros cannot pass.
+        // SAFETY: setfsuid changes only this thread's filesystem uid, and
+        // the old one is put back right after; getuid cannot fail.
+        let (was, me) = unsafe { (libc::setfsuid(65534), libc::getuid()) };
+        let client = std::net::TcpStream::connect(local);
+        // SAFETY: as above.
+        unsafe { libc::setfsuid(u32::try_from(was).unwrap_or(me)) };
+        let client = client.unwrap_or_else(|e| panic!("{e}"));
+        let expected = if me == 0 { 65534 } else { me };
+        let (_served, peer) = listener.accept().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(peer, client.local_addr().unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(
+            owner(local, peer).unwrap_or_else(|e| panic!("{e}")),
+            Some(expected)
+        );
+        // No such socket: nobody.
+        let gone = SocketAddr::from(([127, 0, 0, 1], 1));
+        assert_eq!(owner(local, gone).unwrap_or_else(|e| panic!("{e}")), None);
     }
 
     #[test]

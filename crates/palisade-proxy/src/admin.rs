@@ -98,7 +98,13 @@ async fn serve_as(listener: TcpListener, app: Arc<App>, mut stop: watch::Receive
                 let app = app.clone();
                 let builder = builder.clone();
                 let failures = failures.clone();
+                let local = stream.local_addr().ok();
                 crate::tasks::spawn(async move {
+                    // The metrics listener checks no token.
+                    let who = match role {
+                        Role::Admin => Who::of(local, peer),
+                        Role::MetricsOnly => Who::Addr(peer.ip()),
+                    };
                     let activity = place.held.activity.clone();
                     let io = TimedIo::new(stream, activity.clone(), deadlines);
                     let svc = hyper::service::service_fn(move |req| {
@@ -106,7 +112,7 @@ async fn serve_as(listener: TcpListener, app: Arc<App>, mut stop: watch::Receive
                         let failures = failures.clone();
                         let busy = activity.begin();
                         async move {
-                            let conn = Conn { peer: peer.ip(), loopback, failures: &failures };
+                            let conn = Conn { who, loopback, failures: &failures };
                             let resp = match role {
                                 Role::Admin => route(&app, &conn, req).await,
                                 Role::MetricsOnly => metrics_only(&app, &req),
@@ -182,9 +188,34 @@ impl Drop for Place {
 
 /// What a request's handling needs to know about its connection.
 struct Conn<'a> {
-    peer: IpAddr,
+    /// Whom its failed token checks count against.
+    who: Who,
     loopback: bool,
     failures: &'a AuthFailures,
+}
+
+/// Whom failed token checks count against: an address (IPv6 by /64), or,
+/// for a client on this host, its user. Every local user connects from
+/// 127.0.0.1, so counting by address let any of them lock the operator's
+/// `palisade bans` out with ten wrong tokens a minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Who {
+    Addr(IpAddr),
+    LocalUser(u32),
+}
+
+impl Who {
+    /// The user behind a loopback peer (one `sock_diag` lookup), else the
+    /// peer's address.
+    fn of(local: Option<std::net::SocketAddr>, peer: std::net::SocketAddr) -> Self {
+        if peer.ip().is_loopback()
+            && let Some(local) = local
+            && let Ok(Some(uid)) = palisade_kernel::diag::owner(local, peer)
+        {
+            return Self::LocalUser(uid);
+        }
+        Self::Addr(aggregate(peer.ip()))
+    }
 }
 
 /// How long a failed token check counts against its address.
@@ -192,26 +223,27 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses tracked at once; past it newcomers share one strict counter.
 const MAX_TRACKED: usize = 4096;
 
-/// Failed token checks per address (IPv6 by /64) in its current minute.
+/// Failed token checks per address (IPv6 by /64) or local user in its
+/// current minute.
 #[derive(Default)]
-struct AuthFailures(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+struct AuthFailures(Mutex<HashMap<Who, (Instant, u32)>>);
 
 impl AuthFailures {
-    /// The wait before `ip` may try a token again, if it is throttled.
-    fn throttled(&self, ip: IpAddr, limit: u32, now: Instant) -> Option<Duration> {
+    /// The wait before `who` may try a token again, if it is throttled.
+    fn throttled(&self, who: Who, limit: u32, now: Instant) -> Option<Duration> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let key = Self::slot(&map, ip);
+        let key = Self::slot(&map, who);
         let &(since, count) = map.get(&key)?;
         let left = FAILURE_WINDOW.saturating_sub(now.saturating_duration_since(since));
         (count >= limit && !left.is_zero()).then_some(left)
     }
 
-    fn record(&self, ip: IpAddr, now: Instant) {
+    fn record(&self, who: Who, now: Instant) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_TRACKED && !map.contains_key(&aggregate(ip)) {
+        if map.len() >= MAX_TRACKED && !map.contains_key(&who) {
             map.retain(|_, (since, _)| now.saturating_duration_since(*since) < FAILURE_WINDOW);
         }
-        let key = Self::slot(&map, ip);
+        let key = Self::slot(&map, who);
         let entry = map.entry(key).or_insert((now, 0));
         if now.saturating_duration_since(entry.0) >= FAILURE_WINDOW {
             *entry = (now, 0);
@@ -219,14 +251,13 @@ impl AuthFailures {
         entry.1 = entry.1.saturating_add(1);
     }
 
-    /// `ip`'s key, or the shared overflow key when the table is full: a
+    /// `who`'s key, or the shared overflow key when the table is full: a
     /// flood of addresses cannot push a guesser out to start afresh.
-    fn slot(map: &HashMap<IpAddr, (Instant, u32)>, ip: IpAddr) -> IpAddr {
-        let key = aggregate(ip);
-        if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
-            IpAddr::from([0u8; 16])
+    fn slot(map: &HashMap<Who, (Instant, u32)>, who: Who) -> Who {
+        if map.len() >= MAX_TRACKED && !map.contains_key(&who) {
+            Who::Addr(IpAddr::from([0u8; 16]))
         } else {
-            key
+            who
         }
     }
 }
@@ -504,7 +535,7 @@ fn refuse_unauthorized(rt: &Runtime, conn: &Conn<'_>, req: &Request<Incoming>) -
     };
     let now = Instant::now();
     // Checked before the token, so a guesser learns nothing more once throttled.
-    if let Some(wait) = conn.failures.throttled(conn.peer, cfg.max_auth_failures, now) {
+    if let Some(wait) = conn.failures.throttled(conn.who, cfg.max_auth_failures, now) {
         let mut r = error(StatusCode::TOO_MANY_REQUESTS, "too many failed token checks");
         if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
             r.headers_mut().insert(RETRY_AFTER, v);
@@ -520,7 +551,7 @@ fn refuse_unauthorized(rt: &Runtime, conn: &Conn<'_>, req: &Request<Incoming>) -
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         None
     } else {
-        conn.failures.record(conn.peer, now);
+        conn.failures.record(conn.who, now);
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         r.headers_mut()
             .insert("www-authenticate", HeaderValue::from_static("Bearer"));

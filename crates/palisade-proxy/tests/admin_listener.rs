@@ -229,7 +229,56 @@ async fn failed_token_checks_throttle_the_address() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
-    // Another address is not held back by it.
+    // Another address is not held back by it; on loopback, the user is
+    // the one held back, whatever address of 127/8 it uses.
     let text = send_put(&h, "127.0.0.2", &format!("Authorization: Bearer {TOKEN}\r\n")).await;
+    assert_eq!(status(&text), 429, "{text}");
+}
+
+/// Every local user connects from 127.0.0.1, and failed token checks were
+/// counted per address: any unprivileged user on the host could send ten
+/// wrong tokens a minute and keep the operator's `palisade bans` (also
+/// from 127.0.0.1) at 429 for as long as it liked. On loopback they count
+/// per user now (the socket's owner, from `sock_diag`).
+#[tokio::test]
+async fn a_local_user_guessing_tokens_does_not_lock_the_operator_out() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        assert!(std::env::var("CI").is_err(), "CI runs this test as root");
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let h = Harness::start("", "max_auth_failures = 3\n").await;
+    let url = format!(
+        "http://127.0.0.1:{}/api/v1/reputation/198.18.0.7",
+        h.admin().port()
+    );
+    let curl = |token: &str| {
+        let url = url.clone();
+        let header = format!("Authorization: Bearer {token}");
+        async move {
+            // Off the runtime's thread, which must go on serving it.
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::process::CommandExt as _;
+                let out = std::process::Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+                    .args(["-H", &header, "-H", "Content-Type: application/json"])
+                    .args(["--data", "{\"score\": 50}", "--interface", "127.0.0.1", &url])
+                    .uid(65534)
+                    .output()
+                    .expect("curl is needed");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    for guess in ["a", "b", "c"] {
+        assert_eq!(curl(&format!("guess-{guess}")).await, "401");
+    }
+    // The guesser is throttled, right token or not...
+    assert_eq!(curl(TOKEN).await, "429");
+    // ...and the operator, another user on the same address, is not.
+    let text = send_put(&h, "127.0.0.1", &format!("Authorization: Bearer {TOKEN}\r\n")).await;
     assert_eq!(status(&text), 200, "{text}");
 }
