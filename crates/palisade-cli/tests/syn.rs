@@ -1196,3 +1196,113 @@ fn a_flood_spoofed_as_the_host_itself_never_bans_it() {
     stop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ip netns exec` shows `/etc/netns/NAME/hosts` as `/etc/hosts`: a name
+/// this test resolves, and moves, inside the server namespace only.
+struct Hosts(std::path::PathBuf);
+
+impl Hosts {
+    fn new(ns: &Netns, text: &str) -> Self {
+        let dir = std::path::Path::new("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = Self(dir);
+        hosts.set(text);
+        hosts
+    }
+
+    /// In place: the bind mount shows the file's inode, not its name.
+    fn set(&self, text: &str) {
+        std::fs::write(self.0.join("hosts"), text).unwrap();
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The upstream is a name (as a cloud load balancer's is) and moves to
+/// another address. The never-ban set was resolved at start and on reload
+/// only, so a flood spoofed as the upstream's new address got it banned
+/// and cut the proxy off from it. The set is rebuilt every
+/// `syn.reconcile_interval`, and shown in `/syn-stats`.
+#[test]
+fn an_upstream_that_moves_to_another_address_stays_protected() {
+    let Some((srv, att)) = topology() else { return };
+    for extra in ["198.18.3.4/24", "198.18.3.5/24"] {
+        att.run(&["ip", "addr", "add", extra, "dev", "v1"]).unwrap();
+    }
+    // Created before the daemon starts, so that its `ip netns exec` mounts it.
+    let hosts = Hosts::new(&srv, "127.0.0.1 localhost\n198.18.3.4 upstream.test\n");
+    let _upstream = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", att.name(), env!("CARGO_BIN_EXE_palisade")])
+            .args(["demo-upstream", "--listen", "0.0.0.0:8081"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dir = scratch("palisade-syn-moving-upstream");
+    let cfg = dir.join("moving.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"198.18.3.1:8080\"\nupstreams = [\"http://upstream.test:8081\"]\n\
+             [admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t0ken-0123456789\"\n\
+             [state]\ndata_dir = \"{}\"\n\
+             [syn]\nfirewall = \"nftables\"\npoll_interval = \"100ms\"\nreconcile_interval = \"300ms\"\nxdp = \"off\"\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let daemon = start(&srv, &cfg);
+    let protected = |ip: &str| {
+        let stats = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+        stats["mitigation"]["never_ban"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["net"] == format!("{ip}/32") && n["reason"] == "upstream")
+    };
+    assert!(protected("198.18.3.4"));
+    hosts.set("127.0.0.1 localhost\n198.18.3.5 upstream.test\n");
+    eventually("the upstream's new address is protected", || {
+        protected("198.18.3.5")
+    });
+    let out = att
+        .exec(&[
+            "hping3",
+            "-q",
+            "-S",
+            "-a",
+            "198.18.3.5",
+            "-p",
+            "8080",
+            "-i",
+            "u200",
+            "-c",
+            "3000",
+            "198.18.3.1",
+        ])
+        .expect("hping3 is needed (scripts/test installs it)");
+    assert!(out.status.code().is_some(), "hping3 was killed");
+    let stats = json(&get(&srv, None, "127.0.0.1:9090", "/syn-stats").unwrap());
+    assert!(
+        !stats["bans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["net"] == "198.18.3.5/32"),
+        "the upstream's new address was banned: {stats}"
+    );
+    let served = (0..10)
+        .filter(|_| {
+            get(&att, Some("198.18.3.3"), "198.18.3.1:8080", "/")
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        })
+        .count();
+    assert_eq!(served, 10, "{stats}");
+    stop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -168,6 +168,11 @@ impl NeverBan {
             .copied()
     }
 
+    /// The protected networks and why, in the order found.
+    pub fn entries(&self) -> &[(IpNet, Protected)] {
+        &self.nets
+    }
+
     /// How many networks are protected.
     pub fn len(&self) -> usize {
         self.nets.len()

@@ -337,6 +337,26 @@ impl App {
         Some(defense)
     }
 
+    /// Rebuilds the never-ban set from `config` and the host, for the SYN
+    /// defense and the cluster (when running).
+    pub async fn rebuild_never_ban(&self, config: Config) {
+        if self.syn.get().is_none() && self.cluster.is_none() {
+            return;
+        }
+        // Resolves names: off the async workers.
+        match tokio::task::spawn_blocking(move || NeverBan::build(&config)).await {
+            Ok(never_ban) => {
+                if let Some(c) = &self.cluster {
+                    c.set_never_ban(never_ban.clone());
+                }
+                if let Some(d) = self.syn.get() {
+                    d.set_never_ban(never_ban);
+                }
+            }
+            Err(e) => tracing::error!("never-ban set not rebuilt, the old one stays: {e}"),
+        }
+    }
+
     /// The SYN-flood defense, when running.
     pub fn syn(&self) -> Option<&Arc<SynDefense>> {
         self.syn.get()
@@ -615,21 +635,7 @@ impl App {
         for u in runtime.upstreams.iter().filter(|u| u.breaker.is_some()) {
             self.metrics.zero_upstream(u.label);
         }
-        if self.syn.get().is_some() || self.cluster.is_some() {
-            // Resolves names: off the async workers.
-            let config = runtime.config.clone();
-            match tokio::task::spawn_blocking(move || NeverBan::build(&config)).await {
-                Ok(never_ban) => {
-                    if let Some(c) = &self.cluster {
-                        c.set_never_ban(never_ban.clone());
-                    }
-                    if let Some(d) = self.syn.get() {
-                        d.set_never_ban(never_ban);
-                    }
-                }
-                Err(e) => tracing::error!("never-ban set not rebuilt, the old one stays: {e}"),
-            }
-        }
+        self.rebuild_never_ban(runtime.config.clone()).await;
         self.runtime.store(Arc::new(runtime));
         self.metrics.config_last_reload_success.set(1);
         self.metrics.last_reload_success_timestamp.set(unix_seconds());

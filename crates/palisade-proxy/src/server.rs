@@ -112,6 +112,7 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     if let Some(defense) = app.start_syn_defense(proxy_listener.local_addr()?) {
         crate::tasks::spawn(defense.run(stopped.clone()));
     }
+    crate::tasks::spawn(refresh_never_ban(app.clone(), stopped.clone()));
     let metrics_addr = metrics_listener
         .as_ref()
         .map(TcpListener::local_addr)
@@ -154,6 +155,27 @@ async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
+}
+
+/// Rebuilds the never-ban set every `syn.reconcile_interval` (10 s), until
+/// `stop`: an upstream, Redis or feed host named in the config may move to
+/// another address (a cloud load balancer's do), and a spoofed flood "from"
+/// its new one must not get it banned until the next reload.
+async fn refresh_never_ban(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let every = app
+            .runtime()
+            .config
+            .syn
+            .as_ref()
+            .map_or(Duration::from_secs(10), |s| s.reconcile_interval);
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let config = app.runtime().config.clone();
+        app.rebuild_never_ban(config).await;
+    }
 }
 
 /// Samples the live task count and alerts on leaks, until `stop`.

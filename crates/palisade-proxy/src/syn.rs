@@ -1587,6 +1587,10 @@ impl SynDefense {
                 "syncookie_steps": snap.syncookie_steps,
                 "active_bans": bans.len(),
                 "bans_refused": self.refused().into_iter().collect::<BTreeMap<_, _>>(),
+                // What no ban may cover now (the first 1 000).
+                "never_ban": self.never_ban.load().entries().iter().take(1000)
+                    .map(|(net, why)| serde_json::json!({ "net": net, "reason": why.as_str() }))
+                    .collect::<Vec<_>>(),
             },
             "port": self.port,
             "capture": self.capturing,
