@@ -24,6 +24,7 @@ use crate::access_log::{AccessLogSettings, Destination, Format};
 use crate::maintenance::MaintenancePage;
 use crate::tasks::WatchdogConfig;
 use crate::tls::TlsConfig;
+use crate::upstream_tls::UpstreamTls;
 
 /// The quickstart config, which is also the reference of every key.
 pub const QUICKSTART: &str = include_str!("quickstart.toml");
@@ -374,6 +375,9 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// Open connections per upstream, busy or idle; past it, 503.
     pub max_connections: usize,
+    /// TLS to `https://` upstreams; `None` when every upstream is `http://`
+    /// and no `tls_*` key is set.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// `[admin]`.
@@ -779,6 +783,10 @@ struct RawUpstream {
     pool_idle_timeout: String,
     pool_max_idle: usize,
     max_connections: usize,
+    tls_server_name: String,
+    tls_ca: String,
+    tls_client_cert: String,
+    tls_client_key: String,
 }
 
 impl Default for RawUpstream {
@@ -789,6 +797,10 @@ impl Default for RawUpstream {
             pool_idle_timeout: "90s".into(),
             pool_max_idle: 256,
             max_connections: 1024,
+            tls_server_name: String::new(),
+            tls_ca: String::new(),
+            tls_client_cert: String::new(),
+            tls_client_key: String::new(),
         }
     }
 }
@@ -892,6 +904,58 @@ impl RawConfig {
         }))
     }
 
+    fn upstream_tls(&self, upstreams: &[Uri], base: Option<&Path>) -> Result<Option<UpstreamTls>, Invalid> {
+        use crate::upstream_tls::Key;
+        let u = &self.upstream;
+        let https = upstreams
+            .iter()
+            .any(|u| u.scheme() == Some(&http::uri::Scheme::HTTPS));
+        let keys = [
+            &u.tls_server_name,
+            &u.tls_ca,
+            &u.tls_client_cert,
+            &u.tls_client_key,
+        ];
+        if !https && keys.iter().all(|k| k.is_empty()) {
+            return Ok(None);
+        }
+        let server_name = match u.tls_server_name.as_str() {
+            "" => None,
+            name => Some(
+                crate::upstream_tls::server_name(name)
+                    .map_err(|m| at(p!("upstream", "tls_server_name"), m))?,
+            ),
+        };
+        let client_cert = match (u.tls_client_cert.as_str(), u.tls_client_key.as_str()) {
+            ("", "") => None,
+            (_, "") => {
+                return Err(at(
+                    p!("upstream", "tls_client_cert"),
+                    "upstream.tls_client_cert is set: upstream.tls_client_key is needed too",
+                ));
+            }
+            ("", _) => {
+                return Err(at(
+                    p!("upstream", "tls_client_key"),
+                    "upstream.tls_client_key is set: upstream.tls_client_cert is needed too",
+                ));
+            }
+            (cert, key) => Some((resolve(base, cert), resolve(base, key))),
+        };
+        let ca = (!u.tls_ca.is_empty()).then(|| resolve(base, &u.tls_ca));
+        let system_roots = ca.is_none();
+        crate::upstream_tls::load(server_name, ca, client_cert)
+            .map(Some)
+            .map_err(|(key, m)| match key {
+                // Without upstream.tls_ca the roots are the system's: the
+                // error is about the upstreams that need them.
+                Key::Ca if system_roots => at(p!("server", "upstreams"), m),
+                Key::Ca => at(p!("upstream", "tls_ca"), m),
+                Key::ClientCert => at(p!("upstream", "tls_client_cert"), m),
+                Key::ClientKey => at(p!("upstream", "tls_client_key"), m),
+            })
+    }
+
     fn validate(self, base: Option<&Path>) -> Result<Config, Invalid> {
         let s = &self.server;
         let server = ServerConfig {
@@ -958,6 +1022,7 @@ impl RawConfig {
                 0 => return Err(at(p!("upstream", "max_connections"), "must be > 0")),
                 n => n,
             },
+            tls: self.upstream_tls(&server.upstreams, base)?,
         };
         let a = &self.admin;
         let admin_listen = addr(&a.listen, p!("admin", "listen"))?;
@@ -1417,17 +1482,19 @@ fn addr(s: &str, path: &[Seg]) -> Result<SocketAddr, Invalid> {
 fn upstream_uri(s: &str) -> Result<Uri, String> {
     let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!("{s:?}: https upstreams are not supported yet; use http"));
-        }
-        _ => return Err(format!("{s:?}: expected http://host:port")),
+        Some("http" | "https") => {}
+        _ => return Err(format!("{s:?}: expected http://host:port or https://host:port")),
     }
     if uri.authority().is_none() {
         return Err(format!("{s:?}: missing host"));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!("{s:?}: a path or query on an upstream is not supported"));
+    }
+    if uri.scheme() == Some(&http::uri::Scheme::HTTPS)
+        && let Some(host) = uri.host()
+    {
+        crate::upstream_tls::server_name(host).map_err(|m| format!("{s:?}: {m}"))?;
     }
     Ok(uri)
 }
@@ -1576,11 +1643,11 @@ mod tests {
         assert_eq!(c.shield.reputation.unwrap().0.flood_threshold, 20);
         assert_eq!(c.server.listen.port(), 1);
         let bad = Overrides {
-            upstreams: vec!["https://x".into()],
+            upstreams: vec!["ftp://x".into()],
             ..Default::default()
         };
         let e = Config::parse(MINIMAL, "t", &bad).unwrap_err().to_string();
-        assert!(e.starts_with("--upstream: \"https://x\": https upstreams"), "{e}");
+        assert!(e.starts_with("--upstream: \"ftp://x\": expected http://"), "{e}");
         assert_eq!(c.server.upstreams[0].to_string(), "http://10.0.0.1:80/");
     }
 
@@ -1678,7 +1745,7 @@ mod tests {
         let e = err("[server]\nupstreams = [\"http://a:1\", \"ftp://b\"]\n");
         assert_eq!(
             e,
-            "test.toml:2:28: server.upstreams[1]: \"ftp://b\": expected http://host:port"
+            "test.toml:2:28: server.upstreams[1]: \"ftp://b\": expected http://host:port or https://host:port"
         );
         let e = err("[server]\nupstreams = []\n");
         assert_eq!(

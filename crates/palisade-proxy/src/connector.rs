@@ -6,6 +6,9 @@
 //! connections of each upstream authority (a slot rides inside the
 //! connection and is given back when it closes) and refuses a new one at
 //! the cap at once: the request is answered 503, it never waits.
+//!
+//! An `https://` upstream's connection is the same TCP connection with a
+//! TLS handshake on top, under the same cap, pool and timeouts.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,6 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::Uri;
 use http::uri::Authority;
@@ -21,18 +25,35 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::upstream_tls::{TlsFailed, UpstreamTls};
 
 /// Every upstream connection is in use and the cap is reached.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream connection limit ({0}) reached")]
 pub struct AtCapacity(pub usize);
 
-/// An [`HttpConnector`] with at most `max` open connections per authority.
+/// An `https://` upstream, but no TLS settings to reach it with.
+#[derive(Debug, thiserror::Error)]
+#[error("no TLS settings for an https upstream")]
+struct NoTls;
+
+/// TLS for `https://` authorities, and the longest handshake.
+#[derive(Clone)]
+struct Tls {
+    settings: UpstreamTls,
+    handshake_timeout: Duration,
+}
+
+/// An [`HttpConnector`] with at most `max` open connections per authority,
+/// speaking TLS to `https://` ones.
 #[derive(Clone)]
 pub struct CappedConnector {
     inner: HttpConnector,
     max: usize,
     open: Arc<Mutex<HashMap<Authority, Arc<AtomicUsize>>>>,
+    tls: Option<Tls>,
 }
 
 impl CappedConnector {
@@ -42,7 +63,23 @@ impl CappedConnector {
             inner,
             max,
             open: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS with `settings` to `https://` authorities; a handshake
+    /// longer than `handshake_timeout` fails the connection as a connect
+    /// timeout does.
+    #[must_use]
+    pub fn with_tls(mut self, settings: UpstreamTls, handshake_timeout: Duration) -> Self {
+        // The scheme decides TLS here, so the inner connector must accept
+        // https URIs (it connects TCP only).
+        self.inner.enforce_http(false);
+        self.tls = Some(Tls {
+            settings,
+            handshake_timeout,
+        });
+        self
     }
 
     fn slot(&self, uri: &Uri) -> Result<Slot, AtCapacity> {
@@ -88,43 +125,88 @@ impl tower_service::Service<Uri> for CappedConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let slot = self.slot(&uri);
+        let tls = (uri.scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| self.tls.clone());
+        let host = uri.host().map(str::to_owned);
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             let slot = slot?;
-            let io = connecting.await?;
-            Ok(CappedConn { io, slot })
+            let tcp = connecting.await?;
+            let Some(tls) = tls else {
+                return Ok(CappedConn {
+                    io: Io::Plain(tcp),
+                    slot,
+                });
+            };
+            let tls = tls.ok_or(NoTls)?;
+            let name = match &tls.settings.server_name {
+                Some(name) => name.clone(),
+                None => crate::upstream_tls::server_name(host.as_deref().unwrap_or_default())?,
+            };
+            let handshake = tls.settings.connector.connect(name, tcp.into_inner());
+            let stream = match tokio::time::timeout(tls.handshake_timeout, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(TlsFailed::new(&e).into()),
+                Err(_) => {
+                    return Err(
+                        io::Error::new(io::ErrorKind::TimedOut, "upstream TLS handshake timed out").into(),
+                    );
+                }
+            };
+            Ok(CappedConn {
+                io: Io::Tls(Box::new(TokioIo::new(stream))),
+                slot,
+            })
         })
     }
 }
 
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    // Boxed: a rustls connection is over a kilobyte, a socket a few words.
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
 /// An upstream connection holding its place under the cap.
 pub struct CappedConn {
-    io: TokioIo<TcpStream>,
+    io: Io,
     slot: Slot,
 }
 
 impl CappedConn {
-    /// The socket and its place under the cap (a tunnel keeps both).
-    pub fn into_parts(self) -> (TcpStream, Slot) {
-        (self.io.into_inner(), self.slot)
+    /// The plain socket and its place under the cap (a tunnel splices the
+    /// one and keeps the other); a TLS connection is handed back as it is.
+    pub fn into_tcp(self) -> Result<(TcpStream, Slot), Self> {
+        match self.io {
+            Io::Plain(tcp) => Ok((tcp.into_inner(), self.slot)),
+            io @ Io::Tls(_) => Err(Self { io, slot: self.slot }),
+        }
     }
 }
 
 impl Connection for CappedConn {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match &self.io {
+            Io::Plain(tcp) => tcp.connected(),
+            Io::Tls(tls) => tls.inner().get_ref().0.connected(),
+        }
     }
 }
 
 impl Read for CappedConn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
+        }
     }
 }
 
 impl Write for CappedConn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -132,18 +214,30 @@ impl Write for CappedConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Io::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+        }
     }
 }

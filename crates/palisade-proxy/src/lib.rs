@@ -41,6 +41,7 @@ pub mod syn;
 pub mod tasks;
 pub mod tls;
 pub mod tunnel;
+pub mod upstream_tls;
 
 pub use server::{Running, start, start_reloadable};
 

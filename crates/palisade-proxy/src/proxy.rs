@@ -49,6 +49,7 @@ use crate::stall::StreamExecutor;
 use crate::state::DurableState;
 use crate::syn::SynDefense;
 use crate::tunnel::{self, TunnelMode};
+use crate::upstream_tls::failure_in_chain;
 
 /// Body sent upstream: the client's body with deadlines, or nothing.
 pub type UpstreamBody = Either<TimedBody<Incoming>, Empty<Bytes>>;
@@ -66,6 +67,8 @@ pub struct ConfigSource {
 
 /// One upstream and its breaker.
 pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: Scheme,
     /// Where requests go.
     pub authority: Authority,
     /// The `upstream` metrics label.
@@ -115,9 +118,13 @@ impl Runtime {
             .server
             .upstreams
             .iter()
-            .filter_map(|u| u.authority().cloned())
-            .map(|authority| {
-                let old = previous.and_then(|p| p.upstreams.iter().find(|u| u.authority == authority));
+            .filter_map(|u| Some((u.scheme()?.clone(), u.authority()?.clone())))
+            .map(|(scheme, authority)| {
+                let old = previous.and_then(|p| {
+                    p.upstreams
+                        .iter()
+                        .find(|u| u.authority == authority && u.scheme == scheme)
+                });
                 let breaker = config
                     .breaker
                     .as_ref()
@@ -130,6 +137,7 @@ impl Runtime {
                     });
                 Upstream {
                     label: intern(authority.as_str()),
+                    scheme,
                     authority,
                     breaker,
                 }
@@ -191,12 +199,16 @@ fn upstream_client(config: &Config) -> Client<CappedConnector, UpstreamBody> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.upstream.connect_timeout));
     connector.set_nodelay(true);
+    let mut capped = CappedConnector::new(connector, config.upstream.max_connections);
+    if let Some(tls) = &config.upstream.tls {
+        capped = capped.with_tls(tls.clone(), config.upstream.connect_timeout);
+    }
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(config.upstream.pool_idle_timeout)
         .pool_max_idle_per_host(config.upstream.pool_max_idle)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(CappedConnector::new(connector, config.upstream.max_connections))
+        .build(capped)
 }
 
 fn connection_builder(config: &Config) -> auto::Builder<StreamExecutor> {
@@ -891,7 +903,7 @@ impl App {
         };
         set_forwarded(&mut parts.headers, &hop);
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(upstream.scheme.clone());
         uri.authority = Some(upstream.authority.clone());
         uri.path_and_query = Some(
             parts
@@ -925,6 +937,7 @@ impl App {
             Either::Left(TimedBody::new(body, rt.body_limits, cut.clone()))
         };
         let sent = rt.client.request(Request::from_parts(parts, body));
+        let mut tls_detail = None;
         let failure = match tokio::time::timeout(rt.config.upstream.response_timeout, sent).await {
             Ok(Ok(mut resp)) => {
                 let failed = rt
@@ -962,6 +975,10 @@ impl App {
             Ok(Err(_)) if cut.get() == Some(Cut::TooSlow) => UpstreamFailure::SlowBody,
             Ok(Err(_)) if cut.get() == Some(Cut::TooLarge) => UpstreamFailure::BodyTooLarge,
             Ok(Err(e)) if in_error_chain(&e, |x| x.is::<AtCapacity>()) => UpstreamFailure::AtCapacity,
+            Ok(Err(ref e)) if let Some((reason, detail)) = failure_in_chain(e) => {
+                tls_detail = Some(detail);
+                UpstreamFailure::Tls(reason)
+            }
             Ok(Err(e)) if e.is_connect() => UpstreamFailure::Connect,
             Ok(Err(e)) if caused_by_client_body(&e) => UpstreamFailure::ClientBody,
             Ok(Err(e)) => {
@@ -981,7 +998,18 @@ impl App {
         Metrics::inc(&self.metrics.upstream_errors, failure.as_str());
         let at_capacity = matches!(failure, UpstreamFailure::AtCapacity);
         if (outcome == Outcome::Failure || at_capacity) && self.log_budget.take(self.now()) {
-            tracing::warn!(peer = %conn.peer, upstream = upstream.label, failure = failure.as_str(), "upstream failed");
+            match &tls_detail {
+                Some(reason) => tracing::warn!(
+                    peer = %conn.peer,
+                    upstream = upstream.label,
+                    failure = failure.as_str(),
+                    reason = %reason,
+                    "upstream TLS handshake failed"
+                ),
+                None => {
+                    tracing::warn!(peer = %conn.peer, upstream = upstream.label, failure = failure.as_str(), "upstream failed");
+                }
+            }
         }
         not_forwarded(respond::upstream_failure(failure).map(Either::Right))
     }

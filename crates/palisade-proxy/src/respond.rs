@@ -6,6 +6,8 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 pub use palisade::respond::{breaker_open, rejection, text};
 
+use crate::upstream_tls::TlsReason;
+
 /// Why the proxy could not get an answer from upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
@@ -21,6 +23,8 @@ pub enum UpstreamFailure {
     ClientBody,
     /// Every connection `upstream.max_connections` allows is open.
     AtCapacity,
+    /// The TLS handshake with an `https://` upstream failed.
+    Tls(TlsReason),
     /// Anything else (reset mid-response, protocol error).
     Other,
 }
@@ -35,6 +39,7 @@ impl UpstreamFailure {
             Self::BodyTooLarge => "body_too_large",
             Self::ClientBody => "client_body",
             Self::AtCapacity => "at_capacity",
+            Self::Tls(reason) => reason.as_str(),
             Self::Other => "other",
         }
     }
@@ -43,7 +48,9 @@ impl UpstreamFailure {
 /// The answer when upstream failed.
 pub fn upstream_failure(f: UpstreamFailure) -> Response<Full<Bytes>> {
     match f {
-        UpstreamFailure::Connect | UpstreamFailure::Other => text(StatusCode::BAD_GATEWAY, "Bad Gateway\n"),
+        UpstreamFailure::Connect | UpstreamFailure::Tls(_) | UpstreamFailure::Other => {
+            text(StatusCode::BAD_GATEWAY, "Bad Gateway\n")
+        }
         UpstreamFailure::ClientBody => text(StatusCode::BAD_REQUEST, "Bad Request\n"),
         UpstreamFailure::Timeout => text(StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout\n"),
         UpstreamFailure::AtCapacity => {

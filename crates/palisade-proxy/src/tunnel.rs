@@ -1,7 +1,7 @@
 //! Upgraded connections (WebSocket and other `Upgrade:` protocols) are
 //! byte tunnels. On Linux, when both ends are plain TCP sockets, bytes move
 //! socket → pipe → socket with `splice(2)` and never enter user space;
-//! otherwise (TLS on the client side) they are copied.
+//! otherwise (TLS on either side) they are copied.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,9 +124,26 @@ fn start<'a>(client: Upgraded, upstream: Upgraded, activity: &'a Activity) -> (T
             );
         }
     };
-    // The upstream connection keeps its place under the cap while tunnelling.
-    let (mut upstream_tcp, slot) = upstream.io.into_parts();
     let (to_upstream, to_client) = (client.read_buf, upstream.read_buf);
+    // The upstream connection keeps its place under the cap while tunnelling.
+    let (mut upstream_tcp, slot) = match upstream.io.into_tcp() {
+        Ok(plain) => plain,
+        Err(tls) => {
+            return (
+                TunnelMode::Copy,
+                Box::pin(async move {
+                    let mut upstream = TokioIo::new(tls);
+                    upstream.write_all(&to_upstream).await?;
+                    client_tcp.write_all(&to_client).await?;
+                    let moved = copy(client_tcp, upstream, activity).await?;
+                    Ok((
+                        moved.0 + to_upstream.len() as u64,
+                        moved.1 + to_client.len() as u64,
+                    ))
+                }),
+            );
+        }
+    };
     #[cfg(target_os = "linux")]
     let mode = TunnelMode::Splice;
     #[cfg(not(target_os = "linux"))]
