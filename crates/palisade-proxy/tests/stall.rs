@@ -211,10 +211,11 @@ async fn h2_client_that_reads_gets_the_whole_response() {
 }
 
 /// A client that reads steadily but slowly, through a small window, is not
-/// a stalled one: with a 16 KiB stream window opened every 100 ms, ten
-/// times within `write_timeout`, it gets its whole response. The upstream
-/// writes the body at once, so the proxy reads it in chunks of hundreds of
-/// KiB; counted as one step of progress each, such a chunk took longer than
+/// a stalled one: reading a 16 KiB frame every 100 ms (about 80 KB/s once
+/// its connection window's updates are counted), twenty frames within
+/// `write_timeout`, it gets its whole response. The upstream writes the
+/// body at once, so the proxy reads it in chunks of up to hundreds of KiB;
+/// counted as one step of progress each, such a chunk took longer than
 /// `write_timeout` to drain through this window and the stream was reset
 /// half way (as it would be for a browser on a link slower than about
 /// 40 KB/s with the default 10 s).
@@ -223,7 +224,7 @@ async fn h2_client_reading_slowly_through_a_small_window_is_not_reset() {
     let (upstream, open) = big_upstream(800_000).await;
     let h = Harness::start_with_upstream(
         &format!("http://{upstream}"),
-        "write_timeout = \"1s\"",
+        "write_timeout = \"2s\"",
         "",
         upstream,
     )
