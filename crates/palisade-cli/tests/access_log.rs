@@ -631,3 +631,57 @@ fn fail2ban_stock_nginx_filters_match_palisade_lines() {
     let refused = fail2ban_matches(&log, &shipped).unwrap();
     assert_eq!(refused, limited);
 }
+
+/// A disk that stops taking lines (here a FIFO nobody reads) never holds
+/// up a request: the writer's queue fills, every request is still
+/// answered, the lines that found no room are counted, and once the
+/// reader comes back the lines written and the lines dropped add up to
+/// the requests.
+#[test]
+fn a_stalled_log_drops_and_counts_lines_and_never_stalls_requests() {
+    let dir = temp_dir("stalled");
+    let fifo = dir.join("access.log");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // Read-write: a reader exists (the daemon's open does not wait), but
+    // nothing is read until the burst is over.
+    let pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let d = start(
+        &dir,
+        "[access_log]\nenabled = true\npath = \"access.log\"\n\
+         [rate_limit]\nenabled = false\n[reputation]\nenabled = false\n",
+    );
+    // More than the queue (8 192 lines) and the pipe (64 KiB) hold.
+    let n = 10_000;
+    let statuses = curl(&[], &format!("http://{}/?[1-{n}]", d.proxy));
+    assert_eq!(statuses.len(), n);
+    assert!(statuses.iter().all(|s| *s == 200));
+    assert_eq!(requests_total(d.admin), n as u64);
+    let dropped = metric(d.admin, "palisade_access_log_dropped_total") as usize;
+    assert!(dropped > 0, "nothing dropped: the queue never filled");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut written = 0;
+    while written + dropped < n {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{written} lines written, {dropped} dropped, of {n}"));
+        let c = parse_combined(&line);
+        assert_eq!(c.status, 200);
+        written += 1;
+    }
+    assert_eq!(written + dropped, n);
+    assert_eq!(
+        metric(d.admin, "palisade_access_log_dropped_total") as usize,
+        dropped
+    );
+}
