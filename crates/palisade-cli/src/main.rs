@@ -339,6 +339,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let env_token = std::env::var("PALISADE_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
+    if let Some(path) = &args.config {
+        warn_if_others_read_secrets(path, &config, &overrides, env_token.is_some());
+    }
     if let Some(token) = &env_token {
         palisade_proxy::config::check_token(token)
             .map_err(|m| BadConfig(format!("PALISADE_ADMIN_TOKEN: {m}")))?;
@@ -566,6 +569,41 @@ impl Terminate {
             let _ = (&self.term, &self.int);
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Warns when the config file holds a secret (the admin token, the cluster
+/// key, a Redis password) and every user on the host may read it.
+fn warn_if_others_read_secrets(
+    path: &std::path::Path,
+    config: &Config,
+    overrides: &Overrides,
+    env_token: bool,
+) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(meta) = std::fs::metadata(path) else { return };
+    if meta.permissions().mode() & 0o004 == 0 {
+        return;
+    }
+    let mut held = Vec::new();
+    if config.admin.token.is_some() && !env_token {
+        held.push("admin.token");
+    }
+    if let Some(c) = &config.cluster {
+        if c.key.is_some() && overrides.cluster_key.is_none() {
+            held.push("cluster.key");
+        }
+        if overrides.redis.is_none() && c.redis.iter().any(|u| u.contains('@')) {
+            held.push("a password in cluster.redis");
+        }
+    }
+    if !held.is_empty() {
+        tracing::warn!(
+            "{} is readable by every user on this host and holds {}: chmod o-r it, or give them in \
+             PALISADE_ADMIN_TOKEN, PALISADE_CLUSTER_KEY and PALISADE_REDIS_URL",
+            path.display(),
+            held.join(", ")
+        );
     }
 }
 

@@ -1223,3 +1223,41 @@ fn the_redis_url_from_the_environment_stays_out_of_the_command_line() {
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A config file holding the admin token, readable by every user (0644, the
+/// usual umask's), handed that token to any local user, silently. The
+/// daemon now says so at start; a 0600 file, or the token from the
+/// environment, draws no warning.
+#[test]
+fn a_world_readable_config_holding_a_secret_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (upstream, _up) = demo_upstream();
+    let config = temp_file(
+        "readable-secret.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"http://{upstream}\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t0ken-0123456789\"\n[syn]\nenabled = false\n"
+        ),
+    );
+    let start_log = |mode: u32, env_token: bool| {
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut cmd = palisade();
+        cmd.args(["run", "--config"]).arg(&config).stderr(Stdio::piped());
+        if env_token {
+            cmd.env("PALISADE_ADMIN_TOKEN", "env-t0ken-0123456789");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let _daemon = Reaped(child);
+        running_addrs(&mut err).2
+    };
+    let log = start_log(0o644, false);
+    assert!(
+        log.contains("is readable by every user on this host and holds admin.token"),
+        "{log}"
+    );
+    for (mode, env) in [(0o600, false), (0o644, true)] {
+        let log = start_log(mode, env);
+        assert!(!log.contains("readable by every user"), "{mode:o} {env}: {log}");
+    }
+}
