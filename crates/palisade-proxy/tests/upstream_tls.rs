@@ -22,6 +22,7 @@ use palisade_proxy::proxy::ConfigSource;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// A CA, able to issue certificates.
@@ -71,13 +72,31 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
-/// An HTTPS upstream on 127.0.0.1 answering `200 tls-upstream`, with the
-/// number of TLS handshakes it completed. `client_ca`: client certificates
-/// are required and must be issued by it.
+/// An HTTPS upstream on 127.0.0.1 and the number of TLS handshakes it
+/// completed; see [`tls_upstream_full`].
 async fn tls_upstream(
     cert: &(String, String),
     client_ca: Option<&Ca>,
 ) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let u = tls_upstream_full(cert, client_ca).await;
+    (u.addr, u.handshakes)
+}
+
+struct TlsUpstream {
+    addr: std::net::SocketAddr,
+    /// TLS handshakes completed.
+    handshakes: Arc<AtomicU64>,
+    /// Requests for `/hold` received.
+    held: Arc<AtomicU64>,
+    /// Lets every `/hold` request answer.
+    release: Arc<tokio::sync::Notify>,
+}
+
+/// An HTTPS upstream on 127.0.0.1: `/ws` accepts an `Upgrade` with 101 and
+/// echoes bytes, `/hold` answers once released, anything else is
+/// `200 tls-upstream`. `client_ca`: client certificates are required and
+/// must be issued by it.
+async fn tls_upstream_full(cert: &(String, String), client_ca: Option<&Ca>) -> TlsUpstream {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.0.as_bytes())
         .collect::<Result<_, _>>()
         .unwrap();
@@ -104,6 +123,9 @@ async fn tls_upstream(
     let addr = listener.local_addr().unwrap();
     let handshakes = Arc::new(AtomicU64::new(0));
     let counted = handshakes.clone();
+    let held = Arc::new(AtomicU64::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (held_seen, released) = (held.clone(), release.clone());
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -111,21 +133,61 @@ async fn tls_upstream(
             };
             let acceptor = acceptor.clone();
             let counted = counted.clone();
+            let (held, release) = (held_seen.clone(), released.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 counted.fetch_add(1, Ordering::SeqCst);
-                let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"tls-upstream"))))
-                });
+                let service = service_fn(move |req| answer(req, held.clone(), release.clone()));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
+                    .with_upgrades()
                     .await;
             });
         }
     });
-    (addr, handshakes)
+    TlsUpstream {
+        addr,
+        handshakes,
+        held,
+        release,
+    }
+}
+
+async fn answer(
+    mut req: Request<hyper::body::Incoming>,
+    held: Arc<AtomicU64>,
+    release: Arc<tokio::sync::Notify>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    match req.uri().path() {
+        "/ws" => {
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
+            resp.headers_mut()
+                .insert(http::header::UPGRADE, http::HeaderValue::from_static("echo"));
+            Ok(resp)
+        }
+        "/hold" => {
+            let released = release.notified();
+            held.fetch_add(1, Ordering::SeqCst);
+            released.await;
+            Ok(Response::new(Full::new(Bytes::from_static(b"released"))))
+        }
+        _ => Ok(Response::new(Full::new(Bytes::from_static(b"tls-upstream")))),
+    }
 }
 
 async fn proxy(upstream: std::net::SocketAddr, upstream_keys: &str) -> Harness {
@@ -323,6 +385,96 @@ async fn tls_failures_open_the_upstream_breaker() {
     assert_eq!(
         metric(&m, "palisade_upstream_errors_total{kind=\"tls_unknown_issuer\"}"),
         3.0
+    );
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_through_an_https_upstream_is_tunnelled() {
+    let d = dir("ws");
+    let ca = Ca::new("upstream CA");
+    let up = tls_upstream_full(&ca.issue(&["127.0.0.1"], false), None).await;
+    let ca_file = write(&d, "ca.pem", &ca.pem());
+    let h = proxy(up.addr, &format!("tls_ca = \"{ca_file}\"")).await;
+    let mut s = common::connect_from("127.0.0.2", h.proxy()).await;
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    // 1 MiB each way, through TLS on the upstream side: copied, not spliced.
+    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::with_capacity(payload.len());
+    tokio::time::timeout(std::time::Duration::from_secs(30), r.read_to_end(&mut echoed))
+        .await
+        .expect("tunnel stalled")
+        .unwrap();
+    writer.await.unwrap();
+    assert!(
+        echoed == payload,
+        "{} bytes echoed of {}",
+        echoed.len(),
+        payload.len()
+    );
+    let mut tunnels = 0.0;
+    for _ in 0..50 {
+        tunnels = metric(&h.metrics().await, "palisade_tunnels_total{kind=\"copy\"}");
+        if tunnels > 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(tunnels, 1.0);
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_connections_count_against_max_connections() {
+    let d = dir("cap");
+    let ca = Ca::new("upstream CA");
+    let up = tls_upstream_full(&ca.issue(&["127.0.0.1"], false), None).await;
+    let ca_file = write(&d, "ca.pem", &ca.pem());
+    let h = proxy(up.addr, &format!("tls_ca = \"{ca_file}\"\nmax_connections = 1")).await;
+    let mut first = h.client("127.0.0.2").await;
+    let holding = tokio::spawn(async move { first.get("/hold").await });
+    // Until the upstream has the first request, its one connection may
+    // not be open yet.
+    for _ in 0..200 {
+        if up.held.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        up.held.load(Ordering::SeqCst),
+        1,
+        "the held request never arrived"
+    );
+    let (status, _, _) = h.client("127.0.0.3").await.get("/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    up.release.notify_waiters();
+    let (status, _, body) = holding.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "released"));
+    // The connection is back in the pool: the next request reuses it.
+    let (status, _, body) = h.client("127.0.0.3").await.get("/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "tls-upstream"));
+    assert_eq!(up.handshakes.load(Ordering::SeqCst), 1);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_upstream_errors_total{kind=\"at_capacity\"}"),
+        1.0
     );
     h.running.shutdown().await;
 }
