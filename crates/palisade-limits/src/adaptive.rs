@@ -581,7 +581,7 @@ impl AdaptiveBreaker {
 
     fn tighter_limit(&self, b: &mut Breaker, quota: &Quota, now: Nanos) -> Admission {
         let tight = tighten(quota, self.cfg.degraded_rate_factor);
-        let tau = tight.tolerance().min(MAX_TOLERANCE);
+        let tau = tight.tolerance_within(MAX_TOLERANCE);
         // `tat` and `now` both measured from the start of the current second.
         match gcra(b.tat, now % NANOS_PER_SEC, tight.emission_interval(), tau) {
             Ok(tat) => {
@@ -690,6 +690,7 @@ pub fn tighten(quota: &Quota, factor: f64) -> Quota {
     };
     Quota {
         rate: scale(quota.rate),
+        per: quota.per,
         burst: scale(quota.burst),
         window_limit: scale(quota.window_limit),
     }

@@ -3,7 +3,7 @@
 //! [`RateLimiter`] makes two checks, both must pass, on the client's 32-byte
 //! [`record`](crate::record) taken under its lock:
 //! - a token bucket (as GCRA: a "theoretical arrival time") that refills at
-//!   `rate` per second and holds up to `burst` requests;
+//!   `rate` per [`Period`] and holds up to `burst` requests;
 //! - a 1 s window, approximated by two per-second counters, that caps the
 //!   requests admitted in the last second at `window_limit`, whatever the
 //!   bucket says (error against an exact window: `tests/window.rs`).
@@ -27,11 +27,41 @@ pub const SLOT_NANOS: Nanos = 100 * palisade_core::NANOS_PER_MS;
 /// Slots per window (10 × 100 ms = 1 s).
 pub const SLOTS: usize = 10;
 
+/// What a quota's `rate` counts requests per.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Period {
+    /// `"100/s"`, or a bare number.
+    #[default]
+    Second,
+    /// `"5/m"`.
+    Minute,
+    /// `"1000/h"`.
+    Hour,
+}
+
+impl Period {
+    /// Its length in seconds.
+    pub const fn secs(self) -> u64 {
+        match self {
+            Period::Second => 1,
+            Period::Minute => 60,
+            Period::Hour => 3600,
+        }
+    }
+
+    /// Its length in nanoseconds.
+    pub const fn nanos(self) -> Nanos {
+        self.secs() * NANOS_PER_SEC
+    }
+}
+
 /// A validated limit: it cannot be zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
-    /// Sustained requests per second.
+    /// Sustained requests per `per`.
     pub rate: NonZeroU32,
+    /// The period `rate` counts over.
+    pub per: Period,
     /// Requests admitted at once after a quiet period.
     pub burst: NonZeroU32,
     /// Most requests admitted in any 1 s window.
@@ -41,19 +71,34 @@ pub struct Quota {
 impl Quota {
     /// `rate` per second with burst and window limit equal to the rate.
     pub fn per_second(rate: NonZeroU32) -> Self {
+        Self::per(rate, Period::Second)
+    }
+
+    /// `rate` per `per`, with burst and window limit equal to the rate (for
+    /// a period longer than a second, a window of the burst adds nothing to
+    /// what the bucket admits).
+    pub fn per(rate: NonZeroU32, per: Period) -> Self {
         Self {
             rate,
+            per,
             burst: rate,
             window_limit: rate,
         }
     }
 
-    pub(crate) fn emission_interval(&self) -> Nanos {
-        (NANOS_PER_SEC / u64::from(self.rate.get())).max(1)
+    /// Time between two requests at the sustained rate.
+    pub fn emission_interval(&self) -> Nanos {
+        (self.per.nanos() / u64::from(self.rate.get())).max(1)
     }
 
     pub(crate) fn tolerance(&self) -> Nanos {
         self.emission_interval() * u64::from(self.burst.get() - 1)
+    }
+
+    /// The tolerance, cut so that a bucket refills from empty within `max`
+    /// (a `tat` can run `tolerance + emission_interval` ahead of now).
+    pub(crate) fn tolerance_within(&self, max: Nanos) -> Nanos {
+        self.tolerance().min(max.saturating_sub(self.emission_interval()))
     }
 }
 
@@ -78,6 +123,7 @@ pub(crate) fn gcra(tat: Nanos, now: Nanos, t: Nanos, tau: Nanos) -> Result<Nanos
 pub(crate) fn quota(rate: u32, burst: u32, window: u32) -> Quota {
     Quota {
         rate: NonZeroU32::new(rate).unwrap(),
+        per: Period::Second,
         burst: NonZeroU32::new(burst).unwrap(),
         window_limit: NonZeroU32::new(window).unwrap(),
     }
@@ -509,6 +555,45 @@ mod limiter_tests {
             assert!(l.check(&K, 50 * NANOS_PER_MS).is_err());
         }
         assert!(l.check(&K, 100 * NANOS_PER_MS).is_ok());
+    }
+
+    #[test]
+    fn five_a_minute() {
+        let q = Quota::per(NonZeroU32::new(5).unwrap(), Period::Minute);
+        assert_eq!(q.emission_interval(), 12 * NANOS_PER_SEC);
+        let l = RateLimiter::new(q, 16);
+        assert_eq!(admitted(&l, 0, 5), 5);
+        // The sixth is refused until one request's worth has dripped back:
+        // the bucket's 12 s, not the 1 s window's next second.
+        let err = l.check(&K, NANOS_PER_MS).unwrap_err();
+        assert_eq!(err.retry_after, 12 * NANOS_PER_SEC - NANOS_PER_MS);
+        assert_eq!(err.retry_after_secs(), 12);
+        assert_eq!(admitted(&l, 6 * NANOS_PER_SEC, 5), 0);
+        assert_eq!(admitted(&l, 12 * NANOS_PER_SEC - 1, 5), 0);
+        assert_eq!(admitted(&l, 12 * NANOS_PER_SEC, 5), 1);
+        // And then one every 12 s: 5 an hour's minute, not 5 a second.
+        assert_eq!(admitted(&l, 23 * NANOS_PER_SEC, 5), 0);
+        assert_eq!(admitted(&l, 24 * NANOS_PER_SEC, 5), 1);
+        // Quiet for a minute: the whole burst is back.
+        assert_eq!(admitted(&l, 84 * NANOS_PER_SEC, 10), 5);
+    }
+
+    #[test]
+    fn an_hourly_bucket_fits_the_record() {
+        // 1000/h with the burst the config allows (4 h to refill): the
+        // record's `tat` runs 4 h ahead and must still count exactly.
+        let q = Quota {
+            burst: NonZeroU32::new(4000).unwrap(),
+            window_limit: NonZeroU32::new(4000).unwrap(),
+            ..Quota::per(NonZeroU32::new(1000).unwrap(), Period::Hour)
+        };
+        let l = RateLimiter::new(q, 16);
+        assert_eq!(admitted(&l, 0, 5000), 4000);
+        let err = l.check(&K, NANOS_PER_MS).unwrap_err();
+        // One emission interval (3.6 s) after the burst.
+        assert_eq!(err.retry_after, 3599 * NANOS_PER_MS);
+        assert_eq!(admitted(&l, 3600 * NANOS_PER_MS - 1, 5), 0);
+        assert_eq!(admitted(&l, 3600 * NANOS_PER_MS, 5), 1);
     }
 
     #[test]

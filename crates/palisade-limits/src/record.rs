@@ -69,9 +69,10 @@ const COUNT_BITS: u32 = 20;
 /// Config validation keeps limits at or below 1 000 000.
 pub const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
 
-/// The longest burst tolerance a record can hold (a `tat` that far ahead of
-/// now, measured from the start of the last request's second, must fit in
-/// 44 bits of nanoseconds). Longer tolerances are cut to it.
+/// The longest a bucket may take to refill from empty, its burst tolerance
+/// plus one emission interval (a `tat` that far ahead of now, measured from
+/// the start of the last request's second, must fit in 44 bits of
+/// nanoseconds). Longer tolerances are cut to fit.
 pub const MAX_TOLERANCE: Nanos = 4 * 3600 * NANOS_PER_SEC;
 
 /// A client's 32 bytes.
@@ -340,15 +341,18 @@ impl Words {
         // The window is (now − 1 s, now]: at a second's start the previous
         // second still weighs all but its first instant.
         let weighted = prev * (NANOS_PER_SEC - 1 - into) / NANOS_PER_SEC;
+        let tau = quota.tolerance_within(MAX_TOLERANCE);
+        // `tat` and `now` both measured from the start of the current second.
+        let bucket = gcra(self.tat(), into, quota.emission_interval(), tau);
         if cur + weighted >= limit {
+            // Both must pass: a per-minute bucket that is empty too says
+            // when trying again can help, not the window's next second.
+            let window = window_retry_after(prev, cur, limit, into);
             return Err(RateLimited {
-                retry_after: window_retry_after(prev, cur, limit, into),
+                retry_after: bucket.err().map_or(window, |b| b.retry_after.max(window)),
             });
         }
-        let tau = quota.tolerance().min(MAX_TOLERANCE);
-        // `tat` and `now` both measured from the start of the current second.
-        let tat = gcra(self.tat(), into, quota.emission_interval(), tau)?;
-        self.set_rate(tat, prev, cur + 1);
+        self.set_rate(bucket?, prev, cur + 1);
         Ok(())
     }
 }

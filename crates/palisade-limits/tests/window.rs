@@ -11,12 +11,13 @@ use std::collections::VecDeque;
 use std::num::NonZeroU32;
 
 use palisade_core::{NANOS_PER_SEC, Nanos};
-use palisade_limits::rate::Quota;
+use palisade_limits::rate::{Period, Quota};
 use palisade_limits::record::Words;
 
 fn quota(limit: u32) -> Quota {
     Quota {
         rate: NonZeroU32::new(limit * 20).unwrap(),
+        per: Period::Second,
         burst: NonZeroU32::new(limit * 20).unwrap(),
         window_limit: NonZeroU32::new(limit).unwrap(),
     }

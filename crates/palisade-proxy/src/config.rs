@@ -850,7 +850,7 @@ impl RawConfig {
             self.server.upstreams = o.upstreams.clone();
         }
         if let Some(rate) = o.rate_limit {
-            self.rate_limit.rate = rate.get();
+            self.rate_limit.rate = raw::RawRate::per_second(rate.get());
         }
         if let Some(cert) = &o.tls_cert {
             self.tls.cert = cert.display().to_string();
@@ -1506,6 +1506,7 @@ mod tests {
     use palisade::config::raw::cidr;
     use palisade_core::Mode;
     use palisade_limits::breaker::BreakerConfig;
+    use palisade_limits::rate::Period;
 
     fn parse(src: &str) -> Result<Config, ConfigError> {
         Config::parse(src, "test.toml", &Overrides::default())
@@ -1682,6 +1683,91 @@ mod tests {
         let cfg = parse("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nrate = 5000000\n").unwrap();
         let q = cfg.shield.limit.unwrap().quota;
         assert_eq!((q.rate.get(), q.window_limit.get()), (5_000_000, 1_000_000));
+    }
+
+    #[test]
+    fn rates_take_a_period() {
+        let cfg = parse(
+            "[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nrate = \"1000/h\"\n\
+             [[routes]]\nname = \"login\"\npath_prefix = \"/login\"\nrate = \"5/m\"\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nrate = 50\n\
+             [[routes]]\nname = \"search\"\npath_prefix = \"/search\"\nburst = 10\n",
+        )
+        .unwrap();
+        let q = cfg.shield.limit.unwrap().quota;
+        assert_eq!(
+            (q.rate.get(), q.per, q.burst.get(), q.window_limit.get()),
+            (1000, Period::Hour, 1000, 1000)
+        );
+        // Twice the most admitted in a second, not twice 0.28 a second.
+        assert_eq!(cfg.shield.reputation.unwrap().0.flood_threshold, 2000);
+        let routes: Vec<_> = cfg.shield.routes.iter().map(|r| r.limit.unwrap().quota).collect();
+        let login = routes[0];
+        assert_eq!(
+            (
+                login.rate.get(),
+                login.per,
+                login.burst.get(),
+                login.window_limit.get()
+            ),
+            (5, Period::Minute, 5, 5)
+        );
+        assert_eq!(login.emission_interval(), 12_000_000_000);
+        // A bare number stays per second.
+        assert_eq!((routes[1].rate.get(), routes[1].per), (50, Period::Second));
+        // A route without a rate of its own takes the default's, period and all.
+        assert_eq!(
+            (routes[2].rate.get(), routes[2].per, routes[2].burst.get()),
+            (1000, Period::Hour, 10)
+        );
+        for (src, per) in [
+            ("\"100/s\"", Period::Second),
+            ("\"100\"", Period::Second),
+            ("\" 7 / minute \"", Period::Minute),
+        ] {
+            let cfg = parse(&format!(
+                "[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nrate = {src}\n"
+            ))
+            .unwrap();
+            assert_eq!(cfg.shield.limit.unwrap().quota.per, per, "{src}");
+        }
+    }
+
+    #[test]
+    fn bad_rates_name_line_column_and_key() {
+        let at = |rate: &str| {
+            err(&format!(
+                "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"x\"\n  rate = {rate}\n"
+            ))
+        };
+        assert_eq!(
+            at("\"5/x\""),
+            "test.toml:5:10: routes[0].rate: \"5/x\": the period must be s, m or h (e.g. 100, \"100/s\", \"5/m\", \"1000/h\")"
+        );
+        assert_eq!(
+            at("\"abc\""),
+            "test.toml:5:10: routes[0].rate: \"abc\" is not a rate (e.g. 100, \"100/s\", \"5/m\", \"1000/h\")"
+        );
+        assert_eq!(
+            at("\"0/m\""),
+            "test.toml:5:3: routes[0].rate: must be between 1 and 10000000"
+        );
+        assert_eq!(
+            at("-3"),
+            "test.toml:5:10: routes[0].rate: must be between 1 and 10000000"
+        );
+        assert_eq!(
+            at("1.5"),
+            "test.toml:5:10: routes[0].rate: invalid type: floating point `1.5`, expected requests per second, or a string such as \"5/m\""
+        );
+        // The 4 hour refill cap counts the period: 1/h holds at most 4.
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nrate = \"1/h\"\nburst = 5\n");
+        assert_eq!(
+            e,
+            "test.toml:5:1: rate_limit.burst: at most 4 at this rate: the bucket must refill within 4 hours"
+        );
+        let e = err("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nrate = \"10/m\"\nburst = 2401\n");
+        assert!(e.contains("at most 2400 at this rate"), "{e}");
     }
 
     #[test]

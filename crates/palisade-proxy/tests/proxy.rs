@@ -277,6 +277,42 @@ async fn per_route_policy_applies_to_its_route_only() {
     h.running.shutdown().await;
 }
 
+/// A login route (the demo's `/status`) at 5 a minute: the sixth attempt is refused with the
+/// bucket's 12 s in `Retry-After` (not the 1 s window's next second) and a
+/// policy of 5 per 60 s; after 12 s of paused time one more passes, and
+/// only one.
+#[tokio::test(start_paused = true)]
+async fn a_login_route_at_five_a_minute_refuses_the_sixth_for_twelve_seconds() {
+    let h = Harness::start(
+        "",
+        "[[routes]]\nname = \"login\"\npath_prefix = \"/status\"\nrate = \"5/m\"\n",
+    )
+    .await;
+    let mut c = h.client("127.0.0.12").await;
+    for i in 0..5 {
+        assert_eq!(c.get("/status/200").await.0, StatusCode::OK, "attempt {i}");
+    }
+    let (status, headers, _) = c.get("/status/200").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "12");
+    assert_eq!(headers["ratelimit-policy"], "\"login\";q=5;w=60");
+    assert_eq!(headers["ratelimit"], "\"login\";r=0;t=12");
+    // The rest of the site keeps the default per-second limit.
+    assert_eq!(c.get("/").await.0, StatusCode::OK);
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let mut c = h.client("127.0.0.12").await;
+    let (status, headers, _) = c.get("/status/200").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "6");
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let mut c = h.client("127.0.0.12").await;
+    assert_eq!(c.get("/status/200").await.0, StatusCode::OK);
+    assert_eq!(c.get("/status/200").await.0, StatusCode::TOO_MANY_REQUESTS);
+    let m = h.metrics().await;
+    assert_eq!(get_requests(&m, "login", 429), 3.0);
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn slowloris_is_cut_at_the_header_deadline_while_others_are_served() {
     let h = Harness::start("header_read_timeout = \"1s\"", "").await;

@@ -16,7 +16,7 @@ use palisade_core::{ClientIpHeader, Mode, TrustedProxies};
 use palisade_limits::adaptive::AdaptiveConfig;
 use palisade_limits::admission::AdmissionConfig;
 use palisade_limits::breaker::BreakerConfig;
-use palisade_limits::rate::Quota;
+use palisade_limits::rate::{Period, Quota};
 use palisade_limits::reputation::ReputationConfig;
 use palisade_limits::shield::{KeyBy, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
 use serde::Deserialize;
@@ -311,7 +311,7 @@ pub mod raw {
     pub struct RawRateLimit {
         pub enabled: bool,
         pub mode: String,
-        pub rate: u32,
+        pub rate: RawRate,
         pub burst: Option<u32>,
         pub window_limit: Option<u32>,
     }
@@ -321,7 +321,7 @@ pub mod raw {
             Self {
                 enabled: true,
                 mode: "enforce".into(),
-                rate: 100,
+                rate: RawRate::per_second(100),
                 burst: None,
                 window_limit: None,
             }
@@ -428,7 +428,7 @@ pub mod raw {
         pub methods: Vec<String>,
         pub host: Option<String>,
         pub case_sensitive: bool,
-        pub rate: Option<u32>,
+        pub rate: Option<RawRate>,
         pub burst: Option<u32>,
         pub window_limit: Option<u32>,
         pub mode: Option<String>,
@@ -588,18 +588,15 @@ pub mod raw {
                 return Err(at(p!("clients", "max_tracked"), "must be between 1 and 20000000"));
             }
             let rl = &self.rate_limit;
-            let rate = nonzero(rl.rate, p!("rate_limit", "rate"))?;
-            let default_quota = fits_a_record(
-                Quota {
-                    rate,
-                    burst: nonzero(rl.burst.unwrap_or(rate.get()), p!("rate_limit", "burst"))?,
-                    window_limit: nonzero(
-                        rl.window_limit.unwrap_or(rate.get().min(MAX_WINDOW)),
-                        p!("rate_limit", "window_limit"),
-                    )?,
-                },
-                p!("rate_limit", "burst"),
-                p!("rate_limit", "window_limit"),
+            let default_quota = quota(
+                rl.rate,
+                rl.burst,
+                rl.window_limit,
+                [
+                    p!("rate_limit", "rate"),
+                    p!("rate_limit", "burst"),
+                    p!("rate_limit", "window_limit"),
+                ],
             )?;
             let limit = rl.enabled.then_some(LimitPolicy {
                 quota: default_quota,
@@ -612,7 +609,7 @@ pub mod raw {
                 flood_threshold: match r.flood_threshold {
                     Some(0) => return Err(at(p!("reputation", "flood_threshold"), "must be > 0")),
                     Some(n) => n,
-                    None => rate.get().saturating_mul(2),
+                    None => flood_threshold(&default_quota),
                 },
                 flood_penalty: percent(r.flood_penalty, p!("reputation", "flood_penalty"))?,
                 error_streak: match r.error_streak {
@@ -743,19 +740,20 @@ pub mod raw {
                 || self.window_limit.is_some()
                 || self.mode.is_some();
             let limit = if own {
-                let rate = nonzero(self.rate.unwrap_or(default.rate.get()), p!("routes", i, "rate"))?;
+                let rate = self.rate.unwrap_or(RawRate {
+                    count: default.rate.get(),
+                    per: default.per,
+                });
                 Some(LimitPolicy {
-                    quota: fits_a_record(
-                        Quota {
-                            rate,
-                            burst: nonzero(self.burst.unwrap_or(rate.get()), p!("routes", i, "burst"))?,
-                            window_limit: nonzero(
-                                self.window_limit.unwrap_or(rate.get().min(MAX_WINDOW)),
-                                p!("routes", i, "window_limit"),
-                            )?,
-                        },
-                        p!("routes", i, "burst"),
-                        p!("routes", i, "window_limit"),
+                    quota: quota(
+                        rate,
+                        self.burst,
+                        self.window_limit,
+                        [
+                            p!("routes", i, "rate"),
+                            p!("routes", i, "burst"),
+                            p!("routes", i, "window_limit"),
+                        ],
                     )?,
                     mode: mode(self.mode.as_deref().unwrap_or(&rl.mode), p!("routes", i, "mode"))?,
                 })
@@ -782,14 +780,115 @@ pub mod raw {
             .map_err(|_| format!("{s:?} is not an IP address or CIDR"))
     }
 
+    /// `rate`: a bare number (per second) or `"count/period"` (`"5/m"`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct RawRate {
+        pub count: u32,
+        pub per: Period,
+    }
+
+    impl RawRate {
+        pub const fn per_second(count: u32) -> Self {
+            Self {
+                count,
+                per: Period::Second,
+            }
+        }
+    }
+
+    /// Parses `100`, `"100/s"`, `"5/m"`, `"1000/h"`; the count is checked
+    /// by validation, so `"0/m"` parses.
+    pub fn parse_rate(s: &str) -> Result<RawRate, String> {
+        let example = "e.g. 100, \"100/s\", \"5/m\", \"1000/h\"";
+        let (num, unit) = s.split_once('/').unwrap_or((s, "s"));
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Period::Second,
+            "m" | "min" | "minute" => Period::Minute,
+            "h" | "hour" => Period::Hour,
+            _ => return Err(format!("{s:?}: the period must be s, m or h ({example})")),
+        };
+        let count = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a rate ({example})"))?;
+        Ok(RawRate { count, per })
+    }
+
+    impl<'de> Deserialize<'de> for RawRate {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = RawRate;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("requests per second, or a string such as \"5/m\"")
+                }
+
+                fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<RawRate, E> {
+                    u32::try_from(n)
+                        .map(RawRate::per_second)
+                        .map_err(|_| E::custom(format!("must be between 1 and {MAX_RATE}")))
+                }
+
+                fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<RawRate, E> {
+                    u32::try_from(n)
+                        .map(RawRate::per_second)
+                        .map_err(|_| E::custom(format!("must be between 1 and {MAX_RATE}")))
+                }
+
+                fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawRate, E> {
+                    parse_rate(s).map_err(E::custom)
+                }
+            }
+            d.deserialize_any(Visitor)
+        }
+    }
+
+    /// A typed quota from a section's `rate`, `burst` and `window_limit`
+    /// (`paths` in that order). The burst defaults to the rate's count; the
+    /// 1 s window to the rate for a per-second one and to the burst for a
+    /// longer period (where it then adds nothing to the bucket), either cut
+    /// to what a record counts.
+    pub fn quota(
+        rate: RawRate,
+        burst: Option<u32>,
+        window: Option<u32>,
+        paths: [&[Seg]; 3],
+    ) -> Result<Quota, Invalid> {
+        let count = nonzero(rate.count, paths[0])?;
+        let burst = nonzero(burst.unwrap_or(count.get()), paths[1])?;
+        let window_default = match rate.per {
+            Period::Second => count,
+            Period::Minute | Period::Hour => burst,
+        };
+        let q = Quota {
+            rate: count,
+            per: rate.per,
+            burst,
+            window_limit: nonzero(window.unwrap_or(window_default.get().min(MAX_WINDOW)), paths[2])?,
+        };
+        fits_a_record(q, paths[1], paths[2])
+    }
+
+    /// The default `reputation.flood_threshold`: twice the most the limit
+    /// admits in a second (its rate, or for a longer period its window).
+    pub fn flood_threshold(q: &Quota) -> u32 {
+        match q.per {
+            Period::Second => q.rate.get(),
+            Period::Minute | Period::Hour => q.window_limit.get(),
+        }
+        .saturating_mul(2)
+    }
+
     /// Largest rate, burst or window limit: a window slot counts up to 2^24.
     pub const MAX_RATE: u32 = 10_000_000;
 
     /// Largest window limit: a client record counts a second's requests in
     /// 20 bits. An unset window limit is the rate, cut to this.
     pub const MAX_WINDOW: u32 = 1_000_000;
-    /// Longest time the bucket may take to refill from empty (`burst / rate`):
-    /// a client record keeps the bucket in 44 bits of nanoseconds.
+    /// Longest time the bucket may take to refill from empty (`burst` times
+    /// `period / rate`): a client record keeps the bucket in 44 bits of
+    /// nanoseconds.
     pub const MAX_REFILL_SECS: u64 = 4 * 3600;
 
     /// Checks that a quota's state fits a client record.
@@ -797,13 +896,11 @@ pub mod raw {
         if q.window_limit.get() > MAX_WINDOW {
             return Err(at(window, format!("must be between 1 and {MAX_WINDOW}")));
         }
-        if u64::from(q.burst.get()) > u64::from(q.rate.get()) * MAX_REFILL_SECS {
+        let most = u64::from(q.rate.get()) * MAX_REFILL_SECS / q.per.secs();
+        if u64::from(q.burst.get()) > most {
             return Err(at(
                 burst,
-                format!(
-                    "at most {} at this rate: the bucket must refill within 4 hours",
-                    u64::from(q.rate.get()) * MAX_REFILL_SECS
-                ),
+                format!("at most {most} at this rate: the bucket must refill within 4 hours"),
             ));
         }
         Ok(q)

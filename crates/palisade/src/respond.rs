@@ -6,6 +6,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use palisade_core::RejectReason;
+use palisade_limits::rate::Period;
 use palisade_limits::shield::Rejection;
 
 /// A small plain-text response.
@@ -33,7 +34,12 @@ pub fn rejection(rej: &Rejection, policy_name: &str) -> Response<Full<Bytes>> {
             let h = r.headers_mut();
             h.insert(RETRY_AFTER, HeaderValue::from(retry));
             if let Some(q) = rej.quota {
-                let policy = format!("\"{policy_name}\";q={};w=1", q.window_limit);
+                // Per second the window is the tighter figure; over a
+                // minute or an hour it is the rate over its period.
+                let policy = match q.per {
+                    Period::Second => format!("\"{policy_name}\";q={};w=1", q.window_limit),
+                    per => format!("\"{policy_name}\";q={};w={}", q.rate, per.secs()),
+                };
                 let state = format!("\"{policy_name}\";r=0;t={retry}");
                 if let (Ok(p), Ok(s)) = (HeaderValue::try_from(policy), HeaderValue::try_from(state)) {
                     h.insert("ratelimit-policy", p);
@@ -63,6 +69,19 @@ mod tests {
     use super::*;
     use palisade_limits::rate::Quota;
     use std::num::NonZeroU32;
+
+    #[test]
+    fn a_per_minute_policy_says_its_minute() {
+        let rej = Rejection {
+            reason: RejectReason::RateLimited,
+            retry_after_secs: Some(12),
+            quota: Some(Quota::per(NonZeroU32::new(5).unwrap(), Period::Minute)),
+        };
+        let r = rejection(&rej, "login");
+        assert_eq!(r.headers()["retry-after"], "12");
+        assert_eq!(r.headers()["ratelimit-policy"], "\"login\";q=5;w=60");
+        assert_eq!(r.headers()["ratelimit"], "\"login\";r=0;t=12");
+    }
 
     #[test]
     fn rate_limited_has_retry_after_and_ratelimit_fields() {
