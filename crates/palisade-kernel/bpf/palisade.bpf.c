@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-// Palisade's XDP program (SPEC F15): drop packets from banned sources before
+// Palisade's XDP program: drop packets from banned sources before
 // the kernel allocates anything for them, and count SYNs per source so user
 // space can judge floods without a capture socket.
 #include <linux/bpf.h>

@@ -1127,7 +1127,7 @@ impl SynDefense {
         }
         let handshakes = x.sources().unwrap_or_default();
         drop(guard);
-        // SPEC F15: 64 half-open handshakes, or more than 80 % of a source's
+        // 64 half-open handshakes, or more than 80 % of a source's
         // SYNs being retransmits, make it an offender whatever the rates.
         let syns_of: HashMap<IpAddr, u64> = sources.iter().copied().collect();
         let mut previous = lock(&self.xdp_retrans);
@@ -1401,7 +1401,7 @@ impl SynDefense {
         snap.half_open = total;
         st.half_open_last = total;
         // A source holding many half-open connections is flooding
-        // whatever its SYN rate (SPEC F15: 64).
+        // whatever its SYN rate (HALF_OPEN_OFFENDER).
         for (ip, n) in &per_source {
             if *n >= HALF_OPEN_OFFENDER && !self.is_banned(*ip) {
                 self.offender(Offender {
