@@ -126,7 +126,8 @@ impl tower_service::Service<Uri> for CappedConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let slot = self.slot(&uri);
         let tls = (uri.scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| self.tls.clone());
-        let host = uri.host().map(str::to_owned);
+        // Only a TLS connection needs the host past the TCP connect.
+        let host = tls.is_some().then(|| uri.host().map(str::to_owned)).flatten();
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             let slot = slot?;

@@ -253,3 +253,23 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_owned()).map_err(|e| format!("{host:?} is not a TLS server name: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_host_is_a_name_or_an_address() {
+        assert!(matches!(
+            server_name("app.example").unwrap(),
+            ServerName::DnsName(_)
+        ));
+        assert!(matches!(
+            server_name("10.0.0.1").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        // The URL spells an IPv6 host in brackets; the certificate does not.
+        assert!(matches!(server_name("[::1]").unwrap(), ServerName::IpAddress(_)));
+        assert!(server_name("bad name").is_err());
+    }
+}
