@@ -14,15 +14,33 @@
 //! - **half-open → closed** after `probes` successful probes; a failed
 //!   probe opens it again.
 //!
-//! A client's whole breaker is the three free words of one 32-byte
-//! [record](crate::record) in a [`Clients`] table of its own, keyed by
-//! fingerprint:
+//! The breakers are kept in tables of their own, keyed by fingerprint. A
+//! closed breaker whose degraded bucket is full (every client's, until it
+//! first fails too often) is only its window: a 16-byte record of two
+//! words in a table of every fingerprint seen,
+//!
+//! ```text
+//! word 0  tag:32 | lock:1 | sec:28 | spare:2 | moved:1
+//! word 1  cur_requests:16 | cur_failures:16 | prev_requests:16 | prev_failures:16
+//! ```
+//!
+//! and any other breaker is the three free words of a 32-byte
+//! [record](crate::record) in a second table, as large, made resident only
+//! by the clients that get there:
 //!
 //! ```text
 //! word 1  tat:44 | probes_sent:10 | probes_ok:10
 //! word 2  since:40 | state:2 | calm:1 | spare:21
 //! word 3  cur_requests:16 | cur_failures:16 | prev_requests:16 | prev_failures:16
 //! ```
+//!
+//! A breaker that leaves the closed state moves to the second table, and
+//! its small record is marked `moved`; one that is closed again with its
+//! bucket full moves back. The full record is the client's state whenever
+//! it exists: a small record that looks fresh (it may have been taken over
+//! meanwhile: a moved one is as good as idle) or has none to be had (an
+//! overflow sharer) is looked up there, once the second table has ever
+//! held a client. Both tables judge what a single one did, bit for bit.
 //!
 //! The window is approximate, as the rate limiter's: outcomes are counted
 //! per aligned 10 s period, and the previous period is weighted by the
@@ -37,9 +55,10 @@
 //! open or half-open breaker changed state, or since when a degraded one
 //! has been calm (`calm` set).
 //!
-//! A client sharing an overflow record (the table was full of active
-//! clients) is not judged: pooling strangers' outcomes would let one of
-//! them open the breaker for all.
+//! A client with no record of its own (sharing an overflow record of the
+//! first table, or with no room in the second to leave the closed state)
+//! is not judged: pooling strangers' outcomes would let one of them open
+//! the breaker for all.
 
 use std::hash::BuildHasher;
 use std::net::IpAddr;
@@ -48,9 +67,12 @@ use std::sync::{Arc, Mutex};
 
 use palisade_core::{ClientKey, NANOS_PER_MS, NANOS_PER_SEC, Nanos};
 
-use crate::clients::{Clients, Place};
+use crate::clients::{Clients, ClientsN, Place};
 use crate::rate::{Quota, gcra};
-use crate::record::{MAX_TOLERANCE, Words};
+use crate::record::{MAX_TOLERANCE, Words, WordsN};
+
+/// A closed breaker's record: its window.
+type Closed = WordsN<2>;
 
 /// Length of the window (and of the periods it is counted in).
 pub const WINDOW: Nanos = 10 * NANOS_PER_SEC;
@@ -276,20 +298,26 @@ fn pack((requests, half_units): (u32, u32)) -> u64 {
     (u64::from(requests.min(COUNT_MAX)) << 16) | u64::from(half_units.min(COUNT_MAX))
 }
 
+/// The window stored as `counts` `gap` seconds before `now`, shifted by
+/// the periods that passed: (current, previous).
+fn shifted(counts: u64, gap: u64, now: Nanos) -> ((u32, u32), (u32, u32)) {
+    let now_sec = now / NANOS_PER_SEC;
+    let periods = now_sec / WINDOW_SECS - now_sec.saturating_sub(gap) / WINDOW_SECS;
+    let (cur, prev) = (unpack(counts >> 32), unpack(counts));
+    match periods {
+        0 => (cur, prev),
+        1 => ((0, 0), cur),
+        _ => ((0, 0), (0, 0)),
+    }
+}
+
 impl Breaker {
     /// The breaker of `w`, brought to `now`: `tat` rebased to `now`'s
     /// second, the periods shifted by the ones that passed.
     fn load(w: &Words, now: Nanos) -> Self {
-        let (w1, w2, w3) = (w.word(1), w.word(2), w.word(3));
+        let (w1, w2) = (w.word(1), w.word(2));
         let gap = w.quiet_secs(now);
-        let now_sec = now / NANOS_PER_SEC;
-        let periods = now_sec / WINDOW_SECS - now_sec.saturating_sub(gap) / WINDOW_SECS;
-        let (cur, prev) = (unpack(w3 >> 32), unpack(w3));
-        let (cur, prev) = match periods {
-            0 => (cur, prev),
-            1 => ((0, 0), cur),
-            _ => ((0, 0), (0, 0)),
-        };
+        let (cur, prev) = shifted(w.word(3), gap, now);
         Self {
             state: AdaptiveState::from_u8(((w2 >> 40) & 3) as u8),
             tat: (w1 >> 20).saturating_sub(gap.saturating_mul(NANOS_PER_SEC)),
@@ -316,6 +344,37 @@ impl Breaker {
             (self.since & MS_MASK) | (u64::from(self.state.as_u8()) << 40) | (u64::from(self.calm) << 42),
         );
         w.set_word(3, (pack(self.cur) << 32) | pack(self.prev));
+    }
+
+    /// The closed breaker of a small record, brought to `now`.
+    fn load_closed(c: &Closed, now: Nanos) -> Self {
+        let (cur, prev) = shifted(c.word(1), c.quiet_secs(now), now);
+        Self {
+            cur,
+            prev,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the breaker is all a small record holds: closed, with its
+    /// degraded bucket full (other fields are not read while closed, and
+    /// are set afresh on leaving it).
+    fn is_closed(&self, now: Nanos) -> bool {
+        self.state == AdaptiveState::Closed && self.tat <= now % NANOS_PER_SEC
+    }
+
+    /// Writes a closed breaker into a small record as of `now`.
+    fn store_closed(&self, c: &mut Closed, now: Nanos) {
+        c.stamp(now);
+        c.set_flag(false);
+        c.set_word(1, (pack(self.cur) << 32) | pack(self.prev));
+    }
+
+    /// A small record may change hands when its window is empty, or when
+    /// its breaker moved to a full record (where it is found without it).
+    fn idle_closed(c: &Closed, now: Nanos) -> bool {
+        let b = Self::load_closed(c, now);
+        c.flag() || (b.cur == (0, 0) && b.prev == (0, 0))
     }
 
     /// True when the record equals a fresh one at `now`: closed, window
@@ -433,7 +492,11 @@ impl Troubled {
 /// The keyed adaptive breaker.
 pub struct AdaptiveBreaker {
     cfg: AdaptiveConfig,
-    table: Arc<Clients>,
+    /// Every fingerprint, closed breakers whole.
+    table: Arc<ClientsN<2>>,
+    /// Breakers out of the closed state (or with a degraded bucket still
+    /// refilling).
+    full: Arc<Clients>,
     troubled: Arc<Troubled>,
     counts: Arc<StateCounts>,
 }
@@ -447,7 +510,8 @@ impl AdaptiveBreaker {
     pub fn new(cfg: AdaptiveConfig, max_clients: usize) -> Self {
         Self {
             cfg,
-            table: Arc::new(Clients::with_idle_rule(max_clients, Breaker::idle)),
+            table: Arc::new(ClientsN::with_idle_rule(max_clients, Breaker::idle_closed)),
+            full: Arc::new(Clients::with_idle_rule(max_clients, Breaker::idle)),
             troubled: Arc::new(Troubled::new(max_clients)),
             counts: Arc::default(),
         }
@@ -458,6 +522,7 @@ impl AdaptiveBreaker {
         Self {
             cfg,
             table: previous.table.clone(),
+            full: previous.full.clone(),
             troubled: previous.troubled.clone(),
             counts: previous.counts.clone(),
         }
@@ -468,9 +533,14 @@ impl AdaptiveBreaker {
         &self.cfg
     }
 
-    /// The table (for gauges).
-    pub fn table(&self) -> &Clients {
+    /// The table of every fingerprint (for gauges).
+    pub fn table(&self) -> &ClientsN<2> {
         &self.table
+    }
+
+    /// The table of breakers out of the closed state (for gauges).
+    pub fn full_table(&self) -> &Clients {
+        &self.full
     }
 
     /// Clients per state other than closed: (degraded, open, half-open).
@@ -497,18 +567,60 @@ impl AdaptiveBreaker {
         t
     }
 
-    /// Runs `f` on the client's breaker at `now`, unless the client shares
-    /// an overflow record (then `untracked`).
+    /// Runs `f` on the client's breaker at `now`, unless the client has no
+    /// record of its own for it (then `untracked`, and nothing is stored).
     fn with<R>(&self, key: &ClientKey, now: Nanos, untracked: R, f: impl FnOnce(&mut Breaker) -> R) -> R {
-        self.table.with(key, now, |w, place| {
-            if place == Place::Overflow {
-                return untracked;
+        let mut f = Some(f);
+        let mut run = |b: &mut Breaker| f.take().map(|f| f(b));
+        let out = self.table.with(key, now, |c, place| {
+            let own = place == Place::Own;
+            // The full record, when there is one, is the client's state.
+            if (!own || c.flag() || c.word(1) == 0) && !self.full.is_empty() {
+                let found = self.full.update(key, |w| {
+                    let mut b = Breaker::load(w, now);
+                    let r = run(&mut b);
+                    if own && b.is_closed(now) {
+                        b.store_closed(c, now);
+                        w.retag(w.tag());
+                    } else {
+                        b.store(w, now);
+                    }
+                    r
+                });
+                if let Some(r) = found {
+                    return r;
+                }
+                // Gone: it was idle (as good as fresh) when taken over.
+                if own {
+                    c.set_word(1, 0);
+                    c.set_flag(false);
+                }
             }
-            let mut b = Breaker::load(w, now);
-            let r = f(&mut b);
-            b.store(w, now);
+            if !own {
+                return None;
+            }
+            let mut b = Breaker::load_closed(c, now);
+            let r = run(&mut b);
+            if b.is_closed(now) {
+                b.store_closed(c, now);
+                return r;
+            }
+            // Leaving the closed state, for a full record if there is room.
+            let moved = self.full.with(key, now, |w, place| {
+                if place == Place::Own {
+                    b.store(w, now);
+                }
+                place == Place::Own
+            });
+            if !moved {
+                return None;
+            }
+            c.stamp(now);
+            c.set_word(1, 0);
+            c.set_flag(true);
             r
-        })
+        });
+        out.unwrap_or(untracked)
     }
 
     /// Before forwarding: may this client's request pass? `quota` is the
@@ -662,7 +774,14 @@ impl AdaptiveBreaker {
 
     /// A client's state, requests and weighted failure rate.
     pub fn inspect(&self, key: &ClientKey, now: Nanos) -> Option<(AdaptiveState, u32, f64)> {
-        let b = Breaker::load(&self.table.get(key)?, now);
+        let closed = self.table.get(key);
+        let b = match closed {
+            Some(c) if !c.flag() && c.word(1) != 0 => Breaker::load_closed(&c, now),
+            _ => match self.full.get(key) {
+                Some(w) => Breaker::load(&w, now),
+                None => Breaker::load_closed(&closed?, now),
+            },
+        };
         let (requests, rate) = b.window(now);
         Some((b.state, requests, rate))
     }
@@ -1041,6 +1160,58 @@ mod tests {
             b.inspect(&ClientKey::Fingerprint(0), SEC).unwrap().0,
             AdaptiveState::Degraded
         );
+    }
+
+    /// Closed clients live in the small table alone; a client that leaves
+    /// the closed state moves to a full record, and back once closed with
+    /// its degraded bucket full.
+    #[test]
+    fn only_clients_out_of_the_closed_state_take_a_full_record() {
+        let b = breaker();
+        for k in 100..150 {
+            feed_key(&b, ClientKey::Fingerprint(k), 0, 20, 5);
+        }
+        assert_eq!((b.table().len(), b.full_table().len()), (50, 0));
+        feed(&b, 0, 20, 20, Signal::ServerError);
+        assert_eq!(b.full_table().len(), 1);
+        assert_eq!(state(&b, SEC), AdaptiveState::Open);
+        // A closed client's window still reads through the small record.
+        let (state1, requests, rate) = b.inspect(&ClientKey::Fingerprint(101), SEC).unwrap();
+        assert_eq!((state1, requests), (AdaptiveState::Closed, 20));
+        assert!((rate - 0.25).abs() < 1e-9, "{rate}");
+        let now = 40 * SEC;
+        for _ in 0..3 {
+            b.admit(&K, ip(), &quota(), now);
+            b.record(&K, ip(), Signal::Success, now);
+        }
+        assert_eq!(state(&b, now), AdaptiveState::Closed);
+        // Back in the small record: its full one is fresh, free to go.
+        let full = b.full_table().get(&K).unwrap();
+        assert!(Breaker::idle(&full, now));
+        b.record(&K, ip(), Signal::Success, now);
+        assert_eq!(b.inspect(&K, now).unwrap().1, 1);
+    }
+
+    /// A key flood takes the small record of a client whose breaker moved
+    /// (it holds nothing then), and leaves later clients only overflow
+    /// records: the client is still found, and refused, in its full one.
+    #[test]
+    fn a_key_flood_does_not_free_an_open_client() {
+        let b = AdaptiveBreaker::new(AdaptiveConfig::default(), 16);
+        feed(&b, 0, 20, 20, Signal::ServerError);
+        assert_eq!(state(&b, SEC), AdaptiveState::Open);
+        let before = b.table().taken_over();
+        for k in 1_000..11_000 {
+            b.record(&ClientKey::Fingerprint(k), ip(), Signal::Success, SEC);
+        }
+        assert!(b.table().taken_over() > before);
+        assert!(b.table().overflowed() > 9_000, "{}", b.table().overflowed());
+        assert!(b.table().get(&K).is_none(), "its small record was kept");
+        assert!(matches!(
+            b.admit(&K, ip(), &quota(), 2 * SEC).0,
+            Admission::Refused { .. }
+        ));
+        assert_eq!(state(&b, 2 * SEC), AdaptiveState::Open);
     }
 
     #[test]

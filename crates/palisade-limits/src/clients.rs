@@ -1,4 +1,5 @@
-//! One table of 32-byte [`Record`]s, one per tracked client.
+//! One table of 32-byte [`Record`]s, one per tracked client (and, for the
+//! adaptive breaker's closed clients, of 16-byte ones: [`ClientsN`]).
 //!
 //! The table is exactly `max_tracked` records in one anonymous mapping.
 //! A key has two candidate homes, each the start of a neighborhood of
@@ -35,7 +36,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use palisade_core::{ClientKey, Nanos};
 
-use crate::record::{Record, Words};
+#[cfg(doc)]
+use crate::record::Record;
+use crate::record::{RecordN, Words, WordsN};
 
 /// Records in one neighborhood.
 pub const NEIGHBORHOOD: usize = 16;
@@ -53,12 +56,13 @@ pub enum Place {
     Overflow,
 }
 
-/// A bounded table of per-client [`Record`]s.
-pub struct Clients {
-    map: Arc<Mapping>,
+/// A bounded table of per-client records of `N` words.
+pub struct ClientsN<const N: usize> {
+    map: Arc<Mapping<N>>,
     len: usize,
     claimed: AtomicUsize,
-    overflow: Box<[Record]>,
+    /// Its own small mapping, so its records are aligned as the table's.
+    overflow: Mapping<N>,
     overflowed: AtomicU64,
     taken_over: AtomicU64,
     /// Set once the table has asked for huge pages.
@@ -66,29 +70,32 @@ pub struct Clients {
     stripes: [AtomicBool; STRIPES],
     hasher: foldhash::fast::RandomState,
     /// When a record's state equals a fresh one, so it may change hands.
-    idle: fn(&Words, Nanos) -> bool,
+    idle: fn(&WordsN<N>, Nanos) -> bool,
 }
+
+/// The table of client state: 32-byte [`Record`]s.
+pub type Clients = ClientsN<4>;
 
 /// The record array: an anonymous mapping, zeroed by the kernel on first
 /// touch.
-struct Mapping {
-    ptr: NonNull<Record>,
+struct Mapping<const N: usize> {
+    ptr: NonNull<RecordN<N>>,
     len: usize,
     /// The whole mapping (alignment slack included), for `munmap`.
     map: *mut libc::c_void,
     map_len: usize,
 }
 
-// SAFETY: the mapping is owned like a `Box<[Record]>`; records are shared
+// SAFETY: the mapping is owned like a `Box<[RecordN<N>]>`; records are shared
 // only through `&`, and their fields are atomics.
-unsafe impl Send for Mapping {}
+unsafe impl<const N: usize> Send for Mapping<N> {}
 // SAFETY: as above.
-unsafe impl Sync for Mapping {}
+unsafe impl<const N: usize> Sync for Mapping<N> {}
 
-impl Mapping {
+impl<const N: usize> Mapping<N> {
     fn new(len: usize) -> Self {
         let Some(bytes) = len
-            .checked_mul(size_of::<Record>())
+            .checked_mul(size_of::<RecordN<N>>())
             .filter(|&b| b <= isize::MAX as usize - HUGE_PAGE)
         else {
             // Only reachable with absurd sizes, which config validation refuses.
@@ -109,7 +116,7 @@ impl Mapping {
             )
         };
         if map == libc::MAP_FAILED {
-            let Ok(layout) = std::alloc::Layout::array::<Record>(len) else {
+            let Ok(layout) = std::alloc::Layout::array::<RecordN<N>>(len) else {
                 panic!("client table of {len} records does not fit in memory");
             };
             std::alloc::handle_alloc_error(layout);
@@ -122,7 +129,7 @@ impl Mapping {
         unsafe {
             libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_NOHUGEPAGE);
         }
-        let Some(ptr) = NonNull::new(start as *mut Record) else {
+        let Some(ptr) = NonNull::new(start as *mut RecordN<N>) else {
             unreachable!("mmap succeeded, so the mapping is not at address 0");
         };
         Self {
@@ -133,16 +140,16 @@ impl Mapping {
         }
     }
 
-    fn records(&self) -> &[Record] {
+    fn records(&self) -> &[RecordN<N>] {
         // SAFETY: `ptr` is page-aligned and points to `len` records inside
         // our live mapping. Anonymous memory reads as zeroes, and all-zero
-        // bytes are a valid `Record` (four `AtomicU64`). Records are only
+        // bytes are a valid `RecordN` (`N` `AtomicU64`s). Records are only
         // changed through atomics.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     fn bytes(&self) -> usize {
-        self.len * size_of::<Record>()
+        self.len * size_of::<RecordN<N>>()
     }
 
     /// Asks for huge pages and collapses the already-resident 4 KiB pages
@@ -197,7 +204,7 @@ pub(crate) fn resident_in(lo: usize, hi: usize) -> usize {
     sum
 }
 
-impl Drop for Mapping {
+impl<const N: usize> Drop for Mapping<N> {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`; records need no
         // drop and no reference into the mapping outlives `self`.
@@ -218,17 +225,22 @@ impl Clients {
     pub fn new(max_tracked: usize) -> Self {
         Self::with_idle_rule(max_tracked, Words::idle)
     }
+}
+
+impl<const N: usize> ClientsN<N> {
+    /// Records per cache line.
+    const PER_LINE: usize = 64 / size_of::<RecordN<N>>();
 
     /// A table of records laid out by their user, who says when one is idle
     /// (its state equal to a fresh one's at `now`).
-    pub(crate) fn with_idle_rule(max_tracked: usize, idle: fn(&Words, Nanos) -> bool) -> Self {
+    pub(crate) fn with_idle_rule(max_tracked: usize, idle: fn(&WordsN<N>, Nanos) -> bool) -> Self {
         let len = max_tracked.max(NEIGHBORHOOD);
         let overflow_len = (len / 64).clamp(16, 4096).next_power_of_two();
         Self {
             map: Arc::new(Mapping::new(len)),
             len,
             claimed: AtomicUsize::new(0),
-            overflow: (0..overflow_len).map(|_| Record::default()).collect(),
+            overflow: Mapping::new(overflow_len),
             overflowed: AtomicU64::new(0),
             taken_over: AtomicU64::new(0),
             huge: AtomicBool::new(false),
@@ -239,7 +251,7 @@ impl Clients {
     }
 
     #[inline]
-    fn records(&self) -> &[Record] {
+    fn records(&self) -> &[RecordN<N>] {
         self.map.records()
     }
 
@@ -293,14 +305,17 @@ impl Clients {
     /// it (or taking over an idle client's) if needed; a client with no
     /// record of its own gets a shared overflow record.
     #[inline]
-    pub fn with<R>(&self, key: &ClientKey, now: Nanos, f: impl FnOnce(&mut Words, Place) -> R) -> R {
+    pub fn with<R>(&self, key: &ClientKey, now: Nanos, f: impl FnOnce(&mut WordsN<N>, Place) -> R) -> R {
         let h = self.homes(key);
         let records = self.records();
-        // Both neighborhoods a record pair (about a cache line) at a time,
-        // so a client near the start of its second neighborhood costs two
-        // memory loads in parallel, not the first neighborhood's eight.
-        for d in (0..NEIGHBORHOOD).step_by(2) {
-            for i in [h.a + d, h.a + d + 1, h.b + d, h.b + d + 1] {
+        // Both neighborhoods about a cache line at a time, so a client
+        // near the start of its second neighborhood costs two memory loads
+        // in parallel, not all of the first neighborhood's.
+        for d in (0..NEIGHBORHOOD).step_by(Self::PER_LINE) {
+            for i in [h.a + d, h.b + d]
+                .into_iter()
+                .flat_map(|start| start..start + Self::PER_LINE)
+            {
                 let r = &records[if i >= self.len { i - self.len } else { i }];
                 if r.tag() == h.tag
                     && let Some(mut w) = r.lock(h.tag)
@@ -315,7 +330,7 @@ impl Clients {
     }
 
     #[cold]
-    fn claim<R>(&self, h: Homes, now: Nanos, f: impl FnOnce(&mut Words, Place) -> R) -> R {
+    fn claim<R>(&self, h: Homes, now: Nanos, f: impl FnOnce(&mut WordsN<N>, Place) -> R) -> R {
         let records = self.records();
         // Claims of one key are serialized (a stripe of locks by tag), so
         // two first requests of a new client cannot take two records. Only
@@ -377,7 +392,8 @@ impl Clients {
             }
         }
         self.overflowed.fetch_add(1, Ordering::Relaxed);
-        let o = &self.overflow[h.tag as usize & (self.overflow.len() - 1)];
+        let overflow = self.overflow.records();
+        let o = &overflow[h.tag as usize & (overflow.len() - 1)];
         o.with_untagged(|w| f(w, Place::Overflow))
     }
 
@@ -398,7 +414,7 @@ impl Clients {
     }
 
     /// The client's words at this moment, if it has its own record.
-    pub fn get(&self, key: &ClientKey) -> Option<Words> {
+    pub fn get(&self, key: &ClientKey) -> Option<WordsN<N>> {
         let h = self.homes(key);
         let records = self.records();
         self.candidates(h).find_map(|i| {
@@ -410,30 +426,24 @@ impl Clients {
 
     /// Resets a client's state (admin). Returns whether it had a record.
     pub fn remove(&self, key: &ClientKey) -> bool {
-        self.update(key, |w| w.retag(w.tag()))
+        self.update(key, |w| w.retag(w.tag())).is_some()
     }
 
     /// Runs `f` on the client's locked record if it has one of its own;
-    /// never creates one. Returns whether it had one.
-    pub fn update(&self, key: &ClientKey, f: impl FnOnce(&mut Words)) -> bool {
+    /// never creates one. `None` when it has none.
+    pub fn update<R>(&self, key: &ClientKey, f: impl FnOnce(&mut WordsN<N>) -> R) -> Option<R> {
         let h = self.homes(key);
         let records = self.records();
-        let mut f = Some(f);
-        self.candidates(h).any(|i| {
-            let Some(mut w) = records[i].lock(h.tag) else {
-                return false;
-            };
-            if let Some(f) = f.take() {
-                f(&mut w);
-            }
-            records[i].unlock(w);
-            true
-        })
+        let i = self.candidates(h).find(|&i| records[i].tag() == h.tag)?;
+        let mut w = records[i].lock(h.tag)?;
+        let r = f(&mut w);
+        records[i].unlock(w);
+        Some(r)
     }
 
     /// Calls `f` with the words of every client that has a record (read
     /// without locks: for gauges and listings).
-    pub fn for_each(&self, mut f: impl FnMut(Words)) {
+    pub fn for_each(&self, mut f: impl FnMut(WordsN<N>)) {
         for r in self.records() {
             if r.tag() != 0 {
                 f(r.peek());

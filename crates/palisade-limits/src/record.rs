@@ -75,18 +75,36 @@ pub const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
 /// nanoseconds). Longer tolerances are cut to fit.
 pub const MAX_TOLERANCE: Nanos = 4 * 3600 * NANOS_PER_SEC;
 
-/// A client's 32 bytes.
-#[derive(Default)]
-#[repr(C, align(32))]
-pub struct Record {
-    w: [AtomicU64; 4],
+/// A client's record: `N` 64-bit words, word 0 holding the tag, the lock
+/// and the second of the last request. The table of client state uses
+/// [`Record`] (four words, 32 bytes, two per cache line); the adaptive
+/// breaker's closed clients a two-word one (16 bytes, four per line).
+/// Aligned to 16 bytes; a table's records start on a page, so a 32-byte
+/// one never straddles two cache lines.
+#[repr(C, align(16))]
+pub struct RecordN<const N: usize> {
+    w: [AtomicU64; N],
 }
 
-/// The words of a locked record, as plain integers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Words([u64; 4]);
+/// The four-word record of client state (layout above).
+pub type Record = RecordN<4>;
 
-impl Record {
+/// The words of a locked record, as plain integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WordsN<const N: usize>([u64; N]);
+
+/// The words of a locked [`Record`].
+pub type Words = WordsN<4>;
+
+impl<const N: usize> Default for RecordN<N> {
+    fn default() -> Self {
+        Self {
+            w: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl<const N: usize> RecordN<N> {
     /// The client's tag (0: the record is free).
     #[inline]
     pub fn tag(&self) -> u32 {
@@ -95,9 +113,9 @@ impl Record {
 
     /// Claims a free record for `tag`, locked. Fails if it is not free.
     #[inline]
-    pub fn claim_free(&self, tag: u32) -> Result<Words, u32> {
+    pub fn claim_free(&self, tag: u32) -> Result<WordsN<N>, u32> {
         match self.w[0].compare_exchange(0, word0(tag) | LOCK, Ordering::Acquire, Ordering::Acquire) {
-            Ok(_) => Ok(Words([word0(tag), 0, 0, 0])),
+            Ok(_) => Ok(WordsN::fresh(tag)),
             Err(seen) => Err((seen >> TAG_SHIFT) as u32),
         }
     }
@@ -106,7 +124,7 @@ impl Record {
     /// someone else, or became free, meanwhile). Waits out a holder: locks
     /// are held for a few dozen instructions.
     #[inline]
-    pub fn lock(&self, tag: u32) -> Option<Words> {
+    pub fn lock(&self, tag: u32) -> Option<WordsN<N>> {
         let mut w0 = self.w[0].load(Ordering::Relaxed);
         loop {
             if (w0 >> TAG_SHIFT) as u32 != tag {
@@ -119,12 +137,11 @@ impl Record {
             }
             match self.w[0].compare_exchange_weak(w0, w0 | LOCK, Ordering::Acquire, Ordering::Relaxed) {
                 Ok(_) => {
-                    return Some(Words([
-                        w0,
-                        self.w[1].load(Ordering::Relaxed),
-                        self.w[2].load(Ordering::Relaxed),
-                        self.w[3].load(Ordering::Relaxed),
-                    ]));
+                    let mut words = [w0; N];
+                    for (i, w) in words.iter_mut().enumerate().skip(1) {
+                        *w = self.w[i].load(Ordering::Relaxed);
+                    }
+                    return Some(WordsN(words));
                 }
                 Err(seen) => w0 = seen,
             }
@@ -134,8 +151,8 @@ impl Record {
     /// Writes `words` back and releases the lock. Word 0 (the tag) goes
     /// last, so whoever locks next sees the other words.
     #[inline]
-    pub fn unlock(&self, words: Words) {
-        for i in 1..4 {
+    pub fn unlock(&self, words: WordsN<N>) {
+        for i in 1..N {
             self.w[i].store(words.0[i], Ordering::Relaxed);
         }
         self.w[0].store(words.0[0] & !LOCK, Ordering::Release);
@@ -143,19 +160,18 @@ impl Record {
 
     /// The words without the lock: a hint that may mix two moments.
     #[inline]
-    pub fn peek(&self) -> Words {
-        Words([
-            self.w[0].load(Ordering::Acquire),
-            self.w[1].load(Ordering::Relaxed),
-            self.w[2].load(Ordering::Relaxed),
-            self.w[3].load(Ordering::Relaxed),
-        ])
+    pub fn peek(&self) -> WordsN<N> {
+        let mut words = [self.w[0].load(Ordering::Acquire); N];
+        for (i, w) in words.iter_mut().enumerate().skip(1) {
+            *w = self.w[i].load(Ordering::Relaxed);
+        }
+        WordsN(words)
     }
 
     /// Runs `f` on the locked words of a record that has no tag of its own
     /// (the shared overflow records).
     #[inline]
-    pub fn with_untagged<R>(&self, f: impl FnOnce(&mut Words) -> R) -> R {
+    pub fn with_untagged<R>(&self, f: impl FnOnce(&mut WordsN<N>) -> R) -> R {
         let Some(mut words) = self.lock(0) else {
             unreachable!("overflow records are never tagged");
         };
@@ -169,10 +185,15 @@ fn word0(tag: u32) -> u64 {
     u64::from(tag) << TAG_SHIFT
 }
 
-impl Words {
+/// A spare bit of word 0, for a table whose user lays out the other words.
+const FLAG: u64 = 1;
+
+impl<const N: usize> WordsN<N> {
     /// A fresh client's words under `tag`.
     pub fn fresh(tag: u32) -> Self {
-        Self([word0(tag), 0, 0, 0])
+        let mut words = [0; N];
+        words[0] = word0(tag);
+        Self(words)
     }
 
     /// The tag.
@@ -185,16 +206,26 @@ impl Words {
         *self = Self::fresh(tag);
     }
 
-    /// Word `i` (1 to 3) of a record whose table lays its state out itself
-    /// (the adaptive breaker's); word 0 keeps tag, lock and second.
+    /// Word `i` (1 to N − 1) of a record whose table lays its state out
+    /// itself (the adaptive breaker's); word 0 keeps tag, lock and second.
     pub(crate) fn word(&self, i: usize) -> u64 {
         self.0[i]
     }
 
-    /// Sets word `i` (1 to 3), as [`word`](Self::word).
+    /// Sets word `i` (1 to N − 1), as [`word`](Self::word).
     pub(crate) fn set_word(&mut self, i: usize, v: u64) {
         debug_assert!(i > 0, "word 0 holds the tag and the lock");
         self.0[i] = v;
+    }
+
+    /// A bit of word 0 left to such a table (clear in a fresh record).
+    pub(crate) fn flag(&self) -> bool {
+        self.0[0] & FLAG != 0
+    }
+
+    /// Sets the bit [`flag`](Self::flag) reads.
+    pub(crate) fn set_flag(&mut self, on: bool) {
+        self.0[0] = (self.0[0] & !FLAG) | if on { FLAG } else { 0 };
     }
 
     /// Makes `now`'s second the record's second.
@@ -211,6 +242,14 @@ impl Words {
         self.0[0] = (self.0[0] & !(SEC_MASK << SEC_SHIFT)) | ((sec & SEC_MASK) << SEC_SHIFT);
     }
 
+    /// Seconds since the last request (wrapping: a client quiet for eight
+    /// years looks recent, which only keeps its state longer).
+    pub fn quiet_secs(&self, now: Nanos) -> u64 {
+        (now / NANOS_PER_SEC).wrapping_sub(self.sec()) & SEC_MASK
+    }
+}
+
+impl Words {
     fn tat(&self) -> u64 {
         self.0[1] >> TAT_SHIFT
     }
@@ -231,12 +270,6 @@ impl Words {
     fn set_rate(&mut self, tat: u64, prev: u64, cur: u64) {
         self.0[1] = (tat.min(TAT_MAX) << TAT_SHIFT) | prev.min(COUNT_MAX);
         self.0[2] = (self.0[2] & !COUNT_MAX) | cur.min(COUNT_MAX);
-    }
-
-    /// Seconds since the last request (wrapping: a client quiet for eight
-    /// years looks recent, which only keeps its state longer).
-    pub fn quiet_secs(&self, now: Nanos) -> u64 {
-        (now / NANOS_PER_SEC).wrapping_sub(self.sec()) & SEC_MASK
     }
 
     /// Moves the per-second state to `now`'s second: `tat` rebased, the
@@ -390,7 +423,9 @@ mod tests {
     #[test]
     fn is_half_a_cache_line() {
         assert_eq!(size_of::<Record>(), 32);
-        assert_eq!(align_of::<Record>(), 32);
+        assert_eq!(size_of::<RecordN<2>>(), 16);
+        // Tables start on a page: a record never straddles two lines.
+        assert_eq!(4096 % size_of::<Record>(), 0);
     }
 
     #[test]

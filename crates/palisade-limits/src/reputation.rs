@@ -383,7 +383,7 @@ impl Reputation {
     /// whether it was tracked.
     pub fn reset(&self, key: &ClientKey) -> bool {
         self.notes.forget(key);
-        self.table.update(key, Words::clear_reputation)
+        self.table.update(key, Words::clear_reputation).is_some()
     }
 
     /// The client's current score and the recent events behind it.

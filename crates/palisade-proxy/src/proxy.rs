@@ -779,7 +779,7 @@ impl App {
         label
     }
 
-    fn record_table_gauges(&self, table: String, t: &palisade_limits::clients::Clients) {
+    fn record_table_gauges<const N: usize>(&self, table: String, t: &palisade_limits::clients::ClientsN<N>) {
         let label = self.table_gauges(table, t.len(), t.overflowed());
         let c = self.metrics.table_takeovers.get_or_create(&label);
         c.inc_by(t.taken_over().saturating_sub(c.get()));
