@@ -1381,11 +1381,17 @@ impl RawConfig {
         let feed = match s.feed.as_str() {
             "" => None,
             url if url.starts_with("http://") || url.starts_with("https://") => {
-                let uri: http::Uri = url
-                    .parse()
-                    .map_err(|e| at(p!("store", "feed"), format!("{url:?} is not a URL: {e}")))?;
+                let uri: http::Uri = url.parse().map_err(|e| {
+                    at(
+                        p!("store", "feed"),
+                        format!("{:?} is not a URL: {e}", without_query(url)),
+                    )
+                })?;
                 let Some(authority) = uri.authority() else {
-                    return Err(at(p!("store", "feed"), format!("{url:?} has no host")));
+                    return Err(at(
+                        p!("store", "feed"),
+                        format!("{:?} has no host", without_query(url)),
+                    ));
                 };
                 if authority.as_str().contains('@') {
                     // The URL is logged and shown by the admin API.
@@ -1398,8 +1404,9 @@ impl RawConfig {
                     return Err(at(
                         p!("store", "feed"),
                         format!(
-                            "{url:?}: a plain http:// feed can be read and rewritten on the way; use https://, \
-                             or set store.feed_allow_http = true"
+                            "{:?}: a plain http:// feed can be read and rewritten on the way; use https://, \
+                             or set store.feed_allow_http = true",
+                            without_query(url)
                         ),
                     ));
                 }
@@ -1455,6 +1462,15 @@ impl RawConfig {
         }))
     }
 }
+/// A feed URL as errors show it: its query, where a publisher may have put
+/// a token, cut to `?…` (as logs and the admin API show it).
+fn without_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_owned(),
+    }
+}
+
 /// A path from the config file, relative to the file's directory.
 fn resolve(base: Option<&Path>, s: &str) -> PathBuf {
     match base {
@@ -1480,21 +1496,34 @@ fn addr(s: &str, path: &[Seg]) -> Result<SocketAddr, Invalid> {
 }
 
 fn upstream_uri(s: &str) -> Result<Uri, String> {
-    let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    // Errors are printed and logged: never with credentials in them.
+    let shown = redact_url(s);
+    let uri: Uri = s.parse().map_err(|e| format!("{shown:?} is not a URL: {e}"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "{shown:?}: no credentials in an upstream URL (they are not sent, and the URL is logged)"
+        ));
+    }
     match uri.scheme_str() {
         Some("http" | "https") => {}
-        _ => return Err(format!("{s:?}: expected http://host:port or https://host:port")),
+        _ => {
+            return Err(format!(
+                "{shown:?}: expected http://host:port or https://host:port"
+            ));
+        }
     }
     if uri.authority().is_none() {
-        return Err(format!("{s:?}: missing host"));
+        return Err(format!("{shown:?}: missing host"));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!("{s:?}: a path or query on an upstream is not supported"));
+        return Err(format!(
+            "{shown:?}: a path or query on an upstream is not supported"
+        ));
     }
     if uri.scheme() == Some(&http::uri::Scheme::HTTPS)
         && let Some(host) = uri.host()
     {
-        crate::upstream_tls::server_name(host).map_err(|m| format!("{s:?}: {m}"))?;
+        crate::upstream_tls::server_name(host).map_err(|m| format!("{shown:?}: {m}"))?;
     }
     Ok(uri)
 }
@@ -1607,6 +1636,42 @@ mod tests {
                 .to_vec()
         };
         assert_eq!(key(&from_flags), env_key.as_bytes());
+    }
+
+    #[test]
+    fn errors_show_no_credentials_of_a_url() {
+        // An upstream's user and password would be logged with the URL
+        // (and are never sent): refused, and the refusal does not show them.
+        let e = err("[server]\nupstreams = [\"http://user:upstream-secret@127.0.0.1:8081\"]\n");
+        assert!(e.contains("no credentials in an upstream URL"), "{e}");
+        assert!(!e.contains("upstream-secret"), "{e}");
+        let o = Overrides {
+            upstreams: vec!["ftp://user:flag-secret@x".into()],
+            ..Default::default()
+        };
+        let e = Config::parse(MINIMAL, "t", &o).unwrap_err().to_string();
+        assert!(!e.contains("flag-secret"), "{e}");
+        // A feed URL's query is cut from the errors that show the URL.
+        let dir = std::env::temp_dir().join(format!("palisade-config-feed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = dir.join("rep.pstore");
+        palisade_store::Builder::from_csv(&b"192.0.2.1,0,abuse,deny\n"[..], "t.csv")
+            .unwrap()
+            .finish(palisade_store::BuildOptions::default())
+            .unwrap()
+            .write_to(&store)
+            .unwrap();
+        let e = err(&format!(
+            "{MINIMAL}[store]\npath = \"{}\"\nfeed = \"http://feeds.test/d?token=feed-secret\"\nfeed_unsigned = true\n",
+            store.display()
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.contains("plain http:// feed") && e.contains("http://feeds.test/d?…"),
+            "{e}"
+        );
+        assert!(!e.contains("feed-secret"), "{e}");
     }
 
     #[test]
