@@ -6,6 +6,7 @@
 //!
 //! Nothing here allocates per request once a client is tracked.
 
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -31,6 +32,32 @@ pub enum KeyBy {
     Ip,
     /// Hash of source address and User-Agent.
     IpUserAgent,
+}
+
+/// What a rate limit counts requests by.
+///
+/// A key taken from the request (a header, cookie or query parameter) is
+/// hashed with the process's seed, so a client's key costs 8 bytes however
+/// long it sent it. Such a limit sits beside the per-client default limit,
+/// never in its place: a client that sends a new API key with every
+/// request gets a fresh bucket each time, so its requests are also charged
+/// to its address on the default limiter. A request without the key is
+/// counted by its address alone.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LimitKey {
+    /// The client, as [`ShieldConfig::key_by`] identifies it.
+    #[default]
+    Client,
+    /// Source address (IPv6 by prefix).
+    Ip,
+    /// Hash of source address and User-Agent.
+    IpUserAgent,
+    /// A request header's value (`header:X-API-Key`).
+    Header(http::HeaderName),
+    /// A cookie's value (`cookie:session`).
+    Cookie(String),
+    /// A query parameter's value as sent, not percent-decoded (`query:token`).
+    Query(String),
 }
 
 /// A rate limit and whether it is enforced.
@@ -68,6 +95,8 @@ pub struct RouteConfig {
     pub matcher: RouteMatch,
     /// Its own limit; `None` shares the default limiter.
     pub limit: Option<LimitPolicy>,
+    /// What its own limit counts by (without one, the default's key).
+    pub key: LimitKey,
 }
 
 /// Everything the shield needs, already validated.
@@ -87,6 +116,8 @@ pub struct ShieldConfig {
     pub max_tracked_clients: usize,
     /// Default per-client limit; `None` disables rate limiting.
     pub limit: Option<LimitPolicy>,
+    /// What the default limit counts by.
+    pub limit_key: LimitKey,
     /// Routes, first match wins.
     pub routes: Vec<RouteConfig>,
     /// Reputation rules; `None` disables reputation.
@@ -112,6 +143,7 @@ impl Default for ShieldConfig {
                 quota: Quota::per_second(rate),
                 mode: Mode::Enforce,
             }),
+            limit_key: LimitKey::Client,
             routes: Vec::new(),
             reputation: Some((ReputationConfig::default(), Mode::Enforce)),
             adaptive: Some((AdaptiveConfig::default(), Mode::Enforce)),
@@ -362,11 +394,30 @@ impl<C: Clock> Shield<C> {
             KeyBy::IpUserAgent => fingerprint,
         };
         let route = self.route_for(req);
-        let limiter = self.limiter_for(route);
-        // Reputation and the route's limiter in the same record (the
-        // default limiter's): one lookup serves both.
+        let route_limiter = self.limiter_for(route);
+        // A limit keyed by the request is checked beside the default one,
+        // charged to the client; any other is checked alone, by its key.
+        let (limiter, limit_key, keyed) = match self.limit_key_for(route) {
+            LimitKey::Client => (route_limiter, key, None),
+            LimitKey::Ip => (
+                route_limiter,
+                ClientKey::from_ip(client_ip, self.cfg.ipv6_prefix),
+                None,
+            ),
+            LimitKey::IpUserAgent => (
+                route_limiter,
+                ClientKey::fingerprint(client_ip, self.cfg.ipv6_prefix, ua, &self.fingerprint_hasher),
+                None,
+            ),
+            by => match self.request_key(by, req) {
+                Some(k) => (self.default_limiter.as_ref(), key, route_limiter.map(|l| (l, k))),
+                None => (route_limiter, key, None),
+            },
+        };
+        // Reputation and the limiter in the same record (the default
+        // limiter's): one lookup serves both.
         let together = match (&self.reputation, limiter) {
-            (Some((rep, _)), Some((l, _))) => Arc::ptr_eq(rep.table(), l.table()),
+            (Some((rep, _)), Some((l, _))) => Arc::ptr_eq(rep.table(), l.table()) && limit_key == key,
             _ => false,
         };
         // Up to three tables are consulted below: start all their loads now.
@@ -376,7 +427,7 @@ impl<C: Clock> Shield<C> {
         if let Some((l, _)) = limiter
             && !together
         {
-            l.table().prefetch(&key);
+            l.table().prefetch(&limit_key);
         }
         if let Some((adaptive, _)) = &self.adaptive {
             adaptive.table().prefetch(&fingerprint);
@@ -460,18 +511,23 @@ impl<C: Clock> Shield<C> {
                 }
             }
         }
-        if let Some((limiter, mode)) = limiter
-            && let Err(limited) = checked.unwrap_or_else(|| limiter.check(&key, now))
-        {
-            let rejection = Rejection {
-                reason: RejectReason::RateLimited,
-                retry_after_secs: Some(limited.retry_after_secs()),
-                quota: Some(*limiter.quota()),
-            };
-            if decision.apply(rejection, *mode) {
-                return decision;
+        let checks = limiter
+            .map(|l| (l, checked.unwrap_or_else(|| l.0.check(&limit_key, now))))
+            .into_iter()
+            .chain(keyed.map(|(l, k)| (l, l.0.check(&k, now))));
+        for ((limiter, mode), verdict) in checks {
+            if let Err(limited) = verdict {
+                let rejection = Rejection {
+                    reason: RejectReason::RateLimited,
+                    retry_after_secs: Some(limited.retry_after_secs()),
+                    quota: Some(*limiter.quota()),
+                };
+                if decision.apply(rejection, *mode) {
+                    return decision;
+                }
             }
         }
+        let limiter = route_limiter;
         if let Some((adaptive, mode)) = &self.adaptive {
             let quota = limiter.map_or_else(|| Quota::per_second(NonZeroU32::MAX), |(l, _)| *l.quota());
             let (admission, transition) = adaptive.admit(&fingerprint, client_ip, &quota, now);
@@ -565,6 +621,33 @@ impl<C: Clock> Shield<C> {
         self.limiter_for(route).map(|(l, mode)| (name, *l.quota(), *mode))
     }
 
+    /// What the limit a route's requests count against is keyed by.
+    fn limit_key_for(&self, route: RouteId) -> &LimitKey {
+        route
+            .checked_sub(1)
+            .and_then(|i| self.routes.get(i))
+            .filter(|r| r.limiter.is_some())
+            .map_or(&self.cfg.limit_key, |r| &r.config.key)
+    }
+
+    /// The seeded hash of a header, cookie or query parameter's value;
+    /// `None` when the request has none (or an empty one).
+    fn request_key(&self, by: &LimitKey, req: &RequestFacts<'_>) -> Option<ClientKey> {
+        let (tag, value): (u8, &[u8]) = match by {
+            LimitKey::Client | LimitKey::Ip | LimitKey::IpUserAgent => return None,
+            LimitKey::Header(name) => (1, req.headers.get(name)?.as_bytes()),
+            LimitKey::Cookie(name) => (2, cookie(req.headers, name)?),
+            LimitKey::Query(name) => (3, query_param(req.target, name)?),
+        };
+        if value.is_empty() {
+            return None;
+        }
+        let mut h = self.fingerprint_hasher.build_hasher();
+        h.write_u8(tag);
+        h.write(value);
+        Some(ClientKey::Fingerprint(h.finish()))
+    }
+
     fn limiter_for(&self, route: RouteId) -> Option<&(RateLimiter, Mode)> {
         match route {
             0 => self.default_limiter.as_ref(),
@@ -627,6 +710,29 @@ impl RouteMatch {
             }
         }
     }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+        })
+}
+
+/// The value of query parameter `name` in `target`, as sent.
+fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a [u8]> {
+    let (_, query) = target.split_once('?')?;
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v.as_bytes())
+    })
 }
 
 fn strip_port(host: &str) -> &str {
@@ -759,6 +865,7 @@ mod tests {
                     quota: quota(2),
                     mode: Mode::Enforce,
                 }),
+                key: LimitKey::Client,
             },
             RouteConfig {
                 name: "static".into(),
@@ -767,6 +874,7 @@ mod tests {
                     ..Default::default()
                 },
                 limit: None,
+                key: LimitKey::Client,
             },
         ];
         let s = Shield::new(cfg, ManualClock::new());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method};
 use palisade_core::{ClientIpHeader, ManualClock, TrustedProxies};
-use palisade_limits::shield::{KeyBy, RequestFacts, RouteConfig, RouteMatch, Shield, ShieldConfig};
+use palisade_limits::shield::{KeyBy, LimitKey, RequestFacts, RouteConfig, RouteMatch, Shield, ShieldConfig};
 
 struct Counting;
 
@@ -74,6 +74,7 @@ fn config(key_by: KeyBy) -> ShieldConfig {
             case_sensitive: false,
         },
         limit: cfg.limit,
+        key: LimitKey::Client,
     }];
     cfg
 }

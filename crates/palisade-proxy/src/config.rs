@@ -1836,6 +1836,50 @@ mod tests {
     }
 
     #[test]
+    fn limits_take_a_key() {
+        use palisade_limits::shield::LimitKey;
+        let cfg = parse(
+            "[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\nkey = \"cookie:session\"\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nkey = \"header:X-API-Key\"\n\
+             [[routes]]\nname = \"dl\"\npath_prefix = \"/dl\"\nrate = 2\n\
+             [[routes]]\nname = \"q\"\npath_prefix = \"/q\"\nkey = \"query:token\"\n\
+             [[routes]]\nname = \"ua\"\npath_prefix = \"/ua\"\nkey = \"ip_user_agent\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.shield.limit_key, LimitKey::Cookie("session".into()));
+        let keys: Vec<_> = cfg.shield.routes.iter().map(|r| r.key.clone()).collect();
+        assert_eq!(
+            keys,
+            [
+                LimitKey::Header("x-api-key".parse().unwrap()),
+                // A route's own limit counts by the default's key unless it names one.
+                LimitKey::Cookie("session".into()),
+                LimitKey::Query("token".into()),
+                LimitKey::IpUserAgent,
+            ]
+        );
+        // `key` alone gives a route a limit of its own, at the default's rate.
+        assert_eq!(cfg.shield.routes[0].limit.unwrap().quota.rate.get(), 100);
+        let at = |key: &str| {
+            err(&format!(
+                "[server]\nupstreams = [\"http://a:1\"]\n[[routes]]\nname = \"x\"\nkey = {key}\n"
+            ))
+        };
+        assert_eq!(
+            at("\"token\""),
+            "test.toml:5:1: routes[0].key: unknown key \"token\"; expected \"ip\", \"ip_user_agent\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\""
+        );
+        assert_eq!(
+            at("\"header:X API\""),
+            "test.toml:5:1: routes[0].key: \"X API\" is not a header name"
+        );
+        assert_eq!(
+            at("\"cookie:\""),
+            "test.toml:5:1: routes[0].key: \"cookie:\": the name must be 1-128 printable characters"
+        );
+    }
+
+    #[test]
     fn cluster_mode_needs_a_long_enough_key_or_says_insecure() {
         let base = "[server]\nupstreams = [\"http://a:1\"]\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\n";
         let e = err(base);

@@ -313,6 +313,40 @@ async fn a_login_route_at_five_a_minute_refuses_the_sixth_for_twelve_seconds() {
     h.running.shutdown().await;
 }
 
+/// An API keyed at 3 a second: two addresses sending one key share its 3;
+/// a client rotating keys is held to its address's default limit of 10.
+#[tokio::test(start_paused = true)]
+async fn an_api_key_limit_is_shared_across_addresses_and_rotation_meets_the_address_limit() {
+    let h = Harness::start(
+        "",
+        "[rate_limit]\nrate = 10\n[[routes]]\nname = \"api\"\npath_prefix = \"/status\"\nrate = 3\nkey = \"header:X-API-Key\"\n",
+    )
+    .await;
+    let mut a = h.client("127.0.0.13").await;
+    let mut b = h.client("127.0.0.14").await;
+    let mut ok = 0;
+    for _ in 0..4 {
+        for c in [&mut a, &mut b] {
+            if c.get_with("/status/200", &[("x-api-key", "team-a")]).await.0 == StatusCode::OK {
+                ok += 1;
+            }
+        }
+    }
+    assert_eq!(ok, 3);
+    let mut rotating = h.client("127.0.0.15").await;
+    let mut ok = 0;
+    for i in 0..30 {
+        let key = format!("k{i}");
+        if rotating.get_with("/status/200", &[("x-api-key", &key)]).await.0 == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 10);
+    let m = h.metrics().await;
+    assert_eq!(get_requests(&m, "api", 429), 5.0 + 20.0);
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn slowloris_is_cut_at_the_header_deadline_while_others_are_served() {
     let h = Harness::start("header_read_timeout = \"1s\"", "").await;

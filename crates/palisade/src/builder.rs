@@ -12,7 +12,7 @@ use palisade_limits::admission::{Admission, AdmissionConfig};
 use palisade_limits::breaker::Breaker;
 use palisade_limits::rate::Quota;
 use palisade_limits::reputation::ReputationConfig;
-use palisade_limits::shield::{LimitPolicy, RouteConfig, RouteMatch, Shield, ShieldConfig};
+use palisade_limits::shield::{LimitKey, LimitPolicy, RouteConfig, RouteMatch, Shield, ShieldConfig};
 use palisade_store::StoreCell;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tower_layer::Layer;
@@ -276,6 +276,7 @@ impl<C: Clock + Clone> Builder<C> {
                 ..RouteMatch::default()
             },
             limit,
+            key: LimitKey::Client,
         });
         self
     }

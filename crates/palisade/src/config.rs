@@ -18,7 +18,7 @@ use palisade_limits::admission::AdmissionConfig;
 use palisade_limits::breaker::BreakerConfig;
 use palisade_limits::rate::{Period, Quota};
 use palisade_limits::reputation::ReputationConfig;
-use palisade_limits::shield::{KeyBy, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
+use palisade_limits::shield::{KeyBy, LimitKey, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use toml::de::{DeTable, DeValue};
@@ -314,6 +314,7 @@ pub mod raw {
         pub rate: RawRate,
         pub burst: Option<u32>,
         pub window_limit: Option<u32>,
+        pub key: Option<String>,
     }
 
     impl Default for RawRateLimit {
@@ -324,6 +325,7 @@ pub mod raw {
                 rate: RawRate::per_second(100),
                 burst: None,
                 window_limit: None,
+                key: None,
             }
         }
     }
@@ -431,6 +433,7 @@ pub mod raw {
         pub rate: Option<RawRate>,
         pub burst: Option<u32>,
         pub window_limit: Option<u32>,
+        pub key: Option<String>,
         pub mode: Option<String>,
     }
 
@@ -651,6 +654,10 @@ pub mod raw {
                 deny: nets(&c.deny, "deny")?,
                 max_tracked_clients: c.max_tracked,
                 limit,
+                limit_key: match &rl.key {
+                    Some(k) => limit_key(k, p!("rate_limit", "key"))?,
+                    None => LimitKey::Client,
+                },
                 routes,
                 reputation,
                 // Opened by the App and shared across reloads.
@@ -738,6 +745,7 @@ pub mod raw {
             let own = self.rate.is_some()
                 || self.burst.is_some()
                 || self.window_limit.is_some()
+                || self.key.is_some()
                 || self.mode.is_some();
             let limit = if own {
                 let rate = self.rate.unwrap_or(RawRate {
@@ -769,7 +777,43 @@ pub mod raw {
                     case_sensitive: self.case_sensitive,
                 },
                 limit,
+                key: match self.key.as_ref().or(rl.key.as_ref()) {
+                    Some(k) => limit_key(k, p!("routes", i, "key"))?,
+                    None => LimitKey::Client,
+                },
             })
+        }
+    }
+
+    /// `key`: `"ip"`, `"ip_user_agent"`, `"header:NAME"`, `"cookie:NAME"`
+    /// or `"query:NAME"`.
+    pub fn limit_key(s: &str, path: &[Seg]) -> Result<LimitKey, Invalid> {
+        let expected =
+            "expected \"ip\", \"ip_user_agent\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\"";
+        let named = |name: &str| -> Result<String, Invalid> {
+            let ok = !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b";=,&?#\"".contains(&b));
+            if ok {
+                Ok(name.to_string())
+            } else {
+                Err(at(
+                    path,
+                    format!("{s:?}: the name must be 1-128 printable characters"),
+                ))
+            }
+        };
+        match s.split_once(':') {
+            None if s == "ip" => Ok(LimitKey::Ip),
+            None if s == "ip_user_agent" => Ok(LimitKey::IpUserAgent),
+            Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+                .map(LimitKey::Header)
+                .map_err(|_| at(path, format!("{name:?} is not a header name"))),
+            Some(("cookie", name)) => named(name).map(LimitKey::Cookie),
+            Some(("query", name)) => named(name).map(LimitKey::Query),
+            _ => Err(at(path, format!("unknown key {s:?}; {expected}"))),
         }
     }
 

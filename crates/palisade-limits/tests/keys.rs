@@ -1,0 +1,177 @@
+//! Limits keyed by what a request carries (an API key header, a session
+//! cookie, a token in the query): shared by every address that sends the
+//! key, counted by address when it is absent, and never a way around the
+//! per-address default limit.
+#![allow(clippy::unwrap_used)]
+
+use std::num::NonZeroU32;
+
+use http::{HeaderMap, HeaderValue, Method, Version};
+use palisade_core::{ManualClock, Mode, RejectReason};
+use palisade_limits::rate::Quota;
+use palisade_limits::shield::{
+    LimitKey, LimitPolicy, RequestFacts, RouteConfig, RouteMatch, Shield, ShieldConfig,
+};
+
+fn policy(rate: u32) -> LimitPolicy {
+    LimitPolicy {
+        quota: Quota::per_second(NonZeroU32::new(rate).unwrap()),
+        mode: Mode::Enforce,
+    }
+}
+
+/// Default limit `default` per address; `/api` limited to `api` per `key`.
+fn shield(default: u32, api: u32, key: LimitKey) -> Shield<ManualClock> {
+    let cfg = ShieldConfig {
+        limit: Some(policy(default)),
+        reputation: None,
+        adaptive: None,
+        routes: vec![RouteConfig {
+            name: "api".into(),
+            matcher: RouteMatch {
+                path_prefix: Some("/api".into()),
+                ..RouteMatch::default()
+            },
+            limit: Some(policy(api)),
+            key,
+        }],
+        ..ShieldConfig::default()
+    };
+    Shield::new(cfg, ManualClock::new())
+}
+
+/// Whether `peer`'s request for `target` with `headers` passes.
+fn passes(s: &Shield<ManualClock>, peer: &str, target: &str, headers: &[(&'static str, &str)]) -> bool {
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.append(*k, HeaderValue::from_str(v).unwrap());
+    }
+    let path = target.split('?').next().unwrap();
+    let d = s.decide(&RequestFacts {
+        peer: peer.parse().unwrap(),
+        method: &Method::GET,
+        host: Some("example.com"),
+        path,
+        target,
+        version: Version::HTTP_11,
+        headers: &h,
+    });
+    match d.rejection {
+        None => true,
+        Some(r) => {
+            assert_eq!(r.reason, RejectReason::RateLimited);
+            false
+        }
+    }
+}
+
+fn count(n: usize, mut f: impl FnMut(usize) -> bool) -> usize {
+    (0..n).filter(|&i| f(i)).count()
+}
+
+#[test]
+fn two_addresses_with_one_api_key_share_its_limit() {
+    let s = shield(100, 5, LimitKey::Header("x-api-key".parse().unwrap()));
+    let key = [("x-api-key", "team-a")];
+    let from = |i: usize| {
+        if i.is_multiple_of(2) {
+            "198.18.0.1"
+        } else {
+            "198.18.0.2"
+        }
+    };
+    assert_eq!(count(20, |i| passes(&s, from(i), "/api/x", &key)), 5);
+    // Another key has its own 5, from either address.
+    assert_eq!(
+        count(20, |_| passes(
+            &s,
+            "198.18.0.1",
+            "/api/x",
+            &[("x-api-key", "team-b")]
+        )),
+        5
+    );
+}
+
+#[test]
+fn without_the_key_a_request_is_counted_by_its_address() {
+    let s = shield(100, 5, LimitKey::Header("x-api-key".parse().unwrap()));
+    assert_eq!(count(20, |_| passes(&s, "198.18.0.3", "/api/x", &[])), 5);
+    // An empty key is no key.
+    assert_eq!(
+        count(5, |_| passes(&s, "198.18.0.3", "/api/x", &[("x-api-key", "")])),
+        0
+    );
+    assert_eq!(
+        count(20, |_| passes(&s, "198.18.0.4", "/api/x", &[("x-api-key", "")])),
+        5
+    );
+    // Spending the address's share leaves a keyed client its own.
+    assert_eq!(
+        count(20, |_| passes(&s, "198.18.0.3", "/api/x", &[("x-api-key", "k")])),
+        5
+    );
+}
+
+/// Failed before keyed limits sat beside the default one: with the route's
+/// limit alone, every fresh key was a fresh bucket and all 500 passed.
+#[test]
+fn rotating_keys_are_stopped_by_the_address_limit() {
+    let s = shield(50, 5, LimitKey::Header("x-api-key".parse().unwrap()));
+    let passed = count(500, |i| {
+        passes(&s, "198.18.0.5", "/api/x", &[("x-api-key", &format!("k{i}"))])
+    });
+    assert_eq!(passed, 50);
+    // Another address is untouched.
+    assert!(passes(&s, "198.18.0.6", "/api/x", &[("x-api-key", "k0")]));
+}
+
+#[test]
+fn cookies_and_query_parameters_key_a_limit_too() {
+    let s = shield(100, 3, LimitKey::Cookie("session".into()));
+    let cookie = |v: &str| format!("theme=dark; session={v}; lang=en");
+    let from = |i: usize| {
+        if i.is_multiple_of(2) {
+            "198.18.0.7"
+        } else {
+            "198.18.0.8"
+        }
+    };
+    assert_eq!(
+        count(10, |i| passes(&s, from(i), "/api", &[("cookie", &cookie("s1"))])),
+        3
+    );
+    // The cookie in a second Cookie header is found too.
+    assert_eq!(
+        count(10, |_| passes(
+            &s,
+            "198.18.0.9",
+            "/api",
+            &[("cookie", "a=b"), ("cookie", "session=s2")]
+        )),
+        3
+    );
+    let s = shield(100, 3, LimitKey::Query("token".into()));
+    assert_eq!(count(10, |i| passes(&s, from(i), "/api?a=1&token=t1", &[])), 3);
+    // `tokens=` is another parameter: counted by address.
+    assert_eq!(count(10, |_| passes(&s, "198.18.0.10", "/api?tokens=t1", &[])), 3);
+    assert_eq!(
+        count(10, |_| passes(&s, "198.18.0.10", "/api?token=t2#x", &[])),
+        3
+    );
+}
+
+#[test]
+fn a_key_of_any_length_costs_one_record() {
+    let s = shield(1000, 2, LimitKey::Header("x-api-key".parse().unwrap()));
+    let long = "k".repeat(60_000);
+    assert_eq!(
+        count(5, |_| passes(&s, "198.18.0.11", "/api", &[("x-api-key", &long)])),
+        2
+    );
+    let tracked: Vec<_> = s
+        .limiters()
+        .map(|(name, l)| (name.to_string(), l.table().len()))
+        .collect();
+    assert_eq!(tracked, [("default".to_string(), 1), ("api".to_string(), 1)]);
+}
