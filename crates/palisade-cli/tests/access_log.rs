@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod common;
+use common::{log_addr, running_line};
+
 /// Kills the daemon if a test fails before it would have.
 struct Daemon {
     child: Child,
@@ -83,25 +86,10 @@ fn start(dir: &Path, extra: &str) -> Daemon {
         admin: unknown,
         dir: dir.to_owned(),
     };
-    let mut err = BufReader::new(d.child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "palisade exited before it ran; its log:\n{seen}"
-        );
-        seen.push_str(&line);
-        let field = |name: &str| -> Option<SocketAddr> {
-            line.split(name).nth(1)?.split_whitespace().next()?.parse().ok()
-        };
-        if let (Some(proxy), Some(admin)) = (field(" proxy="), field(" admin=")) {
-            d.proxy = proxy;
-            d.admin = admin;
-            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-            return d;
-        }
-    }
+    let line = running_line(&mut d.child);
+    d.proxy = log_addr(&line, "proxy").unwrap();
+    d.admin = log_addr(&line, "admin").unwrap();
+    d
 }
 
 /// `curl -s` with extra arguments; the status of each URL, in order.

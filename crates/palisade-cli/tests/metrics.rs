@@ -3,11 +3,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+mod common;
+use common::{log_addr, running_line};
 
 const TOKEN: &str = "metrics-test-token-0123";
 
@@ -52,28 +55,13 @@ fn start(config: &Path) -> Daemon {
         admin: unknown,
         metrics: None,
     };
-    let mut err = BufReader::new(d.child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "palisade exited before it ran; its log:\n{seen}"
-        );
-        seen.push_str(&line);
-        let field = |name: &str| -> Option<SocketAddr> {
-            line.split(name).nth(1)?.split_whitespace().next()?.parse().ok()
-        };
-        if let (Some(proxy), Some(admin)) = (field(" proxy="), field(" admin=")) {
-            // A daemon on 0.0.0.0 is reached on loopback.
-            let local = |a: SocketAddr| SocketAddr::from(([127, 0, 0, 1], a.port()));
-            d.proxy = local(proxy);
-            d.admin = local(admin);
-            d.metrics = field(" metrics=").map(local);
-            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-            return d;
-        }
-    }
+    let line = running_line(&mut d.child);
+    // A daemon on 0.0.0.0 is reached on loopback.
+    let local = |a: SocketAddr| SocketAddr::from(([127, 0, 0, 1], a.port()));
+    d.proxy = local(log_addr(&line, "proxy").unwrap());
+    d.admin = local(log_addr(&line, "admin").unwrap());
+    d.metrics = log_addr(&line, "metrics").map(local);
+    d
 }
 
 /// `curl -s -i` with extra arguments: (status, headers lowercased, body).

@@ -1,9 +1,10 @@
-//! Helpers the namespace tests share.
+//! Helpers the tests share.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::io::{Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Child;
+
 use std::time::Duration;
 
 use palisade_kernel::netns::Netns;
@@ -43,4 +44,34 @@ pub fn get(ns: &Netns, from: Option<&str>, to: &str, path: &str) -> Option<Strin
     })
     .join()
     .unwrap()
+}
+
+/// Reads a starting daemon's log up to the line that names both its proxy
+/// and admin addresses, and returns that line; the rest is drained in the
+/// background, so that a full pipe never blocks the daemon.
+pub fn running_line(child: &mut Child) -> String {
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "palisade exited before it ran; its log:\n{seen}"
+        );
+        seen.push_str(&line);
+        if log_addr(&line, "proxy").is_some() && log_addr(&line, "admin").is_some() {
+            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+            return line;
+        }
+    }
+}
+
+/// The address after ` NAME=` in a log line.
+pub fn log_addr(line: &str, name: &str) -> Option<SocketAddr> {
+    line.split(&format!(" {name}="))
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
