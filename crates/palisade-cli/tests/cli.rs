@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -19,6 +19,28 @@ impl Drop for Reaped {
 
 fn palisade() -> Command {
     Command::new(env!("CARGO_BIN_EXE_palisade"))
+}
+
+/// `palisade GLOBAL… run` with its proxy and admin on ports the kernel
+/// picks, read back from its log.
+fn run_anywhere(global: &[&str]) -> Command {
+    let mut cmd = palisade();
+    cmd.args(global)
+        .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    cmd
+}
+
+/// `palisade store build` from `csv` to `store`, which must succeed.
+fn store_build(csv: &Path, store: &Path) -> std::process::Output {
+    let out = palisade()
+        .args(["store", "build", "--input"])
+        .arg(csv)
+        .arg("--output")
+        .arg(store)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
 }
 
 fn temp_file(name: &str, contents: &str) -> PathBuf {
@@ -132,34 +154,14 @@ fn terminate_twice(pid: &str, admin: SocketAddr) {
 
 #[test]
 fn run_serves_then_exits_cleanly_on_sigterm() {
-    let (demo_addr, _demo) = {
-        let mut child = palisade()
-            .args(["demo-upstream", "--listen", "127.0.0.1:0"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
-        let addr: SocketAddr = line.rsplit("http://").next().unwrap().trim().parse().unwrap();
-        (addr, Reaped(child))
-    };
+    let (demo_addr, _demo) = demo_upstream();
     let config = temp_file(
         "run.toml",
         "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n",
     );
     let mut child = Reaped(
-        palisade()
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--rate-limit",
-                "3",
-                "--config",
-            ])
+        run_anywhere(&[])
+            .args(["--rate-limit", "3", "--config"])
             .arg(&config)
             .arg("--upstream")
             .arg(format!("http://{demo_addr}"))
@@ -225,16 +227,7 @@ fn json_logs_carry_the_decision_and_the_client() {
         "[server]\nupstreams = [\"http://127.0.0.1:9\"]\n[syn]\nenabled = false\n",
     );
     let mut child = Reaped(
-        palisade()
-            .args([
-                "--log-format",
-                "json",
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-            ])
+        run_anywhere(&["--log-format", "json"])
             .args(["--rate-limit", "1", "--config"])
             .arg(&config)
             .stderr(Stdio::piped())
@@ -327,15 +320,8 @@ fn acknowledged_scores_survive_kill_9_and_a_torn_log() {
         ),
     );
     let start = || {
-        let mut child = palisade()
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--config",
-            ])
+        let mut child = run_anywhere(&[])
+            .arg("--config")
             .arg(&config)
             .env_remove("PALISADE_ADMIN_TOKEN")
             .stderr(Stdio::piped())
@@ -404,14 +390,7 @@ fn store_commands_build_query_patch_and_describe() {
         "ip,score,reason\n192.0.2.1,10,spam\n198.51.100.0/24,0,botnet,deny\n2001:db8::1,40\n",
     );
     let store = csv.with_file_name("feed.pstore");
-    let out = palisade()
-        .args(["store", "build", "--input"])
-        .arg(&csv)
-        .arg("--output")
-        .arg(&store)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = store_build(&csv, &store);
     assert!(String::from_utf8_lossy(&out.stderr).contains("3 entries"));
 
     let lookup = |input: &str| {
@@ -800,14 +779,7 @@ fn a_signed_feed_end_to_end() {
     let store = dir.join("rep.pstore");
     let csv = dir.join("rep.csv");
     std::fs::write(&csv, "192.0.2.1,10,spam\n").unwrap();
-    let out = palisade()
-        .args(["store", "build", "--input"])
-        .arg(&csv)
-        .arg("--output")
-        .arg(&store)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    store_build(&csv, &store);
 
     // With a feed key the snapshot must be signed too.
     let out = palisade()
@@ -886,15 +858,8 @@ fn a_signed_feed_end_to_end() {
         "{err}"
     );
 
-    let mut child = palisade()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--config",
-        ])
+    let mut child = run_anywhere(&[])
+        .arg("--config")
         .arg(&config)
         .env("PALISADE_TEST_FEED_AUTH", SECRET)
         .env("RUST_LOG", "debug")
@@ -1051,16 +1016,7 @@ fn a_leaking_task_site_is_named_in_the_log_and_the_alert_metric() {
         ),
     );
     let mut child = Reaped(
-        palisade()
-            .args([
-                "--log-format",
-                "json",
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-            ])
+        run_anywhere(&["--log-format", "json"])
             .arg("--config")
             .arg(&config)
             .stderr(Stdio::piped())
