@@ -94,6 +94,7 @@ async fn serve_as(listener: TcpListener, app: Arc<App>, mut stop: watch::Receive
                     header: cfg.header_read_timeout,
                     idle: cfg.idle_timeout,
                     write: rt.config.server.write_timeout,
+                    response_rate: crate::server::response_rate(&rt.config.server),
                 };
                 let app = app.clone();
                 let builder = builder.clone();

@@ -14,15 +14,68 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+/// A minimum average transfer rate, for request bodies
+/// (`server.body_min_rate`) and for responses (`server.response_min_rate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinRate {
+    /// Bytes/s (0 = off).
+    pub min_rate: u64,
+    /// How long before the rate counts.
+    pub grace: Duration,
+}
+
+impl MinRate {
+    /// Whether `bytes` in `elapsed` fall short of the rate, once `grace`
+    /// has passed.
+    pub fn short(&self, bytes: u64, elapsed: Duration) -> bool {
+        self.min_rate > 0
+            && elapsed >= self.grace
+            && (bytes as f64) < self.min_rate as f64 * elapsed.as_secs_f64()
+    }
+}
+
+/// A [`MinRate`] over consecutive windows of `grace` each: every window
+/// must carry its share, so bytes moved fast early on buy no slack for
+/// later. Only time in which the peer is the one awaited is counted (the
+/// caller says which), so a response the upstream streams slowly is not
+/// the client's fault.
+#[derive(Debug, Default)]
+pub struct RateWindow {
+    bytes: u64,
+    counted: Duration,
+}
+
+impl RateWindow {
+    /// `n` more bytes moved.
+    pub fn moved(&mut self, n: u64) {
+        self.bytes = self.bytes.saturating_add(n);
+    }
+
+    /// `waited` more time spent waiting on the peer; whether the window
+    /// that closed, if one did, fell short (the next one then starts).
+    pub fn waited(&mut self, rate: MinRate, waited: Duration) -> bool {
+        self.counted += waited;
+        if rate.min_rate == 0 || self.counted < rate.grace {
+            return false;
+        }
+        let short = rate.short(self.bytes, self.counted);
+        *self = Self::default();
+        short
+    }
+
+    /// Waiting left until the window closes; `None` when the rate is off.
+    pub fn left(&self, rate: MinRate) -> Option<Duration> {
+        (rate.min_rate > 0).then(|| rate.grace.saturating_sub(self.counted))
+    }
+}
+
 /// Limits for [`TimedBody`].
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimits {
     /// Longest pause between chunks.
     pub gap: Duration,
-    /// Minimum average bytes/s once `grace` has passed (0 = off).
-    pub min_rate: u64,
-    /// When the rate starts to count.
-    pub grace: Duration,
+    /// Minimum average rate since the body started.
+    pub rate: MinRate,
     /// Most bytes (0 = no limit).
     pub max_size: u64,
 }
@@ -126,13 +179,8 @@ where
                         return Poll::Ready(Some(Err(BodyError::TooLarge)));
                     }
                 }
-                let now = Instant::now();
-                let elapsed = now - this.started;
-                if this.limits.min_rate > 0 && elapsed > this.limits.grace {
-                    let floor = this.limits.min_rate as f64 * elapsed.as_secs_f64();
-                    if (this.received as f64) < floor {
-                        return this.too_slow();
-                    }
+                if this.limits.rate.short(this.received, this.started.elapsed()) {
+                    return this.too_slow();
                 }
                 this.armed = false;
                 Poll::Ready(Some(Ok(frame)))

@@ -341,6 +341,9 @@ pub struct ServerConfig {
     pub body_rate_grace: Duration,
     /// Largest request body in bytes (0 = no limit).
     pub max_body_size: u64,
+    /// Slowest a client may read a response, bytes/s over each
+    /// `write_timeout` spent waiting on it (0 = off).
+    pub response_min_rate: u64,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// Most header fields.
@@ -740,6 +743,7 @@ struct RawServer {
     body_min_rate: u64,
     body_rate_grace: String,
     max_body_size: u64,
+    response_min_rate: u64,
     max_header_bytes: usize,
     max_headers: usize,
     h2_max_concurrent_streams: u32,
@@ -763,6 +767,7 @@ impl Default for RawServer {
             body_min_rate: 1024,
             body_rate_grace: "5s".into(),
             max_body_size: 8 * 1024 * 1024,
+            response_min_rate: 1024,
             max_header_bytes: 65536,
             max_headers: 100,
             h2_max_concurrent_streams: 128,
@@ -977,6 +982,7 @@ impl RawConfig {
             body_min_rate: s.body_min_rate,
             body_rate_grace: duration(&s.body_rate_grace, p!("server", "body_rate_grace"))?,
             max_body_size: s.max_body_size,
+            response_min_rate: s.response_min_rate,
             max_header_bytes: match s.max_header_bytes {
                 n @ 8192..=1_048_576 => n,
                 _ => {

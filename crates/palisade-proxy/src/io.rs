@@ -4,7 +4,10 @@
 //! - **header deadline**: from the first byte of a request head to the
 //!   request being dispatched, however the bytes trickle in (slowloris);
 //! - **idle**: no request in flight and nothing received;
-//! - **write**: a write that makes no progress.
+//! - **write**: a write that makes no progress;
+//! - **response rate**: writes that progress, but slower on average than
+//!   `server.response_min_rate` over the time spent waiting on the client
+//!   (a client reading a byte a second never lets a write stall).
 //!
 //! hyper's own `header_read_timeout` also runs while a keep-alive connection
 //! waits for its next request, which would cap idle time at the header
@@ -19,6 +22,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use crate::body::{MinRate, RateWindow};
 
 /// Requests in flight on one connection, shared with its service.
 #[derive(Debug, Default)]
@@ -51,6 +56,7 @@ impl ConnActivity {
             1 => Some(Expired::Header),
             2 => Some(Expired::Idle),
             3 => Some(Expired::Write),
+            4 => Some(Expired::SlowRead),
             _ => None,
         }
     }
@@ -60,6 +66,7 @@ impl ConnActivity {
             Expired::Header => 1,
             Expired::Idle => 2,
             Expired::Write => 3,
+            Expired::SlowRead => 4,
         };
         self.expired.store(v, Ordering::Release);
     }
@@ -89,6 +96,8 @@ pub enum Expired {
     Idle,
     /// Write stalled.
     Write,
+    /// The client read below the response rate.
+    SlowRead,
 }
 
 impl Expired {
@@ -98,6 +107,7 @@ impl Expired {
             Self::Header => "header",
             Self::Idle => "idle",
             Self::Write => "write",
+            Self::SlowRead => "slow_read",
         }
     }
 }
@@ -111,6 +121,9 @@ pub struct Deadlines {
     pub idle: Duration,
     /// Write progress.
     pub write: Duration,
+    /// Slowest the client may take what is written, over the time it is
+    /// waited on.
+    pub response_rate: MinRate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +148,10 @@ pin_project_lite::pin_project! {
         read_timer: Pin<Box<Sleep>>,
         write_timer: Pin<Box<Sleep>>,
         write_armed: bool,
+        rate: RateWindow,
+        // Since when a write has waited on the client.
+        blocked_since: Option<Instant>,
+        rate_timer: Pin<Box<Sleep>>,
     }
 }
 
@@ -157,6 +174,9 @@ impl<T> TimedIo<T> {
             read_timer: Box::pin(tokio::time::sleep_until(now + deadlines.header)),
             write_timer: Box::pin(tokio::time::sleep_until(now + deadlines.write)),
             write_armed: false,
+            rate: RateWindow::default(),
+            blocked_since: None,
+            rate_timer: Box::pin(tokio::time::sleep_until(now)),
         }
     }
 }
@@ -220,28 +240,63 @@ impl<T: AsyncRead> AsyncRead for TimedIo<T> {
 }
 
 impl<T: AsyncWrite> TimedIo<T> {
+    /// `op` is one write (or flush); `moved` says how many bytes a
+    /// completed one took.
     fn poll_write_with<R>(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         op: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<io::Result<R>>,
+        moved: impl FnOnce(&R) -> usize,
     ) -> Poll<io::Result<R>> {
         let this = self.project();
+        let rate = this.deadlines.response_rate;
         match op(this.inner, cx) {
             Poll::Ready(r) => {
                 *this.write_armed = false;
+                if let Ok(done) = &r {
+                    this.rate.moved(moved(done) as u64);
+                }
+                if let Some(since) = this.blocked_since.take()
+                    && this.rate.waited(rate, since.elapsed())
+                {
+                    this.activity.set_expired(Expired::SlowRead);
+                    return Poll::Ready(Err(timed_out(Expired::SlowRead)));
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => {
+                let now = Instant::now();
                 if !*this.write_armed {
                     *this.write_armed = true;
-                    this.write_timer
-                        .as_mut()
-                        .reset(Instant::now() + this.deadlines.write);
+                    this.write_timer.as_mut().reset(now + this.deadlines.write);
                 }
                 if this.write_timer.as_mut().poll(cx).is_ready() {
                     this.activity.set_expired(Expired::Write);
                     return Poll::Ready(Err(timed_out(Expired::Write)));
                 }
+                let Some(left) = this.rate.left(rate) else {
+                    return Poll::Pending;
+                };
+                match *this.blocked_since {
+                    None => {
+                        *this.blocked_since = Some(now);
+                        this.rate_timer.as_mut().reset(now + left);
+                    }
+                    // The window closed while still waiting: judge it, and
+                    // the next one starts.
+                    Some(since) if this.rate_timer.as_mut().poll(cx).is_ready() => {
+                        *this.blocked_since = Some(now);
+                        if this.rate.waited(rate, now - since) {
+                            this.activity.set_expired(Expired::SlowRead);
+                            return Poll::Ready(Err(timed_out(Expired::SlowRead)));
+                        }
+                        let left = this.rate.left(rate).unwrap_or(left);
+                        this.rate_timer.as_mut().reset(now + left);
+                    }
+                    Some(_) => return Poll::Pending,
+                }
+                // Registers the waker for the deadline just set.
+                let _ = this.rate_timer.as_mut().poll(cx);
                 Poll::Pending
             }
         }
@@ -250,7 +305,7 @@ impl<T: AsyncWrite> TimedIo<T> {
 
 impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |io, cx| io.poll_write(cx, buf))
+        self.poll_write_with(cx, |io, cx| io.poll_write(cx, buf), |n| *n)
     }
 
     fn poll_write_vectored(
@@ -258,7 +313,7 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+        self.poll_write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs), |n| *n)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -266,11 +321,11 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_write_with(cx, |io, cx| io.poll_flush(cx))
+        self.poll_write_with(cx, |io, cx| io.poll_flush(cx), |()| 0)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_write_with(cx, |io, cx| io.poll_shutdown(cx))
+        self.poll_write_with(cx, |io, cx| io.poll_shutdown(cx), |()| 0)
     }
 }
 
@@ -283,6 +338,10 @@ mod tests {
         header: Duration::from_secs(5),
         idle: Duration::from_secs(30),
         write: Duration::from_secs(10),
+        response_rate: MinRate {
+            min_rate: 0,
+            grace: Duration::from_secs(10),
+        },
     };
 
     #[tokio::test(start_paused = true)]

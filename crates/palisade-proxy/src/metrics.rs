@@ -682,7 +682,7 @@ impl Metrics {
             ),
             (
                 &self.conn_timeouts,
-                &["header", "idle", "write", "stalled", "tls_handshake"],
+                &["header", "idle", "write", "slow_read", "stalled", "tls_handshake"],
             ),
             (
                 &self.connections_refused,

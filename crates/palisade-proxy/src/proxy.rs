@@ -35,7 +35,7 @@ use palisade_store::StoreCell;
 use tower_layer::Layer;
 
 use crate::access_log::{self, AccessLog, Pending, Refusal, RequestInfo};
-use crate::body::{BodyError, BodyLimits, Cut, CutReason, TimedBody};
+use crate::body::{BodyError, BodyLimits, Cut, CutReason, MinRate, TimedBody};
 use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
@@ -151,8 +151,10 @@ impl Runtime {
             builder: Arc::new(connection_builder(&config)),
             body_limits: BodyLimits {
                 gap: config.server.body_read_timeout,
-                min_rate: config.server.body_min_rate,
-                grace: config.server.body_rate_grace,
+                rate: MinRate {
+                    min_rate: config.server.body_min_rate,
+                    grace: config.server.body_rate_grace,
+                },
                 max_size: config.server.max_body_size,
             },
             upstreams,
@@ -1160,6 +1162,7 @@ impl Body for ResponseBody {
                 this.rest = None;
             }
             crate::stall::body_polled(false);
+            crate::stall::body_sent(piece.len());
             return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
         let polled = match &mut this.inner {
@@ -1174,9 +1177,13 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) if crate::stall::watched() => match frame.into_data() {
                 Ok(mut data) if data.len() > H2_STEP => {
                     this.rest = Some(data.split_off(H2_STEP));
+                    crate::stall::body_sent(data.len());
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(data) => {
+                    crate::stall::body_sent(data.len());
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
                 Err(frame) => Poll::Ready(Some(Ok(frame))),
             },
             other => other,

@@ -17,11 +17,12 @@ use palisade_limits::adaptive::Signal;
 use palisade_limits::admission::{Permit, Refusal};
 
 use crate::admin;
+use crate::body::MinRate;
 use crate::config::Config;
 use crate::config::WatchdogSettings;
 use crate::io::{ConnActivity, Deadlines, Expired, TimedIo};
 use crate::maintenance::MaintenancePage;
-use crate::metrics::Metrics;
+use crate::metrics::{KindLabel, Metrics};
 use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime, in_error_chain};
 use crate::stall::ConnStreams;
 use crate::tasks::{Watchdog, tracked};
@@ -464,6 +465,7 @@ where
         header: s.header_read_timeout,
         idle: s.idle_timeout,
         write: s.write_timeout,
+        response_rate: response_rate(s),
     };
     let activity = Arc::new(ConnActivity::default());
     let io = TokioIo::new(TimedIo::new(io, activity.clone(), deadlines));
@@ -473,7 +475,17 @@ where
         .builder
         .serve_connection_with_upgrades(io, service)
         .into_owned();
-    let streams = ConnStreams::new(s.write_timeout, app.metrics.stalled_responses.clone());
+    let streams = ConnStreams::new(
+        s.write_timeout,
+        response_rate(s),
+        app.metrics.stalled_responses.clone(),
+        app.metrics
+            .conn_timeouts
+            .get_or_create(&KindLabel {
+                kind: Expired::SlowRead.as_str(),
+            })
+            .clone(),
+    );
     let mut stalled = false;
     let served = streams.scope(async {
         let mut conn = std::pin::pin!(conn);
@@ -509,6 +521,14 @@ where
         Metrics::inc(&app.metrics.conn_timeouts, "stalled");
     } else if let Some(what) = activity.expired() {
         Metrics::inc(&app.metrics.conn_timeouts, what.as_str());
+    }
+}
+
+/// `server.response_min_rate`, counted over windows of `write_timeout`.
+pub(crate) fn response_rate(s: &crate::config::ServerConfig) -> MinRate {
+    MinRate {
+        min_rate: s.response_min_rate,
+        grace: s.write_timeout,
     }
 }
 

@@ -15,6 +15,12 @@
 //! upstream body, which closes that upstream connection. When a stream
 //! stalls and no stream of its connection made progress within the
 //! deadline, the connection is told to go away (GOAWAY, then close).
+//!
+//! A client can also open its window just often enough to beat that
+//! deadline (one chunk per `write_timeout`). Each stream is therefore held
+//! to `server.response_min_rate` too, over the time its next chunk waits
+//! on the client (see [`crate::body::RateWindow`]); a slower one is reset
+//! the same way.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +34,8 @@ use tokio::sync::Notify;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
+use crate::body::{MinRate, RateWindow};
+
 tokio::task_local! {
     /// The connection whose future is being polled (its streams are
     /// spawned from inside that poll).
@@ -40,23 +48,33 @@ tokio::task_local! {
 #[derive(Debug)]
 pub struct ConnStreams {
     limit: Duration,
+    rate: MinRate,
     opened: Instant,
     /// Nanoseconds after `opened` of the latest progress of any stream.
     progressed: AtomicU64,
     all_stalled: Notify,
     stalled_responses: Counter,
+    slow_responses: Counter,
 }
 
 impl ConnStreams {
     /// Streams of a connection opened now, each allowed `limit` without
-    /// progress; `stalled_responses` counts the ones reset.
-    pub fn new(limit: Duration, stalled_responses: Counter) -> Arc<Self> {
+    /// progress and held to `rate`; `stalled_responses` and
+    /// `slow_responses` count the ones reset for each.
+    pub fn new(
+        limit: Duration,
+        rate: MinRate,
+        stalled_responses: Counter,
+        slow_responses: Counter,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limit,
+            rate,
             opened: Instant::now(),
             progressed: AtomicU64::new(0),
             all_stalled: Notify::new(),
             stalled_responses,
+            slow_responses,
         })
     }
 
@@ -99,6 +117,8 @@ struct StreamProgress {
     polls: AtomicU64,
     /// The body is waiting on the upstream, not on the client.
     upstream_pending: AtomicBool,
+    /// Bytes the body handed out.
+    bytes: AtomicU64,
 }
 
 /// Called by a response body each time it is asked for a chunk; `pending`
@@ -108,6 +128,11 @@ pub fn body_polled(pending: bool) {
         s.polls.fetch_add(1, Ordering::Relaxed);
         s.upstream_pending.store(pending, Ordering::Relaxed);
     });
+}
+
+/// Called by a response body for the `n` bytes of each chunk it hands out.
+pub fn body_sent(n: usize) {
+    let _ = STREAM.try_with(|s| s.bytes.fetch_add(n as u64, Ordering::Relaxed));
 }
 
 /// Whether the caller runs as a watched HTTP/2 stream.
@@ -131,9 +156,11 @@ where
                 crate::tasks::spawn(Watched {
                     inner: Some(STREAM.scope(progress.clone(), fut)),
                     timer: tokio::time::sleep(conn.limit),
+                    rate_timer: tokio::time::sleep(Duration::ZERO),
                     progress,
                     conn,
                     seen: 0,
+                    rated: Rated::default(),
                 });
             }
             Err(_) => {
@@ -150,10 +177,24 @@ pin_project_lite::pin_project! {
         inner: Option<TaskLocalFuture<Arc<StreamProgress>, F>>,
         #[pin]
         timer: Sleep,
+        #[pin]
+        rate_timer: Sleep,
         progress: Arc<StreamProgress>,
         conn: Arc<ConnStreams>,
         seen: u64,
+        rated: Rated,
     }
+}
+
+/// A stream's response rate so far.
+#[derive(Default)]
+struct Rated {
+    window: RateWindow,
+    /// Polls and bytes of the body already counted.
+    polls: u64,
+    bytes: u64,
+    /// Since when the body's latest chunk has waited on the client.
+    waiting: Option<Instant>,
 }
 
 impl<F: Future<Output = ()>> Future for Watched<F> {
@@ -178,12 +219,71 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
             this.timer.as_mut().reset(now + this.conn.limit);
             this.conn.progress(now);
         }
-        if this.timer.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
+        if this.timer.as_mut().poll(cx).is_ready() {
+            // Dropping the stream resets it and drops the upstream body.
+            this.inner.set(None);
+            this.conn.stalled(now);
+            return Poll::Ready(());
         }
-        // Dropping the stream resets it and drops the upstream body.
-        this.inner.set(None);
-        this.conn.stalled(now);
-        Poll::Ready(())
+        if too_slow(
+            this.rated,
+            this.rate_timer.as_mut(),
+            this.progress,
+            this.conn.rate,
+            polls,
+            now,
+            cx,
+        ) {
+            this.inner.set(None);
+            this.conn.slow_responses.inc();
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
+}
+
+/// Whether the stream fell below its response rate. The body was polled
+/// `polls` times: when that moved, the chunk that waited on the client
+/// went out; the one it handed now waits in turn, unless the body waits on
+/// the upstream instead.
+fn too_slow(
+    r: &mut Rated,
+    mut timer: Pin<&mut Sleep>,
+    progress: &StreamProgress,
+    rate: MinRate,
+    polls: u64,
+    now: Instant,
+    cx: &mut Context<'_>,
+) -> bool {
+    if rate.min_rate == 0 {
+        return false;
+    }
+    let bytes = progress.bytes.load(Ordering::Relaxed);
+    r.window.moved(bytes.saturating_sub(r.bytes));
+    r.bytes = bytes;
+    let waited = if polls != r.polls {
+        r.polls = polls;
+        let since = r.waiting.take();
+        if !progress.upstream_pending.load(Ordering::Relaxed) {
+            r.waiting = Some(now);
+        }
+        since
+    } else if r.waiting.is_some() && timer.as_mut().poll(cx).is_ready() {
+        // Still waiting when its window closed: judge the window.
+        r.waiting.replace(now)
+    } else {
+        return false;
+    };
+    if let Some(since) = waited
+        && r.window.waited(rate, now - since)
+    {
+        return true;
+    }
+    if r.waiting.is_some()
+        && let Some(left) = r.window.left(rate)
+    {
+        timer.as_mut().reset(now + left);
+        let _ = timer.poll(cx);
+    }
+    false
 }

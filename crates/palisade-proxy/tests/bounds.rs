@@ -1,11 +1,13 @@
 //! What one request may cost: a body no larger than `server.max_body_size`,
-//! over real sockets against the real daemon and an upstream that records
-//! how much of each request reached it.
+//! and a response read no slower than `server.response_min_rate`, over
+//! real sockets against the real daemon and upstreams that record what
+//! reached them and which connections they still have open.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -318,5 +320,183 @@ async fn a_streamed_body_growing_past_max_body_size_is_cut_and_413() {
     let m = h.metrics().await;
     assert_eq!(too_large(&m), 2.0);
     assert_eq!(posts(&m, 413), 2.0);
+    h.running.shutdown().await;
+}
+
+/// The response every request to [`big_upstream`] gets.
+const BIG: usize = 64 * 1024 * 1024;
+
+/// An upstream whose every request gets `BIG` bytes, and which counts the
+/// connections it has open (one ends when the proxy closes it).
+async fn big_upstream() -> (SocketAddr, Arc<AtomicI64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicI64::new(0));
+    let counter = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let open = counter.clone();
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                let served = async {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+                    s.write_all(reply.as_bytes()).await?;
+                    s.write_all(&vec![b'x'; BIG]).await?;
+                    while s.read(&mut buf).await? > 0 {}
+                    std::io::Result::Ok(())
+                };
+                let _ = served.await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
+/// The daemon in front of [`big_upstream`]: writes may pause 1 s, and a
+/// client must read `rate` bytes/s of the time it is waited on.
+async fn slow_reader_daemon(upstream: SocketAddr, rate: u64) -> Harness {
+    Harness::start_with_upstream(
+        &format!("http://{upstream}"),
+        &format!("write_timeout = \"1s\"\nidle_timeout = \"60s\"\nresponse_min_rate = {rate}"),
+        "",
+        upstream,
+    )
+    .await
+}
+
+fn slow_reads(text: &str) -> f64 {
+    metric(text, "palisade_connection_timeouts_total{kind=\"slow_read\"}")
+}
+
+/// The attack on HTTP/1.1: a client that reads at most 64 KiB every 20 ms
+/// (3.2 MB/s), so the kernel frees room in the daemon's send buffer well
+/// within `write_timeout` and no write ever stalls. Set here to 16 MiB/s,
+/// `response_min_rate` cuts it: the connection closes short of the
+/// response (once the client has read what the kernels still buffer) and
+/// the upstream connection behind it is released. A client that reads at
+/// loopback speed under the same settings gets the whole response.
+#[tokio::test]
+async fn an_http1_reader_below_response_min_rate_is_cut_and_its_upstream_released() {
+    let (upstream, open) = big_upstream().await;
+    let h = slow_reader_daemon(upstream, 16 << 20).await;
+
+    let mut s = connect_from("127.0.0.176", h.proxy()).await;
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The head is part of what was read: a whole response is more than BIG.
+    assert!(
+        got < BIG,
+        "a client reading at most 3.2 MB/s got the whole response ({got} bytes)"
+    );
+    for _ in 0..200 {
+        if open.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        0,
+        "the upstream connection stayed open"
+    );
+    let m = h.metrics().await;
+    assert_eq!(slow_reads(&m), 1.0);
+    assert_eq!(
+        metric(&m, "palisade_connection_timeouts_total{kind=\"write\"}"),
+        0.0
+    );
+
+    let mut fast = common::Client::connect("127.0.0.177", h.proxy()).await;
+    let (status, _, body) = fast
+        .send_raw(http::Request::get("/big").body(Default::default()).unwrap())
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), BIG);
+    assert_eq!(slow_reads(&h.metrics().await), 1.0);
+    h.running.shutdown().await;
+}
+
+/// The attack on HTTP/2: a client that opens its 16 KiB stream window again
+/// every 100 ms (160 KB/s), ten times per `write_timeout`, so the stream
+/// never stalls. Below `response_min_rate` the stream is reset and its
+/// upstream connection released.
+#[tokio::test]
+async fn an_h2_reader_below_response_min_rate_is_reset_and_its_upstream_released() {
+    let (upstream, open) = big_upstream().await;
+    let h = slow_reader_daemon(upstream, 1 << 20).await;
+
+    let tcp = connect_from("127.0.0.178", h.proxy()).await;
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(16384)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{}/big", h.proxy()))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no response head in 10 s")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0;
+    let mut reset = None;
+    // 150 frames: 15 s of reading, 2.4 MB at most.
+    for _ in 0..150 {
+        match body.data().await {
+            Some(Ok(chunk)) => {
+                got += chunk.len();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                body.flow_control().release_capacity(chunk.len()).unwrap();
+            }
+            Some(Err(e)) => {
+                reset = Some(e);
+                break;
+            }
+            None => break,
+        }
+    }
+    let reset =
+        reset.unwrap_or_else(|| panic!("a stream read at 160 KB/s was still served after {got} bytes"));
+    assert!(reset.is_reset(), "{reset}");
+    assert!(got < BIG, "{got}");
+    for _ in 0..200 {
+        if open.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        0,
+        "the upstream connection stayed open"
+    );
+    let m = h.metrics().await;
+    assert_eq!(slow_reads(&m), 1.0);
+    assert_eq!(metric(&m, "palisade_stalled_responses_total"), 0.0);
     h.running.shutdown().await;
 }
