@@ -10,7 +10,7 @@ use palisade_core::{ClientIpHeader, Clock, Mode, MonotonicClock, TrustedProxies}
 use palisade_limits::adaptive::AdaptiveConfig;
 use palisade_limits::admission::{Admission, AdmissionConfig};
 use palisade_limits::breaker::Breaker;
-use palisade_limits::rate::Quota;
+use palisade_limits::rate::{Period, Quota};
 use palisade_limits::reputation::ReputationConfig;
 use palisade_limits::shield::{LimitKey, LimitPolicy, RouteConfig, RouteMatch, Shield, ShieldConfig};
 use palisade_store::StoreCell;
@@ -224,6 +224,22 @@ impl<C: Clock + Clone> Builder<C> {
             // 0 is a mistake, not "off" (that is `no_rate_limit`).
             self.fail("rate_limit.rate", "must be between 1 and 10000000");
         }
+        self
+    }
+
+    /// `rate_limit.rate = "5/m"`: `count` requests per `per` per client
+    /// (one every 12 s at 5 a minute); burst and window limit follow unless
+    /// set after.
+    pub fn rate_limit_per(self, count: u32, per: Period) -> Self {
+        let mut b = self.rate_limit(count);
+        b.quota_mut().per = per;
+        b
+    }
+
+    /// `rate_limit.key`: what the default limit counts by. A key taken from
+    /// the request is counted beside the client's own limit, not instead of it.
+    pub fn rate_limit_key(mut self, key: LimitKey) -> Self {
+        self.shield.limit_key = key;
         self
     }
 

@@ -13,8 +13,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use palisade::{
     AdaptiveConfig, BreakerConfig, BreakerLayer, BreakerSettings, BreakerState, ClientIp, ClientIpHeader,
-    Clock, IpNet, LimitPolicy, ManualClock, Mode, Palisade, PeerAddr, Quota, Refused, RejectReason,
-    ReputationConfig, Shield, ShieldConfig, ShieldLayer, StatusSet,
+    Clock, IpNet, LimitKey, LimitPolicy, ManualClock, Mode, Palisade, PeerAddr, Period, Quota, Refused,
+    RejectReason, ReputationConfig, Shield, ShieldConfig, ShieldLayer, StatusSet,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -377,6 +377,68 @@ async fn builder_reports_the_setting_it_refuses() {
         e.to_string(),
         "palisade: clients.max_tracked: must be between 1 and 20000000"
     );
+}
+
+/// On the injected clock: 5 a minute passes 5, refuses the sixth for 12 s,
+/// and admits one more 12 s later.
+#[tokio::test]
+async fn five_a_minute_through_the_layer() {
+    let clock = Arc::new(ManualClock::new());
+    let p = Palisade::builder()
+        .clock(clock.clone())
+        .rate_limit_per(5, Period::Minute)
+        .build()
+        .unwrap();
+    let mock = Mock::new(200);
+    let mut svc = p.layer().layer(mock.service());
+    for _ in 0..5 {
+        assert_eq!(status(&mut svc, req("192.0.2.1")).await, StatusCode::OK);
+    }
+    let refused = svc.ready().await.unwrap().call(req("192.0.2.1")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["retry-after"], "12");
+    assert_eq!(refused.headers()["ratelimit-policy"], "\"default\";q=5;w=60");
+    clock.advance(Duration::from_secs(11));
+    assert_eq!(
+        status(&mut svc, req("192.0.2.1")).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(status(&mut svc, req("192.0.2.1")).await, StatusCode::OK);
+    assert_eq!(
+        status(&mut svc, req("192.0.2.1")).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(mock.calls(), 6);
+}
+
+/// A default limit keyed by header: two addresses with one key share it.
+#[tokio::test]
+async fn a_keyed_default_limit_through_the_layer() {
+    let clock = Arc::new(ManualClock::new());
+    let p = Palisade::builder()
+        .clock(clock.clone())
+        .rate_limit(4)
+        .rate_limit_key(LimitKey::Header("x-api-key".parse().unwrap()))
+        .no_reputation()
+        .no_adaptive_breaker()
+        .build()
+        .unwrap();
+    let mock = Mock::new(200);
+    let mut svc = p.layer().layer(mock.service());
+    let mut ok = 0;
+    for i in 0..10u32 {
+        let mut r = req(if i.is_multiple_of(2) {
+            "192.0.2.1"
+        } else {
+            "192.0.2.2"
+        });
+        r.headers_mut().insert("x-api-key", "k".parse().unwrap());
+        if status(&mut svc, r).await == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 4);
 }
 
 #[tokio::test]
