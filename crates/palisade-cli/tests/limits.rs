@@ -2,10 +2,12 @@
 //! login route at 5 a minute.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+mod common;
+use common::{log_addr, running_line};
 
 /// Kills the daemon if a test fails before it would have.
 struct Daemon {
@@ -78,24 +80,8 @@ fn start(dir: &Path, extra: &str) -> Daemon {
         proxy: unknown,
         dir: dir.to_owned(),
     };
-    let mut err = BufReader::new(d.child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "palisade exited before it ran; its log:\n{seen}"
-        );
-        seen.push_str(&line);
-        let field = |name: &str| -> Option<SocketAddr> {
-            line.split(name).nth(1)?.split_whitespace().next()?.parse().ok()
-        };
-        if let (Some(proxy), Some(_admin)) = (field(" proxy="), field(" admin=")) {
-            d.proxy = proxy;
-            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-            return d;
-        }
-    }
+    d.proxy = log_addr(&running_line(&mut d.child), "proxy").unwrap();
+    d
 }
 
 /// Six GETs of a 5-a-minute route on one curl connection: five
