@@ -409,6 +409,62 @@ mod tests {
         drop(writer);
     }
 
+    /// A reader taking 16 bytes every `every`, for as long as it is fed.
+    fn drip_reader(mut client: tokio::io::DuplexStream, every: Duration) -> tokio::task::JoinHandle<usize> {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let mut got = 0;
+            while let Ok(n @ 1..) = client.read(&mut buf).await {
+                got += n;
+                tokio::time::sleep(every).await;
+            }
+            got
+        })
+    }
+
+    const RATED: Deadlines = Deadlines {
+        response_rate: MinRate {
+            min_rate: 100,
+            grace: Duration::from_secs(5),
+        },
+        ..D
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_below_the_response_rate_is_cut_though_every_write_progresses() {
+        let (client, server) = tokio::io::duplex(16);
+        let activity = Arc::new(ConnActivity::default());
+        let mut io = TimedIo::new(server, activity.clone(), RATED);
+        // 32 bytes/s: each write waits 500 ms, far within the write deadline.
+        let reader = drip_reader(client, Duration::from_millis(500));
+        let start = Instant::now();
+        let err = io.write_all(&[0u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(activity.expired(), Some(Expired::SlowRead));
+        // Judged when the first 5 s window of waiting closed.
+        let took = Instant::now() - start;
+        assert!(
+            took >= RATED.response_rate.grace && took < 2 * RATED.response_rate.grace,
+            "{took:?}"
+        );
+        drop(io);
+        assert!(reader.await.unwrap() < 4096);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_at_the_response_rate_gets_everything() {
+        let (client, server) = tokio::io::duplex(16);
+        let activity = Arc::new(ConnActivity::default());
+        let mut io = TimedIo::new(server, activity.clone(), RATED);
+        // 160 bytes/s, over the 100 asked.
+        let reader = drip_reader(client, Duration::from_millis(100));
+        io.write_all(&[0u8; 4096]).await.unwrap();
+        io.shutdown().await.unwrap();
+        drop(io);
+        assert_eq!(reader.await.unwrap(), 4096);
+        assert_eq!(activity.expired(), None);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn stalled_write_times_out() {
         let (_client, server) = tokio::io::duplex(16);
