@@ -70,6 +70,17 @@ fn publish(feed: &std::path::Path, text: &str) {
     std::fs::rename(&tmp, feed).unwrap();
 }
 
+/// `publish`, with the publisher's signature of `text` put next to it
+/// first.
+fn publish_signed(publisher: &SigningKey, feed: &std::path::Path, text: &str) {
+    std::fs::write(
+        palisade_store::sign::signature_path(feed),
+        publisher.sign(text.as_bytes()),
+    )
+    .unwrap();
+    publish(feed, text);
+}
+
 async fn status_from(h: &Harness, source: &str) -> StatusCode {
     h.client(source).await.get("/").await.0
 }
@@ -89,6 +100,22 @@ async fn store_info(h: &Harness) -> serde_json::Value {
     let (status, _, body) = h.admin_client().await.get("/api/v1/store").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     serde_json::from_str(&body).unwrap()
+}
+
+fn last_error(info: &serde_json::Value) -> &str {
+    info["feed"]["last_error"].as_str().unwrap()
+}
+
+/// Makes `replace` to the store's files and waits for the daemon to count
+/// a refusal of it; the store's state then.
+async fn refused(h: &Harness, what: &str, replace: impl FnOnce()) -> serde_json::Value {
+    let before = store_info(h).await["feed"]["rejected"].as_u64().unwrap();
+    replace();
+    eventually(what, async || {
+        store_info(h).await["feed"]["rejected"].as_u64() > Some(before)
+    })
+    .await;
+    store_info(h).await
 }
 
 #[tokio::test]
@@ -148,13 +175,7 @@ async fn entries_decide_and_a_file_feed_updates_them() {
     })
     .await;
     let info = store_info(&h).await;
-    assert!(
-        info["feed"]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("feed.delta"),
-        "{info}"
-    );
+    assert!(last_error(&info).contains("feed.delta"), "{info}");
     assert_eq!(info["watermark"], 1);
     assert_eq!(status_from(&h, "127.0.0.5").await, StatusCode::FORBIDDEN);
     assert_eq!(status_from(&h, "127.0.0.6").await, StatusCode::OK);
@@ -173,12 +194,7 @@ async fn entries_decide_and_a_file_feed_updates_them() {
         store_info(&h).await["feed"]["rejected"] == before + 2
     })
     .await;
-    assert!(
-        store_info(&h).await["feed"]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("does not follow watermark 1")
-    );
+    assert!(last_error(&store_info(&h).await).contains("does not follow watermark 1"));
     assert_eq!(status_from(&h, "127.0.0.6").await, StatusCode::OK);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -454,7 +470,7 @@ async fn a_signed_feed_over_https() {
     assert_eq!(info["watermark"], 0, "{info}");
     // Unknown issuer, or (on a machine without a system trust store) no
     // roots at all: either way the host is not trusted.
-    let error = info["feed"]["last_error"].as_str().unwrap();
+    let error = last_error(&info);
     assert!(
         error.contains("certificate") || error.contains("no system trust roots"),
         "{info}"
@@ -521,12 +537,7 @@ async fn a_tampered_delta_is_rejected_whole() {
         ) == 1.0
     })
     .await;
-    assert!(
-        store_info(&h).await["feed"]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("no signature"),
-    );
+    assert!(last_error(&store_info(&h).await).contains("no signature"));
     assert_eq!(store_info(&h).await["watermark"], 0);
     // Then with the publisher's signature of what it really published.
     feed.put("/delta.sig", publisher.sign(genuine.as_bytes()));
@@ -537,10 +548,7 @@ async fn a_tampered_delta_is_rejected_whole() {
     .await;
     let info = store_info(&h).await;
     assert_eq!(info["watermark"], 0, "the tampered delta was applied: {info}");
-    assert!(
-        info["feed"]["last_error"].as_str().unwrap().contains("signature"),
-        "{info}"
-    );
+    assert!(last_error(&info).contains("signature"), "{info}");
     // The store in force still decides: denied and low-scored clients
     // are refused, and an unlisted client is still rate limited.
     assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
@@ -651,7 +659,7 @@ async fn an_oversized_feed_body_is_refused() {
     })
     .await;
     let info = store_info(&h).await;
-    let error = info["feed"]["last_error"].as_str().unwrap();
+    let error = last_error(&info);
     assert!(
         error.contains("larger than 100000 bytes") && error.contains("store.feed_max_bytes"),
         "{info}"
@@ -672,13 +680,7 @@ async fn an_oversized_feed_body_is_refused() {
     })
     .await;
     let info = store_info(&h).await;
-    assert!(
-        info["feed"]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("larger than 100000 bytes"),
-        "{info}"
-    );
+    assert!(last_error(&info).contains("larger than 100000 bytes"), "{info}");
     let m = h.metrics().await;
     assert!(metric(&m, "palisade_feed_rejected_total{reason=\"too_large\"}") >= 1.0);
     // The daemon hung up on each poll's connection after the bound plus
@@ -727,12 +729,7 @@ async fn a_replaced_snapshot_needs_the_publisher_signature() {
 
     // A signed delta is applied and written back to the file.
     let text = delta(0, 1, vec![deny("127.0.0.9/32")]);
-    std::fs::write(
-        palisade_store::sign::signature_path(&feed),
-        publisher.sign(text.as_bytes()),
-    )
-    .unwrap();
-    publish(&feed, &text);
+    publish_signed(&publisher, &feed, &text);
     eventually("the signed delta applied", async || {
         status_from(&h, "127.0.0.9").await == StatusCode::FORBIDDEN
     })
@@ -748,18 +745,12 @@ async fn a_replaced_snapshot_needs_the_publisher_signature() {
         .unwrap()
         .write_to(&forged)
         .unwrap();
-    let before = store_info(&h).await["feed"]["rejected"].as_u64().unwrap();
-    std::fs::rename(&forged, &path).unwrap();
-    eventually("the forged snapshot refused", async || {
-        store_info(&h).await["feed"]["rejected"].as_u64() > Some(before)
+    let info = refused(&h, "the forged snapshot refused", || {
+        std::fs::rename(&forged, &path).unwrap();
     })
     .await;
-    let info = store_info(&h).await;
     assert_eq!(info["watermark"], 1, "{info}");
-    assert!(
-        info["feed"]["last_error"].as_str().unwrap().contains("signature"),
-        "{info}"
-    );
+    assert!(last_error(&info).contains("signature"), "{info}");
     assert_eq!(status_from(&h, "127.0.0.2").await, StatusCode::FORBIDDEN);
     assert_eq!(status_from(&h, "127.0.0.9").await, StatusCode::FORBIDDEN);
     let mut admin = h.admin_client().await;
@@ -801,12 +792,7 @@ async fn a_replaced_snapshot_needs_the_publisher_signature() {
     // its own write-back though the signature next to it is the
     // publisher's for the file before.
     let text = delta(5, 6, vec![deny("127.0.0.10/32")]);
-    std::fs::write(
-        palisade_store::sign::signature_path(&feed),
-        publisher.sign(text.as_bytes()),
-    )
-    .unwrap();
-    publish(&feed, &text);
+    publish_signed(&publisher, &feed, &text);
     eventually("the second signed delta applied", async || {
         store_info(&h).await["watermark"] == 6
     })
@@ -1050,34 +1036,23 @@ async fn an_older_signed_snapshot_cannot_roll_the_store_back() {
     );
     let h = Harness::start("", &config).await;
     let text = delta(0, 1, vec![deny("127.0.0.9/32")]);
-    std::fs::write(
-        palisade_store::sign::signature_path(&feed),
-        publisher.sign(text.as_bytes()),
-    )
-    .unwrap();
-    publish(&feed, &text);
+    publish_signed(&publisher, &feed, &text);
     eventually("the signed delta applied", async || {
         status_from(&h, "127.0.0.9").await == StatusCode::FORBIDDEN
     })
     .await;
 
-    let before = store_info(&h).await["feed"]["rejected"].as_u64().unwrap();
-    std::fs::rename(
-        palisade_store::sign::signature_path(&old),
-        palisade_store::sign::signature_path(&path),
-    )
-    .unwrap();
-    std::fs::rename(&old, &path).unwrap();
-    eventually("the older snapshot refused", async || {
-        store_info(&h).await["feed"]["rejected"].as_u64() > Some(before)
+    let info = refused(&h, "the older snapshot refused", || {
+        std::fs::rename(
+            palisade_store::sign::signature_path(&old),
+            palisade_store::sign::signature_path(&path),
+        )
+        .unwrap();
+        std::fs::rename(&old, &path).unwrap();
     })
     .await;
-    let info = store_info(&h).await;
     assert_eq!(info["watermark"], 1, "{info}");
-    assert!(
-        info["feed"]["last_error"].as_str().unwrap().contains("watermark"),
-        "{info}"
-    );
+    assert!(last_error(&info).contains("watermark"), "{info}");
     assert_eq!(status_from(&h, "127.0.0.9").await, StatusCode::FORBIDDEN);
     let m = h.metrics().await;
     assert!(metric(&m, "palisade_feed_rejected_total{reason=\"out_of_order\"}") >= 1.0);
