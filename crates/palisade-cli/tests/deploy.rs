@@ -8,7 +8,6 @@
 //! `kubectl kustomize`, and the configs they mount through the loader.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -16,7 +15,7 @@ use std::time::Duration;
 use palisade_kernel::netns::Netns;
 
 mod common;
-use common::{Reaped, get};
+use common::{Reaped, demo_in, get, start_in};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 /// `nobody`: what the unit's `DynamicUser=` amounts to, an unprivileged uid.
@@ -157,33 +156,8 @@ fn scratch(name: &str, uid: &str) -> PathBuf {
 
 /// Palisade in `srv` under `prefix` (setpriv …); returns once it says it runs.
 fn start(srv: &Netns, prefix: &[String], config: &Path, log_file: &Path) -> (Reaped, String) {
-    let mut child = Reaped(
-        Command::new("ip")
-            .args(["netns", "exec", srv.name()])
-            .args(prefix)
-            .args([env!("CARGO_BIN_EXE_palisade"), "run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut err = BufReader::new(child.0.stderr.take().unwrap());
-    let mut log = String::new();
     // A refused BPF program brings the verifier's whole log.
-    for _ in 0..2000 {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        log.push_str(&line);
-        if line.contains("palisade running") {
-            let file = std::fs::File::create(log_file).unwrap();
-            std::thread::spawn(move || std::io::copy(&mut err, &mut &file));
-            return (child, log);
-        }
-    }
-    panic!("palisade did not start under {prefix:?}:\n{log}");
+    start_in(srv, prefix, config, Some(log_file), 2000)
 }
 
 /// What one run under a shipped privilege set proves about the kernel side.
@@ -426,19 +400,7 @@ fn the_plain_unit_serves_with_no_capabilities() {
         return;
     };
     srv.run(&["ip", "link", "set", "lo", "up"]).unwrap();
-    let _upstream = Reaped(
-        Command::new("ip")
-            .args(["netns", "exec", srv.name()])
-            .args([
-                env!("CARGO_BIN_EXE_palisade"),
-                "demo-upstream",
-                "--listen",
-                "127.0.0.1:8081",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _upstream = demo_in(&srv, "127.0.0.1:8081");
     let dir = scratch("palisade-deploy-plain", NOBODY);
     let config = dir.join("palisade.toml");
     std::fs::write(

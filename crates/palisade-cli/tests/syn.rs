@@ -5,16 +5,15 @@
 //! on 198.18.3.3 must keep getting answers.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, BufReader};
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use palisade_kernel::netns::Netns;
 
 mod common;
-use common::{Reaped, get};
+use common::{Reaped, demo_in, get, start_in};
 
 fn topology() -> Option<(Netns, Netns)> {
     let srv = Netns::for_test("synsrv")?;
@@ -34,63 +33,12 @@ fn start(srv: &Netns, config: &std::path::Path) -> Reaped {
 
 /// Starts the daemon; what it logs after starting goes to `log_file`.
 fn start_logging(srv: &Netns, config: &std::path::Path, log_file: Option<&std::path::Path>) -> Reaped {
-    let mut child = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                srv.name(),
-                env!("CARGO_BIN_EXE_palisade"),
-                "run",
-                "--config",
-            ])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut err = BufReader::new(child.0.stderr.take().unwrap());
-    let mut log = String::new();
-    for _ in 0..50 {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        log.push_str(&line);
-        if line.contains("palisade running") {
-            match log_file {
-                Some(path) => {
-                    let file = std::fs::File::create(path).unwrap();
-                    std::thread::spawn(move || std::io::copy(&mut err, &mut &file));
-                }
-                None => {
-                    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-                }
-            }
-            return child;
-        }
-    }
-    panic!("palisade did not start:\n{log}");
+    start_in(srv, &[], config, log_file, 50).0
 }
 
 /// The demo upstream on 127.0.0.1:8081 inside `srv`.
 fn demo(srv: &Netns) -> Reaped {
-    Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                srv.name(),
-                env!("CARGO_BIN_EXE_palisade"),
-                "demo-upstream",
-                "--listen",
-                "127.0.0.1:8081",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    demo_in(srv, "127.0.0.1:8081")
 }
 
 /// What a program printed inside `ns`.
@@ -638,21 +586,7 @@ fn a_flood_spoofed_as_the_upstream_never_cuts_the_upstream_off() {
     att.run(&["ip", "addr", "add", "198.18.3.4/24", "dev", "v1"])
         .unwrap();
     let dir = scratch("palisade-syn-spoof-upstream");
-    let _upstream = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                att.name(),
-                env!("CARGO_BIN_EXE_palisade"),
-                "demo-upstream",
-                "--listen",
-                "198.18.3.4:8081",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _upstream = demo_in(&att, "198.18.3.4:8081");
     let cfg = dir.join("spoof.toml");
     std::fs::write(
         &cfg,
@@ -1137,14 +1071,7 @@ fn an_upstream_that_moves_to_another_address_stays_protected() {
     }
     // Created before the daemon starts, so that its `ip netns exec` mounts it.
     let hosts = Hosts::new(&srv, "127.0.0.1 localhost\n198.18.3.4 upstream.test\n");
-    let _upstream = Reaped(
-        Command::new("ip")
-            .args(["netns", "exec", att.name(), env!("CARGO_BIN_EXE_palisade")])
-            .args(["demo-upstream", "--listen", "0.0.0.0:8081"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _upstream = demo_in(&att, "0.0.0.0:8081");
     let dir = scratch("palisade-syn-moving-upstream");
     let cfg = dir.join("moving.toml");
     std::fs::write(

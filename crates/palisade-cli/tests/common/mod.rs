@@ -3,7 +3,8 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 use std::time::Duration;
 
@@ -74,4 +75,62 @@ pub fn log_addr(line: &str, name: &str) -> Option<SocketAddr> {
         .next()?
         .parse()
         .ok()
+}
+
+/// Starts `palisade run --config CONFIG` in `ns` under `prefix` (setpriv …,
+/// or nothing) and reads at most `lines` lines of its log for it to say it
+/// runs. What it logs from then on goes to `log_file`, or nowhere; what it
+/// logged until then is returned with it.
+pub fn start_in(
+    ns: &Netns,
+    prefix: &[String],
+    config: &Path,
+    log_file: Option<&Path>,
+    lines: usize,
+) -> (Reaped, String) {
+    let mut child = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .args(prefix)
+            .args([env!("CARGO_BIN_EXE_palisade"), "run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(child.0.stderr.take().unwrap());
+    let mut log = String::new();
+    for _ in 0..lines {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        log.push_str(&line);
+        if line.contains("palisade running") {
+            match log_file {
+                Some(path) => {
+                    let file = std::fs::File::create(path).unwrap();
+                    std::thread::spawn(move || std::io::copy(&mut err, &mut &file));
+                }
+                None => {
+                    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+                }
+            }
+            return (child, log);
+        }
+    }
+    panic!("palisade did not start under {prefix:?}:\n{log}");
+}
+
+/// The demo upstream inside `ns`, listening on `listen`.
+pub fn demo_in(ns: &Netns, listen: &str) -> Reaped {
+    Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", ns.name(), env!("CARGO_BIN_EXE_palisade")])
+            .args(["demo-upstream", "--listen", listen])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
