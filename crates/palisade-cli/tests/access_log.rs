@@ -7,90 +7,11 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{log_addr, running_line};
-
-/// Kills the daemon if a test fails before it would have.
-struct Daemon {
-    child: Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // A failed test's files stay, to be read.
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// A directory of the test's own.
-fn temp_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("palisade-access-log-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The demo upstream, on a runtime thread of its own.
-fn upstream() -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (addr, serve) = palisade_proxy::demo::bind("127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap();
-            tx.send(addr).unwrap();
-            serve.await;
-        });
-    });
-    rx.recv().unwrap()
-}
-
-/// Starts `palisade run` on a config whose `[server]` and `[admin]` are
-/// filled in here, plus `extra`; waits for its "palisade running" line.
-fn start(dir: &Path, extra: &str) -> Daemon {
-    let config = dir.join("palisade.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"http://{}\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n{extra}",
-            upstream()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut d = Daemon {
-        child,
-        proxy: unknown,
-        admin: unknown,
-        dir: dir.to_owned(),
-    };
-    let line = running_line(&mut d.child);
-    d.proxy = log_addr(&line, "proxy").unwrap();
-    d.admin = log_addr(&line, "admin").unwrap();
-    d
-}
+use common::start;
 
 /// `curl -s` with extra arguments; the status of each URL, in order.
 fn curl(args: &[&str], url: &str) -> Vec<u16> {
@@ -240,7 +161,7 @@ const NO_REPUTATION: &str = "[reputation]\nenabled = false\n";
 
 #[test]
 fn combined_lines_carry_the_request_answer_and_decision() {
-    let dir = temp_dir("combined");
+    let dir = common::temp_dir("access-log", "combined");
     let log = dir.join("access.log");
     let d = start(
         &dir,
@@ -312,7 +233,7 @@ const PLAIN: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 /// no quote, backslash or byte it chose can end a field or start a line.
 #[test]
 fn hostile_fields_cannot_forge_a_line() {
-    let dir = temp_dir("hostile");
+    let dir = common::temp_dir("access-log", "hostile");
     let log = dir.join("access.log");
     let d = start(
         &dir,
@@ -351,7 +272,7 @@ fn hostile_fields_cannot_forge_a_line() {
 
 #[test]
 fn json_lines_parse_and_keep_what_was_sent() {
-    let dir = temp_dir("json");
+    let dir = common::temp_dir("access-log", "json");
     let log = dir.join("access.json");
     let d = start(
         &dir,
@@ -408,7 +329,7 @@ fn json_lines_parse_and_keep_what_was_sent() {
 /// file of the old name while the moved one keeps what it had.
 #[test]
 fn sigusr1_after_a_move_reopens_a_new_file() {
-    let dir = temp_dir("reopen");
+    let dir = common::temp_dir("access-log", "reopen");
     let log = dir.join("access.log");
     let d = start(
         &dir,
@@ -448,7 +369,7 @@ fn sigusr1_after_a_move_reopens_a_new_file() {
 /// of their own, so lines and counts add up to what was answered.
 #[test]
 fn refusals_over_the_budget_are_counted_not_written() {
-    let dir = temp_dir("budget");
+    let dir = common::temp_dir("access-log", "budget");
     let log = dir.join("access.log");
     let d = start(
         &dir,
@@ -554,7 +475,7 @@ fn stock_filter(name: &str) -> PathBuf {
 /// matches the rate-limited lines.
 #[test]
 fn fail2ban_stock_nginx_filters_match_palisade_lines() {
-    let dir = temp_dir("fail2ban");
+    let dir = common::temp_dir("access-log", "fail2ban");
     let log = dir.join("access.log");
     let d = start(
         &dir,
@@ -627,7 +548,7 @@ fn fail2ban_stock_nginx_filters_match_palisade_lines() {
 /// the requests.
 #[test]
 fn a_stalled_log_drops_and_counts_lines_and_never_stalls_requests() {
-    let dir = temp_dir("stalled");
+    let dir = common::temp_dir("access-log", "stalled");
     let fifo = dir.join("access.log");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     // Read-write: a reader exists (the daemon's open does not wait), but

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use std::time::Duration;
@@ -133,4 +133,85 @@ pub fn demo_in(ns: &Netns, listen: &str) -> Reaped {
             .spawn()
             .unwrap(),
     )
+}
+
+/// A `palisade run` on loopback, killed if a test fails before it would
+/// have been; its directory is removed unless the test failed.
+pub struct Daemon {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // A failed test's files stay, to be read.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A fresh directory of the test's own, named for the test file and test.
+pub fn temp_dir(file: &str, test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-{file}-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The demo upstream, in process on a runtime thread of its own.
+pub fn upstream() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (addr, serve) = palisade_proxy::demo::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+            tx.send(addr).unwrap();
+            serve.await;
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// Starts `palisade run` in `dir` on a config whose `[server]` and `[admin]`
+/// are filled in here (loopback, kernel-picked ports, the demo upstream),
+/// plus `extra`; returns once its "palisade running" line is out.
+pub fn start(dir: &Path, extra: &str) -> Daemon {
+    let config = dir.join("palisade.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"http://{}\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n{extra}",
+            upstream()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut d = Daemon {
+        child,
+        proxy: unknown,
+        admin: unknown,
+        dir: dir.to_owned(),
+    };
+    let line = running_line(&mut d.child);
+    d.proxy = log_addr(&line, "proxy").unwrap();
+    d.admin = log_addr(&line, "admin").unwrap();
+    d
 }
