@@ -914,7 +914,8 @@ impl RawConfig {
         let u = &self.upstream;
         let https = upstreams
             .iter()
-            .any(|u| u.scheme() == Some(&http::uri::Scheme::HTTPS));
+            .filter_map(crate::connector::wire)
+            .any(|(scheme, _)| scheme == http::uri::Scheme::HTTPS);
         let keys = [
             &u.tls_server_name,
             &u.tls_ca,
@@ -1510,14 +1511,11 @@ fn upstream_uri(s: &str) -> Result<Uri, String> {
             "{shown:?}: no credentials in an upstream URL (they are not sent, and the URL is logged)"
         ));
     }
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => {
-            return Err(format!(
-                "{shown:?}: expected http://host:port or https://host:port"
-            ));
-        }
-    }
+    let Some((scheme, _)) = crate::connector::wire(&uri) else {
+        return Err(format!(
+            "{shown:?}: expected http://, https://, h2c:// or h2://host:port"
+        ));
+    };
     if uri.authority().is_none() {
         return Err(format!("{shown:?}: missing host"));
     }
@@ -1526,7 +1524,7 @@ fn upstream_uri(s: &str) -> Result<Uri, String> {
             "{shown:?}: a path or query on an upstream is not supported"
         ));
     }
-    if uri.scheme() == Some(&http::uri::Scheme::HTTPS)
+    if scheme == http::uri::Scheme::HTTPS
         && let Some(host) = uri.host()
     {
         crate::upstream_tls::server_name(host).map_err(|m| format!("{shown:?}: {m}"))?;
@@ -1946,7 +1944,7 @@ mod tests {
         let e = err("[server]\nupstreams = [\"http://a:1\", \"ftp://b\"]\n");
         assert_eq!(
             e,
-            "test.toml:2:28: server.upstreams[1]: \"ftp://b\": expected http://host:port or https://host:port"
+            "test.toml:2:28: server.upstreams[1]: \"ftp://b\": expected http://, https://, h2c:// or h2://host:port"
         );
         let e = err("[server]\nupstreams = []\n");
         assert_eq!(

@@ -9,6 +9,11 @@
 //!
 //! An `https://` upstream's connection is the same TCP connection with a
 //! TLS handshake on top, under the same cap, pool and timeouts.
+//!
+//! An HTTP/2 upstream (`h2c://` in clear, `h2://` over TLS with ALPN `h2`)
+//! carries every request to it on one multiplexed connection, so the cap
+//! on connections would bound nothing: [`Caps`] then counts the streams in
+//! flight to it instead, under the same `upstream.max_connections`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
@@ -34,6 +39,33 @@ use crate::upstream_tls::{TlsFailed, UpstreamTls};
 #[error("upstream connection limit ({0}) reached")]
 pub struct AtCapacity(pub usize);
 
+/// How an upstream is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1, a request per connection at a time (`http://`, `https://`).
+    Http1,
+    /// HTTP/2, every request a stream of one connection (`h2c://`, `h2://`).
+    H2,
+}
+
+/// The scheme requests to an upstream URL go out with (`http` or `https`)
+/// and the protocol spoken, or `None` for a scheme that is not an
+/// upstream's.
+pub fn wire(uri: &Uri) -> Option<(Scheme, Protocol)> {
+    match uri.scheme_str()? {
+        "http" => Some((Scheme::HTTP, Protocol::Http1)),
+        "https" => Some((Scheme::HTTPS, Protocol::Http1)),
+        "h2c" => Some((Scheme::HTTP, Protocol::H2)),
+        "h2" => Some((Scheme::HTTPS, Protocol::H2)),
+        _ => None,
+    }
+}
+
+/// The upstream did not agree to HTTP/2 in the TLS handshake.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream did not select h2 in ALPN")]
+pub struct NoH2;
+
 /// An `https://` upstream, but no TLS settings to reach it with.
 #[derive(Debug, thiserror::Error)]
 #[error("no TLS settings for an https upstream")]
@@ -46,14 +78,53 @@ struct Tls {
     handshake_timeout: Duration,
 }
 
+/// At most `max` of something (connections, streams) per authority.
+#[derive(Clone)]
+pub struct Caps {
+    max: usize,
+    open: Arc<Mutex<HashMap<Authority, Arc<AtomicUsize>>>>,
+}
+
+impl Caps {
+    /// `max` per authority.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for `authority`, or [`AtCapacity`] at once.
+    pub fn slot(&self, authority: Option<&Authority>) -> Result<Slot, AtCapacity> {
+        // Only configured upstreams are ever asked for, so the map stays
+        // as small as the upstream list.
+        let count = match authority {
+            Some(a) => self
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(a.clone())
+                .or_default()
+                .clone(),
+            None => Arc::default(),
+        };
+        if count.fetch_add(1, Ordering::AcqRel) >= self.max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return Err(AtCapacity(self.max));
+        }
+        Ok(Slot(count))
+    }
+}
+
 /// An [`HttpConnector`] with at most `max` open connections per authority,
 /// speaking TLS to `https://` ones.
 #[derive(Clone)]
 pub struct CappedConnector {
     inner: HttpConnector,
-    max: usize,
-    open: Arc<Mutex<HashMap<Authority, Arc<AtomicUsize>>>>,
+    caps: Caps,
     tls: Option<Tls>,
+    /// Offers only `h2` in ALPN, and insists on it.
+    h2: bool,
 }
 
 impl CappedConnector {
@@ -61,9 +132,19 @@ impl CappedConnector {
     pub fn new(inner: HttpConnector, max: usize) -> Self {
         Self {
             inner,
-            max,
-            open: Arc::default(),
+            caps: Caps::new(max),
             tls: None,
+            h2: false,
+        }
+    }
+
+    /// The same connector, under the same cap, for HTTP/2 upstreams: TLS
+    /// ones are asked for `h2` in ALPN.
+    #[must_use]
+    pub fn for_h2(&self) -> Self {
+        Self {
+            h2: true,
+            ..self.clone()
         }
     }
 
@@ -80,26 +161,6 @@ impl CappedConnector {
             handshake_timeout,
         });
         self
-    }
-
-    fn slot(&self, uri: &Uri) -> Result<Slot, AtCapacity> {
-        // Only configured upstreams are ever asked for, so the map stays
-        // as small as the upstream list.
-        let count = match uri.authority() {
-            Some(a) => self
-                .open
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(a.clone())
-                .or_default()
-                .clone(),
-            None => Arc::default(),
-        };
-        if count.fetch_add(1, Ordering::AcqRel) >= self.max {
-            count.fetch_sub(1, Ordering::AcqRel);
-            return Err(AtCapacity(self.max));
-        }
-        Ok(Slot(count))
     }
 }
 
@@ -124,8 +185,9 @@ impl tower_service::Service<Uri> for CappedConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let slot = self.slot(&uri);
-        let tls = (uri.scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| self.tls.clone());
+        let slot = self.caps.slot(uri.authority());
+        let h2 = self.h2;
+        let tls = (uri.scheme() == Some(&Scheme::HTTPS)).then(|| self.tls.clone());
         // Only a TLS connection needs the host past the TCP connect.
         let host = tls.is_some().then(|| uri.host().map(str::to_owned)).flatten();
         let connecting = self.inner.call(uri);
@@ -143,7 +205,12 @@ impl tower_service::Service<Uri> for CappedConnector {
                 Some(name) => name.clone(),
                 None => crate::upstream_tls::server_name(host.as_deref().unwrap_or_default())?,
             };
-            let handshake = tls.settings.connector.connect(name, tcp.into_inner());
+            let connector = if h2 {
+                &tls.settings.connector_h2
+            } else {
+                &tls.settings.connector
+            };
+            let handshake = connector.connect(name, tcp.into_inner());
             let stream = match tokio::time::timeout(tls.handshake_timeout, handshake).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return Err(TlsFailed::new(&e).into()),
@@ -153,6 +220,11 @@ impl tower_service::Service<Uri> for CappedConnector {
                     );
                 }
             };
+            // Spoken to in HTTP/2 unasked, an HTTP/1.1 server answers
+            // with a protocol error: say what is wrong instead.
+            if h2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(NoH2.into());
+            }
             Ok(CappedConn {
                 io: Io::Tls(Box::new(TokioIo::new(stream))),
                 slot,
@@ -188,7 +260,15 @@ impl Connection for CappedConn {
     fn connected(&self) -> Connected {
         match &self.io {
             Io::Plain(tcp) => tcp.connected(),
-            Io::Tls(tls) => tls.inner().get_ref().0.connected(),
+            Io::Tls(tls) => {
+                let (tcp, session) = tls.inner().get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
         }
     }
 }

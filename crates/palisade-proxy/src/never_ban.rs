@@ -103,7 +103,7 @@ impl NeverBan {
         );
         for uri in &config.server.upstreams {
             if let Some(host) = uri.host() {
-                let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+                let https = crate::connector::wire(uri).is_some_and(|(s, _)| s == http::uri::Scheme::HTTPS);
                 let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
                 resolve(host, port, Protected::Upstream, &mut nets);
             }

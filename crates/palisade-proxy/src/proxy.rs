@@ -39,7 +39,7 @@ use crate::body::{BodyError, BodyLimits, Cut, CutReason, MinRate, TimedBody};
 use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
-use crate::connector::{AtCapacity, CappedConnector};
+use crate::connector::{AtCapacity, CappedConnector, Caps, Protocol, Slot, wire};
 use crate::forward::{Hop, join_cookie_crumbs, set_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
@@ -67,8 +67,10 @@ pub struct ConfigSource {
 
 /// One upstream and its breaker.
 pub struct Upstream {
-    /// `http` or `https`.
+    /// `http` or `https`: what requests to it go out with.
     pub scheme: Scheme,
+    /// HTTP/1.1 or HTTP/2.
+    pub protocol: Protocol,
     /// Where requests go.
     pub authority: Authority,
     /// The `upstream` metrics label.
@@ -88,6 +90,11 @@ pub struct Runtime {
     /// Connection settings for new client connections.
     pub builder: Arc<auto::Builder<StreamExecutor>>,
     client: Client<CappedConnector, UpstreamBody>,
+    /// For HTTP/2 upstreams: one multiplexed connection each.
+    client_h2: Client<CappedConnector, UpstreamBody>,
+    /// Streams in flight to each HTTP/2 upstream, under the same cap as
+    /// an HTTP/1.1 upstream's connections.
+    streams: Caps,
     route_labels: Vec<&'static str>,
     body_limits: BodyLimits,
     /// Per route: the shared window of its limiter, in cluster mode.
@@ -118,12 +125,15 @@ impl Runtime {
             .server
             .upstreams
             .iter()
-            .filter_map(|u| Some((u.scheme()?.clone(), u.authority()?.clone())))
-            .map(|(scheme, authority)| {
+            .filter_map(|u| {
+                let (scheme, protocol) = wire(u)?;
+                Some((scheme, protocol, u.authority()?.clone()))
+            })
+            .map(|(scheme, protocol, authority)| {
                 let old = previous.and_then(|p| {
                     p.upstreams
                         .iter()
-                        .find(|u| u.authority == authority && u.scheme == scheme)
+                        .find(|u| u.authority == authority && u.scheme == scheme && u.protocol == protocol)
                 });
                 let breaker = config
                     .breaker
@@ -138,14 +148,17 @@ impl Runtime {
                 Upstream {
                     label: intern(authority.as_str()),
                     scheme,
+                    protocol,
                     authority,
                     breaker,
                 }
             })
             .collect();
-        let client = match previous {
-            Some(p) if p.config.upstream == config.upstream => p.client.clone(),
-            _ => upstream_client(&config),
+        let (client, client_h2, streams) = match previous {
+            Some(p) if p.config.upstream == config.upstream => {
+                (p.client.clone(), p.client_h2.clone(), p.streams.clone())
+            }
+            _ => upstream_clients(&config),
         };
         Self {
             builder: Arc::new(connection_builder(&config)),
@@ -161,6 +174,8 @@ impl Runtime {
             route_labels,
             cluster_windows,
             client,
+            client_h2,
+            streams,
             shield,
             config,
         }
@@ -197,20 +212,54 @@ fn store_cell(config: &Config, previous: Option<&Runtime>) -> Option<Arc<StoreCe
     }
 }
 
-fn upstream_client(config: &Config) -> Client<CappedConnector, UpstreamBody> {
+/// The receive window of one stream from an HTTP/2 upstream: what a
+/// client that stops reading can leave buffered here per stream.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The HTTP/1.1 and HTTP/2 upstream clients, sharing one connection cap,
+/// and the cap on HTTP/2 streams.
+type Clients = (
+    Client<CappedConnector, UpstreamBody>,
+    Client<CappedConnector, UpstreamBody>,
+    Caps,
+);
+
+fn upstream_clients(config: &Config) -> Clients {
+    let u = &config.upstream;
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.upstream.connect_timeout));
+    connector.set_connect_timeout(Some(u.connect_timeout));
     connector.set_nodelay(true);
-    let mut capped = CappedConnector::new(connector, config.upstream.max_connections);
-    if let Some(tls) = &config.upstream.tls {
-        capped = capped.with_tls(tls.clone(), config.upstream.connect_timeout);
+    let mut capped = CappedConnector::new(connector, u.max_connections);
+    if let Some(tls) = &u.tls {
+        capped = capped.with_tls(tls.clone(), u.connect_timeout);
     }
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(config.upstream.pool_idle_timeout)
-        .pool_max_idle_per_host(config.upstream.pool_max_idle)
+    let h2 = capped.for_h2();
+    let http1 = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(u.pool_idle_timeout)
+        .pool_max_idle_per_host(u.pool_max_idle)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(capped)
+        .build(capped);
+    // The connection window is the sum of every stream's, so that the
+    // data a stalled client leaves unread counts against its own stream
+    // only: with a smaller one, a few clients that stop reading would
+    // hold the whole connection's window and stall every other stream on
+    // it. Streams are capped at `max_connections`, which bounds the memory
+    // at that many stream windows.
+    let streams = u32::try_from(u.max_connections).unwrap_or(u32::MAX);
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_idle_timeout(u.pool_idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+        .http2_initial_connection_window_size(H2_STREAM_WINDOW.saturating_mul(streams).min(i32::MAX as u32))
+        // A dead upstream connection is found by a ping unanswered, not
+        // by the next request's response timeout.
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .http2_keep_alive_timeout(u.connect_timeout.max(Duration::from_secs(5)))
+        .build(h2);
+    (http1, h2, Caps::new(u.max_connections))
 }
 
 fn connection_builder(config: &Config) -> auto::Builder<StreamExecutor> {
@@ -863,9 +912,26 @@ impl App {
         conn: &ClientConn,
         mut req: Request<Incoming>,
     ) -> Response<UpstreamResponseBody> {
+        let h2 = upstream.protocol == Protocol::H2;
+        // Every stream to an HTTP/2 upstream shares its connection: without
+        // a cap, clients would open as many as they have streams to us.
+        let stream = if h2 {
+            match rt.streams.slot(Some(&upstream.authority)) {
+                Ok(slot) => Some(slot),
+                Err(_) => return self.failed(upstream, ticket, conn, UpstreamFailure::AtCapacity, None),
+            }
+        } else {
+            None
+        };
         // An HTTP/1.1 `Upgrade` (WebSocket...) is passed through and, on
-        // 101, becomes a byte tunnel.
-        let upgrade = upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
+        // 101, becomes a byte tunnel; HTTP/2 has no such upgrade.
+        let upgrade = if h2 {
+            None
+        } else {
+            upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)))
+        };
+        // gRPC servers insist on it; the only TE HTTP/2 allows.
+        let te_trailers = h2 && asks_trailers(&req);
         let (mut parts, body) = req.into_parts();
         // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
         if !parts.headers.contains_key(HOST)
@@ -875,7 +941,12 @@ impl App {
             parts.headers.insert(HOST, v);
         }
         strip_hop_by_hop(&mut parts.headers);
-        if parts.version == Version::HTTP_2 {
+        if te_trailers {
+            parts
+                .headers
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+        if parts.version == Version::HTTP_2 && !h2 {
             join_cookie_crumbs(&mut parts.headers);
         }
         if let Some((proto, _)) = &upgrade {
@@ -920,11 +991,12 @@ impl App {
                 return not_forwarded(respond::upstream_failure(UpstreamFailure::Other).map(Either::Right));
             }
         };
-        parts.version = Version::HTTP_11;
+        parts.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
         // Hyper's client sends a GET or HEAD body of unknown length as a
         // length of 0, dropping a chunked (or HTTP/2) body the client sent;
         // asking for chunked keeps it, framed as the client framed it.
-        if !body.is_end_stream()
+        if !h2
+            && !body.is_end_stream()
             && body.size_hint().exact().is_none()
             && !parts.headers.contains_key(CONTENT_LENGTH)
         {
@@ -938,7 +1010,8 @@ impl App {
         } else {
             Either::Left(TimedBody::new(body, rt.body_limits, cut.clone()))
         };
-        let sent = rt.client.request(Request::from_parts(parts, body));
+        let client = if h2 { &rt.client_h2 } else { &rt.client };
+        let sent = client.request(Request::from_parts(parts, body));
         let mut tls_detail = None;
         let failure = match tokio::time::timeout(rt.config.upstream.response_timeout, sent).await {
             Ok(Ok(mut resp)) => {
@@ -971,6 +1044,11 @@ impl App {
                     let idle = rt.config.server.tunnel_idle_timeout;
                     self.spawn_tunnel(client_side, upstream_side, conn.permit.clone(), idle);
                 }
+                if let Some(slot) = stream {
+                    resp.extensions_mut().insert(StreamSlot {
+                        _held: Arc::new(slot),
+                    });
+                }
                 return resp.map(Either::Left);
             }
             Err(_) => UpstreamFailure::Timeout,
@@ -988,6 +1066,19 @@ impl App {
                 UpstreamFailure::Other
             }
         };
+        self.failed(upstream, ticket, conn, failure, tls_detail)
+    }
+
+    /// Settles the attempt of a request upstream could not answer, counts
+    /// and logs why, and answers it.
+    fn failed(
+        &self,
+        upstream: &Upstream,
+        ticket: Option<Attempt<TokioClock>>,
+        conn: &ClientConn,
+        failure: UpstreamFailure,
+        tls_detail: Option<String>,
+    ) -> Response<UpstreamResponseBody> {
         let outcome = match failure {
             // Our own cap says nothing of the upstream's health.
             UpstreamFailure::SlowBody
@@ -1098,6 +1189,27 @@ fn upgrade_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
     asks.then(|| req.headers().get(UPGRADE).cloned()).flatten()
 }
 
+/// Whether the request's `TE` asks for trailers.
+fn asks_trailers<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(http::header::TE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| {
+            t.split(|b| *b == b';')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        })
+}
+
+/// A response extension: the place under the stream cap of a response
+/// from an HTTP/2 upstream, moved into its body so that it is held until
+/// the body is done.
+#[derive(Clone)]
+struct StreamSlot {
+    _held: Arc<Slot>,
+}
+
 /// Whether an upstream request failed because reading the client's body did.
 fn caused_by_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
     in_error_chain(e, |err| err.is::<BodyError>())
@@ -1123,6 +1235,8 @@ pub(crate) fn in_error_chain(
 pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
     guard: Option<(InFlight, Option<RequestPermit>)>,
+    /// Its stream's place under an HTTP/2 upstream's cap.
+    stream: Option<StreamSlot>,
     /// What is left of an upstream chunk handed out a frame at a time.
     rest: Option<Bytes>,
 }
@@ -1142,6 +1256,7 @@ impl ResponseBody {
         Self {
             inner: Either::Right(body),
             guard: Some((guard, None)),
+            stream: None,
             rest: None,
         }
     }
@@ -1171,6 +1286,7 @@ impl Body for ResponseBody {
         };
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             this.guard = None;
+            this.stream = None;
         }
         crate::stall::body_polled(polled.is_pending());
         match polled {
@@ -1578,19 +1694,34 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             }
             None => None,
         };
+        let grpc = req.version() == Version::HTTP_2 && respond::is_grpc(req.headers());
         let mut pipeline = self.pipeline.clone();
         Box::pin(async move {
             // Forward is always ready; the call keeps tower's contract anyway.
             std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut pipeline, cx)).await?;
             let resp = tower_service::Service::call(&mut pipeline, req).await?;
-            Ok(resp.map(|b| ResponseBody {
-                inner: match b {
-                    Either::Left(forwarded) => forwarded,
-                    Either::Right(refusal) => Either::Right(refusal),
+            let (mut head, body) = resp.into_parts();
+            let stream = head.extensions.remove::<StreamSlot>();
+            let mut inner = match body {
+                Either::Left(forwarded) => forwarded,
+                Either::Right(refusal) => Either::Right(refusal),
+            };
+            // Our own answer to a gRPC call (a refusal, an upstream
+            // failure), after the metrics and the log counted its HTTP
+            // status: in gRPC's terms, which its client reads.
+            if grpc && matches!(inner, Either::Right(_)) && !respond::is_grpc(&head.headers) {
+                respond::into_grpc(&mut head);
+                inner = Either::Right(Full::new(Bytes::new()));
+            }
+            Ok(Response::from_parts(
+                head,
+                ResponseBody {
+                    stream,
+                    inner,
+                    guard: Some((guard, request_permit)),
+                    rest: None,
                 },
-                guard: Some((guard, request_permit)),
-                rest: None,
-            }))
+            ))
         })
     }
 }

@@ -26,8 +26,10 @@ pub struct UpstreamTls {
     /// The files' contents, so that a reload after a renewal builds a new
     /// connector even though the paths are the same.
     contents: Vec<Vec<u8>>,
-    /// Ready to connect with.
+    /// Ready to connect with, offering `http/1.1` in ALPN.
     pub connector: TlsConnector,
+    /// The same, offering `h2`, for `h2://` upstreams.
+    pub connector_h2: TlsConnector,
 }
 
 impl fmt::Debug for UpstreamTls {
@@ -136,8 +138,10 @@ pub fn load(
             builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)))
         }
     };
-    // Requests go out as HTTP/1.1; an upstream that insists on h2 fails
-    // the handshake rather than being spoken to in the wrong protocol.
+    // One protocol offered each: an upstream that cannot speak it fails
+    // the handshake rather than being spoken to in the wrong one.
+    let mut h2 = config.clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(UpstreamTls {
         server_name,
@@ -145,6 +149,7 @@ pub fn load(
         client_cert,
         contents,
         connector: TlsConnector::from(Arc::new(config)),
+        connector_h2: TlsConnector::from(Arc::new(h2)),
     })
 }
 
