@@ -35,12 +35,16 @@ struct Seen {
     held: AtomicU64,
     /// Lets every `/hold` request answer.
     release: tokio::sync::Notify,
+    /// Bytes of `/big` bodies handed to hyper to send.
+    produced: AtomicU64,
 }
 
 /// An h2c (prior knowledge) upstream on 127.0.0.1. `/echo` answers with
 /// the request's body, then trailers naming the HTTP version, `TE` and
 /// the request trailer `x-sum` it got; `/hold` answers once released;
-/// `/fail` resets its stream.
+/// `/fail` resets its stream; `/big` is 8 MiB in 16 KiB pieces. Little is
+/// buffered on its side, so what it has produced is close to what it has
+/// sent.
 async fn h2c_upstream() -> (SocketAddr, Arc<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -57,6 +61,7 @@ async fn h2c_upstream() -> (SocketAddr, Arc<Seen>) {
                 let service = service_fn(move |req| answer(req, seen.clone()));
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .max_concurrent_streams(1000)
+                    .max_send_buf_size(16 * 1024)
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;
             });
@@ -114,6 +119,18 @@ async fn answer(req: Request<Incoming>, seen: Arc<Seen>) -> Result<Response<Body
             Ok(Response::new(full("released")))
         }
         "/fail" => Err("reset"),
+        "/big" => {
+            let pieces = futures_util::stream::unfold(0u32, move |n| {
+                let seen = seen.clone();
+                async move {
+                    (n < 512).then(|| {
+                        seen.produced.fetch_add(16 * 1024, Ordering::SeqCst);
+                        (Ok(Frame::data(Bytes::from(vec![b'x'; 16 * 1024]))), n + 1)
+                    })
+                }
+            });
+            Ok(Response::new(BoxBody::new(StreamBody::new(pieces))))
+        }
         _ => Ok(Response::new(full("h2-upstream"))),
     }
 }
@@ -295,4 +312,55 @@ async fn an_upstream_goaway_is_a_clean_502_then_a_new_connection() {
         common::metric(&m, "palisade_upstream_errors_total{kind=\"other\"}"),
         1.0
     );
+}
+
+/// Attack: clients that stop reading their responses share the upstream
+/// connection with everyone else. Had their unread data counted against
+/// the connection's window (hyper's default: 5 MiB for the connection, 2 MiB
+/// a stream), three of them would have stopped every stream on it; each
+/// holds its own stream's 256 KiB instead, and other clients are served.
+/// Failed before the connection window was sized to the streams': the
+/// upstream could send no more than 5 MiB in all until the stalled streams
+/// were cut by `write_timeout`.
+#[tokio::test]
+async fn clients_that_stop_reading_do_not_stall_the_shared_upstream_connection() {
+    const STALLED: u64 = 24;
+    let (up, seen) = h2c_upstream().await;
+    // Deadlines that would cut the stalled streams are out of the way:
+    // what is tested is the connection they share.
+    let h = Harness::start_with_upstream(
+        &format!("h2c://{up}"),
+        "write_timeout = \"120s\"\nresponse_min_rate = 0\n",
+        "",
+        up,
+    )
+    .await;
+    // Windows of 0: the proxy can send these streams nothing.
+    let tcp = connect_from("127.0.0.2", h.proxy()).await;
+    let (mut stalled, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut held = Vec::new();
+    for _ in 0..STALLED {
+        stalled = stalled.ready().await.unwrap();
+        let req = Request::get("http://test.local/big").body(()).unwrap();
+        let (resp, _) = stalled.send_request(req, true).unwrap();
+        held.push(resp.await.unwrap());
+    }
+    // Every stalled stream fills its window upstream (together more than
+    // hyper's default connection window), and another client is served.
+    let served = tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.produced.load(Ordering::SeqCst) < STALLED * 256 * 1024 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        h.client("127.0.0.3").await.get("/").await
+    })
+    .await
+    .expect("stalled streams held the shared upstream connection's window");
+    assert_eq!((served.0, served.2.as_str()), (StatusCode::OK, "h2-upstream"));
+    assert_eq!(held.len() as u64, STALLED);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
 }
