@@ -39,7 +39,7 @@ use crate::body::{BodyError, BodyLimits, Cut, CutReason, MinRate, TimedBody};
 use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
-use crate::connector::{AtCapacity, CappedConnector, Caps, Protocol, Slot, wire};
+use crate::connector::{AtCapacity, CappedConnector, Caps, NoH2, Protocol, Slot, wire};
 use crate::forward::{Hop, join_cookie_crumbs, set_forwarded, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
@@ -49,7 +49,7 @@ use crate::stall::StreamExecutor;
 use crate::state::DurableState;
 use crate::syn::SynDefense;
 use crate::tunnel::{self, TunnelMode};
-use crate::upstream_tls::failure_in_chain;
+use crate::upstream_tls::{TlsReason, failure_in_chain};
 
 /// Body sent upstream: the client's body with deadlines, or nothing.
 pub type UpstreamBody = Either<TimedBody<Incoming>, Empty<Bytes>>;
@@ -1055,6 +1055,10 @@ impl App {
             Ok(Err(_)) if cut.get() == Some(Cut::TooSlow) => UpstreamFailure::SlowBody,
             Ok(Err(_)) if cut.get() == Some(Cut::TooLarge) => UpstreamFailure::BodyTooLarge,
             Ok(Err(e)) if in_error_chain(&e, |x| x.is::<AtCapacity>()) => UpstreamFailure::AtCapacity,
+            Ok(Err(e)) if in_error_chain(&e, |x| x.is::<NoH2>()) => {
+                tls_detail = Some(NoH2.to_string());
+                UpstreamFailure::Tls(TlsReason::Handshake)
+            }
             Ok(Err(ref e)) if let Some((reason, detail)) = failure_in_chain(e) => {
                 tls_detail = Some(detail);
                 UpstreamFailure::Tls(reason)

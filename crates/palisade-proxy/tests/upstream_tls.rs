@@ -478,3 +478,98 @@ async fn tls_connections_count_against_max_connections() {
     );
     h.running.shutdown().await;
 }
+
+/// An HTTP/2-over-TLS upstream on 127.0.0.1 (ALPN `h2` only) answering
+/// with the HTTP version it was spoken to in, and its TLS handshakes.
+async fn h2_tls_upstream(cert: &(String, String)) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.0.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(cert.1.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = Arc::new(AtomicU64::new(0));
+    let counted = handshakes.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let version = format!("{:?}", req.version());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(version))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, handshakes)
+}
+
+#[tokio::test]
+async fn an_h2_upstream_is_spoken_to_in_http2_over_tls_on_one_connection() {
+    let d = dir("h2");
+    let ca = Ca::new("upstream CA");
+    let (addr, handshakes) = h2_tls_upstream(&ca.issue(&["127.0.0.1"], false)).await;
+    let ca_file = write(&d, "ca.pem", &ca.pem());
+    let h = Harness::start_with_upstream(
+        &format!("h2://{addr}"),
+        "",
+        &format!("[upstream]\ntls_ca = \"{ca_file}\"\n"),
+        addr,
+    )
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let mut c = h.client(&format!("127.0.0.{}", 2 + i)).await;
+        clients.push(tokio::spawn(async move { c.get("/").await }));
+    }
+    for c in clients {
+        let (status, _, body) = c.await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "HTTP/2.0"));
+    }
+    // Five clients at once, one TLS connection: multiplexed.
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1);
+    h.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_h2_upstream_that_does_not_select_h2_is_a_502() {
+    let d = dir("h2-refused");
+    let ca = Ca::new("upstream CA");
+    // It ignores ALPN: the handshake succeeds without a protocol agreed.
+    let (addr, _) = tls_upstream(&ca.issue(&["127.0.0.1"], false), None).await;
+    let ca_file = write(&d, "ca.pem", &ca.pem());
+    let h = Harness::start_with_upstream(
+        &format!("h2://{addr}"),
+        "",
+        &format!("[upstream]\ntls_ca = \"{ca_file}\"\n"),
+        addr,
+    )
+    .await;
+    let (status, _, _) = h.client("127.0.0.2").await.get("/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_upstream_errors_total{kind=\"tls_handshake\"}"),
+        1.0
+    );
+    h.running.shutdown().await;
+}
