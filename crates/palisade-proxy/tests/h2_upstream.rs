@@ -364,3 +364,50 @@ async fn clients_that_stop_reading_do_not_stall_the_shared_upstream_connection()
     assert_eq!(held.len() as u64, STALLED);
     assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
 }
+
+/// Attack: a client that keeps its window shut holds a stream to the
+/// upstream, and with it one of the upstream's places under the cap. The
+/// write deadline resets it like any stalled response, its place is given
+/// back, and only its stream is reset upstream: the connection the others
+/// share stays up.
+#[tokio::test]
+async fn a_stalled_stream_cut_by_write_timeout_gives_its_upstream_place_back() {
+    let (up, seen) = h2c_upstream().await;
+    let h = Harness::start_with_upstream(
+        &format!("h2c://{up}"),
+        "write_timeout = \"1s\"\n",
+        "[upstream]\nmax_connections = 1\n",
+        up,
+    )
+    .await;
+    let tcp = connect_from("127.0.0.2", h.proxy()).await;
+    let (mut stalled, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    stalled = stalled.ready().await.unwrap();
+    let req = Request::get("http://test.local/big").body(()).unwrap();
+    let (resp, _) = stalled.send_request(req, true).unwrap();
+    let mut body = resp.await.unwrap().into_body();
+    // Reset by the proxy once the deadline passes.
+    let cut = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match body.data().await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return e,
+                None => panic!("the stalled stream ended cleanly"),
+            }
+        }
+    })
+    .await
+    .expect("the stalled stream was never reset");
+    assert!(cut.is_reset(), "{cut}");
+    // Its place under the cap of 1 is free again, on the same connection.
+    let (status, _, body) = h.client("127.0.0.3").await.get("/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "h2-upstream"));
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+    let m = h.metrics().await;
+    assert_eq!(common::metric(&m, "palisade_stalled_responses_total"), 1.0);
+}
