@@ -78,6 +78,9 @@ pub enum EventKind {
     Restored = 6,
     /// Learned by another node of the cluster.
     Cluster = 7,
+    /// A challenge: issued (a small penalty), solved (refunded), failed,
+    /// or a refused clearance cookie.
+    Challenge = 8,
 }
 
 impl EventKind {
@@ -91,6 +94,7 @@ impl EventKind {
             Self::AdminSet => "admin_set",
             Self::Restored => "restored",
             Self::Cluster => "cluster",
+            Self::Challenge => "challenge",
         }
     }
 }
@@ -315,6 +319,26 @@ impl Reputation {
             / MILLI as f64
     }
 
+    /// Gives back up to `points` (a refund: a solved challenge's issue
+    /// penalty), never past the initial score, so that refunds cannot be
+    /// farmed into a better standing than a stranger's. Returns the new
+    /// score.
+    pub fn refund(&self, key: &ClientKey, points: u8, kind: EventKind, now: Nanos) -> f64 {
+        self.table.with(key, now, |w, place| match place {
+            Place::Own => {
+                let score = self.rules.score_milli(w, now);
+                let room = (self.rules.initial - score).max(0) / MILLI;
+                let give = i64::from(points).min(room);
+                if give == 0 {
+                    return score;
+                }
+                self.adjust(key, w, give, kind, now)
+            }
+            Place::Overflow => self.rules.initial,
+        }) as f64
+            / MILLI as f64
+    }
+
     /// Sets a score outright (admin). Returns the new score.
     pub fn set(&self, key: &ClientKey, score: u8, now: Nanos) -> f64 {
         let target = i64::from(score.min(100)) * MILLI;
@@ -440,6 +464,18 @@ mod tests {
         assert_eq!(r.restore(&other, 10, 3_600_000, SEC), 70.0);
         assert_eq!(r.table().len(), 1);
         assert_eq!(r.settle_secs(15.0), Some(55 * 60));
+    }
+
+    #[test]
+    fn refunds_never_lift_a_score_past_the_initial_one() {
+        let r = rep();
+        r.penalize(&K, 1, EventKind::Challenge, SEC);
+        assert_eq!(r.score(&K, SEC), 69.0);
+        assert_eq!(r.refund(&K, 1, EventKind::Challenge, SEC), 70.0);
+        // A second refund for the same penalty (a replayed solution) is nothing.
+        assert_eq!(r.refund(&K, 1, EventKind::Challenge, SEC), 70.0);
+        r.penalize(&K, 10, EventKind::Challenge, SEC);
+        assert_eq!(r.refund(&K, 50, EventKind::Challenge, SEC), 70.0);
     }
 
     #[test]

@@ -73,11 +73,13 @@ pub const BAD_REQUEST: &str = "bad_request";
 pub enum Refusal {
     /// Refused by a control.
     Decision(RejectReason),
+    /// A challenge page served.
+    Challenge,
     /// Answered 400 before any control ([`BAD_REQUEST`]).
     BadRequest,
 }
 
-const REFUSALS: usize = 6;
+const REFUSALS: usize = 7;
 
 impl Refusal {
     fn index(self) -> usize {
@@ -87,7 +89,8 @@ impl Refusal {
             Self::Decision(RejectReason::Denylisted) => 2,
             Self::Decision(RejectReason::BreakerOpen) => 3,
             Self::Decision(RejectReason::ClientBreakerOpen) => 4,
-            Self::BadRequest => 5,
+            Self::Challenge => 5,
+            Self::BadRequest => 6,
         }
     }
 
@@ -98,6 +101,7 @@ impl Refusal {
             2 => RejectReason::Denylisted.as_str(),
             3 => RejectReason::BreakerOpen.as_str(),
             4 => RejectReason::ClientBreakerOpen.as_str(),
+            5 => crate::challenge::ISSUED,
             _ => BAD_REQUEST,
         }
     }

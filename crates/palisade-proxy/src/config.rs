@@ -21,6 +21,7 @@ use palisade_store::sign::PublicKey;
 use serde::Deserialize;
 
 use crate::access_log::{AccessLogSettings, Destination, Format};
+use crate::challenge::{ChallengeMode, ChallengeSettings, MAX_DIFFICULTY, RouteChallenge};
 use crate::maintenance::MaintenancePage;
 use crate::tasks::WatchdogConfig;
 use crate::tls::TlsConfig;
@@ -75,6 +76,8 @@ pub struct Config {
     pub syn: Option<SynSettings>,
     /// The access log; `None` when off.
     pub access_log: Option<AccessLogSettings>,
+    /// The proof-of-work challenge; `None` when no route has one.
+    pub challenge: Option<ChallengeSettings>,
 }
 
 /// `[syn]`: SYN-flood detection and kernel bans.
@@ -536,6 +539,7 @@ struct RawConfig {
     cluster: RawCluster,
     syn: RawSyn,
     access_log: RawAccessLog,
+    challenge: RawChallenge,
     routes: Vec<RawRoute>,
     /// `PALISADE_CLUSTER_KEY`, never read from the file.
     #[serde(skip)]
@@ -653,6 +657,41 @@ impl Default for RawStore {
         }
     }
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawChallenge {
+    secret_file: String,
+    clearance_ttl: String,
+    token_ttl: String,
+    key_rotation: String,
+    difficulty: u8,
+    max_difficulty: u8,
+    attack_rps: u32,
+    issue_penalty: u8,
+    fail_penalty: u8,
+    cookie_penalty: u8,
+}
+
+impl Default for RawChallenge {
+    fn default() -> Self {
+        Self {
+            secret_file: String::new(),
+            clearance_ttl: "1h".into(),
+            token_ttl: "5m".into(),
+            key_rotation: "24h".into(),
+            difficulty: 16,
+            max_difficulty: 22,
+            attack_rps: 500,
+            issue_penalty: 1,
+            fail_penalty: 5,
+            cookie_penalty: 5,
+        }
+    }
+}
+
+/// Shortest `challenge.secret_file` content accepted, in bytes.
+pub const MIN_CHALLENGE_SECRET: usize = 32;
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1132,6 +1171,7 @@ impl RawConfig {
         let cluster = self.cluster(base)?;
         let syn = self.syn()?;
         let access_log = self.access_log(base)?;
+        let challenge = self.challenge(&shield, base)?;
         let state = match self.state.data_dir.as_str() {
             "" => None,
             dir => {
@@ -1158,7 +1198,111 @@ impl RawConfig {
             cluster,
             syn,
             access_log,
+            challenge,
         })
+    }
+
+    fn challenge(
+        &self,
+        shield: &ShieldConfig,
+        base: Option<&Path>,
+    ) -> Result<Option<ChallengeSettings>, Invalid> {
+        let (initial, block_below) = shield
+            .reputation
+            .as_ref()
+            .map_or((100, 0), |(r, _)| (r.initial, r.block_below));
+        let mut routes = vec![RouteChallenge::default()];
+        for (i, r) in self.routes.iter().enumerate() {
+            let mode = match r.challenge.as_deref() {
+                None => ChallengeMode::Off,
+                Some(text) => ChallengeMode::parse(text).ok_or_else(|| {
+                    at(
+                        p!("routes", i, "challenge"),
+                        format!("{text:?}: expected off, suspicious, under_attack or always"),
+                    )
+                })?,
+            };
+            let suspicious = matches!(mode, ChallengeMode::Suspicious | ChallengeMode::UnderAttack);
+            if suspicious && shield.reputation.is_none() {
+                return Err(at(
+                    p!("routes", i, "challenge"),
+                    "\"suspicious\" reads reputation scores: enable [reputation], or use \"always\"",
+                ));
+            }
+            let below = match r.challenge_below {
+                None => block_below + initial.saturating_sub(block_below).div_ceil(2),
+                Some(b) if b > block_below && b <= initial => b,
+                Some(b) => {
+                    return Err(at(
+                        p!("routes", i, "challenge_below"),
+                        format!(
+                            "{b}: must lie above reputation.block_below ({block_below}) and at most reputation.initial ({initial})"
+                        ),
+                    ));
+                }
+            };
+            routes.push(RouteChallenge {
+                mode,
+                below,
+                api: r.api,
+            });
+        }
+        if routes.iter().all(|r| r.mode == ChallengeMode::Off) {
+            return Ok(None);
+        }
+        let c = &self.challenge;
+        let clearance_ttl = positive(
+            duration(&c.clearance_ttl, p!("challenge", "clearance_ttl"))?,
+            p!("challenge", "clearance_ttl"),
+        )?;
+        let token_ttl = positive(
+            duration(&c.token_ttl, p!("challenge", "token_ttl"))?,
+            p!("challenge", "token_ttl"),
+        )?;
+        let key_rotation = duration(&c.key_rotation, p!("challenge", "key_rotation"))?;
+        // A cookie or token signed just before a rotation must outlive it
+        // under the previous key, and not a second one.
+        if key_rotation < clearance_ttl.max(token_ttl) || key_rotation < Duration::from_secs(60) {
+            return Err(at(
+                p!("challenge", "key_rotation"),
+                "must be at least 1m and at least challenge.clearance_ttl and challenge.token_ttl",
+            ));
+        }
+        if !(1..=MAX_DIFFICULTY).contains(&c.difficulty) {
+            return Err(at(
+                p!("challenge", "difficulty"),
+                format!("must be between 1 and {MAX_DIFFICULTY} (leading zero bits)"),
+            ));
+        }
+        if !(c.difficulty..=MAX_DIFFICULTY).contains(&c.max_difficulty) {
+            return Err(at(
+                p!("challenge", "max_difficulty"),
+                format!("must be between challenge.difficulty and {MAX_DIFFICULTY}"),
+            ));
+        }
+        if c.attack_rps == 0 {
+            return Err(at(p!("challenge", "attack_rps"), "must be > 0"));
+        }
+        let secret = match c.secret_file.as_str() {
+            "" => None,
+            file => Some(
+                read_secret_file(&resolve(base, file)).map_err(|m| at(p!("challenge", "secret_file"), m))?,
+            ),
+        };
+        Ok(Some(ChallengeSettings {
+            secret,
+            clearance_ttl,
+            token_ttl,
+            key_rotation,
+            difficulty: c.difficulty,
+            max_difficulty: c.max_difficulty,
+            attack_rps: c.attack_rps,
+            issue_penalty: c.issue_penalty.min(100),
+            fail_penalty: c.fail_penalty.min(100),
+            cookie_penalty: c.cookie_penalty.min(100),
+            routes,
+            block_below,
+        }))
     }
 
     fn access_log(&self, base: Option<&Path>) -> Result<Option<AccessLogSettings>, Invalid> {
@@ -1476,6 +1620,31 @@ fn without_query(url: &str) -> String {
         Some((base, _)) => format!("{base}?…"),
         None => url.to_owned(),
     }
+}
+
+/// The challenge's master secret: a file only its owner (and group) may
+/// read, of at least [`MIN_CHALLENGE_SECRET`] bytes (surrounding
+/// whitespace aside). A secret every user on the host can read lets any
+/// of them mint clearances for every node of the cluster.
+fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(format!(
+            "{} is readable by every user on this host: chmod o-r it (e.g. chmod 600)",
+            path.display()
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = bytes.trim_ascii();
+    if secret.len() < MIN_CHALLENGE_SECRET {
+        return Err(format!(
+            "{} holds {} bytes: at least {MIN_CHALLENGE_SECRET} are needed (e.g. `openssl rand -hex 32`)",
+            path.display(),
+            secret.len()
+        ));
+    }
+    Ok(secret.to_vec())
 }
 
 /// A path from the config file, relative to the file's directory.

@@ -62,6 +62,39 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes cookie `name` from the request's `Cookie` fields, keeping the
+/// others as they were sent; a field left empty is removed.
+pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
+    let holds = |v: &HeaderValue| {
+        v.as_bytes()
+            .split(|&b| b == b';')
+            .any(|pair| pair.split(|&b| b == b'=').next().map(<[u8]>::trim_ascii) == Some(name.as_bytes()))
+    };
+    if !headers.get_all(COOKIE).iter().any(holds) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| {
+            let rest: Vec<&[u8]> = v
+                .as_bytes()
+                .split(|&b| b == b';')
+                .map(<[u8]>::trim_ascii)
+                .filter(|pair| !pair.is_empty())
+                .filter(|pair| {
+                    pair.split(|&b| b == b'=').next().map(<[u8]>::trim_ascii) != Some(name.as_bytes())
+                })
+                .collect();
+            (!rest.is_empty()).then(|| HeaderValue::from_bytes(&rest.join(&b"; "[..])).ok())?
+        })
+        .collect();
+    headers.remove(COOKIE);
+    for v in kept {
+        headers.append(COOKIE, v);
+    }
+}
+
 /// Joins the `Cookie` fields of an HTTP/2 request into one, separated by
 /// `; `, as it must be before it goes out as HTTP/1.1 (RFC 9113 §8.2.3):
 /// HTTP/2 clients may send one field per cookie, and an HTTP/1.1 server
@@ -170,6 +203,21 @@ fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &str, host: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_cookie_is_stripped_and_the_others_kept() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("a=1; palisade_clearance=x;b=2"));
+        h.append(COOKIE, HeaderValue::from_static(" palisade_clearance = y "));
+        h.append(COOKIE, HeaderValue::from_static("palisade_clearance_other=z"));
+        strip_cookie(&mut h, "palisade_clearance");
+        let all: Vec<_> = h.get_all(COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2", "palisade_clearance_other=z"]);
+        let mut none = HeaderMap::new();
+        none.append(COOKIE, HeaderValue::from_static("a=1"));
+        strip_cookie(&mut none, "palisade_clearance");
+        assert_eq!(none.get_all(COOKIE).iter().collect::<Vec<_>>(), ["a=1"]);
+    }
 
     #[test]
     fn cookie_crumbs_are_joined_into_one_field() {

@@ -18,6 +18,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod challenge;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -226,6 +226,35 @@ pub struct Metrics {
     pub xdp_packets: Family<KindLabel, Counter>,
     /// Unix time of the last config load that applied (start included).
     pub last_reload_success_timestamp: Gauge<f64, AtomicU64>,
+    /// Challenge pages served, by route.
+    pub challenges_issued: Family<EndpointLabel, Counter>,
+    /// Challenges solved (a clearance cookie set), by the route they were
+    /// issued on.
+    pub challenges_solved: Family<EndpointLabel, Counter>,
+    /// Verifications refused, by route (`unknown` when the token is not
+    /// ours) and `reason`.
+    pub challenges_failed: Family<EndpointReasonLabels, Counter>,
+    /// Clearance cookies refused (the client is challenged again), by route
+    /// and `reason`.
+    pub clearances_refused: Family<EndpointReasonLabels, Counter>,
+    /// Time from issue to a verified solution, by route.
+    pub challenge_solve: Family<EndpointLabel, Histogram>,
+}
+
+/// A route label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// Route name.
+    pub endpoint: &'static str,
+}
+
+/// A route and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointReasonLabels {
+    /// Route name.
+    pub endpoint: &'static str,
+    /// Why.
+    pub reason: &'static str,
 }
 
 /// `palisade_build_info` labels.
@@ -550,6 +579,38 @@ impl Metrics {
             "Unix time of the last config load that applied (the start counts)",
             last_reload_success_timestamp.clone(),
         );
+        let challenges_issued = Family::default();
+        registry.register(
+            "challenges_issued",
+            "Proof-of-work challenge pages served, by route",
+            challenges_issued.clone(),
+        );
+        let challenges_solved = Family::default();
+        registry.register(
+            "challenges_solved",
+            "Challenges solved and answered with a clearance cookie, by route",
+            challenges_solved.clone(),
+        );
+        let challenges_failed = Family::default();
+        registry.register(
+            "challenges_failed",
+            "Challenge verifications refused, by route and reason",
+            challenges_failed.clone(),
+        );
+        let clearances_refused = Family::default();
+        registry.register(
+            "clearances_refused",
+            "Clearance cookies refused (forged, expired, moved), by route and reason",
+            clearances_refused.clone(),
+        );
+        let challenge_solve = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0])
+        });
+        registry.register(
+            "challenge_solve_duration_seconds",
+            "Time from a challenge's issue to its verified solution",
+            challenge_solve.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         registry.register(
             "build_info",
@@ -565,6 +626,11 @@ impl Metrics {
         root.register_collector(Box::new(crate::process::Process));
         let registry = root;
         let m = Self {
+            challenges_issued,
+            challenges_solved,
+            challenges_failed,
+            clearances_refused,
+            challenge_solve,
             last_reload_success_timestamp,
             xdp_packets,
             kernel_tcp,
@@ -667,7 +733,10 @@ impl Metrics {
                     "client_breaker_open",
                 ],
             ),
-            (&self.penalties, &["flood", "error_streak", "syn_flood"]),
+            (
+                &self.penalties,
+                &["flood", "error_streak", "syn_flood", "challenge"],
+            ),
             (
                 &self.upstream_errors,
                 &[
@@ -719,6 +788,9 @@ impl Metrics {
             "denylisted",
             "breaker_open",
             "client_breaker_open",
+            "challenge",
+            "challenge_passed",
+            "challenge_failed",
         ] {
             let _ = self.decisions.get_or_create(&DecisionLabel { decision });
         }
@@ -735,6 +807,20 @@ impl Metrics {
                 to: to.as_str(),
                 reason: reason.as_str(),
             });
+        }
+    }
+
+    /// Zero series for a challenged route (known once the config is).
+    pub fn zero_challenge(&self, endpoint: &'static str) {
+        let _ = self.challenges_issued.get_or_create(&EndpointLabel { endpoint });
+        let _ = self.challenges_solved.get_or_create(&EndpointLabel { endpoint });
+        for f in crate::challenge::Failure::ALL {
+            let labels = EndpointReasonLabels {
+                endpoint,
+                reason: f.as_str(),
+            };
+            let _ = self.challenges_failed.get_or_create(&labels);
+            let _ = self.clearances_refused.get_or_create(&labels);
         }
     }
 

@@ -36,11 +36,12 @@ use tower_layer::Layer;
 
 use crate::access_log::{self, AccessLog, Pending, Refusal, RequestInfo};
 use crate::body::{BodyError, BodyLimits, Cut, CutReason, MinRate, TimedBody};
+use crate::challenge::{self, ChallengeMode, Challenger, Failure, Prefix};
 use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
 use crate::connector::{AtCapacity, CappedConnector, Caps, NoH2, Protocol, Slot, wire};
-use crate::forward::{Hop, join_cookie_crumbs, set_forwarded, strip_hop_by_hop};
+use crate::forward::{Hop, join_cookie_crumbs, set_forwarded, strip_cookie, strip_hop_by_hop};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::never_ban::NeverBan;
@@ -99,6 +100,10 @@ pub struct Runtime {
     body_limits: BodyLimits,
     /// Per route: the shared window of its limiter, in cluster mode.
     cluster_windows: Vec<Option<Arc<Window>>>,
+    /// The proof-of-work challenge, when a route has one.
+    challenge: Option<Arc<Challenger>>,
+    /// Per route: its id in challenge tokens.
+    route_ids: Vec<u32>,
 }
 
 impl Runtime {
@@ -160,6 +165,18 @@ impl Runtime {
             }
             _ => upstream_clients(&config),
         };
+        let route_ids = (0..shield.route_count())
+            .map(|i| challenge::route_id(shield.route_name(i)))
+            .collect();
+        let challenge = config.challenge.clone().and_then(|settings| {
+            match Challenger::new(settings, previous.and_then(|p| p.challenge.as_deref())) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    tracing::error!("challenge off: {e}");
+                    None
+                }
+            }
+        });
         Self {
             builder: Arc::new(connection_builder(&config)),
             body_limits: BodyLimits {
@@ -173,12 +190,32 @@ impl Runtime {
             upstreams,
             route_labels,
             cluster_windows,
+            challenge,
+            route_ids,
             client,
             client_h2,
             streams,
             shield,
             config,
         }
+    }
+
+    /// The labels of the routes that have a challenge.
+    fn challenged_routes(&self) -> impl Iterator<Item = &'static str> + '_ {
+        let routes = self.challenge.as_ref().map(|c| &c.settings().routes);
+        routes
+            .into_iter()
+            .flatten()
+            .zip(&self.route_labels)
+            .filter(|(r, _)| r.mode != ChallengeMode::Off)
+            .map(|(_, label)| *label)
+    }
+
+    /// The label of the route a token names, when it is one of ours.
+    fn route_label_of(&self, id: Option<u32>) -> &'static str {
+        id.and_then(|id| self.route_ids.iter().position(|r| *r == id))
+            .and_then(|i| self.route_labels.get(i).copied())
+            .unwrap_or("unknown")
     }
 }
 
@@ -349,9 +386,13 @@ impl App {
             .cluster
             .clone()
             .map(|c| Arc::new(Cluster::new(c, config.shield.max_tracked_clients)));
+        let runtime = Runtime::build(config, clock, None, cluster.as_deref());
+        for label in runtime.challenged_routes() {
+            metrics.zero_challenge(label);
+        }
         Self {
             admission,
-            runtime: ArcSwap::from_pointee(Runtime::build(config, clock, None, cluster.as_deref())),
+            runtime: ArcSwap::from_pointee(runtime),
             cluster,
             clock,
             metrics,
@@ -442,6 +483,20 @@ impl App {
         rep.penalize(&key, points, EventKind::SynFlood, self.now());
         Metrics::inc(&self.metrics.penalties, "syn_flood");
         self.persist_score(&rt, &key);
+    }
+
+    /// Takes `points` off a client's score for a challenge; `persist`
+    /// queues the new score for the durable log and the cluster.
+    fn challenge_penalty(&self, rt: &Runtime, key: &ClientKey, points: u8, persist: bool) {
+        let Some(rep) = rt.shield.reputation() else { return };
+        if points == 0 {
+            return;
+        }
+        rep.penalize(key, points, EventKind::Challenge, self.now());
+        if persist {
+            Metrics::inc(&self.metrics.penalties, "challenge");
+            self.persist_score(rt, key);
+        }
     }
 
     /// Opens the durable state (when configured) and restores the scores
@@ -698,6 +753,9 @@ impl App {
         for u in runtime.upstreams.iter().filter(|u| u.breaker.is_some()) {
             self.metrics.zero_upstream(u.label);
         }
+        for label in runtime.challenged_routes() {
+            self.metrics.zero_challenge(label);
+        }
         self.rebuild_never_ban(runtime.config.clone()).await;
         self.runtime.store(Arc::new(runtime));
         self.metrics.config_last_reload_success.set(1);
@@ -948,6 +1006,11 @@ impl App {
         }
         if parts.version == Version::HTTP_2 && !h2 {
             join_cookie_crumbs(&mut parts.headers);
+        }
+        // The clearance is ours: an upstream that logged or echoed it
+        // would hand it to whoever reads that.
+        if rt.challenge.is_some() {
+            strip_cookie(&mut parts.headers, challenge::COOKIE);
         }
         if let Some((proto, _)) = &upgrade {
             parts.headers.insert(UPGRADE, proto.clone());
@@ -1339,7 +1402,13 @@ pub struct ClientConn {
     /// Its admission permit, shared with tunnels that outlive the HTTP
     /// connection.
     pub permit: Option<Arc<Permit>>,
+    /// The TLS fingerprint of its ClientHello, when on TLS and known;
+    /// clearance cookies are bound to it.
+    pub tls_fingerprint: Option<TlsFingerprint>,
 }
+
+/// A connection's TLS fingerprint (its JA4 string).
+pub type TlsFingerprint = Arc<str>;
 
 /// The body of a forwarded response, or of a local 502/503/504.
 pub type UpstreamResponseBody = Either<Incoming, Full<Bytes>>;
@@ -1348,7 +1417,180 @@ pub type UpstreamResponseBody = Either<Incoming, Full<Bytes>>;
 /// force, plus kernel bans and cluster-wide limits as further checks, and
 /// metrics and logs for every decision.
 #[derive(Clone)]
-pub struct Hooks(pub Arc<App>);
+pub struct Hooks {
+    app: Arc<App>,
+    /// Whether the connection is TLS (the clearance cookie is `Secure` then).
+    tls: bool,
+    /// Its TLS fingerprint, which clearances are bound to.
+    fingerprint: Option<TlsFingerprint>,
+}
+
+impl Hooks {
+    /// The hooks of one client connection.
+    pub fn new(app: Arc<App>, conn: &ClientConn) -> Self {
+        Self {
+            app,
+            tls: conn.tls,
+            fingerprint: conn.tls_fingerprint.clone(),
+        }
+    }
+    /// The challenge's part of a decision: a page to answer with, a
+    /// verification's answer, or nothing (cleared, not challenged, or
+    /// refused in `decision`: a machine client that would need a page).
+    fn challenge(
+        &self,
+        rt: &Runtime,
+        req: &RequestFacts<'_>,
+        decision: &mut Decision,
+    ) -> Option<(Response<Full<Bytes>>, &'static str)> {
+        let ch = rt.challenge.as_deref()?;
+        // Allow-listed clients are outside it; refused ones stay refused.
+        if decision.exempt || decision.rejection.is_some() {
+            return None;
+        }
+        let app = &self.app;
+        let now_ms = palisade_core::unix_now_ms();
+        let prefix = Prefix::of(decision.client_ip);
+        let fingerprint = self.fingerprint.as_deref().map(str::as_bytes);
+        if req.path == challenge::VERIFY_PATH {
+            return Some(self.verify(rt, ch, req, decision, prefix, fingerprint, now_ms));
+        }
+        let route = ch.route(decision.route);
+        if route.mode == ChallengeMode::Off || route.api {
+            return None;
+        }
+        let endpoint = rt.route_labels.get(decision.route).copied().unwrap_or("default");
+        let attack = match route.mode {
+            ChallengeMode::UnderAttack => ch.attack_level(decision.route, now_ms),
+            _ => 0,
+        };
+        let now = app.now();
+        let rep = rt.shield.reputation();
+        let score = rep.map_or(100.0, |r| r.score(&decision.key, now));
+        let mut refused_cookie = false;
+        if let Some(value) = challenge::clearance_cookie(req.headers) {
+            match ch.check_clearance(value, prefix, fingerprint, now_ms) {
+                // At the limits every client has: the page was the only
+                // thing between it and the upstream.
+                Ok(()) => return None,
+                Err(failure) => {
+                    app.metrics
+                        .clearances_refused
+                        .get_or_create(&metrics::EndpointReasonLabels {
+                            endpoint,
+                            reason: failure.as_str(),
+                        })
+                        .inc();
+                    app.challenge_penalty(rt, &decision.key, ch.settings().cookie_penalty, true);
+                    refused_cookie = true;
+                }
+            }
+        }
+        let suspicious = score < f64::from(route.below);
+        let needed = refused_cookie
+            || match route.mode {
+                ChallengeMode::Off => false,
+                ChallengeMode::Suspicious => suspicious,
+                ChallengeMode::UnderAttack => suspicious || attack > 0,
+                ChallengeMode::Always => true,
+            };
+        if !needed {
+            return None;
+        }
+        let navigation = matches!(*req.method, http::Method::GET | http::Method::HEAD);
+        if !navigation || !challenge::accepts_html(req.headers) {
+            // A machine client cannot solve a page: it gets the refusal
+            // the page stands in for.
+            let rejection = if attack > 0 {
+                Rejection {
+                    reason: RejectReason::RateLimited,
+                    retry_after_secs: Some(1),
+                    quota: None,
+                }
+            } else {
+                Rejection {
+                    reason: RejectReason::Reputation,
+                    retry_after_secs: None,
+                    quota: None,
+                }
+            };
+            decision.apply(rejection, palisade_core::Mode::Enforce);
+            return None;
+        }
+        let s = ch.settings();
+        let difficulty = challenge::difficulty(
+            s.difficulty,
+            s.max_difficulty,
+            score,
+            route.below,
+            s.block_below,
+            attack,
+        );
+        let id = rt.route_ids.get(decision.route).copied().unwrap_or(0);
+        let token = ch.issue(prefix, id, difficulty, now_ms);
+        // Refunded by the solve: a client that never solves pays it for
+        // every page (and is not persisted: one point is not news).
+        app.challenge_penalty(rt, &decision.key, s.issue_penalty, false);
+        app.metrics
+            .challenges_issued
+            .get_or_create(&metrics::EndpointLabel { endpoint })
+            .inc();
+        Some((ch.page(&token, difficulty, req.target), challenge::ISSUED))
+    }
+
+    /// Answers a solution sent to [`challenge::VERIFY_PATH`].
+    #[allow(clippy::too_many_arguments)]
+    fn verify(
+        &self,
+        rt: &Runtime,
+        ch: &Challenger,
+        req: &RequestFacts<'_>,
+        decision: &Decision,
+        prefix: Prefix,
+        fingerprint: Option<&[u8]>,
+        now_ms: u64,
+    ) -> (Response<Full<Bytes>>, &'static str) {
+        let app = &self.app;
+        let (token, nonce, back) = challenge::solution(req.target);
+        let back = challenge::return_path(back);
+        match ch.verify(token, nonce, prefix, now_ms) {
+            Ok(solved) => {
+                let endpoint = rt.route_label_of(Some(solved.route));
+                app.metrics
+                    .challenges_solved
+                    .get_or_create(&metrics::EndpointLabel { endpoint })
+                    .inc();
+                app.metrics
+                    .challenge_solve
+                    .get_or_create(&metrics::EndpointLabel { endpoint })
+                    .observe(now_ms.saturating_sub(solved.issued_ms) as f64 / 1000.0);
+                if let Some(rep) = rt.shield.reputation() {
+                    let points = ch.settings().issue_penalty;
+                    rep.refund(&decision.key, points, EventKind::Challenge, app.now());
+                }
+                let clearance = ch.clearance(prefix, fingerprint, now_ms);
+                (ch.passed(&clearance, &back, self.tls), challenge::PASSED)
+            }
+            Err(rejected) => {
+                let endpoint = rt.route_label_of(rejected.route);
+                app.metrics
+                    .challenges_failed
+                    .get_or_create(&metrics::EndpointReasonLabels {
+                        endpoint,
+                        reason: rejected.failure.as_str(),
+                    })
+                    .inc();
+                if rejected.failure == Failure::Expired {
+                    // Solved too late (a tab left in the background): back
+                    // to the page, which serves a fresh challenge.
+                    return (challenge::back_to(&back), challenge::FAILED);
+                }
+                app.challenge_penalty(rt, &decision.key, ch.settings().fail_penalty, true);
+                (challenge::failed(), challenge::FAILED)
+            }
+        }
+    }
+}
 
 impl Pipeline for Hooks {
     type Clock = TokioClock;
@@ -1356,7 +1598,7 @@ impl Pipeline for Hooks {
     type Tag = Tag;
 
     fn load(&self) -> Arc<Runtime> {
-        self.0.runtime()
+        self.app.runtime()
     }
 
     fn shield<'a>(&self, rt: &'a Arc<Runtime>) -> &'a Shield<TokioClock> {
@@ -1364,11 +1606,11 @@ impl Pipeline for Hooks {
     }
 
     fn banned(&self, _: &Arc<Runtime>, client: std::net::IpAddr) -> bool {
-        self.0.syn_banned(client)
+        self.app.syn_banned(client)
     }
 
     fn begin(&self, rt: &Arc<Runtime>, req: &RequestFacts<'_>, decision: &mut Decision) -> Tag {
-        let app = &self.0;
+        let app = &self.app;
         if let Some(cluster) = &app.cluster
             && decision.rejection.is_none()
             && !decision.exempt
@@ -1389,6 +1631,7 @@ impl Pipeline for Hooks {
             };
             decision.apply(rejection, mode);
         }
+        let answer = self.challenge(rt, req, decision);
         let start = decision.started;
         let endpoint = rt.route_labels.get(decision.route).copied().unwrap_or("default");
         if let Some(t) = decision.transition {
@@ -1420,6 +1663,14 @@ impl Pipeline for Hooks {
             {
                 return None;
             }
+            // Pages are served by the thousand under attack: on the budget.
+            if answer
+                .as_ref()
+                .is_some_and(|(_, label)| *label == challenge::ISSUED)
+                && !log.allow_refusal(start, Refusal::Challenge)
+            {
+                return None;
+            }
             let header = |name| req.headers.get(name).map(HeaderValue::as_bytes);
             Some(log.begin(&RequestInfo {
                 client: decision.client_ip,
@@ -1431,14 +1682,21 @@ impl Pipeline for Hooks {
                 user_agent: header(USER_AGENT),
             }))
         });
+        let (answer, challenge) = answer.unzip();
         Tag {
             method: metrics::method_label(req.method),
             log,
+            answer,
+            challenge,
         }
     }
 
+    fn answer(&self, tag: &mut Tag) -> Option<Response<Full<Bytes>>> {
+        tag.answer.take()
+    }
+
     fn end(&self, rt: &Arc<Runtime>, f: Finished<'_, Tag>) {
-        let app = &self.0;
+        let app = &self.app;
         let d = f.decision;
         if f.effects.penalized {
             Metrics::inc(&app.metrics.penalties, "error_streak");
@@ -1451,9 +1709,22 @@ impl Pipeline for Hooks {
             .rejection
             .map(|r| r.reason)
             .or_else(|| f.extensions.and_then(|e| e.get::<LocalRefusal>()).map(|r| r.0));
-        app.metrics.decision(refused);
+        let Tag {
+            method,
+            log,
+            challenge,
+            ..
+        } = f.tag;
+        match challenge {
+            Some(decision) if refused.is_none() => {
+                app.metrics
+                    .decisions
+                    .get_or_create(&metrics::DecisionLabel { decision })
+                    .inc();
+            }
+            _ => app.metrics.decision(refused),
+        }
         let endpoint = rt.route_labels.get(d.route).copied().unwrap_or("default");
-        let Tag { method, log } = f.tag;
         app.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -1479,8 +1750,9 @@ impl Pipeline for Hooks {
                 return;
             }
             let status = f.status.as_u16();
-            let forwarded =
-                refused.is_none() && f.extensions.is_some_and(|e| e.get::<NotForwarded>().is_none());
+            let forwarded = refused.is_none()
+                && challenge.is_none()
+                && f.extensions.is_some_and(|e| e.get::<NotForwarded>().is_none());
             // No body goes with these, whatever Content-Length says.
             let bodiless = method == "HEAD" || status < 200 || status == 204 || status == 304;
             out.finish(
@@ -1488,7 +1760,11 @@ impl Pipeline for Hooks {
                 &access_log::Outcome {
                     status,
                     bytes: if bodiless { Some(0) } else { f.body_len },
-                    decision: refused.map_or("allowed", RejectReason::as_str),
+                    decision: match (refused, challenge) {
+                        (Some(r), _) => r.as_str(),
+                        (None, Some(c)) => c,
+                        (None, None) => "allowed",
+                    },
                     upstream_status: forwarded.then_some(status),
                     latency: elapsed,
                     unix_ms: palisade_core::unix_now_ms(),
@@ -1498,7 +1774,7 @@ impl Pipeline for Hooks {
     }
 
     fn bad_request(&self, m: &Malformed<'_>) {
-        self.0.answered_bad_request(m);
+        self.app.answered_bad_request(m);
     }
 }
 
@@ -1508,6 +1784,10 @@ pub struct Tag {
     method: &'static str,
     /// The request's side of its access log line, when it gets one.
     log: Option<Pending>,
+    /// The challenge's answer, taken by [`Hooks::answer`].
+    answer: Option<Response<Full<Bytes>>>,
+    /// The decision a challenge answer shows in metrics and the log.
+    challenge: Option<&'static str>,
 }
 
 /// A response extension: the proxy answered itself (an upstream failure,
@@ -1629,7 +1909,7 @@ impl ProxyService {
     pub fn new(app: Arc<App>, conn: ClientConn, activity: Arc<ConnActivity>) -> Self {
         let peer = conn.peer;
         let permit = conn.permit.clone();
-        let pipeline = ShieldLayer::with_pipeline(Hooks(app.clone()))
+        let pipeline = ShieldLayer::with_pipeline(Hooks::new(app.clone(), &conn))
             // Nothing downstream reads it: save the allocation.
             .expose_client_ip(false)
             .layer(Forward {

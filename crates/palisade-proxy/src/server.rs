@@ -450,6 +450,8 @@ fn client(peer: SocketAddr, tls: bool, permit: &Arc<Permit>) -> ClientConn {
         peer,
         tls,
         permit: Some(permit.clone()),
+        // Filled from the ClientHello once JA4 is computed on accept.
+        tls_fingerprint: None,
     }
 }
 

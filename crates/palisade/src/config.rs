@@ -81,6 +81,17 @@ impl Protection {
             toml::from_str(src).map_err(|e| ConfigError::invalid(file, raw::toml_error(src, &e)))?;
         let located = |invalid| ConfigError::invalid(file, raw::locate(src, invalid));
         let mut protection = raw.sections().validate().map_err(located)?;
+        // A route the file wants challenged must not silently go without.
+        if let Some(i) = raw
+            .routes
+            .iter()
+            .position(|r| r.challenge.as_deref().is_some_and(|c| c != "off"))
+        {
+            return Err(located(raw::at(
+                crate::__config_path!("routes", i, "challenge"),
+                "the challenge page is served by the palisade daemon, not by the library's layers",
+            )));
+        }
         protection.proxy_protocol = raw.proxy_protocol(&protection.shield).map_err(located)?;
         Ok(protection)
     }
@@ -130,6 +141,7 @@ struct RawFile {
     cluster: IgnoredAny,
     syn: IgnoredAny,
     access_log: IgnoredAny,
+    challenge: IgnoredAny,
 }
 
 /// `[server]` as the library reads it: unknown keys are the daemon's.
@@ -435,6 +447,11 @@ pub mod raw {
         pub window_limit: Option<u32>,
         pub key: Option<String>,
         pub mode: Option<String>,
+        /// The daemon's proof-of-work challenge (`off` here).
+        pub challenge: Option<String>,
+        pub challenge_below: Option<u8>,
+        /// A machine API: never challenged.
+        pub api: bool,
     }
 
     #[derive(Debug, Clone, PartialEq)]

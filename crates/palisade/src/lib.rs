@@ -87,9 +87,9 @@ pub use breaker::{BreakerFuture, BreakerLayer, BreakerService, BreakerSettings, 
 pub use builder::{BuildError, Builder, Palisade, PalisadeLayer};
 pub use listener::{AdmissionListener, Admitted, read_proxy_header};
 pub use shield::{
-    BadRequest, BoxError, CLIENT_CLOSED_REQUEST, ClientIp, Early, Fail, Finished, LocalRefusal, Malformed,
-    MissingPeer, PeerAddr, Pipeline, Refused, Reply, Respond, ResponseFuture, ShieldLayer, ShieldService,
-    request_target,
+    Answered, BadRequest, BoxError, CLIENT_CLOSED_REQUEST, ClientIp, Early, Fail, Finished, LocalRefusal,
+    Malformed, MissingPeer, PeerAddr, Pipeline, Refused, Reply, Respond, ResponseFuture, ShieldLayer,
+    ShieldService, request_target,
 };
 
 pub use ipnet::IpNet;

@@ -57,6 +57,13 @@ pub trait Pipeline: Clone + Send + Sync + 'static {
     /// Runs after the shield decided and before the answer; may refuse
     /// with further checks of its own (through [`Decision::apply`]).
     fn begin(&self, snapshot: &Self::Snapshot, req: &RequestFacts<'_>, decision: &mut Decision) -> Self::Tag;
+    /// Asked after [`begin`](Self::begin) for an admitted request: an
+    /// answer of the pipeline's own (the daemon's challenge page), which
+    /// the request gets instead of the inner service's. Like a refusal, it
+    /// feeds nothing back to the client's score or breaker.
+    fn answer(&self, _tag: &mut Self::Tag) -> Option<Response<Full<Bytes>>> {
+        None
+    }
     /// Runs exactly once per request: refused, served, or abandoned by
     /// the client before the answer (status [`CLIENT_CLOSED_REQUEST`]).
     fn end(&self, snapshot: &Self::Snapshot, finished: Finished<'_, Self::Tag>);
@@ -180,6 +187,7 @@ enum Why {
     Refused(Rejection),
     MissingPeer,
     BadRequest(BadRequest),
+    Answered,
 }
 
 /// A request refused with 400 before any control looked at it: its path or
@@ -219,6 +227,13 @@ impl Early {
             .extensions_mut()
             .insert(LocalRefusal(rejection.reason));
         early
+    }
+
+    fn answered(response: Response<Full<Bytes>>) -> Self {
+        Self {
+            response,
+            why: Why::Answered,
+        }
     }
 
     fn missing_peer() -> Self {
@@ -270,6 +285,19 @@ impl axum::response::IntoResponse for Refused {
         self.response.map(axum::body::Body::new)
     }
 }
+
+/// The error of the [`Fail`] variants for a request a [`Pipeline`]
+/// answered itself ([`Pipeline::answer`]): its response is to be sent.
+#[derive(Debug)]
+pub struct Answered(pub Response<Full<Bytes>>);
+
+impl std::fmt::Display for Answered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("answered by the palisade pipeline")
+    }
+}
+
+impl std::error::Error for Answered {}
 
 /// Errors boxed as tower's middleware errors are.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -334,6 +362,7 @@ impl<B, E: Into<BoxError>> Reply<B, E> for Fail {
             }),
             Why::MissingPeer => Box::new(MissingPeer),
             Why::BadRequest(e) => Box::new(e),
+            Why::Answered => Box::new(Answered(early.response)),
         })
     }
 
@@ -672,6 +701,22 @@ where
                 .limit_for(decision.route)
                 .map_or("default", |(name, _, _)| name);
             let early = Early::refused(rejection, name);
+            self.pipeline.end(
+                &snapshot,
+                Finished {
+                    decision: &decision,
+                    tag,
+                    status: early.response.status(),
+                    extensions: Some(early.response.extensions()),
+                    body_len: http_body::Body::size_hint(early.response.body()).exact(),
+                    effects: ResponseEffects::default(),
+                },
+            );
+            return ResponseFuture::new(Answer::early(early));
+        }
+        let mut tag = tag;
+        if let Some(response) = self.pipeline.answer(&mut tag) {
+            let early = Early::answered(response);
             self.pipeline.end(
                 &snapshot,
                 Finished {

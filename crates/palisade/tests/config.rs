@@ -68,6 +68,25 @@ fn errors_name_file_line_and_key() {
     assert!(e.starts_with("/nonexistent/palisade.toml: "), "{e}");
 }
 
+#[test]
+fn a_challenged_route_is_an_error_for_the_library() {
+    // The layers cannot serve the page: silently unprotected would be worse.
+    let path = write(
+        "challenge.toml",
+        "[[routes]]\nname = \"site\"\nchallenge = \"always\"\n",
+    );
+    let e = Palisade::from_file(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("challenge.toml:3:") && e.contains("routes[0].challenge"),
+        "{e}"
+    );
+    let path = write(
+        "off.toml",
+        "[[routes]]\nname = \"site\"\nchallenge = \"off\"\napi = true\n",
+    );
+    Palisade::from_file(&path).unwrap();
+}
+
 #[tokio::test]
 async fn server_proxy_protocol_is_read_too() {
     let path = write(
