@@ -6,6 +6,7 @@
 //!   or a fingerprint of address and User-Agent).
 //! - [`TrustedProxies`]: the only way a forwarding header can change the
 //!   client address.
+//! - [`ja4`]: TLS client fingerprints from the raw ClientHello.
 //! - [`Mode`] and [`RejectReason`]: what a control decided.
 //!
 //! ```
@@ -24,6 +25,7 @@
 mod clock;
 mod forwarded;
 mod host;
+pub mod ja4;
 mod key;
 mod path;
 pub mod proxy_protocol;

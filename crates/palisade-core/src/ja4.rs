@@ -1,0 +1,614 @@
+//! JA4 TLS client fingerprints (FoxIO's JA4, TLS over TCP), computed from
+//! the raw bytes a client sent before the server's first answer.
+//!
+//! `t13d1516h2_8daaf6152771_e5627efa2ab1` reads: TLS over TCP, highest
+//! offered version 1.3, an SNI (`d`; `i` without), 15 cipher suites, 16
+//! extensions, first ALPN `h2`; then the truncated SHA-256 of the sorted
+//! cipher suites, and of the sorted extensions (SNI and ALPN left out)
+//! followed by the signature algorithms in their order. GREASE values
+//! count nowhere.
+//!
+//! The parser reads only what the lengths on the wire promise and never
+//! more than it was given: any input is an answer or an error, never a
+//! panic.
+//!
+//! ```
+//! use palisade_core::ja4::{Ja4Error, ja4};
+//!
+//! assert_eq!(ja4(b"GET / HTTP/1.1\r\n"), Err(Ja4Error::NotHandshake));
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fmt::Write as _;
+
+/// The most a server needs to keep of what a client sent to fingerprint
+/// it: one TLS record header and the largest record's plaintext. A
+/// ClientHello larger than that (it may span records) has no JA4 here.
+pub const MAX_RECORDED: usize = 5 + 16 * 1024;
+
+/// A JA4 fingerprint: always 36 ASCII characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ja4([u8; 36]);
+
+impl Ja4 {
+    /// The fingerprint as text.
+    pub fn as_str(&self) -> &str {
+        // Built from ASCII only (digits, letters, hex, `_`).
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
+impl fmt::Display for Ja4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Ja4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ja4({})", self.as_str())
+    }
+}
+
+/// Why bytes gave no fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ja4Error {
+    /// The bytes end before the ClientHello does.
+    Incomplete,
+    /// The first record is not a TLS handshake record.
+    NotHandshake,
+    /// The first handshake message is not a ClientHello.
+    NotClientHello,
+    /// A length inside the ClientHello does not fit.
+    Malformed,
+}
+
+impl fmt::Display for Ja4Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Incomplete => "client hello incomplete",
+            Self::NotHandshake => "not a tls handshake",
+            Self::NotClientHello => "not a client hello",
+            Self::Malformed => "malformed client hello",
+        })
+    }
+}
+
+impl std::error::Error for Ja4Error {}
+
+const HANDSHAKE: u8 = 22;
+const EXT_SNI: u16 = 0x0000;
+const EXT_ALPN: u16 = 0x0010;
+const EXT_SIGNATURE_ALGORITHMS: u16 = 0x000d;
+const EXT_SUPPORTED_VERSIONS: u16 = 0x002b;
+
+/// The JA4 of the ClientHello at the start of `records` (TLS records as
+/// read from the connection; the hello may span several).
+pub fn ja4(records: &[u8]) -> Result<Ja4, Ja4Error> {
+    fingerprint(&handshake_message(records)?)
+}
+
+/// The first handshake message's body, from however many records carry
+/// it: borrowed when one record holds all of it, as it nearly always does.
+fn handshake_message(records: &[u8]) -> Result<Cow<'_, [u8]>, Ja4Error> {
+    let mut rest = records;
+    let mut joined: Vec<u8> = Vec::new();
+    let mut first = true;
+    loop {
+        let Some((header, after)) = rest.split_first_chunk::<5>() else {
+            if first && rest.first().is_some_and(|&b| b != HANDSHAKE) {
+                return Err(Ja4Error::NotHandshake);
+            }
+            return Err(Ja4Error::Incomplete);
+        };
+        if header[0] != HANDSHAKE {
+            return Err(if first {
+                Ja4Error::NotHandshake
+            } else {
+                Ja4Error::Incomplete
+            });
+        }
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        // A record cut short is the end of the input: what arrived counts.
+        let (fragment, next) = after.split_at_checked(len).unwrap_or((after, &[]));
+        if first && let Some(body) = body_of(fragment)? {
+            return Ok(Cow::Borrowed(body));
+        }
+        joined.extend_from_slice(fragment);
+        if let Some(n) = body_of(&joined)?.map(<[u8]>::len) {
+            joined.truncate(4 + n);
+            joined.drain(..4);
+            return Ok(Cow::Owned(joined));
+        }
+        if next.is_empty() {
+            return Err(Ja4Error::Incomplete);
+        }
+        first = false;
+        rest = next;
+    }
+}
+
+/// The ClientHello body when `bytes` (starting at the handshake header)
+/// hold all of it; `None` when more is to come.
+fn body_of(bytes: &[u8]) -> Result<Option<&[u8]>, Ja4Error> {
+    let Some((header, body)) = bytes.split_first_chunk::<4>() else {
+        return Ok(None);
+    };
+    if header[0] != 1 {
+        return Err(Ja4Error::NotClientHello);
+    }
+    let len = usize::from(header[1]) << 16 | usize::from(header[2]) << 8 | usize::from(header[3]);
+    if len > MAX_RECORDED {
+        return Err(Ja4Error::Malformed);
+    }
+    Ok(body.get(..len))
+}
+
+/// A cursor over bytes whose every read is checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Ja4Error> {
+        let (head, rest) = self.0.split_at_checked(n).ok_or(Ja4Error::Malformed)?;
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, Ja4Error> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, Ja4Error> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// A vector with a one-byte length.
+    fn vec8(&mut self) -> Result<&'a [u8], Ja4Error> {
+        let n = self.u8()?;
+        self.take(usize::from(n))
+    }
+
+    /// A vector with a two-byte length.
+    fn vec16(&mut self) -> Result<&'a [u8], Ja4Error> {
+        let n = self.u16()?;
+        self.take(usize::from(n))
+    }
+}
+
+/// The u16 values of a list, in order.
+fn u16s(bytes: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    bytes.chunks_exact(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// GREASE (RFC 8701): 0x0a0a, 0x1a1a, … 0xfafa.
+fn is_grease(v: u16) -> bool {
+    v & 0x0f0f == 0x0a0a && v >> 8 == v & 0xff
+}
+
+fn fingerprint(hello: &[u8]) -> Result<Ja4, Ja4Error> {
+    let mut r = Reader(hello);
+    let legacy_version = r.u16()?;
+    r.take(32)?; // random
+    r.vec8()?; // session id
+    let mut ciphers: Vec<u16> = u16s(r.vec16()?).filter(|c| !is_grease(*c)).collect();
+    r.vec8()?; // compression methods
+    let mut extensions: Vec<u16> = Vec::new();
+    let mut extension_count = 0usize;
+    let mut sni = false;
+    let mut alpn: &[u8] = &[];
+    let mut highest: Option<u16> = None;
+    let mut signature_algorithms: &[u8] = &[];
+    // Extensions are optional (before TLS 1.2 clients could leave them out).
+    if !r.0.is_empty() {
+        let mut ext = Reader(r.vec16()?);
+        while !ext.0.is_empty() {
+            let kind = ext.u16()?;
+            let data = ext.vec16()?;
+            if is_grease(kind) {
+                continue;
+            }
+            extension_count += 1;
+            match kind {
+                EXT_SNI => sni = true,
+                EXT_ALPN => {
+                    let mut list = Reader(data);
+                    // An empty or cut list leaves the ALPN part at "00".
+                    alpn = list
+                        .vec16()
+                        .ok()
+                        .and_then(|l| Reader(l).vec8().ok())
+                        .unwrap_or(&[]);
+                }
+                EXT_SUPPORTED_VERSIONS => {
+                    let list = Reader(data).vec8().unwrap_or(&[]);
+                    highest = u16s(list).filter(|v| !is_grease(*v)).max();
+                }
+                EXT_SIGNATURE_ALGORITHMS => {
+                    signature_algorithms = Reader(data).vec16().unwrap_or(&[]);
+                }
+                _ => {}
+            }
+            if kind != EXT_SNI && kind != EXT_ALPN {
+                extensions.push(kind);
+            }
+        }
+    }
+    ciphers.sort_unstable();
+    extensions.sort_unstable();
+
+    let mut out = [0u8; 36];
+    out[0] = b't';
+    out[1..3].copy_from_slice(version(highest.unwrap_or(legacy_version)));
+    out[3] = if sni { b'd' } else { b'i' };
+    out[4..6].copy_from_slice(&two_digits(ciphers.len()));
+    out[6..8].copy_from_slice(&two_digits(extension_count));
+    out[8..10].copy_from_slice(&alpn_chars(alpn));
+    out[10] = b'_';
+    let mut text = String::with_capacity(5 * (ciphers.len() + extensions.len()) + 5 * 32);
+    out[11..23].copy_from_slice(&hash12(
+        &mut text,
+        ciphers.iter().copied(),
+        None::<std::iter::Empty<u16>>,
+    ));
+    out[23] = b'_';
+    let algorithms = u16s(signature_algorithms).filter(|a| !is_grease(*a));
+    out[24..36].copy_from_slice(&hash12(&mut text, extensions.iter().copied(), Some(algorithms)));
+    Ok(Ja4(out))
+}
+
+fn version(v: u16) -> &'static [u8; 2] {
+    match v {
+        0x0304 => b"13",
+        0x0303 => b"12",
+        0x0302 => b"11",
+        0x0301 => b"10",
+        0x0300 => b"s3",
+        0x0002 => b"s2",
+        0xfeff => b"d1",
+        0xfefd => b"d2",
+        0xfefc => b"d3",
+        _ => b"00",
+    }
+}
+
+fn two_digits(n: usize) -> [u8; 2] {
+    let n = n.min(99) as u8;
+    [b'0' + n / 10, b'0' + n % 10]
+}
+
+/// First and last character of the first ALPN value; its hex spelling's
+/// when either is not alphanumeric; `00` without one.
+fn alpn_chars(alpn: &[u8]) -> [u8; 2] {
+    let (Some(&first), Some(&last)) = (alpn.first(), alpn.last()) else {
+        return *b"00";
+    };
+    if first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric() {
+        [first, last]
+    } else {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        [HEX[usize::from(first >> 4)], HEX[usize::from(last & 0xf)]]
+    }
+}
+
+/// The first 12 hex characters of the SHA-256 of `values` in 4-digit hex,
+/// comma-separated, then `_` and `tail` the same way when it has any;
+/// `000000000000` when `values` is empty.
+fn hash12(
+    text: &mut String,
+    values: impl Iterator<Item = u16>,
+    tail: Option<impl Iterator<Item = u16>>,
+) -> [u8; 12] {
+    text.clear();
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        let _ = write!(text, "{v:04x}");
+    }
+    if text.is_empty() {
+        return *b"000000000000";
+    }
+    for (i, v) in tail.into_iter().flatten().enumerate() {
+        text.push(if i == 0 { '_' } else { ',' });
+        let _ = write!(text, "{v:04x}");
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut out = [0u8; 12];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(digest.as_ref()) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A ClientHello with these values, in these orders; every extension
+    /// not given a body here is empty.
+    struct Hello<'a> {
+        legacy_version: u16,
+        ciphers: &'a [u16],
+        extensions: &'a [u16],
+        versions: &'a [u16],
+        alpn: &'a [&'a [u8]],
+        sigalgs: &'a [u16],
+    }
+
+    fn be(v: u16) -> [u8; 2] {
+        v.to_be_bytes()
+    }
+
+    impl Hello<'_> {
+        /// The handshake message (header included).
+        fn message(&self) -> Vec<u8> {
+            let mut body = Vec::new();
+            body.extend(be(self.legacy_version));
+            body.extend([7u8; 32]);
+            body.push(32);
+            body.extend([9u8; 32]);
+            body.extend(be((self.ciphers.len() * 2) as u16));
+            self.ciphers.iter().for_each(|c| body.extend(be(*c)));
+            body.extend([1, 0]);
+            let mut exts = Vec::new();
+            for &kind in self.extensions {
+                let data: Vec<u8> = match kind {
+                    EXT_SNI => {
+                        let name = b"example.com";
+                        let mut d = be((name.len() + 3) as u16).to_vec();
+                        d.push(0);
+                        d.extend(be(name.len() as u16));
+                        d.extend(name);
+                        d
+                    }
+                    EXT_ALPN => {
+                        let mut list = Vec::new();
+                        for p in self.alpn {
+                            list.push(p.len() as u8);
+                            list.extend(*p);
+                        }
+                        let mut d = be(list.len() as u16).to_vec();
+                        d.extend(list);
+                        d
+                    }
+                    EXT_SUPPORTED_VERSIONS => {
+                        let mut d = vec![(self.versions.len() * 2) as u8];
+                        self.versions.iter().for_each(|v| d.extend(be(*v)));
+                        d
+                    }
+                    EXT_SIGNATURE_ALGORITHMS => {
+                        let mut d = be((self.sigalgs.len() * 2) as u16).to_vec();
+                        self.sigalgs.iter().for_each(|v| d.extend(be(*v)));
+                        d
+                    }
+                    _ => Vec::new(),
+                };
+                exts.extend(be(kind));
+                exts.extend(be(data.len() as u16));
+                exts.extend(data);
+            }
+            body.extend(be(exts.len() as u16));
+            body.extend(exts);
+            let mut msg = vec![1];
+            msg.extend(&(body.len() as u32).to_be_bytes()[1..]);
+            msg.extend(body);
+            msg
+        }
+
+        /// The message in records of at most `max` bytes each.
+        fn records(&self, max: usize) -> Vec<u8> {
+            let mut out = Vec::new();
+            for chunk in self.message().chunks(max) {
+                out.extend([22, 3, 1]);
+                out.extend(be(chunk.len() as u16));
+                out.extend(chunk);
+            }
+            out
+        }
+    }
+
+    fn hex_list(s: &str) -> Vec<u16> {
+        s.split(',')
+            .map(|h| u16::from_str_radix(h, 16).unwrap())
+            .collect()
+    }
+
+    /// Chrome's hello of FoxIO's worked example (JA4_ro of JA4.md), with
+    /// GREASE put back where Chrome sends it.
+    fn chrome_example() -> Hello<'static> {
+        Hello {
+            legacy_version: 0x0303,
+            ciphers: Box::leak(
+                [
+                    vec![0x2a2a],
+                    hex_list("1301,1302,1303,c02b,c02f,c02c,c030,cca9,cca8,c013,c014,009c,009d,002f,0035"),
+                ]
+                .concat()
+                .into_boxed_slice(),
+            ),
+            extensions: Box::leak(
+                [
+                    vec![0xdada],
+                    hex_list(
+                        "001b,0000,0033,0010,4469,0017,002d,000d,0005,0023,0012,002b,ff01,000b,000a,0015",
+                    ),
+                    vec![0x3a3a],
+                ]
+                .concat()
+                .into_boxed_slice(),
+            ),
+            versions: &[0x7a7a, 0x0304, 0x0303],
+            alpn: &[b"h2", b"http/1.1"],
+            sigalgs: Box::leak(hex_list("0403,0804,0401,0503,0805,0501,0806,0601").into_boxed_slice()),
+        }
+    }
+
+    #[test]
+    fn foxio_worked_example() {
+        let hello = chrome_example();
+        let fp = ja4(&hello.records(16 * 1024)).unwrap();
+        assert_eq!(fp.as_str(), "t13d1516h2_8daaf6152771_e5627efa2ab1");
+    }
+
+    #[test]
+    fn published_chrome_fingerprints() {
+        // FoxIO's sigalg-grease capture: a GREASE signature algorithm
+        // (0x0a0a) must not count.
+        let ciphers = hex_list("1301,1302,1303,c02b,c02f,c02c,c030,cca9,cca8,c013,c014,009c,009d,002f,0035");
+        let exts =
+            hex_list("fe0d,0010,0017,0033,44cd,ff01,000a,000d,0023,002b,000b,ca34,002d,0000,0005,001b,0012");
+        let sigalgs = [
+            vec![0x0a0a],
+            hex_list("0904,0905,0906,0403,0804,0401,0503,0805,0501,0806,0601"),
+        ]
+        .concat();
+        let hello = Hello {
+            legacy_version: 0x0303,
+            ciphers: &ciphers,
+            extensions: &exts,
+            versions: &[0x0304, 0x0303],
+            alpn: &[b"h2"],
+            sigalgs: &sigalgs,
+        };
+        assert_eq!(
+            ja4(&hello.records(16 * 1024)).unwrap().as_str(),
+            "t13d1517h2_8daaf6152771_cb7bf5808d99"
+        );
+        // Chrome 143 as browserleaks.com reports it (JA4 and JA4_ro).
+        let exts =
+            hex_list("002d,0033,0010,fe0d,0017,44cd,0000,000b,000a,002b,ff01,0023,0012,0005,000d,001b");
+        let sigalgs = hex_list("0403,0804,0401,0503,0805,0501,0806,0601");
+        let hello = Hello {
+            extensions: &exts,
+            sigalgs: &sigalgs,
+            ..hello
+        };
+        assert_eq!(
+            ja4(&hello.records(16 * 1024)).unwrap().as_str(),
+            "t13d1516h2_8daaf6152771_d8a2da3f94cd"
+        );
+    }
+
+    #[test]
+    fn hello_across_records_is_joined() {
+        let hello = chrome_example();
+        for max in [1, 3, 4, 5, 100] {
+            assert_eq!(
+                ja4(&hello.records(max)).unwrap().as_str(),
+                "t13d1516h2_8daaf6152771_e5627efa2ab1",
+                "records of {max} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn no_sni_no_alpn_no_supported_versions() {
+        let hello = Hello {
+            legacy_version: 0x0303,
+            ciphers: &[0xc02f, 0x009c],
+            extensions: &[0x000a, 0x000d],
+            versions: &[],
+            alpn: &[],
+            sigalgs: &[0x0401],
+        };
+        let fp = ja4(&hello.records(16 * 1024)).unwrap();
+        assert_eq!(&fp.as_str()[..11], "t12i020200_");
+        // Without signature algorithms the extension list ends unadorned;
+        // the spec's own example of that: 6d807ffa2a79.
+        let mut text = String::new();
+        let exts = hex_list("0005,000a,000b,000d,0012,0015,0017,001b,0023,002b,002d,0033,4469,ff01");
+        assert_eq!(
+            &hash12(&mut text, exts.into_iter(), None::<std::iter::Empty<u16>>),
+            b"6d807ffa2a79"
+        );
+    }
+
+    #[test]
+    fn empty_lists_hash_to_zeros() {
+        let hello = Hello {
+            legacy_version: 0x0301,
+            ciphers: &[0x0a0a],
+            extensions: &[EXT_SNI, EXT_ALPN],
+            versions: &[],
+            alpn: &[b""],
+            sigalgs: &[],
+        };
+        assert_eq!(
+            ja4(&hello.records(16 * 1024)).unwrap().as_str(),
+            "t10d000200_000000000000_000000000000"
+        );
+    }
+
+    #[test]
+    fn alpn_characters_follow_the_spec() {
+        assert_eq!(&alpn_chars(b"h2"), b"h2");
+        assert_eq!(&alpn_chars(b"http/1.1"), b"h1");
+        assert_eq!(&alpn_chars(b"x"), b"xx");
+        assert_eq!(&alpn_chars(b""), b"00");
+        assert_eq!(&alpn_chars(&[0xab]), b"ab");
+        assert_eq!(&alpn_chars(&[0xab, 0xcd]), b"ad");
+        assert_eq!(&alpn_chars(&[0x30, 0xab]), b"3b");
+        assert_eq!(&alpn_chars(&[0x30, 0xab, 0xcd, 0x31]), b"01");
+    }
+
+    #[test]
+    fn grease_values() {
+        assert!(is_grease(0x0a0a) && is_grease(0xfafa) && is_grease(0x3a3a));
+        assert!(!is_grease(0x0a1a) && !is_grease(0x1301) && !is_grease(0x0a0b));
+    }
+
+    #[test]
+    fn what_is_not_a_hello_says_so() {
+        assert_eq!(ja4(b""), Err(Ja4Error::Incomplete));
+        assert_eq!(
+            ja4(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Err(Ja4Error::NotHandshake)
+        );
+        assert_eq!(ja4(&[22, 3, 1, 0, 4, 2, 0, 0, 0]), Err(Ja4Error::NotClientHello));
+        let all = chrome_example().records(16 * 1024);
+        for cut in 0..all.len() {
+            assert_eq!(ja4(&all[..cut]), Err(Ja4Error::Incomplete), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_after_the_hello_are_ignored() {
+        let mut bytes = chrome_example().records(16 * 1024);
+        bytes.extend([20, 3, 3, 0, 1, 1, 23, 3, 3, 0, 2, 0xff, 0xff]);
+        assert_eq!(
+            ja4(&bytes).unwrap().as_str(),
+            "t13d1516h2_8daaf6152771_e5627efa2ab1"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_an_answer_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = ja4(&bytes);
+            // The same behind a handshake record header, so the parser
+            // gets past the first checks.
+            let mut rec = vec![22, 3, 1];
+            rec.extend(((bytes.len() + 4) as u16).to_be_bytes());
+            rec.extend([1, 0]);
+            rec.extend((bytes.len() as u16).to_be_bytes());
+            rec.extend(&bytes);
+            let _ = ja4(&rec);
+        }
+
+        #[test]
+        fn a_damaged_hello_is_an_answer_not_a_panic(at in 0usize..400, byte in any::<u8>(), max in 1usize..300) {
+            let mut bytes = chrome_example().records(max);
+            if let Some(b) = bytes.get_mut(at) {
+                *b = byte;
+            }
+            if let Ok(fp) = ja4(&bytes) {
+                prop_assert_eq!(fp.as_str().len(), 36);
+            }
+        }
+    }
+}
