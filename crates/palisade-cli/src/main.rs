@@ -356,8 +356,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // The demo upstream runs only in the quickstart, where it is the upstream.
     let demo = if quickstart && overrides.upstreams.is_empty() {
-        let target = config.server.upstreams[0]
-            .authority()
+        let target = config
+            .upstream_urls()
+            .next()
+            .and_then(|u| u.authority())
             .and_then(|a| {
                 format!("{}:{}", a.host(), a.port_u16().unwrap_or(80))
                     .parse()
@@ -369,7 +371,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let upstreams: Vec<String> = config.server.upstreams.iter().map(|u| u.to_string()).collect();
+    let upstreams: Vec<String> = config.upstream_urls().map(|u| u.to_string()).collect();
     let token = config.admin.token.clone();
     let metrics_path = config.admin.metrics_path.clone();
     let tls = config.tls.is_some();

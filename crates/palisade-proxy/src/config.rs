@@ -54,6 +54,12 @@ pub struct Config {
     pub server: ServerConfig,
     /// How upstreams are reached.
     pub upstream: UpstreamConfig,
+    /// Upstream pools; the first is the one named `default`, where requests
+    /// go that no route sends elsewhere.
+    pub pools: Vec<PoolConfig>,
+    /// Per route (indexed like the shield's routes, 0 the default route):
+    /// the index in `pools` of the pool its requests go to.
+    pub route_pools: Vec<usize>,
     /// Admin API.
     pub admin: AdminConfig,
     /// Protection rules.
@@ -328,8 +334,6 @@ pub struct ServerConfig {
     /// The listener's accept queue length, as asked of `listen(2)` (the
     /// kernel caps it at `net.core.somaxconn`).
     pub backlog: u32,
-    /// Upstream base URIs.
-    pub upstreams: Vec<Uri>,
     /// Whole-header deadline.
     pub header_read_timeout: Duration,
     /// Write progress deadline.
@@ -384,6 +388,59 @@ pub struct UpstreamConfig {
     /// TLS to `https://` upstreams; `None` when every upstream is `http://`
     /// and no `tls_*` key is set.
     pub tls: Option<UpstreamTls>,
+}
+
+/// The name of the pool `server.upstreams` makes, and where requests go
+/// that no route sends elsewhere.
+pub const DEFAULT_POOL: &str = "default";
+
+/// An upstream pool: `[[upstreams]]`, or `server.upstreams` (the pool named
+/// [`DEFAULT_POOL`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Its name, for routes' `upstream` key, metrics and the admin API.
+    pub name: String,
+    /// Its members, in the order written.
+    pub members: Vec<MemberConfig>,
+    /// Active health checks of each member; `None`: members are never
+    /// checked (only the breaker takes them out).
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// One member of a pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberConfig {
+    /// `http://host:port` or `https://host:port`.
+    pub url: Uri,
+    /// Its share of the pool's requests, relative to the other members'.
+    pub weight: NonZeroU32,
+}
+
+/// Largest member weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// `health_check = { ... }` of a pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheckConfig {
+    /// Path (and query) asked with `GET`.
+    pub path: http::uri::PathAndQuery,
+    /// Time from the start of one check to the start of the next.
+    pub interval: Duration,
+    /// A check with no whole answer by then fails.
+    pub timeout: Duration,
+    /// The status a healthy member answers.
+    pub expect_status: http::StatusCode,
+    /// Successes in a row that bring a down member back.
+    pub rise: NonZeroU32,
+    /// Failures in a row that take an up member out.
+    pub fall: NonZeroU32,
+}
+
+impl Config {
+    /// Every pool member's URL (a member of several pools once per pool).
+    pub fn upstream_urls(&self) -> impl Iterator<Item = &Uri> {
+        self.pools.iter().flat_map(|p| p.members.iter().map(|m| &m.url))
+    }
 }
 
 /// `[admin]`.
@@ -525,6 +582,7 @@ impl Config {
 struct RawConfig {
     server: RawServer,
     upstream: RawUpstream,
+    upstreams: Vec<RawPool>,
     admin: RawAdmin,
     clients: RawClients,
     rate_limit: RawRateLimit,
@@ -849,6 +907,88 @@ impl Default for RawUpstream {
     }
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    members: Vec<RawMember>,
+    health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    url: String,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawHealthCheck {
+    path: String,
+    interval: String,
+    timeout: String,
+    expect_status: u16,
+    rise: u32,
+    fall: u32,
+}
+
+impl Default for RawHealthCheck {
+    fn default() -> Self {
+        Self {
+            path: "/".into(),
+            interval: "5s".into(),
+            timeout: "1s".into(),
+            expect_status: 200,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+impl RawHealthCheck {
+    fn validate(&self, i: usize) -> Result<HealthCheckConfig, Invalid> {
+        let key = |k: &'static str| p!("upstreams", i, "health_check", k).to_vec();
+        let path = match self.path.parse::<http::uri::PathAndQuery>() {
+            Ok(pq) if self.path.starts_with('/') => pq,
+            _ => {
+                return Err(at(
+                    &key("path"),
+                    format!("{:?}: a path starting with '/'", self.path),
+                ));
+            }
+        };
+        let interval = positive(duration(&self.interval, &key("interval"))?, &key("interval"))?;
+        let timeout = positive(duration(&self.timeout, &key("timeout"))?, &key("timeout"))?;
+        // One check at a time per member: a longer timeout would stretch
+        // the interval.
+        if timeout > interval {
+            return Err(at(&key("timeout"), "must not exceed health_check.interval"));
+        }
+        let expect_status = match http::StatusCode::from_u16(self.expect_status) {
+            Ok(s) if (200..600).contains(&self.expect_status) => s,
+            _ => return Err(at(&key("expect_status"), "must be a status between 200 and 599")),
+        };
+        let count = |n: u32, k: &'static str| match NonZeroU32::new(n) {
+            Some(n) if n.get() <= 100 => Ok(n),
+            _ => Err(at(&key(k), "must be between 1 and 100")),
+        };
+        Ok(HealthCheckConfig {
+            path,
+            interval,
+            timeout,
+            expect_status,
+            rise: count(self.rise, "rise")?,
+            fall: count(self.fall, "fall")?,
+        })
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawAdmin {
@@ -891,7 +1031,9 @@ impl RawConfig {
             self.admin.listen = admin.to_string();
         }
         if !o.upstreams.is_empty() {
+            // `--upstream` is the default pool, wherever the file wrote it.
             self.server.upstreams = o.upstreams.clone();
+            self.upstreams.retain(|p| p.name.trim() != DEFAULT_POOL);
         }
         if let Some(rate) = o.rate_limit {
             self.rate_limit.rate = raw::RawRate::per_second(rate.get());
@@ -1005,16 +1147,6 @@ impl RawConfig {
         let s = &self.server;
         let server = ServerConfig {
             listen: addr(&s.listen, p!("server", "listen"))?,
-            upstreams: {
-                if s.upstreams.is_empty() {
-                    return Err(at(p!("server", "upstreams"), "at least one upstream is required"));
-                }
-                s.upstreams
-                    .iter()
-                    .enumerate()
-                    .map(|(i, u)| upstream_uri(u).map_err(|m| at(p!("server", "upstreams", i), m)))
-                    .collect::<Result<_, _>>()?
-            },
             header_read_timeout: duration(&s.header_read_timeout, p!("server", "header_read_timeout"))?,
             write_timeout: duration(&s.write_timeout, p!("server", "write_timeout"))?,
             idle_timeout: duration(&s.idle_timeout, p!("server", "idle_timeout"))?,
@@ -1058,6 +1190,11 @@ impl RawConfig {
                 }
             },
         };
+        let pools = self.pools()?;
+        let urls: Vec<Uri> = pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(|m| m.url.clone()))
+            .collect();
         let u = &self.upstream;
         let upstream = UpstreamConfig {
             connect_timeout: duration(&u.connect_timeout, p!("upstream", "connect_timeout"))?,
@@ -1068,7 +1205,7 @@ impl RawConfig {
                 0 => return Err(at(p!("upstream", "max_connections"), "must be > 0")),
                 n => n,
             },
-            tls: self.upstream_tls(&server.upstreams, base)?,
+            tls: self.upstream_tls(&urls, base)?,
         };
         let a = &self.admin;
         let admin_listen = addr(&a.listen, p!("admin", "listen"))?;
@@ -1150,6 +1287,7 @@ impl RawConfig {
         if server.proxy_protocol {
             raw::proxy_protocol_allowed(&shield)?;
         }
+        let route_pools = self.route_pools(&pools)?;
         let tls = self.tls(base)?;
         let w = &self.watchdog;
         let watchdog = if w.enabled {
@@ -1187,6 +1325,8 @@ impl RawConfig {
         Ok(Config {
             server,
             upstream,
+            pools,
+            route_pools,
             admin,
             shield,
             breaker,
@@ -1303,6 +1443,122 @@ impl RawConfig {
             routes,
             block_below,
         }))
+    }
+
+    /// `server.upstreams` (the default pool) and `[[upstreams]]`; the
+    /// default pool first.
+    fn pools(&self) -> Result<Vec<PoolConfig>, Invalid> {
+        let mut pools = Vec::with_capacity(self.upstreams.len() + 1);
+        if !self.server.upstreams.is_empty() {
+            pools.push(PoolConfig {
+                name: DEFAULT_POOL.to_owned(),
+                members: self
+                    .server
+                    .upstreams
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| {
+                        Ok(MemberConfig {
+                            url: upstream_uri(u).map_err(|m| at(p!("server", "upstreams", i), m))?,
+                            weight: NonZeroU32::MIN,
+                        })
+                    })
+                    .collect::<Result<_, Invalid>>()?,
+                health_check: None,
+            });
+        }
+        for (i, raw) in self.upstreams.iter().enumerate() {
+            let name = raw.name.trim();
+            let valid_name = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+            if !valid_name {
+                return Err(at(
+                    p!("upstreams", i, "name"),
+                    "required: 1-64 characters from [A-Za-z0-9_.-]",
+                ));
+            }
+            if pools.iter().any(|p: &PoolConfig| p.name == name) {
+                let why = if name == DEFAULT_POOL && !self.server.upstreams.is_empty() {
+                    "the pool named \"default\" is server.upstreams: write it in one place".to_owned()
+                } else {
+                    format!("pool name {name:?} is already used")
+                };
+                return Err(at(p!("upstreams", i, "name"), why));
+            }
+            if raw.members.is_empty() {
+                return Err(at(
+                    p!("upstreams", i, "members"),
+                    "at least one member is required",
+                ));
+            }
+            let mut members: Vec<MemberConfig> = Vec::with_capacity(raw.members.len());
+            for (j, m) in raw.members.iter().enumerate() {
+                let url = upstream_uri(&m.url).map_err(|e| at(p!("upstreams", i, "members", j, "url"), e))?;
+                if members.iter().any(|earlier| earlier.url == url) {
+                    return Err(at(
+                        p!("upstreams", i, "members", j, "url"),
+                        format!(
+                            "{:?} is listed twice: give it a higher weight instead",
+                            redact_url(&m.url)
+                        ),
+                    ));
+                }
+                let weight = match NonZeroU32::new(m.weight) {
+                    Some(w) if w.get() <= MAX_WEIGHT => w,
+                    _ => {
+                        return Err(at(
+                            p!("upstreams", i, "members", j, "weight"),
+                            format!("must be between 1 and {MAX_WEIGHT}"),
+                        ));
+                    }
+                };
+                members.push(MemberConfig { url, weight });
+            }
+            let health_check = raw.health_check.as_ref().map(|h| h.validate(i)).transpose()?;
+            if health_check.is_some() {
+                return Err(at(p!("upstreams", i, "health_check"), "not available yet"));
+            }
+            // The default pool is first: requests no route claims go there.
+            let pool = PoolConfig {
+                name: name.to_owned(),
+                members,
+                health_check,
+            };
+            if name == DEFAULT_POOL {
+                pools.insert(0, pool);
+            } else {
+                pools.push(pool);
+            }
+        }
+        if pools.first().is_none_or(|p| p.name != DEFAULT_POOL) {
+            return Err(at(
+                p!("server", "upstreams"),
+                "at least one upstream is required (here, or in an [[upstreams]] named \"default\")",
+            ));
+        }
+        Ok(pools)
+    }
+
+    /// The pool of each route: its `upstream`, else the default pool.
+    fn route_pools(&self, pools: &[PoolConfig]) -> Result<Vec<usize>, Invalid> {
+        let mut route_pools = vec![0];
+        for (i, route) in self.routes.iter().enumerate() {
+            let pool = match route.upstream.as_deref() {
+                None => 0,
+                Some(name) => pools.iter().position(|p| p.name == name.trim()).ok_or_else(|| {
+                    let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                    at(
+                        p!("routes", i, "upstream"),
+                        format!("no pool named {name:?} (the pools are {known:?})"),
+                    )
+                })?,
+            };
+            route_pools.push(pool);
+        }
+        Ok(route_pools)
     }
 
     fn access_log(&self, base: Option<&Path>) -> Result<Option<AccessLogSettings>, Invalid> {
@@ -1887,7 +2143,7 @@ mod tests {
         };
         let e = Config::parse(MINIMAL, "t", &bad).unwrap_err().to_string();
         assert!(e.starts_with("--upstream: \"ftp://x\": expected http://"), "{e}");
-        assert_eq!(c.server.upstreams[0].to_string(), "http://10.0.0.1:80/");
+        assert_eq!(c.pools[0].members[0].url.to_string(), "http://10.0.0.1:80/");
     }
 
     #[test]
@@ -2104,6 +2360,101 @@ mod tests {
     }
 
     #[test]
+    fn pools_and_the_routes_that_choose_them() {
+        let c = parse(
+            "[server]\nupstreams = [\"http://a:1\"]\n\
+             [[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://b:1\", weight = 3 }, { url = \"https://c:1\" }]\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n[[routes]]\nname = \"s\"\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.pools.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["default", "api"]);
+        assert_eq!(c.route_pools, [0, 1, 0]);
+        let weights: Vec<u32> = c.pools[1].members.iter().map(|m| m.weight.get()).collect();
+        assert_eq!(weights, [3, 1]);
+        assert!(c.upstream.tls.is_some(), "an https member needs TLS settings");
+        // The default pool may be written as [[upstreams]] too, anywhere.
+        let c = parse(
+            "[[upstreams]]\nname = \"x\"\nmembers = [{ url = \"http://b:1\" }]\n\
+             [[upstreams]]\nname = \"default\"\nmembers = [{ url = \"http://a:1\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.pools[0].name, "default");
+        // --upstream replaces the default pool wherever it is written.
+        let o = Overrides {
+            upstreams: vec!["http://10.0.0.9:80".into()],
+            ..Overrides::default()
+        };
+        let c = Config::parse(
+            "[[upstreams]]\nname = \"default\"\nmembers = [{ url = \"http://a:1\" }]\n",
+            "test.toml",
+            &o,
+        )
+        .unwrap();
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.pools[0].members[0].url.to_string(), "http://10.0.0.9:80/");
+    }
+
+    #[test]
+    fn pool_errors_name_line_column_and_key() {
+        let base = "[server]\nupstreams = [\"http://a:1\"]\n";
+        let cases = [
+            (
+                "[[routes]]\nname = \"r\"\nupstream = \"api\"\n",
+                "test.toml:5:1: routes[0].upstream: no pool named \"api\" (the pools are [\"default\"])",
+            ),
+            (
+                "[[upstreams]]\nname = \"api\"\nmembers = []\n",
+                "test.toml:5:1: upstreams[0].members: at least one member is required",
+            ),
+            (
+                "[[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://b:1\", weight = 0 }]\n",
+                "test.toml:5:34: upstreams[0].members[0].weight: must be between 1 and 10000",
+            ),
+            (
+                "[[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://b:1\" }]\n\
+                 [[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://c:1\" }]\n",
+                "test.toml:7:1: upstreams[1].name: pool name \"api\" is already used",
+            ),
+            (
+                "[[upstreams]]\nname = \"default\"\nmembers = [{ url = \"http://b:1\" }]\n",
+                "test.toml:4:1: upstreams[0].name: the pool named \"default\" is server.upstreams: write it in one place",
+            ),
+            (
+                "[[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://b:1\" }, { url = \"http://b:1/\" }]\n",
+                "test.toml:5:38: upstreams[0].members[1].url: \"http://b:1/\" is listed twice: give it a higher weight instead",
+            ),
+            (
+                "[[upstreams]]\nname = \"a b\"\nmembers = [{ url = \"http://b:1\" }]\n",
+                "test.toml:4:1: upstreams[0].name: required: 1-64 characters from [A-Za-z0-9_.-]",
+            ),
+            (
+                "[[upstreams]]\nname = \"api\"\nmembers = [{ url = \"ftp://b:1\" }]\n",
+                "test.toml:5:14: upstreams[0].members[0].url: \"ftp://b:1\": expected http://, https://, h2c:// or h2://host:port",
+            ),
+            (
+                "[[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://b:1\" }]\nhealth_check = { interval = \"1s\", timeout = \"2s\" }\n",
+                "test.toml:6:35: upstreams[0].health_check.timeout: must not exceed health_check.interval",
+            ),
+            (
+                "[[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://b:1\" }]\nhealth_check = { path = \"healthz\" }\n",
+                "test.toml:6:18: upstreams[0].health_check.path: \"healthz\": a path starting with '/'",
+            ),
+            (
+                "[[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://b:1\" }]\nhealth_check = { fall = 0 }\n",
+                "test.toml:6:18: upstreams[0].health_check.fall: must be between 1 and 100",
+            ),
+        ];
+        let wrong: Vec<String> = cases
+            .iter()
+            .map(|(rest, expected)| (err(&format!("{base}{rest}")), expected))
+            .filter(|(got, expected)| got != *expected)
+            .map(|(got, expected)| format!("got      {got}\nexpected {expected}"))
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
     fn semantic_errors_name_line_column_and_key() {
         let e = err("[server]\nupstreams = [\"http://a:1\"]\n[rate_limit]\n  rate = 0\n");
         assert_eq!(
@@ -2118,7 +2469,7 @@ mod tests {
         let e = err("[server]\nupstreams = []\n");
         assert_eq!(
             e,
-            "test.toml:2:1: server.upstreams: at least one upstream is required"
+            "test.toml:2:1: server.upstreams: at least one upstream is required (here, or in an [[upstreams]] named \"default\")"
         );
         let e = err("[server]\nupstreams = [\"http://a:1\"]\nidle_timeout = \"soon\"\n");
         assert!(

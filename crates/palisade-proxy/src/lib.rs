@@ -30,6 +30,7 @@ pub mod io;
 pub mod maintenance;
 pub mod metrics;
 pub mod never_ban;
+pub mod pool;
 mod process;
 pub mod profile;
 pub mod proxy;

@@ -101,7 +101,7 @@ impl NeverBan {
                 .iter()
                 .map(|n| (*n, Protected::TrustedProxy)),
         );
-        for uri in &config.server.upstreams {
+        for uri in config.upstream_urls() {
             if let Some(host) = uri.host() {
                 let https = crate::connector::wire(uri).is_some_and(|(s, _)| s == http::uri::Scheme::HTTPS);
                 let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::StatusCode;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, REFERER, TRANSFER_ENCODING, UPGRADE, USER_AGENT};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
@@ -45,6 +45,7 @@ use crate::forward::{Hop, join_cookie_crumbs, set_forwarded, strip_cookie, strip
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::never_ban::NeverBan;
+use crate::pool::{Pool, Unavailable, Upstream};
 use crate::respond::{self, UpstreamFailure};
 use crate::stall::StreamExecutor;
 use crate::state::DurableState;
@@ -66,28 +67,16 @@ pub struct ConfigSource {
     pub token: Option<Secret>,
 }
 
-/// One upstream and its breaker.
-pub struct Upstream {
-    /// `http` or `https`: what requests to it go out with.
-    pub scheme: Scheme,
-    /// HTTP/1.1 or HTTP/2.
-    pub protocol: Protocol,
-    /// Where requests go.
-    pub authority: Authority,
-    /// The `upstream` metrics label.
-    pub label: &'static str,
-    /// Its circuit breaker, when enabled.
-    pub breaker: Option<Arc<Breaker>>,
-}
-
 /// Everything a config decides, swapped as a whole on reload.
 pub struct Runtime {
     /// The config in force.
     pub config: Config,
     /// The protection pipeline.
     pub shield: Shield<TokioClock>,
-    /// Upstreams, round-robin.
-    pub upstreams: Vec<Upstream>,
+    /// Every upstream server once, whichever pools it is a member of.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// The pools, the default one first.
+    pub pools: Vec<Pool>,
     /// Connection settings for new client connections.
     pub builder: Arc<auto::Builder<StreamExecutor>>,
     client: Client<CappedConnector, UpstreamBody>,
@@ -126,37 +115,42 @@ impl Runtime {
         let cluster_windows = (0..shield.route_count())
             .map(|i| Some(cluster?.window(shield.limit_for(i)?.0)))
             .collect();
-        let upstreams = config
-            .server
-            .upstreams
+        let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
+        let pools = config
+            .pools
             .iter()
-            .filter_map(|u| {
-                let (scheme, protocol) = wire(u)?;
-                Some((scheme, protocol, u.authority()?.clone()))
-            })
-            .map(|(scheme, protocol, authority)| {
-                let old = previous.and_then(|p| {
-                    p.upstreams
-                        .iter()
-                        .find(|u| u.authority == authority && u.scheme == scheme && u.protocol == protocol)
-                });
-                let breaker = config
-                    .breaker
-                    .as_ref()
-                    .map(|b| match old.and_then(|o| o.breaker.clone()) {
-                        Some(kept) => {
-                            kept.reconfigure(b.rules.clone());
-                            kept
-                        }
-                        None => Arc::new(Breaker::new(b.rules.clone(), now)),
+            .map(|cfg| {
+                Pool::new(cfg, |url| {
+                    let (scheme, protocol) = wire(url)?;
+                    let authority = url.authority()?;
+                    let same = |u: &&Arc<Upstream>| {
+                        u.authority == *authority && u.scheme == scheme && u.protocol == protocol
+                    };
+                    if let Some(u) = upstreams.iter().find(same) {
+                        return Some(u.clone());
+                    }
+                    let old = previous.and_then(|p| p.upstreams.iter().find(same));
+                    let breaker =
+                        config
+                            .breaker
+                            .as_ref()
+                            .map(|b| match old.and_then(|o| o.breaker.clone()) {
+                                Some(kept) => {
+                                    kept.reconfigure(b.rules.clone());
+                                    kept
+                                }
+                                None => Arc::new(Breaker::new(b.rules.clone(), now)),
+                            });
+                    let u = Arc::new(Upstream {
+                        label: intern(authority.as_str()),
+                        scheme,
+                        protocol,
+                        authority: authority.clone(),
+                        breaker,
                     });
-                Upstream {
-                    label: intern(authority.as_str()),
-                    scheme,
-                    protocol,
-                    authority,
-                    breaker,
-                }
+                    upstreams.push(u.clone());
+                    Some(u)
+                })
             })
             .collect();
         let (client, client_h2, streams) = match previous {
@@ -188,6 +182,7 @@ impl Runtime {
                 max_size: config.server.max_body_size,
             },
             upstreams,
+            pools,
             route_labels,
             cluster_windows,
             challenge,
@@ -351,7 +346,6 @@ pub struct App {
     source: Option<ConfigSource>,
     reloading: tokio::sync::Mutex<()>,
     refreshing: std::sync::Mutex<()>,
-    next_upstream: AtomicUsize,
     log_budget: LogBudget,
     transition_log_budget: LogBudget,
     /// Refused connections are logged on a budget of their own.
@@ -374,7 +368,7 @@ impl App {
         let metrics = Metrics::new();
         metrics.config_last_reload_success.set(1);
         metrics.last_reload_success_timestamp.set(unix_seconds());
-        for u in config.server.upstreams.iter().filter_map(|u| u.authority()) {
+        for u in config.upstream_urls().filter_map(|u| u.authority()) {
             metrics.zero_upstream(intern(u.as_str()));
         }
         let admission = Arc::new(Admission::new(
@@ -401,7 +395,6 @@ impl App {
             source,
             reloading: tokio::sync::Mutex::new(()),
             refreshing: std::sync::Mutex::new(()),
-            next_upstream: AtomicUsize::new(0),
             log_budget: LogBudget::default(),
             transition_log_budget: LogBudget::default(),
             refusal_log_budget: LogBudget::default(),
@@ -918,42 +911,24 @@ impl App {
         );
     }
 
-    /// The next upstream whose breaker admits a request, or the shortest
-    /// time until one will.
-    fn choose_upstream<'r>(
-        &self,
-        rt: &'r Runtime,
-    ) -> Result<(&'r Upstream, Option<Attempt<TokioClock>>), u64> {
-        let n = rt.upstreams.len();
-        let start = self.next_upstream.fetch_add(1, Ordering::Relaxed);
-        let mut retry_after = u64::MAX;
-        for k in 0..n {
-            let u = &rt.upstreams[(start + k) % n];
-            let Some(breaker) = &u.breaker else {
-                return Ok((u, None));
-            };
-            let (admitted, transition) = Attempt::begin(breaker, self.clock);
-            if let Some(t) = transition {
-                self.breaker_transition(u.label, t);
-            }
-            match admitted {
-                Ok(attempt) => return Ok((u, Some(attempt))),
-                Err(refused) => retry_after = retry_after.min(refused.retry_after),
-            }
-        }
-        Err(retry_after)
-    }
-
-    /// Forwards one admitted request, or answers 503 when every
-    /// upstream's breaker is open.
+    /// Forwards one admitted request to a member of its route's pool, or
+    /// answers 503 when no member's breaker admits it.
     async fn pass(
         self: Arc<Self>,
         conn: ClientConn,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Response<UpstreamResponseBody> {
-        let rt = self.runtime();
-        match self.choose_upstream(&rt) {
-            Err(retry_after) => {
+        // The pool of the route matched, under the config it was matched
+        // with (a reload in between may renumber routes and pools).
+        let (rt, pool) = match req.extensions_mut().remove::<Routed>() {
+            Some(Routed { runtime, pool }) => (runtime, pool),
+            None => (self.runtime(), 0),
+        };
+        let Some(pool) = rt.pools.get(pool).or(rt.pools.first()) else {
+            return not_forwarded(respond::upstream_failure(UpstreamFailure::Other).map(Either::Right));
+        };
+        match pool.choose(self.clock, |u, t| self.breaker_transition(u.label, t)) {
+            Err(Unavailable { retry_after }) => {
                 let mut r = respond::breaker_open(retry_after.div_ceil(NANOS_PER_SEC)).map(Either::Right);
                 r.extensions_mut().insert(LocalRefusal(RejectReason::BreakerOpen));
                 r
@@ -1776,6 +1751,26 @@ impl Pipeline for Hooks {
     fn bad_request(&self, m: &Malformed<'_>) {
         self.app.answered_bad_request(m);
     }
+
+    fn admitted(&self, rt: &Arc<Runtime>, decision: &Decision, extensions: &mut http::Extensions) {
+        // The default pool needs nothing carried: it is first in every
+        // config, and the plain path saves the allocation.
+        if let Some(&pool) = rt.config.route_pools.get(decision.route)
+            && pool != 0
+        {
+            extensions.insert(Routed {
+                runtime: rt.clone(),
+                pool,
+            });
+        }
+    }
+}
+
+/// A request extension: the pool its route goes to, in `runtime`.
+#[derive(Clone)]
+struct Routed {
+    runtime: Arc<Runtime>,
+    pool: usize,
 }
 
 /// What [`Hooks::begin`] hands to [`Hooks::end`].

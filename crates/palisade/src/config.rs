@@ -133,6 +133,7 @@ struct RawFile {
     server: ServerPart,
     // The daemon's own sections, checked by `palisade check-config`.
     upstream: IgnoredAny,
+    upstreams: IgnoredAny,
     admin: IgnoredAny,
     tls: IgnoredAny,
     watchdog: IgnoredAny,
@@ -452,6 +453,8 @@ pub mod raw {
         pub challenge_below: Option<u8>,
         /// A machine API: never challenged.
         pub api: bool,
+        /// The daemon's: which `[[upstreams]]` pool the route's requests go to.
+        pub upstream: Option<String>,
     }
 
     #[derive(Debug, Clone, PartialEq)]

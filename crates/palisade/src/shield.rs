@@ -67,6 +67,12 @@ pub trait Pipeline: Clone + Send + Sync + 'static {
     /// Runs exactly once per request: refused, served, or abandoned by
     /// the client before the answer (status [`CLIENT_CLOSED_REQUEST`]).
     fn end(&self, snapshot: &Self::Snapshot, finished: Finished<'_, Self::Tag>);
+    /// Runs for an admitted request just before the inner service gets it:
+    /// puts in its extensions what the inner service needs of this decision
+    /// (the daemon: which upstream pool the matched route goes to, under
+    /// the config the route was matched with).
+    fn admitted(&self, _snapshot: &Self::Snapshot, _decision: &Decision, _extensions: &mut http::Extensions) {
+    }
     /// Runs instead of [`begin`](Self::begin) and [`end`](Self::end) for
     /// a request answered 400 before any control looked at it (see
     /// [`BadRequest`]): nothing was charged to the client.
@@ -733,6 +739,7 @@ where
         if self.expose_client {
             req.extensions_mut().insert(ClientIp(decision.client_ip));
         }
+        self.pipeline.admitted(&snapshot, &decision, req.extensions_mut());
         ResponseFuture::new(Answer::called(
             self.inner.call(req),
             Some(Watch(Some(Watched {
