@@ -500,7 +500,12 @@ fn solve_times() {
         let sum = "palisade_challenge_solve_duration_seconds_sum{endpoint=\"site\"}";
         let mut times = Vec::new();
         for run in 0..runs {
-            let before = metric(&metrics(d.admin), sum);
+            // The histogram's series appear with its first sample.
+            let before = if run == 0 {
+                0.0
+            } else {
+                metric(&metrics(d.admin), sum)
+            };
             let dom = dump_dom(
                 browser,
                 &dir.join(format!("profile-{run}")),

@@ -820,7 +820,10 @@ impl Metrics {
                 reason: f.as_str(),
             };
             let _ = self.challenges_failed.get_or_create(&labels);
-            let _ = self.clearances_refused.get_or_create(&labels);
+            // A cookie holds no nonce: it is never unsolved.
+            if f != crate::challenge::Failure::Unsolved {
+                let _ = self.clearances_refused.get_or_create(&labels);
+            }
         }
     }
 
