@@ -523,3 +523,48 @@ fn solve_times() {
         );
     }
 }
+
+#[test]
+fn on_tls_the_clearance_cookie_is_secure() {
+    let dir = common::temp_dir("challenge", "tls");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("openssl must be installed");
+    assert!(made.status.success(), "{made:?}");
+    let d = start(
+        &dir,
+        "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+         [challenge]\ndifficulty = 8\n[[routes]]\nname = \"site\"\nchallenge = \"always\"\n",
+    );
+    let base = format!("https://{}", d.proxy);
+    let page = curl(&[HTML, &["-k"]].concat(), &format!("{base}/"));
+    assert!(page.is_page(), "{page:?}");
+    let token = page.data("t");
+    let nonce = solve(&token, page.data("d").parse().unwrap());
+    let passed = curl(
+        &["-k"],
+        &format!("{base}/.palisade/challenge?t={token}&n={nonce}&r=%2F"),
+    );
+    assert_eq!(passed.status, 303, "{passed:?}");
+    let set = passed.header("set-cookie").unwrap();
+    assert!(set.ends_with("; Secure"), "{set}");
+    let cookie = set.split(';').next().unwrap();
+    let through = curl(
+        &[HTML, &["-k", "-H", &format!("Cookie: {cookie}")]].concat(),
+        &format!("{base}/"),
+    );
+    assert_eq!(through.body, "ok\n");
+}
