@@ -1973,7 +1973,12 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             }
             None => None,
         };
-        let grpc = req.version() == Version::HTTP_2 && respond::is_grpc(req.headers());
+        // gRPC calls are POSTs: a GET claiming the gRPC content type keeps
+        // its HTTP status, or a refusal would be a 200 with an empty body
+        // that a cache in front may keep and serve for that page.
+        let grpc = req.version() == Version::HTTP_2
+            && req.method() == http::Method::POST
+            && respond::is_grpc(req.headers());
         let mut pipeline = self.pipeline.clone();
         Box::pin(async move {
             // Forward is always ready; the call keeps tower's contract anyway.

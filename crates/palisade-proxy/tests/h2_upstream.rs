@@ -3,7 +3,8 @@
 //! HTTP/2 and HTTP/1.1 clients. Bodies stream and trailers pass both
 //! ways, every request shares one upstream connection, streams are capped
 //! at `upstream.max_connections`, and an upstream's GOAWAY is a clean 502
-//! followed by a new connection.
+//! followed by a new connection. A GET that claims the gRPC content type
+//! keeps the HTTP status of a refusal.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -410,4 +411,33 @@ async fn a_stalled_stream_cut_by_write_timeout_gives_its_upstream_place_back() {
     assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
     let m = h.metrics().await;
     assert_eq!(common::metric(&m, "palisade_stalled_responses_total"), 1.0);
+}
+
+#[tokio::test]
+async fn a_refused_get_calling_itself_grpc_keeps_its_http_status() {
+    // A port nothing listens on: every request upstream is a 502.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let h = proxy(dead, "").await;
+    let mut client = h2_client("127.0.0.2", h.proxy()).await;
+    // gRPC calls are POSTs. A GET that claims the gRPC content type would
+    // otherwise turn our 502 into a 200 with an empty body, which a cache
+    // in front of us may keep and serve for that page to everyone.
+    let req = Request::get("http://test.local/index.html")
+        .header("content-type", "application/grpc")
+        .body(full(""))
+        .unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert!(!resp.headers().contains_key("grpc-status"));
+    let req = Request::post("http://test.local/echo.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(""))
+        .unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["grpc-status"], "14");
 }
