@@ -170,9 +170,9 @@ impl RefusalBudget {
 /// (what the client sent), completed by [`AccessLog::finish`].
 pub struct Pending {
     buf: Vec<u8>,
-    /// Ends, in `buf`, of the method, target, protocol, referer and
-    /// user agent, each already escaped for the format.
-    ends: [usize; 5],
+    /// Ends, in `buf`, of the method, target, protocol, referer, user
+    /// agent and JA4, each already escaped for the format.
+    ends: [usize; 6],
     client: IpAddr,
     peer: IpAddr,
 }
@@ -319,17 +319,20 @@ pub struct RequestInfo<'a> {
     pub referer: Option<&'a [u8]>,
     /// `User-Agent`, when sent.
     pub user_agent: Option<&'a [u8]>,
+    /// The connection's JA4 TLS fingerprint (none on plain HTTP).
+    pub ja4: Option<&'a str>,
 }
 
 impl Pending {
     fn new(format: Format, mut buf: Vec<u8>, req: &RequestInfo<'_>) -> Self {
-        let mut ends = [0; 5];
+        let mut ends = [0; 6];
         let fields = [
             Some(req.method.as_bytes()),
             Some(req.target.as_bytes()),
             Some(protocol(req.version).as_bytes()),
             req.referer,
             req.user_agent,
+            req.ja4.map(str::as_bytes),
         ];
         for (end, field) in ends.iter_mut().zip(fields) {
             match format {
@@ -392,7 +395,9 @@ fn render(format: Format, p: Pending, o: &Outcome) -> (Vec<u8>, usize) {
                 }
                 None => buf.push(b'-'),
             }
-            writeln!(buf, " latency_ms={:.3}", o.latency as f64 / 1e6)
+            let _ = write!(buf, " latency_ms={:.3} ja4=", o.latency as f64 / 1e6);
+            buf.extend_from_within(field(5));
+            writeln!(buf)
         }
         Format::Json => {
             buf.extend_from_slice(b"{\"time\":\"");
@@ -411,7 +416,9 @@ fn render(format: Format, p: Pending, o: &Outcome) -> (Vec<u8>, usize) {
             buf.extend_from_within(field(4));
             let _ = write!(buf, ",\"decision\":\"{}\",\"upstream_status\":", o.decision);
             json_number(o.upstream_status.map(u64::from), &mut buf);
-            writeln!(buf, ",\"latency_ms\":{:.3}}}", o.latency as f64 / 1e6)
+            let _ = write!(buf, ",\"latency_ms\":{:.3},\"ja4\":", o.latency as f64 / 1e6);
+            buf.extend_from_within(field(5));
+            writeln!(buf, "}}")
         }
     };
     (buf, start)
@@ -749,7 +756,7 @@ mod tests {
         assert_eq!(b.drain_suppressed(), vec![("rate_limited", 2)]);
     }
 
-    fn line(format: Format, referer: Option<&[u8]>) -> String {
+    fn line(format: Format, referer: Option<&[u8]>, ja4: Option<&str>) -> String {
         let req = RequestInfo {
             client: "203.0.113.9".parse().unwrap(),
             peer: "10.0.0.1".parse().unwrap(),
@@ -758,6 +765,7 @@ mod tests {
             version: Version::HTTP_2,
             referer,
             user_agent: Some(b"curl/8\n1.2.3.4 - - [x] \"GET / HTTP/1.1\" 200"),
+            ja4,
         };
         let o = Outcome {
             status: 429,
@@ -774,16 +782,28 @@ mod tests {
     #[test]
     fn combined_line_has_every_field() {
         assert_eq!(
-            line(Format::Combined, None),
+            line(Format::Combined, None, None),
             "203.0.113.9 - - [03/Dec/2026:12:50:24 +0000] \"GET /a?b=\\x22c\\x22 HTTP/2.0\" 429 18 \"-\" \
              \"curl/8\\x0A1.2.3.4 - - [x] \\x22GET / HTTP/1.1\\x22 200\" peer=10.0.0.1 decision=rate_limited \
-             upstream_status=- latency_ms=1.235\n"
+             upstream_status=- latency_ms=1.235 ja4=-\n"
+        );
+        assert!(
+            line(
+                Format::Combined,
+                None,
+                Some("t13d1516h2_8daaf6152771_e5627efa2ab1")
+            )
+            .ends_with(" latency_ms=1.235 ja4=t13d1516h2_8daaf6152771_e5627efa2ab1\n")
         );
     }
 
     #[test]
     fn json_line_parses() {
-        let l = line(Format::Json, Some(b"https://example.com/"));
+        let l = line(
+            Format::Json,
+            Some(b"https://example.com/"),
+            Some("t13d1516h2_8daaf6152771_e5627efa2ab1"),
+        );
         assert_eq!(l.matches('\n').count(), 1);
         let v: serde_json::Value = serde_json::from_str(&l).unwrap();
         assert_eq!(v["time"], "2026-12-03T12:50:24.005Z");
@@ -799,6 +819,9 @@ mod tests {
         assert_eq!(v["decision"], "rate_limited");
         assert_eq!(v["upstream_status"], serde_json::Value::Null);
         assert_eq!(v["latency_ms"], 1.235);
+        assert_eq!(v["ja4"], "t13d1516h2_8daaf6152771_e5627efa2ab1");
+        let plain: serde_json::Value = serde_json::from_str(&line(Format::Json, None, None)).unwrap();
+        assert_eq!(plain["ja4"], serde_json::Value::Null);
     }
 
     #[test]

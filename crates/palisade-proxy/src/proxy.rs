@@ -533,7 +533,7 @@ impl App {
     /// Counts and logs a request answered 400 before any control: like
     /// every request, it has its `palisade_requests_total` count and, on
     /// the refusal budget, its access log line.
-    fn answered_bad_request(&self, m: &Malformed<'_>) {
+    fn answered_bad_request(&self, m: &Malformed<'_>, ja4: Option<&str>) {
         let method = metrics::method_label(m.method);
         self.metrics
             .requests
@@ -557,6 +557,7 @@ impl App {
             version: m.version,
             referer: header(REFERER),
             user_agent: header(USER_AGENT),
+            ja4,
         });
         log.finish(
             pending,
@@ -1655,6 +1656,7 @@ impl Pipeline for Hooks {
                 version: req.version,
                 referer: header(REFERER),
                 user_agent: header(USER_AGENT),
+                ja4: self.fingerprint.as_deref(),
             }))
         });
         let (answer, challenge) = answer.unzip();
@@ -1749,7 +1751,7 @@ impl Pipeline for Hooks {
     }
 
     fn bad_request(&self, m: &Malformed<'_>) {
-        self.app.answered_bad_request(m);
+        self.app.answered_bad_request(m, self.fingerprint.as_deref());
     }
 
     fn admitted(&self, rt: &Arc<Runtime>, decision: &Decision, extensions: &mut http::Extensions) {
@@ -1897,6 +1899,7 @@ pub struct ProxyService {
     permit: Option<Arc<Permit>>,
     app: Arc<App>,
     peer: SocketAddr,
+    fingerprint: Option<TlsFingerprint>,
 }
 
 impl ProxyService {
@@ -1904,6 +1907,7 @@ impl ProxyService {
     pub fn new(app: Arc<App>, conn: ClientConn, activity: Arc<ConnActivity>) -> Self {
         let peer = conn.peer;
         let permit = conn.permit.clone();
+        let fingerprint = conn.tls_fingerprint.clone();
         let pipeline = ShieldLayer::with_pipeline(Hooks::new(app.clone(), &conn))
             // Nothing downstream reads it: save the allocation.
             .expose_client_ip(false)
@@ -1918,21 +1922,25 @@ impl ProxyService {
             permit,
             app,
             peer,
+            fingerprint,
         }
     }
 
     /// Tells the metrics and the access log of a request this service
     /// answers itself, before the pipeline.
     fn answered_early<B>(&self, req: &Request<B>, r: &Response<Full<Bytes>>) {
-        self.app.answered_bad_request(&Malformed {
-            peer: self.peer.ip(),
-            method: req.method(),
-            target: palisade::request_target(req.uri()),
-            version: req.version(),
-            headers: req.headers(),
-            status: r.status(),
-            body_len: r.body().size_hint().exact(),
-        });
+        self.app.answered_bad_request(
+            &Malformed {
+                peer: self.peer.ip(),
+                method: req.method(),
+                target: palisade::request_target(req.uri()),
+                version: req.version(),
+                headers: req.headers(),
+                status: r.status(),
+                body_len: r.body().size_hint().exact(),
+            },
+            self.fingerprint.as_deref(),
+        );
     }
 }
 

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
 
 use palisade_limits::adaptive::Signal;
 use palisade_limits::admission::{Permit, Refusal};
@@ -20,10 +21,11 @@ use crate::admin;
 use crate::body::MinRate;
 use crate::config::Config;
 use crate::config::WatchdogSettings;
+use crate::hello::Recorded;
 use crate::io::{ConnActivity, Deadlines, Expired, TimedIo};
 use crate::maintenance::MaintenancePage;
 use crate::metrics::{KindLabel, Metrics};
-use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime, in_error_chain};
+use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime, TlsFingerprint, in_error_chain};
 use crate::stall::ConnStreams;
 use crate::tasks::{Watchdog, tracked};
 
@@ -383,27 +385,33 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: 
         return;
     }
     match &rt.config.tls {
-        None => serve_http(&app, &rt, stream, client(peer, false, &permit), drain).await,
+        None => serve_http(&app, &rt, stream, client(peer, None, &permit), drain).await,
         Some(tls) => {
-            if let Some(stream) = handshake(&app, &rt, tls, stream, peer).await {
-                serve_http(&app, &rt, stream, client(peer, true, &permit), drain).await;
+            if let Some((stream, fingerprint)) = handshake(&app, &rt, tls, stream, peer).await {
+                serve_http(&app, &rt, stream, client(peer, Some(fingerprint), &permit), drain).await;
             }
         }
     }
     m.connections_open.dec();
 }
 
-/// The TLS handshake, bounded by `tls.handshake_timeout`. Failures are
-/// counted; a timeout also counts against the client's adaptive breaker.
+/// The TLS handshake, bounded by `tls.handshake_timeout`, and the JA4
+/// of the client's ClientHello (`None` when it had none to compute).
+/// Failures are counted; a timeout also counts against the client's
+/// adaptive breaker.
 async fn handshake(
     app: &App,
     rt: &Runtime,
     tls: &crate::tls::TlsConfig,
     stream: TcpStream,
     peer: SocketAddr,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => Some(stream),
+) -> Option<(TlsStream<Recorded<TcpStream>>, Option<TlsFingerprint>)> {
+    let accept = tls.acceptor.accept(Recorded::new(stream));
+    match tokio::time::timeout(tls.handshake_timeout, accept).await {
+        Ok(Ok(mut stream)) => {
+            let fingerprint = stream.get_mut().0.fingerprint();
+            Some((stream, fingerprint))
+        }
         Ok(Err(e)) => {
             Metrics::inc(&app.metrics.tls_handshake_errors, "failed");
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -431,7 +439,7 @@ async fn maintenance(app: &App, rt: &Runtime, page: &MaintenancePage, stream: Tc
     let served = match &rt.config.tls {
         None => page.serve_tcp(stream, head, write).await,
         Some(tls) => match handshake(app, rt, tls, stream, peer).await {
-            Some(tls_stream) => page.serve_copy(tls_stream, head, write).await,
+            Some((tls_stream, _)) => page.serve_copy(tls_stream, head, write).await,
             None => return,
         },
     };
@@ -445,13 +453,13 @@ async fn maintenance(app: &App, rt: &Runtime, page: &MaintenancePage, stream: Tc
     }
 }
 
-fn client(peer: SocketAddr, tls: bool, permit: &Arc<Permit>) -> ClientConn {
+/// `tls` is `None` on plain HTTP, else the connection's fingerprint.
+fn client(peer: SocketAddr, tls: Option<Option<TlsFingerprint>>, permit: &Arc<Permit>) -> ClientConn {
     ClientConn {
         peer,
-        tls,
+        tls: tls.is_some(),
         permit: Some(permit.clone()),
-        // Filled from the ClientHello once JA4 is computed on accept.
-        tls_fingerprint: None,
+        tls_fingerprint: tls.flatten(),
     }
 }
 

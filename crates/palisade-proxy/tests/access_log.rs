@@ -60,6 +60,7 @@ fn lines(log: &AccessLog, held: &mut Vec<Pending>) {
             version: Version::HTTP_11,
             referer: Some(b"https://example.com/"),
             user_agent: Some(ua),
+            ja4: Some("t13d1516h2_8daaf6152771_e5627efa2ab1"),
         }));
     }
     for (i, p) in held.drain(..).enumerate() {

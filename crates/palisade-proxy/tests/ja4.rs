@@ -1,0 +1,198 @@
+//! JA4 fingerprints of real TLS clients (curl with OpenSSL, Python's ssl,
+//! headless Chromium) as the daemon computes them on its TLS listener,
+//! read back from the access log.
+//!
+//! Published fingerprints, compared: curl with OpenSSL 3
+//! (`t13d3112h2_e8f1e7e78f70_b26ce05bbdd6`, reported by several public
+//! fingerprinting services and tools for curl 7.8x/8.x on OpenSSL 3), and
+//! Chrome's first two parts, `t13d1516h2_8daaf6152771` (FoxIO's JA4
+//! examples and captures). Chrome's third part moves with its extension
+//! list between versions: Chromium 148 here sent `d8a2da3f94cd`, the value
+//! browserleaks.com publishes for Chrome 143, but only its shape is
+//! checked. Python's depends on the OpenSSL build and its settings: it is
+//! checked as stable across connections and distinct from curl's.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{config_text, demo};
+use palisade_proxy::config::{Config, Overrides};
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("palisade-ja4-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A daemon terminating TLS with a self-signed certificate for
+/// `localhost`, logging JSON lines to `dir/access.log`; `tls = false`
+/// serves plain HTTP instead.
+async fn start(dir: &Path, tls: bool) -> palisade_proxy::Running {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+    let (upstream, _, serve) = demo().await;
+    tokio::spawn(serve);
+    let tls = if tls {
+        "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n"
+    } else {
+        ""
+    };
+    let text = config_text(
+        &format!("http://{upstream}"),
+        "",
+        &format!("{tls}[access_log]\nenabled = true\nformat = \"json\"\npath = \"access.log\"\n"),
+    );
+    let path = dir.join("palisade.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut config = Config::load(&path, &Overrides::default()).unwrap();
+    config.syn = None;
+    palisade_proxy::start(config).await.unwrap()
+}
+
+/// The `ja4` field of the access log's lines, once there are `n` of them
+/// (the log is written by its own thread).
+async fn logged_ja4(dir: &Path, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..500 {
+        let text = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect();
+        if lines.len() >= n {
+            return lines.iter().map(|v| v["ja4"].clone()).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("fewer than {n} access log lines");
+}
+
+fn curl(port: u16) {
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--resolve"])
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .arg(format!("https://localhost:{port}/"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+}
+
+fn python(port: u16) {
+    let script = format!(
+        "import socket, ssl\n\
+         ctx = ssl.create_default_context()\n\
+         ctx.check_hostname = False\n\
+         ctx.verify_mode = ssl.CERT_NONE\n\
+         with socket.create_connection(('127.0.0.1', {port})) as s:\n\
+         \x20   with ctx.wrap_socket(s, server_hostname='localhost') as t:\n\
+         \x20       t.sendall(b'GET / HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         \x20       print(t.recv(12).decode())\n"
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "HTTP/1.1 200",
+        "{out:?}"
+    );
+}
+
+/// Headless Chromium loads the page; `None` when it is not installed.
+fn chromium(port: u16) -> Option<()> {
+    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let profile = dir(&format!("chromium-{port}"));
+    let out = Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--ignore-certificate-errors",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("https://localhost:{port}/"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(out.status.success(), "{out:?}");
+    Some(())
+}
+
+fn is_ja4(v: &serde_json::Value) -> bool {
+    let Some(s) = v.as_str() else { return false };
+    let parts: Vec<&str> = s.split('_').collect();
+    parts.len() == 3
+        && parts[0].len() == 10
+        && parts[0].starts_with('t')
+        && parts[1..]
+            .iter()
+            .all(|p| p.len() == 12 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_have_stable_distinct_fingerprints() {
+    let d = dir("clients");
+    let running = start(&d, true).await;
+    let port = running.proxy_addr.port();
+    tokio::task::spawn_blocking(move || {
+        curl(port);
+        curl(port);
+        python(port);
+        python(port);
+    })
+    .await
+    .unwrap();
+    let got = logged_ja4(&d, 4).await;
+    assert!(got.iter().all(is_ja4), "{got:?}");
+    let (curl_fp, python_fp) = (got[0].as_str().unwrap(), got[2].as_str().unwrap());
+    assert_eq!(got[1], got[0], "curl twice, one fingerprint");
+    assert_eq!(got[3], got[2], "python twice, one fingerprint");
+    assert_ne!(curl_fp, python_fp);
+    eprintln!("curl: {curl_fp}\npython: {python_fp}");
+    // Python offers TLS 1.3, an SNI for `localhost` and, from its
+    // default context, no ALPN.
+    assert_eq!(curl_fp, "t13d3112h2_e8f1e7e78f70_b26ce05bbdd6");
+    assert!(
+        python_fp.starts_with("t13d") && python_fp[8..10] == *"00",
+        "{python_fp}"
+    );
+
+    let chromium_ran = tokio::task::spawn_blocking(move || chromium(port)).await.unwrap();
+    match chromium_ran {
+        Some(()) => {
+            let got = logged_ja4(&d, 5).await;
+            let chrome = got.iter().skip(4).find_map(|v| v.as_str()).unwrap();
+            assert!(is_ja4(&got[4]), "{got:?}");
+            assert!(chrome.starts_with("t13d1516h2_8daaf6152771_"), "{chrome}");
+            eprintln!("chromium: {chrome}");
+        }
+        None if std::env::var("CI").as_deref() == Ok("true") => panic!("chromium is not installed"),
+        None => eprintln!("skipped the Chromium part: /usr/bin/chromium is not installed"),
+    }
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_has_no_fingerprint() {
+    let d = dir("plain");
+    let running = start(&d, false).await;
+    let url = format!("http://{}/", running.proxy_addr);
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    })
+    .await
+    .unwrap();
+    assert_eq!(logged_ja4(&d, 1).await, vec![serde_json::Value::Null]);
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
