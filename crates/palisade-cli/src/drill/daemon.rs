@@ -1,0 +1,430 @@
+//! The Palisade under attack and the demo upstream behind it, each this
+//! very binary started inside its namespace, and the monitor that watches
+//! the daemon from inside the server namespace: its metrics over the admin
+//! API on loopback (out of the attackers' reach), its CPU, descriptors and
+//! memory from /proc.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::time::Instant;
+
+use super::attack::Layer;
+use super::lab::{self, Lab};
+
+/// A process of ours, killed and reaped when dropped.
+pub struct Guard {
+    child: Child,
+    what: &'static str,
+}
+
+impl Guard {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if it has exited.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => bail!("the {} exited ({status})", self.what),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ip netns exec NS <this binary> ARGS`. `ip` execs the program in place,
+/// so the pid is the program's. Its own process group keeps a terminal's
+/// Ctrl-C away from it (the drill stops it itself, after measuring), and
+/// it dies with the drill even when the drill is killed outright.
+fn spawn_in(ns: &str, args: &[&str], log: &Path, what: &'static str) -> anyhow::Result<Guard> {
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("starting the {what}"))?;
+    Ok(Guard { child, what })
+}
+
+/// Where the demo upstream listens.
+pub fn upstream_addr() -> SocketAddr {
+    SocketAddr::from((lab::UPSTREAM, 8081))
+}
+
+/// Where Palisade listens, as clients see it.
+pub fn proxy_addr() -> SocketAddr {
+    SocketAddr::from((lab::SERVER, 8080))
+}
+
+/// Where the admin API listens, inside the server namespace.
+pub fn admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+/// Starts the demo upstream in the upstream namespace.
+pub fn start_upstream(lab: &Lab, dir: &Path) -> anyhow::Result<Guard> {
+    let listen = upstream_addr().to_string();
+    spawn_in(
+        &lab.upstream,
+        &["demo-upstream", "--listen", &listen],
+        &dir.join("upstream.log"),
+        "demo upstream",
+    )
+}
+
+/// Starts `palisade run --config CONFIG` in the server namespace, on the
+/// drill's addresses, in front of the demo upstream, and waits until it
+/// answers `/readyz`.
+pub fn start_palisade(lab: &Lab, config: &Path, dir: &Path) -> anyhow::Result<Guard> {
+    let log = dir.join("palisade.log");
+    let config = config.to_str().context("the config path is not UTF-8")?;
+    let (listen, admin) = (proxy_addr().to_string(), admin_addr().to_string());
+    let upstream = format!("http://{}", upstream_addr());
+    let mut guard = spawn_in(
+        &lab.server,
+        &[
+            "run",
+            "--config",
+            config,
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+            "--upstream",
+            &upstream,
+        ],
+        &log,
+        "daemon",
+    )?;
+    let server = lab.server.clone();
+    let ready = in_ns(&server, || {
+        for _ in 0..150 {
+            if get(admin_addr(), "/readyz").is_ok_and(|(status, _)| status == 200) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    })?;
+    if let Err(e) = guard.check() {
+        bail!("{e}; its log:\n{}", tail(&log));
+    }
+    if !ready {
+        bail!("the daemon did not get ready in 15 s; its log:\n{}", tail(&log));
+    }
+    Ok(guard)
+}
+
+/// The last lines of a log, for an error message.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Runs `f` on a thread that entered `ns`.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || Lab::enter(&ns).map(|()| f()))
+        .join()
+        .map_err(|_| anyhow::anyhow!("a thread in namespace panicked"))?
+}
+
+/// `GET path` over a fresh connection: status and body.
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    Ok((status, body))
+}
+
+/// The daemon's counters the drill reads defenses from.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counters {
+    /// Packets XDP dropped (banned sources).
+    pub xdp_dropped: f64,
+    /// Kernel bans installed.
+    pub bans: f64,
+    /// Connections reset at accept.
+    pub accept_refused: f64,
+    /// Requests refused by a control, connections cut by a timeout,
+    /// responses reset for stalling, requests answered 400/408/413/431.
+    pub http_refused: f64,
+    /// Reputation penalties, adaptive breaker changes, bans refused: the
+    /// daemon noticed something, whether or not it refused yet.
+    pub noticed: f64,
+}
+
+impl Counters {
+    /// From a Prometheus text exposition.
+    pub fn parse(text: &str) -> Self {
+        let mut c = Self::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| {
+                        kv.strip_prefix(key)?
+                            .strip_prefix("=\"")?
+                            .strip_suffix(['"', '}'])
+                    })
+                    .map(|v| v.trim_end_matches('"'))
+            };
+            match name {
+                "palisade_xdp_packets_total" if label("kind") == Some("dropped") => c.xdp_dropped += value,
+                "palisade_syn_bans_installed_total" => c.bans += value,
+                "palisade_connections_refused_total" => c.accept_refused += value,
+                "palisade_decisions_total" if label("decision") != Some("allowed") => {
+                    c.http_refused += value;
+                }
+                "palisade_connection_timeouts_total" | "palisade_stalled_responses_total" => {
+                    c.http_refused += value;
+                }
+                "palisade_requests_total"
+                    if matches!(label("status"), Some("400" | "408" | "413" | "431")) =>
+                {
+                    c.http_refused += value;
+                }
+                "palisade_reputation_penalties_total"
+                | "palisade_adaptive_breaker_transitions_total"
+                | "palisade_bans_refused_total" => c.noticed += value,
+                _ => {}
+            }
+        }
+        c
+    }
+
+    /// The cheapest layer whose count rose from `before` to `self`.
+    pub fn layer_since(&self, before: &Self) -> Option<Layer> {
+        [
+            (self.xdp_dropped > before.xdp_dropped, Layer::Xdp),
+            (self.bans > before.bans, Layer::Nftables),
+            (self.accept_refused > before.accept_refused, Layer::Accept),
+            (self.http_refused > before.http_refused, Layer::Http),
+        ]
+        .into_iter()
+        .find_map(|(rose, layer)| rose.then_some(layer))
+    }
+
+    /// Whether anything the daemon counts as noticing or refusing rose.
+    pub fn noticed_since(&self, before: &Self) -> bool {
+        self.noticed > before.noticed || self.layer_since(before).is_some()
+    }
+}
+
+/// One look at the daemon.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    /// Since the drill started.
+    pub at: Duration,
+    /// Its counters (the last good scrape's, if this one failed).
+    pub counters: Counters,
+    /// User plus system CPU seconds since it started.
+    pub cpu_s: f64,
+    /// Open file descriptors.
+    pub fds: u64,
+    /// Resident memory.
+    pub rss_kib: u64,
+}
+
+/// Samples the daemon every `EVERY` on a thread inside the server
+/// namespace, until dropped.
+pub struct Monitor {
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the monitor looks: the resolution of detection times.
+pub const EVERY: Duration = Duration::from_millis(100);
+
+impl Monitor {
+    /// Starts watching `pid`, whose admin API is [`admin_addr`] in `ns`.
+    pub fn start(ns: &str, pid: u32, metrics_path: String, t0: Instant) -> Self {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns, out, done) = (ns.to_owned(), samples.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            if Lab::enter(&ns).is_err() {
+                return;
+            }
+            let mut last = Counters::default();
+            while !done.load(Ordering::Relaxed) {
+                if let Ok((200, text)) = get(admin_addr(), &metrics_path) {
+                    last = Counters::parse(&text);
+                }
+                let (cpu_s, fds, rss_kib) = proc_stats(pid);
+                let sample = Sample {
+                    at: t0.elapsed(),
+                    counters: last,
+                    cpu_s,
+                    fds,
+                    rss_kib,
+                };
+                if let Ok(mut v) = out.lock() {
+                    v.push(sample);
+                }
+                std::thread::sleep(EVERY);
+            }
+        });
+        Self {
+            samples,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every sample taken in `[from, to)`.
+    pub fn window(&self, from: Duration, to: Duration) -> Vec<Sample> {
+        self.samples
+            .lock()
+            .map(|v| v.iter().filter(|s| s.at >= from && s.at < to).copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// CPU seconds (user + system), open descriptors and resident KiB of `pid`.
+fn proc_stats(pid: u32) -> (f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let cpu_s = cpu_seconds(&stat);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    (cpu_s, fds, rss_kib(&status))
+}
+
+/// utime + stime from `/proc/PID/stat`, in seconds. Fields are counted
+/// after the command name's closing parenthesis, which may hold spaces.
+fn cpu_seconds(stat: &str) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3 of the line, utime 14 and stime 15.
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    (field(14) + field(15)) as f64 / ticks
+}
+
+/// `VmRSS` from `/proc/PID/status`, in KiB.
+fn rss_kib(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METRICS: &str = "\
+# HELP palisade_decisions Protection decisions.
+palisade_decisions_total{decision=\"allowed\"} 500
+palisade_decisions_total{decision=\"rate_limited\"} 20
+palisade_decisions_total{decision=\"reputation_blocked\"} 3
+palisade_connections_refused_total{kind=\"per_ip\"} 7
+palisade_connection_timeouts_total{kind=\"header\"} 2
+palisade_requests_total{endpoint=\"default\",method=\"GET\",status=\"200\"} 500
+palisade_requests_total{endpoint=\"default\",method=\"POST\",status=\"408\"} 4
+palisade_xdp_packets_total{kind=\"seen\"} 1000
+palisade_xdp_packets_total{kind=\"dropped\"} 900
+palisade_syn_bans_installed_total 1
+palisade_reputation_penalties_total{kind=\"flood\"} 5
+";
+
+    #[test]
+    fn counters_add_up_what_each_layer_refused() {
+        let c = Counters::parse(METRICS);
+        assert_eq!(c.xdp_dropped, 900.0);
+        assert_eq!(c.bans, 1.0);
+        assert_eq!(c.accept_refused, 7.0);
+        assert_eq!(c.http_refused, 20.0 + 3.0 + 2.0 + 4.0);
+        assert_eq!(c.noticed, 5.0);
+    }
+
+    #[test]
+    fn the_cheapest_layer_that_rose_is_the_one_that_acted() {
+        let before = Counters::default();
+        let mut after = Counters {
+            http_refused: 1.0,
+            accept_refused: 1.0,
+            ..before
+        };
+        assert_eq!(after.layer_since(&before), Some(Layer::Accept));
+        after.xdp_dropped = 1.0;
+        assert_eq!(after.layer_since(&before), Some(Layer::Xdp));
+        assert_eq!(before.layer_since(&before), None);
+        let noticed = Counters {
+            noticed: 1.0,
+            ..before
+        };
+        assert!(noticed.noticed_since(&before) && noticed.layer_since(&before).is_none());
+    }
+
+    #[test]
+    fn cpu_time_is_read_past_a_command_name_with_spaces() {
+        let stat = "4242 (pali sade) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 1 2 3";
+        // SAFETY: as in cpu_seconds.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert_eq!(cpu_seconds(stat), 300.0 / ticks);
+        assert_eq!(cpu_seconds("garbage"), 0.0);
+        assert_eq!(rss_kib("Name:\tx\nVmRSS:\t  12345 kB\n"), 12345);
+    }
+}
