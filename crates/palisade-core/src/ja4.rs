@@ -495,6 +495,19 @@ mod tests {
     }
 
     #[test]
+    fn a_real_chromium_hello() {
+        // Captured from headless Chromium 148 (Debian) on this machine:
+        // its GREASE values and extension order change with every
+        // connection, its JA4 does not; browserleaks.com publishes the
+        // same for Chrome 143.
+        let bytes = include_bytes!("../testdata/chromium148-hello.bin");
+        assert_eq!(
+            ja4(bytes).unwrap().as_str(),
+            "t13d1516h2_8daaf6152771_d8a2da3f94cd"
+        );
+    }
+
+    #[test]
     fn hello_across_records_is_joined() {
         let hello = chrome_example();
         for max in [1, 3, 4, 5, 100] {
