@@ -261,6 +261,30 @@ impl Breaker {
         timed
     }
 
+    /// Opens the breaker from outside (an active health check found the
+    /// upstream down); returns the transition, `None` if already open.
+    pub fn trip(&self, now: Nanos) -> Option<Transition> {
+        let mut inner = self.lock();
+        let timed = inner.advance(now);
+        match inner.state {
+            BreakerState::Open => timed,
+            _ => Some(inner.switch(BreakerState::Open, now)),
+        }
+    }
+
+    /// Ends an open period early (an active health check found the
+    /// upstream back): half-open, so probes decide. `None` unless open.
+    pub fn recover(&self, now: Nanos) -> Option<Transition> {
+        let mut inner = self.lock();
+        if let Some(t) = inner.advance(now) {
+            return Some(t);
+        }
+        match inner.state {
+            BreakerState::Open => Some(inner.switch(BreakerState::HalfOpen, now)),
+            _ => None,
+        }
+    }
+
     /// Current state and counts.
     pub fn state(&self, now: Nanos) -> (BreakerState, Counts, Option<Transition>) {
         let mut inner = self.lock();
@@ -322,6 +346,26 @@ mod tests {
         ts.extend(t);
         let r = r.map(|ticket| ts.extend(b.after(ticket, outcome, now)));
         (r, ts)
+    }
+
+    #[test]
+    fn trip_opens_from_outside_and_recover_half_opens_early() {
+        let b = Breaker::new(BreakerConfig::default(), 0);
+        let t = b.trip(SEC).unwrap();
+        assert_eq!((t.from, t.to), (BreakerState::Closed, BreakerState::Open));
+        assert!(b.trip(2 * SEC).is_none(), "already open");
+        assert_eq!(
+            b.before(2 * SEC).0,
+            Err(Refused {
+                retry_after: 29 * SEC
+            })
+        );
+        let t = b.recover(3 * SEC).unwrap();
+        assert_eq!((t.from, t.to), (BreakerState::Open, BreakerState::HalfOpen));
+        assert!(b.recover(3 * SEC).is_none(), "only an open breaker recovers");
+        assert!(b.before(3 * SEC).0.is_ok(), "probes pass");
+        let t = b.trip(4 * SEC).unwrap();
+        assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Open));
     }
 
     #[test]

@@ -342,6 +342,7 @@ async fn route(app: &App, conn: &Conn<'_>, req: Request<Incoming>) -> Resp {
     }
     match (path.as_str(), &method) {
         ("/api/v1/breakers", &Method::GET) => return json(StatusCode::OK, &breakers(app, &rt)),
+        ("/api/v1/pools", &Method::GET) => return json(StatusCode::OK, &pools(app, &rt)),
         ("/syn-stats", &Method::GET) => {
             return match app.syn() {
                 Some(d) => json(StatusCode::OK, &d.stats_json()),
@@ -619,6 +620,62 @@ async fn profile(app: &App, query: &str) -> Resp {
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
+}
+
+/// Each pool with each member's weight, health and breaker state.
+fn pools(app: &App, rt: &Runtime) -> serde_json::Value {
+    let now = app.now();
+    let pools: Vec<_> = rt
+        .pools
+        .iter()
+        .zip(&rt.config.pools)
+        .map(|(pool, cfg)| {
+            let members: Vec<_> = pool
+                .members
+                .iter()
+                .map(|m| {
+                    let breaker = m
+                        .upstream
+                        .breaker
+                        .as_ref()
+                        .map_or("disabled", |b| b.state(now).0.as_str());
+                    let mut v = serde_json::json!({
+                        "member": m.upstream.label,
+                        "weight": m.weight,
+                        "breaker": breaker,
+                    });
+                    let health = match &m.health {
+                        Some(h) => {
+                            let t = h.tally();
+                            serde_json::json!({
+                                "state": if t.up { "up" } else { "down" },
+                                "consecutive_successes": t.successes,
+                                "consecutive_failures": t.failures,
+                                "checks_passed": t.passed,
+                                "checks_failed": t.failed,
+                                "last_error": t.last_error,
+                            })
+                        }
+                        None => serde_json::json!({ "state": "unchecked" }),
+                    };
+                    v["health"] = health;
+                    v
+                })
+                .collect();
+            let check = cfg.health_check.as_ref().map(|h| {
+                serde_json::json!({
+                    "path": h.path.as_str(),
+                    "interval_ms": h.interval.as_millis(),
+                    "timeout_ms": h.timeout.as_millis(),
+                    "expect_status": h.expect_status.as_u16(),
+                    "rise": h.rise.get(),
+                    "fall": h.fall.get(),
+                })
+            });
+            serde_json::json!({ "name": pool.name, "health_check": check, "members": members })
+        })
+        .collect();
+    serde_json::json!({ "pools": pools })
 }
 
 fn breakers(app: &App, rt: &Runtime) -> serde_json::Value {

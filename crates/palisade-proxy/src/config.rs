@@ -1518,9 +1518,6 @@ impl RawConfig {
                 members.push(MemberConfig { url, weight });
             }
             let health_check = raw.health_check.as_ref().map(|h| h.validate(i)).transpose()?;
-            if health_check.is_some() {
-                return Err(at(p!("upstreams", i, "health_check"), "not available yet"));
-            }
             // The default pool is first: requests no route claims go there.
             let pool = PoolConfig {
                 name: name.to_owned(),
@@ -2364,6 +2361,7 @@ mod tests {
         let c = parse(
             "[server]\nupstreams = [\"http://a:1\"]\n\
              [[upstreams]]\nname = \"api\"\nmembers = [{ url = \"http://b:1\", weight = 3 }, { url = \"https://c:1\" }]\n\
+             health_check = { path = \"/healthz\", interval = \"2s\" }\n\
              [[routes]]\nname = \"r\"\npath_prefix = \"/api/\"\nupstream = \"api\"\n[[routes]]\nname = \"s\"\n",
         )
         .unwrap();
@@ -2372,6 +2370,25 @@ mod tests {
         assert_eq!(c.route_pools, [0, 1, 0]);
         let weights: Vec<u32> = c.pools[1].members.iter().map(|m| m.weight.get()).collect();
         assert_eq!(weights, [3, 1]);
+        let h = c.pools[1].health_check.as_ref().unwrap();
+        assert_eq!(
+            (
+                h.path.as_str(),
+                h.interval,
+                h.timeout,
+                h.expect_status.as_u16(),
+                h.rise.get(),
+                h.fall.get()
+            ),
+            (
+                "/healthz",
+                Duration::from_secs(2),
+                Duration::from_secs(1),
+                200,
+                2,
+                3
+            )
+        );
         assert!(c.upstream.tls.is_some(), "an https member needs TLS settings");
         // The default pool may be written as [[upstreams]] too, anywhere.
         let c = parse(

@@ -26,6 +26,7 @@ pub mod connector;
 pub mod demo;
 pub mod feed;
 pub mod forward;
+pub mod health;
 pub mod hello;
 pub mod io;
 pub mod maintenance;

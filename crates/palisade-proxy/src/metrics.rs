@@ -68,6 +68,90 @@ pub struct UpstreamLabel {
     pub upstream: &'static str,
 }
 
+/// A pool member.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    /// The pool's name.
+    pub pool: &'static str,
+    /// The member's `host:port`.
+    pub member: &'static str,
+}
+
+/// A health check's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// The pool's name.
+    pub pool: &'static str,
+    /// The member's `host:port`.
+    pub member: &'static str,
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+/// The series active health checks write, shared with their tasks.
+#[derive(Clone)]
+pub struct HealthFamilies {
+    /// 1 while the member is in rotation, 0 while its checks hold it out.
+    pub member_up: Family<MemberLabels, Gauge>,
+    /// Checks by result.
+    pub checks: Family<CheckLabels, Counter>,
+}
+
+impl HealthFamilies {
+    /// Zero series for a member, and its state.
+    pub fn member(&self, pool: &'static str, member: &'static str, up: bool) {
+        self.member_up
+            .get_or_create(&MemberLabels { pool, member })
+            .set(i64::from(up));
+        for result in ["success", "failure"] {
+            let _ = self.checks.get_or_create(&CheckLabels { pool, member, result });
+        }
+    }
+
+    /// Drops a member's series (it left the config).
+    pub fn forget(&self, pool: &'static str, member: &'static str) {
+        self.member_up.remove(&MemberLabels { pool, member });
+        for result in ["success", "failure"] {
+            self.checks.remove(&CheckLabels { pool, member, result });
+        }
+    }
+}
+
+/// The breaker series, shared with the tasks that move breakers.
+#[derive(Clone)]
+pub struct BreakerFamilies {
+    /// Breaker state by upstream.
+    pub state: Family<UpstreamLabel, Gauge>,
+    /// Breaker transitions.
+    pub transitions: Family<TransitionLabels, Counter>,
+}
+
+impl BreakerFamilies {
+    /// Counts and logs a breaker transition (rare by construction: always
+    /// logged).
+    pub fn record(&self, upstream: &'static str, t: palisade_limits::breaker::Transition) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                upstream,
+                from: t.from.as_str(),
+                to: t.to.as_str(),
+            })
+            .inc();
+        self.state
+            .get_or_create(&UpstreamLabel { upstream })
+            .set(t.to.gauge());
+        tracing::warn!(
+            upstream,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            requests = t.counts.requests,
+            failures = t.counts.failures,
+            successes = t.counts.successes,
+            "circuit breaker"
+        );
+    }
+}
+
 /// A breaker transition.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabels {
@@ -164,6 +248,10 @@ pub struct Metrics {
     pub breaker_state: Family<UpstreamLabel, Gauge>,
     /// Upstream breaker transitions.
     pub breaker_transitions: Family<TransitionLabels, Counter>,
+    /// Pool members in rotation (1) or held out by their health checks (0).
+    pub upstream_member_up: Family<MemberLabels, Gauge>,
+    /// Active health checks by result.
+    pub upstream_health_checks: Family<CheckLabels, Counter>,
     /// Adaptive (per-client) breaker transitions.
     pub adaptive_transitions: Family<AdaptiveLabels, Counter>,
     /// Clients per adaptive breaker state other than closed.
@@ -421,6 +509,18 @@ impl Metrics {
             "Upstream circuit breaker state changes",
             breaker_transitions.clone(),
         );
+        let upstream_member_up = Family::default();
+        registry.register(
+            "upstream_member_up",
+            "1 while a pool member is in rotation, 0 while its health checks hold it out",
+            upstream_member_up.clone(),
+        );
+        let upstream_health_checks = Family::default();
+        registry.register(
+            "upstream_health_checks",
+            "Active health checks of pool members, by result",
+            upstream_health_checks.clone(),
+        );
         let adaptive_transitions = Family::default();
         registry.register(
             "adaptive_breaker_transitions",
@@ -666,6 +766,8 @@ impl Metrics {
             adaptive_clients,
             breaker_state,
             breaker_transitions,
+            upstream_member_up,
+            upstream_health_checks,
             config_last_reload_success,
             config_reloads,
             registry,
@@ -839,6 +941,22 @@ impl Metrics {
             let _ = self
                 .breaker_transitions
                 .get_or_create(&TransitionLabels { upstream, from, to });
+        }
+    }
+
+    /// The series health checks write.
+    pub fn health_families(&self) -> HealthFamilies {
+        HealthFamilies {
+            member_up: self.upstream_member_up.clone(),
+            checks: self.upstream_health_checks.clone(),
+        }
+    }
+
+    /// The breaker series.
+    pub fn breaker_families(&self) -> BreakerFamilies {
+        BreakerFamilies {
+            state: self.breaker_state.clone(),
+            transitions: self.breaker_transitions.clone(),
         }
     }
 

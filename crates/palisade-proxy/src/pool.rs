@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 
 use http::Uri;
 use http::uri::{Authority, Scheme};
-use palisade_core::{Clock, Nanos};
+use palisade_core::{Clock, NANOS_PER_SEC, Nanos};
 use palisade_limits::breaker::{Attempt, Breaker, Transition};
 
 use crate::config::PoolConfig;
 use crate::connector::Protocol;
+use crate::health::Health;
 use crate::metrics::intern;
 
 /// One upstream server and its breaker.
@@ -40,6 +41,15 @@ pub struct Member {
     pub upstream: Arc<Upstream>,
     /// Its share of the pool's requests.
     pub weight: u32,
+    /// Its active health checks, when the pool has them.
+    pub health: Option<Arc<Health>>,
+}
+
+impl Member {
+    /// Whether its health checks leave it in rotation.
+    fn in_rotation(&self) -> bool {
+        self.health.as_ref().is_none_or(|h| h.is_up())
+    }
 }
 
 /// A named pool of members.
@@ -50,6 +60,8 @@ pub struct Pool {
     pub members: Vec<Member>,
     /// Smooth weighted round-robin's running weights, one per member.
     current: Mutex<Vec<i64>>,
+    /// `Retry-After` when health checks hold every member out.
+    held_out: Nanos,
 }
 
 /// No member of the pool admitted the request.
@@ -71,13 +83,21 @@ impl Pool {
                 Some(Member {
                     upstream,
                     weight: m.weight.get(),
+                    health: None,
                 })
             })
             .collect();
+        // Until a member is back: at least `rise` checks away.
+        let held_out = cfg.health_check.as_ref().map_or(NANOS_PER_SEC, |h| {
+            u64::try_from(h.interval.as_nanos())
+                .unwrap_or(u64::MAX)
+                .saturating_mul(u64::from(h.rise.get()))
+        });
         Self {
             name: intern(&cfg.name),
             current: Mutex::new(vec![0; members.len()]),
             members,
+            held_out,
         }
     }
 
@@ -101,6 +121,11 @@ impl Pool {
         let mut retry_after = Nanos::MAX;
         // One member: nothing to weigh, no lock to take.
         if let [only] = self.members.as_slice() {
+            if !only.in_rotation() {
+                return Err(Unavailable {
+                    retry_after: self.held_out,
+                });
+            }
             return match admit(&only.upstream) {
                 Ok(attempt) => Ok((&only.upstream, attempt)),
                 Err(after) => Err(Unavailable { retry_after: after }),
@@ -110,7 +135,8 @@ impl Pool {
         // Allocated only when a member refuses.
         let mut refused: Vec<bool> = Vec::new();
         loop {
-            let eligible = |i: usize| !refused.get(i).copied().unwrap_or(false);
+            let eligible =
+                |i: usize| self.members[i].in_rotation() && !refused.get(i).copied().unwrap_or(false);
             let Some(i) = smooth_next(&mut current, &self.members, eligible) else {
                 break;
             };
@@ -126,6 +152,9 @@ impl Pool {
                     refused[i] = true;
                 }
             }
+        }
+        if retry_after == Nanos::MAX {
+            retry_after = self.held_out;
         }
         Err(Unavailable { retry_after })
     }

@@ -380,7 +380,8 @@ impl App {
             .cluster
             .clone()
             .map(|c| Arc::new(Cluster::new(c, config.shield.max_tracked_clients)));
-        let runtime = Runtime::build(config, clock, None, cluster.as_deref());
+        let mut runtime = Runtime::build(config, clock, None, cluster.as_deref());
+        crate::health::attach(&mut runtime, None, &metrics, clock);
         for label in runtime.challenged_routes() {
             metrics.zero_challenge(label);
         }
@@ -743,7 +744,9 @@ impl App {
             tracing::warn!("clients.max_tracked changed: client tables start afresh");
         }
         self.admission.reconfigure(&config.connections);
-        let runtime = Runtime::build(config, self.clock, Some(&old), self.cluster.as_deref());
+        let mut runtime = Runtime::build(config, self.clock, Some(&old), self.cluster.as_deref());
+        crate::health::attach(&mut runtime, Some(&old), &self.metrics, self.clock);
+        crate::health::forget_gone(&runtime, &old, &self.metrics);
         for u in runtime.upstreams.iter().filter(|u| u.breaker.is_some()) {
             self.metrics.zero_upstream(u.label);
         }
@@ -889,27 +892,7 @@ impl App {
     }
 
     fn breaker_transition(&self, upstream: &'static str, t: Transition) {
-        let m = &self.metrics;
-        m.breaker_transitions
-            .get_or_create(&metrics::TransitionLabels {
-                upstream,
-                from: t.from.as_str(),
-                to: t.to.as_str(),
-            })
-            .inc();
-        m.breaker_state
-            .get_or_create(&metrics::UpstreamLabel { upstream })
-            .set(t.to.gauge());
-        // Transitions are rare by construction: always logged.
-        tracing::warn!(
-            upstream,
-            from = t.from.as_str(),
-            to = t.to.as_str(),
-            requests = t.counts.requests,
-            failures = t.counts.failures,
-            successes = t.counts.successes,
-            "circuit breaker"
-        );
+        self.metrics.breaker_families().record(upstream, t);
     }
 
     /// Forwards one admitted request to a member of its route's pool, or

@@ -88,3 +88,209 @@ async fn weights_three_to_one_share_requests_exactly() {
     // Smooth weighted round-robin is exact over every four requests.
     assert_eq!(counts(&[&a_hits, &b_hits, &h.upstream_hits]), [60, 20, 0]);
 }
+
+/// An upstream whose `/healthz` answers `health` (a status code), and
+/// `/fail` 500; it counts the requests that are not health checks.
+struct Checked {
+    addr: std::net::SocketAddr,
+    health: Arc<std::sync::atomic::AtomicU16>,
+    served: Arc<AtomicU64>,
+}
+
+async fn checked_upstream() -> Checked {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let served = Arc::new(AtomicU64::new(0));
+    let (h, s) = (health.clone(), served.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (h, s) = (h.clone(), s.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let status = match req.uri().path() {
+                        "/healthz" => {
+                            assert_eq!(req.headers()["user-agent"], "palisade-health-check");
+                            h.load(Ordering::SeqCst)
+                        }
+                        "/fail" => {
+                            s.fetch_add(1, Ordering::SeqCst);
+                            500
+                        }
+                        _ => {
+                            s.fetch_add(1, Ordering::SeqCst);
+                            200
+                        }
+                    };
+                    let mut r = http::Response::new(Full::new(Bytes::from_static(b"ok\n")));
+                    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(r) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Checked { addr, health, served }
+}
+
+/// The admin API's view of `member` in `pool`.
+async fn member_json(h: &Harness, pool: &str, member: std::net::SocketAddr) -> serde_json::Value {
+    let (status, body) = h.admin_request("GET", "/api/v1/pools", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == pool)
+        .and_then(|p| {
+            p["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["member"] == member.to_string())
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no member {member} of {pool} in {body}"))
+}
+
+/// Polls the admin API until `member`'s health state is `state` (checks
+/// run every 100 ms; bounded, so a member that never changes fails).
+async fn wait_state(h: &Harness, member: std::net::SocketAddr, state: &str) -> serde_json::Value {
+    for _ in 0..200 {
+        let m = member_json(h, "h", member).await;
+        if m["health"]["state"] == state {
+            return m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!(
+        "{member} never became {state}: {}",
+        member_json(h, "h", member).await
+    );
+}
+
+const CHECKED_POOL: &str = "health_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 2, fall = 3 }\n\
+     [[routes]]\nname = \"h\"\nhost = \"h.test\"\nupstream = \"h\"\n";
+
+#[tokio::test]
+async fn a_member_failing_its_health_checks_leaves_rotation_and_comes_back() {
+    let a = checked_upstream().await;
+    let b = checked_upstream().await;
+    let rest = format!(
+        "[[upstreams]]\nname = \"h\"\nmembers = [{{ url = \"http://{}\" }}, {{ url = \"http://{}\" }}]\n{CHECKED_POOL}",
+        a.addr, b.addr
+    );
+    let h = Harness::start("", &rest).await;
+    let mut c = h.client("127.0.0.2").await;
+    for _ in 0..10 {
+        assert_eq!(get(&mut c, "h.test", "/").await, StatusCode::OK);
+    }
+    assert_eq!(counts(&[&a.served, &b.served]), [5, 5]);
+
+    a.health.store(503, Ordering::SeqCst);
+    let m = wait_state(&h, a.addr, "down").await;
+    assert!(m["health"]["consecutive_failures"].as_u64().unwrap() >= 3, "{m}");
+    assert_eq!(m["health"]["last_error"], "status 503 (expected 200)", "{m}");
+    assert_eq!(m["breaker"], "open", "fed to the breaker: {m}");
+    let metrics = h.metrics().await;
+    let member = format!("pool=\"h\",member=\"{}\"", a.addr);
+    assert_eq!(
+        common::metric(&metrics, &format!("palisade_upstream_member_up{{{member}}}")),
+        0.0
+    );
+    assert!(
+        common::metric(
+            &metrics,
+            &format!("palisade_upstream_health_checks_total{{{member},result=\"failure\"}}")
+        ) >= 3.0
+    );
+    let b_member = format!("pool=\"h\",member=\"{}\"", b.addr);
+    assert_eq!(
+        common::metric(&metrics, &format!("palisade_upstream_member_up{{{b_member}}}")),
+        1.0
+    );
+    // Out of rotation: no client request reaches it.
+    for _ in 0..10 {
+        assert_eq!(get(&mut c, "h.test", "/").await, StatusCode::OK);
+    }
+    assert_eq!(counts(&[&a.served, &b.served]), [5, 15]);
+
+    a.health.store(200, Ordering::SeqCst);
+    let m = wait_state(&h, a.addr, "up").await;
+    assert_eq!(m["health"]["consecutive_failures"], 0, "{m}");
+    assert_eq!(m["breaker"], "half_open", "back: probes decide: {m}");
+    for _ in 0..10 {
+        assert_eq!(get(&mut c, "h.test", "/").await, StatusCode::OK);
+    }
+    let served = counts(&[&a.served, &b.served]);
+    assert!(served[0] > 5, "back in rotation: {served:?}");
+    assert_eq!(served[0] + served[1], 30);
+}
+
+#[tokio::test]
+async fn failures_a_client_causes_through_palisade_do_not_make_a_member_look_down() {
+    let a = checked_upstream().await;
+    let rest = format!(
+        "[[upstreams]]\nname = \"h\"\nmembers = [{{ url = \"http://{}\" }}]\n{CHECKED_POOL}",
+        a.addr
+    );
+    let h = Harness::start("", &rest).await;
+    let mut c = h.client("127.0.0.2").await;
+    // The client makes the member answer 500 until the passive breaker opens.
+    for _ in 0..5 {
+        assert_eq!(
+            get(&mut c, "h.test", "/fail").await,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+    assert_eq!(
+        get(&mut c, "h.test", "/fail").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // Its own checks, which no client request enters, keep passing.
+    let before = member_json(&h, "h", a.addr).await["health"]["checks_passed"]
+        .as_u64()
+        .unwrap();
+    let mut m = member_json(&h, "h", a.addr).await;
+    for _ in 0..200 {
+        if m["health"]["checks_passed"].as_u64().unwrap() >= before + 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        m = member_json(&h, "h", a.addr).await;
+    }
+    assert!(
+        m["health"]["checks_passed"].as_u64().unwrap() >= before + 3,
+        "{m}"
+    );
+    assert_eq!(m["health"]["state"], "up", "{m}");
+    assert_eq!(m["health"]["checks_failed"], 0, "{m}");
+    assert_eq!(m["breaker"], "open", "{m}");
+}
+
+#[tokio::test]
+async fn a_route_naming_an_unknown_pool_is_a_config_error() {
+    let text = common::config_text(
+        "http://127.0.0.1:9",
+        "",
+        "[[routes]]\nname = \"r\"\nhost = \"a.test\"\nupstream = \"nope\"\n",
+    );
+    let e = palisade_proxy::config::Config::parse(
+        &text,
+        "test.toml",
+        &palisade_proxy::config::Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(": routes[0].upstream: no pool named \"nope\" (the pools are [\"default\"])"),
+        "{e}"
+    );
+    assert!(e.starts_with("test.toml:"), "{e}");
+}
