@@ -815,6 +815,15 @@ struct RawTls {
     cert: String,
     key: String,
     handshake_timeout: String,
+    certificates: Vec<RawNamedCert>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamedCert {
+    names: Vec<String>,
+    cert: String,
+    key: String,
 }
 
 impl Default for RawTls {
@@ -823,6 +832,7 @@ impl Default for RawTls {
             cert: String::new(),
             key: String::new(),
             handshake_timeout: "5s".into(),
+            certificates: Vec::new(),
         }
     }
 }
@@ -1065,7 +1075,14 @@ impl RawConfig {
     fn tls(&self, base: Option<&Path>) -> Result<Option<TlsConfig>, Invalid> {
         let t = &self.tls;
         match (t.cert.is_empty(), t.key.is_empty()) {
-            (true, true) => return Ok(None),
+            (true, true) if t.certificates.is_empty() => return Ok(None),
+            (true, true) => {
+                return Err(at(
+                    p!("tls", "certificates"),
+                    "tls.certificates is set: tls.cert and tls.key, the certificate for clients \
+                     that send no or an unknown server name, are needed too",
+                ));
+            }
             (false, true) => {
                 return Err(at(
                     p!("tls", "key"),
@@ -1081,11 +1098,24 @@ impl RawConfig {
             (false, false) => {}
         }
         let (cert, key) = (resolve(base, &t.cert), resolve(base, &t.key));
-        let acceptor = crate::tls::acceptor(&cert, &key).map_err(|m| at(p!("tls", "cert"), m))?;
+        let named: Vec<crate::tls::Named> = t
+            .certificates
+            .iter()
+            .map(|n| crate::tls::Named {
+                names: n.names.clone(),
+                cert: resolve(base, &n.cert),
+                key: resolve(base, &n.key),
+            })
+            .collect();
+        let acceptor = crate::tls::acceptor_by_name(&cert, &key, &named).map_err(|e| match e.named {
+            None => at(p!("tls", "cert"), e.message),
+            Some(i) => at(p!("tls", "certificates", i, "cert"), e.message),
+        })?;
         Ok(Some(TlsConfig {
             handshake_timeout: duration(&t.handshake_timeout, p!("tls", "handshake_timeout"))?,
             cert,
             key,
+            named: named.into_iter().map(|n| (n.cert, n.key)).collect(),
             acceptor,
         }))
     }

@@ -39,8 +39,7 @@ const SETTLE: Duration = Duration::from_millis(300);
 fn watched(app: &App, config: &Path) -> Vec<PathBuf> {
     let mut paths = vec![config.to_path_buf()];
     if let Some(tls) = &app.runtime().config.tls {
-        paths.push(tls.cert.clone());
-        paths.push(tls.key.clone());
+        paths.extend(tls.files().map(Path::to_path_buf));
     }
     paths
 }

@@ -204,3 +204,110 @@ async fn certificates_reload_without_restart_and_bad_ones_are_refused() {
     );
     running.shutdown().await;
 }
+
+/// A self-signed certificate for `names`, written as `{stem}.pem` and `{stem}.key`.
+fn named_cert(dir: &Path, stem: &str, names: &[&str]) -> Cert {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let cert = Cert {
+        der: c.cert.der().clone(),
+        cert_pem: c.cert.pem(),
+        key_pem: c.signing_key.serialize_pem(),
+    };
+    std::fs::write(dir.join(format!("{stem}.pem")), &cert.cert_pem).unwrap();
+    std::fs::write(dir.join(format!("{stem}.key")), &cert.key_pem).unwrap();
+    cert
+}
+
+/// The certificate the listener serves for `sni`. The client trusts only
+/// `expected`, so the handshake succeeds only if that one is served.
+async fn served_for(addr: std::net::SocketAddr, sni: &str, expected: &Cert) -> CertificateDer<'static> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(expected.der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = common::connect_from("127.0.0.50", addr).await;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .unwrap_or_else(|e| panic!("{sni}: {e}"));
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+#[tokio::test]
+async fn a_certificate_per_server_name_with_a_default() {
+    let d = dir("sni");
+    // The default covers the names no entry is for, so a client trusting
+    // it alone can tell it was served.
+    let default = make_cert_for(&d, &["localhost", "unknown.test", "x.y.b.test"]);
+    let a = named_cert(&d, "a", &["a.test"]);
+    let b = named_cert(&d, "b", &["*.b.test"]);
+    let running = start(
+        &d,
+        "[[tls.certificates]]\nnames = [\"a.test\"]\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+         [[tls.certificates]]\nnames = [\"*.b.test\"]\ncert = \"b.pem\"\nkey = \"b.key\"\n",
+    )
+    .await;
+    let addr = running.proxy_addr;
+    assert_eq!(served_for(addr, "a.test", &a).await, a.der);
+    assert_eq!(
+        served_for(addr, "A.Test", &a).await,
+        a.der,
+        "names compare without case"
+    );
+    assert_eq!(served_for(addr, "x.b.test", &b).await, b.der);
+    // A wildcard covers one label only.
+    assert_eq!(served_for(addr, "x.y.b.test", &default).await, default.der);
+    assert_eq!(served_for(addr, "unknown.test", &default).await, default.der);
+    assert_eq!(served_for(addr, "localhost", &default).await, default.der);
+
+    // One named certificate renewed on disk: picked up by a reload.
+    let a2 = named_cert(&d, "a", &["a.test"]);
+    running.app.reload().await.unwrap();
+    assert_eq!(served_for(addr, "a.test", &a2).await, a2.der);
+
+    // A key that is not the certificate's: refused, naming the entry; the
+    // certificates loaded before keep serving.
+    std::fs::write(d.join("b.key"), make_cert().key_pem).unwrap();
+    let err = running.app.reload().await.unwrap_err().to_string();
+    assert!(
+        err.contains("tls.certificates[1].cert: ") && err.contains("does not belong to"),
+        "{err}"
+    );
+    assert_eq!(served_for(addr, "x.b.test", &b).await, b.der);
+    running.shutdown().await;
+}
+
+#[test]
+fn a_name_its_certificate_does_not_cover_is_a_config_error() {
+    let d = dir("sni-cover");
+    make_cert_for(&d, &["localhost"]);
+    named_cert(&d, "a", &["a.test"]);
+    let path = d.join("palisade.toml");
+    std::fs::write(
+        &path,
+        "[server]\nupstreams = [\"http://127.0.0.1:1\"]\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+         [[tls.certificates]]\nnames = [\"other.test\"]\ncert = \"a.pem\"\nkey = \"a.key\"\n",
+    )
+    .unwrap();
+    let err = Config::load(&path, &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("palisade.toml:")
+            && err.contains("tls.certificates[0].cert: ")
+            && err.contains("\"other.test\""),
+        "{err}"
+    );
+}
+
+/// The default certificate (`cert.pem`, `key.pem`) for `names`.
+fn make_cert_for(dir: &Path, names: &[&str]) -> Cert {
+    let cert = named_cert(dir, "cert", names);
+    std::fs::rename(dir.join("cert.key"), dir.join("key.pem")).unwrap();
+    cert
+}
