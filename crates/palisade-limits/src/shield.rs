@@ -6,6 +6,7 @@
 //!
 //! Nothing here allocates per request once a client is tracked.
 
+use std::borrow::Cow;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ pub enum KeyBy {
 /// request gets a fresh bucket each time, so its requests are also charged
 /// to its address on the default limiter. A request without the key is
 /// counted by its address alone.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub enum LimitKey {
     /// The client, as [`ShieldConfig::key_by`] identifies it.
     #[default]
@@ -58,6 +59,61 @@ pub enum LimitKey {
     Cookie(String),
     /// A query parameter's value as sent, not percent-decoded (`query:token`).
     Query(String),
+    /// Whatever a [`KeyExtractor`] of the caller's takes from the request.
+    Custom(Arc<dyn KeyExtractor>),
+}
+
+impl PartialEq for LimitKey {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Client, Self::Client) | (Self::Ip, Self::Ip) | (Self::IpUserAgent, Self::IpUserAgent) => {
+                true
+            }
+            (Self::Header(a), Self::Header(b)) => a == b,
+            (Self::Cookie(a), Self::Cookie(b)) | (Self::Query(a), Self::Query(b)) => a == b,
+            // Two extractors are the same key only if they are one object:
+            // two closures that happen to agree cannot be told apart.
+            (Self::Custom(a), Self::Custom(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for LimitKey {}
+
+/// Takes a rate-limit key from a request: a tenant id, a signed token's
+/// subject, a header pair, anything [`RequestFacts`] holds.
+///
+/// The bytes it returns are hashed with the process's seed, so a client that
+/// chooses them cannot aim at one slot of the table, and a long key costs 8
+/// bytes. `None` (or empty bytes) counts the request by the client's address
+/// alone. As with a header key, a keyed request is also charged to its
+/// address on the default limit, so minting a new key per request buys a
+/// client nothing.
+///
+/// ```
+/// use std::borrow::Cow;
+/// use std::sync::Arc;
+/// use palisade_limits::shield::{KeyExtractor, LimitKey, RequestFacts};
+///
+/// /// Counts by tenant: the first path segment of `/t/{tenant}/...`.
+/// #[derive(Debug)]
+/// struct Tenant;
+///
+/// impl KeyExtractor for Tenant {
+///     fn key<'r>(&self, req: &RequestFacts<'r>) -> Option<Cow<'r, [u8]>> {
+///         let rest = req.path.strip_prefix("/t/")?;
+///         let tenant = rest.split('/').next()?;
+///         Some(Cow::Borrowed(tenant.as_bytes()))
+///     }
+/// }
+///
+/// let key = LimitKey::Custom(Arc::new(Tenant));
+/// # let _ = key;
+/// ```
+pub trait KeyExtractor: std::fmt::Debug + Send + Sync + 'static {
+    /// The key's bytes, borrowed from the request where they can be.
+    fn key<'r>(&self, req: &RequestFacts<'r>) -> Option<Cow<'r, [u8]>>;
 }
 
 /// A rate limit and whether it is enforced.
@@ -633,18 +689,19 @@ impl<C: Clock> Shield<C> {
     /// The seeded hash of a header, cookie or query parameter's value;
     /// `None` when the request has none (or an empty one).
     fn request_key(&self, by: &LimitKey, req: &RequestFacts<'_>) -> Option<ClientKey> {
-        let (tag, value): (u8, &[u8]) = match by {
+        let (tag, value): (u8, Cow<'_, [u8]>) = match by {
             LimitKey::Client | LimitKey::Ip | LimitKey::IpUserAgent => return None,
-            LimitKey::Header(name) => (1, req.headers.get(name)?.as_bytes()),
-            LimitKey::Cookie(name) => (2, cookie(req.headers, name)?),
-            LimitKey::Query(name) => (3, query_param(req.target, name)?),
+            LimitKey::Header(name) => (1, Cow::Borrowed(req.headers.get(name)?.as_bytes())),
+            LimitKey::Cookie(name) => (2, Cow::Borrowed(cookie(req.headers, name)?)),
+            LimitKey::Query(name) => (3, Cow::Borrowed(query_param(req.target, name)?)),
+            LimitKey::Custom(extractor) => (4, extractor.key(req)?),
         };
         if value.is_empty() {
             return None;
         }
         let mut h = self.fingerprint_hasher.build_hasher();
         h.write_u8(tag);
-        h.write(value);
+        h.write(&value);
         Some(ClientKey::Fingerprint(h.finish()))
     }
 

@@ -238,6 +238,35 @@ impl<C: Clock + Clone> Builder<C> {
 
     /// `rate_limit.key`: what the default limit counts by. A key taken from
     /// the request is counted beside the client's own limit, not instead of it.
+    ///
+    /// A key the config file cannot name comes from a [`KeyExtractor`]:
+    ///
+    /// ```
+    /// use std::borrow::Cow;
+    /// use std::sync::Arc;
+    /// use palisade::{KeyExtractor, LimitKey, Palisade, Period, RequestFacts};
+    ///
+    /// /// One limit per tenant, named by `X-Tenant` and `X-Region` together.
+    /// #[derive(Debug)]
+    /// struct TenantRegion;
+    ///
+    /// impl KeyExtractor for TenantRegion {
+    ///     fn key<'r>(&self, req: &RequestFacts<'r>) -> Option<Cow<'r, [u8]>> {
+    ///         let tenant = req.headers.get("x-tenant")?.as_bytes();
+    ///         let region = req.headers.get("x-region").map_or(&b""[..], |v| v.as_bytes());
+    ///         Some(Cow::Owned([tenant, b"/", region].concat()))
+    ///     }
+    /// }
+    ///
+    /// let palisade = Palisade::builder()
+    ///     .rate_limit_per(1000, Period::Minute)
+    ///     .rate_limit_key(LimitKey::Custom(Arc::new(TenantRegion)))
+    ///     .build()?;
+    /// # let _ = palisade;
+    /// # Ok::<(), palisade::BuildError>(())
+    /// ```
+    ///
+    /// [`KeyExtractor`]: crate::KeyExtractor
     pub fn rate_limit_key(mut self, key: LimitKey) -> Self {
         self.shield.limit_key = key;
         self

@@ -102,6 +102,7 @@ pub use palisade_limits::breaker::{BreakerConfig, BreakerState};
 pub use palisade_limits::rate::{Period, Quota};
 pub use palisade_limits::reputation::ReputationConfig;
 pub use palisade_limits::shield::{
-    Decision, LimitKey, LimitPolicy, Rejection, RequestFacts, ResponseEffects, Shield, ShieldConfig,
+    Decision, KeyExtractor, LimitKey, LimitPolicy, Rejection, RequestFacts, ResponseEffects, Shield,
+    ShieldConfig,
 };
 pub use palisade_store::StoreCell;

@@ -1,6 +1,7 @@
 //! Each layer through tower, with a mock service and a hand-driven clock.
 #![allow(clippy::unwrap_used)]
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -13,8 +14,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use palisade::{
     AdaptiveConfig, BreakerConfig, BreakerLayer, BreakerSettings, BreakerState, ClientIp, ClientIpHeader,
-    Clock, IpNet, LimitKey, LimitPolicy, ManualClock, Mode, Palisade, PeerAddr, Period, Quota, Refused,
-    RejectReason, ReputationConfig, Shield, ShieldConfig, ShieldLayer, StatusSet,
+    Clock, IpNet, KeyExtractor, LimitKey, LimitPolicy, ManualClock, Mode, Palisade, PeerAddr, Period, Quota,
+    Refused, RejectReason, ReputationConfig, RequestFacts, Shield, ShieldConfig, ShieldLayer, StatusSet,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -439,6 +440,54 @@ async fn a_keyed_default_limit_through_the_layer() {
         }
     }
     assert_eq!(ok, 4);
+}
+
+/// Keys on the first path segment after `/t/`; nothing elsewhere.
+#[derive(Debug)]
+struct Tenant;
+
+impl KeyExtractor for Tenant {
+    fn key<'r>(&self, req: &RequestFacts<'r>) -> Option<Cow<'r, [u8]>> {
+        let tenant = req.path.strip_prefix("/t/")?.split('/').next()?;
+        Some(Cow::Borrowed(tenant.as_bytes()))
+    }
+}
+
+/// A custom extractor's key is what the limit counts: two addresses on one
+/// tenant share its 3, another tenant has its own 3, and every request is
+/// also charged to its address on the default limit (10 here).
+#[tokio::test]
+async fn a_custom_key_extractor_through_the_layer() {
+    let clock = Arc::new(ManualClock::new());
+    let p = Palisade::builder()
+        .clock(clock.clone())
+        .rate_limit(10)
+        .route("tenants", "/t", 3)
+        .no_reputation()
+        .no_adaptive_breaker()
+        .build()
+        .unwrap();
+    // The builder's route counts by the client; key it by tenant.
+    let mut cfg = p.shield().config().clone();
+    cfg.routes[0].key = LimitKey::Custom(Arc::new(Tenant));
+    let mock = Mock::new(200);
+    let mut svc = shield(cfg, &clock).layer(mock.service());
+    let mut ok = Vec::new();
+    for (peer, path) in [
+        ("192.0.2.1", "/t/acme/x"),
+        ("192.0.2.2", "/t/acme/y"),
+        ("192.0.2.1", "/t/acme/z"),
+        ("192.0.2.2", "/t/acme/x"),
+        ("192.0.2.1", "/t/globex/x"),
+        ("192.0.2.1", "/t/globex/y"),
+        ("192.0.2.1", "/t/globex/z"),
+        ("192.0.2.1", "/t/globex/w"),
+    ] {
+        let mut r = req(peer);
+        *r.uri_mut() = path.parse().unwrap();
+        ok.push(status(&mut svc, r).await == StatusCode::OK);
+    }
+    assert_eq!(ok, [true, true, true, false, true, true, true, false]);
 }
 
 #[tokio::test]
