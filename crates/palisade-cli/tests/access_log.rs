@@ -112,9 +112,11 @@ fn parse_combined(line: &str) -> Combined {
     let keys: Vec<&str> = extra.keys().map(String::as_str).collect();
     assert_eq!(
         keys,
-        ["decision", "latency_ms", "peer", "upstream_status"],
+        ["decision", "ja4", "latency_ms", "peer", "upstream_status"],
         "{line:?}"
     );
+    // Plain HTTP: no TLS fingerprint.
+    assert_eq!(extra["ja4"], "-", "{line:?}");
     extra["latency_ms"]
         .parse::<f64>()
         .unwrap_or_else(|_| not_combined(line));
