@@ -702,27 +702,19 @@ where
             let tag = self.pipeline.begin(&snapshot, &facts, &mut decision);
             (decision, tag)
         };
-        if let Some(rejection) = decision.rejection {
-            let name = shield
-                .limit_for(decision.route)
-                .map_or("default", |(name, _, _)| name);
-            let early = Early::refused(rejection, name);
-            self.pipeline.end(
-                &snapshot,
-                Finished {
-                    decision: &decision,
-                    tag,
-                    status: early.response.status(),
-                    extensions: Some(early.response.extensions()),
-                    body_len: http_body::Body::size_hint(early.response.body()).exact(),
-                    effects: ResponseEffects::default(),
-                },
-            );
-            return ResponseFuture::new(Answer::early(early));
-        }
         let mut tag = tag;
-        if let Some(response) = self.pipeline.answer(&mut tag) {
-            let early = Early::answered(response);
+        // Refused by the shield, or answered by the pipeline itself (a
+        // challenge page, say): either way the upstream never sees it.
+        let early = match decision.rejection {
+            Some(rejection) => {
+                let name = shield
+                    .limit_for(decision.route)
+                    .map_or("default", |(name, _, _)| name);
+                Some(Early::refused(rejection, name))
+            }
+            None => self.pipeline.answer(&mut tag).map(Early::answered),
+        };
+        if let Some(early) = early {
             self.pipeline.end(
                 &snapshot,
                 Finished {
