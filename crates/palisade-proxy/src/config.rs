@@ -370,6 +370,9 @@ pub struct ServerConfig {
     /// An upgraded connection (WebSocket) with no bytes either way for this
     /// long is closed.
     pub tunnel_idle_timeout: Duration,
+    /// The header the connection's JA4 is passed to the upstream in; any
+    /// copy a client sent is removed whether or not one is written.
+    pub tls_fingerprint_header: Option<http::HeaderName>,
 }
 
 /// `[upstream]`.
@@ -859,6 +862,7 @@ struct RawServer {
     proxy_protocol: bool,
     maintenance_page: String,
     tunnel_idle_timeout: String,
+    tls_fingerprint_header: String,
 }
 
 impl Default for RawServer {
@@ -883,6 +887,7 @@ impl Default for RawServer {
             proxy_protocol: false,
             maintenance_page: String::new(),
             tunnel_idle_timeout: "10m".into(),
+            tls_fingerprint_header: String::new(),
         }
     }
 }
@@ -1212,6 +1217,13 @@ impl RawConfig {
             shutdown_grace: duration(&s.shutdown_grace, p!("server", "shutdown_grace"))?,
             proxy_protocol: s.proxy_protocol,
             tunnel_idle_timeout: duration(&s.tunnel_idle_timeout, p!("server", "tunnel_idle_timeout"))?,
+            tls_fingerprint_header: match s.tls_fingerprint_header.trim() {
+                "" => None,
+                name => Some(
+                    crate::forward::own_header(name)
+                        .map_err(|m| at(p!("server", "tls_fingerprint_header"), m))?,
+                ),
+            },
             maintenance_page: match s.maintenance_page.as_str() {
                 "" => None,
                 page => {
@@ -2149,6 +2161,28 @@ mod tests {
             e.starts_with("test.toml:3:1: server.drain_delay: \"5\": unit must be"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_fingerprint_header_is_a_name_of_its_own() {
+        assert_eq!(parse(MINIMAL).unwrap().server.tls_fingerprint_header, None);
+        let on = parse(&format!("{MINIMAL}tls_fingerprint_header = \"X-JA4\"\n")).unwrap();
+        assert_eq!(on.server.tls_fingerprint_header.unwrap().as_str(), "x-ja4");
+        assert_eq!(
+            err(&format!("{MINIMAL}tls_fingerprint_header = \"X JA4\"\n")),
+            "test.toml:3:1: server.tls_fingerprint_header: \"X JA4\" is not a header name"
+        );
+        let e = err(&format!(
+            "{MINIMAL}tls_fingerprint_header = \"X-Forwarded-For\"\n"
+        ));
+        assert!(
+            e.starts_with(
+                "test.toml:3:1: server.tls_fingerprint_header: \"X-Forwarded-For\" is a forwarding header"
+            ),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}tls_fingerprint_header = \"Keep-Alive\"\n"));
+        assert!(e.contains("is a hop-by-hop header"), "{e}");
     }
 
     #[test]

@@ -38,6 +38,44 @@ const FORWARDING: [&str; 7] = [
     "x-forwarded-server",
 ];
 
+/// A header Palisade writes for the upstream (`server.tls_fingerprint_header`):
+/// a valid name that is not hop-by-hop (it would be removed on the way),
+/// a forwarding header (whose meaning is already taken) or one a request
+/// is made of (`Host`, `Content-Length`, `Authorization`, `Cookie`).
+pub fn own_header(name: &str) -> Result<HeaderName, String> {
+    let parsed =
+        HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a header name"))?;
+    let n = parsed.as_str();
+    let hop_by_hop =
+        [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE].contains(&parsed) || HOP_BY_HOP.contains(&n);
+    if hop_by_hop {
+        return Err(format!(
+            "{name:?} is a hop-by-hop header: it never reaches the upstream"
+        ));
+    }
+    if FORWARDING.contains(&n) {
+        return Err(format!(
+            "{name:?} is a forwarding header: choose a name of its own, such as \"X-JA4\""
+        ));
+    }
+    if END_TO_END.contains(&parsed) || parsed == COOKIE {
+        return Err(format!(
+            "{name:?} is part of every request: choose a name of its own, such as \"X-JA4\""
+        ));
+    }
+    Ok(parsed)
+}
+
+/// Writes the connection's TLS fingerprint in `name`, after removing every
+/// copy the client sent (a client must never choose the fingerprint the
+/// upstream reads); without a fingerprint (plain HTTP) the header is absent.
+pub fn set_fingerprint(headers: &mut HeaderMap, name: &HeaderName, fingerprint: Option<&str>) {
+    headers.remove(name);
+    if let Some(v) = fingerprint.and_then(|fp| HeaderValue::from_str(fp).ok()) {
+        headers.insert(name.clone(), v);
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`
 /// (except `Host`, `Content-Length` and `Authorization`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -203,6 +241,35 @@ fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &str, host: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fingerprint_header_is_ours_alone() {
+        let name = own_header("X-JA4").unwrap();
+        assert_eq!(name.as_str(), "x-ja4");
+        let mut h = HeaderMap::new();
+        h.append("x-ja4", HeaderValue::from_static("forged"));
+        h.append("X-Ja4", HeaderValue::from_static("forged too"));
+        set_fingerprint(&mut h, &name, Some("t13d1516h2_8daaf6152771_e5627efa2ab1"));
+        let all: Vec<_> = h.get_all("x-ja4").iter().collect();
+        assert_eq!(all, ["t13d1516h2_8daaf6152771_e5627efa2ab1"]);
+        set_fingerprint(&mut h, &name, None);
+        assert!(!h.contains_key("x-ja4"));
+        for bad in ["X JA4", "", "x-ja4:"] {
+            assert!(
+                own_header(bad).unwrap_err().contains("not a header name"),
+                "{bad:?}"
+            );
+        }
+        for bad in ["Connection", "keep-alive", "Upgrade", "proxy-authorization"] {
+            assert!(own_header(bad).unwrap_err().contains("hop-by-hop"), "{bad}");
+        }
+        for bad in ["X-Forwarded-For", "forwarded", "X-Real-IP"] {
+            assert!(own_header(bad).unwrap_err().contains("forwarding"), "{bad}");
+        }
+        for bad in ["Host", "content-length", "Cookie", "Authorization"] {
+            assert!(own_header(bad).unwrap_err().contains("every request"), "{bad}");
+        }
+    }
 
     #[test]
     fn one_cookie_is_stripped_and_the_others_kept() {

@@ -41,7 +41,9 @@ use crate::clock::TokioClock;
 use crate::cluster::{Cluster, ScoreEvent, Window};
 use crate::config::{Config, ConfigError, Overrides, Secret};
 use crate::connector::{AtCapacity, CappedConnector, Caps, NoH2, Protocol, Slot, wire};
-use crate::forward::{Hop, join_cookie_crumbs, set_forwarded, strip_cookie, strip_hop_by_hop};
+use crate::forward::{
+    Hop, join_cookie_crumbs, set_fingerprint, set_forwarded, strip_cookie, strip_hop_by_hop,
+};
 use crate::io::{ConnActivity, InFlight};
 use crate::metrics::{self, LatencyLabels, Metrics, RequestLabels, intern};
 use crate::never_ban::NeverBan;
@@ -997,6 +999,9 @@ impl App {
             host: host.as_deref(),
         };
         set_forwarded(&mut parts.headers, &hop);
+        if let Some(name) = &rt.config.server.tls_fingerprint_header {
+            set_fingerprint(&mut parts.headers, name, conn.tls_fingerprint.as_deref());
+        }
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(upstream.scheme.clone());
         uri.authority = Some(upstream.authority.clone());

@@ -17,10 +17,18 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::{config_text, demo};
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use palisade_proxy::config::{Config, Overrides};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("palisade-ja4-{}-{name}", std::process::id()));
@@ -30,8 +38,8 @@ fn dir(name: &str) -> PathBuf {
 
 /// A daemon terminating TLS with a self-signed certificate for
 /// `localhost`, logging JSON lines to `dir/access.log`; `tls = false`
-/// serves plain HTTP instead.
-async fn start(dir: &Path, tls: bool) -> palisade_proxy::Running {
+/// serves plain HTTP instead. `server` is extra `[server]` keys.
+async fn start(dir: &Path, tls: bool, server: &str) -> palisade_proxy::Running {
     let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
@@ -44,7 +52,7 @@ async fn start(dir: &Path, tls: bool) -> palisade_proxy::Running {
     };
     let text = config_text(
         &format!("http://{upstream}"),
-        "",
+        server,
         &format!("{tls}[access_log]\nenabled = true\nformat = \"json\"\npath = \"access.log\"\n"),
     );
     let path = dir.join("palisade.toml");
@@ -137,7 +145,7 @@ fn is_ja4(v: &serde_json::Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_clients_have_stable_distinct_fingerprints() {
     let d = dir("clients");
-    let running = start(&d, true).await;
+    let running = start(&d, true, "").await;
     let port = running.proxy_addr.port();
     tokio::task::spawn_blocking(move || {
         curl(port);
@@ -181,7 +189,7 @@ async fn real_clients_have_stable_distinct_fingerprints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_has_no_fingerprint() {
     let d = dir("plain");
-    let running = start(&d, false).await;
+    let running = start(&d, false, "").await;
     let url = format!("http://{}/", running.proxy_addr);
     tokio::task::spawn_blocking(move || {
         let out = Command::new("curl")
@@ -193,6 +201,108 @@ async fn plain_http_has_no_fingerprint() {
     .await
     .unwrap();
     assert_eq!(logged_ja4(&d, 1).await, vec![serde_json::Value::Null]);
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A rustls client trusting the daemon's certificate in `dir`, offering
+/// `alpn`, from `source`.
+async fn rustls_connect(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("cert.pem")).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = common::connect_from(source, addr).await;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// A request head sending three copies of `X-JA4` in three spellings.
+const FORGED_HEAD: &[u8] = b"GET /headers HTTP/1.1\r\nHost: localhost\r\nX-JA4: forged-1\r\n\
+    x-ja4: forged-2\r\nX-Ja4: forged-3\r\nConnection: close\r\n\r\n";
+
+/// The `x-ja4` values the demo upstream's `/headers` saw.
+fn seen_ja4(echo: &str) -> Vec<String> {
+    echo.lines()
+        .filter_map(|l| l.strip_prefix("x-ja4: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn h2_headers<T>(io: T, uri: &str) -> String
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(uri)
+        .header("x-ja4", "forged-1")
+        .header("x-ja4", "forged-2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_reads_only_the_daemons_fingerprint() {
+    let d = dir("header-tls");
+    let running = start(&d, true, "tls_fingerprint_header = \"X-JA4\"\n").await;
+    let addr = running.proxy_addr;
+
+    let mut h1 = rustls_connect(&d, addr, "127.0.0.2", b"http/1.1").await;
+    h1.write_all(FORGED_HEAD).await.unwrap();
+    let mut echo = Vec::new();
+    h1.read_to_end(&mut echo).await.unwrap();
+    let echo = String::from_utf8(echo).unwrap();
+    assert!(echo.starts_with("HTTP/1.1 200"), "{echo}");
+    let over_h1 = seen_ja4(&echo);
+
+    let tls = rustls_connect(&d, addr, "127.0.0.3", b"h2").await;
+    let over_h2 = seen_ja4(&h2_headers(tls, &format!("https://localhost:{}/headers", addr.port())).await);
+
+    // One copy each, the one the access log has for that connection:
+    // the JA4 of the client's own ClientHello (its ALPN shows in it).
+    let logged = logged_ja4(&d, 2).await;
+    assert_eq!(over_h1, [logged[0].as_str().unwrap()], "{echo}");
+    assert_eq!(over_h2, [logged[1].as_str().unwrap()]);
+    assert!(is_ja4(&logged[0]) && is_ja4(&logged[1]), "{logged:?}");
+    assert_eq!(&over_h1[0][8..10], "h1");
+    assert_eq!(&over_h2[0][8..10], "h2");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_plain_http_a_forged_fingerprint_header_is_removed() {
+    let d = dir("header-plain");
+    let running = start(&d, false, "tls_fingerprint_header = \"x-ja4\"\n").await;
+    let addr = running.proxy_addr;
+    let echo = common::raw_exchange("127.0.0.2", addr, FORGED_HEAD).await;
+    assert!(echo.starts_with("HTTP/1.1 200"), "{echo}");
+    assert!(echo.contains("x-real-ip: 127.0.0.2"), "{echo}");
+    assert_eq!(seen_ja4(&echo), Vec::<String>::new(), "{echo}");
+    let tcp = common::connect_from("127.0.0.3", addr).await;
+    let echo = h2_headers(tcp, &format!("http://{addr}/headers")).await;
+    assert!(echo.contains("x-real-ip: 127.0.0.3"), "{echo}");
+    assert_eq!(seen_ja4(&echo), Vec::<String>::new(), "{echo}");
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&d);
 }
