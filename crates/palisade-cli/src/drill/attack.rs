@@ -158,6 +158,7 @@ pub fn catalog() -> Vec<Box<dyn Attack>> {
         Box::new(super::http::Flood),
         Box::new(super::http::ManySourceFlood),
         Box::new(super::http::ForgedHeaders),
+        Box::new(super::slow::Slowloris),
     ]
 }
 

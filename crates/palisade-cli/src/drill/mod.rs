@@ -27,6 +27,7 @@ mod lab;
 pub mod packet;
 mod population;
 pub mod report;
+mod slow;
 mod verdict;
 mod wire;
 
@@ -101,13 +102,18 @@ pub fn run(args: DrillArgs) -> anyhow::Result<bool> {
     };
     let base = args.config.as_deref().and_then(Path::parent);
     let text = rewrite(&source, base, args.redis.as_deref())?;
+    let (text, shortened) = if args.quick {
+        slow::quicken(&text, &overrides()).context("the drill cannot run this config")?
+    } else {
+        (text, Vec::new())
+    };
     let config = Config::parse(&text, "drill config", &overrides())
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("the drill cannot run this config")?;
     let defenses = Arc::new(defenses(&config));
     let names = Lab::names()?;
     if args.dry_run {
-        print_plan(&args, &names, &attacks, &defenses);
+        print_plan(&args, &names, &attacks, &defenses, &shortened);
         return Ok(true);
     }
     if !lab::is_root() {
@@ -307,7 +313,13 @@ fn defenses(config: &Config) -> Defenses {
     }
 }
 
-fn print_plan(args: &DrillArgs, names: &[String; 3], attacks: &[Box<dyn Attack>], d: &Defenses) {
+fn print_plan(
+    args: &DrillArgs,
+    names: &[String; 3],
+    attacks: &[Box<dyn Attack>],
+    d: &Defenses,
+    shortened: &[&str],
+) {
     let config = args.config.as_ref().map_or_else(
         || "the quickstart plus a /login route at 5/s".to_owned(),
         |p| p.display().to_string(),
@@ -335,6 +347,13 @@ fn print_plan(args: &DrillArgs, names: &[String; 3], attacks: &[Box<dyn Attack>]
             r.name, r.prefix, r.limit.per_second
         ),
         None => println!("  route        none with a limit of its own: route-bypass is skipped"),
+    }
+    if !shortened.is_empty() {
+        println!(
+            "  deadlines    --quick sets server.{} to {} (left at their defaults), so slow clients are cut within seconds",
+            shortened.join(", server."),
+            slow::QUICK_DEADLINE
+        );
     }
     println!("  attacks");
     for a in attacks {
