@@ -11,7 +11,6 @@ use palisade_proxy::config::{Config, Overrides, QUICKSTART, Secret};
 use palisade_proxy::proxy::ConfigSource;
 
 mod bans;
-#[allow(dead_code)] // parts of the catalog (raw-socket floods, forged Redis records) are plugged in next
 mod drill;
 mod health;
 mod notify;

@@ -34,14 +34,19 @@ pub struct Defenses {
     /// `server.header_read_timeout`.
     pub header_read_timeout: Duration,
     /// `server.body_read_timeout`.
+    #[expect(dead_code, reason = "the slow-client attacks read it")]
     pub body_read_timeout: Duration,
     /// `server.body_rate_grace`: after it, a body slower than
     /// `server.body_min_rate` is cut.
+    #[expect(dead_code, reason = "the slow-client attacks read it")]
     pub body_rate_grace: Duration,
     /// `server.write_timeout`.
+    #[expect(dead_code, reason = "the slow-client attacks read it")]
     pub write_timeout: Duration,
     /// `connections.max_per_ip`.
     pub max_conns_per_ip: u32,
+    /// `cluster.key_prefix`, when in cluster mode.
+    pub cluster_prefix: Option<String>,
 }
 
 /// A per-client limit.
@@ -71,6 +76,7 @@ pub struct LimitedRoute {
     /// Its limit.
     pub limit: Limit,
     /// Whether `/Login` is another path than `/login`.
+    #[expect(dead_code, reason = "the route-bypass attack reads it")]
     pub case_sensitive: bool,
 }
 
@@ -88,14 +94,17 @@ pub struct Ctx {
     /// Sources to forge in raw packets: routed back towards the client
     /// namespace, which owns none of them (answers die there).
     pub spoof: (Ipv4Addr, u8),
-    /// The client namespace's veth, for raw sockets.
-    pub interface: &'static str,
     /// What it may send.
     pub budget: Budget,
     /// What it is up against.
     pub defenses: Arc<Defenses>,
     /// `--redis`, for attacks on the cluster's shared records.
     pub redis: Option<String>,
+    /// The legitimate clients' addresses: what an attack must not get
+    /// banned or limited.
+    pub legit: Arc<[Ipv4Addr]>,
+    /// The daemon's admin API, to read what it decided.
+    pub admin: super::daemon::Admin,
 }
 
 /// What an attack saw.
@@ -159,6 +168,11 @@ pub fn catalog() -> Vec<Box<dyn Attack>> {
         Box::new(super::http::ManySourceFlood),
         Box::new(super::http::ForgedHeaders),
         Box::new(super::slow::Slowloris),
+        Box::new(super::packet::ConnFloodAttack),
+        Box::new(super::packet::SynAttack(super::packet::SynKind::OneSource)),
+        Box::new(super::packet::SynAttack(super::packet::SynKind::Spoofed)),
+        Box::new(super::packet::SynAttack(super::packet::SynKind::AsUpstream)),
+        Box::new(super::cluster::ForgedRedis),
     ]
 }
 

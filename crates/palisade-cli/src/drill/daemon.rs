@@ -159,6 +159,44 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
         .map_err(|_| anyhow::anyhow!("a thread in namespace panicked"))?
 }
 
+/// The daemon's admin API, for attacks: they run in the client namespace,
+/// and the admin API listens on loopback in the server one.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    ns: Arc<str>,
+    /// `admin.metrics_path`.
+    pub metrics_path: Arc<str>,
+}
+
+impl Admin {
+    /// The admin API of the daemon in `ns`.
+    pub fn new(ns: &str, metrics_path: &str) -> Self {
+        Self {
+            ns: ns.into(),
+            metrics_path: metrics_path.into(),
+        }
+    }
+
+    /// `GET path`: the body of a 200 answer.
+    pub async fn get(&self, path: &str) -> anyhow::Result<String> {
+        let (ns, p) = (self.ns.clone(), path.to_owned());
+        let answer = tokio::task::spawn_blocking(move || in_ns(&ns, move || get(admin_addr(), &p)))
+            .await
+            .context("the admin API reader panicked")??
+            .with_context(|| format!("GET {path} on the admin API"))?;
+        match answer {
+            (200, body) => Ok(body),
+            (status, body) => bail!("GET {path} on the admin API: {status} {}", body.trim()),
+        }
+    }
+
+    /// The metrics exposition.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let path = self.metrics_path.clone();
+        self.get(&path).await
+    }
+}
+
 /// `GET path` over a fresh connection: status and body.
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;

@@ -37,7 +37,7 @@ pub const UPSTREAM: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
 pub const BINDABLE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 0);
 /// How many addresses the bindable range holds.
 pub const BINDABLE_LEN: u32 = 1 << 15;
-/// The client namespace's veth: raw-socket attacks send through it.
+/// The client namespace's veth.
 pub const CLIENT_IF: &str = "pd-c";
 
 /// Set by SIGINT, SIGTERM and SIGHUP: the drill stops at the next check

@@ -20,13 +20,14 @@ use palisade_proxy::config::{Config, Overrides, QUICKSTART};
 use tokio::time::Instant;
 
 mod attack;
+mod cluster;
 mod daemon;
-pub mod forged;
+mod forged;
 mod http;
 mod lab;
-pub mod packet;
+mod packet;
 mod population;
-pub mod report;
+mod report;
 mod slow;
 mod verdict;
 mod wire;
@@ -146,6 +147,7 @@ pub fn run(args: DrillArgs) -> anyhow::Result<bool> {
         Instant::now(),
     );
     let run = Run {
+        admin: daemon::Admin::new(&lab.server, &config.admin.metrics_path),
         quick: args.quick,
         thresholds,
         defenses,
@@ -310,6 +312,7 @@ fn defenses(config: &Config) -> Defenses {
         body_rate_grace: config.server.body_rate_grace,
         write_timeout: config.server.write_timeout,
         max_conns_per_ip: config.connections.max_per_ip,
+        cluster_prefix: config.cluster.as_ref().map(|c| c.key_prefix.clone()),
     }
 }
 
@@ -398,6 +401,7 @@ impl Drop for TempDir {
 
 /// One drill's settings.
 struct Run {
+    admin: daemon::Admin,
     quick: bool,
     thresholds: Thresholds,
     defenses: Arc<Defenses>,
@@ -431,8 +435,8 @@ impl Run {
     async fn drill(&self, attacks: &[Box<dyn Attack>], monitor: &Monitor) -> anyhow::Result<Report> {
         let started_unix_ms = palisade_core::unix_now_ms();
         let t0 = Instant::now();
-        let legit: Vec<Ipv4Addr> = (1..=self.legit_clients).map(lab::bindable).collect();
-        let population = Population::start(daemon::proxy_addr(), legit, self.legit_rate, t0);
+        let legit: Arc<[Ipv4Addr]> = (1..=self.legit_clients).map(lab::bindable).collect();
+        let population = Population::start(daemon::proxy_addr(), legit.to_vec(), self.legit_rate, t0);
         let out = Progress::new();
         out.line(&format!(
             "palisade drill: {} attacks, {} legitimate requests/s from {} addresses",
@@ -456,10 +460,11 @@ impl Run {
                 upstream: daemon::upstream_addr(),
                 sources,
                 spoof: (Ipv4Addr::new(198, 19, 0, 0), 16),
-                interface: lab::CLIENT_IF,
                 budget: a.budget(self.quick),
                 defenses: self.defenses.clone(),
                 redis: self.redis.clone(),
+                legit: legit.clone(),
+                admin: self.admin.clone(),
             };
             let start = t0.elapsed();
             if let Some(why) = a.skip(&ctx) {

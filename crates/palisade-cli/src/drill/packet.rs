@@ -5,11 +5,14 @@
 //! inside the drill's attacker namespace.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
+use anyhow::{Context as _, bail};
 use palisade_core::{Clock as _, MonotonicClock, NANOS_PER_SEC};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::attack::{Attack, BoxFuture, Budget, Ctx, Outcome, budget};
 
 /// Bytes in one SYN: an IPv4 header and a TCP header, neither with options.
 pub const SYN_LEN: usize = 40;
@@ -156,6 +159,8 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
 /// A bounded flood of full TCP connections that never send anything.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnFlood {
+    /// The address they come from.
+    pub from: Ipv4Addr,
     /// Where to connect.
     pub target: SocketAddr,
     /// At most this many connections.
@@ -174,6 +179,10 @@ pub struct ConnFloodOutcome {
     pub opened: u32,
     /// Connects refused or timed out.
     pub failed: u32,
+    /// Of those opened, the ones the server had reset or closed by the
+    /// end of the hold (a handshake completes in the kernel, before the
+    /// server's accept guard can say no).
+    pub closed_by_peer: u32,
 }
 
 impl ConnFlood {
@@ -184,11 +193,18 @@ impl ConnFlood {
         let hold_ns = u64::try_from(self.hold.as_nanos()).unwrap_or(u64::MAX);
         let mut held = Vec::with_capacity(self.connections.min(65_536) as usize);
         let mut out = ConnFloodOutcome::default();
+        let target = SockAddr::from(self.target);
+        let from = SockAddr::from(SocketAddr::from((self.from, 0)));
         for _ in 0..self.connections {
             if clock.now() >= hold_ns {
                 break;
             }
-            match TcpStream::connect_timeout(&self.target, self.connect_timeout) {
+            let opened = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).and_then(|s| {
+                s.bind(&from)?;
+                s.connect_timeout(&target, self.connect_timeout)?;
+                Ok(s)
+            });
+            match opened {
                 Ok(s) => {
                     out.opened += 1;
                     held.push(s);
@@ -198,8 +214,214 @@ impl ConnFlood {
         }
         let left = hold_ns.saturating_sub(clock.now());
         std::thread::sleep(Duration::from_nanos(left));
+        out.closed_by_peer = held.iter().filter(|s| closed_by_peer(s)).count() as u32;
         drop(held);
         out
+    }
+}
+
+/// Whether the peer reset or closed `s`: a read that does not wait sees
+/// the reset or the end of the stream (we never sent, so nothing is due).
+fn closed_by_peer(s: &Socket) -> bool {
+    if s.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match s.peek(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    }
+}
+
+/// Which SYN flood a [`SynAttack`] sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynKind {
+    /// Every SYN from the attacker's own address.
+    OneSource,
+    /// A random source per SYN from the spoofed range.
+    Spoofed,
+    /// Every SYN claiming to come from the upstream.
+    AsUpstream,
+}
+
+/// A SYN flood as an attack of the catalog.
+pub struct SynAttack(pub SynKind);
+
+impl Attack for SynAttack {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            SynKind::OneSource => "syn-flood",
+            SynKind::Spoofed => "spoofed-syn-flood",
+            SynKind::AsUpstream => "syn-flood-as-upstream",
+        }
+    }
+    fn title(&self) -> &'static str {
+        match self.0 {
+            SynKind::OneSource => "SYN flood from one source, raw packets from the attacker's own address",
+            SynKind::Spoofed => "SYN flood from a random spoofed source per packet, out of a /16",
+            SynKind::AsUpstream => {
+                "SYN flood claiming the upstream's address: the upstream must not be banned"
+            }
+        }
+    }
+    fn sources(&self) -> u32 {
+        u32::from(self.0 == SynKind::OneSource)
+    }
+    fn budget(&self, quick: bool) -> Budget {
+        budget(quick, 15_000, 150_000, 15)
+    }
+    fn run(&self, ctx: Ctx) -> BoxFuture<anyhow::Result<Outcome>> {
+        let kind = self.0;
+        Box::pin(async move {
+            let (SocketAddr::V4(target), SocketAddr::V4(upstream)) = (ctx.target, ctx.upstream) else {
+                bail!("the drill's addresses are IPv4");
+            };
+            let sources = match kind {
+                SynKind::OneSource => Sources::One(*ctx.sources.first().context("no source")?),
+                SynKind::Spoofed => Sources::Random {
+                    net: ctx.spoof.0,
+                    prefix: ctx.spoof.1,
+                },
+                SynKind::AsUpstream => Sources::One(*upstream.ip()),
+            };
+            let seconds = ctx.budget.seconds.as_secs().max(1);
+            let flood = SynFlood {
+                sources,
+                target,
+                packets: ctx.budget.max,
+                rate: u32::try_from(ctx.budget.max / seconds).unwrap_or(u32::MAX),
+                max: ctx.budget.seconds,
+            };
+            let sent = tokio::task::spawn_blocking(move || flood.run())
+                .await
+                .context("the SYN flood panicked")?
+                .context("sending SYNs on a raw socket")?;
+            let mut outcome = Outcome {
+                sent,
+                ..Outcome::default()
+            };
+            judge_bans(&ctx, kind, sources, &mut outcome).await;
+            Ok(outcome)
+        })
+    }
+}
+
+/// What the SYN defense banned, against what it must never ban: the
+/// upstream (every request would fail) and the legitimate clients.
+async fn judge_bans(ctx: &Ctx, kind: SynKind, sources: Sources, outcome: &mut Outcome) {
+    let bans = match ctx.admin.get("/api/v1/bans").await {
+        Ok(text) => banned_nets(&text),
+        Err(e) => {
+            outcome.notes.push(format!("no ban list: {e:#}"));
+            return;
+        }
+    };
+    let upstream = match ctx.upstream {
+        SocketAddr::V4(a) => *a.ip(),
+        SocketAddr::V6(_) => return,
+    };
+    for (net, len) in &bans {
+        if covers(*net, *len, upstream) {
+            outcome.breaches.push(format!(
+                "the upstream's address {upstream} was banned ({net}/{len})"
+            ));
+        }
+        if let Some(victim) = ctx.legit.iter().find(|a| covers(*net, *len, **a)) {
+            outcome.breaches.push(format!(
+                "a legitimate client's address {victim} was banned ({net}/{len})"
+            ));
+        }
+    }
+    match (kind, sources) {
+        (SynKind::OneSource, Sources::One(me)) => {
+            outcome
+                .notes
+                .push(if bans.iter().any(|(net, len)| covers(*net, *len, me)) {
+                    format!("its source {me} was banned")
+                } else {
+                    format!("its source {me} was not banned")
+                })
+        }
+        _ => outcome.notes.push(format!("{} bans in place", bans.len())),
+    }
+}
+
+/// The IPv4 networks of `GET /api/v1/bans` (`[{"net": "a.b.c.d/n", ...}]`).
+fn banned_nets(json: &str) -> Vec<(Ipv4Addr, u8)> {
+    let Ok(serde_json::Value::Array(bans)) = serde_json::from_str(json) else {
+        return Vec::new();
+    };
+    bans.iter()
+        .filter_map(|b| {
+            let (addr, len) = b.get("net")?.as_str()?.split_once('/')?;
+            Some((addr.parse().ok()?, len.parse().ok().filter(|l| *l <= 32)?))
+        })
+        .collect()
+}
+
+/// Whether `net/len` holds `a`.
+fn covers(net: Ipv4Addr, len: u8, a: Ipv4Addr) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    u32::from(net) & mask == u32::from(a) & mask
+}
+
+/// Handshakes that never send a byte, from a few addresses at once, each
+/// opening more than `connections.max_per_ip`.
+pub struct ConnFloodAttack;
+
+/// Addresses the connection flood comes from.
+const CONN_FLOOD_SOURCES: u32 = 16;
+
+impl Attack for ConnFloodAttack {
+    fn name(&self) -> &'static str {
+        "conn-flood"
+    }
+    fn title(&self) -> &'static str {
+        "connection flood: 16 addresses complete handshakes, never send a byte, and hold them"
+    }
+    fn sources(&self) -> u32 {
+        CONN_FLOOD_SOURCES
+    }
+    fn budget(&self, quick: bool) -> Budget {
+        budget(quick, 3_200, 8_000, 15)
+    }
+    fn run(&self, ctx: Ctx) -> BoxFuture<anyhow::Result<Outcome>> {
+        Box::pin(async move {
+            let per_source =
+                u32::try_from(ctx.budget.max / u64::from(CONN_FLOOD_SOURCES)).unwrap_or(u32::MAX);
+            let mut tasks = Vec::new();
+            for &from in ctx.sources.iter() {
+                let flood = ConnFlood {
+                    from,
+                    target: ctx.target,
+                    connections: per_source,
+                    connect_timeout: Duration::from_secs(1),
+                    hold: ctx.budget.seconds,
+                };
+                tasks.push(tokio::task::spawn_blocking(move || flood.run()));
+            }
+            let mut outcome = Outcome::default();
+            let (mut opened, mut failed, mut closed) = (0, 0, 0);
+            let most = ctx.defenses.max_conns_per_ip;
+            for (task, from) in tasks.into_iter().zip(ctx.sources.iter()) {
+                let got = task.await.context("a connection flood panicked")?;
+                outcome.sent += u64::from(got.opened + got.failed);
+                opened += got.opened;
+                failed += got.failed;
+                closed += got.closed_by_peer;
+                let open = got.opened - got.closed_by_peer;
+                if open > most {
+                    outcome.breaches.push(format!(
+                        "{from} held {open} connections open; connections.max_per_ip is {most}"
+                    ));
+                }
+            }
+            outcome.notes.push(format!(
+                "{opened} handshakes completed, {closed} of them reset or closed by Palisade, {failed} connects failed"
+            ));
+            Ok(outcome)
+        })
     }
 }
 
@@ -366,6 +588,7 @@ mod tests {
         assert_eq!(raw.lines().count(), 1, "a raw socket outlived its flood: {raw}");
 
         let conns = ConnFlood {
+            from: Ipv4Addr::new(198, 18, 23, 2),
             target: SocketAddr::V4(target),
             connections: 20,
             connect_timeout: Duration::from_secs(2),
@@ -376,10 +599,30 @@ mod tests {
             got,
             ConnFloodOutcome {
                 opened: 20,
-                failed: 0
+                failed: 0,
+                closed_by_peer: 0,
             }
         );
         drop(listener);
+    }
+
+    #[test]
+    fn the_ban_list_is_read_and_matched_by_prefix() {
+        let json = r#"[{"net":"198.18.2.2/32","until":1,"reason":"syn_flood","rate":900},
+                       {"net":"198.19.0.0/16"},{"net":"2001:db8::/64"},{"net":"garbage"}]"#;
+        let bans = banned_nets(json);
+        assert_eq!(
+            bans,
+            [
+                (Ipv4Addr::new(198, 18, 2, 2), 32),
+                (Ipv4Addr::new(198, 19, 0, 0), 16)
+            ]
+        );
+        assert!(covers(bans[0].0, 32, Ipv4Addr::new(198, 18, 2, 2)));
+        assert!(!covers(bans[0].0, 32, Ipv4Addr::new(198, 18, 2, 3)));
+        assert!(covers(bans[1].0, 16, Ipv4Addr::new(198, 19, 200, 7)));
+        assert!(covers(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(198, 18, 2, 2)));
+        assert_eq!(banned_nets("not json"), []);
     }
 
     #[test]
