@@ -63,6 +63,7 @@ fn decide(shield: &Shield<MonotonicClock>, i: u32) -> Decision {
         target: "/",
         version: http::Version::HTTP_11,
         headers: &HEADERS,
+        tls_fingerprint: None,
     })
 }
 

@@ -59,6 +59,9 @@ pub enum LimitKey {
     Cookie(String),
     /// A query parameter's value as sent, not percent-decoded (`query:token`).
     Query(String),
+    /// The connection's TLS fingerprint, [`RequestFacts::tls_fingerprint`]
+    /// (`ja4`): every client with one TLS stack shares the limit.
+    Ja4,
     /// Whatever a [`KeyExtractor`] of the caller's takes from the request.
     Custom(Arc<dyn KeyExtractor>),
 }
@@ -66,9 +69,10 @@ pub enum LimitKey {
 impl PartialEq for LimitKey {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::Client, Self::Client) | (Self::Ip, Self::Ip) | (Self::IpUserAgent, Self::IpUserAgent) => {
-                true
-            }
+            (Self::Client, Self::Client)
+            | (Self::Ip, Self::Ip)
+            | (Self::IpUserAgent, Self::IpUserAgent)
+            | (Self::Ja4, Self::Ja4) => true,
             (Self::Header(a), Self::Header(b)) => a == b,
             (Self::Cookie(a), Self::Cookie(b)) | (Self::Query(a), Self::Query(b)) => a == b,
             // Two extractors are the same key only if they are one object:
@@ -226,6 +230,9 @@ pub struct RequestFacts<'a> {
     pub version: Version,
     /// Request headers (forwarding headers, User-Agent).
     pub headers: &'a HeaderMap,
+    /// The connection's TLS fingerprint (its JA4), when the server
+    /// terminating TLS computed one; `None` on plain HTTP.
+    pub tls_fingerprint: Option<&'a str>,
 }
 
 /// Index of the route a request matched; 0 is the default route.
@@ -686,8 +693,9 @@ impl<C: Clock> Shield<C> {
             .map_or(&self.cfg.limit_key, |r| &r.config.key)
     }
 
-    /// The seeded hash of a header, cookie or query parameter's value;
-    /// `None` when the request has none (or an empty one).
+    /// The seeded hash of a header, cookie or query parameter's value (or
+    /// the TLS fingerprint); `None` when the request has none (or an empty
+    /// one).
     fn request_key(&self, by: &LimitKey, req: &RequestFacts<'_>) -> Option<ClientKey> {
         let (tag, value): (u8, Cow<'_, [u8]>) = match by {
             LimitKey::Client | LimitKey::Ip | LimitKey::IpUserAgent => return None,
@@ -695,6 +703,7 @@ impl<C: Clock> Shield<C> {
             LimitKey::Cookie(name) => (2, Cow::Borrowed(cookie(req.headers, name)?)),
             LimitKey::Query(name) => (3, Cow::Borrowed(query_param(req.target, name)?)),
             LimitKey::Custom(extractor) => (4, extractor.key(req)?),
+            LimitKey::Ja4 => (5, Cow::Borrowed(req.tls_fingerprint?.as_bytes())),
         };
         if value.is_empty() {
             return None;
@@ -823,6 +832,7 @@ mod tests {
             target: path,
             version: Version::HTTP_11,
             headers,
+            tls_fingerprint: None,
         }
     }
 

@@ -103,6 +103,7 @@ fn steady_state_decisions_allocate_nothing() {
                 target: "/",
                 version: http::Version::HTTP_11,
                 headers,
+                tls_fingerprint: None,
             };
             let direct: &'static HeaderMap = Box::leak(Box::new(direct));
             let proxied: &'static HeaderMap = Box::leak(Box::new(proxied));
@@ -153,6 +154,7 @@ fn a_million_distinct_clients_stay_within_the_bound() {
                 target: "/",
                 version: http::Version::HTTP_11,
                 headers: &headers,
+                tls_fingerprint: None,
             })
         };
         for i in 0..CAP as u32 {

@@ -42,6 +42,17 @@ fn shield(default: u32, api: u32, key: LimitKey) -> Shield<ManualClock> {
 
 /// Whether `peer`'s request for `target` with `headers` passes.
 fn passes(s: &Shield<ManualClock>, peer: &str, target: &str, headers: &[(&'static str, &str)]) -> bool {
+    passes_on(s, peer, target, headers, None)
+}
+
+/// [`passes`] on a TLS connection whose ClientHello gave `ja4`.
+fn passes_on(
+    s: &Shield<ManualClock>,
+    peer: &str,
+    target: &str,
+    headers: &[(&'static str, &str)],
+    ja4: Option<&str>,
+) -> bool {
     let mut h = HeaderMap::new();
     for (k, v) in headers {
         h.append(*k, HeaderValue::from_str(v).unwrap());
@@ -55,6 +66,7 @@ fn passes(s: &Shield<ManualClock>, peer: &str, target: &str, headers: &[(&'stati
         target,
         version: Version::HTTP_11,
         headers: &h,
+        tls_fingerprint: ja4,
     });
     match d.rejection {
         None => true,
@@ -174,4 +186,39 @@ fn a_key_of_any_length_costs_one_record() {
         .map(|(name, l)| (name.to_string(), l.table().len()))
         .collect();
     assert_eq!(tracked, [("default".to_string(), 1), ("api".to_string(), 1)]);
+}
+
+#[test]
+fn a_ja4_limit_is_shared_by_one_tls_stack_and_plain_http_counts_by_address() {
+    let s = shield(100, 5, LimitKey::Ja4);
+    let chrome = Some("t13d1516h2_8daaf6152771_d8a2da3f94cd");
+    let curl = Some("t13d3112h2_e8f1e7e78f70_b26ce05bbdd6");
+    let from = |i: usize| {
+        if i.is_multiple_of(2) {
+            "198.18.1.1"
+        } else {
+            "198.18.1.2"
+        }
+    };
+    assert_eq!(count(20, |i| passes_on(&s, from(i), "/api/x", &[], chrome)), 5);
+    // Another TLS stack has its own, from an address already counted.
+    assert_eq!(count(20, |_| passes_on(&s, "198.18.1.1", "/api/x", &[], curl)), 5);
+    // Plain HTTP has no fingerprint: each address its own.
+    assert_eq!(count(20, |_| passes_on(&s, "198.18.1.3", "/api/x", &[], None)), 5);
+    assert_eq!(count(20, |_| passes_on(&s, "198.18.1.4", "/api/x", &[], None)), 5);
+}
+
+#[test]
+fn rotating_fingerprints_are_stopped_by_the_address_limit() {
+    let s = shield(30, 5, LimitKey::Ja4);
+    let passed = count(300, |i| {
+        passes_on(
+            &s,
+            "198.18.1.5",
+            "/api/x",
+            &[],
+            Some(&format!("t13d1516h2_{i:012x}_000000000000")),
+        )
+    });
+    assert_eq!(passed, 30);
 }

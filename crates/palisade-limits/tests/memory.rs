@@ -44,6 +44,7 @@ fn a_shield_holds_each_tracked_client_in_a_few_dozen_bytes() {
             target: "/",
             version: http::Version::HTTP_11,
             headers: &headers,
+            tls_fingerprint: None,
         });
         assert!(d.rejection.is_none());
         shield.observe_response(&d, 200);

@@ -2333,7 +2333,8 @@ mod tests {
              [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nkey = \"header:X-API-Key\"\n\
              [[routes]]\nname = \"dl\"\npath_prefix = \"/dl\"\nrate = 2\n\
              [[routes]]\nname = \"q\"\npath_prefix = \"/q\"\nkey = \"query:token\"\n\
-             [[routes]]\nname = \"ua\"\npath_prefix = \"/ua\"\nkey = \"ip_user_agent\"\n",
+             [[routes]]\nname = \"ua\"\npath_prefix = \"/ua\"\nkey = \"ip_user_agent\"\n\
+             [[routes]]\nname = \"tls\"\npath_prefix = \"/tls\"\nkey = \"ja4\"\n",
         )
         .unwrap();
         assert_eq!(cfg.shield.limit_key, LimitKey::Cookie("session".into()));
@@ -2346,6 +2347,7 @@ mod tests {
                 LimitKey::Cookie("session".into()),
                 LimitKey::Query("token".into()),
                 LimitKey::IpUserAgent,
+                LimitKey::Ja4,
             ]
         );
         // `key` alone gives a route a limit of its own, at the default's rate.
@@ -2357,7 +2359,7 @@ mod tests {
         };
         assert_eq!(
             at("\"token\""),
-            "test.toml:5:1: routes[0].key: unknown key \"token\"; expected \"ip\", \"ip_user_agent\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\""
+            "test.toml:5:1: routes[0].key: unknown key \"token\"; expected \"ip\", \"ip_user_agent\", \"ja4\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\""
         );
         assert_eq!(
             at("\"header:X API\""),

@@ -1569,6 +1569,10 @@ impl Pipeline for Hooks {
         &rt.shield
     }
 
+    fn tls_fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
+    }
+
     fn banned(&self, _: &Arc<Runtime>, client: std::net::IpAddr) -> bool {
         self.app.syn_banned(client)
     }

@@ -38,8 +38,9 @@ fn dir(name: &str) -> PathBuf {
 
 /// A daemon terminating TLS with a self-signed certificate for
 /// `localhost`, logging JSON lines to `dir/access.log`; `tls = false`
-/// serves plain HTTP instead. `server` is extra `[server]` keys.
-async fn start(dir: &Path, tls: bool, server: &str) -> palisade_proxy::Running {
+/// serves plain HTTP instead. `server` is extra `[server]` keys, `rest`
+/// other tables.
+async fn start(dir: &Path, tls: bool, server: &str, rest: &str) -> palisade_proxy::Running {
     let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
@@ -53,7 +54,7 @@ async fn start(dir: &Path, tls: bool, server: &str) -> palisade_proxy::Running {
     let text = config_text(
         &format!("http://{upstream}"),
         server,
-        &format!("{tls}[access_log]\nenabled = true\nformat = \"json\"\npath = \"access.log\"\n"),
+        &format!("{tls}[access_log]\nenabled = true\nformat = \"json\"\npath = \"access.log\"\n{rest}"),
     );
     let path = dir.join("palisade.toml");
     std::fs::write(&path, text).unwrap();
@@ -145,7 +146,7 @@ fn is_ja4(v: &serde_json::Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_clients_have_stable_distinct_fingerprints() {
     let d = dir("clients");
-    let running = start(&d, true, "").await;
+    let running = start(&d, true, "", "").await;
     let port = running.proxy_addr.port();
     tokio::task::spawn_blocking(move || {
         curl(port);
@@ -189,7 +190,7 @@ async fn real_clients_have_stable_distinct_fingerprints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_has_no_fingerprint() {
     let d = dir("plain");
-    let running = start(&d, false, "").await;
+    let running = start(&d, false, "", "").await;
     let url = format!("http://{}/", running.proxy_addr);
     tokio::task::spawn_blocking(move || {
         let out = Command::new("curl")
@@ -213,12 +214,25 @@ async fn rustls_connect(
     source: &str,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    rustls_connect_with(dir, addr, source, alpn, usize::MAX).await
+}
+
+/// [`rustls_connect`] offering only the first `ciphers` of rustls's
+/// cipher suites: another TLS stack, with a JA4 of its own.
+async fn rustls_connect_with(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    alpn: &[u8],
+    ciphers: usize,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_file(dir.join("cert.pem")).unwrap())
         .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.truncate(ciphers);
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -264,7 +278,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_reads_only_the_daemons_fingerprint() {
     let d = dir("header-tls");
-    let running = start(&d, true, "tls_fingerprint_header = \"X-JA4\"\n").await;
+    let running = start(&d, true, "tls_fingerprint_header = \"X-JA4\"\n", "").await;
     let addr = running.proxy_addr;
 
     let mut h1 = rustls_connect(&d, addr, "127.0.0.2", b"http/1.1").await;
@@ -293,7 +307,7 @@ async fn the_upstream_reads_only_the_daemons_fingerprint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_plain_http_a_forged_fingerprint_header_is_removed() {
     let d = dir("header-plain");
-    let running = start(&d, false, "tls_fingerprint_header = \"x-ja4\"\n").await;
+    let running = start(&d, false, "tls_fingerprint_header = \"x-ja4\"\n", "").await;
     let addr = running.proxy_addr;
     let echo = common::raw_exchange("127.0.0.2", addr, FORGED_HEAD).await;
     assert!(echo.starts_with("HTTP/1.1 200"), "{echo}");
@@ -303,6 +317,76 @@ async fn on_plain_http_a_forged_fingerprint_header_is_removed() {
     let echo = h2_headers(tcp, &format!("http://{addr}/headers")).await;
     assert!(echo.contains("x-real-ip: 127.0.0.3"), "{echo}");
     assert_eq!(seen_ja4(&echo), Vec::<String>::new(), "{echo}");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The statuses of `n` requests for `/` on one TLS connection from
+/// `source` offering the first `ciphers` cipher suites.
+async fn statuses_over_tls(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    ciphers: usize,
+    n: usize,
+) -> Vec<u16> {
+    let tls = rustls_connect_with(dir, addr, source, b"http/1.1", ciphers).await;
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        h1.ready().await.unwrap();
+        let req = Request::get("/")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = h1.send_request(req).await.unwrap();
+        out.push(resp.status().as_u16());
+        resp.into_body().collect().await.unwrap();
+    }
+    out
+}
+
+/// Three requests an hour per JA4 on every path; the default limit (per
+/// address) stays far above.
+const JA4_LIMIT: &str = "[[routes]]\nname = \"site\"\npath_prefix = \"/\"\nrate = \"3/h\"\nkey = \"ja4\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tls_stack_from_two_addresses_shares_one_ja4_limit() {
+    let d = dir("limit-tls");
+    let running = start(&d, true, "", JA4_LIMIT).await;
+    let addr = running.proxy_addr;
+    let all = usize::MAX;
+    assert_eq!(statuses_over_tls(&d, addr, "127.0.0.2", all, 2).await, [200, 200]);
+    // Another address, the same ClientHello: one request left between them.
+    assert_eq!(statuses_over_tls(&d, addr, "127.0.0.3", all, 2).await, [200, 429]);
+    // Another TLS stack (one cipher suite) from the first address has its own.
+    assert_eq!(
+        statuses_over_tls(&d, addr, "127.0.0.2", 1, 4).await,
+        [200, 200, 200, 429]
+    );
+    let logged = logged_ja4(&d, 8).await;
+    assert_eq!(logged[0], logged[3], "{logged:?}");
+    assert_ne!(logged[0], logged[4], "{logged:?}");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_plain_http_a_ja4_limit_counts_by_address() {
+    let d = dir("limit-plain");
+    let running = start(&d, false, "", JA4_LIMIT).await;
+    let addr = running.proxy_addr;
+    for source in ["127.0.0.2", "127.0.0.3"] {
+        let mut c = common::Client::connect(source, addr).await;
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(c.get("/").await.0.as_u16());
+        }
+        assert_eq!(got, [200, 200, 200, 429], "{source}");
+    }
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -92,6 +92,15 @@ impl Protection {
                 "the challenge page is served by the palisade daemon, not by the library's layers",
             )));
         }
+        // Nor a JA4 key silently count by address: these layers see no TLS.
+        let ja4_route = raw.routes.iter().position(|r| r.key.as_deref() == Some("ja4"));
+        if ja4_route.is_some() || raw.rate_limit.key.as_deref() == Some("ja4") {
+            let message = "a JA4 fingerprint is computed by the palisade daemon's TLS listener, not by the library's layers";
+            return Err(located(match ja4_route {
+                Some(i) => raw::at(crate::__config_path!("routes", i, "key"), message),
+                None => raw::at(crate::__config_path!("rate_limit", "key"), message),
+            }));
+        }
         protection.proxy_protocol = raw.proxy_protocol(&protection.shield).map_err(located)?;
         Ok(protection)
     }
@@ -805,11 +814,11 @@ pub mod raw {
         }
     }
 
-    /// `key`: `"ip"`, `"ip_user_agent"`, `"header:NAME"`, `"cookie:NAME"`
-    /// or `"query:NAME"`.
+    /// `key`: `"ip"`, `"ip_user_agent"`, `"ja4"`, `"header:NAME"`,
+    /// `"cookie:NAME"` or `"query:NAME"`.
     pub fn limit_key(s: &str, path: &[Seg]) -> Result<LimitKey, Invalid> {
         let expected =
-            "expected \"ip\", \"ip_user_agent\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\"";
+            "expected \"ip\", \"ip_user_agent\", \"ja4\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\"";
         let named = |name: &str| -> Result<String, Invalid> {
             let ok = !name.is_empty()
                 && name.len() <= 128
@@ -828,6 +837,7 @@ pub mod raw {
         match s.split_once(':') {
             None if s == "ip" => Ok(LimitKey::Ip),
             None if s == "ip_user_agent" => Ok(LimitKey::IpUserAgent),
+            None if s == "ja4" => Ok(LimitKey::Ja4),
             Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
                 .map(LimitKey::Header)
                 .map_err(|_| at(path, format!("{name:?} is not a header name"))),

@@ -77,6 +77,13 @@ pub trait Pipeline: Clone + Send + Sync + 'static {
     /// a request answered 400 before any control looked at it (see
     /// [`BadRequest`]): nothing was charged to the client.
     fn bad_request(&self, _request: &Malformed<'_>) {}
+    /// The TLS fingerprint (JA4) of the connection this pipeline serves,
+    /// when the server terminating TLS computed one: what a `ja4` limit key
+    /// and the breaker's `ja4` fingerprint count by. The library's layers
+    /// see no TLS handshake, so by default there is none.
+    fn tls_fingerprint(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// What [`Pipeline::bad_request`] learns about a request refused with 400
@@ -697,6 +704,7 @@ where
                 target,
                 version: req.version(),
                 headers: req.headers(),
+                tls_fingerprint: self.pipeline.tls_fingerprint(),
             };
             let mut decision = shield.decide_with(&facts, |ip| self.pipeline.banned(&snapshot, ip));
             let tag = self.pipeline.begin(&snapshot, &facts, &mut decision);

@@ -87,6 +87,23 @@ fn a_challenged_route_is_an_error_for_the_library() {
     Palisade::from_file(&path).unwrap();
 }
 
+#[test]
+fn a_ja4_key_is_an_error_for_the_library() {
+    // The layers see no TLS handshake: a JA4 limit would count by address.
+    let path = write("ja4-route.toml", "[[routes]]\nname = \"site\"\nkey = \"ja4\"\n");
+    let e = Palisade::from_file(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("ja4-route.toml:3:") && e.contains("routes[0].key") && e.contains("daemon"),
+        "{e}"
+    );
+    let path = write("ja4-default.toml", "[rate_limit]\nkey = \"ja4\"\n");
+    let e = Palisade::from_file(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("ja4-default.toml:2:") && e.contains("rate_limit.key"),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn server_proxy_protocol_is_read_too() {
     let path = write(
