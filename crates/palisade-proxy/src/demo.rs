@@ -4,7 +4,8 @@
 //! `/bytes/{n}` (≤ 100 MiB, streamed in 64 KiB chunks); `/ws` (accepts an
 //! `Upgrade:` and echoes bytes); `/headers` (the
 //! request head as received, to see what the proxy forwards); any `POST`
-//! echoes its body.
+//! echoes its body; `/stats` (requests received and still being answered,
+//! by kind, so a test or the drill can see what the upstream is holding).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,8 +45,109 @@ pub async fn bind_counted(
     Ok((local, hits.clone(), serve(listener, hits)))
 }
 
+/// What `/stats` reports: a kind of request per line, `KIND RECEIVED
+/// IN_FLIGHT`. A request is in flight from its head until its response
+/// body is done or dropped (a POST whose body still trickles in, a
+/// `/bytes` response the proxy has not read, a `/delay` still sleeping).
+const KINDS: [&str; 8] = [
+    "root", "headers", "status", "delay", "bytes", "ws", "post", "other",
+];
+
+#[derive(Default)]
+struct Stats {
+    received: [AtomicU64; KINDS.len()],
+    in_flight: [AtomicU64; KINDS.len()],
+}
+
+impl Stats {
+    fn kind(req: &Request<Incoming>) -> usize {
+        let head = req
+            .uri()
+            .path()
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("");
+        let name = match head {
+            _ if req.method() == http::Method::POST => "post",
+            "" => "root",
+            "headers" | "status" | "delay" | "bytes" | "ws" => head,
+            _ => "other",
+        };
+        KINDS.iter().position(|k| *k == name).unwrap_or(KINDS.len() - 1)
+    }
+
+    fn text(&self) -> String {
+        KINDS
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let (r, f) = (&self.received[i], &self.in_flight[i]);
+                format!(
+                    "{k} {} {}\n",
+                    r.load(Ordering::Relaxed),
+                    f.load(Ordering::Relaxed)
+                )
+            })
+            .collect()
+    }
+}
+
+/// One request in flight: counted out when dropped.
+struct InFlight(Arc<Stats>, usize);
+
+impl InFlight {
+    fn new(stats: &Arc<Stats>, kind: usize) -> Self {
+        stats.received[kind].fetch_add(1, Ordering::Relaxed);
+        stats.in_flight[kind].fetch_add(1, Ordering::Relaxed);
+        Self(stats.clone(), kind)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request in flight until it is done
+    /// or dropped.
+    struct Tracked {
+        #[pin]
+        inner: DemoBody,
+        guard: Option<InFlight>,
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if matches!(frame, std::task::Poll::Ready(None)) {
+            this.guard.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 async fn serve(listener: TcpListener, hits: Arc<AtomicU64>) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let stats = Arc::new(Stats::default());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -54,10 +156,25 @@ async fn serve(listener: TcpListener, hits: Arc<AtomicU64>) {
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let hits = hits.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 hits.fetch_add(1, Ordering::Relaxed);
-                async move { Ok::<_, Infallible>(answer(req).await) }
+                let stats = stats.clone();
+                async move {
+                    if req.uri().path() == "/stats" {
+                        return Ok::<_, Infallible>(full(StatusCode::OK, stats.text()));
+                    }
+                    let guard = InFlight::new(&stats, Stats::kind(&req));
+                    let response = answer(req).await.map(|inner| {
+                        Tracked {
+                            inner,
+                            guard: Some(guard),
+                        }
+                        .boxed()
+                    });
+                    Ok(response)
+                }
             });
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -183,5 +300,66 @@ impl http_body::Body for Repeat {
 
     fn size_hint(&self) -> http_body::SizeHint {
         http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    async fn stats(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.split_once("\r\n\r\n").unwrap().1.to_owned()
+    }
+
+    /// Polls `/stats` until its `kind` line reads `line`.
+    async fn reaches(addr: SocketAddr, kind: &str, line: &str) -> String {
+        let mut last = String::new();
+        for _ in 0..100 {
+            last = stats(addr).await;
+            if last.lines().any(|l| l == format!("{kind} {line}")) {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{kind} never read {line}:\n{last}");
+    }
+
+    /// A POST whose body is still coming and a `/bytes` response nobody
+    /// reads are in flight until their connections close.
+    #[tokio::test]
+    async fn stats_count_requests_held_until_their_connections_close() {
+        let (addr, serve) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        tokio::spawn(serve);
+        let mut post = TcpStream::connect(addr).await.unwrap();
+        post.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+            .await
+            .unwrap();
+        let mut big = TcpStream::connect(addr).await.unwrap();
+        big.write_all(b"GET /bytes/104857600 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut small = TcpStream::connect(addr).await.unwrap();
+        small
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        assert!(small.read(&mut buf).await.unwrap() > 0);
+        reaches(addr, "post", "1 1").await;
+        reaches(addr, "bytes", "1 1").await;
+        reaches(addr, "root", "1 0").await;
+        drop((post, big));
+        reaches(addr, "post", "1 0").await;
+        let text = reaches(addr, "bytes", "1 0").await;
+        assert!(text.contains("other 0 0\n"), "{text}");
     }
 }

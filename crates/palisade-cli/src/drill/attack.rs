@@ -40,6 +40,8 @@ pub struct Defenses {
     /// `server.body_min_rate` is cut.
     #[expect(dead_code, reason = "the slow-client attacks read it")]
     pub body_rate_grace: Duration,
+    /// `server.body_min_rate` (0: off).
+    pub body_min_rate: u64,
     /// `server.write_timeout`.
     #[expect(dead_code, reason = "the slow-client attacks read it")]
     pub write_timeout: Duration,
@@ -88,6 +90,8 @@ pub struct Ctx {
     pub target: SocketAddr,
     /// The demo upstream behind it, as Palisade reaches it.
     pub upstream: SocketAddr,
+    /// The upstream's namespace, where probes of what it holds run.
+    pub upstream_ns: String,
     /// Addresses of this attack's own, bindable in the client namespace
     /// (no other attack and no legitimate client uses them).
     pub sources: Arc<[Ipv4Addr]>,
@@ -168,6 +172,7 @@ pub fn catalog() -> Vec<Box<dyn Attack>> {
         Box::new(super::http::ManySourceFlood),
         Box::new(super::http::ForgedHeaders),
         Box::new(super::slow::Slowloris),
+        Box::new(super::slow::SlowBody),
         Box::new(super::packet::ConnFloodAttack),
         Box::new(super::packet::SynAttack(super::packet::SynKind::OneSource)),
         Box::new(super::packet::SynAttack(super::packet::SynKind::Spoofed)),

@@ -29,6 +29,7 @@ mod packet;
 mod population;
 mod report;
 mod slow;
+mod upstream;
 mod verdict;
 mod wire;
 
@@ -154,6 +155,7 @@ pub fn run(args: DrillArgs) -> anyhow::Result<bool> {
         redis: args.redis.clone(),
         legit_rate: args.legit_rate,
         legit_clients: args.legit_clients,
+        upstream_ns: lab.upstream.clone(),
         config: args
             .config
             .as_ref()
@@ -310,6 +312,7 @@ fn defenses(config: &Config) -> Defenses {
         header_read_timeout: config.server.header_read_timeout,
         body_read_timeout: config.server.body_read_timeout,
         body_rate_grace: config.server.body_rate_grace,
+        body_min_rate: config.server.body_min_rate,
         write_timeout: config.server.write_timeout,
         max_conns_per_ip: config.connections.max_per_ip,
         cluster_prefix: config.cluster.as_ref().map(|c| c.key_prefix.clone()),
@@ -408,6 +411,7 @@ struct Run {
     redis: Option<String>,
     legit_rate: u32,
     legit_clients: u32,
+    upstream_ns: String,
     config: String,
 }
 
@@ -458,6 +462,7 @@ impl Run {
             let ctx = Ctx {
                 target: daemon::proxy_addr(),
                 upstream: daemon::upstream_addr(),
+                upstream_ns: self.upstream_ns.clone(),
                 sources,
                 spoof: (Ipv4Addr::new(198, 19, 0, 0), 16),
                 budget: a.budget(self.quick),

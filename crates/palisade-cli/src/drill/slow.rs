@@ -1,9 +1,12 @@
 //! Slow clients: a request head sent one byte at a time and never
-//! finished (slowloris). Each connection is timed from its first byte to
+//! finished (slowloris), and request bodies that trickle far below the
+//! daemon's minimum rate. Each connection is timed from its first byte to
 //! the daemon's cut; one still open well past the daemon's deadline is a
-//! breach.
+//! breach, and so is a slow body the upstream still holds by then.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,7 +16,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 
 use super::attack::{Attack, BoxFuture, Budget, Ctx, Layer, Outcome};
-use super::wire;
+use super::{upstream, wire};
 
 /// What `--quick` shortens the daemon's slow-client deadlines to, so that
 /// an attack waits them out within seconds.
@@ -96,17 +99,17 @@ enum End {
 /// Connection ends, summed up into an outcome.
 fn tally(ends: &[(Duration, End)], what: &str, key: &str, deadline: Duration) -> Outcome {
     let mut o = Outcome::default();
-    let (mut answered, mut closed, mut survived, mut refused, mut failed) = (0, 0, 0, 0, 0);
+    let (mut closed, mut survived, mut refused, mut failed) = (0, 0, 0, 0);
+    let mut answered = std::collections::BTreeMap::<u16, u32>::new();
     let mut longest = Duration::ZERO;
     for &(at, end) in ends {
         match end {
             End::Cut { after, status } => {
                 o.refused_at(at, Layer::Http);
                 longest = longest.max(after);
-                if status.is_some() {
-                    answered += 1;
-                } else {
-                    closed += 1;
+                match status {
+                    Some(s) => *answered.entry(s).or_default() += 1,
+                    None => closed += 1,
                 }
             }
             End::Survived => survived += 1,
@@ -118,10 +121,15 @@ fn tally(ends: &[(Duration, End)], what: &str, key: &str, deadline: Duration) ->
         }
     }
     o.sent = ends.len() as u64;
+    let answered: Vec<String> = answered
+        .iter()
+        .map(|(s, n)| format!("{n} answered {s}"))
+        .collect();
     o.notes.push(format!(
-        "{} {what} connections: {answered} answered and {closed} closed by the daemon (the longest {:.1} s \
+        "{} {what} connections: {}{closed} closed by the daemon (the longest {:.1} s \
          after its first byte; server.{key} is {} s), {refused} reset at accept, {failed} not connected",
         ends.len(),
+        answered.iter().map(|a| format!("{a}, ")).collect::<String>(),
         longest.as_secs_f64(),
         deadline.as_secs_f64()
     ));
@@ -161,9 +169,16 @@ fn endless_head(i: usize) -> u8 {
         .unwrap_or_else(|| MORE[(i - START.len()) % MORE.len()])
 }
 
-/// One slowloris connection from `from`: a byte of the head every
-/// `every`, until the daemon cuts it or `bound` after its first byte.
-async fn slow_head(ctx: &Ctx, from: Ipv4Addr, every: Duration, bound: Duration) -> End {
+/// One slow connection from `from`: `head` at once, then `piece(i)`
+/// every `every`, until the daemon cuts it or `bound` after the head.
+async fn slow_conn(
+    ctx: &Ctx,
+    from: Ipv4Addr,
+    head: &[u8],
+    piece: impl Fn(usize) -> Vec<u8>,
+    every: Duration,
+    bound: Duration,
+) -> End {
     let stream = match wire::connect(from, ctx.target).await {
         Ok(s) => s,
         Err(e) => {
@@ -175,8 +190,11 @@ async fn slow_head(ctx: &Ctx, from: Ipv4Addr, every: Duration, bound: Duration) 
     let (mut rd, mut wr) = stream.into_split();
     let first = Instant::now();
     let trickle = async {
+        if wr.write_all(head).await.is_err() {
+            return;
+        }
         for i in 0.. {
-            if wr.write_all(&[endless_head(i)]).await.is_err() {
+            if wr.write_all(&piece(i)).await.is_err() {
                 break;
             }
             tokio::time::sleep(every).await;
@@ -268,10 +286,112 @@ impl Attack for Slowloris {
             let every = (deadline / 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
             let bound = outlived(deadline);
             let ends = spread(&ctx, move |ctx, from| async move {
-                slow_head(&ctx, from, every, bound).await
+                slow_conn(&ctx, from, &[], |i| vec![endless_head(i)], every, bound).await
             })
             .await;
             Ok(tally(&ends, "slowloris", "header_read_timeout", deadline))
+        })
+    }
+}
+
+/// The length slow-body requests announce: far more than they send,
+/// under the default `server.max_body_size` (a smaller one answers 413 at
+/// once, which the notes show).
+const BODY_LEN: u64 = 1 << 20;
+
+/// Slow request bodies: a large Content-Length, then the body a few bytes
+/// at a time, far below `server.body_min_rate`.
+pub struct SlowBody;
+
+impl Attack for SlowBody {
+    fn name(&self) -> &'static str {
+        "slow-body"
+    }
+    fn title(&self) -> &'static str {
+        "slow request bodies: POSTs from 32 addresses announcing 1 MiB, sent at an eighth of server.body_min_rate"
+    }
+    fn sources(&self) -> u32 {
+        32
+    }
+    fn budget(&self, quick: bool) -> Budget {
+        if quick {
+            Budget {
+                max: 64,
+                seconds: Duration::from_secs(5),
+            }
+        } else {
+            Budget {
+                max: 256,
+                seconds: Duration::from_secs(15),
+            }
+        }
+    }
+    fn skip(&self, ctx: &Ctx) -> Option<String> {
+        if ctx.defenses.body_min_rate == 0 {
+            return Some(
+                "server.body_min_rate is 0: slow bodies are only bounded by body_read_timeout".into(),
+            );
+        }
+        too_long("body_rate_grace", ctx.defenses.body_rate_grace, ctx.budget)
+    }
+    fn run(&self, ctx: Ctx) -> BoxFuture<anyhow::Result<Outcome>> {
+        Box::pin(async move {
+            let start = Instant::now();
+            let grace = ctx.defenses.body_rate_grace;
+            let bound = outlived(grace);
+            let every = Duration::from_millis(250);
+            // An eighth of the rate, in four pieces a second.
+            let piece = usize::try_from((ctx.defenses.body_min_rate / 32).max(1)).unwrap_or(1);
+            let head = format!(
+                "POST /slow-body HTTP/1.1\r\nHost: drill.test\r\nUser-Agent: palisade-drill\r\n\
+                 Content-Type: application/octet-stream\r\nContent-Length: {BODY_LEN}\r\n\r\n"
+            );
+            let before = upstream::held(&ctx, "post").await?;
+            let peak = Arc::new(AtomicU64::new(0));
+            let sampler = {
+                let (ctx, peak) = (ctx.clone(), peak.clone());
+                tokio::spawn(async move {
+                    loop {
+                        if let Ok(h) = upstream::held(&ctx, "post").await {
+                            peak.fetch_max(h.in_flight.saturating_sub(before.in_flight), Ordering::Relaxed);
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                })
+            };
+            let head = Arc::new(head.into_bytes());
+            let ends = spread(&ctx, move |ctx, from| {
+                let head = head.clone();
+                async move { slow_conn(&ctx, from, &head, |_| vec![b'x'; piece], every, bound).await }
+            })
+            .await;
+            sampler.abort();
+            let mut outcome = tally(&ends, "slow-body", "body_rate_grace", grace);
+            // Every request's bound is over by then: the upstream must
+            // have let go of all of them.
+            let due = start + SPREAD + bound;
+            let after = loop {
+                let h = upstream::held(&ctx, "post").await?;
+                if h.in_flight <= before.in_flight || Instant::now() >= due {
+                    break h;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let held = after.in_flight.saturating_sub(before.in_flight);
+            outcome.notes.push(format!(
+                "the upstream received {} of them, at most {} held at once",
+                after.received.saturating_sub(before.received),
+                peak.load(Ordering::Relaxed)
+            ));
+            if held > 0 {
+                outcome.breaches.push(format!(
+                    "the upstream still held {held} slow-body requests {:.1} s after the last one started \
+                     (server.body_rate_grace is {} s)",
+                    bound.as_secs_f64(),
+                    grace.as_secs_f64()
+                ));
+            }
+            Ok(outcome)
         })
     }
 }
