@@ -38,7 +38,6 @@ pub struct Defenses {
     pub body_read_timeout: Duration,
     /// `server.body_rate_grace`: after it, a body slower than
     /// `server.body_min_rate` is cut.
-    #[expect(dead_code, reason = "the slow-client attacks read it")]
     pub body_rate_grace: Duration,
     /// `server.body_min_rate` (0: off).
     pub body_min_rate: u64,
