@@ -143,6 +143,23 @@ impl RateLimited {
     }
 }
 
+/// What an admitted request leaves of its client's quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Headroom {
+    /// Requests that would be admitted right now, one after the other:
+    /// the fewer of what the bucket holds and what the 1 s window has room for.
+    pub remaining: u32,
+    /// Time until the bucket is full again if no request comes.
+    pub full_in: Nanos,
+}
+
+impl Headroom {
+    /// `full_in` in whole seconds, rounded up.
+    pub fn full_in_secs(&self) -> u64 {
+        self.full_in.div_ceil(NANOS_PER_SEC)
+    }
+}
+
 /// One client's limiter state: 52 bytes of atomics, one cache line with its
 /// table tag.
 #[derive(Default)]
@@ -354,6 +371,13 @@ impl RateLimiter {
     #[inline]
     pub fn check(&self, key: &ClientKey, now: Nanos) -> Result<(), RateLimited> {
         self.table.with(key, now, |w, _| w.check(&self.quota, now))
+    }
+
+    /// [`check`](Self::check), saying on admission what is left of the
+    /// client's quota.
+    #[inline]
+    pub fn admit(&self, key: &ClientKey, now: Nanos) -> Result<Headroom, RateLimited> {
+        self.table.with(key, now, |w, _| w.admit(&self.quota, now))
     }
 
     /// The quota applied to each client.

@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use palisade_core::{NANOS_PER_SEC, Nanos};
 
-use crate::rate::{Quota, RateLimited, gcra};
+use crate::rate::{Headroom, Quota, RateLimited, gcra};
 
 const TAG_SHIFT: u32 = 32;
 const LOCK: u64 = 1 << 31;
@@ -367,6 +367,13 @@ impl Words {
     /// as if spread out.
     #[inline]
     pub fn check(&mut self, quota: &Quota, now: Nanos) -> Result<(), RateLimited> {
+        self.admit(quota, now).map(|_| ())
+    }
+
+    /// [`check`](Self::check), saying on admission what is left of the
+    /// quota (for `RateLimit` fields on allowed responses).
+    #[inline]
+    pub fn admit(&mut self, quota: &Quota, now: Nanos) -> Result<Headroom, RateLimited> {
         self.roll(now);
         let into = now % NANOS_PER_SEC;
         let (prev, cur) = (self.win_prev(), self.win_cur());
@@ -385,8 +392,18 @@ impl Words {
                 retry_after: bucket.err().map_or(window, |b| b.retry_after.max(window)),
             });
         }
-        self.set_rate(bucket?, prev, cur + 1);
-        Ok(())
+        let tat = bucket?;
+        self.set_rate(tat, prev, cur + 1);
+        let t = quota.emission_interval();
+        // GCRA admits the next request while `tat` is within `tau` of now,
+        // and each admission moves `tat` one interval on.
+        let ahead = tat - into;
+        let in_bucket = if ahead <= tau { (tau - ahead) / t + 1 } else { 0 };
+        let in_window = limit.saturating_sub(cur + 1 + weighted);
+        Ok(Headroom {
+            remaining: in_bucket.min(in_window).min(u64::from(u32::MAX)) as u32,
+            full_in: ahead,
+        })
     }
 }
 
@@ -415,6 +432,7 @@ mod tests {
     use super::*;
     use crate::rate::quota;
     use palisade_core::NANOS_PER_MS;
+    use std::num::NonZeroU32;
 
     fn admitted(w: &mut Words, q: &Quota, now: Nanos, n: u32) -> u32 {
         (0..n).filter(|_| w.check(q, now).is_ok()).count() as u32
@@ -441,6 +459,26 @@ mod tests {
         let w = r.lock(7).unwrap();
         assert_eq!(w.tag(), 7);
         r.unlock(w);
+    }
+
+    #[test]
+    fn headroom_counts_down_to_the_refusal() {
+        let q = Quota::per(NonZeroU32::new(5).unwrap(), crate::rate::Period::Minute);
+        let mut w = Words::fresh(1);
+        let left: Vec<_> = (0..5).map(|_| w.admit(&q, 0).unwrap()).collect();
+        assert_eq!(
+            left.iter().map(|h| h.remaining).collect::<Vec<_>>(),
+            [4, 3, 2, 1, 0]
+        );
+        // One every 12 s: full again a minute after five at once.
+        assert_eq!(left[0].full_in_secs(), 12);
+        assert_eq!(left[4].full_in_secs(), 60);
+        assert!(w.admit(&q, 0).is_err());
+        // The window binds a per-second quota whose bucket holds more.
+        let q = quota(10, 100, 3);
+        let mut w = Words::fresh(1);
+        let left: Vec<_> = (0..3).map(|_| w.admit(&q, 0).unwrap().remaining).collect();
+        assert_eq!(left, [2, 1, 0]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use palisade_core::NANOS_PER_SEC;
 
 use crate::adaptive::{AdaptiveBreaker, AdaptiveConfig, AdaptiveTransition, Admission, Signal};
 use crate::clients::Clients;
-use crate::rate::{Quota, RateLimiter};
+use crate::rate::{Headroom, Quota, RateLimited, RateLimiter};
 use crate::reputation::{Reputation, ReputationConfig};
 
 /// How a client is identified.
@@ -120,6 +120,16 @@ pub trait KeyExtractor: std::fmt::Debug + Send + Sync + 'static {
     fn key<'r>(&self, req: &RequestFacts<'r>) -> Option<Cow<'r, [u8]>>;
 }
 
+/// Which responses carry the `RateLimit` and `RateLimit-Policy` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RateHeaders {
+    /// Only refusals (429).
+    #[default]
+    Refused,
+    /// Every response to a request a limit counted, saying what is left.
+    Always,
+}
+
 /// A rate limit and whether it is enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitPolicy {
@@ -157,6 +167,9 @@ pub struct RouteConfig {
     pub limit: Option<LimitPolicy>,
     /// What its own limit counts by (without one, the default's key).
     pub key: LimitKey,
+    /// Which of its responses say what is left of the limit; `None`
+    /// follows [`ShieldConfig::rate_headers`].
+    pub rate_headers: Option<RateHeaders>,
 }
 
 /// Everything the shield needs, already validated.
@@ -178,6 +191,8 @@ pub struct ShieldConfig {
     pub limit: Option<LimitPolicy>,
     /// What the default limit counts by.
     pub limit_key: LimitKey,
+    /// Which responses say what is left of the limit (routes may differ).
+    pub rate_headers: RateHeaders,
     /// Routes, first match wins.
     pub routes: Vec<RouteConfig>,
     /// Reputation rules; `None` disables reputation.
@@ -204,6 +219,7 @@ impl Default for ShieldConfig {
                 mode: Mode::Enforce,
             }),
             limit_key: LimitKey::Client,
+            rate_headers: RateHeaders::Refused,
             routes: Vec::new(),
             reputation: Some((ReputationConfig::default(), Mode::Enforce)),
             adaptive: Some((AdaptiveConfig::default(), Mode::Enforce)),
@@ -272,6 +288,22 @@ pub struct Decision {
     pub started: Nanos,
     /// Allow-listed (config or store): outside every control.
     pub exempt: bool,
+    /// What is left of the limit, when the route's responses say it
+    /// ([`RateHeaders::Always`]) and the request was admitted.
+    pub allowance: Option<Allowance>,
+}
+
+/// What an admitted request left of the tightest limit it was counted
+/// against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    /// Whose limiter: 0 is the default one, `n` route `n`'s own (its
+    /// name: [`Shield::route_name`]).
+    pub limiter: RouteId,
+    /// Its quota.
+    pub quota: Quota,
+    /// What is left of it.
+    pub headroom: Headroom,
 }
 
 /// What a response changed.
@@ -458,6 +490,8 @@ impl<C: Clock> Shield<C> {
         };
         let route = self.route_for(req);
         let route_limiter = self.limiter_for(route);
+        let route_limiter_id = if self.has_own_limit(route) { route } else { 0 };
+        let headers = self.rate_headers_for(route) == RateHeaders::Always;
         // A limit keyed by the request is checked beside the default one,
         // charged to the client; any other is checked alone, by its key.
         let (limiter, limit_key, keyed) = match self.limit_key_for(route) {
@@ -477,6 +511,8 @@ impl<C: Clock> Shield<C> {
                 None => (route_limiter, key, None),
             },
         };
+        // Which limiter each check is: the request-keyed one is the route's.
+        let limiter_id = if keyed.is_some() { 0 } else { route_limiter_id };
         // Reputation and the limiter in the same record (the default
         // limiter's): one lookup serves both.
         let together = match (&self.reputation, limiter) {
@@ -506,6 +542,7 @@ impl<C: Clock> Shield<C> {
             transition: None,
             started: now,
             exempt: false,
+            allowance: None,
         };
         if self.cfg.allow.iter().any(|n| n.contains(&client_ip)) {
             decision.exempt = true;
@@ -555,7 +592,7 @@ impl<C: Clock> Shield<C> {
                         let standing = rep.observe_in(&key, w, place, now);
                         // An enforced reputation refusal charges no rate limit.
                         let refused = standing.blocked && *mode == Mode::Enforce;
-                        (standing, (!refused).then(|| w.check(l.quota(), now)))
+                        (standing, (!refused).then(|| counted(w, l.quota(), now, headers)))
                     });
                     checked = limited;
                     standing
@@ -575,18 +612,45 @@ impl<C: Clock> Shield<C> {
             }
         }
         let checks = limiter
-            .map(|l| (l, checked.unwrap_or_else(|| l.0.check(&limit_key, now))))
+            .map(|l| {
+                let verdict = checked.unwrap_or_else(|| {
+                    l.0.table()
+                        .with(&limit_key, now, |w, _| counted(w, l.0.quota(), now, headers))
+                });
+                (limiter_id, l, verdict)
+            })
             .into_iter()
-            .chain(keyed.map(|(l, k)| (l, l.0.check(&k, now))));
-        for ((limiter, mode), verdict) in checks {
-            if let Err(limited) = verdict {
-                let rejection = Rejection {
-                    reason: RejectReason::RateLimited,
-                    retry_after_secs: Some(limited.retry_after_secs()),
-                    quota: Some(*limiter.quota()),
-                };
-                if decision.apply(rejection, *mode) {
-                    return decision;
+            .chain(keyed.map(|(l, k)| {
+                let verdict =
+                    l.0.table()
+                        .with(&k, now, |w, _| counted(w, l.0.quota(), now, headers));
+                (route_limiter_id, l, verdict)
+            }));
+        for (id, (limiter, mode), verdict) in checks {
+            match verdict {
+                Ok(Some(headroom)) => {
+                    let tighter = decision
+                        .allowance
+                        .is_none_or(|a| headroom.remaining < a.headroom.remaining);
+                    if tighter {
+                        decision.allowance = Some(Allowance {
+                            limiter: id,
+                            quota: *limiter.quota(),
+                            headroom,
+                        });
+                    }
+                }
+                Ok(None) => {}
+                Err(limited) => {
+                    let rejection = Rejection {
+                        reason: RejectReason::RateLimited,
+                        retry_after_secs: Some(limited.retry_after_secs()),
+                        quota: Some(*limiter.quota()),
+                    };
+                    if decision.apply(rejection, *mode) {
+                        decision.allowance = None;
+                        return decision;
+                    }
                 }
             }
         }
@@ -608,8 +672,10 @@ impl<C: Clock> Shield<C> {
                     quota: None,
                 }),
             };
-            if let Some(r) = rejection {
-                decision.apply(r, *mode);
+            if let Some(r) = rejection
+                && decision.apply(r, *mode)
+            {
+                decision.allowance = None;
             }
         }
         decision
@@ -684,6 +750,23 @@ impl<C: Clock> Shield<C> {
         self.limiter_for(route).map(|(l, mode)| (name, *l.quota(), *mode))
     }
 
+    /// Whether a route has a limiter of its own.
+    fn has_own_limit(&self, route: RouteId) -> bool {
+        route
+            .checked_sub(1)
+            .and_then(|i| self.routes.get(i))
+            .is_some_and(|r| r.limiter.is_some())
+    }
+
+    /// Which of a route's responses say what is left of its limit.
+    pub fn rate_headers_for(&self, route: RouteId) -> RateHeaders {
+        route
+            .checked_sub(1)
+            .and_then(|i| self.routes.get(i))
+            .and_then(|r| r.config.rate_headers)
+            .unwrap_or(self.cfg.rate_headers)
+    }
+
     /// What the limit a route's requests count against is keyed by.
     fn limit_key_for(&self, route: RouteId) -> &LimitKey {
         route
@@ -723,6 +806,22 @@ impl<C: Clock> Shield<C> {
                 .and_then(|r| r.limiter.as_ref())
                 .or(self.default_limiter.as_ref()),
         }
+    }
+}
+
+/// One request counted against a client's record; what it leaves is only
+/// worked out when a response will say it.
+#[inline]
+fn counted(
+    w: &mut crate::record::Words,
+    quota: &Quota,
+    now: Nanos,
+    headroom: bool,
+) -> Result<Option<Headroom>, RateLimited> {
+    if headroom {
+        w.admit(quota, now).map(Some)
+    } else {
+        w.check(quota, now).map(|()| None)
     }
 }
 
@@ -933,6 +1032,7 @@ mod tests {
                     mode: Mode::Enforce,
                 }),
                 key: LimitKey::Client,
+                rate_headers: None,
             },
             RouteConfig {
                 name: "static".into(),
@@ -942,6 +1042,7 @@ mod tests {
                 },
                 limit: None,
                 key: LimitKey::Client,
+                rate_headers: None,
             },
         ];
         let s = Shield::new(cfg, ManualClock::new());

@@ -75,6 +75,7 @@ fn config(key_by: KeyBy) -> ShieldConfig {
         },
         limit: cfg.limit,
         key: LimitKey::Client,
+        rate_headers: None,
     }];
     cfg
 }

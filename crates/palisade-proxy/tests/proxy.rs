@@ -26,6 +26,9 @@ async fn exactly_100_of_150_rapid_requests_pass_and_the_rest_get_429() {
         match status {
             StatusCode::OK => {
                 assert_eq!(body, "ok\n");
+                // By default only refusals say what is left of the limit.
+                assert!(!headers.contains_key("ratelimit"), "{headers:?}");
+                assert!(!headers.contains_key("ratelimit-policy"), "{headers:?}");
                 ok += 1;
             }
             StatusCode::TOO_MANY_REQUESTS => limited.push(headers),
@@ -310,6 +313,57 @@ async fn a_login_route_at_five_a_minute_refuses_the_sixth_for_twelve_seconds() {
     assert_eq!(c.get("/status/200").await.0, StatusCode::TOO_MANY_REQUESTS);
     let m = h.metrics().await;
     assert_eq!(get_requests(&m, "login", 429), 3.0);
+    h.running.shutdown().await;
+}
+
+/// `headers = "always"`: every allowed answer says what is left, `r=`
+/// counting down request by request to 0, `t=` the seconds until the bucket
+/// is full again (12 s a request at 5 a minute); then the refusal. A route
+/// may turn it on alone: the default route's answers stay bare.
+#[tokio::test(start_paused = true)]
+async fn with_headers_always_every_answer_counts_down_to_the_refusal() {
+    let h = Harness::start(
+        "",
+        "[[routes]]\nname = \"login\"\npath_prefix = \"/status\"\nrate = \"5/m\"\nheaders = \"always\"\n",
+    )
+    .await;
+    let mut c = h.client("127.0.0.16").await;
+    for left in (0..5).rev() {
+        let (status, headers, _) = c.get("/status/200").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["ratelimit-policy"], "\"login\";q=5;w=60");
+        let t = 12 * (5 - left);
+        assert_eq!(headers["ratelimit"], format!("\"login\";r={left};t={t}").as_str());
+    }
+    let (status, headers, _) = c.get("/status/200").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["ratelimit"], "\"login\";r=0;t=12");
+    let (status, headers, _) = c.get("/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!headers.contains_key("ratelimit"), "{headers:?}");
+    h.running.shutdown().await;
+
+    // Set for the whole file, the default limit's answers carry it too.
+    let h = Harness::start("", "[rate_limit]\nrate = 3\nheaders = \"always\"\n").await;
+    let mut c = h.client("127.0.0.17").await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (status, headers, _) = c.get("/").await;
+        seen.push((
+            status,
+            headers.get("ratelimit").map(|v| v.to_str().unwrap().to_owned()),
+        ));
+    }
+    let expect = |r: &str| Some(format!("\"default\";{r}"));
+    assert_eq!(
+        seen,
+        [
+            (StatusCode::OK, expect("r=2;t=1")),
+            (StatusCode::OK, expect("r=1;t=1")),
+            (StatusCode::OK, expect("r=0;t=1")),
+            (StatusCode::TOO_MANY_REQUESTS, expect("r=0;t=1")),
+        ]
+    );
     h.running.shutdown().await;
 }
 

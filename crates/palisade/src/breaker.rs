@@ -258,8 +258,8 @@ struct Settle<C: Clock> {
 }
 
 impl<C: Clock, B, E> Finish<B, E> for Settle<C> {
-    fn finish(self, result: &Result<Response<B>, E>) {
-        let outcome = match result {
+    fn finish(self, result: &mut Result<Response<B>, E>) {
+        let outcome = match &*result {
             Ok(r) if !self.failures.contains(r.status().as_u16()) => Outcome::Success,
             _ => Outcome::Failure,
         };

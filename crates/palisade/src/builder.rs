@@ -12,7 +12,9 @@ use palisade_limits::admission::{Admission, AdmissionConfig};
 use palisade_limits::breaker::Breaker;
 use palisade_limits::rate::{Period, Quota};
 use palisade_limits::reputation::ReputationConfig;
-use palisade_limits::shield::{LimitKey, LimitPolicy, RouteConfig, RouteMatch, Shield, ShieldConfig};
+use palisade_limits::shield::{
+    LimitKey, LimitPolicy, RateHeaders, RouteConfig, RouteMatch, Shield, ShieldConfig,
+};
 use palisade_store::StoreCell;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tower_layer::Layer;
@@ -272,6 +274,26 @@ impl<C: Clock + Clone> Builder<C> {
         self
     }
 
+    /// `rate_limit.headers`: [`RateHeaders::Always`] gives every response
+    /// to a limited request `RateLimit-Policy` and `RateLimit` (`r=` what
+    /// is left, `t=` seconds until the bucket is full again), not only
+    /// refusals.
+    ///
+    /// ```
+    /// use palisade::{Palisade, RateHeaders};
+    ///
+    /// let palisade = Palisade::builder()
+    ///     .rate_limit(10)
+    ///     .rate_limit_headers(RateHeaders::Always)
+    ///     .build()?;
+    /// # let _ = palisade;
+    /// # Ok::<(), palisade::BuildError>(())
+    /// ```
+    pub fn rate_limit_headers(mut self, headers: RateHeaders) -> Self {
+        self.shield.rate_headers = headers;
+        self
+    }
+
     /// `rate_limit.burst`: requests admitted at once after a quiet period.
     pub fn burst(mut self, burst: u32) -> Self {
         self.quota_mut().burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
@@ -322,6 +344,7 @@ impl<C: Clock + Clone> Builder<C> {
             },
             limit,
             key: LimitKey::Client,
+            rate_headers: None,
         });
         self
     }

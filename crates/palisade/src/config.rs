@@ -18,7 +18,9 @@ use palisade_limits::admission::AdmissionConfig;
 use palisade_limits::breaker::BreakerConfig;
 use palisade_limits::rate::{Period, Quota};
 use palisade_limits::reputation::ReputationConfig;
-use palisade_limits::shield::{KeyBy, LimitKey, LimitPolicy, RouteConfig, RouteMatch, ShieldConfig};
+use palisade_limits::shield::{
+    KeyBy, LimitKey, LimitPolicy, RateHeaders, RouteConfig, RouteMatch, ShieldConfig,
+};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use toml::de::{DeTable, DeValue};
@@ -337,6 +339,7 @@ pub mod raw {
         pub burst: Option<u32>,
         pub window_limit: Option<u32>,
         pub key: Option<String>,
+        pub headers: String,
     }
 
     impl Default for RawRateLimit {
@@ -348,6 +351,7 @@ pub mod raw {
                 burst: None,
                 window_limit: None,
                 key: None,
+                headers: "refused".into(),
             }
         }
     }
@@ -457,6 +461,8 @@ pub mod raw {
         pub window_limit: Option<u32>,
         pub key: Option<String>,
         pub mode: Option<String>,
+        /// Which responses carry the rate-limit fields; unset follows `rate_limit.headers`.
+        pub headers: Option<String>,
         /// The daemon's proof-of-work challenge (`off` here).
         pub challenge: Option<String>,
         pub challenge_below: Option<u8>,
@@ -687,6 +693,7 @@ pub mod raw {
                     Some(k) => limit_key(k, p!("rate_limit", "key"))?,
                     None => LimitKey::Client,
                 },
+                rate_headers: rate_headers(&rl.headers, p!("rate_limit", "headers"))?,
                 routes,
                 reputation,
                 // Opened by the App and shared across reloads.
@@ -810,7 +817,24 @@ pub mod raw {
                     Some(k) => limit_key(k, p!("routes", i, "key"))?,
                     None => LimitKey::Client,
                 },
+                rate_headers: self
+                    .headers
+                    .as_deref()
+                    .map(|h| rate_headers(h, p!("routes", i, "headers")))
+                    .transpose()?,
             })
+        }
+    }
+
+    /// `headers`: `"refused"` or `"always"`.
+    pub fn rate_headers(s: &str, path: &[Seg]) -> Result<RateHeaders, Invalid> {
+        match s {
+            "refused" => Ok(RateHeaders::Refused),
+            "always" => Ok(RateHeaders::Always),
+            other => Err(at(
+                path,
+                format!("unknown value {other:?}; expected \"refused\" or \"always\""),
+            )),
         }
     }
 

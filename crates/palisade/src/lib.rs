@@ -99,10 +99,10 @@ pub use palisade_core::{
 pub use palisade_limits::adaptive::AdaptiveConfig;
 pub use palisade_limits::admission::{Admission, AdmissionConfig, Refusal};
 pub use palisade_limits::breaker::{BreakerConfig, BreakerState};
-pub use palisade_limits::rate::{Period, Quota};
+pub use palisade_limits::rate::{Headroom, Period, Quota};
 pub use palisade_limits::reputation::ReputationConfig;
 pub use palisade_limits::shield::{
-    Decision, KeyExtractor, LimitKey, LimitPolicy, Rejection, RequestFacts, ResponseEffects, Shield,
-    ShieldConfig,
+    Allowance, Decision, KeyExtractor, LimitKey, LimitPolicy, RateHeaders, Rejection, RequestFacts,
+    ResponseEffects, Shield, ShieldConfig,
 };
 pub use palisade_store::StoreCell;

@@ -2,12 +2,12 @@
 //! the daemon alike: small static plain-text bodies, no per-request logging.
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use http::{Response, StatusCode};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 use palisade_core::RejectReason;
-use palisade_limits::rate::Period;
-use palisade_limits::shield::Rejection;
+use palisade_limits::rate::{Period, Quota};
+use palisade_limits::shield::{Allowance, Rejection};
 
 /// A small plain-text response.
 pub fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -34,17 +34,7 @@ pub fn rejection(rej: &Rejection, policy_name: &str) -> Response<Full<Bytes>> {
             let h = r.headers_mut();
             h.insert(RETRY_AFTER, HeaderValue::from(retry));
             if let Some(q) = rej.quota {
-                // Per second the window is the tighter figure; over a
-                // minute or an hour it is the rate over its period.
-                let policy = match q.per {
-                    Period::Second => format!("\"{policy_name}\";q={};w=1", q.window_limit),
-                    per => format!("\"{policy_name}\";q={};w={}", q.rate, per.secs()),
-                };
-                let state = format!("\"{policy_name}\";r=0;t={retry}");
-                if let (Ok(p), Ok(s)) = (HeaderValue::try_from(policy), HeaderValue::try_from(state)) {
-                    h.insert("ratelimit-policy", p);
-                    h.insert("ratelimit", s);
-                }
+                rate_limit_fields(h, policy_name, &q, 0, retry);
             }
             r
         }
@@ -54,6 +44,52 @@ pub fn rejection(rej: &Rejection, policy_name: &str) -> Response<Full<Bytes>> {
         }
     }
 }
+
+/// Sets `RateLimit-Policy` (the quota of the limit named `policy_name`)
+/// and `RateLimit` (`r=` requests left, `t=` seconds), replacing any the
+/// service set: a client reads one limit's state, the one that binds it.
+pub fn rate_limit_fields(h: &mut HeaderMap, policy_name: &str, quota: &Quota, remaining: u32, secs: u64) {
+    // Per second the window is the tighter figure; over a minute or an
+    // hour it is the rate over its period.
+    let (q, w) = match quota.per {
+        Period::Second => (quota.window_limit.get(), 1),
+        per => (quota.rate.get(), per.secs()),
+    };
+    let policy = field(format_args!("\"{policy_name}\";q={q};w={w}"));
+    let state = field(format_args!("\"{policy_name}\";r={remaining};t={secs}"));
+    if let (Some(p), Some(s)) = (policy, state) {
+        h.insert(RATELIMIT_POLICY, p);
+        h.insert(RATELIMIT, s);
+    }
+}
+
+/// A field value written on the stack and copied once, into its own
+/// allocation: these go on every response when a route asks for them.
+fn field(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    use std::io::Write;
+    // A route name is at most 64 bytes, the numbers at most 20 each.
+    let mut buf = [0u8; 160];
+    let mut rest = &mut buf[..];
+    rest.write_fmt(args).ok()?;
+    let len = 160 - rest.len();
+    HeaderValue::from_bytes(&buf[..len]).ok()
+}
+
+/// The fields of an admitted request's response when its route says what
+/// is left of its limit: `r=` what is left, `t=` seconds until the bucket
+/// is full again.
+pub fn allowance_fields(h: &mut HeaderMap, policy_name: &str, allowance: &Allowance) {
+    rate_limit_fields(
+        h,
+        policy_name,
+        &allowance.quota,
+        allowance.headroom.remaining,
+        allowance.headroom.full_in_secs(),
+    );
+}
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// 503 with `Retry-After`: a breaker is open, the service is not called.
 pub fn breaker_open(retry_after_secs: u64) -> Response<Full<Bytes>> {
@@ -67,7 +103,6 @@ pub fn breaker_open(retry_after_secs: u64) -> Response<Full<Bytes>> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use palisade_limits::rate::Quota;
     use std::num::NonZeroU32;
 
     #[test]

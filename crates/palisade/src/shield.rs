@@ -864,7 +864,13 @@ impl<P: Pipeline> Watched<P> {
 }
 
 impl<P: Pipeline, B, E> Finish<B, E> for Watch<P> {
-    fn finish(self, result: &Result<Response<B>, E>) {
+    fn finish(self, result: &mut Result<Response<B>, E>) {
+        if let (Ok(r), Some(w)) = (&mut *result, &self.0)
+            && let Some(allowance) = &w.decision.allowance
+        {
+            let name = w.pipeline.shield(&w.snapshot).route_name(allowance.limiter);
+            respond::allowance_fields(r.headers_mut(), name, allowance);
+        }
         match result {
             Ok(r) => {
                 let len = r
@@ -881,7 +887,8 @@ impl<P: Pipeline, B, E> Finish<B, E> for Watch<P> {
 /// What a layer's future does with the inner service's result once it
 /// arrives: the shield feeds it back, the breaker records the outcome.
 pub(crate) trait Finish<B, E> {
-    fn finish(self, result: &Result<Response<B>, E>);
+    /// Sees the result, and may add to the response (its rate-limit fields).
+    fn finish(self, result: &mut Result<Response<B>, E>);
 }
 
 pin_project_lite::pin_project! {
@@ -920,9 +927,9 @@ impl<F, D> Answer<F, D> {
                 None => panic!("{name} polled after completion"),
             },
             AnswerProj::Called { fut, done } => {
-                let result = ready!(fut.poll(cx));
+                let mut result = ready!(fut.poll(cx));
                 if let Some(d) = done.take() {
-                    d.finish(&result);
+                    d.finish(&mut result);
                 }
                 Poll::Ready(M::pass(result))
             }

@@ -101,3 +101,44 @@ fn an_admitted_request_allocates_nothing() {
     .join()
     .unwrap();
 }
+
+/// With `RateLimit` fields on every answer, what an admitted request
+/// allocates is the two field values and the response's header map (empty
+/// until then), nothing per decision.
+#[test]
+fn rate_limit_fields_cost_their_two_values_and_the_map() {
+    std::thread::spawn(|| {
+        let clock = Arc::new(ManualClock::new());
+        let mut cfg = ShieldConfig::default();
+        if let Some(l) = &mut cfg.limit {
+            l.quota = palisade::Quota::per_second(std::num::NonZeroU32::new(1_000_000).unwrap());
+        }
+        if let Some((rep, _)) = &mut cfg.reputation {
+            rep.flood_threshold = 2_000_000;
+        }
+        cfg.rate_headers = palisade::RateHeaders::Always;
+        let layer = ShieldLayer::with_shield(Arc::new(Shield::new(cfg, clock))).expose_client_ip(false);
+        let peer = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 40000);
+        let mut svc = layer.layer(Empty).with_peer(peer);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut run = || {
+            let fut = pin!(svc.call(Request::new(())));
+            match fut.poll(&mut cx) {
+                Poll::Ready(Ok(r)) => {
+                    assert!(r.headers().contains_key("ratelimit"));
+                    drop(r);
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        run();
+        let before = ALLOCS.with(Cell::get);
+        for _ in 0..100 {
+            run();
+        }
+        let per_request = (ALLOCS.with(Cell::get) - before) / 100;
+        assert!(per_request <= 4, "{per_request} allocations per request");
+    })
+    .join()
+    .unwrap();
+}

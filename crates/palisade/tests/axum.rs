@@ -217,6 +217,91 @@ async fn the_axum_example_over_real_sockets_under_a_burst() {
     server.abort();
 }
 
+/// Requests on one keep-alive connection: each answer's status and its
+/// `RateLimit` field, if any.
+async fn burst_fields(to: SocketAddr, from: &str, n: usize) -> Vec<(u16, Option<String>)> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(to).await.unwrap();
+    let mut all = Vec::new();
+    for _ in 0..n {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let head = read_head(&mut s).await;
+        let field = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("ratelimit")
+                .then(|| value.trim().to_owned())
+        });
+        all.push((head[9..12].parse().unwrap(), field));
+    }
+    all
+}
+
+/// Reads one response (head + content-length body) and returns its head.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "connection closed mid-response");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut rest = vec![0u8; len];
+    s.read_exact(&mut rest).await.unwrap();
+    head
+}
+
+/// `rate_limit_headers(Always)`: an axum client sees `r=` count down to 0
+/// on its 200s, then the 429; without it, its 200s carry no field. On a
+/// hand-driven clock, so nothing refills while the requests run.
+#[tokio::test]
+async fn rate_limit_fields_on_every_answer_when_asked() {
+    for always in [true, false] {
+        let mut b = palisade::Palisade::builder()
+            .rate_limit_per(3, palisade::Period::Minute)
+            .no_reputation()
+            .no_adaptive_breaker()
+            .clock(palisade::ManualClock::new());
+        if always {
+            b = b.rate_limit_headers(palisade::RateHeaders::Always);
+        }
+        let palisade = b.build().unwrap();
+        let listener = palisade.bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .layer(palisade.layer())
+            .into_make_service_with_connect_info::<PeerAddr>();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let seen = burst_fields(addr, "127.0.0.92", 4).await;
+        let field = |r: &str| Some(format!("\"default\";{r}"));
+        let expect = if always {
+            [
+                (200, field("r=2;t=20")),
+                (200, field("r=1;t=40")),
+                (200, field("r=0;t=60")),
+                (429, field("r=0;t=20")),
+            ]
+        } else {
+            [(200, None), (200, None), (200, None), (429, field("r=0;t=20"))]
+        };
+        assert_eq!(seen, expect, "always: {always}");
+        server.abort();
+    }
+}
+
 /// An app answering with its client's address, behind the guard expecting
 /// PROXY headers from `trusted`.
 async fn behind_proxy_protocol(

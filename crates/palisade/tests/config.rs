@@ -50,6 +50,46 @@ fn the_daemon_quickstart_is_accepted_whole() {
     Palisade::from_file(&path).unwrap();
 }
 
+/// `headers = "always"` in `[rate_limit]` and per route; a value it does
+/// not know names its key.
+#[tokio::test]
+async fn rate_limit_headers_are_read_for_the_file_and_per_route() {
+    let path = write(
+        "headers.toml",
+        "[rate_limit]\nrate = 5\nheaders = \"always\"\n\n[[routes]]\nname = \"quiet\"\npath_prefix = \"/quiet\"\nheaders = \"refused\"\n",
+    );
+    let palisade = Palisade::from_file(&path).unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .route("/quiet", axum::routing::get(|| async { "ok" }))
+        .layer(palisade.layer());
+    let get = |path: &str| {
+        let mut r = Request::get(path).body(Body::empty()).unwrap();
+        r.extensions_mut()
+            .insert(ConnectInfo(PeerAddr(SocketAddr::from(([192, 0, 2, 2], 1)))));
+        app.clone().oneshot(r)
+    };
+    let r = get("/").await.unwrap();
+    assert_eq!(r.headers()["ratelimit-policy"], "\"default\";q=5;w=1");
+    assert!(
+        r.headers()["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"default\";r=4;t=")
+    );
+    // The route shares the default limit (it sets none of its own) but not its fields.
+    let r = get("/quiet").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(!r.headers().contains_key("ratelimit"));
+
+    let path = write("bad-headers.toml", "[rate_limit]\nheaders = \"sometimes\"\n");
+    let e = Palisade::from_file(&path).err().unwrap().to_string();
+    assert!(
+        e.ends_with("bad-headers.toml:2:1: rate_limit.headers: unknown value \"sometimes\"; expected \"refused\" or \"always\""),
+        "{e}"
+    );
+}
+
 #[test]
 fn errors_name_file_line_and_key() {
     let path = write("bad.toml", "[clients]\nkey = \"ip\"\n\n[rate_limit]\nrate = 0\n");
