@@ -35,6 +35,19 @@ pub enum KeyBy {
     IpUserAgent,
 }
 
+/// What the adaptive breaker tells clients apart by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BreakerFingerprint {
+    /// Hash of the client key and User-Agent.
+    #[default]
+    ClientUserAgent,
+    /// Hash of the client key and the connection's TLS fingerprint (its
+    /// JA4), so a client rotating its User-Agent over one TLS stack keeps
+    /// one breaker; without one (plain HTTP), as
+    /// [`ClientUserAgent`](Self::ClientUserAgent).
+    Ja4,
+}
+
 /// What a rate limit counts requests by.
 ///
 /// A key taken from the request (a header, cookie or query parameter) is
@@ -199,6 +212,8 @@ pub struct ShieldConfig {
     pub reputation: Option<(ReputationConfig, Mode)>,
     /// Adaptive per-fingerprint breaker; `None` disables it.
     pub adaptive: Option<(AdaptiveConfig, Mode)>,
+    /// What the adaptive breaker's fingerprint is made of.
+    pub breaker_fingerprint: BreakerFingerprint,
     /// External reputation: allow, deny and scores from a snapshot.
     /// Shared across reloads, swapped by its feed.
     pub store: Option<Arc<StoreCell>>,
@@ -223,6 +238,7 @@ impl Default for ShieldConfig {
             routes: Vec::new(),
             reputation: Some((ReputationConfig::default(), Mode::Enforce)),
             adaptive: Some((AdaptiveConfig::default(), Mode::Enforce)),
+            breaker_fingerprint: BreakerFingerprint::ClientUserAgent,
             store: None,
         }
     }
@@ -479,14 +495,18 @@ impl<C: Clock> Shield<C> {
             .headers
             .get(http::header::USER_AGENT)
             .map_or(&[][..], |v| v.as_bytes());
-        let fingerprint = if self.adaptive.is_some() || self.cfg.key_by == KeyBy::IpUserAgent {
+        let by_user_agent = if self.adaptive.is_some() || self.cfg.key_by == KeyBy::IpUserAgent {
             ClientKey::fingerprint(client_ip, self.cfg.ipv6_prefix, ua, &self.fingerprint_hasher)
         } else {
             ClientKey::Fingerprint(0)
         };
         let key = match self.cfg.key_by {
             KeyBy::Ip => ClientKey::from_ip(client_ip, self.cfg.ipv6_prefix),
-            KeyBy::IpUserAgent => fingerprint,
+            KeyBy::IpUserAgent => by_user_agent,
+        };
+        let fingerprint = match req.tls_fingerprint {
+            Some(ja4) if self.adaptive.is_some() => self.breaker_key(client_ip, ja4).unwrap_or(by_user_agent),
+            _ => by_user_agent,
         };
         let route = self.route_for(req);
         let route_limiter = self.limiter_for(route);
@@ -716,15 +736,40 @@ impl<C: Clock> Shield<C> {
 
     /// A connection from `peer` failed before a request could be made of it
     /// (TLS handshake timeout, unparseable request head). There is no
-    /// User-Agent, so it counts against the fingerprint with an empty one.
-    pub fn observe_connection_failure(&self, peer: IpAddr, signal: Signal) -> Option<AdaptiveTransition> {
+    /// User-Agent, so it counts against the fingerprint with an empty one,
+    /// or, when the breaker goes by JA4 and the ClientHello gave one
+    /// (`tls_fingerprint`), against that.
+    pub fn observe_connection_failure(
+        &self,
+        peer: IpAddr,
+        signal: Signal,
+        tls_fingerprint: Option<&str>,
+    ) -> Option<AdaptiveTransition> {
         let (adaptive, _) = self.adaptive.as_ref()?;
         let ip = peer.to_canonical();
         if self.cfg.allow.iter().any(|n| n.contains(&ip)) {
             return None;
         }
-        let fingerprint = ClientKey::fingerprint(ip, self.cfg.ipv6_prefix, b"", &self.fingerprint_hasher);
+        let fingerprint = tls_fingerprint
+            .and_then(|ja4| self.breaker_key(ip, ja4))
+            .unwrap_or_else(|| {
+                ClientKey::fingerprint(ip, self.cfg.ipv6_prefix, b"", &self.fingerprint_hasher)
+            });
         adaptive.record(&fingerprint, ip, signal, self.clock.now())
+    }
+
+    /// The breaker's fingerprint of a client on a TLS connection with this
+    /// JA4, when the breaker goes by JA4.
+    fn breaker_key(&self, client_ip: IpAddr, ja4: &str) -> Option<ClientKey> {
+        if self.cfg.breaker_fingerprint != BreakerFingerprint::Ja4 {
+            return None;
+        }
+        let mut h = self.fingerprint_hasher.build_hasher();
+        // Tagged, so no User-Agent spells the same fingerprint.
+        h.write_u8(b'j');
+        std::hash::Hash::hash(&ClientKey::from_ip(client_ip, self.cfg.ipv6_prefix), &mut h);
+        h.write(ja4.as_bytes());
+        Some(ClientKey::Fingerprint(h.finish()))
     }
 
     /// Current time on the shield's clock.
@@ -1227,6 +1272,66 @@ mod tests {
     }
 
     #[test]
+    fn a_ja4_breaker_holds_one_tls_stack_whatever_its_user_agent() {
+        let clock = ManualClock::new();
+        let cfg = ShieldConfig {
+            breaker_fingerprint: BreakerFingerprint::Ja4,
+            ..ShieldConfig::default()
+        };
+        let s = Shield::new(cfg, clock.clone());
+        let m = Method::GET;
+        let ja4 = Some("t13d3112h2_e8f1e7e78f70_b26ce05bbdd6");
+        let with_ua = |i: usize| {
+            let mut h = HeaderMap::new();
+            h.insert("user-agent", format!("bot/{i}").parse().unwrap());
+            h
+        };
+        let request = |peer: &str, h: &HeaderMap, ja4: Option<&'static str>| {
+            let mut f = facts(peer, "/", &m, h);
+            f.tls_fingerprint = ja4;
+            s.decide(&f)
+        };
+        let mut refused = 0;
+        for i in 0..20 {
+            clock.advance(std::time::Duration::from_millis(20));
+            let d = request("10.7.7.7", &with_ua(i), ja4);
+            if d.rejection.is_some() {
+                refused += 1;
+                continue;
+            }
+            s.observe_response(&d, 500);
+        }
+        assert!(refused >= 8, "{refused} of 20 refused");
+        let d = request("10.7.7.7", &with_ua(99), ja4);
+        assert_eq!(d.rejection.unwrap().reason, RejectReason::ClientBreakerOpen);
+        // Another TLS stack from that address, or that stack from another
+        // address: breakers of their own.
+        assert!(
+            request(
+                "10.7.7.7",
+                &with_ua(99),
+                Some("t13d1516h2_8daaf6152771_d8a2da3f94cd")
+            )
+            .rejection
+            .is_none()
+        );
+        assert!(request("10.7.7.8", &with_ua(99), ja4).rejection.is_none());
+        // Plain HTTP: the User-Agent's fingerprint, as without JA4.
+        for i in 0..20 {
+            clock.advance(std::time::Duration::from_millis(20));
+            let d = request("10.7.7.9", &with_ua(i), None);
+            assert!(d.rejection.is_none(), "request {i}");
+            s.observe_response(&d, 500);
+        }
+        // A connection's failures count against its JA4 too.
+        for _ in 0..11 {
+            s.observe_connection_failure("10.7.7.10".parse().unwrap(), Signal::TlsHandshakeTimeout, ja4);
+        }
+        let d = request("10.7.7.10", &with_ua(1), ja4);
+        assert_eq!(d.rejection.unwrap().reason, RejectReason::ClientBreakerOpen);
+    }
+
+    #[test]
     fn failing_fingerprint_is_degraded_then_opened_per_user_agent() {
         let clock = ManualClock::new();
         let s = Shield::new(ShieldConfig::default(), clock.clone());
@@ -1251,7 +1356,7 @@ mod tests {
         // Connection-level failures count against the empty User-Agent.
         // Ten failures degrade (volume floor), the eleventh opens.
         for _ in 0..11 {
-            s.observe_connection_failure("10.8.8.8".parse().unwrap(), Signal::HeaderParseFailure);
+            s.observe_connection_failure("10.8.8.8".parse().unwrap(), Signal::HeaderParseFailure, None);
         }
         let d = s.decide(&facts("10.8.8.8", "/", &m, &HeaderMap::new()));
         assert_eq!(d.rejection.unwrap().reason, RejectReason::ClientBreakerOpen);

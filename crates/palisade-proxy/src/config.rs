@@ -2186,6 +2186,19 @@ mod tests {
     }
 
     #[test]
+    fn the_breaker_fingerprint_is_user_agent_or_ja4() {
+        use palisade_limits::shield::BreakerFingerprint;
+        let d = parse(MINIMAL).unwrap();
+        assert_eq!(d.shield.breaker_fingerprint, BreakerFingerprint::ClientUserAgent);
+        let on = parse(&format!("{MINIMAL}[adaptive_breaker]\nfingerprint = \"ja4\"\n")).unwrap();
+        assert_eq!(on.shield.breaker_fingerprint, BreakerFingerprint::Ja4);
+        assert_eq!(
+            err(&format!("{MINIMAL}[adaptive_breaker]\nfingerprint = \"tls\"\n")),
+            "test.toml:4:1: adaptive_breaker.fingerprint: unknown fingerprint \"tls\"; expected \"user_agent\" or \"ja4\""
+        );
+    }
+
+    #[test]
     fn rate_override_moves_derived_defaults() {
         let o = Overrides {
             rate_limit: NonZeroU32::new(10),

@@ -406,8 +406,8 @@ async fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
 ) -> Option<(TlsStream<Recorded<TcpStream>>, Option<TlsFingerprint>)> {
-    let accept = tls.acceptor.accept(Recorded::new(stream));
-    match tokio::time::timeout(tls.handshake_timeout, accept).await {
+    let mut accept = tls.acceptor.accept(Recorded::new(stream));
+    match tokio::time::timeout(tls.handshake_timeout, &mut accept).await {
         Ok(Ok(mut stream)) => {
             let fingerprint = stream.get_mut().0.fingerprint();
             Some((stream, fingerprint))
@@ -419,10 +419,13 @@ async fn handshake(
         }
         Err(_) => {
             Metrics::inc(&app.metrics.conn_timeouts, "tls_handshake");
-            if let Some(t) = rt
-                .shield
-                .observe_connection_failure(peer.ip(), Signal::TlsHandshakeTimeout)
-            {
+            // A whole ClientHello then silence: the stack that sent it is known.
+            let fingerprint = accept.get_mut().and_then(|r| r.fingerprint());
+            if let Some(t) = rt.shield.observe_connection_failure(
+                peer.ip(),
+                Signal::TlsHandshakeTimeout,
+                fingerprint.as_deref(),
+            ) {
                 app.adaptive_transition(t);
             }
             None
@@ -480,6 +483,7 @@ where
     let activity = Arc::new(ConnActivity::default());
     let io = TokioIo::new(TimedIo::new(io, activity.clone(), deadlines));
     let peer = conn.peer;
+    let fingerprint = conn.tls_fingerprint.clone();
     let service = ProxyService::new(app.clone(), conn, activity.clone());
     let conn = rt
         .builder
@@ -519,9 +523,11 @@ where
     });
     if let Err(e) = served.await {
         if is_parse_error(e.as_ref())
-            && let Some(t) = rt
-                .shield
-                .observe_connection_failure(peer.ip(), Signal::HeaderParseFailure)
+            && let Some(t) = rt.shield.observe_connection_failure(
+                peer.ip(),
+                Signal::HeaderParseFailure,
+                fingerprint.as_deref(),
+            )
         {
             app.adaptive_transition(t);
         }

@@ -321,13 +321,15 @@ async fn on_plain_http_a_forged_fingerprint_header_is_removed() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// The statuses of `n` requests for `/` on one TLS connection from
-/// `source` offering the first `ciphers` cipher suites.
+/// The statuses of `n` requests for `path` on one TLS connection from
+/// `source` offering the first `ciphers` cipher suites, each request with
+/// a User-Agent of its own.
 async fn statuses_over_tls(
     dir: &Path,
     addr: std::net::SocketAddr,
     source: &str,
     ciphers: usize,
+    path: &str,
     n: usize,
 ) -> Vec<u16> {
     let tls = rustls_connect_with(dir, addr, source, b"http/1.1", ciphers).await;
@@ -336,10 +338,11 @@ async fn statuses_over_tls(
         .unwrap();
     tokio::spawn(conn);
     let mut out = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
         h1.ready().await.unwrap();
-        let req = Request::get("/")
+        let req = Request::get(path)
             .header("host", "localhost")
+            .header("user-agent", format!("rotating/{i}"))
             .body(Full::new(Bytes::new()))
             .unwrap();
         let resp = h1.send_request(req).await.unwrap();
@@ -359,12 +362,18 @@ async fn one_tls_stack_from_two_addresses_shares_one_ja4_limit() {
     let running = start(&d, true, "", JA4_LIMIT).await;
     let addr = running.proxy_addr;
     let all = usize::MAX;
-    assert_eq!(statuses_over_tls(&d, addr, "127.0.0.2", all, 2).await, [200, 200]);
+    assert_eq!(
+        statuses_over_tls(&d, addr, "127.0.0.2", all, "/", 2).await,
+        [200, 200]
+    );
     // Another address, the same ClientHello: one request left between them.
-    assert_eq!(statuses_over_tls(&d, addr, "127.0.0.3", all, 2).await, [200, 429]);
+    assert_eq!(
+        statuses_over_tls(&d, addr, "127.0.0.3", all, "/", 2).await,
+        [200, 429]
+    );
     // Another TLS stack (one cipher suite) from the first address has its own.
     assert_eq!(
-        statuses_over_tls(&d, addr, "127.0.0.2", 1, 4).await,
+        statuses_over_tls(&d, addr, "127.0.0.2", 1, "/", 4).await,
         [200, 200, 200, 429]
     );
     let logged = logged_ja4(&d, 8).await;
@@ -389,4 +398,31 @@ async fn on_plain_http_a_ja4_limit_counts_by_address() {
     }
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_agent_rotating_client_on_one_tls_stack_trips_one_ja4_breaker() {
+    for (fingerprint, trips) in [("ja4", true), ("user_agent", false)] {
+        let d = dir(&format!("breaker-{fingerprint}"));
+        // The upstream's own breaker off: every 503 is the client's.
+        let breaker =
+            format!("[adaptive_breaker]\nfingerprint = \"{fingerprint}\"\n[breaker]\nenabled = false\n");
+        let running = start(&d, true, "", &breaker).await;
+        let addr = running.proxy_addr;
+        // Every request a new User-Agent, every answer an upstream 500.
+        let got = statuses_over_tls(&d, addr, "127.0.0.2", usize::MAX, "/status/500", 30).await;
+        let upstream_errors = got.iter().filter(|&&s| s == 500).count();
+        if trips {
+            assert_eq!(got.last(), Some(&503), "{got:?}");
+            assert!(upstream_errors < 15, "{got:?}");
+            // Another TLS stack from the same address: its own breaker.
+            let other = statuses_over_tls(&d, addr, "127.0.0.2", 1, "/status/500", 1).await;
+            assert_eq!(other, [500]);
+        } else {
+            // One fresh breaker per User-Agent: nothing ever opens.
+            assert_eq!(upstream_errors, 30, "{got:?}");
+        }
+        running.shutdown().await;
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

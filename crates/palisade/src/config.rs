@@ -19,7 +19,7 @@ use palisade_limits::breaker::BreakerConfig;
 use palisade_limits::rate::{Period, Quota};
 use palisade_limits::reputation::ReputationConfig;
 use palisade_limits::shield::{
-    KeyBy, LimitKey, LimitPolicy, RateHeaders, RouteConfig, RouteMatch, ShieldConfig,
+    BreakerFingerprint, KeyBy, LimitKey, LimitPolicy, RateHeaders, RouteConfig, RouteMatch, ShieldConfig,
 };
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -96,11 +96,14 @@ impl Protection {
         }
         // Nor a JA4 key silently count by address: these layers see no TLS.
         let ja4_route = raw.routes.iter().position(|r| r.key.as_deref() == Some("ja4"));
-        if ja4_route.is_some() || raw.rate_limit.key.as_deref() == Some("ja4") {
+        let ja4_default = raw.rate_limit.key.as_deref() == Some("ja4");
+        let ja4_breaker = raw.adaptive_breaker.fingerprint == "ja4";
+        if ja4_route.is_some() || ja4_default || ja4_breaker {
             let message = "a JA4 fingerprint is computed by the palisade daemon's TLS listener, not by the library's layers";
             return Err(located(match ja4_route {
                 Some(i) => raw::at(crate::__config_path!("routes", i, "key"), message),
-                None => raw::at(crate::__config_path!("rate_limit", "key"), message),
+                None if ja4_default => raw::at(crate::__config_path!("rate_limit", "key"), message),
+                None => raw::at(crate::__config_path!("adaptive_breaker", "fingerprint"), message),
             }));
         }
         protection.proxy_protocol = raw.proxy_protocol(&protection.shield).map_err(located)?;
@@ -427,6 +430,7 @@ pub mod raw {
         pub probes: u32,
         pub degraded_rate_factor: f64,
         pub slow_first_byte: String,
+        pub fingerprint: String,
     }
 
     impl Default for RawAdaptive {
@@ -444,6 +448,7 @@ pub mod raw {
                 probes: d.probes,
                 degraded_rate_factor: d.degraded_rate_factor,
                 slow_first_byte: "800ms".into(),
+                fingerprint: "user_agent".into(),
             }
         }
     }
@@ -680,8 +685,19 @@ pub mod raw {
                 routes.push(route.validate(i, &routes, default_quota, rl)?);
             }
             let adaptive = self.adaptive()?;
+            let breaker_fingerprint = match self.adaptive_breaker.fingerprint.as_str() {
+                "user_agent" => BreakerFingerprint::ClientUserAgent,
+                "ja4" => BreakerFingerprint::Ja4,
+                other => {
+                    return Err(at(
+                        p!("adaptive_breaker", "fingerprint"),
+                        format!("unknown fingerprint {other:?}; expected \"user_agent\" or \"ja4\""),
+                    ));
+                }
+            };
             Ok(ShieldConfig {
                 adaptive,
+                breaker_fingerprint,
                 key_by,
                 ipv6_prefix: c.ipv6_prefix,
                 trusted_proxies: TrustedProxies::new(nets(&c.trusted_proxies, "trusted_proxies")?, header),

@@ -142,6 +142,12 @@ fn a_ja4_key_is_an_error_for_the_library() {
         e.contains("ja4-default.toml:2:") && e.contains("rate_limit.key"),
         "{e}"
     );
+    let path = write("ja4-breaker.toml", "[adaptive_breaker]\nfingerprint = \"ja4\"\n");
+    let e = Palisade::from_file(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("ja4-breaker.toml:2:") && e.contains("adaptive_breaker.fingerprint"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
