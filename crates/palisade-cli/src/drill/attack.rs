@@ -42,7 +42,6 @@ pub struct Defenses {
     /// `server.body_min_rate` (0: off).
     pub body_min_rate: u64,
     /// `server.write_timeout`.
-    #[expect(dead_code, reason = "the slow-client attacks read it")]
     pub write_timeout: Duration,
     /// `connections.max_per_ip`.
     pub max_conns_per_ip: u32,
@@ -172,6 +171,8 @@ pub fn catalog() -> Vec<Box<dyn Attack>> {
         Box::new(super::http::ForgedHeaders),
         Box::new(super::slow::Slowloris),
         Box::new(super::slow::SlowBody),
+        Box::new(super::http2::RapidReset),
+        Box::new(super::http2::Stall),
         Box::new(super::packet::ConnFloodAttack),
         Box::new(super::packet::SynAttack(super::packet::SynKind::OneSource)),
         Box::new(super::packet::SynAttack(super::packet::SynKind::Spoofed)),

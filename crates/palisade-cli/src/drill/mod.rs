@@ -24,6 +24,7 @@ mod cluster;
 mod daemon;
 mod forged;
 mod http;
+mod http2;
 mod lab;
 mod packet;
 mod population;

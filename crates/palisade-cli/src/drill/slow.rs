@@ -60,16 +60,16 @@ pub fn quicken(text: &str, overrides: &Overrides) -> anyhow::Result<(String, Vec
 
 /// How long past `deadline` a slow connection may live before it counts
 /// as having outlived it: timer and scheduling slack, not a second chance.
-pub fn outlived(deadline: Duration) -> Duration {
+pub(super) fn outlived(deadline: Duration) -> Duration {
     deadline + (deadline / 2).max(Duration::from_secs(1))
 }
 
 /// Time given to opening an attack's connections.
-const SPREAD: Duration = Duration::from_secs(1);
+pub(super) const SPREAD: Duration = Duration::from_secs(1);
 
 /// Why a slow attack cannot wait out `deadline` (named `key`) within
 /// `budget`, if it cannot.
-fn too_long(key: &str, deadline: Duration, budget: Budget) -> Option<String> {
+pub(super) fn too_long(key: &str, deadline: Duration, budget: Budget) -> Option<String> {
     (SPREAD + outlived(deadline) > budget.seconds).then(|| {
         format!(
             "server.{key} is {} s: this attack ({} s) cannot wait it out{}",
@@ -86,7 +86,7 @@ fn too_long(key: &str, deadline: Duration, budget: Budget) -> Option<String> {
 
 /// How a slow connection ended.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum End {
+pub(super) enum End {
     /// The daemon answered (with this status) or closed, this long after
     /// the connection's first byte.
     Cut { after: Duration, status: Option<u16> },
@@ -97,7 +97,7 @@ enum End {
 }
 
 /// Connection ends, summed up into an outcome.
-fn tally(ends: &[(Duration, End)], what: &str, key: &str, deadline: Duration) -> Outcome {
+pub(super) fn tally(ends: &[(Duration, End)], what: &str, key: &str, deadline: Duration) -> Outcome {
     let mut o = Outcome::default();
     let (mut closed, mut survived, mut refused, mut failed) = (0, 0, 0, 0);
     let mut answered = std::collections::BTreeMap::<u16, u32>::new();
@@ -126,8 +126,8 @@ fn tally(ends: &[(Duration, End)], what: &str, key: &str, deadline: Duration) ->
         .map(|(s, n)| format!("{n} answered {s}"))
         .collect();
     o.notes.push(format!(
-        "{} {what} connections: {}{closed} closed by the daemon (the longest {:.1} s \
-         after its first byte; server.{key} is {} s), {refused} reset at accept, {failed} not connected",
+        "{} {what}: {}{closed} closed by the daemon (the longest {:.1} s \
+         after its start; server.{key} is {} s), {refused} reset at accept, {failed} not connected",
         ends.len(),
         answered.iter().map(|a| format!("{a}, ")).collect::<String>(),
         longest.as_secs_f64(),
@@ -135,7 +135,7 @@ fn tally(ends: &[(Duration, End)], what: &str, key: &str, deadline: Duration) ->
     ));
     if survived > 0 {
         o.breaches.push(format!(
-            "{survived} {what} connections were still open {:.1} s after their first byte \
+            "{survived} {what} were still open {:.1} s after their start \
              (server.{key} is {} s)",
             outlived(deadline).as_secs_f64(),
             deadline.as_secs_f64()
@@ -217,7 +217,7 @@ async fn slow_conn(
 
 /// Runs `conn` for `ctx.budget.max` connections opened over [`SPREAD`],
 /// each from the next source: when each ended, since the attack started.
-async fn spread<F, Fut>(ctx: &Ctx, conn: F) -> Vec<(Duration, End)>
+pub(super) async fn spread<F, Fut>(ctx: &Ctx, conn: F) -> Vec<(Duration, End)>
 where
     F: Fn(Ctx, Ipv4Addr) -> Fut,
     Fut: Future<Output = End> + Send + 'static,
@@ -289,7 +289,12 @@ impl Attack for Slowloris {
                 slow_conn(&ctx, from, &[], |i| vec![endless_head(i)], every, bound).await
             })
             .await;
-            Ok(tally(&ends, "slowloris", "header_read_timeout", deadline))
+            Ok(tally(
+                &ends,
+                "slowloris connections",
+                "header_read_timeout",
+                deadline,
+            ))
         })
     }
 }
@@ -366,7 +371,7 @@ impl Attack for SlowBody {
             })
             .await;
             sampler.abort();
-            let mut outcome = tally(&ends, "slow-body", "body_rate_grace", grace);
+            let mut outcome = tally(&ends, "slow-body connections", "body_rate_grace", grace);
             // Every request's bound is over by then: the upstream must
             // have let go of all of them.
             let due = start + SPREAD + bound;
@@ -443,7 +448,7 @@ mod tests {
         };
         let ok = tally(
             &[(Duration::from_secs(2), cut)],
-            "slowloris",
+            "slowloris connections",
             "header_read_timeout",
             d,
         );
@@ -454,14 +459,14 @@ mod tests {
                 (Duration::from_secs(2), cut),
                 (Duration::from_secs(3), End::Survived),
             ],
-            "slowloris",
+            "slowloris connections",
             "header_read_timeout",
             d,
         );
         assert_eq!(
             bad.breaches,
             [
-                "1 slowloris connections were still open 3.0 s after their first byte (server.header_read_timeout is 2 s)"
+                "1 slowloris connections were still open 3.0 s after their start (server.header_read_timeout is 2 s)"
             ]
         );
     }
