@@ -183,6 +183,10 @@ pub struct RouteConfig {
     /// Which of its responses say what is left of the limit; `None`
     /// follows [`ShieldConfig::rate_headers`].
     pub rate_headers: Option<RateHeaders>,
+    /// With a `key` taken from the request: the limit of the requests that
+    /// do not carry it, counted by client, so anonymous clients get one
+    /// limit and keyed ones another. `None`: they count against `limit`.
+    pub anonymous: Option<LimitPolicy>,
 }
 
 /// Everything the shield needs, already validated.
@@ -334,6 +338,9 @@ pub struct ResponseEffects {
 struct Route {
     config: RouteConfig,
     limiter: Option<(RateLimiter, Mode)>,
+    /// The limiter of requests without the route's key, and its name
+    /// among the limiters (`api:anonymous`: no route can be named so).
+    anonymous: Option<((RateLimiter, Mode), String)>,
 }
 
 /// The decision pipeline, shared by every connection.
@@ -392,6 +399,10 @@ impl<C: Clock> Shield<C> {
                 .map(|r| Route {
                     config: r.clone(),
                     limiter: r.limit.as_ref().map(|p| route_limiter(&r.name, p)),
+                    anonymous: r.anonymous.as_ref().map(|p| {
+                        let name = format!("{}:anonymous", r.name);
+                        (route_limiter(&name, p), name)
+                    }),
                 })
                 .collect(),
             reputation: cfg.reputation.as_ref().map(|(rc, mode)| {
@@ -462,14 +473,16 @@ impl<C: Clock> Shield<C> {
         self.adaptive.as_ref().map(|(a, _)| a)
     }
 
-    /// Every limiter: the default one, then one per route with its own limit.
+    /// Every limiter: the default one, then one per route with its own
+    /// limit, and one more (`name:anonymous`) per route with a limit for
+    /// requests without its key.
     pub fn limiters(&self) -> impl Iterator<Item = (&str, &RateLimiter)> {
         let default = self.default_limiter.as_ref().map(|(l, _)| ("default", l));
-        default.into_iter().chain(
-            self.routes
-                .iter()
-                .filter_map(|r| r.limiter.as_ref().map(|(l, _)| (r.config.name.as_str(), l))),
-        )
+        default.into_iter().chain(self.routes.iter().flat_map(|r| {
+            let own = r.limiter.as_ref().map(|(l, _)| (r.config.name.as_str(), l));
+            let anonymous = r.anonymous.as_ref().map(|((l, _), name)| (name.as_str(), l));
+            own.into_iter().chain(anonymous)
+        }))
     }
 
     /// The client key for an address (admin lookups).
@@ -528,7 +541,7 @@ impl<C: Clock> Shield<C> {
             ),
             by => match self.request_key(by, req) {
                 Some(k) => (self.default_limiter.as_ref(), key, route_limiter.map(|l| (l, k))),
-                None => (route_limiter, key, None),
+                None => (self.anonymous_limiter_for(route).or(route_limiter), key, None),
             },
         };
         // Which limiter each check is: the request-keyed one is the route's.
@@ -793,6 +806,12 @@ impl<C: Clock> Shield<C> {
             .filter(|r| r.limiter.is_some());
         let name = own.map_or("default", |r| r.config.name.as_str());
         self.limiter_for(route).map(|(l, mode)| (name, *l.quota(), *mode))
+    }
+
+    /// The limiter of a route's requests without its key, when it has one.
+    fn anonymous_limiter_for(&self, route: RouteId) -> Option<&(RateLimiter, Mode)> {
+        let r = route.checked_sub(1).and_then(|i| self.routes.get(i))?;
+        r.anonymous.as_ref().map(|(limiter, _)| limiter)
     }
 
     /// Whether a route has a limiter of its own.
@@ -1078,6 +1097,7 @@ mod tests {
                 }),
                 key: LimitKey::Client,
                 rate_headers: None,
+                anonymous: None,
             },
             RouteConfig {
                 name: "static".into(),
@@ -1088,6 +1108,7 @@ mod tests {
                 limit: None,
                 key: LimitKey::Client,
                 rate_headers: None,
+                anonymous: None,
             },
         ];
         let s = Shield::new(cfg, ManualClock::new());

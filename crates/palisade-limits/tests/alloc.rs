@@ -76,6 +76,7 @@ fn config(key_by: KeyBy) -> ShieldConfig {
         limit: cfg.limit,
         key: LimitKey::Client,
         rate_headers: None,
+        anonymous: None,
     }];
     cfg
 }

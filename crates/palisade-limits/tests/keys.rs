@@ -35,6 +35,7 @@ fn shield(default: u32, api: u32, key: LimitKey) -> Shield<ManualClock> {
             limit: Some(policy(api)),
             key,
             rate_headers: None,
+            anonymous: None,
         }],
         ..ShieldConfig::default()
     };

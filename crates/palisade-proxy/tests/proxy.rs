@@ -401,6 +401,52 @@ async fn an_api_key_limit_is_shared_across_addresses_and_rotation_meets_the_addr
     h.running.shutdown().await;
 }
 
+/// One route, two classes: requests with an API key get 5 a second per
+/// key, anonymous ones 2 a second per address. A client that invents a key
+/// per request is still held to its address's default limit of 10.
+#[tokio::test(start_paused = true)]
+async fn keyed_and_anonymous_requests_get_their_own_limits_on_one_route() {
+    let h = Harness::start(
+        "",
+        "[rate_limit]\nrate = 10\n[[routes]]\nname = \"api\"\npath_prefix = \"/status\"\nkey = \"header:X-API-Key\"\nrate = 5\nanonymous_rate = 2\n",
+    )
+    .await;
+    async fn passed(c: &mut common::Client, n: usize, key: impl Fn(usize) -> Option<String>) -> usize {
+        let mut ok = 0;
+        for i in 0..n {
+            let key = key(i);
+            let headers: Vec<_> = key.iter().map(|k| ("x-api-key", k.as_str())).collect();
+            let (status, _, _) = c.get_with("/status/200", &headers).await;
+            match status {
+                StatusCode::OK => ok += 1,
+                StatusCode::TOO_MANY_REQUESTS => {}
+                other => panic!("unexpected {other}"),
+            }
+        }
+        ok
+    }
+    let mut keyed = h.client("127.0.0.18").await;
+    assert_eq!(passed(&mut keyed, 8, |_| Some("team-a".into())).await, 5);
+    let mut anonymous = h.client("127.0.0.19").await;
+    assert_eq!(passed(&mut anonymous, 8, |_| None).await, 2);
+    let (_, headers, _) = anonymous.get("/status/200").await;
+    assert_eq!(headers["ratelimit-policy"], "\"api\";q=2;w=1");
+    // Another anonymous address has its own 2; an empty key is no key.
+    let mut other = h.client("127.0.0.20").await;
+    assert_eq!(passed(&mut other, 4, |_| Some(String::new())).await, 2);
+    // Keyed from another address: the key's own 5 were spent above.
+    let mut same_key = h.client("127.0.0.21").await;
+    assert_eq!(passed(&mut same_key, 2, |_| Some("team-a".into())).await, 0);
+    let mut inventor = h.client("127.0.0.22").await;
+    assert_eq!(passed(&mut inventor, 30, |i| Some(format!("k{i}"))).await, 10);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "palisade_tracked_clients{table=\"limiter:api:anonymous\"}"),
+        2.0
+    );
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn slowloris_is_cut_at_the_header_deadline_while_others_are_served() {
     let h = Harness::start("header_read_timeout = \"1s\"", "").await;

@@ -345,6 +345,7 @@ impl<C: Clock + Clone> Builder<C> {
             limit,
             key: LimitKey::Client,
             rate_headers: None,
+            anonymous: None,
         });
         self
     }

@@ -468,6 +468,10 @@ pub mod raw {
         pub mode: Option<String>,
         /// Which responses carry the rate-limit fields; unset follows `rate_limit.headers`.
         pub headers: Option<String>,
+        /// The limit of requests without the route's `key`, by client.
+        pub anonymous_rate: Option<RawRate>,
+        pub anonymous_burst: Option<u32>,
+        pub anonymous_window_limit: Option<u32>,
         /// The daemon's proof-of-work challenge (`off` here).
         pub challenge: Option<String>,
         pub challenge_below: Option<u8>,
@@ -798,7 +802,8 @@ pub mod raw {
                 || self.burst.is_some()
                 || self.window_limit.is_some()
                 || self.key.is_some()
-                || self.mode.is_some();
+                || self.mode.is_some()
+                || self.anonymous_rate.is_some();
             let limit = if own {
                 let rate = self.rate.unwrap_or(RawRate {
                     count: default.rate.get(),
@@ -820,6 +825,11 @@ pub mod raw {
             } else {
                 None
             };
+            let key = match self.key.as_ref().or(rl.key.as_ref()) {
+                Some(k) => limit_key(k, p!("routes", i, "key"))?,
+                None => LimitKey::Client,
+            };
+            let anonymous = self.anonymous(i, &key, limit.as_ref().map(|l| l.mode))?;
             Ok(RouteConfig {
                 name: name.to_string(),
                 matcher: RouteMatch {
@@ -829,16 +839,58 @@ pub mod raw {
                     case_sensitive: self.case_sensitive,
                 },
                 limit,
-                key: match self.key.as_ref().or(rl.key.as_ref()) {
-                    Some(k) => limit_key(k, p!("routes", i, "key"))?,
-                    None => LimitKey::Client,
-                },
+                key,
+                anonymous,
                 rate_headers: self
                     .headers
                     .as_deref()
                     .map(|h| rate_headers(h, p!("routes", i, "headers")))
                     .transpose()?,
             })
+        }
+    }
+
+    impl RawRoute {
+        /// `anonymous_rate`, `anonymous_burst`, `anonymous_window_limit`:
+        /// the limit of the route's requests without its key.
+        fn anonymous(
+            &self,
+            i: usize,
+            key: &LimitKey,
+            mode: Option<Mode>,
+        ) -> Result<Option<LimitPolicy>, Invalid> {
+            let Some(rate) = self.anonymous_rate else {
+                let stray = [
+                    (self.anonymous_burst.is_some(), "anonymous_burst"),
+                    (self.anonymous_window_limit.is_some(), "anonymous_window_limit"),
+                ];
+                return match stray.into_iter().find(|(set, _)| *set) {
+                    Some((_, k)) => Err(at(
+                        p!("routes", i, k),
+                        "needs anonymous_rate, the limit of requests without the key",
+                    )),
+                    None => Ok(None),
+                };
+            };
+            if matches!(key, LimitKey::Client | LimitKey::Ip | LimitKey::IpUserAgent) {
+                return Err(at(
+                    p!("routes", i, "anonymous_rate"),
+                    "needs a key taken from the request (key = \"header:NAME\", \"cookie:NAME\", \"query:NAME\" or \"ja4\"): anonymous requests are those without it",
+                ));
+            }
+            Ok(Some(LimitPolicy {
+                quota: quota(
+                    rate,
+                    self.anonymous_burst,
+                    self.anonymous_window_limit,
+                    [
+                        p!("routes", i, "anonymous_rate"),
+                        p!("routes", i, "anonymous_burst"),
+                        p!("routes", i, "anonymous_window_limit"),
+                    ],
+                )?,
+                mode: mode.unwrap_or(Mode::Enforce),
+            }))
         }
     }
 

@@ -90,6 +90,42 @@ async fn rate_limit_headers_are_read_for_the_file_and_per_route() {
     );
 }
 
+/// `anonymous_rate` needs a key taken from the request, and the other
+/// `anonymous_` keys need it; the errors name the key.
+#[test]
+fn anonymous_limits_need_a_request_key() {
+    let route = "[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\n";
+    let cases = [
+        (
+            "anonymous_rate = 2\n",
+            "anon.toml:4:1: routes[0].anonymous_rate: needs a key taken from the request",
+        ),
+        (
+            "key = \"header:X-API-Key\"\nanonymous_burst = 2\n",
+            "anon.toml:5:1: routes[0].anonymous_burst: needs anonymous_rate",
+        ),
+        (
+            "key = \"header:X-API-Key\"\nanonymous_rate = \"0/m\"\n",
+            "anon.toml:5:1: routes[0].anonymous_rate: must be between 1 and 10000000",
+        ),
+    ];
+    for (keys, expect) in cases {
+        let path = write("anon.toml", &format!("{route}{keys}"));
+        let e = Palisade::from_file(&path).err().unwrap().to_string();
+        assert!(e.contains(expect), "{e}");
+    }
+    let path = write(
+        "anon.toml",
+        &format!("{route}key = \"cookie:session\"\nrate = \"100/m\"\nanonymous_rate = \"10/m\"\n"),
+    );
+    let p = Palisade::from_file(&path).unwrap();
+    let anonymous = p.shield().config().routes[0].anonymous.unwrap();
+    assert_eq!(
+        (anonymous.quota.rate.get(), anonymous.quota.burst.get()),
+        (10, 10)
+    );
+}
+
 #[test]
 fn errors_name_file_line_and_key() {
     let path = write("bad.toml", "[clients]\nkey = \"ip\"\n\n[rate_limit]\nrate = 0\n");
