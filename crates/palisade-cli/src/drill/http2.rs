@@ -319,9 +319,10 @@ impl Attack for Stall {
                 seconds: Duration::from_secs(5),
             }
         } else {
+            // Enough to wait out the default write_timeout (10 s).
             Budget {
                 max: 256,
-                seconds: Duration::from_secs(15),
+                seconds: Duration::from_secs(20),
             }
         }
     }

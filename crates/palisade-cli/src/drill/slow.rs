@@ -439,6 +439,27 @@ mod tests {
         );
     }
 
+    /// With the defaults, a full drill runs every slow attack, and a quick
+    /// one too once its deadlines are shortened.
+    #[test]
+    fn every_budget_waits_out_the_deadline_it_drills() {
+        let d = Config::parse("", "t", &overrides()).unwrap().server;
+        let quick = Duration::from_secs(2);
+        let stall = super::super::http2::Stall;
+        for (key, deadline, attack) in [
+            (
+                "header_read_timeout",
+                d.header_read_timeout,
+                &Slowloris as &dyn Attack,
+            ),
+            ("body_rate_grace", d.body_rate_grace, &SlowBody),
+            ("write_timeout", d.write_timeout, &stall),
+        ] {
+            assert_eq!(too_long(key, deadline, attack.budget(false)), None);
+            assert_eq!(too_long(key, quick, attack.budget(true)), None);
+        }
+    }
+
     #[test]
     fn a_connection_the_daemon_left_open_is_a_breach() {
         let d = Duration::from_secs(2);
