@@ -98,6 +98,8 @@ pub struct Ctx {
     pub spoof: (Ipv4Addr, u8),
     /// What it may send.
     pub budget: Budget,
+    /// Whether this is a `--quick` drill.
+    pub quick: bool,
     /// What it is up against.
     pub defenses: Arc<Defenses>,
     /// `--redis`, for attacks on the cluster's shared records.

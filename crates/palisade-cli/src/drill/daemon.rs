@@ -4,8 +4,9 @@
 //! API on loopback (out of the attackers' reach), its CPU, descriptors and
 //! memory from /proc.
 
+use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -277,13 +278,17 @@ impl Counters {
         c
     }
 
-    /// The cheapest layer whose count rose from `before` to `self`.
-    pub fn layer_since(&self, before: &Self) -> Option<Layer> {
+    /// The cheapest layer whose count rose from `before` to `self`, by at
+    /// least `stray` packets or refusals (a ban counts at once): earlier
+    /// attacks leave a trickle behind (SYN-ACK retransmits answered by a
+    /// source banned since), which is not this attack being stopped.
+    pub fn layer_since(&self, before: &Self, stray: f64) -> Option<Layer> {
+        let rose = |now: f64, then: f64| now - then >= stray.max(1.0);
         [
-            (self.xdp_dropped > before.xdp_dropped, Layer::Xdp),
+            (rose(self.xdp_dropped, before.xdp_dropped), Layer::Xdp),
             (self.bans > before.bans, Layer::Nftables),
-            (self.accept_refused > before.accept_refused, Layer::Accept),
-            (self.http_refused > before.http_refused, Layer::Http),
+            (rose(self.accept_refused, before.accept_refused), Layer::Accept),
+            (rose(self.http_refused, before.http_refused), Layer::Http),
         ]
         .into_iter()
         .find_map(|(rose, layer)| rose.then_some(layer))
@@ -291,7 +296,7 @@ impl Counters {
 
     /// Whether anything the daemon counts as noticing or refusing rose.
     pub fn noticed_since(&self, before: &Self) -> bool {
-        self.noticed > before.noticed || self.layer_since(before).is_some()
+        self.noticed > before.noticed || self.layer_since(before, 1.0).is_some()
     }
 }
 
@@ -304,8 +309,11 @@ pub struct Sample {
     pub counters: Counters,
     /// User plus system CPU seconds since it started.
     pub cpu_s: f64,
-    /// Open file descriptors.
+    /// Open file descriptors, but for sockets to the upstream and the
+    /// legitimate clients' connections: what an attack could leave behind.
     pub fds: u64,
+    /// Sockets to the upstream: the pool's, idle or busy.
+    pub upstream_fds: u64,
     /// Resident memory.
     pub rss_kib: u64,
 }
@@ -323,7 +331,9 @@ pub const EVERY: Duration = Duration::from_millis(100);
 
 impl Monitor {
     /// Starts watching `pid`, whose admin API is [`admin_addr`] in `ns`.
-    pub fn start(ns: &str, pid: u32, metrics_path: String, t0: Instant) -> Self {
+    /// Connections from `legit` (the population's) are not counted in
+    /// [`Sample::fds`].
+    pub fn start(ns: &str, pid: u32, metrics_path: String, legit: Arc<[Ipv4Addr]>, t0: Instant) -> Self {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (ns, out, done) = (ns.to_owned(), samples.clone(), stop.clone());
@@ -336,12 +346,13 @@ impl Monitor {
                 if let Ok((200, text)) = get(admin_addr(), &metrics_path) {
                     last = Counters::parse(&text);
                 }
-                let (cpu_s, fds, rss_kib) = proc_stats(pid);
+                let (cpu_s, fds, upstream_fds, rss_kib) = proc_stats(pid, &legit);
                 let sample = Sample {
                     at: t0.elapsed(),
                     counters: last,
                     cpu_s,
                     fds,
+                    upstream_fds,
                     rss_kib,
                 };
                 if let Ok(mut v) = out.lock() {
@@ -355,6 +366,19 @@ impl Monitor {
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// The last sample taken before `at`, however long before: a monitor
+    /// starved of CPU for a while must not make the run's first sample the
+    /// baseline of an attack.
+    pub fn before(&self, at: Duration) -> Option<Sample> {
+        let v = self.samples.lock().ok()?;
+        v.iter().rev().find(|s| s.at < at).copied()
+    }
+
+    /// The newest sample.
+    pub fn latest(&self) -> Option<Sample> {
+        self.samples.lock().ok()?.last().copied()
     }
 
     /// Every sample taken in `[from, to)`.
@@ -375,13 +399,54 @@ impl Drop for Monitor {
     }
 }
 
-/// CPU seconds (user + system), open descriptors and resident KiB of `pid`.
-fn proc_stats(pid: u32) -> (f64, u64, u64) {
+/// CPU seconds (user + system), open descriptors (but for sockets to the
+/// upstream and from `legit`), sockets to the upstream, and resident KiB
+/// of `pid`.
+fn proc_stats(pid: u32, legit: &[Ipv4Addr]) -> (f64, u64, u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let cpu_s = cpu_seconds(&stat);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    // The daemon's own view of its namespace's TCP sockets.
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let peers = socket_peers(&tcp);
+    let (mut fds, mut upstream) = (0, 0);
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let peer = std::fs::read_link(fd.path())
+            .ok()
+            .and_then(|l| socket_inode(&l.to_string_lossy()))
+            .and_then(|i| peers.get(&i));
+        match peer {
+            Some(p) if SocketAddr::V4(*p) == upstream_addr() => upstream += 1,
+            Some(p) if legit.contains(p.ip()) => {}
+            _ => fds += 1,
+        }
+    }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    (cpu_s, fds, rss_kib(&status))
+    (cpu_s, fds, upstream, rss_kib(&status))
+}
+
+/// The inode of a descriptor's link, `socket:[INODE]`.
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// The peer of every socket of a `/proc/net/tcp` table, by inode.
+fn socket_peers(table: &str) -> HashMap<u64, SocketAddrV4> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (addr, port) = f.get(2)?.split_once(':')?;
+            // The kernel prints the network-order address as a host u32.
+            let ip = Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.to_ne_bytes());
+            let port = u16::from_str_radix(port, 16).ok()?;
+            Some((f.get(9)?.parse().ok()?, SocketAddrV4::new(ip, port)))
+        })
+        .collect()
 }
 
 /// utime + stime from `/proc/PID/stat`, in seconds. Fields are counted
@@ -445,15 +510,43 @@ palisade_reputation_penalties_total{kind=\"flood\"} 5
             accept_refused: 1.0,
             ..before
         };
-        assert_eq!(after.layer_since(&before), Some(Layer::Accept));
+        assert_eq!(after.layer_since(&before, 1.0), Some(Layer::Accept));
         after.xdp_dropped = 1.0;
-        assert_eq!(after.layer_since(&before), Some(Layer::Xdp));
-        assert_eq!(before.layer_since(&before), None);
+        assert_eq!(after.layer_since(&before, 1.0), Some(Layer::Xdp));
+        assert_eq!(before.layer_since(&before, 1.0), None);
+        // A trickle left by an earlier attack is not this one stopped.
+        assert_eq!(after.layer_since(&before, 150.0), None);
+        after.bans = 1.0;
+        assert_eq!(after.layer_since(&before, 150.0), Some(Layer::Nftables));
         let noticed = Counters {
             noticed: 1.0,
             ..before
         };
-        assert!(noticed.noticed_since(&before) && noticed.layer_since(&before).is_none());
+        assert!(noticed.noticed_since(&before) && noticed.layer_since(&before, 1.0).is_none());
+    }
+
+    #[test]
+    fn sockets_are_told_apart_by_their_peer() {
+        // 198.18.0.1:8080 <- a client; 198.18.2.1 -> 198.18.2.2:8081 (the
+        // upstream) twice; a listener. Addresses as a little-endian host
+        // prints them.
+        let ip = |a: [u8; 4]| format!("{:08X}", u32::from_ne_bytes(a));
+        let (server, client) = (ip([198, 18, 0, 1]), ip([198, 18, 128, 9]));
+        let (side, upstream) = (ip([198, 18, 2, 1]), ip([198, 18, 2, 2]));
+        let table = format!(
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+             0: {server}:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 100 1\n\
+             1: {server}:1F90 {client}:D431 01 00000000:00000000 00:00000000 00000000 0 0 101 1\n\
+             2: {side}:9C40 {upstream}:1F91 01 00000000:00000000 00:00000000 00000000 0 0 102 1\n\
+             3: {side}:9C41 {upstream}:1F91 01 00000000:00000000 00:00000000 00000000 0 0 103 1\n"
+        );
+        let peers = socket_peers(&table);
+        assert_eq!(peers.len(), 4);
+        assert_eq!(SocketAddr::V4(peers[&102]), upstream_addr());
+        assert_eq!(SocketAddr::V4(peers[&103]), upstream_addr());
+        assert_eq!(peers[&101], "198.18.128.9:54321".parse().unwrap());
+        assert_eq!(socket_inode("socket:[102]"), Some(102));
+        assert_eq!(socket_inode("/dev/null"), None);
     }
 
     #[test]

@@ -71,6 +71,16 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Lowers the calling thread's CPU priority (nice 10; on Linux a nice
+/// value is a thread's own).
+pub fn lower_priority() {
+    // SAFETY: setpriority has no memory preconditions; `who` 0 is the
+    // calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}
+
 /// The three namespaces, deleted (with everything in them) on drop.
 #[derive(Debug)]
 pub struct Lab {

@@ -138,18 +138,40 @@ pub fn run(args: DrillArgs) -> anyhow::Result<bool> {
     // From here on this thread, and every thread it starts (the runtime's),
     // opens its sockets in the client namespace.
     Lab::enter(&lab.client)?;
+    // Attackers in life run on machines of their own; here they share the
+    // CPU with Palisade, and a closed-loop flood would take as much of it as
+    // the kernel gives. At a lower priority they still send as fast as
+    // they are answered, but cannot starve the daemon of the CPU they do
+    // not have in life (what they did send is in the report, per CPU-second).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(lab::lower_priority)
         .build()
         .context("starting the async runtime")?;
+    // The legitimate population gets threads of its own: on the attackers'
+    // runtime, its requests would queue behind hundreds of attack tasks and
+    // the drill would measure its own scheduler, not Palisade. Its own
+    // threads get their share of the CPU from the kernel, as real clients
+    // on other machines would not even compete for it.
+    let legit_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("drill-legit")
+        .enable_all()
+        .build()
+        .context("starting the legitimate population's runtime")?;
+    let legit: Arc<[Ipv4Addr]> = (1..=args.legit_clients).map(lab::bindable).collect();
     let monitor = Monitor::start(
         &lab.server,
         palisade.pid(),
         config.admin.metrics_path.clone(),
+        legit.clone(),
         Instant::now(),
     );
     let run = Run {
+        legit_runtime: legit_runtime.handle().clone(),
+        legit,
         admin: daemon::Admin::new(&lab.server, &config.admin.metrics_path),
+        upstream_pool: (config.upstream.pool_max_idle * config.upstream_urls().count()) as u64,
         quick: args.quick,
         thresholds,
         defenses,
@@ -405,7 +427,13 @@ impl Drop for TempDir {
 
 /// One drill's settings.
 struct Run {
+    /// Where the legitimate population runs.
+    legit_runtime: tokio::runtime::Handle,
+    /// Its addresses.
+    legit: Arc<[Ipv4Addr]>,
     admin: daemon::Admin,
+    /// Most idle connections the upstream pools keep, all together.
+    upstream_pool: u64,
     quick: bool,
     thresholds: Thresholds,
     defenses: Arc<Defenses>,
@@ -440,8 +468,14 @@ impl Run {
     async fn drill(&self, attacks: &[Box<dyn Attack>], monitor: &Monitor) -> anyhow::Result<Report> {
         let started_unix_ms = palisade_core::unix_now_ms();
         let t0 = Instant::now();
-        let legit: Arc<[Ipv4Addr]> = (1..=self.legit_clients).map(lab::bindable).collect();
-        let population = Population::start(daemon::proxy_addr(), legit.to_vec(), self.legit_rate, t0);
+        let legit = self.legit.clone();
+        let population = Population::start(
+            &self.legit_runtime,
+            daemon::proxy_addr(),
+            legit.to_vec(),
+            self.legit_rate,
+            t0,
+        );
         let out = Progress::new();
         out.line(&format!(
             "palisade drill: {} attacks, {} legitimate requests/s from {} addresses",
@@ -467,6 +501,7 @@ impl Run {
                 sources,
                 spoof: (Ipv4Addr::new(198, 19, 0, 0), 16),
                 budget: a.budget(self.quick),
+                quick: self.quick,
                 defenses: self.defenses.clone(),
                 redis: self.redis.clone(),
                 legit: legit.clone(),
@@ -489,11 +524,19 @@ impl Run {
             let outcome = self.one(a.as_ref(), ctx, &out).await;
             let end = t0.elapsed();
             pause(self.settle()).await;
+            let waited = self.recover(monitor, start).await;
             let settled = t0.elapsed();
-            let outcome = outcome.unwrap_or_else(|e| attack::Outcome {
+            let mut outcome = outcome.unwrap_or_else(|e| attack::Outcome {
                 breaches: vec![format!("the attack itself failed: {e:#}")],
                 ..attack::Outcome::default()
             });
+            if let Some(waited) = waited.filter(|w| *w >= daemon::EVERY) {
+                outcome.notes.push(format!(
+                    "descriptors and memory took {} ms past the {} s settling pause to come back",
+                    waited.as_millis(),
+                    self.settle().as_secs()
+                ));
+            }
             out.line(&format!("{:<20} done: {} sent", a.name(), outcome.sent));
             ran.push((a, Window { start, end, settled }, Ok(outcome)));
         }
@@ -548,6 +591,34 @@ impl Run {
         })
     }
 
+    /// Waits, up to three [`Self::settle`]s more, until the daemon's descriptors
+    /// and memory are back within the verdict's bounds of what they were
+    /// when the attack started at `start`: some come back only with a
+    /// deadline (a connection the daemon closed keeps its descriptor until
+    /// the peer answers or the write deadline passes), and the next attack
+    /// must not be charged with them. What is still out when the wait ends
+    /// fails the verdict. How long it waited, if it could tell.
+    async fn recover(&self, monitor: &Monitor, start: Duration) -> Option<Duration> {
+        let before = monitor.before(start)?;
+        let began = Instant::now();
+        let until = began + self.settle() * 3;
+        while Instant::now() < until && !lab::stopped() {
+            let latest = monitor.latest();
+            if latest.is_some_and(|s| {
+                verdict::recovered(
+                    &self.thresholds,
+                    self.upstream_pool,
+                    [before.fds, before.rss_kib],
+                    [s.fds, s.upstream_fds, s.rss_kib],
+                )
+            }) {
+                return Some(began.elapsed());
+            }
+            pause(daemon::EVERY).await;
+        }
+        Some(began.elapsed())
+    }
+
     /// Runs one attack, cut off a little after its seconds, with a
     /// progress line; a signal ends it early.
     async fn one(&self, a: &dyn Attack, ctx: Ctx, out: &Progress) -> anyhow::Result<attack::Outcome> {
@@ -581,10 +652,8 @@ impl Run {
         monitor: &Monitor,
     ) -> AttackReport {
         let before = monitor
-            .window(w.start.saturating_sub(Duration::from_secs(1)), w.start)
-            .last()
-            .copied()
-            .or_else(|| monitor.window(Duration::ZERO, w.end).first().copied());
+            .before(w.start)
+            .or_else(|| monitor.window(w.start, w.end).first().copied());
         let span = monitor.window(w.start, w.settled);
         let during_samples: Vec<Sample> = span
             .iter()
@@ -597,6 +666,7 @@ impl Run {
             counters: daemon::Counters::default(),
             cpu_s: 0.0,
             fds: 0,
+            upstream_fds: 0,
             rss_kib: 0,
         };
         let before = before.unwrap_or(zero);
@@ -606,15 +676,17 @@ impl Run {
             .iter()
             .find(|s| s.counters.noticed_since(&before.counters))
             .map(|s| since(s.at));
+        // A hundredth of what the attack sent, for a layer to have acted.
+        let stray = outcome.sent as f64 / 100.0;
         let mitigated_metrics = span
             .iter()
-            .find(|s| s.counters.layer_since(&before.counters).is_some())
+            .find(|s| s.counters.layer_since(&before.counters, stray).is_some())
             .map(|s| since(s.at));
         let seen = outcome.refused.map(|(at, _)| ms(at));
         let mitigated = [mitigated_metrics, seen].into_iter().flatten().min();
         let layer = settled
             .counters
-            .layer_since(&before.counters)
+            .layer_since(&before.counters, stray)
             .or(outcome.refused.map(|(_, l)| l));
         let detected = [detected, mitigated].into_iter().flatten().min();
         let peak = |f: fn(&Sample) -> u64| during_samples.iter().map(f).max().unwrap_or(0);
@@ -622,6 +694,11 @@ impl Run {
             before: before.fds,
             during: peak(|s| s.fds).max(before.fds),
             after: settled.fds,
+        };
+        let upstream_conns = Resource {
+            before: before.upstream_fds,
+            during: peak(|s| s.upstream_fds).max(before.upstream_fds),
+            after: settled.upstream_fds,
         };
         let rss_kib = Resource {
             before: before.rss_kib,
@@ -634,6 +711,8 @@ impl Run {
             during,
             after,
             fds,
+            upstream_conns,
+            upstream_pool: self.upstream_pool,
             rss_kib,
             breaches,
         };
@@ -651,6 +730,7 @@ impl Run {
             legit_during: summary(&during),
             legit_after: summary(&after),
             fds,
+            upstream_conns,
             rss_kib,
             verdict: verdict::judge(&self.thresholds, &measured),
         }
@@ -681,6 +761,7 @@ fn skipped(a: &dyn Attack, w: &Window, why: String) -> AttackReport {
         legit_during: none,
         legit_after: none,
         fds: zero,
+        upstream_conns: zero,
         rss_kib: zero,
         verdict: report::Verdict {
             pass: true,

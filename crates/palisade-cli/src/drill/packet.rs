@@ -215,6 +215,12 @@ impl ConnFlood {
         let left = hold_ns.saturating_sub(clock.now());
         std::thread::sleep(Duration::from_nanos(left));
         out.closed_by_peer = held.iter().filter(|s| closed_by_peer(s)).count() as u32;
+        // Hang up with a reset, as a flooder does: a FIN to a source the
+        // daemon has banned meanwhile would be retransmitted into its
+        // drop counters for minutes, and charged to the next attacks.
+        for s in &held {
+            let _ = s.set_linger(Some(Duration::ZERO));
+        }
         drop(held);
         out
     }

@@ -77,12 +77,19 @@ pub struct Population {
 }
 
 impl Population {
-    /// `rate` requests per second in all, from `clients` round-robin.
-    pub fn start(target: SocketAddr, clients: Vec<Ipv4Addr>, rate: u32, t0: Instant) -> Self {
+    /// `rate` requests per second in all, from `clients` round-robin, on
+    /// the runtime `on`.
+    pub fn start(
+        on: &tokio::runtime::Handle,
+        target: SocketAddr,
+        clients: Vec<Ipv4Addr>,
+        rate: u32,
+        t0: Instant,
+    ) -> Self {
         let records = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (out, done) = (records.clone(), stop.clone());
-        let task = tokio::spawn(async move {
+        let task = on.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
             let mut next = 0usize;
             while !done.load(Ordering::Relaxed) {

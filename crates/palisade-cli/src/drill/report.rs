@@ -111,8 +111,12 @@ pub struct AttackReport {
     pub legit_during: LegitSummary,
     /// Legitimate traffic after it stopped.
     pub legit_after: LegitSummary,
-    /// Palisade's open file descriptors.
+    /// Palisade's open file descriptors, but for its sockets to the
+    /// upstream (the pool keeps those open by design).
     pub fds: Resource,
+    /// Palisade's sockets to the upstream, idle pooled ones included.
+    #[serde(default)]
+    pub upstream_conns: Resource,
     /// Palisade's resident memory, KiB.
     pub rss_kib: Resource,
     /// Pass or fail, and why.
@@ -129,7 +133,7 @@ pub struct LegitSummary {
 }
 
 /// A resource measured before, during (at its peak) and after an attack.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Resource {
     /// Before the attack started.
     pub before: u64,
@@ -651,6 +655,11 @@ mod tests {
                 before: 20,
                 during: 900,
                 after: 21,
+            },
+            upstream_conns: Resource {
+                before: 12,
+                during: 200,
+                after: 150,
             },
             rss_kib: Resource {
                 before: 10_240,

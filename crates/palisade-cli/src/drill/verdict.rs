@@ -18,12 +18,33 @@ pub struct Measured {
     pub during: Stats,
     /// The population once it stopped.
     pub after: Stats,
-    /// The daemon's descriptors.
+    /// The daemon's descriptors, but for its sockets to the upstream.
     pub fds: Resource,
+    /// Its sockets to the upstream.
+    pub upstream_conns: Resource,
+    /// Most idle connections its upstream pools keep.
+    pub upstream_pool: u64,
     /// Its resident memory.
     pub rss_kib: Resource,
     /// What got through, as the attacker saw it.
     pub breaches: Vec<String>,
+}
+
+/// The most a resource at `before` may be at after an attack.
+fn bound(t: &Thresholds, before: u64, floor: u64) -> u64 {
+    (before as f64 * (1.0 + t.resource_slack)) as u64 + floor
+}
+
+/// Whether descriptors (`fds`, upstream sockets apart), `upstream`
+/// sockets and resident memory at `now` are back within what the verdict
+/// allows after an attack that started at `before`: the runner waits for
+/// this, up to a bound, before it takes the reading the verdict judges.
+pub fn recovered(t: &Thresholds, upstream_pool: u64, before: [u64; 2], now: [u64; 3]) -> bool {
+    let [fds, rss_kib] = before;
+    let [fds_now, upstream_now, rss_now] = now;
+    fds_now <= bound(t, fds, FD_FLOOR)
+        && rss_now <= bound(t, rss_kib, RSS_FLOOR_KIB)
+        && upstream_now <= upstream_pool + FD_FLOOR
 }
 
 /// The verdict on `m`.
@@ -54,13 +75,22 @@ pub fn judge(t: &Thresholds, m: &Measured) -> Verdict {
         ("open descriptors", m.fds, FD_FLOOR, ""),
         ("resident memory", m.rss_kib, RSS_FLOOR_KIB, " KiB"),
     ] {
-        let bound = (r.before as f64 * (1.0 + t.resource_slack)) as u64 + floor;
+        let bound = bound(t, r.before, floor);
         if r.after > bound {
             reasons.push(format!(
                 "{what} did not come back: {}{unit} after, {}{unit} before (at most {bound}{unit})",
                 r.after, r.before
             ));
         }
+    }
+    // The pool keeps idle upstream connections for a while by design, so
+    // they are not held to the baseline; more than it keeps is a leak.
+    let bound = m.upstream_pool + FD_FLOOR;
+    if m.upstream_conns.after > bound {
+        reasons.push(format!(
+            "upstream connections did not come back: {} after, more than the {} idle ones the pools keep (at most {bound})",
+            m.upstream_conns.after, m.upstream_pool
+        ));
     }
     reasons.extend(m.breaches.iter().cloned());
     Verdict {
@@ -92,6 +122,12 @@ mod tests {
                 during: 900,
                 after: 44,
             },
+            upstream_conns: Resource {
+                before: 10,
+                during: 300,
+                after: 150,
+            },
+            upstream_pool: 256,
             rss_kib: Resource {
                 before: 30_000,
                 during: 60_000,
@@ -116,6 +152,31 @@ mod tests {
     }
 
     #[test]
+    fn recovery_is_judged_by_the_verdict_s_own_bounds() {
+        let t = thresholds();
+        let before = [40, 30_000];
+        assert!(recovered(
+            &t,
+            256,
+            before,
+            [40 * 5 / 4 + FD_FLOOR, 256 + FD_FLOOR, 30_000]
+        ));
+        assert!(!recovered(
+            &t,
+            256,
+            before,
+            [40 * 5 / 4 + FD_FLOOR + 1, 0, 30_000]
+        ));
+        assert!(!recovered(&t, 256, before, [40, 256 + FD_FLOOR + 1, 30_000]));
+        assert!(!recovered(
+            &t,
+            256,
+            before,
+            [40, 0, 30_000 * 5 / 4 + RSS_FLOOR_KIB + 1]
+        ));
+    }
+
+    #[test]
     fn each_threshold_fails_on_its_own() {
         let t = thresholds();
         let mut m = healthy();
@@ -129,6 +190,10 @@ mod tests {
         let mut m = healthy();
         m.fds.after = 40 * 5 / 4 + FD_FLOOR + 1;
         assert!(judge(&t, &m).reasons[0].contains("open descriptors did not come back"));
+
+        let mut m = healthy();
+        m.upstream_conns.after = 256 + FD_FLOOR + 1;
+        assert!(judge(&t, &m).reasons[0].contains("upstream connections did not come back"));
 
         let mut m = healthy();
         m.rss_kib.after = 80_000;
