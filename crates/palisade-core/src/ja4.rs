@@ -18,14 +18,21 @@
 //! assert_eq!(ja4(b"GET / HTTP/1.1\r\n"), Err(Ja4Error::NotHandshake));
 //! ```
 
-use std::borrow::Cow;
 use std::fmt;
 use std::fmt::Write as _;
 
-/// The most a server needs to keep of what a client sent to fingerprint
-/// it: one TLS record header and the largest record's plaintext. A
-/// ClientHello larger than that (it may span records) has no JA4 here.
-pub const MAX_RECORDED: usize = 5 + 16 * 1024;
+/// The largest ClientHello kept to fingerprint it, its 4-byte handshake
+/// header included: rustls's own bound on a handshake message. A hello
+/// declaring more has no JA4 ([`Ja4Error::TooLarge`]) and nothing of it is
+/// kept.
+pub const MAX_HELLO: usize = 64 * 1024;
+
+/// The most TLS records a ClientHello may span and still get a JA4. A
+/// post-quantum hello (Chromium's, 1.8 KB) fits one 16 KiB record, but a
+/// client may fragment it (RFC 8446 §5.1): tools that dodge SNI filters
+/// cut it into tens of records of a few bytes. Each record costs a 5-byte
+/// header read and nothing kept; the bound ends a stream of empty records.
+pub const MAX_HELLO_RECORDS: usize = 1024;
 
 /// A JA4 fingerprint: always 36 ASCII characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,8 +67,12 @@ pub enum Ja4Error {
     NotHandshake,
     /// The first handshake message is not a ClientHello.
     NotClientHello,
-    /// A length inside the ClientHello does not fit.
+    /// A length inside the ClientHello does not fit, or a record of
+    /// another kind came between its parts.
     Malformed,
+    /// The ClientHello is longer than [`MAX_HELLO`] or spans more than
+    /// [`MAX_HELLO_RECORDS`] records.
+    TooLarge,
 }
 
 impl fmt::Display for Ja4Error {
@@ -71,6 +82,7 @@ impl fmt::Display for Ja4Error {
             Self::NotHandshake => "not a tls handshake",
             Self::NotClientHello => "not a client hello",
             Self::Malformed => "malformed client hello",
+            Self::TooLarge => "client hello too large",
         })
     }
 }
@@ -86,63 +98,156 @@ const EXT_SUPPORTED_VERSIONS: u16 = 0x002b;
 /// The JA4 of the ClientHello at the start of `records` (TLS records as
 /// read from the connection; the hello may span several).
 pub fn ja4(records: &[u8]) -> Result<Ja4, Ja4Error> {
-    fingerprint(&handshake_message(records)?)
+    HelloReader::new()
+        .feed(records)
+        .unwrap_or(Err(Ja4Error::Incomplete))
 }
 
-/// The first handshake message's body, from however many records carry
-/// it: borrowed when one record holds all of it, as it nearly always does.
-fn handshake_message(records: &[u8]) -> Result<Cow<'_, [u8]>, Ja4Error> {
-    let mut rest = records;
-    let mut joined: Vec<u8> = Vec::new();
-    let mut first = true;
-    loop {
-        let Some((header, after)) = rest.split_first_chunk::<5>() else {
-            if first && rest.first().is_some_and(|&b| b != HANDSHAKE) {
-                return Err(Ja4Error::NotHandshake);
+/// Reads a connection's first bytes as they arrive, however they are cut,
+/// and answers with the JA4 of its ClientHello once the hello is whole (or
+/// why it has none) without keeping more than the hello itself: the
+/// record headers are read and dropped, the handshake message is kept
+/// (growing as its bytes arrive, never past [`MAX_HELLO`]) only until it is
+/// whole, and nothing at all is kept when it sits in one read, as it
+/// nearly always does.
+///
+/// ```
+/// use palisade_core::ja4::{HelloReader, Ja4Error};
+///
+/// let mut r = HelloReader::new();
+/// assert_eq!(r.feed(&[22, 3, 1]), None, "more to come");
+/// // A ClientHello declaring 1 MiB: refused from its header, nothing kept.
+/// assert_eq!(r.feed(&[0, 4, 1, 0x10, 0, 0]), Some(Err(Ja4Error::TooLarge)));
+/// assert_eq!(r.kept(), 0);
+/// ```
+#[derive(Debug, Default)]
+pub struct HelloReader {
+    /// The record header being read, and how much of it has arrived.
+    header: [u8; 5],
+    header_len: usize,
+    /// Bytes of the current record's fragment still to come.
+    fragment_left: usize,
+    /// Records begun so far.
+    records: usize,
+    /// The handshake message so far, its header included.
+    message: Vec<u8>,
+    /// The answer, once there is one.
+    done: Option<Result<Ja4, Ja4Error>>,
+}
+
+impl HelloReader {
+    /// A reader that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes held for the hello (what is allocated, not only used).
+    pub fn kept(&self) -> usize {
+        self.message.capacity()
+    }
+
+    /// The next bytes read from the connection. `None` while the hello is
+    /// not whole; then the same answer for every later call, whatever is
+    /// fed (what follows the hello is no part of it).
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<Result<Ja4, Ja4Error>> {
+        while self.done.is_none() && !bytes.is_empty() {
+            if self.fragment_left == 0 {
+                let n = (5 - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                bytes = &bytes[n..];
+                if self.header[0] != HANDSHAKE {
+                    // RFC 8446 §5.1: a handshake message is not interleaved
+                    // with other records.
+                    let first = self.records == 0;
+                    self.finish(Err(if first {
+                        Ja4Error::NotHandshake
+                    } else {
+                        Ja4Error::Malformed
+                    }));
+                } else if self.header_len == 5 {
+                    self.header_len = 0;
+                    self.records += 1;
+                    self.fragment_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                    if self.records > MAX_HELLO_RECORDS {
+                        self.finish(Err(Ja4Error::TooLarge));
+                    }
+                }
+                continue;
             }
-            return Err(Ja4Error::Incomplete);
-        };
-        if header[0] != HANDSHAKE {
-            return Err(if first {
-                Ja4Error::NotHandshake
-            } else {
-                Ja4Error::Incomplete
-            });
+            let n = self.fragment_left.min(bytes.len());
+            let (fragment, rest) = bytes.split_at(n);
+            self.fragment_left -= n;
+            bytes = rest;
+            // The hello whole in one read: fingerprinted where it lies.
+            if self.message.is_empty()
+                && let Some(hello) = whole_hello(fragment)
+            {
+                self.finish(hello.and_then(fingerprint));
+                continue;
+            }
+            self.append(fragment);
         }
-        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        // A record cut short is the end of the input: what arrived counts.
-        let (fragment, next) = after.split_at_checked(len).unwrap_or((after, &[]));
-        if first && let Some(body) = body_of(fragment)? {
-            return Ok(Cow::Borrowed(body));
+        self.done
+    }
+
+    /// Adds a fragment's bytes to the message, up to its declared end.
+    fn append(&mut self, mut fragment: &[u8]) {
+        while self.done.is_none() && !fragment.is_empty() {
+            let end = match declared_len(&self.message) {
+                None => 4,
+                Some(len) => 4 + len,
+            };
+            let n = (end - self.message.len()).min(fragment.len());
+            let needed = self.message.len() + n;
+            if needed > self.message.capacity() {
+                // Doubling, but never past the declared end: at most
+                // MAX_HELLO is ever allocated.
+                let cap = (self.message.capacity() * 2).clamp(needed, end);
+                self.message.reserve_exact(cap - self.message.len());
+            }
+            self.message.extend_from_slice(&fragment[..n]);
+            fragment = &fragment[n..];
+            if self.message.len() == 4 {
+                if self.message[0] != CLIENT_HELLO {
+                    return self.finish(Err(Ja4Error::NotClientHello));
+                }
+                if declared_len(&self.message).is_none_or(|len| 4 + len > MAX_HELLO) {
+                    return self.finish(Err(Ja4Error::TooLarge));
+                }
+            }
+            if declared_len(&self.message).is_some_and(|len| self.message.len() == 4 + len) {
+                let answer = fingerprint(&self.message[4..]);
+                self.finish(answer);
+            }
         }
-        joined.extend_from_slice(fragment);
-        if let Some(n) = body_of(&joined)?.map(<[u8]>::len) {
-            joined.truncate(4 + n);
-            joined.drain(..4);
-            return Ok(Cow::Owned(joined));
-        }
-        if next.is_empty() {
-            return Err(Ja4Error::Incomplete);
-        }
-        first = false;
-        rest = next;
+    }
+
+    fn finish(&mut self, answer: Result<Ja4, Ja4Error>) {
+        self.done = Some(answer);
+        self.message = Vec::new();
     }
 }
 
-/// The ClientHello body when `bytes` (starting at the handshake header)
-/// hold all of it; `None` when more is to come.
-fn body_of(bytes: &[u8]) -> Result<Option<&[u8]>, Ja4Error> {
-    let Some((header, body)) = bytes.split_first_chunk::<4>() else {
-        return Ok(None);
-    };
-    if header[0] != 1 {
-        return Err(Ja4Error::NotClientHello);
+const CLIENT_HELLO: u8 = 1;
+
+/// The body length a handshake header declares, once its 4 bytes are here.
+fn declared_len(message: &[u8]) -> Option<usize> {
+    let h = message.first_chunk::<4>()?;
+    Some(usize::from(h[1]) << 16 | usize::from(h[2]) << 8 | usize::from(h[3]))
+}
+
+/// The ClientHello body when `fragment` (a record's, from its start)
+/// holds all of it, or why it is none; `None` when more is to come.
+fn whole_hello(fragment: &[u8]) -> Option<Result<&[u8], Ja4Error>> {
+    let len = declared_len(fragment)?;
+    if fragment[0] != CLIENT_HELLO {
+        return Some(Err(Ja4Error::NotClientHello));
     }
-    let len = usize::from(header[1]) << 16 | usize::from(header[2]) << 8 | usize::from(header[3]);
-    if len > MAX_RECORDED {
-        return Err(Ja4Error::Malformed);
+    if 4 + len > MAX_HELLO {
+        return Some(Err(Ja4Error::TooLarge));
     }
-    Ok(body.get(..len))
+    fragment.get(4..4 + len).map(Ok)
 }
 
 /// A cursor over bytes whose every read is checked.
@@ -347,6 +452,12 @@ mod tests {
     impl Hello<'_> {
         /// The handshake message (header included).
         fn message(&self) -> Vec<u8> {
+            self.message_padded(0)
+        }
+
+        /// The message with a padding extension (RFC 7685) of `padding`
+        /// bytes at the end, when not 0.
+        fn message_padded(&self, padding: usize) -> Vec<u8> {
             let mut body = Vec::new();
             body.extend(be(self.legacy_version));
             body.extend([7u8; 32]);
@@ -392,6 +503,11 @@ mod tests {
                 exts.extend(be(data.len() as u16));
                 exts.extend(data);
             }
+            if padding > 0 {
+                exts.extend(be(0x0015));
+                exts.extend(be(padding as u16));
+                exts.resize(exts.len() + padding, 0);
+            }
             body.extend(be(exts.len() as u16));
             body.extend(exts);
             let mut msg = vec![1];
@@ -404,13 +520,33 @@ mod tests {
         fn records(&self, max: usize) -> Vec<u8> {
             let mut out = Vec::new();
             for chunk in self.message().chunks(max) {
-                out.extend([22, 3, 1]);
-                out.extend(be(chunk.len() as u16));
-                out.extend(chunk);
+                out.extend(record(chunk));
             }
             out
         }
     }
+
+    /// One handshake record holding `fragment`.
+    fn record(fragment: &[u8]) -> Vec<u8> {
+        let mut out = vec![22, 3, 1];
+        out.extend(be(fragment.len() as u16));
+        out.extend(fragment);
+        out
+    }
+
+    /// `message` in records cut at `cuts` (offsets into it, any order).
+    fn split_at(message: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(message.len())).collect();
+        cuts.push(0);
+        cuts.push(message.len());
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.windows(2)
+            .flat_map(|w| record(&message[w[0]..w[1]]))
+            .collect()
+    }
+
+    const CHROME_EXAMPLE: &str = "t13d1516h2_8daaf6152771_e5627efa2ab1";
 
     fn hex_list(s: &str) -> Vec<u16> {
         s.split(',')
@@ -452,7 +588,7 @@ mod tests {
     fn foxio_worked_example() {
         let hello = chrome_example();
         let fp = ja4(&hello.records(16 * 1024)).unwrap();
-        assert_eq!(fp.as_str(), "t13d1516h2_8daaf6152771_e5627efa2ab1");
+        assert_eq!(fp.as_str(), CHROME_EXAMPLE);
     }
 
     #[test]
@@ -513,10 +649,103 @@ mod tests {
         for max in [1, 3, 4, 5, 100] {
             assert_eq!(
                 ja4(&hello.records(max)).unwrap().as_str(),
-                "t13d1516h2_8daaf6152771_e5627efa2ab1",
+                CHROME_EXAMPLE,
                 "records of {max} bytes"
             );
         }
+        let message = hello.message();
+        let half = message.len() / 2;
+        // Two records, three, and cuts inside the 4-byte handshake header.
+        for cuts in [&[half][..], &[50, 120], &[1], &[2], &[3], &[1, 2, 3], &[2, 4, 90]] {
+            assert_eq!(
+                ja4(&split_at(&message, cuts)).unwrap().as_str(),
+                CHROME_EXAMPLE,
+                "cut at {cuts:?}"
+            );
+        }
+        // One byte a record, for a longer hello: more records than a hello
+        // may span.
+        let long = hello.message_padded(MAX_HELLO_RECORDS);
+        let cuts: Vec<usize> = (1..MAX_HELLO_RECORDS).collect();
+        assert_eq!(
+            &ja4(&split_at(&long, &cuts)).unwrap().as_str()[..10],
+            "t13d1517h2"
+        );
+        let cuts: Vec<usize> = (1..=MAX_HELLO_RECORDS).collect();
+        assert_eq!(ja4(&split_at(&long, &cuts)), Err(Ja4Error::TooLarge));
+        // Empty records count too: a stream of them ends.
+        let mut r = HelloReader::new();
+        let empty = [22, 3, 1, 0, 0];
+        let answers: Vec<_> = (0..=MAX_HELLO_RECORDS).map(|_| r.feed(&empty)).collect();
+        assert!(answers[..MAX_HELLO_RECORDS].iter().all(Option::is_none));
+        assert_eq!(answers[MAX_HELLO_RECORDS], Some(Err(Ja4Error::TooLarge)));
+    }
+
+    #[test]
+    fn a_hello_larger_than_a_record_spans_two() {
+        // 20 KB of padding: past one record's 16 KiB, as a hello with
+        // several post-quantum key shares may be.
+        let message = chrome_example().message_padded(20_000);
+        assert!(message.len() > 16 * 1024);
+        let records = split_at(&message, &[16 * 1024]);
+        let fp = ja4(&records).unwrap();
+        assert_eq!(&fp.as_str()[..10], "t13d1517h2", "padding is one more extension");
+        // Fed in reads of 1 000 bytes: the same, and never more kept than
+        // the message.
+        let mut r = HelloReader::new();
+        let mut answer = None;
+        for read in records.chunks(1000) {
+            answer = answer.or(r.feed(read));
+            assert!(r.kept() <= message.len(), "{} kept", r.kept());
+        }
+        assert_eq!(answer, Some(Ok(fp)));
+        assert_eq!(r.kept(), 0, "the copy goes once the hello is whole");
+    }
+
+    #[test]
+    fn an_oversized_hello_has_no_fingerprint_and_costs_nothing() {
+        // Declared past MAX_HELLO: refused at its header, before its body.
+        let mut r = HelloReader::new();
+        let header = [22, 3, 1, 0x40, 0, 1, 0x01, 0x00, 0x00];
+        assert_eq!(r.feed(&header), Some(Err(Ja4Error::TooLarge)));
+        assert_eq!(r.kept(), 0);
+        // The same cut inside its header, over two records.
+        let mut r = HelloReader::new();
+        assert_eq!(r.feed(&[22, 3, 1, 0, 2, 1, 0x01]), None);
+        assert_eq!(
+            r.feed(&[22, 3, 1, 0, 2, 0x00, 0x00]),
+            Some(Err(Ja4Error::TooLarge))
+        );
+        assert_eq!(r.kept(), 0);
+        // At the bound exactly: kept, at most MAX_HELLO, while it arrives.
+        let body = MAX_HELLO - 4;
+        let mut r = HelloReader::new();
+        let head = [1, (body >> 16) as u8, (body >> 8) as u8, body as u8];
+        assert_eq!(r.feed(&record(&head)), None);
+        let filler = vec![0xffu8; 16 * 1024];
+        for _ in 0..3 {
+            assert_eq!(r.feed(&record(&filler)), None);
+            assert!(r.kept() <= MAX_HELLO);
+        }
+        // Filler is no hello: malformed once whole, and dropped.
+        assert_eq!(
+            r.feed(&record(&filler[..body - 3 * filler.len()])),
+            Some(Err(Ja4Error::Malformed))
+        );
+        assert_eq!(r.kept(), 0);
+    }
+
+    #[test]
+    fn another_record_inside_the_hello_means_no_fingerprint() {
+        let message = chrome_example().message();
+        let mut bytes = record(&message[..100]);
+        bytes.extend([20, 3, 3, 0, 1, 1]); // ChangeCipherSpec
+        bytes.extend(record(&message[100..]));
+        assert_eq!(ja4(&bytes), Err(Ja4Error::Malformed));
+        // An alert in the middle of a record header's worth of bytes too.
+        let mut bytes = record(&message[..2]);
+        bytes.extend([21, 3, 3, 0, 2, 2, 40]);
+        assert_eq!(ja4(&bytes), Err(Ja4Error::Malformed));
     }
 
     #[test]
@@ -611,6 +840,32 @@ mod tests {
             rec.extend((bytes.len() as u16).to_be_bytes());
             rec.extend(&bytes);
             let _ = ja4(&rec);
+        }
+
+        #[test]
+        fn any_split_into_records_and_reads_gives_the_same_fingerprint(
+            cuts in proptest::collection::vec(0usize..400, 0..20),
+            reads in proptest::collection::vec(1usize..300, 1..40),
+        ) {
+            let message = chrome_example().message_padded(100);
+            let bytes = split_at(&message, &cuts);
+            let mut r = HelloReader::new();
+            let mut answer = None;
+            let mut rest = &bytes[..];
+            for &n in reads.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (read, more) = rest.split_at(n.min(rest.len()));
+                answer = answer.or(r.feed(read));
+                prop_assert!(r.kept() <= message.len());
+                rest = more;
+            }
+            let whole = ja4(&chrome_example().records(16 * 1024)).unwrap();
+            let expected = ja4(&record(&message)).unwrap();
+            prop_assert_eq!(whole.as_str(), CHROME_EXAMPLE);
+            prop_assert_eq!(answer, Some(Ok(expected)));
+            prop_assert_eq!(r.kept(), 0);
         }
 
         #[test]

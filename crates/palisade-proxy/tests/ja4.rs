@@ -214,17 +214,19 @@ async fn rustls_connect(
     source: &str,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    rustls_connect_with(dir, addr, source, alpn, usize::MAX).await
+    rustls_connect_with(dir, addr, source, alpn, usize::MAX, None).await
 }
 
 /// [`rustls_connect`] offering only the first `ciphers` of rustls's
-/// cipher suites: another TLS stack, with a JA4 of its own.
+/// cipher suites (another TLS stack, with a JA4 of its own), sending
+/// records of at most `max_fragment` bytes.
 async fn rustls_connect_with(
     dir: &Path,
     addr: std::net::SocketAddr,
     source: &str,
     alpn: &[u8],
     ciphers: usize,
+    max_fragment: Option<usize>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -238,6 +240,7 @@ async fn rustls_connect_with(
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.max_fragment_size = max_fragment;
     let tcp = common::connect_from(source, addr).await;
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -332,7 +335,7 @@ async fn statuses_over_tls(
     path: &str,
     n: usize,
 ) -> Vec<u16> {
-    let tls = rustls_connect_with(dir, addr, source, b"http/1.1", ciphers).await;
+    let tls = rustls_connect_with(dir, addr, source, b"http/1.1", ciphers, None).await;
     let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -425,4 +428,27 @@ async fn a_user_agent_rotating_client_on_one_tls_stack_trips_one_ja4_breaker() {
         running.shutdown().await;
         let _ = std::fs::remove_dir_all(&d);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_fragmented_over_many_records_has_the_same_fingerprint() {
+    let d = dir("fragmented");
+    let running = start(&d, true, "tls_fingerprint_header = \"X-JA4\"\n", "").await;
+    let addr = running.proxy_addr;
+    let mut seen = Vec::new();
+    // rustls's smallest records (32 bytes, header included): its hello
+    // arrives in tens of records.
+    for fragment in [None, Some(32), Some(100)] {
+        let mut tls = rustls_connect_with(&d, addr, "127.0.0.2", b"http/1.1", usize::MAX, fragment).await;
+        tls.write_all(b"GET /headers HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut echo = Vec::new();
+        tls.read_to_end(&mut echo).await.unwrap();
+        seen.push(seen_ja4(&String::from_utf8(echo).unwrap()));
+    }
+    assert_eq!(seen[0].len(), 1, "{seen:?}");
+    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
 }
