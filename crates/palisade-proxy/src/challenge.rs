@@ -8,7 +8,8 @@
 //! starts with `difficulty` zero bits, and sends both to [`VERIFY_PATH`].
 //! Checking that costs one HMAC and one SHA-256 of under 128 bytes, on the
 //! stack. The clearance cookie is signed the same way over the prefix, the
-//! connection's TLS fingerprint (when there is one) and its expiry.
+//! connection's TLS stack (the part of its JA4 that stays the same over one
+//! browser's connections, when there is one) and its expiry.
 //!
 //! The signing key rotates: each `key_rotation` period has its own key,
 //! derived from a master secret (random at start, or read from
@@ -593,10 +594,26 @@ fn derive_ring(master: &hmac::Key, epoch: u32) -> Ring {
     }
 }
 
+/// The hash a clearance keeps of its connection's JA4: of the part one
+/// browser's connections share, its TLS version, SNI flag, cipher count and
+/// cipher hash (`t13d15` and `8daaf6152771` of
+/// `t13d1516h2_8daaf6152771_e5627efa2ab1`). The rest moves between them: a
+/// resumed session's ClientHello adds `pre_shared_key` (another extension
+/// count and hash) and a WebSocket's connection offers only `http/1.1`
+/// (another ALPN part); bound to all of it, a clearance would be refused
+/// as moved on the browser's next connection, and cost it reputation.
 fn fingerprint_hash(fingerprint: Option<&[u8]>) -> [u8; 8] {
     let mut out = [0u8; 8];
     if let Some(fp) = fingerprint {
-        out.copy_from_slice(&digest::digest(&digest::SHA256, fp).as_ref()[..8]);
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        match (fp.get(..6), fp.get(11..23)) {
+            (Some(stack), Some(ciphers)) if fp.len() == 36 => {
+                ctx.update(stack);
+                ctx.update(ciphers);
+            }
+            _ => ctx.update(fp),
+        }
+        out.copy_from_slice(&ctx.finish().as_ref()[..8]);
     }
     out
 }
@@ -1047,6 +1064,30 @@ mod tests {
             c.check_clearance(v, here, Some(b"t13d1516h2_other"), NOW),
             Err(Failure::Moved)
         );
+        // The same stack resumed (one extension more) or offering only
+        // http/1.1 keeps it; other ciphers, a version or no SNI do not.
+        for same in [
+            "t13d1517h2_8daaf6152771_b0da82dd1658",
+            "t13d1516h1_8daaf6152771_e5627efa2ab1",
+        ] {
+            assert_eq!(
+                c.check_clearance(v, here, Some(same.as_bytes()), NOW),
+                Ok(()),
+                "{same}"
+            );
+        }
+        for other in [
+            "t13d1716h2_8daaf6152771_e5627efa2ab1",
+            "t13d1516h2_8daaf6152772_e5627efa2ab1",
+            "t12d1516h2_8daaf6152771_e5627efa2ab1",
+            "t13i1516h2_8daaf6152771_e5627efa2ab1",
+        ] {
+            assert_eq!(
+                c.check_clearance(v, here, Some(other.as_bytes()), NOW),
+                Err(Failure::Moved),
+                "{other}"
+            );
+        }
         let there = Prefix::of("203.0.114.9".parse().unwrap());
         assert_eq!(c.check_clearance(v, there, fp, NOW), Err(Failure::Moved));
         assert_eq!(

@@ -1,0 +1,256 @@
+//! What a client can do with, or to, the JA4 fingerprint's uses: the
+//! clearance cookie bound to it, a limit counted by it, the upstream
+//! header. Real rustls clients against the daemon's TLS listener.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{config_text, demo};
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use palisade_proxy::config::{Config, Overrides};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("palisade-ja4-attacks-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A daemon terminating TLS for `localhost` (certificate in `dir`),
+/// logging JSON lines to `dir/access.log`; `server` is extra `[server]`
+/// keys, `rest` other tables.
+async fn start(dir: &Path, server: &str, rest: &str) -> palisade_proxy::Running {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+    let (upstream, _, serve) = demo().await;
+    tokio::spawn(serve);
+    let text = config_text(
+        &format!("http://{upstream}"),
+        server,
+        &format!(
+            "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+             [access_log]\nenabled = true\nformat = \"json\"\npath = \"access.log\"\n{rest}"
+        ),
+    );
+    let path = dir.join("palisade.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut config = Config::load(&path, &Overrides::default()).unwrap();
+    config.syn = None;
+    palisade_proxy::start(config).await.unwrap()
+}
+
+/// The `ja4` field of the access log's lines, once there are `n`.
+async fn logged_ja4(dir: &Path, n: usize) -> Vec<String> {
+    for _ in 0..500 {
+        let text = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if lines.len() >= n {
+            return lines
+                .iter()
+                .map(|v| v["ja4"].as_str().unwrap_or("-").to_owned())
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("fewer than {n} access log lines");
+}
+
+/// A rustls client config trusting the daemon's certificate, offering
+/// `alpn` and the first `ciphers` of rustls's suites. Session resumption
+/// is rustls's default (an in-memory ticket cache), as in every browser.
+fn client_config(dir: &Path, alpn: &[&[u8]], ciphers: usize) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("cert.pem")).unwrap())
+        .unwrap();
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.truncate(ciphers);
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg
+}
+
+async fn connect(cfg: &Arc<rustls::ClientConfig>, addr: std::net::SocketAddr, source: &str) -> Tls {
+    let tcp = common::connect_from(source, addr).await;
+    tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// One connection, speaking HTTP/2 or HTTP/1.1 as ALPN chose.
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Conn {
+    async fn over(tls: Tls) -> Self {
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Self::H2(h2)
+        } else {
+            let (h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Self::H1(h1)
+        }
+    }
+
+    /// A browser navigation to `path`, with `cookie` when given.
+    async fn navigate(&mut self, path: &str, cookie: Option<&str>) -> (StatusCode, HeaderMap, String) {
+        let mut req = Request::get(format!("https://localhost{path}"))
+            .header("accept", "text/html,application/xhtml+xml,*/*;q=0.8")
+            .header("user-agent", "Mozilla/5.0");
+        if matches!(self, Self::H1(_)) {
+            req = req.header("host", "localhost");
+        }
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        let req = req.body(Full::new(Bytes::new())).unwrap();
+        let resp = match self {
+            Self::H1(s) => {
+                s.ready().await.unwrap();
+                s.send_request(req).await.unwrap()
+            }
+            Self::H2(s) => {
+                s.ready().await.unwrap();
+                s.send_request(req).await.unwrap()
+            }
+        };
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// `data-<name>` of the challenge page's body element, when it is one.
+fn page_data(body: &str, name: &str) -> Option<String> {
+    let key = format!("data-{name}=\"");
+    let start = body.find(&key)? + key.len();
+    let len = body[start..].find('"')?;
+    Some(body[start..start + len].to_owned())
+}
+
+/// The nonce a browser's script would find.
+fn solve(token: &str, difficulty: u32) -> u64 {
+    (0u64..)
+        .find(|n| {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(token.as_bytes());
+            ctx.update(n.to_string().as_bytes());
+            palisade_proxy::challenge::leading_zero_bits(ctx.finish().as_ref()) >= difficulty
+        })
+        .unwrap()
+}
+
+/// Loads `/headers`, gets the page, solves it: the clearance cookie.
+async fn clear(conn: &mut Conn) -> String {
+    let (status, _, body) = conn.navigate("/headers", None).await;
+    assert_eq!(status, 200);
+    let token = page_data(&body, "t").unwrap_or_else(|| panic!("not the page: {body}"));
+    let d: u32 = page_data(&body, "d").unwrap().parse().unwrap();
+    let nonce = solve(&token, d);
+    let (status, headers, _) = conn
+        .navigate(
+            &format!("/.palisade/challenge?t={token}&n={nonce}&r=%2Fheaders"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 303);
+    let set = headers.get("set-cookie").unwrap().to_str().unwrap();
+    set.split(';').next().unwrap().to_owned()
+}
+
+/// Whether a navigation with `cookie` reached the upstream's `/headers`
+/// (instead of getting the page again).
+async fn passes(conn: &mut Conn, cookie: &str) -> bool {
+    let (status, _, body) = conn.navigate("/headers", Some(cookie)).await;
+    assert_eq!(status, 200, "{body}");
+    page_data(&body, "t").is_none()
+}
+
+/// Every route challenged, at a difficulty the solver here finds at once.
+const ALWAYS: &str = "[challenge]\ndifficulty = 4\nmax_difficulty = 8\n\
+                      [[routes]]\nname = \"site\"\nchallenge = \"always\"\n";
+
+/// A browser solves once, then opens more connections the way browsers
+/// do: resumed with the session ticket the first one got (its ClientHello
+/// now carries `pre_shared_key`, so its JA4 is another), and one offering
+/// only `http/1.1` (a WebSocket's). Both keep the clearance; another TLS
+/// stack carrying the same cookie from the same address is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clearance_survives_session_resumption_and_an_http1_only_connection() {
+    let d = dir("resumed");
+    let running = start(&d, "", ALWAYS).await;
+    let addr = running.proxy_addr;
+    let browser = client_config(&d, &[b"h2", b"http/1.1"], usize::MAX);
+    let mut websocket = browser.clone();
+    websocket.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (browser, websocket) = (Arc::new(browser), Arc::new(websocket));
+
+    let tls = connect(&browser, addr, "127.0.0.2").await;
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    let mut first = Conn::over(tls).await;
+    let cookie = clear(&mut first).await;
+    assert!(
+        passes(&mut first, &cookie).await,
+        "on the connection it was solved on"
+    );
+    drop(first);
+
+    let tls = connect(&browser, addr, "127.0.0.2").await;
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let mut resumed = Conn::over(tls).await;
+    assert!(
+        passes(&mut resumed, &cookie).await,
+        "a resumed connection is refused"
+    );
+
+    let mut h1 = Conn::over(connect(&websocket, addr, "127.0.0.2").await).await;
+    assert!(matches!(h1, Conn::H1(_)));
+    assert!(
+        passes(&mut h1, &cookie).await,
+        "an http/1.1-only connection is refused"
+    );
+
+    // Each JA4 of the three was another: the binding did not lean on
+    // them being equal.
+    let logged = logged_ja4(&d, 5).await;
+    let (solved_on, resumed_on, h1_on) = (&logged[0], &logged[3], &logged[4]);
+    assert_ne!(solved_on, resumed_on, "{logged:?}");
+    assert_ne!(solved_on, h1_on, "{logged:?}");
+
+    let other = Arc::new(client_config(&d, &[b"h2", b"http/1.1"], 1));
+    let mut other = Conn::over(connect(&other, addr, "127.0.0.2").await).await;
+    assert!(!passes(&mut other, &cookie).await, "another TLS stack passed");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
