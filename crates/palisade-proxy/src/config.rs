@@ -1112,16 +1112,18 @@ impl RawConfig {
                 key: resolve(base, &n.key),
             })
             .collect();
-        let acceptor = crate::tls::acceptor_by_name(&cert, &key, &named).map_err(|e| match e.named {
-            None => at(p!("tls", "cert"), e.message),
-            Some(i) => at(p!("tls", "certificates", i, "cert"), e.message),
-        })?;
+        let (acceptor, certificates) =
+            crate::tls::acceptor_by_name(&cert, &key, &named).map_err(|e| match e.named {
+                None => at(p!("tls", "cert"), e.message),
+                Some(i) => at(p!("tls", "certificates", i, "cert"), e.message),
+            })?;
         Ok(Some(TlsConfig {
             handshake_timeout: duration(&t.handshake_timeout, p!("tls", "handshake_timeout"))?,
             cert,
             key,
             named: named.into_iter().map(|n| (n.cert, n.key)).collect(),
             acceptor,
+            certificates,
         }))
     }
 

@@ -1369,6 +1369,9 @@ pub struct ClientConn {
     /// The TLS fingerprint of its ClientHello, when on TLS and known;
     /// clearance cookies are bound to it.
     pub tls_fingerprint: Option<TlsFingerprint>,
+    /// The server name the client asked for in its ClientHello (compared
+    /// form), when on TLS and it named one.
+    pub sni: Option<Arc<str>>,
 }
 
 /// A connection's TLS fingerprint (its JA4 string).
@@ -1892,6 +1895,7 @@ pub struct ProxyService {
     app: Arc<App>,
     peer: SocketAddr,
     fingerprint: Option<TlsFingerprint>,
+    sni: Option<Arc<str>>,
 }
 
 impl ProxyService {
@@ -1900,6 +1904,7 @@ impl ProxyService {
         let peer = conn.peer;
         let permit = conn.permit.clone();
         let fingerprint = conn.tls_fingerprint.clone();
+        let sni = conn.sni.clone();
         let pipeline = ShieldLayer::with_pipeline(Hooks::new(app.clone(), &conn))
             // Nothing downstream reads it: save the allocation.
             .expose_client_ip(false)
@@ -1915,7 +1920,41 @@ impl ProxyService {
             app,
             peer,
             fingerprint,
+            sni,
         }
+    }
+
+    /// Whether a request on a TLS connection names a host that the
+    /// connection was not made for: one that gets another certificate than
+    /// the server name the client opened it with. A client that reused a
+    /// connection for such a host (HTTP/2 coalescing, a certificate
+    /// covering both) is told to open one of its own (421). Without a
+    /// server name there is nothing to contradict.
+    fn misdirected<B>(&self, req: &Request<B>) -> bool {
+        let Some(sni) = &self.sni else {
+            return false;
+        };
+        let sent = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().as_bytes())
+            .or_else(|| req.headers().get(HOST).map(HeaderValue::as_bytes));
+        // An unreadable host is the pipeline's 400.
+        let Some(Ok(host)) = sent.map(|h| palisade_core::normalize_host(h, Some(443))) else {
+            return false;
+        };
+        let name = match host.strip_prefix('[') {
+            Some(_) => host.split_once(']').map_or(&*host, |(v6, _)| &v6[1..]),
+            None => host.rsplit_once(':').map_or(&*host, |(name, _)| name),
+        };
+        if name == &**sni {
+            return false;
+        }
+        let rt = self.app.runtime();
+        rt.config
+            .tls
+            .as_ref()
+            .is_some_and(|tls| !tls.certificates.serves_alike(sni, name))
     }
 
     /// Tells the metrics and the access log of a request this service
@@ -1950,6 +1989,11 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             && !req.headers().contains_key(HOST)
         {
             let r = respond::text(StatusCode::BAD_REQUEST, "Bad Request: no Host\n");
+            self.answered_early(&req, &r);
+            return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody::local(b, guard)))));
+        }
+        if self.misdirected(&req) {
+            let r = respond::text(StatusCode::MISDIRECTED_REQUEST, "Misdirected Request\n");
             self.answered_early(&req, &r);
             return Box::pin(std::future::ready(Ok(r.map(|b| ResponseBody::local(b, guard)))));
         }

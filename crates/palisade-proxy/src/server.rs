@@ -28,6 +28,7 @@ use crate::metrics::{KindLabel, Metrics};
 use crate::proxy::{App, ClientConn, ConfigSource, ProxyService, Runtime, TlsFingerprint, in_error_chain};
 use crate::stall::ConnStreams;
 use crate::tasks::{Watchdog, tracked};
+use crate::tls::server_name;
 
 /// A running daemon.
 pub struct Running {
@@ -388,7 +389,14 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, permit: 
         None => serve_http(&app, &rt, stream, client(peer, None, &permit), drain).await,
         Some(tls) => {
             if let Some((stream, fingerprint)) = handshake(&app, &rt, tls, stream, peer).await {
-                serve_http(&app, &rt, stream, client(peer, Some(fingerprint), &permit), drain).await;
+                let sni = stream
+                    .get_ref()
+                    .1
+                    .server_name()
+                    .map(|n| Arc::from(server_name(n)));
+                let mut conn = client(peer, Some(fingerprint), &permit);
+                conn.sni = sni;
+                serve_http(&app, &rt, stream, conn, drain).await;
             }
         }
     }
@@ -463,6 +471,7 @@ fn client(peer: SocketAddr, tls: Option<Option<TlsFingerprint>>, permit: &Arc<Pe
         tls: tls.is_some(),
         permit: Some(permit.clone()),
         tls_fingerprint: tls.flatten(),
+        sni: None,
     }
 }
 

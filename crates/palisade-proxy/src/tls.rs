@@ -29,6 +29,8 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
     /// Ready to accept with the loaded certificate.
     pub acceptor: TlsAcceptor,
+    /// Which certificate each name gets, as the acceptor picks it.
+    pub certificates: Arc<Certificates>,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -65,27 +67,50 @@ impl TlsConfig {
 /// server name, else for its `*.parent`, else the default (no SNI, an IP
 /// address, an unknown name).
 #[derive(Debug)]
-struct ByName {
+pub struct Certificates {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// Keyed by the parent domain: `*.example.com` → `example.com`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
 }
 
-impl ResolvesServerCert for ByName {
+impl Certificates {
+    /// The certificate served to a client asking for `name` (lower case,
+    /// without a trailing dot).
+    fn for_name(&self, name: &str) -> &Arc<CertifiedKey> {
+        let found = self.exact.get(name).or_else(|| {
+            // A wildcard covers one label: a.example.com, not a.b.example.com.
+            name.split_once('.')
+                .and_then(|(_, parent)| self.wildcard.get(parent))
+        });
+        found.unwrap_or(&self.default)
+    }
+
+    /// Whether a connection opened for `sni` may carry requests for `host`
+    /// (both lower case, without a trailing dot or port): it may when it
+    /// is the connection Palisade would have made for `host`, with the same
+    /// certificate. Browsers reuse a connection for every name its
+    /// certificate covers (HTTP/2 connection coalescing); a name that has a
+    /// certificate of its own must come on a connection of its own.
+    pub fn serves_alike(&self, sni: &str, host: &str) -> bool {
+        sni == host || Arc::ptr_eq(self.for_name(sni), self.for_name(host))
+    }
+}
+
+impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let Some(name) = hello.server_name() else {
             return Some(self.default.clone());
         };
         // rustls hands the name over as sent; DNS names compare without case.
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        let found = self.exact.get(&name).or_else(|| {
-            // A wildcard covers one label: a.example.com, not a.b.example.com.
-            name.split_once('.')
-                .and_then(|(_, parent)| self.wildcard.get(parent))
-        });
-        Some(found.unwrap_or(&self.default).clone())
+        let name = server_name(name);
+        Some(self.for_name(&name).clone())
     }
+}
+
+/// A server name in its compared form: lower case, no trailing dot.
+pub fn server_name(sent: &str) -> String {
+    sent.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// A certificate for some names: `names` as configured.
@@ -110,9 +135,13 @@ pub struct TlsError {
 /// acceptor that picks by SNI. Errors say which entry and file, and what
 /// is wrong (a key that does not belong to its certificate, a name the
 /// certificate does not cover).
-pub fn acceptor_by_name(cert: &Path, key: &Path, named: &[Named]) -> Result<TlsAcceptor, TlsError> {
+pub fn acceptor_by_name(
+    cert: &Path,
+    key: &Path,
+    named: &[Named],
+) -> Result<(TlsAcceptor, Arc<Certificates>), TlsError> {
     let default = certified(cert, key).map_err(|message| TlsError { named: None, message })?;
-    let mut resolver = ByName {
+    let mut resolver = Certificates {
         exact: HashMap::new(),
         wildcard: HashMap::new(),
         default: Arc::new(default),
@@ -144,7 +173,9 @@ pub fn acceptor_by_name(cert: &Path, key: &Path, named: &[Named]) -> Result<TlsA
             }
         }
     }
-    build(Arc::new(resolver)).map_err(|message| TlsError { named: None, message })
+    let resolver = Arc::new(resolver);
+    let acceptor = build(resolver.clone()).map_err(|message| TlsError { named: None, message })?;
+    Ok((acceptor, resolver))
 }
 
 /// A PEM certificate chain and its key, checked to belong together.

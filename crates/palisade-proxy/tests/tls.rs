@@ -311,3 +311,136 @@ fn make_cert_for(dir: &Path, names: &[&str]) -> Cert {
     std::fs::rename(dir.join("cert.key"), dir.join("key.pem")).unwrap();
     cert
 }
+
+/// A TLS connection asking for `sni` (none when `None`, verifying `name`),
+/// trusting `trusted`, offering `alpn`.
+async fn tls_to(
+    addr: std::net::SocketAddr,
+    sni: Option<&str>,
+    name: &str,
+    trusted: &[&Cert],
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in trusted {
+        roots.add(c.der.clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.enable_sni = sni.is_some();
+    let tcp = common::connect_from("127.0.0.51", addr).await;
+    let server = ServerName::try_from(sni.unwrap_or(name).to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(server, tcp)
+        .await
+        .unwrap()
+}
+
+/// `GET /` with `Host: host` over HTTP/1.1 on `tls`.
+async fn h1_status(tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>, host: &str) -> StatusCode {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    sender.send_request(req).await.unwrap().status()
+}
+
+/// Virtual hosts with a certificate each: a connection opened for
+/// `a.test` may not carry a request for `b.test` (421, and b's pool never
+/// sees it), over HTTP/1.1 and HTTP/2 alike; `a.test` on it goes to a's
+/// pool. Names under one wildcard certificate share connections, as
+/// browsers coalesce them; without a server name nothing is refused.
+#[tokio::test]
+async fn a_host_with_another_certificate_than_the_connection_is_misdirected() {
+    let d = dir("vhost");
+    let default = make_cert_for(&d, &["localhost", "a.test"]);
+    let a = named_cert(&d, "a", &["a.test"]);
+    let b = named_cert(&d, "b", &["b.test"]);
+    let c = named_cert(&d, "c", &["*.c.test"]);
+    let (a_up, a_hits, serve) = demo().await;
+    tokio::spawn(serve);
+    let (b_up, b_hits, serve) = demo().await;
+    tokio::spawn(serve);
+    let running = start(
+        &d,
+        &format!(
+            "[[tls.certificates]]\nnames = [\"a.test\"]\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+             [[tls.certificates]]\nnames = [\"b.test\"]\ncert = \"b.pem\"\nkey = \"b.key\"\n\
+             [[tls.certificates]]\nnames = [\"*.c.test\"]\ncert = \"c.pem\"\nkey = \"c.key\"\n\
+             [[upstreams]]\nname = \"a\"\nmembers = [{{ url = \"http://{a_up}\" }}]\n\
+             [[upstreams]]\nname = \"b\"\nmembers = [{{ url = \"http://{b_up}\" }}]\n\
+             [[routes]]\nname = \"a\"\nhost = \"a.test\"\nupstream = \"a\"\n\
+             [[routes]]\nname = \"b\"\nhost = \"b.test\"\nupstream = \"b\"\n"
+        ),
+    )
+    .await;
+    let addr = running.proxy_addr;
+    let hits = || [&a_hits, &b_hits].map(|h| h.load(std::sync::atomic::Ordering::Relaxed));
+    let trust_a = [&a];
+    let on_a = || tls_to(addr, Some("a.test"), "a.test", &trust_a, b"http/1.1");
+
+    assert_eq!(
+        h1_status(on_a().await, "b.test").await,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+    // Case, a trailing dot and a port do not make it another host.
+    assert_eq!(
+        h1_status(on_a().await, "B.Test.:443").await,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+    assert_eq!(hits(), [0, 0], "b's pool never saw it");
+    assert_eq!(h1_status(on_a().await, "A.test.").await, StatusCode::OK);
+    assert_eq!(h1_status(on_a().await, "a.test:443").await, StatusCode::OK);
+    assert_eq!(hits(), [2, 0], "a.test on a's connection goes to a's pool");
+    // A name no certificate lists gets the default one: not a's either.
+    assert_eq!(
+        h1_status(on_a().await, "other.test").await,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+
+    // HTTP/2: :authority is what the connection is asked for.
+    let tls = tls_to(addr, Some("a.test"), "a.test", &[&a], b"h2").await;
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for (uri, expect) in [
+        ("https://b.test/", StatusCode::MISDIRECTED_REQUEST),
+        ("https://a.test/", StatusCode::OK),
+    ] {
+        let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+        assert_eq!(h2.send_request(req).await.unwrap().status(), expect, "{uri}");
+    }
+    assert_eq!(hits(), [3, 0]);
+
+    // One wildcard certificate: its names share a connection.
+    let on_c = tls_to(addr, Some("x.c.test"), "x.c.test", &[&c], b"http/1.1").await;
+    assert_eq!(h1_status(on_c, "y.c.test").await, StatusCode::OK);
+    // No server name (an IP address, an old client): the default
+    // certificate, and nothing to contradict.
+    let bare = tls_to(addr, None, "a.test", &[&default], b"http/1.1").await;
+    assert_eq!(h1_status(bare, "a.test").await, StatusCode::OK);
+    assert_eq!(hits(), [4, 0]);
+    let on_b = tls_to(addr, Some("b.test"), "b.test", &[&b], b"http/1.1").await;
+    assert_eq!(h1_status(on_b, "b.test").await, StatusCode::OK);
+    assert_eq!(hits(), [4, 1], "b.test on its own connection goes to b's pool");
+    let mut admin = common::Client::connect("127.0.0.1", running.admin_addr).await;
+    let m = admin.get("/metrics").await.2;
+    assert_eq!(
+        metric(
+            &m,
+            "palisade_requests_total{endpoint=\"default\",method=\"GET\",status=\"421\"}"
+        ),
+        4.0
+    );
+    running.shutdown().await;
+}
