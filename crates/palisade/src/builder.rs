@@ -61,6 +61,55 @@ fn invalid(setting: impl Into<String>, message: impl Into<String>) -> BuildError
     }
 }
 
+/// A route with a limit of its own, for [`Builder::limited_route`]: what
+/// a `[[routes]]` entry with a `path_prefix` says in the config file.
+#[derive(Debug, Clone)]
+pub struct Route {
+    name: String,
+    path_prefix: String,
+    quota: Quota,
+    key: LimitKey,
+    headers: Option<RateHeaders>,
+    anonymous: Option<Quota>,
+}
+
+impl Route {
+    /// Requests whose path starts with `path_prefix` (on segment
+    /// boundaries), labelled `name`, limited by `quota` per client.
+    pub fn new(name: &str, path_prefix: &str, quota: Quota) -> Self {
+        Self {
+            name: name.to_string(),
+            path_prefix: path_prefix.to_string(),
+            quota,
+            key: LimitKey::Client,
+            headers: None,
+            anonymous: None,
+        }
+    }
+
+    /// `key`: what the route's limit counts by. A key taken from the
+    /// request is counted beside the client's default limit, not instead.
+    pub fn key(mut self, key: LimitKey) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// `headers`: which responses carry `RateLimit` (without it, the
+    /// default limit's setting).
+    pub fn headers(mut self, headers: RateHeaders) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// `anonymous_rate`: with a key taken from the request, the limit of
+    /// the requests that do not carry it, counted by client. Palisade does
+    /// not check keys: any value of the key counts as keyed.
+    pub fn anonymous(mut self, quota: Quota) -> Self {
+        self.anonymous = Some(quota);
+        self
+    }
+}
+
 impl Palisade {
     /// Starts from the daemon's defaults: 100 requests/s per client
     /// address (burst 100), reputation, the adaptive per-client breaker and
@@ -326,26 +375,57 @@ impl<C: Clock + Clone> Builder<C> {
 
     /// `[[routes]]`: requests whose path starts with `path_prefix` (on
     /// segment boundaries) get their own per-client limit, labelled `name`.
-    /// First match wins.
+    /// First match wins. [`limited_route`](Self::limited_route) takes a
+    /// period, a key and the other settings a route has in the config file.
     pub fn route(mut self, name: &str, path_prefix: &str, per_second: u32) -> Self {
-        let limit = NonZeroU32::new(per_second).map(|rate| LimitPolicy {
-            quota: Quota::per_second(rate),
-            mode: Mode::Enforce,
-        });
-        if limit.is_none() {
+        if per_second == 0 {
             let i = self.shield.routes.len();
             self.fail(&format!("routes[{i}].rate"), "must be between 1 and 10000000");
         }
+        let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+        self.limited_route(Route::new(name, path_prefix, Quota::per_second(rate)))
+    }
+
+    /// A `[[routes]]` entry with everything the config file can say of its
+    /// limit: its period, what it counts by, its headers and the limit of
+    /// requests without its key.
+    ///
+    /// ```
+    /// use std::num::NonZeroU32;
+    /// use palisade::{LimitKey, Palisade, Period, Quota, RateHeaders, Route};
+    ///
+    /// let per = |n: u32, p: Period| Quota::per(NonZeroU32::new(n).unwrap(), p);
+    /// let palisade = Palisade::builder()
+    ///     // 5 login attempts a minute per client.
+    ///     .limited_route(Route::new("login", "/login", per(5, Period::Minute)))
+    ///     // 1000 a minute per API key, 60 a minute for clients without one.
+    ///     .limited_route(
+    ///         Route::new("api", "/api", per(1000, Period::Minute))
+    ///             .key(LimitKey::Header("x-api-key".parse().unwrap()))
+    ///             .anonymous(per(60, Period::Minute))
+    ///             .headers(RateHeaders::Always),
+    ///     )
+    ///     .build()?;
+    /// # let _ = palisade;
+    /// # Ok::<(), palisade::BuildError>(())
+    /// ```
+    pub fn limited_route(mut self, route: Route) -> Self {
         self.shield.routes.push(RouteConfig {
-            name: name.to_string(),
+            name: route.name,
             matcher: RouteMatch {
-                path_prefix: Some(path_prefix.to_string()),
+                path_prefix: Some(route.path_prefix),
                 ..RouteMatch::default()
             },
-            limit,
-            key: LimitKey::Client,
-            rate_headers: None,
-            anonymous: None,
+            limit: Some(LimitPolicy {
+                quota: route.quota,
+                mode: Mode::Enforce,
+            }),
+            key: route.key,
+            rate_headers: route.headers,
+            anonymous: route.anonymous.map(|quota| LimitPolicy {
+                quota,
+                mode: Mode::Enforce,
+            }),
         });
         self
     }
@@ -480,7 +560,7 @@ impl<C: Clock + Clone> Builder<C> {
         let quotas = s
             .limit
             .iter()
-            .chain(s.routes.iter().filter_map(|r| r.limit.as_ref()));
+            .chain(s.routes.iter().flat_map(|r| r.limit.iter().chain(&r.anonymous)));
         for q in quotas.map(|l| l.quota) {
             if [q.rate, q.burst, q.window_limit]
                 .iter()
@@ -500,6 +580,14 @@ impl<C: Clock + Clone> Builder<C> {
                 .is_some_and(|p| p.starts_with('/'))
             {
                 return Err(invalid(format!("routes[{i}].path_prefix"), "must start with '/'"));
+            }
+            if r.anonymous.is_some()
+                && matches!(r.key, LimitKey::Client | LimitKey::Ip | LimitKey::IpUserAgent)
+            {
+                return Err(invalid(
+                    format!("routes[{i}].anonymous_rate"),
+                    "needs a key taken from the request: anonymous requests are those without it",
+                ));
             }
             if r.name.is_empty() || r.name == "default" || s.routes[..i].iter().any(|o| o.name == r.name) {
                 return Err(invalid(

@@ -84,7 +84,7 @@ pub mod respond;
 mod shield;
 
 pub use breaker::{BreakerFuture, BreakerLayer, BreakerService, BreakerSettings, StatusSet};
-pub use builder::{BuildError, Builder, Palisade, PalisadeLayer};
+pub use builder::{BuildError, Builder, Palisade, PalisadeLayer, Route};
 pub use listener::{AdmissionListener, Admitted, read_proxy_header};
 pub use shield::{
     Answered, BadRequest, BoxError, CLIENT_CLOSED_REQUEST, ClientIp, Early, Fail, Finished, LocalRefusal,

@@ -15,7 +15,8 @@ use http_body_util::Full;
 use palisade::{
     AdaptiveConfig, BreakerConfig, BreakerLayer, BreakerSettings, BreakerState, ClientIp, ClientIpHeader,
     Clock, IpNet, KeyExtractor, LimitKey, LimitPolicy, ManualClock, Mode, Palisade, PeerAddr, Period, Quota,
-    Refused, RejectReason, ReputationConfig, RequestFacts, Shield, ShieldConfig, ShieldLayer, StatusSet,
+    RateHeaders, Refused, RejectReason, ReputationConfig, RequestFacts, Route, Shield, ShieldConfig,
+    ShieldLayer, StatusSet,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -459,19 +460,17 @@ impl KeyExtractor for Tenant {
 #[tokio::test]
 async fn a_custom_key_extractor_through_the_layer() {
     let clock = Arc::new(ManualClock::new());
+    let three = Quota::per_second(NonZeroU32::new(3).unwrap());
     let p = Palisade::builder()
         .clock(clock.clone())
         .rate_limit(10)
-        .route("tenants", "/t", 3)
+        .limited_route(Route::new("tenants", "/t", three).key(LimitKey::Custom(Arc::new(Tenant))))
         .no_reputation()
         .no_adaptive_breaker()
         .build()
         .unwrap();
-    // The builder's route counts by the client; key it by tenant.
-    let mut cfg = p.shield().config().clone();
-    cfg.routes[0].key = LimitKey::Custom(Arc::new(Tenant));
     let mock = Mock::new(200);
-    let mut svc = shield(cfg, &clock).layer(mock.service());
+    let mut svc = p.layer().layer(mock.service());
     let mut ok = Vec::new();
     for (peer, path) in [
         ("192.0.2.1", "/t/acme/x"),
@@ -488,6 +487,81 @@ async fn a_custom_key_extractor_through_the_layer() {
         ok.push(status(&mut svc, r).await == StatusCode::OK);
     }
     assert_eq!(ok, [true, true, true, false, true, true, true, false]);
+}
+
+/// A route built with everything the config file can say: 2 a minute per
+/// API key, 1 a minute for requests without one, `RateLimit` on every
+/// response. Two addresses share a key's 2; an anonymous client has its 1;
+/// a minute later each has its own again.
+#[tokio::test]
+async fn a_route_with_a_period_a_key_and_an_anonymous_limit() {
+    let clock = Arc::new(ManualClock::new());
+    let per_minute = |n| Quota::per(NonZeroU32::new(n).unwrap(), Period::Minute);
+    let p = Palisade::builder()
+        .clock(clock.clone())
+        .rate_limit(100)
+        .limited_route(
+            Route::new("api", "/api", per_minute(2))
+                .key(LimitKey::Header("x-api-key".parse().unwrap()))
+                .anonymous(per_minute(1))
+                .headers(RateHeaders::Always),
+        )
+        .no_reputation()
+        .no_adaptive_breaker()
+        .build()
+        .unwrap();
+    let mock = Mock::new(200);
+    let mut svc = p.layer().layer(mock.service());
+    let call = |peer: &str, key: Option<&str>| {
+        let mut r = req(peer);
+        *r.uri_mut() = "/api/items".parse().unwrap();
+        if let Some(k) = key {
+            r.headers_mut().insert("x-api-key", k.parse().unwrap());
+        }
+        r
+    };
+    let mut seen = Vec::new();
+    for (peer, key) in [
+        ("192.0.2.1", Some("k1")),
+        ("192.0.2.2", Some("k1")),
+        ("192.0.2.1", Some("k1")),
+        ("192.0.2.3", None),
+        ("192.0.2.3", None),
+    ] {
+        let r = svc.ready().await.unwrap().call(call(peer, key)).await.unwrap();
+        let policy = r
+            .headers()
+            .get("ratelimit-policy")
+            .map(|v| v.to_str().unwrap().to_owned());
+        seen.push((r.status().as_u16(), policy));
+    }
+    let statuses: Vec<u16> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [200, 200, 429, 200, 429]);
+    assert!(
+        seen.iter()
+            .all(|(_, p)| p.as_deref().is_some_and(|p| p.contains("w=60"))),
+        "every response names its per-minute policy: {seen:?}"
+    );
+    clock.advance(Duration::from_secs(60));
+    let r = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(call("192.0.2.3", None))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the anonymous minute is over");
+}
+
+#[tokio::test]
+async fn a_route_without_a_request_key_has_no_anonymous_limit() {
+    let one = Quota::per_second(NonZeroU32::MIN);
+    let e = Palisade::builder()
+        .limited_route(Route::new("api", "/api", one).anonymous(one))
+        .build()
+        .err()
+        .unwrap();
+    assert_eq!(e.setting, "routes[0].anonymous_rate");
 }
 
 #[tokio::test]
