@@ -69,6 +69,74 @@ async fn routes_send_requests_to_their_pool_by_host_and_by_path_prefix() {
     assert_eq!(counts(&all), [2, 4, 2]);
 }
 
+/// A client on the default host trying to reach another pool by making the
+/// route and the upstream read two different hosts: an absolute-form
+/// target naming the other host beside its own `Host`, or an HTTP/2
+/// `:authority` beside a `Host` that disagrees. Each is refused with 400
+/// and no pool sees it; spellings of one host (case, trailing dot, port)
+/// are that host, and an absolute-form target alone is routed by its host.
+#[tokio::test]
+async fn no_spelling_of_the_request_reaches_a_pool_its_host_does_not_name() {
+    let (site, site_hits) = upstream().await;
+    let rest = format!(
+        "[[upstreams]]\nname = \"site\"\nmembers = [{{ url = \"http://{site}\" }}]\n\
+         [[routes]]\nname = \"site\"\nhost = \"www.example.test\"\nupstream = \"site\"\n"
+    );
+    let h = Harness::start("", &rest).await;
+    let all = [&h.upstream_hits, &site_hits];
+    let status = |answer: String| answer.get(9..12).unwrap_or_default().to_owned();
+    for (i, head) in [
+        "GET http://www.example.test/ HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n\r\n",
+        "GET http://test.local/ HTTP/1.1\r\nHost: www.example.test\r\nConnection: close\r\n\r\n",
+        "GET http://www.example.test:8080/ HTTP/1.1\r\nHost: www.example.test\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: www.example.test\r\nHost: test.local\r\nConnection: close\r\n\r\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let answer = common::raw_exchange("127.0.0.4", h.proxy(), head.as_bytes()).await;
+        assert_eq!(status(answer), "400", "case {i}: {head:?}");
+    }
+    assert_eq!(counts(&all), [0, 0], "no pool saw a request whose hosts disagree");
+    for (i, head) in [
+        "GET http://www.example.test/ HTTP/1.1\r\nHost: www.example.test\r\nConnection: close\r\n\r\n",
+        "GET http://WWW.example.test.:80/ HTTP/1.1\r\nHost: www.Example.TEST\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: www.example.test:8443\r\nConnection: close\r\n\r\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let answer = common::raw_exchange("127.0.0.4", h.proxy(), head.as_bytes()).await;
+        assert_eq!(status(answer), "200", "case {i}: {head:?}");
+    }
+    assert_eq!(counts(&all), [0, 3], "one host, however spelled, is the site's");
+
+    // HTTP/2: :authority and Host must name one host.
+    let mut h2 = common::h2_client("127.0.0.5", h.proxy()).await;
+    let mut send = |uri: &str, host: Option<&str>| {
+        let mut req = Request::get(uri);
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        h2.send_request(req.body(Full::new(Bytes::new())).unwrap())
+    };
+    let refused = send("http://test.local/", Some("www.example.test"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let refused = send("http://www.example.test/", Some("test.local"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(counts(&all), [0, 3]);
+    let served = send("http://www.example.test/", Some("WWW.example.test."))
+        .await
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(counts(&all), [0, 4]);
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn weights_three_to_one_share_requests_exactly() {
     let (a, a_hits) = upstream().await;
