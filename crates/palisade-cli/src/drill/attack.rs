@@ -76,7 +76,6 @@ pub struct LimitedRoute {
     /// Its limit.
     pub limit: Limit,
     /// Whether `/Login` is another path than `/login`.
-    #[expect(dead_code, reason = "the route-bypass attack reads it")]
     pub case_sensitive: bool,
 }
 
@@ -171,6 +170,7 @@ pub fn catalog() -> Vec<Box<dyn Attack>> {
         Box::new(super::http::Flood),
         Box::new(super::http::ManySourceFlood),
         Box::new(super::http::ForgedHeaders),
+        Box::new(super::http::RouteBypass),
         Box::new(super::slow::Slowloris),
         Box::new(super::slow::SlowBody),
         Box::new(super::http2::RapidReset),

@@ -229,6 +229,146 @@ impl Attack for ForgedHeaders {
     }
 }
 
+/// Requests for the limited route's path under other spellings, each from
+/// an address of its own, past the route's limit: a spelling the daemon
+/// served more often than the limit allows was not counted against it.
+pub struct RouteBypass;
+
+/// The spellings of `prefix` (e.g. `/login`) that servers read as it: RFC
+/// 3986 normalization (dot segments, escapes of unreserved characters),
+/// merged slashes (nginx), `;parameters` (Java servers), a trailing slash,
+/// a query, the absolute form, and other cases when the route is
+/// case-insensitive. The first is the path itself, the control.
+fn spellings(prefix: &str, case_sensitive: bool) -> Vec<String> {
+    let p = prefix.trim_end_matches('/');
+    let rest = p.strip_prefix('/').unwrap_or(p);
+    let mut chars = rest.chars();
+    let escaped = match chars.next() {
+        Some(c) if c.is_ascii_alphanumeric() => format!("/%{:02x}{}", c as u32, chars.as_str()),
+        _ => format!("/%2e/{rest}"),
+    };
+    let mut out = vec![
+        p.to_owned(),
+        format!("/{p}"),
+        format!("/.{p}"),
+        format!("/%2e{p}"),
+        escaped,
+        format!("{p}/"),
+        format!("{p}/."),
+        format!("{p};x"),
+        format!("/foo/..{p}"),
+        format!("/foo/%2e%2e{p}"),
+        format!("{p}%2f"),
+        format!("{p}?x=1"),
+        format!("http://drill.test{p}"),
+    ];
+    if !case_sensitive {
+        out.push(p.to_ascii_uppercase());
+        out.push(format!("/.{};x", p.to_ascii_uppercase()));
+    }
+    out
+}
+
+impl Attack for RouteBypass {
+    fn name(&self) -> &'static str {
+        "route-bypass"
+    }
+    fn title(&self) -> &'static str {
+        "the limited route's path spelled 15 ways (//login, /%6cogin, /login;x, /foo/../login, ...), each past the route's limit from one address"
+    }
+    fn sources(&self) -> u32 {
+        16
+    }
+    fn budget(&self, quick: bool) -> Budget {
+        budget(quick, 16 * 60, 16 * 200, 15)
+    }
+    fn skip(&self, ctx: &Ctx) -> Option<String> {
+        ctx.defenses
+            .route
+            .is_none()
+            .then(|| "no route with an enforced limit of its own and a path prefix".to_owned())
+    }
+    fn run(&self, ctx: Ctx) -> BoxFuture<anyhow::Result<Outcome>> {
+        Box::pin(async move {
+            let Some(route) = ctx.defenses.route.clone() else {
+                anyhow::bail!("no limited route");
+            };
+            let all = spellings(&route.prefix, route.case_sensitive);
+            let each = (ctx.budget.max / all.len() as u64).max(1);
+            let start = Instant::now();
+            let deadline = start + ctx.budget.seconds;
+            let mut tasks = Vec::new();
+            for (spelling, &from) in all.iter().cloned().zip(ctx.sources.iter()) {
+                let target = ctx.target;
+                tasks.push(tokio::spawn(async move {
+                    let t = spelled(from, target, &spelling, each, start, deadline).await;
+                    (spelling, t)
+                }));
+            }
+            let allowed = route.limit.allowance(ctx.budget.seconds);
+            let bound = allowed + allowed / 5 + 5;
+            let mut outcome = Outcome::default();
+            let mut counted = Vec::new();
+            for task in tasks {
+                let (spelling, t) = task.await?;
+                if t.admitted > bound {
+                    outcome.breaches.push(format!(
+                        "{spelling}: {} of {} requests served; the {} route's limit allows about {allowed}",
+                        t.admitted, t.outcome.sent, route.name
+                    ));
+                } else {
+                    counted.push(format!("{spelling} {}", t.admitted));
+                }
+                outcome.merge(t.outcome);
+            }
+            outcome.notes.push(format!(
+                "served per spelling, within the route's limit: {}",
+                counted.join(", ")
+            ));
+            Ok(outcome)
+        })
+    }
+}
+
+/// Up to `n` requests for `path` from `from`, on keep-alive connections.
+async fn spelled(
+    from: Ipv4Addr,
+    target: std::net::SocketAddr,
+    path: &str,
+    n: u64,
+    start: Instant,
+    deadline: Instant,
+) -> Tally {
+    let mut t = Tally::default();
+    let mut conn: Option<wire::Conn> = None;
+    while t.outcome.sent < n && Instant::now() < deadline {
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => match wire::connect(from, target).await {
+                Ok(s) => wire::Conn::new(s),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        t.outcome.sent += 1;
+        let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(500);
+        match tokio::time::timeout(left, c.exchange(&wire::get(path, ""))).await {
+            // 400: refused as ambiguous, never forwarded.
+            Ok(Ok(r)) if refused(r.status) || r.status == 400 => {
+                t.outcome.refused_at(start.elapsed(), Layer::Http);
+            }
+            Ok(Ok(_)) => t.admitted += 1,
+            Ok(Err(_)) | Err(_) => continue,
+        }
+        if !c.closed {
+            conn = Some(c);
+        }
+    }
+    t
+}
+
 fn forged_headers(addr: u32) -> String {
     let a = Ipv4Addr::from(addr);
     format!("X-Forwarded-For: {a}\r\nX-Real-IP: {a}\r\nForwarded: for={a}\r\n")
@@ -251,4 +391,31 @@ async fn echo(ctx: &Ctx, from: Ipv4Addr, request: &[u8]) -> std::io::Result<Stri
                 "no answer in 5 s",
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_a_route_start_with_the_route_and_keep_to_its_case() {
+        let s = spellings("/login", false);
+        assert_eq!(s[0], "/login");
+        for want in [
+            "//login",
+            "/./login",
+            "/%6cogin",
+            "/login/",
+            "/login;x",
+            "/foo/../login",
+            "/login%2f",
+            "/LOGIN",
+        ] {
+            assert!(s.iter().any(|x| x == want), "{want} missing from {s:?}");
+        }
+        assert_eq!(s.len(), 15);
+        let sensitive = spellings("/login/", true);
+        assert!(!sensitive.iter().any(|x| x == "/LOGIN"));
+        assert_eq!(sensitive[0], "/login");
+    }
 }
