@@ -71,13 +71,22 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Lowers the calling thread's CPU priority (nice 10; on Linux a nice
-/// value is a thread's own).
-pub fn lower_priority() {
+/// CPU priority of what the drill measures: Palisade, the demo upstream,
+/// the legitimate population and the monitor. A little above the rest of
+/// the machine, so that a build running next to the drill does not look
+/// like an attack that got through.
+pub const MEASURED_NICE: libc::c_int = -5;
+/// CPU priority of the attackers: well below what they attack (in life
+/// they are on machines of their own).
+pub const ATTACKER_NICE: libc::c_int = 5;
+
+/// Sets the calling thread's nice value (on Linux a thread's own; threads
+/// it starts, and programs it execs, inherit it). Async-signal-safe.
+pub fn set_nice(nice: libc::c_int) {
     // SAFETY: setpriority has no memory preconditions; `who` 0 is the
     // calling thread.
     unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
     }
 }
 

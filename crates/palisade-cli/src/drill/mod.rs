@@ -140,12 +140,13 @@ pub fn run(args: DrillArgs) -> anyhow::Result<bool> {
     Lab::enter(&lab.client)?;
     // Attackers in life run on machines of their own; here they share the
     // CPU with Palisade, and a closed-loop flood would take as much of it as
-    // the kernel gives. At a lower priority they still send as fast as
-    // they are answered, but cannot starve the daemon of the CPU they do
-    // not have in life (what they did send is in the report, per CPU-second).
+    // the kernel gives. At a lower priority (lab::ATTACKER_NICE) they still
+    // send as fast as they are answered, but cannot starve the daemon of
+    // the CPU they do not have in life (what they did send is in the
+    // report, per CPU-second).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(lab::lower_priority)
+        .on_thread_start(|| lab::set_nice(lab::ATTACKER_NICE))
         .build()
         .context("starting the async runtime")?;
     // The legitimate population gets threads of its own: on the attackers'
@@ -156,6 +157,7 @@ pub fn run(args: DrillArgs) -> anyhow::Result<bool> {
     let legit_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("drill-legit")
+        .on_thread_start(|| lab::set_nice(lab::MEASURED_NICE))
         .enable_all()
         .build()
         .context("starting the legitimate population's runtime")?;
