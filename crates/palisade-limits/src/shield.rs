@@ -70,7 +70,8 @@ pub enum LimitKey {
     Header(http::HeaderName),
     /// A cookie's value (`cookie:session`).
     Cookie(String),
-    /// A query parameter's value as sent, not percent-decoded (`query:token`).
+    /// A query parameter's value, percent-decoded as applications read it
+    /// (`query:token`).
     Query(String),
     /// The connection's TLS fingerprint, [`RequestFacts::tls_fingerprint`]
     /// (`ja4`): every client with one TLS stack shares the limit.
@@ -354,6 +355,8 @@ pub struct Shield<C> {
     adaptive: Option<(AdaptiveBreaker, Mode)>,
     /// Unix seconds at clock time 0: store entries expire in wall time.
     unix_origin: u64,
+    /// Some limit counts by a header, cookie or query parameter.
+    keyed_by_request: bool,
 }
 
 impl<C: Clock> Shield<C> {
@@ -423,6 +426,9 @@ impl<C: Clock> Shield<C> {
             // Fingerprint keys must not change under a reload.
             fingerprint_hasher: previous.map_or_else(Default::default, |p| p.fingerprint_hasher.clone()),
             unix_origin: unix_now().saturating_sub(clock.now() / NANOS_PER_SEC),
+            keyed_by_request: std::iter::once(&cfg.limit_key)
+                .chain(cfg.routes.iter().map(|r| &r.key))
+                .any(|k| matches!(k, LimitKey::Header(_) | LimitKey::Cookie(_) | LimitKey::Query(_))),
             clock,
             cfg,
         }
@@ -832,6 +838,24 @@ impl<C: Clock> Shield<C> {
     }
 
     /// What the limit a route's requests count against is keyed by.
+    /// Whether the request carries the key its limit counts by more than
+    /// once: two header lines, two cookies or two query parameters of the
+    /// name. Such a request is refused (400) by the layers that call this,
+    /// since a limit could count one copy while the application reads
+    /// another (a fresh value first, the real key after, would dodge the
+    /// key's limit). Costs nothing when no limit is keyed by the request.
+    pub fn sends_key_twice(&self, req: &RequestFacts<'_>) -> bool {
+        if !self.keyed_by_request {
+            return false;
+        }
+        match self.limit_key_for(self.route_for(req)) {
+            LimitKey::Header(name) => req.headers.get_all(name).iter().nth(1).is_some(),
+            LimitKey::Cookie(name) => cookies(req.headers, name).nth(1).is_some(),
+            LimitKey::Query(name) => query_params(req.target, name).nth(1).is_some(),
+            _ => false,
+        }
+    }
+
     fn limit_key_for(&self, route: RouteId) -> &LimitKey {
         route
             .checked_sub(1)
@@ -847,8 +871,8 @@ impl<C: Clock> Shield<C> {
         let (tag, value): (u8, Cow<'_, [u8]>) = match by {
             LimitKey::Client | LimitKey::Ip | LimitKey::IpUserAgent => return None,
             LimitKey::Header(name) => (1, Cow::Borrowed(req.headers.get(name)?.as_bytes())),
-            LimitKey::Cookie(name) => (2, Cow::Borrowed(cookie(req.headers, name)?)),
-            LimitKey::Query(name) => (3, Cow::Borrowed(query_param(req.target, name)?)),
+            LimitKey::Cookie(name) => (2, cookies(req.headers, name).next()?),
+            LimitKey::Query(name) => (3, query_params(req.target, name).next()?),
             LimitKey::Custom(extractor) => (4, extractor.key(req)?),
             LimitKey::Ja4 => (5, Cow::Borrowed(req.tls_fingerprint?.as_bytes())),
         };
@@ -941,27 +965,65 @@ impl RouteMatch {
     }
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+/// The values of cookie `name` in the request's `Cookie` headers, name and
+/// value percent-decoded as most frameworks read them.
+fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = Cow<'a, [u8]>> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .find_map(|pair| {
+        .filter_map(move |pair| {
             let pair = pair.trim_ascii();
             let eq = pair.iter().position(|&b| b == b'=')?;
-            (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+            (percent_decoded(pair[..eq].trim_ascii(), false) == name.as_bytes())
+                .then(|| percent_decoded(pair[eq + 1..].trim_ascii(), false))
         })
 }
 
-/// The value of query parameter `name` in `target`, as sent.
-fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a [u8]> {
-    let (_, query) = target.split_once('?')?;
+/// The values of query parameter `name` in `target`, decoded as the
+/// application reads them (`%61bc` and `abc` are one key, `+` a space),
+/// names compared decoded too.
+fn query_params<'a>(target: &'a str, name: &'a str) -> impl Iterator<Item = Cow<'a, [u8]>> {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
     let query = query.split_once('#').map_or(query, |(q, _)| q);
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then_some(v.as_bytes())
-    })
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(move |pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decoded(k.as_bytes(), true) == name.as_bytes())
+                .then(|| percent_decoded(v.as_bytes(), true))
+        })
+}
+
+/// `%XX` decoded (and `+` as a space for query strings); a `%` not
+/// followed by two hex digits is kept as it is, as lenient decoders do.
+fn percent_decoded(raw: &[u8], plus_is_space: bool) -> Cow<'_, [u8]> {
+    if !raw.iter().any(|&b| b == b'%' || (plus_is_space && b == b'+')) {
+        return Cow::Borrowed(raw);
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'%' => match (
+                raw.get(i + 1).copied().and_then(hex),
+                raw.get(i + 2).copied().and_then(hex),
+            ) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Cow::Owned(out)
 }
 
 fn strip_port(host: &str) -> &str {

@@ -447,6 +447,62 @@ async fn keyed_and_anonymous_requests_get_their_own_limits_on_one_route() {
     h.running.shutdown().await;
 }
 
+/// A key limit must count the key the upstream reads. Two `X-API-Key`
+/// lines (a fresh one first, the real one after), two cookies of the name
+/// or two parameters of the name could be counted by one copy and
+/// authenticated by another: each is `400`, never forwarded. A query key
+/// is compared decoded, so `%61bc` is `abc` to the limit as it is to the
+/// application.
+#[tokio::test(start_paused = true)]
+async fn a_limit_key_sent_twice_is_400_and_a_query_key_counts_decoded() {
+    let h = Harness::start(
+        "",
+        "[rate_limit]\nrate = 50\n[[routes]]\nname = \"api\"\npath_prefix = \"/status\"\nrate = 3\nkey = \"header:X-API-Key\"\n\
+         [[routes]]\nname = \"session\"\npath_prefix = \"/delay\"\nrate = 3\nkey = \"cookie:sid\"\n\
+         [[routes]]\nname = \"token\"\npath_prefix = \"/headers\"\nrate = 3\nkey = \"query:token\"\n",
+    )
+    .await;
+    let mut c = h.client("127.0.0.23").await;
+    for i in 0..5 {
+        let fresh = format!("k{i}");
+        let (status, _, _) = c
+            .get_with("/status/200", &[("x-api-key", &fresh), ("x-api-key", "team-a")])
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "request {i}");
+        let cookie = format!("sid={fresh}; sid=real");
+        let (status, _, _) = c.get_with("/delay/0", &[("cookie", &cookie)]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "request {i}");
+        let (status, _, _) = c
+            .get_with(
+                "/delay/0",
+                &[("cookie", &format!("sid={fresh}")), ("cookie", "sid=real")],
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "request {i}");
+        let (status, _, _) = c.get(&format!("/headers?token={fresh}&token=real")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "request {i}");
+        let (status, _, _) = c.get(&format!("/headers?tok%65n={fresh}&token=real")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "request {i}");
+    }
+    // One copy is served; other names are not keys.
+    let (status, _, _) = c
+        .get_with(
+            "/status/200",
+            &[("x-api-key", "team-a"), ("x-other", "1"), ("x-other", "2")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // abc, spelled five ways, is one key: its limit of 3 holds.
+    let mut ok = 0;
+    for spelling in ["abc", "%61bc", "a%62%63", "%61%62%63", "ab%63"] {
+        if c.get(&format!("/headers?token={spelling}")).await.0 == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3);
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn slowloris_is_cut_at_the_header_deadline_while_others_are_served() {
     let h = Harness::start("header_read_timeout = \"1s\"", "").await;

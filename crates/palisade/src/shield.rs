@@ -222,6 +222,11 @@ pub enum BadRequest {
     /// HTTP/2 `:authority`.
     #[error("host header disagrees with the request target")]
     HostMismatch,
+    /// The header, cookie or query parameter a limit counts by, sent more
+    /// than once: the limit could count one copy and the application read
+    /// another.
+    #[error("rate limit key sent more than once")]
+    DuplicateKey,
 }
 
 impl Early {
@@ -706,6 +711,13 @@ where
                 headers: req.headers(),
                 tls_fingerprint: self.pipeline.tls_fingerprint(),
             };
+            if shield.sends_key_twice(&facts) {
+                return ResponseFuture::new(Answer::early(self.malformed(
+                    peer,
+                    &req,
+                    BadRequest::DuplicateKey,
+                )));
+            }
             let mut decision = shield.decide_with(&facts, |ip| self.pipeline.banned(&snapshot, ip));
             let tag = self.pipeline.begin(&snapshot, &facts, &mut decision);
             (decision, tag)
