@@ -503,6 +503,45 @@ async fn a_limit_key_sent_twice_is_400_and_a_query_key_counts_decoded() {
     h.running.shutdown().await;
 }
 
+/// Palisade does not check API keys: any value of the header puts a request
+/// in the keyed class, so a client inventing keys gets its address's
+/// default limit (10 here) instead of `anonymous_rate` (1). What bounds it
+/// is the application: a key it answers `401` costs reputation, three in a
+/// row 10 points, and the inventor is refused (`403`) once its score falls
+/// under 30, before its default limit is spent.
+#[tokio::test(start_paused = true)]
+async fn invented_keys_get_the_keyed_class_until_the_application_refuses_them() {
+    let h = Harness::start(
+        "",
+        "[rate_limit]\nrate = 100\n[[routes]]\nname = \"api\"\npath_prefix = \"/status\"\nkey = \"header:X-API-Key\"\nrate = 50\nanonymous_rate = 1\n",
+    )
+    .await;
+    let mut anonymous = h.client("127.0.0.24").await;
+    assert_eq!(anonymous.get("/status/200").await.0, StatusCode::OK);
+    assert_eq!(
+        anonymous.get("/status/200").await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let mut inventor = h.client("127.0.0.25").await;
+    let mut seen = Vec::new();
+    for i in 0..20 {
+        let key = format!("made-up-{i}");
+        seen.push(
+            inventor
+                .get_with("/status/401", &[("x-api-key", &key)])
+                .await
+                .0
+                .as_u16(),
+        );
+    }
+    // 70 → 30 after 12 answers of 401 (not yet under 30), 20 after 15.
+    let expect: Vec<u16> = std::iter::repeat_n(401, 15)
+        .chain(std::iter::repeat_n(403, 5))
+        .collect();
+    assert_eq!(seen, expect);
+    h.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn slowloris_is_cut_at_the_header_deadline_while_others_are_served() {
     let h = Harness::start("header_read_timeout = \"1s\"", "").await;
