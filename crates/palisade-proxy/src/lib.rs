@@ -44,6 +44,7 @@ pub mod state;
 pub mod syn;
 pub mod tasks;
 pub mod tls;
+mod trim;
 pub mod tunnel;
 pub mod upstream_tls;
 

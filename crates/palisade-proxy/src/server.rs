@@ -117,6 +117,7 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
         crate::tasks::spawn(defense.run(stopped.clone()));
     }
     crate::tasks::spawn(refresh_never_ban(app.clone(), stopped.clone()));
+    crate::tasks::spawn(crate::trim::run(stopped.clone()));
     let metrics_addr = metrics_listener
         .as_ref()
         .map(TcpListener::local_addr)
