@@ -7,6 +7,7 @@ use anyhow::{Context as _, bail};
 
 use super::attack::{Attack, BoxFuture, Budget, Ctx, Outcome, budget};
 use super::forged::{Forgery, unauthenticated};
+use super::relay::in_host;
 
 /// The forgery as an attack of the catalog: plant, let the nodes read it
 /// while the legitimate population runs, judge, take it out.
@@ -46,17 +47,19 @@ impl Attack for ForgedRedis {
             };
             let before = unauthenticated(&ctx.admin.metrics().await?);
             let (f, u) = (forgery.clone(), url.clone());
-            let planted = tokio::task::spawn_blocking(move || f.plant(&u))
+            // The Redis is reached from the host's namespace (see relay.rs).
+            let planted = tokio::task::spawn_blocking(move || in_host(move || f.plant(&u)))
                 .await
-                .context("planting panicked")?
+                .context("planting panicked")??
                 .context("writing the forged records to Redis")?;
             // The nodes read them while the population keeps asking.
             tokio::time::sleep(ctx.budget.seconds).await;
             let judged = judge(&ctx, &forgery, before).await;
-            let removed = tokio::task::spawn_blocking(move || forgery.remove(&url, &planted))
-                .await
-                .context("removing panicked")?
-                .context("taking the forged records out of Redis");
+            let removed =
+                tokio::task::spawn_blocking(move || in_host(move || forgery.remove(&url, &planted)))
+                    .await
+                    .context("removing panicked")?
+                    .and_then(|r| r.context("taking the forged records out of Redis"));
             let outcome = judged?;
             removed?;
             Ok(outcome)

@@ -28,6 +28,7 @@ mod http2;
 mod lab;
 mod packet;
 mod population;
+mod relay;
 mod report;
 mod slow;
 mod upstream;
@@ -104,7 +105,8 @@ pub fn run(args: DrillArgs) -> anyhow::Result<bool> {
         None => format!("{QUICKSTART}{DRILL_ROUTE}"),
     };
     let base = args.config.as_deref().and_then(Path::parent);
-    let text = rewrite(&source, base, args.redis.as_deref())?;
+    let relay = args.redis.as_deref().map(relay::relayed).transpose()?;
+    let text = rewrite(&source, base, relay.as_ref().map(|(url, _)| url.as_str()))?;
     let (text, shortened) = if args.quick {
         slow::quicken(&text, &overrides()).context("the drill cannot run this config")?
     } else {
@@ -131,6 +133,10 @@ pub fn run(args: DrillArgs) -> anyhow::Result<bool> {
     let config_path = dir.0.join("palisade.toml");
     std::fs::write(&config_path, &text).context("writing the drill's config")?;
     let lab = Lab::create(names)?;
+    if let Some((_, target)) = relay {
+        relay::remember_host()?;
+        relay::start(&lab.server, target)?;
+    }
     let _upstream = daemon::start_upstream(&lab, &dir.0)?;
     interrupted()?;
     let palisade = daemon::start_palisade(&lab, &config_path, &dir.0)?;
