@@ -966,7 +966,8 @@ impl RouteMatch {
 }
 
 /// The values of cookie `name` in the request's `Cookie` headers, name and
-/// value percent-decoded as most frameworks read them.
+/// value percent-decoded and the value unquoted, as most frameworks read
+/// them.
 fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = Cow<'a, [u8]>> {
     headers
         .get_all(http::header::COOKIE)
@@ -975,8 +976,15 @@ fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = Co
         .filter_map(move |pair| {
             let pair = pair.trim_ascii();
             let eq = pair.iter().position(|&b| b == b'=')?;
-            (percent_decoded(pair[..eq].trim_ascii(), false) == name.as_bytes())
-                .then(|| percent_decoded(pair[eq + 1..].trim_ascii(), false))
+            (percent_decoded(pair[..eq].trim_ascii(), false) == name.as_bytes()).then(|| {
+                let value = pair[eq + 1..].trim_ascii();
+                // RFC 6265 allows a quoted value, which Go and Python unquote.
+                let value = value
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(value);
+                percent_decoded(value, false)
+            })
         })
 }
 

@@ -500,6 +500,16 @@ async fn a_limit_key_sent_twice_is_400_and_a_query_key_counts_decoded() {
         }
     }
     assert_eq!(ok, 3);
+    // So is a cookie's, quoted (RFC 6265 allows it; Go and Python unquote)
+    // or escaped.
+    let mut ok = 0;
+    for spelling in ["abc", "\"abc\"", "%61bc", "\"%61bc\"", "a%62c"] {
+        let cookie = format!("sid={spelling}");
+        if c.get_with("/delay/0", &[("cookie", &cookie)]).await.0 == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3);
     h.running.shutdown().await;
 }
 
