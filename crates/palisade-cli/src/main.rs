@@ -13,7 +13,6 @@ use palisade_proxy::proxy::ConfigSource;
 mod bans;
 mod drill;
 mod health;
-mod heap;
 mod notify;
 mod store;
 
@@ -399,7 +398,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } = signals;
     on_sighup(hangup, running.app.clone(), reloadable);
     on_sigusr1(user1, running.app.clone());
-    heap::spawn(running.app.clone());
     let proxy = running.proxy_addr;
     let admin = running.admin_addr;
     match running.metrics_addr {
