@@ -523,7 +523,13 @@ impl<C: Clock> Shield<C> {
             KeyBy::Ip => ClientKey::from_ip(client_ip, self.cfg.ipv6_prefix),
             KeyBy::IpUserAgent => by_user_agent,
         };
-        let fingerprint = match req.tls_fingerprint {
+        // Behind a trusted proxy the connection's ClientHello is the
+        // proxy's: counted by it, every client behind one hop would share
+        // one limit and one breaker.
+        let tls_fingerprint = req
+            .tls_fingerprint
+            .filter(|_| client_ip == req.peer.to_canonical());
+        let fingerprint = match tls_fingerprint {
             Some(ja4) if self.adaptive.is_some() => self.breaker_key(client_ip, ja4).unwrap_or(by_user_agent),
             _ => by_user_agent,
         };
@@ -545,7 +551,7 @@ impl<C: Clock> Shield<C> {
                 ClientKey::fingerprint(client_ip, self.cfg.ipv6_prefix, ua, &self.fingerprint_hasher),
                 None,
             ),
-            by => match self.request_key(by, req) {
+            by => match self.request_key(by, req, tls_fingerprint) {
                 Some(k) => (self.default_limiter.as_ref(), key, route_limiter.map(|l| (l, k))),
                 None => (self.anonymous_limiter_for(route).or(route_limiter), key, None),
             },
@@ -865,16 +871,16 @@ impl<C: Clock> Shield<C> {
     }
 
     /// The seeded hash of a header, cookie or query parameter's value (or
-    /// the TLS fingerprint); `None` when the request has none (or an empty
-    /// one).
-    fn request_key(&self, by: &LimitKey, req: &RequestFacts<'_>) -> Option<ClientKey> {
+    /// the client's own TLS fingerprint, `ja4`); `None` when the request has
+    /// none (or an empty one).
+    fn request_key(&self, by: &LimitKey, req: &RequestFacts<'_>, ja4: Option<&str>) -> Option<ClientKey> {
         let (tag, value): (u8, Cow<'_, [u8]>) = match by {
             LimitKey::Client | LimitKey::Ip | LimitKey::IpUserAgent => return None,
             LimitKey::Header(name) => (1, Cow::Borrowed(req.headers.get(name)?.as_bytes())),
             LimitKey::Cookie(name) => (2, cookies(req.headers, name).next()?),
             LimitKey::Query(name) => (3, query_params(req.target, name).next()?),
             LimitKey::Custom(extractor) => (4, extractor.key(req)?),
-            LimitKey::Ja4 => (5, Cow::Borrowed(req.tls_fingerprint?.as_bytes())),
+            LimitKey::Ja4 => (5, Cow::Borrowed(ja4?.as_bytes())),
         };
         if value.is_empty() {
             return None;

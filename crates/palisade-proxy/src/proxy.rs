@@ -1000,7 +1000,10 @@ impl App {
         };
         set_forwarded(&mut parts.headers, &hop);
         if let Some(name) = &rt.config.server.tls_fingerprint_header {
-            set_fingerprint(&mut parts.headers, name, conn.tls_fingerprint.as_deref());
+            // A trusted proxy's ClientHello is its own: no JA4 of the
+            // client it forwards for is known here.
+            let own = conn.tls_fingerprint.as_deref().filter(|_| hop.client == hop.peer);
+            set_fingerprint(&mut parts.headers, name, own);
         }
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(upstream.scheme.clone());
@@ -1418,7 +1421,12 @@ impl Hooks {
         let app = &self.app;
         let now_ms = palisade_core::unix_now_ms();
         let prefix = Prefix::of(decision.client_ip);
-        let fingerprint = self.fingerprint.as_deref().map(str::as_bytes);
+        // A trusted proxy's ClientHello is its own, not its client's.
+        let fingerprint = self
+            .fingerprint
+            .as_deref()
+            .filter(|_| decision.client_ip == req.peer.to_canonical())
+            .map(str::as_bytes);
         if req.path == challenge::VERIFY_PATH {
             return Some(self.verify(rt, ch, req, decision, prefix, fingerprint, now_ms));
         }

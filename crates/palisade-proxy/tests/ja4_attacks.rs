@@ -118,14 +118,21 @@ impl Conn {
 
     /// A browser navigation to `path`, with `cookie` when given.
     async fn navigate(&mut self, path: &str, cookie: Option<&str>) -> (StatusCode, HeaderMap, String) {
-        let mut req = Request::get(format!("https://localhost{path}"))
-            .header("accept", "text/html,application/xhtml+xml,*/*;q=0.8")
-            .header("user-agent", "Mozilla/5.0");
+        let html = ("accept", "text/html,application/xhtml+xml,*/*;q=0.8");
+        match cookie {
+            Some(c) => self.get(path, &[html, ("cookie", c)]).await,
+            None => self.get(path, &[html]).await,
+        }
+    }
+
+    /// A GET of `path` with `headers`.
+    async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+        let mut req = Request::get(format!("https://localhost{path}")).header("user-agent", "Mozilla/5.0");
         if matches!(self, Self::H1(_)) {
             req = req.header("host", "localhost");
         }
-        if let Some(c) = cookie {
-            req = req.header("cookie", c);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let req = req.body(Full::new(Bytes::new())).unwrap();
         let resp = match self {
@@ -251,6 +258,43 @@ async fn a_clearance_survives_session_resumption_and_an_http1_only_connection() 
     let other = Arc::new(client_config(&d, &[b"h2", b"http/1.1"], 1));
     let mut other = Conn::over(connect(&other, addr, "127.0.0.2").await).await;
     assert!(!passes(&mut other, &cookie).await, "another TLS stack passed");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A TLS-terminating hop in front of Palisade (a CDN re-encrypting to the
+/// origin) is a trusted proxy: its connection's ClientHello is the hop's
+/// own, so its JA4 says nothing of the clients it forwards for. Counted by
+/// it, every client behind the hop shared one limit (one of them spent it
+/// for all), and the upstream was told the hop's JA4 as theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_hops_ja4_is_nobodys() {
+    let d = dir("trusted");
+    let rest = "[clients]\ntrusted_proxies = [\"127.0.0.2/32\"]\n\
+                [[routes]]\nname = \"site\"\npath_prefix = \"/\"\nrate = \"3/h\"\nkey = \"ja4\"\n";
+    let running = start(&d, "tls_fingerprint_header = \"X-JA4\"\n", rest).await;
+    let addr = running.proxy_addr;
+    let hop = Arc::new(client_config(&d, &[b"http/1.1"], usize::MAX));
+    let mut conn = Conn::over(connect(&hop, addr, "127.0.0.2").await).await;
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let (status, _, body) = conn.get("/headers", &[("x-forwarded-for", client)]).await;
+            if status == 200 {
+                assert!(body.contains(&format!("x-real-ip: {client}")), "{body}");
+                assert!(
+                    !body.contains("x-ja4:"),
+                    "the hop's JA4 went up as {client}'s: {body}"
+                );
+            }
+            statuses.push(status.as_u16());
+        }
+        assert_eq!(statuses, [200, 200, 200, 429], "{client}");
+    }
+    // The hop's own requests are its own: its JA4 counts and goes up.
+    let (status, _, body) = conn.get("/headers", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("x-ja4: t13"), "{body}");
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&d);
 }
