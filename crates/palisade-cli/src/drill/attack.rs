@@ -33,9 +33,6 @@ pub struct Defenses {
     pub route: Option<LimitedRoute>,
     /// `server.header_read_timeout`.
     pub header_read_timeout: Duration,
-    /// `server.body_read_timeout`.
-    #[expect(dead_code, reason = "the slow-client attacks read it")]
-    pub body_read_timeout: Duration,
     /// `server.body_rate_grace`: after it, a body slower than
     /// `server.body_min_rate` is cut.
     pub body_rate_grace: Duration,

@@ -341,7 +341,6 @@ fn defenses(config: &Config) -> Defenses {
         limit: config.shield.limit.as_ref().and_then(|p| limit!(p)),
         route,
         header_read_timeout: config.server.header_read_timeout,
-        body_read_timeout: config.server.body_read_timeout,
         body_rate_grace: config.server.body_rate_grace,
         body_min_rate: config.server.body_min_rate,
         write_timeout: config.server.write_timeout,
