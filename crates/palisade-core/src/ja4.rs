@@ -58,6 +58,23 @@ impl fmt::Debug for Ja4 {
     }
 }
 
+/// A ClientHello's JA4, and the same computed without the extensions
+/// that come and go between one client's fresh and resumed handshakes
+/// (padding, session_ticket, pre_shared_key, early_data): a browser that
+/// resumes its TLS session sends a pre_shared_key and so another JA4, but
+/// the same `stable` one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Fingerprints {
+    /// JA4 as FoxIO defines it: what logs and other tools show.
+    pub ja4: Ja4,
+    /// JA4 without the resumption-dependent extensions, in JA4's form:
+    /// what to recognize one client by across its connections.
+    pub stable: Ja4,
+}
+
+/// Extensions present or absent by connection state, not by TLS stack.
+const EPHEMERAL: [u16; 4] = [0x0015, 0x0023, 0x0029, 0x002a];
+
 /// Why bytes gave no fingerprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ja4Error {
@@ -98,6 +115,11 @@ const EXT_SUPPORTED_VERSIONS: u16 = 0x002b;
 /// The JA4 of the ClientHello at the start of `records` (TLS records as
 /// read from the connection; the hello may span several).
 pub fn ja4(records: &[u8]) -> Result<Ja4, Ja4Error> {
+    fingerprints(records).map(|f| f.ja4)
+}
+
+/// Both [`Fingerprints`] of the ClientHello at the start of `records`.
+pub fn fingerprints(records: &[u8]) -> Result<Fingerprints, Ja4Error> {
     HelloReader::new()
         .feed(records)
         .unwrap_or(Err(Ja4Error::Incomplete))
@@ -132,7 +154,7 @@ pub struct HelloReader {
     /// The handshake message so far, its header included.
     message: Vec<u8>,
     /// The answer, once there is one.
-    done: Option<Result<Ja4, Ja4Error>>,
+    done: Option<Result<Fingerprints, Ja4Error>>,
 }
 
 impl HelloReader {
@@ -149,7 +171,7 @@ impl HelloReader {
     /// The next bytes read from the connection. `None` while the hello is
     /// not whole; then the same answer for every later call, whatever is
     /// fed (what follows the hello is no part of it).
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<Result<Ja4, Ja4Error>> {
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<Result<Fingerprints, Ja4Error>> {
         while self.done.is_none() && !bytes.is_empty() {
             if self.fragment_left == 0 {
                 let n = (5 - self.header_len).min(bytes.len());
@@ -223,7 +245,7 @@ impl HelloReader {
         }
     }
 
-    fn finish(&mut self, answer: Result<Ja4, Ja4Error>) {
+    fn finish(&mut self, answer: Result<Fingerprints, Ja4Error>) {
         self.done = Some(answer);
         self.message = Vec::new();
     }
@@ -292,7 +314,7 @@ fn is_grease(v: u16) -> bool {
     v & 0x0f0f == 0x0a0a && v >> 8 == v & 0xff
 }
 
-fn fingerprint(hello: &[u8]) -> Result<Ja4, Ja4Error> {
+fn fingerprint(hello: &[u8]) -> Result<Fingerprints, Ja4Error> {
     let mut r = Reader(hello);
     let legacy_version = r.u16()?;
     r.take(32)?; // random
@@ -343,24 +365,32 @@ fn fingerprint(hello: &[u8]) -> Result<Ja4, Ja4Error> {
     ciphers.sort_unstable();
     extensions.sort_unstable();
 
-    let mut out = [0u8; 36];
-    out[0] = b't';
-    out[1..3].copy_from_slice(version(highest.unwrap_or(legacy_version)));
-    out[3] = if sni { b'd' } else { b'i' };
-    out[4..6].copy_from_slice(&two_digits(ciphers.len()));
-    out[6..8].copy_from_slice(&two_digits(extension_count));
-    out[8..10].copy_from_slice(&alpn_chars(alpn));
-    out[10] = b'_';
     let mut text = String::with_capacity(5 * (ciphers.len() + extensions.len()) + 5 * 32);
-    out[11..23].copy_from_slice(&hash12(
-        &mut text,
-        ciphers.iter().copied(),
-        None::<std::iter::Empty<u16>>,
-    ));
-    out[23] = b'_';
-    let algorithms = u16s(signature_algorithms).filter(|a| !is_grease(*a));
-    out[24..36].copy_from_slice(&hash12(&mut text, extensions.iter().copied(), Some(algorithms)));
-    Ok(Ja4(out))
+    let ciphers_hash = hash12(&mut text, ciphers.iter().copied(), None::<std::iter::Empty<u16>>);
+    let algorithms = || u16s(signature_algorithms).filter(|a| !is_grease(*a));
+    let mut assemble = |count: usize, extensions: &[u16]| {
+        let mut out = [0u8; 36];
+        out[0] = b't';
+        out[1..3].copy_from_slice(version(highest.unwrap_or(legacy_version)));
+        out[3] = if sni { b'd' } else { b'i' };
+        out[4..6].copy_from_slice(&two_digits(ciphers.len()));
+        out[6..8].copy_from_slice(&two_digits(count));
+        out[8..10].copy_from_slice(&alpn_chars(alpn));
+        out[10] = b'_';
+        out[11..23].copy_from_slice(&ciphers_hash);
+        out[23] = b'_';
+        out[24..36].copy_from_slice(&hash12(&mut text, extensions.iter().copied(), Some(algorithms())));
+        Ja4(out)
+    };
+    let ja4 = assemble(extension_count, &extensions);
+    let before = extensions.len();
+    extensions.retain(|e| !EPHEMERAL.contains(e));
+    let stable = if extensions.len() == before {
+        ja4
+    } else {
+        assemble(extension_count - (before - extensions.len()), &extensions)
+    };
+    Ok(Fingerprints { ja4, stable })
 }
 
 fn version(v: u16) -> &'static [u8; 2] {
@@ -592,6 +622,43 @@ mod tests {
     }
 
     #[test]
+    fn the_stable_fingerprint_ignores_what_resumption_changes() {
+        let fresh = chrome_example();
+        let exts = [fresh.extensions, &[0x0029, 0x002a]].concat();
+        let resumed = Hello {
+            extensions: &exts,
+            ..chrome_example()
+        };
+        let (a, b) = (
+            fingerprints(&fresh.records(16 * 1024)).unwrap(),
+            fingerprints(&resumed.records(16 * 1024)).unwrap(),
+        );
+        assert_eq!(a.ja4.as_str(), CHROME_EXAMPLE);
+        assert_eq!(
+            &b.ja4.as_str()[..11],
+            "t13d1518h2_",
+            "pre_shared_key and early_data count"
+        );
+        assert_ne!(a.ja4, b.ja4);
+        assert_eq!(a.stable, b.stable);
+        // Chrome's padding and session_ticket go too: 14 extensions, the
+        // cipher part as is.
+        assert_eq!(&a.stable.as_str()[..23], "t13d1514h2_8daaf6152771");
+        assert_ne!(a.stable.as_str()[24..], a.ja4.as_str()[24..]);
+        // Without any of them, both are one.
+        let plain = Hello {
+            legacy_version: 0x0303,
+            ciphers: &[0x1301],
+            extensions: &[0x000a, 0x000d],
+            versions: &[0x0304],
+            alpn: &[],
+            sigalgs: &[0x0403],
+        };
+        let p = fingerprints(&plain.records(16 * 1024)).unwrap();
+        assert_eq!(p.ja4, p.stable);
+    }
+
+    #[test]
     fn published_chrome_fingerprints() {
         // FoxIO's sigalg-grease capture: a GREASE signature algorithm
         // (0x0a0a) must not count.
@@ -688,8 +755,12 @@ mod tests {
         let message = chrome_example().message_padded(20_000);
         assert!(message.len() > 16 * 1024);
         let records = split_at(&message, &[16 * 1024]);
-        let fp = ja4(&records).unwrap();
-        assert_eq!(&fp.as_str()[..10], "t13d1517h2", "padding is one more extension");
+        let fp = fingerprints(&records).unwrap();
+        assert_eq!(
+            &fp.ja4.as_str()[..10],
+            "t13d1517h2",
+            "padding is one more extension"
+        );
         // Fed in reads of 1 000 bytes: the same, and never more kept than
         // the message.
         let mut r = HelloReader::new();
@@ -862,7 +933,7 @@ mod tests {
                 rest = more;
             }
             let whole = ja4(&chrome_example().records(16 * 1024)).unwrap();
-            let expected = ja4(&record(&message)).unwrap();
+            let expected = fingerprints(&record(&message)).unwrap();
             prop_assert_eq!(whole.as_str(), CHROME_EXAMPLE);
             prop_assert_eq!(answer, Some(Ok(expected)));
             prop_assert_eq!(r.kept(), 0);

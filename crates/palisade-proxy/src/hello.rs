@@ -9,7 +9,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use palisade_core::ja4::{HelloReader, Ja4Error};
@@ -59,7 +58,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Recorded<S> {
         if let Some(reader) = &mut this.reader
             && let Some(answer) = reader.feed(&buf.filled()[before..])
         {
-            this.answer = Some(answer.map(|fp| Arc::from(fp.as_str())));
+            this.answer = Some(answer);
             this.reader = None;
         }
         polled
@@ -130,7 +129,7 @@ mod tests {
         assert_eq!(got, sent);
         assert_eq!(r.kept(), 0, "nothing copied");
         let expected = ja4(CHROMIUM).unwrap();
-        assert_eq!(r.fingerprint().as_deref(), Some(expected.as_str()));
+        assert_eq!(r.fingerprint().map(|f| f.ja4), Some(expected));
         assert_eq!(r.fingerprint(), None, "taken");
     }
 
@@ -148,7 +147,7 @@ mod tests {
         }
         assert!(most <= CHROMIUM.len(), "{most} bytes kept at most");
         assert_eq!(r.kept(), 0, "dropped with the answer");
-        assert_eq!(r.fingerprint().as_deref(), Some(ja4(CHROMIUM).unwrap().as_str()));
+        assert_eq!(r.fingerprint().map(|f| f.ja4), Some(ja4(CHROMIUM).unwrap()));
     }
 
     #[tokio::test]

@@ -1002,7 +1002,11 @@ impl App {
         if let Some(name) = &rt.config.server.tls_fingerprint_header {
             // A trusted proxy's ClientHello is its own: no JA4 of the
             // client it forwards for is known here.
-            let own = conn.tls_fingerprint.as_deref().filter(|_| hop.client == hop.peer);
+            let own = conn
+                .tls_fingerprint
+                .as_ref()
+                .map(|f| f.ja4.as_str())
+                .filter(|_| hop.client == hop.peer);
             set_fingerprint(&mut parts.headers, name, own);
         }
         let mut uri = http::uri::Parts::default();
@@ -1377,8 +1381,11 @@ pub struct ClientConn {
     pub sni: Option<Arc<str>>,
 }
 
-/// A connection's TLS fingerprint (its JA4 string).
-pub type TlsFingerprint = Arc<str>;
+/// A connection's TLS fingerprints: its JA4, which the access log and the
+/// upstream see, and the stable one (the same without the extensions that
+/// session resumption adds), which clearances, `ja4` limits and the `ja4`
+/// breaker go by, so a browser that resumes its session stays itself.
+pub type TlsFingerprint = palisade_core::ja4::Fingerprints;
 
 /// The body of a forwarded response, or of a local 502/503/504.
 pub type UpstreamResponseBody = Either<Incoming, Full<Bytes>>;
@@ -1401,7 +1408,7 @@ impl Hooks {
         Self {
             app,
             tls: conn.tls,
-            fingerprint: conn.tls_fingerprint.clone(),
+            fingerprint: conn.tls_fingerprint,
         }
     }
     /// The challenge's part of a decision: a page to answer with, a
@@ -1424,9 +1431,9 @@ impl Hooks {
         // A trusted proxy's ClientHello is its own, not its client's.
         let fingerprint = self
             .fingerprint
-            .as_deref()
+            .as_ref()
             .filter(|_| decision.client_ip == req.peer.to_canonical())
-            .map(str::as_bytes);
+            .map(|f| f.stable.as_str().as_bytes());
         if req.path == challenge::VERIFY_PATH {
             return Some(self.verify(rt, ch, req, decision, prefix, fingerprint, now_ms));
         }
@@ -1581,7 +1588,7 @@ impl Pipeline for Hooks {
     }
 
     fn tls_fingerprint(&self) -> Option<&str> {
-        self.fingerprint.as_deref()
+        self.fingerprint.as_ref().map(|f| f.stable.as_str())
     }
 
     fn banned(&self, _: &Arc<Runtime>, client: std::net::IpAddr) -> bool {
@@ -1659,7 +1666,7 @@ impl Pipeline for Hooks {
                 version: req.version,
                 referer: header(REFERER),
                 user_agent: header(USER_AGENT),
-                ja4: self.fingerprint.as_deref(),
+                ja4: self.fingerprint.as_ref().map(|f| f.ja4.as_str()),
             }))
         });
         let (answer, challenge) = answer.unzip();
@@ -1754,7 +1761,8 @@ impl Pipeline for Hooks {
     }
 
     fn bad_request(&self, m: &Malformed<'_>) {
-        self.app.answered_bad_request(m, self.fingerprint.as_deref());
+        self.app
+            .answered_bad_request(m, self.fingerprint.as_ref().map(|f| f.ja4.as_str()));
     }
 
     fn admitted(&self, rt: &Arc<Runtime>, decision: &Decision, extensions: &mut http::Extensions) {
@@ -1911,7 +1919,7 @@ impl ProxyService {
     pub fn new(app: Arc<App>, conn: ClientConn, activity: Arc<ConnActivity>) -> Self {
         let peer = conn.peer;
         let permit = conn.permit.clone();
-        let fingerprint = conn.tls_fingerprint.clone();
+        let fingerprint = conn.tls_fingerprint;
         let sni = conn.sni.clone();
         let pipeline = ShieldLayer::with_pipeline(Hooks::new(app.clone(), &conn))
             // Nothing downstream reads it: save the allocation.
@@ -1978,7 +1986,7 @@ impl ProxyService {
                 status: r.status(),
                 body_len: r.body().size_hint().exact(),
             },
-            self.fingerprint.as_deref(),
+            self.fingerprint.as_ref().map(|f| f.ja4.as_str()),
         );
     }
 }

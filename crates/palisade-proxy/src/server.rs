@@ -433,7 +433,7 @@ async fn handshake(
             if let Some(t) = rt.shield.observe_connection_failure(
                 peer.ip(),
                 Signal::TlsHandshakeTimeout,
-                fingerprint.as_deref(),
+                fingerprint.as_ref().map(|f| f.stable.as_str()),
             ) {
                 app.adaptive_transition(t);
             }
@@ -493,7 +493,7 @@ where
     let activity = Arc::new(ConnActivity::default());
     let io = TokioIo::new(TimedIo::new(io, activity.clone(), deadlines));
     let peer = conn.peer;
-    let fingerprint = conn.tls_fingerprint.clone();
+    let fingerprint = conn.tls_fingerprint;
     let service = ProxyService::new(app.clone(), conn, activity.clone());
     let conn = rt
         .builder
@@ -536,7 +536,7 @@ where
             && let Some(t) = rt.shield.observe_connection_failure(
                 peer.ip(),
                 Signal::HeaderParseFailure,
-                fingerprint.as_deref(),
+                fingerprint.as_ref().map(|f| f.stable.as_str()),
             )
         {
             app.adaptive_transition(t);

@@ -452,3 +452,119 @@ async fn a_hello_fragmented_over_many_records_has_the_same_fingerprint() {
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// One GET on `tls` (HTTP/1.1, `Connection: close`) asking for HTML, with
+/// `cookie` when given; the status line, the head and the body.
+async fn html_get<T>(mut tls: T, target: &str, cookie: Option<&str>) -> (String, String)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let cookie = cookie.map(|c| format!("Cookie: {c}\r\n")).unwrap_or_default();
+    let head = format!(
+        "GET {target} HTTP/1.1\r\nHost: localhost\r\nAccept: text/html\r\n{cookie}Connection: close\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tls.read_to_end(&mut got).await.unwrap();
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
+}
+
+/// `data-<name>` of a challenge page.
+fn page_data(body: &str, name: &str) -> String {
+    let key = format!("data-{name}=\"");
+    let start = body.find(&key).unwrap_or_else(|| panic!("no {key} in {body}")) + key.len();
+    body[start..start + body[start..].find('"').unwrap()].to_owned()
+}
+
+/// A browser resumes its TLS session (TLS 1.3 PSK) on later connections:
+/// its ClientHello then carries a pre_shared_key extension, and its JA4
+/// changes. Its clearance must still hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clearance_survives_tls_session_resumption() {
+    let d = dir("resumption");
+    let running = start(
+        &d,
+        true,
+        "",
+        "[challenge]\ndifficulty = 8\n[[routes]]\nname = \"site\"\nchallenge = \"always\"\n",
+    )
+    .await;
+    let addr = running.proxy_addr;
+    // A client config per browser profile: its session cache resumes.
+    let connector = || {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(d.join("cert.pem")).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let connect = |connector: &tokio_rustls::TlsConnector| {
+        let connector = connector.clone();
+        async move {
+            let tcp = common::connect_from("127.0.0.2", addr).await;
+            connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        }
+    };
+    let browser = connector();
+
+    let (head, page) = html_get(connect(&browser).await, "/", None).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let token = page_data(&page, "t");
+    let difficulty: u32 = page_data(&page, "d").parse().unwrap();
+    let nonce = (0u64..)
+        .find(|n| {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(token.as_bytes());
+            ctx.update(n.to_string().as_bytes());
+            palisade_proxy::challenge::leading_zero_bits(ctx.finish().as_ref()) >= difficulty
+        })
+        .unwrap();
+    // Solved on a fresh session (in a browser, the page's own connection
+    // kept alive): the clearance is bound to the fresh hello's JA4.
+    let tls = connect(&connector()).await;
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    let (head, _) = html_get(
+        tls,
+        &format!("/.palisade/challenge?t={token}&n={nonce}&r=%2F"),
+        None,
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 303"), "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("no cookie in {head}"))
+        .to_owned();
+
+    let tls = connect(&browser).await;
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let (head, body) = html_get(tls, "/", Some(&cookie)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "ok\n", "the upstream, not a page");
+    // The access log shows each connection's JA4 as the spec has it: the
+    // resumed hello's differs.
+    let logged = logged_ja4(&d, 3).await;
+    assert_eq!(logged[0], logged[1], "{logged:?}");
+    assert_ne!(logged[1], logged[2], "{logged:?}");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
