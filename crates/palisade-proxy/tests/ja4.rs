@@ -480,7 +480,8 @@ fn page_data(body: &str, name: &str) -> String {
 
 /// A browser resumes its TLS session (TLS 1.3 PSK) on later connections:
 /// its ClientHello then carries a pre_shared_key extension, and its JA4
-/// changes. Its clearance must still hold.
+/// changes. Its clearance must still hold, and still not move to another
+/// TLS stack or address prefix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clearance_survives_tls_session_resumption() {
     let d = dir("resumption");
@@ -565,6 +566,14 @@ async fn a_clearance_survives_tls_session_resumption() {
     let logged = logged_ja4(&d, 3).await;
     assert_eq!(logged[0], logged[1], "{logged:?}");
     assert_ne!(logged[1], logged[2], "{logged:?}");
+    // The cookie carried to another TLS stack (one cipher suite), or to
+    // another address prefix: moved, so the page again.
+    let other_stack = rustls_connect_with(&d, addr, "127.0.0.2", b"http/1.1", 1, None).await;
+    let (_, body) = html_get(other_stack, "/", Some(&cookie)).await;
+    assert!(body.contains("data-t=\""), "{body}");
+    let other_prefix = rustls_connect_with(&d, addr, "127.0.1.2", b"http/1.1", usize::MAX, None).await;
+    let (_, body) = html_get(other_prefix, "/", Some(&cookie)).await;
+    assert!(body.contains("data-t=\""), "{body}");
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&d);
 }
