@@ -134,6 +134,10 @@ pub struct TimedBody<B> {
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
     cut: Arc<CutReason>,
+    /// A header only Palisade may write (`server.tls_fingerprint_header`),
+    /// removed from the trailers too: an HTTP/2 upstream reads a trailer
+    /// like a header.
+    owned: Option<http::HeaderName>,
 }
 
 impl<B> TimedBody<B> {
@@ -147,7 +151,14 @@ impl<B> TimedBody<B> {
             timer: None,
             armed: false,
             cut,
+            owned: None,
         }
+    }
+
+    /// Removes `name` from the trailers the client sends.
+    pub fn without_trailer(mut self, name: Option<http::HeaderName>) -> Self {
+        self.owned = name;
+        self
     }
 
     fn too_slow(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -169,7 +180,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let (Some(name), Some(trailers)) = (&this.owned, frame.trailers_mut()) {
+                    trailers.remove(name);
+                }
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;
                     // The chunk that crosses the limit is not passed on:

@@ -1042,7 +1042,10 @@ impl App {
         let body = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
-            Either::Left(TimedBody::new(body, rt.body_limits, cut.clone()))
+            Either::Left(
+                TimedBody::new(body, rt.body_limits, cut.clone())
+                    .without_trailer(rt.config.server.tls_fingerprint_header.clone()),
+            )
         };
         let client = if h2 { &rt.client_h2 } else { &rt.client };
         let sent = client.request(Request::from_parts(parts, body));

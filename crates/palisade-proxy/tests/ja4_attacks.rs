@@ -30,13 +30,18 @@ fn dir(name: &str) -> PathBuf {
 /// logging JSON lines to `dir/access.log`; `server` is extra `[server]`
 /// keys, `rest` other tables.
 async fn start(dir: &Path, server: &str, rest: &str) -> palisade_proxy::Running {
+    let (upstream, _, serve) = demo().await;
+    tokio::spawn(serve);
+    start_with(dir, &format!("http://{upstream}"), server, rest).await
+}
+
+/// [`start`] in front of the upstream at `url`.
+async fn start_with(dir: &Path, url: &str, server: &str, rest: &str) -> palisade_proxy::Running {
     let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
-    let (upstream, _, serve) = demo().await;
-    tokio::spawn(serve);
     let text = config_text(
-        &format!("http://{upstream}"),
+        url,
         server,
         &format!(
             "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
@@ -295,6 +300,77 @@ async fn behind_a_trusted_proxy_the_hops_ja4_is_nobodys() {
     let (status, _, body) = conn.get("/headers", &[]).await;
     assert_eq!(status, 200);
     assert!(body.contains("x-ja4: t13"), "{body}");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// An h2c upstream answering each request with the `x-ja4` values it got,
+/// in its headers (`h:`) and in its trailers (`t:`), one a line.
+async fn trailer_echo() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let mut seen = String::new();
+                for v in req.headers().get_all("x-ja4") {
+                    seen.push_str(&format!("h:{}\n", v.to_str().unwrap()));
+                }
+                let body = req.into_body().collect().await.unwrap();
+                if let Some(t) = body.trailers() {
+                    for v in t.get_all("x-ja4") {
+                        seen.push_str(&format!("t:{}\n", v.to_str().unwrap()));
+                    }
+                }
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(seen))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service),
+            );
+        }
+    });
+    addr
+}
+
+/// A client's `X-JA4` sent as a request trailer, which an HTTP/2 upstream
+/// (gRPC's) reads like a header: the upstream must still see only
+/// Palisade's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fingerprint_header_forged_in_trailers_does_not_reach_the_upstream() {
+    let d = dir("trailers");
+    let upstream = trailer_echo().await;
+    let running = start_with(
+        &d,
+        &format!("h2c://{upstream}"),
+        "tls_fingerprint_header = \"X-JA4\"\n",
+        "",
+    )
+    .await;
+    let cfg = Arc::new(client_config(&d, &[b"h2"], usize::MAX));
+    let tls = connect(&cfg, running.proxy_addr, "127.0.0.2").await;
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-ja4", "forged-in-trailers".parse().unwrap());
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"body"))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ];
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+    let req = Request::post("https://localhost/upload")
+        .header("x-ja4", "forged-in-headers")
+        .body(body)
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines.len(), 1, "{seen}");
+    assert!(lines[0].starts_with("h:t13"), "{seen}");
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&d);
 }
