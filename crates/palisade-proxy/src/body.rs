@@ -155,7 +155,8 @@ impl<B> TimedBody<B> {
         }
     }
 
-    /// Removes `name` from the trailers the client sends.
+    /// Removes `name` from the trailers the client sends, beside what
+    /// [`strip_trailers`](crate::forward::strip_trailers) always removes.
     pub fn without_trailer(mut self, name: Option<http::HeaderName>) -> Self {
         self.owned = name;
         self
@@ -181,8 +182,8 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
-                if let (Some(name), Some(trailers)) = (&this.owned, frame.trailers_mut()) {
-                    trailers.remove(name);
+                if let Some(trailers) = frame.trailers_mut() {
+                    crate::forward::strip_trailers(trailers, this.owned.as_ref());
                 }
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;

@@ -76,6 +76,31 @@ pub fn set_fingerprint(headers: &mut HeaderMap, name: &HeaderName, fingerprint: 
     }
 }
 
+/// Removes from a client's request trailers what must come from Palisade
+/// or before the body: forwarding fields (an HTTP/2 upstream reads
+/// trailers like headers, so an `X-Forwarded-For` there would name a
+/// client of the client's choosing), routing and framing fields,
+/// hop-by-hop ones, and `own`, the header Palisade writes itself.
+pub fn strip_trailers(trailers: &mut HeaderMap, own: Option<&HeaderName>) {
+    for name in FORWARDING.iter().chain(&HOP_BY_HOP) {
+        trailers.remove(*name);
+    }
+    for name in [
+        HOST,
+        CONTENT_LENGTH,
+        CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ] {
+        trailers.remove(name);
+    }
+    if let Some(name) = own {
+        trailers.remove(name);
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`
 /// (except `Host`, `Content-Length` and `Authorization`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
