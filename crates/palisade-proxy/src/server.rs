@@ -44,7 +44,13 @@ pub struct Running {
     proxy: tokio::task::JoinHandle<()>,
     admin: tokio::task::JoinHandle<()>,
     metrics: Option<tokio::task::JoinHandle<()>>,
+    /// The SYN defense's task: on stop it puts back the namespace's own
+    /// syncookies setting, which only it knows.
+    syn: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// How long a stop waits for the SYN defense's last poll and its restore.
+const SYN_STOP: Duration = Duration::from_secs(5);
 
 impl Running {
     /// Stops accepting, drains in-flight requests (bounded by
@@ -56,8 +62,13 @@ impl Running {
         if let Some(metrics) = self.metrics {
             let _ = metrics.await;
         }
-        // Our firewall rules and XDP program go before the process does
-        // (the SYN defense's own task may not get to run again).
+        // Waited for, or the process could end while the task was in a
+        // poll, before it restored syncookies (seen under load in CI).
+        if let Some(task) = self.syn {
+            let _ = tokio::time::timeout(SYN_STOP, task).await;
+        }
+        // Our firewall rules and XDP program go before the process does,
+        // even if the SYN defense's task did not get there in time.
         if let Some(defense) = self.app.syn().cloned() {
             let _ = tokio::task::spawn_blocking(move || defense.shutdown()).await;
         }
@@ -113,9 +124,9 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
     if let Some(cfg) = app.runtime().config.watchdog.clone() {
         crate::tasks::spawn(watchdog(app.clone(), cfg, stopped.clone()));
     }
-    if let Some(defense) = app.start_syn_defense(proxy_listener.local_addr()?) {
-        crate::tasks::spawn(defense.run(stopped.clone()));
-    }
+    let syn = app
+        .start_syn_defense(proxy_listener.local_addr()?)
+        .map(|defense| crate::tasks::spawn(defense.run(stopped.clone())));
     crate::tasks::spawn(refresh_never_ban(app.clone(), stopped.clone()));
     crate::tasks::spawn(crate::trim::run(stopped.clone()));
     let metrics_addr = metrics_listener
@@ -129,6 +140,7 @@ pub async fn start_reloadable(config: Config, source: Option<ConfigSource>) -> s
         admin_addr: admin_listener.local_addr()?,
         metrics_addr,
         metrics,
+        syn,
         proxy: crate::tasks::spawn(serve_proxy(proxy_listener, app.clone(), stopped.clone())),
         admin: crate::tasks::spawn(admin::serve(admin_listener, app.clone(), stopped)),
         app,
