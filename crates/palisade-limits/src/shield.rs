@@ -843,7 +843,6 @@ impl<C: Clock> Shield<C> {
             .unwrap_or(self.cfg.rate_headers)
     }
 
-    /// What the limit a route's requests count against is keyed by.
     /// Whether the request carries the key its limit counts by more than
     /// once: two header lines, two cookies or two query parameters of the
     /// name. Such a request is refused (400) by the layers that call this,
@@ -862,6 +861,7 @@ impl<C: Clock> Shield<C> {
         }
     }
 
+    /// What the limit a route's requests count against is keyed by.
     fn limit_key_for(&self, route: RouteId) -> &LimitKey {
         route
             .checked_sub(1)
