@@ -581,11 +581,7 @@ impl Run {
             })
             .collect();
         let pass = reports.iter().all(|r| r.verdict.pass);
-        out.line(&format!(
-            "palisade drill: {} of {} attacks held",
-            reports.iter().filter(|r| r.verdict.pass).count(),
-            reports.len()
-        ));
+        out.line(&held_line(&reports));
         Ok(Report {
             version: 1,
             started_unix_ms,
@@ -777,6 +773,18 @@ fn skipped(a: &dyn Attack, w: &Window, why: String) -> AttackReport {
     }
 }
 
+/// The run's last line: a skipped attack is neither held nor failed.
+fn held_line(reports: &[AttackReport]) -> String {
+    let ran: Vec<_> = reports.iter().filter(|r| r.skipped.is_none()).collect();
+    let held = ran.iter().filter(|r| r.verdict.pass).count();
+    let skipped = reports.len() - ran.len();
+    let mut line = format!("palisade drill: {held} of {} attacks held", ran.len());
+    if skipped > 0 {
+        line.push_str(&format!(", {skipped} skipped"));
+    }
+    line
+}
+
 fn layer_name(l: report::Layer) -> &'static str {
     match l {
         report::Layer::Xdp => "xdp",
@@ -873,6 +881,26 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skipped_attack_is_neither_held_nor_failed() {
+        let w = Window {
+            start: Duration::ZERO,
+            end: Duration::ZERO,
+            settled: Duration::ZERO,
+        };
+        let skip = skipped(&cluster::ForgedRedis, &w, "needs --redis".into());
+        let mut held = skipped(&http::Flood, &w, String::new());
+        held.skipped = None;
+        held.verdict.pass = true;
+        let mut failed = held.clone();
+        failed.verdict.pass = false;
+        assert_eq!(
+            held_line(&[held.clone(), skip.clone()]),
+            "palisade drill: 1 of 1 attacks held, 1 skipped"
+        );
+        assert_eq!(held_line(&[held, failed]), "palisade drill: 1 of 2 attacks held");
+    }
 
     #[test]
     fn the_rewritten_config_reaches_nothing_outside_the_drill() {
